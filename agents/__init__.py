@@ -1,0 +1,1 @@
+"""Agents of the loop: sensor, twin estimator, controller, safety supervisor, actuator."""

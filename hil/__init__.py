@@ -1,0 +1,1 @@
+"""Rigs, campaigns, reports and the ``twinloop`` command line."""

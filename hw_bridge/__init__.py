@@ -1,0 +1,1 @@
+"""Hardware bridge: transports, device profiles and emulated devices."""

@@ -1,0 +1,1 @@
+"""Physiological plants, devices, scenarios, metrics and Gymnasium environments."""

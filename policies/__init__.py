@@ -1,0 +1,1 @@
+"""Therapy controllers, RL training and evaluation, and the safety shield."""
