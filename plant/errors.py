@@ -16,7 +16,9 @@ class UnknownPatientError(PlantError, KeyError):
         self.field = field
         self.value = value
         self.allowed = tuple(allowed)
-        super().__init__(f"{field}: unknown name {value!r}; valid names are {', '.join(self.allowed)}")
+        super().__init__(
+            f"{field}: unknown name {value!r}; valid names are {', '.join(self.allowed)}"
+        )
 
     def __str__(self) -> str:  # KeyError would quote the message otherwise
         return str(self.args[0])

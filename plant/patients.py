@@ -183,6 +183,7 @@ def get_patient(name: str) -> PatientParameters:
 
     Raises:
         UnknownPatientError: ``name`` is not one of :func:`patient_names`.
+
     """
     try:
         return _table()[name]
@@ -195,6 +196,7 @@ def cohort(name: str) -> tuple[PatientParameters, ...]:
 
     Raises:
         UnknownPatientError: ``name`` is not a cohort.
+
     """
     if name not in COHORTS:
         raise UnknownPatientError("cohort", name, COHORTS)
@@ -205,7 +207,7 @@ def cohort(name: str) -> tuple[PatientParameters, ...]:
 def resolve_patients(
     patients: Iterable[str] = (), cohorts: Iterable[str] = ()
 ) -> tuple[PatientParameters, ...]:
-    """Patients named one by one and/or by cohort, in the order given, without repeats."""
+    """Patients of the cohorts (in order), then those named one by one, without repeats."""
     chosen: dict[str, PatientParameters] = {}
     for group in cohorts:
         for p in cohort(group):
@@ -256,7 +258,7 @@ N_PARAMS = len(PARAM_FIELDS)
 
 
 def parameter_matrix(patients: Sequence[PatientParameters]) -> NDArray[np.float64]:
-    """Stack patients into a C-contiguous ``(N, N_PARAMS)`` float64 array (columns: PARAM_FIELDS)."""
+    """Stack patients into a C-contiguous ``(N, N_PARAMS)`` float64 array (see PARAM_FIELDS)."""
     out = np.empty((len(patients), N_PARAMS), dtype=np.float64)
     for i, p in enumerate(patients):
         out[i] = [getattr(p, f) for f in PARAM_FIELDS]

@@ -79,7 +79,7 @@ P_KSC = _I["ksc_per_min"]
 P_KA1 = _I["ka1_per_min"]
 P_KA2 = _I["ka2_per_min"]
 P_IB = _I["insulin_basal_pmol_l"]
-assert N_PARAMS == len(_I)
+assert len(_I) == N_PARAMS
 
 # Columns of the per-patient meal state (the eating process is not part of the 13 ODE states).
 M_PLANNED_G = 0  #: grams announced but not yet swallowed
@@ -190,7 +190,9 @@ def _rk4_minute(
 
 
 @numba.njit(cache=True, inline="always")
-def _eat(meal: NDArray[np.float64], x: NDArray[np.float64], new_meal_g: float, rate: float) -> float:
+def _eat(
+    meal: NDArray[np.float64], x: NDArray[np.float64], new_meal_g: float, rate: float
+) -> float:
     """Update one patient's eating process for one minute; return grams swallowed this minute."""
     meal[M_PLANNED_G] += new_meal_g
     planned = meal[M_PLANNED_G]
@@ -212,6 +214,43 @@ EATING_SUBSTEPS = 4
 
 
 @numba.njit(cache=True, inline="always")
+def step_minute(
+    xi: NDArray[np.float64],
+    mi: NDArray[np.float64],
+    p: NDArray[np.float64],
+    new_meal_g: float,
+    insulin_u_per_min: float,
+    eat_rate_g_per_min: float,
+    substeps: int,
+    eating_substeps: int,
+    work: NDArray[np.float64],
+) -> float:
+    """Advance one patient (state ``xi``, meal state ``mi``) by one minute; return grams swallowed.
+
+    RK4 takes ``substeps`` steps in the minute, or ``substeps * eating_substeps`` while the
+    patient is swallowing. ``work`` is scratch space of shape ``(5, 13)``. Compiled; callable
+    from other numba kernels.
+    """
+    swallowed = _eat(mi, xi, new_meal_g, eat_rate_g_per_min)
+    dbar = mi[M_QSTO_AT_START_MG] + mi[M_EATEN_G] * MG_PER_G
+    n_sub = substeps * eating_substeps if swallowed > 0.0 else substeps
+    _rk4_minute(
+        xi,
+        p,
+        swallowed * MG_PER_G,
+        insulin_u_per_min * PMOL_PER_U / p[P_BW],
+        dbar,
+        n_sub,
+        work[0],
+        work[1],
+        work[2],
+        work[3],
+        work[4],
+    )
+    return swallowed
+
+
+@numba.njit(cache=True, inline="always")
 def _advance_one(
     i: int,
     x: NDArray[np.float64],
@@ -221,6 +260,7 @@ def _advance_one(
     meal_g: NDArray[np.float64],
     eat_rate_g_per_min: NDArray[np.float64],
     substeps: int,
+    eating_substeps: int,
     carbs_out: NDArray[np.float64],
     gp_out: NDArray[np.float64],
     gs_out: NDArray[np.float64],
@@ -232,12 +272,7 @@ def _advance_one(
     p = params[i]
     xi = x[i]
     mi = meal[i]
-    k1 = np.empty(N_STATES)
-    k2 = np.empty(N_STATES)
-    k3 = np.empty(N_STATES)
-    k4 = np.empty(N_STATES)
-    tmp = np.empty(N_STATES)
-    to_pmol_per_kg = PMOL_PER_U / p[P_BW]
+    work = np.empty((5, N_STATES))
     rate = eat_rate_g_per_min[i]
     if record_glucose:
         gp_out[i, 0] = xi[3]
@@ -245,24 +280,8 @@ def _advance_one(
     if record_states:
         states_out[i, 0, :] = xi
     for k in range(n_min):
-        swallowed = _eat(mi, xi, meal_g[i, k], rate)
-        carbs_out[i, k] = swallowed
-        dbar = mi[M_QSTO_AT_START_MG] + mi[M_EATEN_G] * MG_PER_G
-        n_sub = substeps
-        if swallowed > 0.0:
-            n_sub = substeps * EATING_SUBSTEPS
-        _rk4_minute(
-            xi,
-            p,
-            swallowed * MG_PER_G,
-            insulin_u_per_min[i, k] * to_pmol_per_kg,
-            dbar,
-            n_sub,
-            k1,
-            k2,
-            k3,
-            k4,
-            tmp,
+        carbs_out[i, k] = step_minute(
+            xi, mi, p, meal_g[i, k], insulin_u_per_min[i, k], rate, substeps, eating_substeps, work
         )
         if record_glucose:
             gp_out[i, k + 1] = xi[3]
@@ -280,6 +299,7 @@ def _advance_serial(
     meal_g: NDArray[np.float64],
     eat_rate_g_per_min: NDArray[np.float64],
     substeps: int,
+    eating_substeps: int,
     carbs_out: NDArray[np.float64],
     gp_out: NDArray[np.float64],
     gs_out: NDArray[np.float64],
@@ -288,7 +308,7 @@ def _advance_serial(
     for i in range(x.shape[0]):
         _advance_one(
             i, x, meal, params, insulin_u_per_min, meal_g, eat_rate_g_per_min, substeps,
-            carbs_out, gp_out, gs_out, states_out,
+            eating_substeps, carbs_out, gp_out, gs_out, states_out,
         )  # fmt: skip
 
 
@@ -301,6 +321,7 @@ def _advance_parallel(
     meal_g: NDArray[np.float64],
     eat_rate_g_per_min: NDArray[np.float64],
     substeps: int,
+    eating_substeps: int,
     carbs_out: NDArray[np.float64],
     gp_out: NDArray[np.float64],
     gs_out: NDArray[np.float64],
@@ -309,7 +330,7 @@ def _advance_parallel(
     for i in numba.prange(x.shape[0]):
         _advance_one(
             i, x, meal, params, insulin_u_per_min, meal_g, eat_rate_g_per_min, substeps,
-            carbs_out, gp_out, gs_out, states_out,
+            eating_substeps, carbs_out, gp_out, gs_out, states_out,
         )  # fmt: skip
 
 
@@ -329,6 +350,7 @@ def advance(
     eat_rate_g_per_min: NDArray[np.float64],
     *,
     substeps: int = 1,
+    eating_substeps: int = EATING_SUBSTEPS,
     carbs_out: NDArray[np.float64],
     gp_out: NDArray[np.float64] = _EMPTY2,
     gs_out: NDArray[np.float64] = _EMPTY2,
@@ -345,18 +367,20 @@ def advance(
         meal_g: ``(N, K)`` grams of carbohydrate of meals starting at each minute.
         eat_rate_g_per_min: ``(N,)`` eating speed.
         substeps: RK4 steps per minute (1 is within 0.002 mg/dL of dopri5).
+        eating_substeps: factor on ``substeps`` in minutes when the patient is swallowing.
         carbs_out: ``(N, K)`` written with grams swallowed in each minute.
         gp_out: ``(N, K+1)`` written with plasma glucose mass ``G_p`` (mg/kg), or empty.
         gs_out: ``(N, K+1)`` written with subcutaneous glucose mass ``G_s`` (mg/kg), or empty.
         states_out: ``(N, K+1, 13)`` written with every state, or empty.
         parallel: use all numba threads; ``None`` chooses by batch size.
+
     """
     if parallel is None:
         parallel = x.shape[0] >= PARALLEL_MIN_BATCH and numba.get_num_threads() > 1
     kernel = _advance_parallel if parallel else _advance_serial
     kernel(
         x, meal_state, params, insulin_u_per_min, meal_g, eat_rate_g_per_min, substeps,
-        carbs_out, gp_out, gs_out, states_out,
+        eating_substeps, carbs_out, gp_out, gs_out, states_out,
     )  # fmt: skip
 
 
@@ -371,6 +395,7 @@ class Trajectory:
         carbs_g_per_min: grams swallowed over ``[k, k+1)``, ``(N, K)``.
         insulin_u_per_min: insulin rate over ``[k, k+1)``, ``(N, K)``.
         states: every state, ``(N, K+1, 13)``, or ``None`` unless asked for.
+
     """
 
     patients: tuple[str, ...]
@@ -406,6 +431,7 @@ def simulate(
     eat_rate_g_per_min: float = 5.0,
     x0: ArrayLike | None = None,
     substeps: int = 1,
+    eating_substeps: int = EATING_SUBSTEPS,
     return_states: bool = False,
     parallel: bool | None = None,
 ) -> Trajectory:
@@ -419,6 +445,7 @@ def simulate(
         eat_rate_g_per_min: eating speed (5 g/min as in the UVA/Padova simulator).
         x0: initial states ``(N, 13)``; default: each patient's table state.
         substeps: RK4 steps per minute.
+        eating_substeps: factor on ``substeps`` while the patient swallows (1 = plain RK4).
         return_states: also return all 13 states per minute.
         parallel: use all numba threads; ``None`` chooses by batch size.
 
@@ -427,6 +454,7 @@ def simulate(
 
     Raises:
         InvalidInputError: shapes disagree, or an input is negative or not finite.
+
     """
     n = len(patients)
     ins = _as_batch("insulin_u_per_min", insulin_u_per_min, n)
@@ -437,8 +465,10 @@ def simulate(
         )
     if not eat_rate_g_per_min > 0:
         raise InvalidInputError(f"eat_rate_g_per_min={eat_rate_g_per_min!r}: must be > 0")
-    if substeps < 1:
-        raise InvalidInputError(f"substeps={substeps!r}: must be >= 1")
+    if substeps < 1 or eating_substeps < 1:
+        raise InvalidInputError(
+            f"substeps={substeps!r}, eating_substeps={eating_substeps!r}: both must be >= 1"
+        )
     x = initial_states(patients) if x0 is None else np.array(x0, dtype=np.float64, order="C")
     if x.shape != (n, N_STATES):
         raise InvalidInputError(f"x0: expected shape ({n}, {N_STATES}), got {x.shape}")
@@ -451,8 +481,8 @@ def simulate(
     states = np.empty((n, k + 1, N_STATES)) if return_states else _EMPTY3
     advance(
         x, meal_state, params, ins, meals, np.full(n, float(eat_rate_g_per_min)),
-        substeps=substeps, carbs_out=carbs, gp_out=gp, gs_out=gs, states_out=states,
-        parallel=parallel,
+        substeps=substeps, eating_substeps=eating_substeps, carbs_out=carbs, gp_out=gp,
+        gs_out=gs, states_out=states, parallel=parallel,
     )  # fmt: skip
     vg = params[:, P_VG : P_VG + 1]
     return Trajectory(

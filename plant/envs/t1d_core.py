@@ -1,0 +1,487 @@
+"""Shared batched core of the type-1-diabetes environments: configuration and one compiled step.
+
+:class:`~plant.envs.t1d.T1DEnv` runs this core with one patient and
+:class:`~plant.envs.t1d_vector.T1DVectorEnv` with N. A control step (pump command → ``K`` plant
+minutes → CGM reading → insulin on board → observation → reward) is one numba call for the
+whole batch, so a sub-environment of the vector environment seeded with ``s + i`` follows
+exactly the trajectory of the single environment seeded with ``s + i``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import numba
+import numpy as np
+from numpy.typing import NDArray
+
+from plant.cgm import CGMSpec, cgm_errors
+from plant.errors import ConfigError, InvalidInputError
+from plant.insulin import DEFAULT_DIA_MIN, DEFAULT_PEAK_MIN, iob_kernel
+from plant.patients import (
+    N_STATES,
+    PatientParameters,
+    parameter_matrix,
+    resolve_patients,
+)
+from plant.pump import PumpSpec
+from plant.scenarios import SCENARIOS, CarbCountingError, MealPlan
+from plant.uva_padova import EATING_SUBSTEPS, N_MEAL_STATE, P_VG, step_minute
+
+#: Reward callback: ``reward_fn(bg_mg_dl, cgm_mg_dl, insulin_u, carbs_g) -> reward``, each an
+#: array of shape ``(N,)``: true plasma glucose and CGM reading at the end of the step, insulin
+#: delivered and carbohydrate swallowed during the step. Must return shape ``(N,)``.
+RewardFn = Callable[
+    [NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]],
+    NDArray[np.float64],
+]
+
+_NO_MEAL = np.iinfo(np.int64).max
+
+
+@dataclasses.dataclass(frozen=True)
+class T1DConfig:
+    """Configuration of the T1D environments (validated once, at construction).
+
+    Attributes:
+        patients: patient and/or cohort names (``adult#001``, ``adults``, ``all`` …). The single
+            environment uses the first patient, or draws one per reset when
+            ``sample_patient``; the vector environment gives sub-environment ``i`` patient
+            ``i mod len(patients)`` (or draws one per reset when ``sample_patient``).
+        sample_patient: draw the patient uniformly at each reset (from ``np_random``).
+        scenario: meal scenario name, ``"random"`` (the published six-slot daily protocol) or
+            ``"A"`` (07:00 45 g, 12:00 70 g, 18:00 80 g).
+        carb_error: carbohydrate-counting error of the announced meals.
+        start_clock_min: clock time of the episode's first minute (minutes after midnight).
+        episode_days: episode length in days (truncation).
+        control_period_min: minutes per environment step (plant steps are 1 min).
+        cgm: the CGM device model; its sample period must divide the control period.
+        pump: the insulin pump model (increments, maxima, pulses).
+        max_basal_u_per_h: upper bound of the basal part of the action space.
+        bolus_action: add a bolus part (U, delivered within the step's first minute).
+        max_bolus_u: upper bound of the bolus part of the action space.
+        history_len: number of CGM readings in the observation (one per control step).
+        include_iob: append insulin on board (U) to the observation.
+        include_meal: append the announced grams of meals starting in the coming step.
+        iob_peak_min: peak of the exponential insulin activity curve.
+        iob_dia_min: duration of insulin action of that curve.
+        terminate_below_mg_dl: episode terminates when plasma glucose falls below this.
+        terminate_above_mg_dl: episode terminates when plasma glucose rises above this.
+        eat_rate_g_per_min: eating speed.
+        reward_fn: custom reward (see :data:`RewardFn`); ``None`` = the default
+            ``1 − risk(BG)/100`` with the Kovatchev risk of true plasma glucose, in ``[0, 1]``.
+
+    """
+
+    patients: tuple[str, ...] = ("adult#001",)
+    sample_patient: bool = False
+    scenario: str = "random"
+    carb_error: CarbCountingError = dataclasses.field(default_factory=CarbCountingError)
+    start_clock_min: int = 0
+    episode_days: float = 1.0
+    control_period_min: int = 5
+    cgm: CGMSpec = dataclasses.field(default_factory=CGMSpec)
+    pump: PumpSpec = dataclasses.field(default_factory=PumpSpec)
+    max_basal_u_per_h: float = 5.0
+    bolus_action: bool = False
+    max_bolus_u: float = 20.0
+    history_len: int = 1
+    include_iob: bool = False
+    include_meal: bool = False
+    iob_peak_min: float = DEFAULT_PEAK_MIN
+    iob_dia_min: float = DEFAULT_DIA_MIN
+    terminate_below_mg_dl: float = 40.0
+    terminate_above_mg_dl: float = 600.0
+    eat_rate_g_per_min: float = 5.0
+    reward_fn: RewardFn | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.patients, str):
+            object.__setattr__(self, "patients", (self.patients,))
+        if not self.patients:
+            raise ConfigError("patients", self.patients, "at least one patient or cohort name")
+        if self.scenario not in SCENARIOS:
+            raise ConfigError("scenario", self.scenario, f"one of {', '.join(SCENARIOS)}")
+        if not 0 <= self.start_clock_min < 1440:
+            raise ConfigError("start_clock_min", self.start_clock_min, "0 <= value < 1440")
+        if not 1 <= self.control_period_min <= 60:
+            raise ConfigError("control_period_min", self.control_period_min, "1..60 minutes")
+        if self.control_period_min % self.cgm.sample_period_min:
+            raise ConfigError(
+                "control_period_min",
+                self.control_period_min,
+                f"a multiple of the CGM sample period ({self.cgm.sample_period_min} min)",
+            )
+        steps = self.episode_days * 1440 / self.control_period_min
+        if not (self.episode_days > 0 and steps >= 1 and steps == int(steps)):
+            raise ConfigError(
+                "episode_days",
+                self.episode_days,
+                "> 0 and a whole number of control periods",
+            )
+        if not 0 < self.max_basal_u_per_h <= self.pump.max_basal_u_per_h:
+            raise ConfigError(
+                "max_basal_u_per_h",
+                self.max_basal_u_per_h,
+                f"0 < value <= the pump's maximum ({self.pump.max_basal_u_per_h} U/h)",
+            )
+        if not 0 < self.max_bolus_u <= self.pump.max_bolus_u:
+            raise ConfigError(
+                "max_bolus_u",
+                self.max_bolus_u,
+                f"0 < value <= the pump's maximum ({self.pump.max_bolus_u} U)",
+            )
+        if self.history_len < 1:
+            raise ConfigError("history_len", self.history_len, "an integer >= 1")
+        if not 0 < self.terminate_below_mg_dl < self.terminate_above_mg_dl:
+            raise ConfigError(
+                "terminate_below_mg_dl",
+                self.terminate_below_mg_dl,
+                f"0 < value < terminate_above_mg_dl ({self.terminate_above_mg_dl})",
+            )
+        if not self.eat_rate_g_per_min > 0:
+            raise ConfigError("eat_rate_g_per_min", self.eat_rate_g_per_min, "> 0")
+        iob_kernel(self.control_period_min, peak_min=self.iob_peak_min, dia_min=self.iob_dia_min)
+        self.patient_table()  # unknown names fail here, with the list of valid ones
+
+    def patient_table(self) -> tuple[PatientParameters, ...]:
+        """The patients named by :attr:`patients`, cohorts expanded."""
+        cohorts = [n for n in self.patients if "#" not in n]
+        names = [n for n in self.patients if "#" in n]
+        if not cohorts:
+            return resolve_patients(names)
+        return resolve_patients(names, cohorts) if names else resolve_patients(cohorts=cohorts)
+
+    @property
+    def n_steps(self) -> int:
+        """Control steps per episode."""
+        return round(self.episode_days * 1440 / self.control_period_min)
+
+    @property
+    def obs_size(self) -> int:
+        """Length of the observation vector."""
+        return self.history_len + int(self.include_iob) + int(self.include_meal)
+
+
+# Columns of the per-environment scalar state (float64).
+S_T = 0  #: control steps taken in this episode
+S_PULSE = 1  #: pump pulse accumulator (U)
+S_MEAL_PTR = 2  #: index of the next meal event
+S_BG = 3  #: plasma glucose at the end of the last step (mg/dL)
+S_CGM = 4  #: last CGM reading (mg/dL)
+S_INSULIN = 5  #: insulin delivered in the last step (U)
+S_CARBS = 6  #: grams swallowed in the last step
+S_IOB = 7  #: insulin on board (U)
+S_ANNOUNCED = 8  #: announced grams of meals starting in the coming step
+N_SCALARS = 9
+
+#: Upper bounds of the insulin-on-board and meal parts of the observation (values are clipped).
+OBS_MAX_IOB_U = 500.0
+OBS_MAX_MEAL_G = 1000.0
+
+
+@numba.njit(cache=True, inline="always")
+def _kovatchev_risk(bg: float) -> float:
+    f = 1.509 * (math.log(max(bg, 1.0)) ** 1.084 - 5.381)
+    return 10.0 * f * f
+
+
+@numba.njit(cache=True, inline="always")
+def _announced_ahead(
+    meal_start: NDArray[np.int64],
+    meal_announced: NDArray[np.float64],
+    ptr: int,
+    t0: int,
+    period: int,
+) -> float:
+    total = 0.0
+    j = ptr
+    while j < meal_start.shape[0] and meal_start[j] < t0 + period:
+        if meal_start[j] >= t0:
+            total += meal_announced[j]
+        j += 1
+    return total
+
+
+@numba.njit(cache=True, inline="always")
+def _observe(
+    i: int,
+    scal: NDArray[np.float64],
+    hist: NDArray[np.float64],
+    include_iob: bool,
+    include_meal: bool,
+    obs: NDArray[np.float32],
+) -> None:
+    h = hist.shape[1]
+    for j in range(h):
+        obs[i, j] = hist[i, j]
+    k = h
+    if include_iob:
+        obs[i, k] = min(scal[i, S_IOB], OBS_MAX_IOB_U)
+        k += 1
+    if include_meal:
+        obs[i, k] = min(scal[i, S_ANNOUNCED], OBS_MAX_MEAL_G)
+
+
+@numba.njit(cache=True)
+def _step_kernel(
+    active: NDArray[np.bool_],
+    action: NDArray[np.float64],
+    x: NDArray[np.float64],
+    meal_state: NDArray[np.float64],
+    params: NDArray[np.float64],
+    scal: NDArray[np.float64],
+    meal_start: NDArray[np.int64],
+    meal_g: NDArray[np.float64],
+    meal_announced: NDArray[np.float64],
+    cgm_err: NDArray[np.float64],
+    hist: NDArray[np.float64],
+    doses: NDArray[np.float64],
+    iob_w: NDArray[np.float64],
+    cfg: NDArray[np.float64],
+    obs: NDArray[np.float32],
+    reward: NDArray[np.float64],
+    terminated: NDArray[np.bool_],
+    truncated: NDArray[np.bool_],
+) -> None:
+    """One control step for every active environment (see module docstring)."""
+    period = int(cfg[0])
+    max_basal_act = cfg[1]
+    max_bolus_act = cfg[2]
+    basal_inc = cfg[3]
+    bolus_inc = cfg[4]
+    pulse = cfg[5]
+    cgm_every = int(cfg[6])
+    cgm_lo = cfg[7]
+    cgm_hi = cfg[8]
+    eat_rate = cfg[9]
+    bg_lo = cfg[10]
+    bg_hi = cfg[11]
+    n_steps = int(cfg[12])
+    include_iob = cfg[13] > 0.0
+    include_meal = cfg[14] > 0.0
+    default_reward = cfg[15] > 0.0
+    has_bolus = action.shape[1] > 1
+    work = np.empty((5, N_STATES))
+    n_dose = doses.shape[1]
+    h = hist.shape[1]
+    for i in range(x.shape[0]):
+        if not active[i]:
+            continue
+        # pump: clip to the action space, then round down to the pump's increments
+        basal = min(max(action[i, 0], 0.0), max_basal_act)
+        if basal_inc > 0.0:
+            basal = min(math.floor(basal / basal_inc + 1e-9) * basal_inc, basal)
+        bolus = 0.0
+        if has_bolus:
+            bolus = min(max(action[i, 1], 0.0), max_bolus_act)
+            if bolus_inc > 0.0:
+                bolus = min(math.floor(bolus / bolus_inc + 1e-9) * bolus_inc, bolus)
+        t = int(scal[i, S_T])
+        minute0 = t * period
+        ptr = int(scal[i, S_MEAL_PTR])
+        delivered = 0.0
+        carbs = 0.0
+        for k in range(period):
+            m = minute0 + k
+            new_meal = 0.0
+            while ptr < meal_start.shape[1] and meal_start[i, ptr] <= m:
+                new_meal += meal_g[i, ptr]
+                ptr += 1
+            due = basal / 60.0 + (bolus if k == 0 else 0.0)
+            if pulse > 0.0:
+                acc = scal[i, S_PULSE] + due
+                due = math.floor(acc / pulse + 1e-9) * pulse
+                scal[i, S_PULSE] = acc - due
+            delivered += due
+            carbs += step_minute(
+                x[i], meal_state[i], params[i], new_meal, due, eat_rate, 1, EATING_SUBSTEPS, work
+            )
+        t += 1
+        scal[i, S_T] = t
+        scal[i, S_MEAL_PTR] = ptr
+        bg = x[i, 3] / params[i, P_VG]
+        reading = x[i, 12] / params[i, P_VG] + cgm_err[i, (t * period) // cgm_every]
+        reading = min(max(reading, cgm_lo), cgm_hi)
+        for j in range(h - 1):
+            hist[i, j] = hist[i, j + 1]
+        hist[i, h - 1] = reading
+        for j in range(n_dose - 1, 0, -1):
+            doses[i, j] = doses[i, j - 1]
+        doses[i, 0] = delivered
+        iob = 0.0
+        for j in range(n_dose):
+            iob += iob_w[j] * doses[i, j]
+        scal[i, S_BG] = bg
+        scal[i, S_CGM] = reading
+        scal[i, S_INSULIN] = delivered
+        scal[i, S_CARBS] = carbs
+        scal[i, S_IOB] = iob
+        scal[i, S_ANNOUNCED] = _announced_ahead(
+            meal_start[i], meal_announced[i], ptr, t * period, period
+        )
+        _observe(i, scal, hist, include_iob, include_meal, obs)
+        terminated[i] = bg < bg_lo or bg > bg_hi
+        truncated[i] = t >= n_steps
+        if default_reward:
+            reward[i] = 1.0 - _kovatchev_risk(bg) / 100.0
+
+
+class T1DBatch:
+    """N patients advanced together by control steps (the engine under both environments)."""
+
+    def __init__(self, config: T1DConfig, n: int) -> None:
+        self.config = config
+        self.n = n
+        self.table = config.patient_table()
+        cfg = config
+        self.iob_w = iob_kernel(
+            cfg.control_period_min, peak_min=cfg.iob_peak_min, dia_min=cfg.iob_dia_min
+        )
+        self.n_cgm_samples = cfg.n_steps * cfg.control_period_min // cfg.cgm.sample_period_min + 1
+        self.x = np.zeros((n, N_STATES))
+        self.meal_state = np.zeros((n, N_MEAL_STATE))
+        self.params = np.zeros((n, parameter_matrix(self.table[:1]).shape[1]))
+        self.scal = np.zeros((n, N_SCALARS))
+        self.meal_start = np.full((n, 1), _NO_MEAL, dtype=np.int64)
+        self.meal_g = np.zeros((n, 1))
+        self.meal_announced = np.zeros((n, 1))
+        self.cgm_err = np.zeros((n, self.n_cgm_samples))
+        self.hist = np.zeros((n, cfg.history_len))
+        self.doses = np.zeros((n, self.iob_w.shape[0]))
+        self.obs = np.zeros((n, cfg.obs_size), dtype=np.float32)
+        self.reward = np.zeros(n)
+        self.terminated = np.zeros(n, dtype=np.bool_)
+        self.truncated = np.zeros(n, dtype=np.bool_)
+        self.patient_index = np.zeros(n, dtype=np.int64)
+        self.cfg_vec = np.array(
+            [
+                cfg.control_period_min,
+                cfg.max_basal_u_per_h,
+                cfg.max_bolus_u,
+                cfg.pump.basal_increment_u_per_h,
+                cfg.pump.bolus_increment_u,
+                cfg.pump.pulse_u,
+                cfg.cgm.sample_period_min,
+                cfg.cgm.min_mg_dl,
+                cfg.cgm.max_mg_dl,
+                cfg.eat_rate_g_per_min,
+                cfg.terminate_below_mg_dl,
+                cfg.terminate_above_mg_dl,
+                cfg.n_steps,
+                float(cfg.include_iob),
+                float(cfg.include_meal),
+                float(cfg.reward_fn is None),
+            ],
+            dtype=np.float64,
+        )
+        self._param_rows = parameter_matrix(self.table)
+        self._scenario = SCENARIOS[cfg.scenario](carb_error=cfg.carb_error)
+        self._days = math.ceil(cfg.episode_days)
+        self._all = np.ones(n, dtype=np.bool_)
+
+    def reset_one(self, i: int, rng: np.random.Generator, patient: int) -> None:
+        """Start a new episode for environment ``i`` with patient ``patient`` (table index)."""
+        cfg = self.config
+        meal_rng, noise_rng = rng.spawn(2)
+        p = self.table[patient]
+        self.patient_index[i] = patient
+        self.params[i] = self._param_rows[patient]
+        self.x[i] = p.x0
+        self.meal_state[i] = 0.0
+        plan: MealPlan = self._scenario.sample(
+            meal_rng, days=self._days, start_min=cfg.start_clock_min
+        )
+        self._store_meals(i, plan)
+        self.cgm_err[i] = cgm_errors(cfg.cgm, noise_rng, self.n_cgm_samples)
+        gsub0 = p.x0[12] / p.vg_dl_per_kg
+        reading = min(max(gsub0 + self.cgm_err[i, 0], cfg.cgm.min_mg_dl), cfg.cgm.max_mg_dl)
+        self.hist[i] = reading
+        basal_dose_u = p.basal_u_per_h * cfg.control_period_min / 60.0
+        self.doses[i] = basal_dose_u  # the patient starts in basal steady state
+        s = self.scal[i]
+        s[:] = 0.0
+        s[S_BG] = p.initial_bg_mg_dl
+        s[S_CGM] = reading
+        s[S_IOB] = float(self.iob_w @ self.doses[i])
+        s[S_ANNOUNCED] = _announced_ahead(
+            self.meal_start[i], self.meal_announced[i], 0, 0, cfg.control_period_min
+        )
+        self.terminated[i] = False
+        self.truncated[i] = False
+        self.reward[i] = 0.0
+        _observe(i, self.scal, self.hist, cfg.include_iob, cfg.include_meal, self.obs)
+
+    def _store_meals(self, i: int, plan: MealPlan) -> None:
+        m = len(plan.start_min)
+        if m > self.meal_start.shape[1]:
+            extra = m - self.meal_start.shape[1]
+            pad = ((0, 0), (0, extra))
+            self.meal_start = np.pad(self.meal_start, pad, constant_values=_NO_MEAL)
+            self.meal_g = np.pad(self.meal_g, pad)
+            self.meal_announced = np.pad(self.meal_announced, pad)
+        self.meal_start[i] = _NO_MEAL
+        self.meal_g[i] = 0.0
+        self.meal_announced[i] = 0.0
+        self.meal_start[i, :m] = plan.start_min
+        self.meal_g[i, :m] = plan.carbs_g
+        self.meal_announced[i, :m] = plan.announced_g
+
+    def step(self, action: NDArray[np.float64], active: NDArray[np.bool_] | None = None) -> None:
+        """Advance the active environments by one control step (results in the batch arrays)."""
+        _step_kernel(
+            self._all if active is None else active,
+            action,
+            self.x,
+            self.meal_state,
+            self.params,
+            self.scal,
+            self.meal_start,
+            self.meal_g,
+            self.meal_announced,
+            self.cgm_err,
+            self.hist,
+            self.doses,
+            self.iob_w,
+            self.cfg_vec,
+            self.obs,
+            self.reward,
+            self.terminated,
+            self.truncated,
+        )
+        if self.config.reward_fn is not None:
+            s = self.scal
+            r = np.asarray(
+                self.config.reward_fn(s[:, S_BG], s[:, S_CGM], s[:, S_INSULIN], s[:, S_CARBS]),
+                dtype=np.float64,
+            )
+            if r.shape != (self.n,):
+                raise InvalidInputError(f"reward_fn returned shape {r.shape}; expected ({self.n},)")
+            if active is None:
+                self.reward[:] = r
+            else:
+                self.reward[active] = r[active]
+
+
+def check_action(action: object, shape: Sequence[int]) -> NDArray[np.float64]:
+    """Convert an action to float64 of ``shape``; NaN or a wrong shape raises a clear error.
+
+    Raises:
+        InvalidInputError: the action has the wrong shape or contains NaN.
+
+    """
+    a = np.asarray(action, dtype=np.float64)
+    if a.shape != tuple(shape):
+        try:
+            a = a.reshape(tuple(shape))
+        except ValueError:
+            raise InvalidInputError(
+                f"action: expected shape {tuple(shape)}, got {a.shape}"
+            ) from None
+    if np.isnan(a).any():
+        raise InvalidInputError(
+            f"action: NaN in {a.tolist()}; actions are insulin rates in U/h (and bolus in U)"
+        )
+    return a

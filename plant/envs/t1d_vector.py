@@ -1,0 +1,135 @@
+"""Native batched ``twinloop/T1D-v0``: N patients (or scenarios) in one compiled numpy step."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from numpy.typing import NDArray
+
+from plant.envs.t1d import make_spaces
+from plant.envs.t1d_core import (
+    S_ANNOUNCED,
+    S_BG,
+    S_CARBS,
+    S_CGM,
+    S_INSULIN,
+    S_IOB,
+    S_T,
+    T1DBatch,
+    T1DConfig,
+    check_action,
+)
+from plant.errors import ConfigError
+
+
+class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[Any]]):
+    """``num_envs`` copies of :class:`~plant.envs.t1d.T1DEnv` stepped together in one call.
+
+    Spaces, reward, termination and truncation are those of ``T1DEnv`` (see its env card),
+    batched along a first axis of length ``num_envs``. Sub-environment ``i`` gets patient
+    ``patients[i mod len(patients)]`` (cohorts expanded) unless ``sample_patient``.
+
+    Seeding: ``reset(seed=s)`` seeds sub-environment ``i`` with ``s + i``, and its trajectory is
+    then identical to ``T1DEnv`` reset with seed ``s + i`` and given the same actions.
+
+    Autoreset: Gymnasium 1.x *next-step* mode (``metadata["autoreset_mode"]``): the step after a
+    sub-environment terminates or truncates resets it, ignores its action and returns its first
+    observation with reward 0 and both flags false.
+
+    Info: the keys of ``T1DEnv``'s info, each an array of shape ``(num_envs,)`` (``patient`` is
+    an array of names).
+    """
+
+    metadata: dict[str, Any] = {  # noqa: RUF012
+        "autoreset_mode": AutoresetMode.NEXT_STEP,
+        "render_modes": [],
+    }
+
+    def __init__(self, num_envs: int = 1, config: T1DConfig | None = None, **kwargs: Any) -> None:
+        if "patient" in kwargs:
+            kwargs["patients"] = (kwargs.pop("patient"),)
+        if config is None:
+            config = T1DConfig(**kwargs)
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        if num_envs < 1:
+            raise ConfigError("num_envs", num_envs, "an integer >= 1")
+        self.config = config
+        self.num_envs = num_envs
+        self._batch = T1DBatch(config, num_envs)
+        self.single_action_space, self.single_observation_space = make_spaces(config)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self._shape = (num_envs, 2 if config.bolus_action else 1)
+        self._rngs: list[np.random.Generator] = []
+        self._autoreset = np.zeros(num_envs, dtype=np.bool_)
+        self._names = np.array([p.name for p in self._batch.table], dtype=object)
+
+    def _reset_envs(self, indices: NDArray[np.intp]) -> None:
+        b = self._batch
+        n_pat = len(b.table)
+        for i in indices:
+            rng = self._rngs[i]
+            patient = int(rng.integers(n_pat)) if self.config.sample_patient else int(i) % n_pat
+            b.reset_one(int(i), rng, patient)
+
+    def reset(
+        self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[NDArray[np.float32], dict[str, Any]]:
+        """Reset every sub-environment; ``seed`` (int ``s`` or one per env) reseeds them."""
+        if isinstance(seed, int):
+            seeds: list[int | None] = [seed + i for i in range(self.num_envs)]
+        elif seed is None:
+            seeds = [None] * self.num_envs
+        else:
+            seeds = list(seed)
+        if seed is not None or not self._rngs:
+            self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
+        self._reset_envs(np.arange(self.num_envs))
+        self._autoreset[:] = False
+        return self._batch.obs.copy(), self._info()
+
+    def step(
+        self, actions: NDArray[np.float32]
+    ) -> tuple[
+        NDArray[np.float32],
+        NDArray[np.float64],
+        NDArray[np.bool_],
+        NDArray[np.bool_],
+        dict[str, Any],
+    ]:
+        """Step every sub-environment (next-step autoreset for those that ended)."""
+        b = self._batch
+        a = check_action(actions, self._shape)
+        if self._autoreset.any():
+            done = np.flatnonzero(self._autoreset)
+            self._reset_envs(done)
+            b.step(a, active=~self._autoreset)
+        else:
+            b.step(a)
+        self._autoreset = b.terminated | b.truncated
+        return (
+            b.obs.copy(),
+            b.reward.copy(),
+            b.terminated.copy(),
+            b.truncated.copy(),
+            self._info(),
+        )
+
+    def _info(self) -> dict[str, Any]:
+        s = self._batch.scal
+        return {
+            "bg_mg_dl": s[:, S_BG].copy(),
+            "cgm_mg_dl": s[:, S_CGM].copy(),
+            "insulin_u": s[:, S_INSULIN].copy(),
+            "carbs_g": s[:, S_CARBS].copy(),
+            "iob_u": s[:, S_IOB].copy(),
+            "meal_announced_g": s[:, S_ANNOUNCED].copy(),
+            "time_min": s[:, S_T].astype(np.int64) * self.config.control_period_min,
+            "patient": self._names[self._batch.patient_index],
+        }

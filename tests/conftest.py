@@ -1,0 +1,46 @@
+"""Shared fixtures: the simglucose scenario-A reference trajectories from ../shared."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> Path:
+    """Where the reference trajectories are: $TWINLOOP_REFERENCE_DIR or ../shared/reference."""
+    env = os.environ.get("TWINLOOP_REFERENCE_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "reference" / "simglucose-A"
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    patients: tuple[str, ...]
+    insulin_u_per_min: np.ndarray  # (30, 1440)
+    meal_g: np.ndarray  # (30, 1440) meal sizes at their start minute
+    bg_mg_dl: np.ndarray  # (30, 1441)
+    gsub_mg_dl: np.ndarray  # (30, 1441)
+
+
+@pytest.fixture(scope="session")
+def reference_a() -> Reference:
+    folder = reference_dir()
+    if not folder.is_dir():
+        pytest.fail(f"reference trajectories not found in {folder}; set TWINLOOP_REFERENCE_DIR")
+    names, ins, meals, bg, gs = [], [], [], [], []
+    for path in sorted(folder.glob("*_[0-9][0-9][0-9].csv")):
+        with path.open() as handle:
+            rows = list(csv.DictReader(handle))
+        names.append(rows[0]["patient"])
+        ins.append([float(r["insulin_U_per_min"]) for r in rows[:-1]])
+        meals.append([float(r["cho_announced_g"]) for r in rows[:-1]])
+        bg.append([float(r["bg_mg_dl"]) for r in rows])
+        gs.append([float(r["gsub_mg_dl"]) for r in rows])
+    assert len(names) == 30, f"expected 30 reference patients in {folder}, found {len(names)}"
+    return Reference(tuple(names), np.array(ins), np.array(meals), np.array(bg), np.array(gs))

@@ -1,0 +1,227 @@
+import dataclasses
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import plant
+from plant.cgm import CGMSpec
+from plant.envs.t1d import T1DEnv
+from plant.envs.t1d_core import T1DConfig
+from plant.envs.t1d_vector import T1DVectorEnv
+from plant.errors import ConfigError, InvalidInputError, UnknownPatientError
+from plant.patients import get_patient
+from plant.pump import PumpSpec
+from plant.uva_padova import simulate
+
+SPECS = [s for s in gym.registry.values() if s.id.startswith("twinloop/")]
+CONFIGS = {
+    "default": {},
+    "rich-obs-bolus": {"history_len": 6, "include_iob": True, "include_meal": True,
+                        "bolus_action": True},
+}  # fmt: skip
+
+
+def rollout(env, seed, n, action):
+    obs, info = env.reset(seed=seed)
+    out = [obs]
+    infos = [info]
+    for _ in range(n):
+        obs, reward, term, trunc, info = env.step(action)
+        out.append(np.append(obs, [reward, term, trunc]))
+        infos.append(info)
+        if term or trunc:
+            break
+    return np.concatenate(out), infos
+
+
+def test_registered_with_a_vector_entry_point():
+    assert plant.T1D_ID in gym.registry
+    spec = gym.registry[plant.T1D_ID]
+    assert spec.vector_entry_point is not None
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.id for s in SPECS])
+@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
+def test_passes_gymnasium_and_sb3_env_checkers(spec, kwargs):
+    env = gym.make(spec.id, **kwargs)
+    gym_check_env(env.unwrapped, skip_render_check=True)
+    sb3_check_env(T1DEnv(**kwargs), warn=False)
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
+def test_same_seed_same_trajectory_other_seed_other_meals_and_noise(kwargs):
+    env = T1DEnv(**kwargs)
+    action = np.zeros(env.action_space.shape, np.float32)
+    action[0] = 1.0  # 1 U/h basal, no bolus
+    a, infos_a = rollout(env, 7, 288, action)
+    b, _ = rollout(env, 7, 288, action)
+    np.testing.assert_array_equal(a, b)
+    c, infos_c = rollout(env, 8, 288, action)
+    assert not np.array_equal(a, c)
+    meals_a = [i["carbs_g"] for i in infos_a]
+    meals_c = [i["carbs_g"] for i in infos_c]
+    assert meals_a != meals_c
+    # reset without a seed continues the generator: a new episode, not a replay
+    env.reset(seed=7)
+    d, _ = rollout(env, None, 288, action)
+    assert not np.array_equal(a, d)
+
+
+def test_noise_free_env_matches_the_plant_replay():
+    """Scenario A under basal-bolus through the env equals simulate() at every 5-min step."""
+    p = get_patient("adolescent#003")
+    env = T1DEnv(
+        patient=p.name, scenario="A", cgm=CGMSpec(noise=False), bolus_action=True,
+        pump=PumpSpec(basal_increment_u_per_h=0.0, bolus_increment_u=0.0),
+        include_meal=True,
+    )  # fmt: skip
+    obs, info = env.reset(seed=0)
+    bg = [info["bg_mg_dl"]]
+    gsub = [info["cgm_mg_dl"]]
+    for _ in range(288):
+        bolus = obs[-1] / p.carb_ratio_g_per_u  # announced grams of the coming step
+        obs, _, term, trunc, info = env.step(np.array([p.basal_u_per_h, bolus], np.float32))
+        bg.append(info["bg_mg_dl"])
+        gsub.append(info["cgm_mg_dl"])
+    assert trunc and not term
+    insulin = np.full(1440, p.basal_u_per_min)
+    meals = np.zeros(1440)
+    for minute, grams in ((420, 45.0), (720, 70.0), (1080, 80.0)):
+        insulin[minute] += np.float32(grams / p.carb_ratio_g_per_u)
+        meals[minute] = grams
+    traj = simulate([p], insulin, meals)
+    np.testing.assert_allclose(bg, traj.bg_mg_dl[0, ::5], rtol=1e-5)
+    np.testing.assert_allclose(gsub, np.clip(traj.gsub_mg_dl[0, ::5], 40, 400), rtol=1e-5)
+
+
+def test_vector_env_sub_envs_equal_single_envs_seeded_s_plus_i():
+    n = 4
+    kwargs = {"patients": ("adults",), "include_iob": True, "include_meal": True,
+              "bolus_action": True, "episode_days": 0.5}  # fmt: skip
+    venv = gym.make_vec(plant.T1D_ID, num_envs=n, vectorization_mode="vector_entry_point", **kwargs)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(0, [2.5, 4.0], size=(150, n, 2)).astype(np.float32)
+    actions[..., 1] *= rng.random((150, n)) < 0.03  # an occasional bolus
+    vobs, vinfo = venv.reset(seed=100)
+    v_traj = [vobs]
+    v_rew = []
+    for a in actions:
+        o, r, _, _, _ = venv.step(a)
+        v_traj.append(o)
+        v_rew.append(r)
+    for i in range(n):
+        env = T1DEnv(**{**kwargs, "patients": (f"adult#{i + 1:03d}",)})
+        obs, info = env.reset(seed=100 + i)
+        assert info["patient"] == vinfo["patient"][i]
+        np.testing.assert_array_equal(obs, v_traj[0][i])
+        for k, a in enumerate(actions[:144]):
+            obs, r, term, _, _ = env.step(a[i])
+            np.testing.assert_array_equal(obs, v_traj[k + 1][i])
+            assert r == v_rew[k][i]
+            if term:  # the vector env autoresets on the next step; compared up to here
+                assert k > 20
+                break
+
+
+def test_vector_env_next_step_autoreset():
+    venv = T1DVectorEnv(num_envs=3, episode_days=1 / 24)  # 12 steps of 5 min
+    obs0, _ = venv.reset(seed=5)
+    a = np.ones((3, 1), np.float32)
+    for _ in range(11):
+        _, _, term, trunc, _ = venv.step(a)
+        assert not trunc.any()
+    _, _, term, trunc, info = venv.step(a)
+    assert trunc.all() and info["time_min"].tolist() == [60, 60, 60]
+    obs, reward, term, trunc, info = venv.step(a)  # the reset step
+    assert info["time_min"].tolist() == [0, 0, 0]
+    assert reward.tolist() == [0.0, 0.0, 0.0] and not term.any() and not trunc.any()
+    assert not np.array_equal(obs, obs0)  # a new episode continues the sub-env generators
+    _, _, _, _, info = venv.step(a)
+    assert info["time_min"].tolist() == [5, 5, 5]
+
+
+def test_actions_are_clipped_and_quantized_and_nan_raises():
+    env = T1DEnv(bolus_action=True, max_basal_u_per_h=4.0, max_bolus_u=10.0)
+    env.reset(seed=0)
+    *_, info = env.step(np.array([100.0, -3.0], np.float32))
+    assert info["insulin_u"] == pytest.approx(4.0 * 5 / 60)
+    *_, info = env.step(np.array([1.23, 2.07], np.float32))
+    assert info["insulin_u"] == pytest.approx(1.2 * 5 / 60 + 2.05)  # 0.05 increments, rounded down
+    with pytest.raises(InvalidInputError, match="NaN"):
+        env.step(np.array([np.nan, 0.0], np.float32))
+
+
+def test_termination_on_severe_hypoglycaemia():
+    env = T1DEnv(bolus_action=True, max_bolus_u=75.0, scenario="A")
+    env.reset(seed=0)
+    for _ in range(288):
+        _, _, term, trunc, info = env.step(np.array([5.0, 75.0], np.float32))
+        if term or trunc:
+            break
+    assert term and not trunc and info["bg_mg_dl"] < 40.0
+
+
+def test_custom_reward_fn_receives_arrays():
+    seen = []
+
+    def reward_fn(bg, cgm, insulin, carbs):
+        seen.append((bg.shape, cgm.shape, insulin.shape, carbs.shape))
+        return -np.abs(bg - 120.0)
+
+    env = T1DEnv(reward_fn=reward_fn)
+    env.reset(seed=0)
+    _, reward, *_, info = env.step(np.array([1.0], np.float32))
+    assert reward == pytest.approx(-abs(info["bg_mg_dl"] - 120.0))
+    assert seen == [((1,), (1,), (1,), (1,))]
+
+
+def test_default_reward_is_one_minus_risk():
+    from plant.metrics import risk_index
+
+    env = T1DEnv()
+    env.reset(seed=0)
+    _, reward, *_, info = env.step(np.array([1.0], np.float32))
+    assert reward == pytest.approx(1.0 - float(risk_index(info["bg_mg_dl"])) / 100.0)
+
+
+def test_iob_starts_at_basal_steady_state_and_rises_after_a_bolus():
+    env = T1DEnv(include_iob=True, bolus_action=True, scenario="A")
+    p = get_patient("adult#001")
+    obs, info = env.reset(seed=0)
+    _, _, _, _, steady = env.step(np.array([p.basal_u_per_h, 0.0], np.float32))
+    assert steady["iob_u"] == pytest.approx(info["iob_u"], rel=1e-3)
+    obs, _, _, _, after = env.step(np.array([p.basal_u_per_h, 3.0], np.float32))
+    assert after["iob_u"] == pytest.approx(steady["iob_u"] + 3.0, abs=0.1)
+    assert obs[-1] == pytest.approx(after["iob_u"], rel=1e-6)
+
+
+def test_sample_patient_draws_from_the_cohort():
+    env = T1DEnv(patients=("children",), sample_patient=True)
+    names = {env.reset(seed=s)[1]["patient"] for s in range(20)}
+    assert len(names) > 3 and all(n.startswith("child#") for n in names)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "field"),
+    [
+        ({"patients": ("adult#099",)}, UnknownPatientError, "adult#001"),
+        ({"scenario": "B"}, ConfigError, "scenario"),
+        ({"control_period_min": 7}, ConfigError, "control_period_min"),
+        ({"max_basal_u_per_h": 100.0}, ConfigError, "max_basal_u_per_h"),
+        ({"history_len": 0}, ConfigError, "history_len"),
+        ({"episode_days": 0.001}, ConfigError, "episode_days"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, error, field):
+    with pytest.raises(error, match=field):
+        T1DConfig(**kwargs)
+
+
+def test_config_object_and_kwargs_combine():
+    cfg = T1DConfig(history_len=4)
+    env = T1DEnv(cfg, include_iob=True)
+    assert env.observation_space.shape == (5,)
+    assert dataclasses.replace(cfg).history_len == 4
