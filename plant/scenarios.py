@@ -470,7 +470,7 @@ class RandomDailyProtocol:
 
 
 #: Scenario factories by name, for the command line (each builds the default configuration).
-SCENARIOS: dict[str, Callable[[], MealScenario]] = {
+SCENARIOS: dict[str, Callable[..., MealScenario]] = {
     "A": scenario_a,
     "random": RandomDailyProtocol,
 }

@@ -17,7 +17,11 @@ def _write_inputs(path, reference, patients=None):
         for name in patients or [None]:
             i = reference.patients.index(name) if name else 0
             for m in range(reference.insulin_u_per_min.shape[1]):
-                row = [m, repr(reference.insulin_u_per_min[i, m]), repr(reference.meal_g[i, m])]
+                row = [
+                    m,
+                    repr(float(reference.insulin_u_per_min[i, m])),
+                    repr(float(reference.meal_g[i, m])),
+                ]
                 w.writerow(row + ([name] if name else []))
 
 

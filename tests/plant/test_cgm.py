@@ -161,12 +161,16 @@ def test_bad_sample_count(n: object) -> None:
 
 
 @pytest.mark.parametrize("pacf", [0.7, 0.3])
-def test_ar1_lag1_autocorrelation_and_stationary_variance(pacf: float) -> None:
-    spec = CGMSpec(pacf=pacf)
+@pytest.mark.parametrize("period", [1, 5])
+def test_ar1_autocorrelation_at_15_min_and_stationary_variance(pacf: float, period: int) -> None:
+    spec = CGMSpec(pacf=pacf, sample_period_min=period)
     e = _invert_johnson(spec, cgm_errors(spec, _rng(2024), N_LONG))
+    lag = 15 // period  # samples in 15 minutes: the paper's PACF lag
+    r15 = np.corrcoef(e[:-lag], e[lag:])[0, 1]
     r1 = np.corrcoef(e[:-1], e[1:])[0, 1]
-    # SE of a lag-1 sample autocorrelation of an AR(1): ≈ √((1 − ρ²)/n) < 0.0016 here.
-    assert abs(r1 - pacf) < 0.01
+    # SE of a sample autocorrelation of an AR(1) here: < 0.003.
+    assert abs(r15 - pacf) < 0.015
+    assert abs(r1 - pacf ** (period / 15)) < 0.01
     stationary_var = pacf**2 / (1.0 - pacf**2)
     assert spec.stationary_sd**2 == pytest.approx(stationary_var)
     # Relative SE of the sample variance here ≈ 0.35 % (checked over 40 seeds).
@@ -175,7 +179,8 @@ def test_ar1_lag1_autocorrelation_and_stationary_variance(pacf: float) -> None:
 
 @pytest.mark.parametrize("period", [1, 3, 5])
 def test_errors_follow_the_published_recursion_from_a_stationary_start(period: int) -> None:
-    spec = CGMSpec(sample_period_min=period)
+    # with pacf_lag_min equal to the sample period the process is the paper's recursion
+    spec = CGMSpec(sample_period_min=period, pacf_lag_min=period)
     n = 50
     z = _rng(31).standard_normal(n)
     e = np.empty(n)
