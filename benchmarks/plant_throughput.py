@@ -14,8 +14,10 @@ Measured (every figure is the best of ``--repeats`` samples after a warm-up call
   scenario A (meals 45/70/80 g at 07:00/12:00/18:00 eaten at 5 g/min; insulin = basal
   ``u2ss·BW/6000`` U/min every minute + a ``carbs/CR`` U bolus within each meal minute) for
   batches of 1 (adult#001), 30 (the cohort) and 1000 (the 30 tiled) patients, in patient-days/s,
-  on one core (``numba.set_num_threads(1)``, ``parallel=False``: the serial compiled loop) and on
-  all cores (``numba.set_num_threads(2)``, ``parallel=True``: ``prange`` over patients).
+  on one core (``one_core``: ``numba.set_num_threads(1)``, ``parallel=False``, the serial
+  compiled loop; ``one_core_prange``: one thread, ``parallel=True``, the ``prange`` kernel) and
+  on both cores (``both_cores``: ``numba.set_num_threads(2)``, ``parallel=True``). The targets
+  use ``one_core`` (what ``simulate`` runs on one thread) and ``both_cores``.
   ``single_patient_day`` is the wall time of one ``simulate`` call for one patient-day
   (validation and allocation included) and of the bare :func:`plant.uva_padova.advance` kernel.
 * ``env``: ``gymnasium.make("twinloop/T1D-v0")`` (default config: adult#001, random meals,
@@ -25,14 +27,19 @@ Measured (every figure is the best of ``--repeats`` samples after a warm-up call
   ``gymnasium.make_vec(..., num_envs=1000, vectorization_mode="vector_entry_point",
   patients=("all",))`` stepped with each env's basal rate for one whole episode (288 steps + the
   next-step autoreset step, which resets all 1000 envs); env-steps/s = 1000 x 288 / seconds of
-  those 289 ``step`` calls; ``steady`` leaves out the autoreset step.
+  those 289 ``step`` calls; ``steady`` leaves out the autoreset step. ``step_kernel_parallel``
+  says whether the environments' compiled step has a parallel path (if not, ``one_core`` and
+  ``both_cores`` run the same single-threaded code).
 * ``simglucose`` (``--vs-simglucose``): ``benchmarks/simglucose_day.py`` in a subprocess
   (``--simglucose-python``, default this interpreter) times simglucose 0.2.11 on one patient-day
   of scenario A for adult#001, stepping ``T1DPatient`` every minute directly (``direct``, as the
   reference trajectories were made; the ratios use it) and through ``T1DSimEnv`` (``env``).
 
 ``cpu_over_wall`` (process CPU time / wall time of the best sample) flags contention: about 1
-for one core and about 2 for both when the machine is otherwise idle.
+for one core and about 2 for both when the machine is otherwise idle (OpenMP workers also spin
+while waiting, so 2 is reached even with little work). ``contention.other_processes_cpu_s`` is
+the CPU time the rest of the machine used during the run (from ``/proc/stat``); figures taken
+while it is large are not trustworthy, the both-core ones least of all.
 """
 
 from __future__ import annotations
@@ -112,6 +119,24 @@ def scenario_a_inputs(
     return insulin, meals
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine, by this process and its children) so far."""
+    import resource
+
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        ticks = [int(v) for v in fields]
+        busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+        machine = busy / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        machine = float("nan")
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        own += r.ru_utime + r.ru_stime
+    return machine, own
+
+
 def machine_info() -> dict[str, Any]:
     import numba
 
@@ -123,7 +148,7 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("numpy", "numba", "llvmlite", "scipy", "gymnasium", "twinloop"):
         try:
             versions[pkg] = md.version(pkg)
@@ -135,7 +160,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "numba_max_threads": numba.config.NUMBA_NUM_THREADS,
+        "numba_max_threads": numba.config.NUMBA_NUM_THREADS,  # type: ignore[attr-defined]
         "versions": versions,
     }
 
@@ -150,7 +175,11 @@ def bench_plant(repeats: int, min_sample_s: float, both_threads: int) -> dict[st
     adult1 = resolve_patients(["adult#001"])
     batches = {1: adult1, 30: cohort, 1000: tuple(cohort[i % 30] for i in range(1000))}
     out: dict[str, Any] = {"batches": {}}
-    modes = {"one_core": (1, False), "both_cores": (both_threads, True)}
+    modes = {
+        "one_core": (1, False),
+        "one_core_prange": (1, True),
+        "both_cores": (both_threads, True),
+    }
     log("plant: compiling / loading the numba cache ...")
     for threads, parallel in modes.values():
         numba.set_num_threads(threads)
@@ -259,6 +288,7 @@ def bench_vector(repeats: int, both_threads: int) -> dict[str, Any]:
     import numba
 
     import plant
+    from plant.envs import t1d_core
     from plant.patients import get_patient
 
     venv = gym.make_vec(
@@ -277,6 +307,7 @@ def bench_vector(repeats: int, both_threads: int) -> dict[str, Any]:
         "patients": "all 30 tiled (env i -> patient i mod 30)",
         "action": "each env's patient basal rate (U/h), constant",
         "steps_per_episode": n_steps,
+        "step_kernel_parallel": bool(t1d_core._step_kernel.targetoptions.get("parallel", False)),
     }
     for mode, threads in (("one_core", 1), ("both_cores", both_threads)):
         numba.set_num_threads(threads)
@@ -375,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numba
 
-    both_threads = min(2, numba.config.NUMBA_NUM_THREADS)
+    both_threads = min(2, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     result: dict[str, Any] = {
         "benchmark": "plant_throughput",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -384,13 +415,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "loadavg_start": os.getloadavg(),
     }
+    machine0, own0 = cpu_seconds()
+    wall0 = time.perf_counter()
     plant_res = bench_plant(repeats, min_sample_s, both_threads)
     adult1_bg = plant_res.pop("_adult1_bg")
     result["machine"]["numba_threading_layer"] = plant_res.pop("threading_layer")
     result["plant"] = plant_res
     if not args.skip_env:
         result["env"] = bench_env(repeats, min_sample_s)
-        result["vector"] = bench_vector(max(1, min(repeats, 3)), both_threads)
+        result["vector"] = bench_vector(repeats, both_threads)
     if args.vs_simglucose:
         sg = bench_simglucose(args.simglucose_python, sg_repeats)
         if sg.get("importable") and "direct" in sg:
@@ -417,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
             log(f"simglucose/twinloop single patient-day: {sg['single_patient_day_ratio']:.0f}x")
         result["simglucose"] = sg
     result["loadavg_end"] = os.getloadavg()
+    machine1, own1 = cpu_seconds()
+    result["contention"] = {
+        "wall_s": time.perf_counter() - wall0,
+        "own_cpu_s": own1 - own0,
+        "other_processes_cpu_s": (machine1 - machine0) - (own1 - own0),
+    }
 
     b = plant_res["batches"]["1000"]
     measured: dict[str, float | None] = {

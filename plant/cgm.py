@@ -60,6 +60,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.signal import lfilter
 
 from plant.errors import ConfigError, InvalidInputError
+from plant.presets import from_preset
 
 #: Sample periods (minutes) a :class:`CGMSpec` may have.
 SAMPLE_PERIODS_MIN: tuple[int, ...] = (1, 3, 5)
@@ -170,14 +171,7 @@ class CGMSpec:
             ConfigError: unknown preset name, unknown field, or an invalid value.
 
         """
-        presets = _sensor_presets()
-        if name not in presets:
-            raise ConfigError("preset", name, f"one of {', '.join(presets)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in overrides:
-            if key not in known:
-                raise ConfigError("overrides", key, f"a CGMSpec field: {', '.join(sorted(known))}")
-        return cls(**{**presets[name], **overrides})
+        return from_preset(cls, _sensor_presets(), name, overrides)
 
     @staticmethod
     def preset_names() -> tuple[str, ...]:

@@ -38,6 +38,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from plant.errors import ConfigError, InvalidInputError
+from plant.presets import from_preset
 
 _MIN_PER_H = 60.0
 #: Relative tolerance (in increments/pulses) for counting whole steps despite float round-off.
@@ -110,14 +111,7 @@ class PumpSpec:
             ConfigError: unknown preset name, unknown field, or an invalid value.
 
         """
-        presets = _pump_presets()
-        if name not in presets:
-            raise ConfigError("preset", name, f"one of {', '.join(presets)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in overrides:
-            if key not in known:
-                raise ConfigError("overrides", key, f"a PumpSpec field: {', '.join(sorted(known))}")
-        return cls(**{**presets[name], **overrides})
+        return from_preset(cls, _pump_presets(), name, overrides)
 
     @staticmethod
     def preset_names() -> tuple[str, ...]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import gymnasium as gym
@@ -22,6 +21,7 @@ from plant.envs.t1d_core import (
     T1DBatch,
     T1DConfig,
     check_action,
+    config_from_kwargs,
 )
 
 
@@ -113,12 +113,7 @@ class T1DEnv(gym.Env[NDArray[Any], NDArray[Any]]):
     metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012
 
     def __init__(self, config: T1DConfig | None = None, **kwargs: Any) -> None:
-        if "patient" in kwargs:
-            kwargs["patients"] = (kwargs.pop("patient"),)
-        if config is None:
-            config = T1DConfig(**kwargs)
-        elif kwargs:
-            config = dataclasses.replace(config, **kwargs)
+        config = config_from_kwargs(config, kwargs)
         self.config = config
         self._batch = T1DBatch(config, 1)
         self.action_space, self.observation_space = make_spaces(config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numba
 import numpy as np
@@ -327,6 +328,16 @@ def _step_kernel(
         truncated[i] = t >= n_steps
         if default_reward:
             reward[i] = 1.0 - _kovatchev_risk(bg) / 100.0
+
+
+def config_from_kwargs(config: T1DConfig | None, kwargs: dict[str, Any]) -> T1DConfig:
+    """The environments' constructor arguments as one config (``patient=`` → ``patients``)."""
+    if "patient" in kwargs:
+        kwargs = dict(kwargs)
+        kwargs["patients"] = (kwargs.pop("patient"),)
+    if config is None:
+        return T1DConfig(**kwargs)
+    return dataclasses.replace(config, **kwargs) if kwargs else config
 
 
 class T1DBatch:

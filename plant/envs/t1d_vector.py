@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import gymnasium as gym
@@ -23,6 +22,7 @@ from plant.envs.t1d_core import (
     T1DBatch,
     T1DConfig,
     check_action,
+    config_from_kwargs,
 )
 from plant.errors import ConfigError
 
@@ -51,12 +51,7 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
     }
 
     def __init__(self, num_envs: int = 1, config: T1DConfig | None = None, **kwargs: Any) -> None:
-        if "patient" in kwargs:
-            kwargs["patients"] = (kwargs.pop("patient"),)
-        if config is None:
-            config = T1DConfig(**kwargs)
-        elif kwargs:
-            config = dataclasses.replace(config, **kwargs)
+        config = config_from_kwargs(config, kwargs)
         if num_envs < 1:
             raise ConfigError("num_envs", num_envs, "an integer >= 1")
         self.config = config
