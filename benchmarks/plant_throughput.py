@@ -37,9 +37,10 @@ Measured (every figure is the best of ``--repeats`` samples after a warm-up call
 
 ``cpu_over_wall`` (process CPU time / wall time of the best sample) flags contention: about 1
 for one core and about 2 for both when the machine is otherwise idle (OpenMP workers also spin
-while waiting, so 2 is reached even with little work). ``contention.other_processes_cpu_s`` is
-the CPU time the rest of the machine used during the run (from ``/proc/stat``); figures taken
-while it is large are not trustworthy, the both-core ones least of all.
+while waiting, so 2 is reached even with little work).
+``contention.<section>.other_processes_cpu_s`` is the CPU time the rest of the machine used
+while that section ran (from ``/proc/stat``); figures taken while it is large are not
+trustworthy, the both-core ones least of all.
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ def log(msg: str) -> None:
 
 
 def timed(fn: Callable[[], object], repeats: int, min_sample_s: float) -> dict[str, float]:
-    """Best-of-``repeats`` seconds per call of ``fn`` (after one warm-up call)."""
+    """Best-of-``repeats`` seconds per call of ``fn`` (after a warm-up and a calibration call)."""
+    fn()  # warm-up
     t0 = time.perf_counter()
-    fn()  # warm-up (and calibration)
+    fn()  # calibration
     one = max(time.perf_counter() - t0, 1e-9)
     calls = max(1, math.ceil(min_sample_s / one))
     per_call: list[float] = []
@@ -135,6 +137,26 @@ def cpu_seconds() -> tuple[float, float]:
         r = resource.getrusage(who)
         own += r.ru_utime + r.ru_stime
     return machine, own
+
+
+class Contention:
+    """CPU time used by other processes while each section of the benchmark ran."""
+
+    def __init__(self) -> None:
+        self.sections: dict[str, dict[str, float]] = {}
+        self._start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def start(self) -> None:
+        self._start = (time.perf_counter(), *cpu_seconds())
+
+    def stop(self, name: str) -> None:
+        wall0, machine0, own0 = self._start
+        machine1, own1 = cpu_seconds()
+        self.sections[name] = {
+            "wall_s": round(time.perf_counter() - wall0, 3),
+            "own_cpu_s": round(own1 - own0, 3),
+            "other_processes_cpu_s": round((machine1 - machine0) - (own1 - own0), 3),
+        }
 
 
 def machine_info() -> dict[str, Any]:
@@ -415,17 +437,24 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "loadavg_start": os.getloadavg(),
     }
-    machine0, own0 = cpu_seconds()
-    wall0 = time.perf_counter()
+    contention = Contention()
+    contention.start()
     plant_res = bench_plant(repeats, min_sample_s, both_threads)
+    contention.stop("plant")
     adult1_bg = plant_res.pop("_adult1_bg")
     result["machine"]["numba_threading_layer"] = plant_res.pop("threading_layer")
     result["plant"] = plant_res
     if not args.skip_env:
+        contention.start()
         result["env"] = bench_env(repeats, min_sample_s)
+        contention.stop("env")
+        contention.start()
         result["vector"] = bench_vector(repeats, both_threads)
+        contention.stop("vector")
     if args.vs_simglucose:
+        contention.start()
         sg = bench_simglucose(args.simglucose_python, sg_repeats)
+        contention.stop("simglucose")
         if sg.get("importable") and "direct" in sg:
             tl_day = plant_res["single_patient_day"]["simulate_s"]
             tl_1000 = plant_res["batches"]["1000"]["one_core"]["patient_days_per_s"]
@@ -450,12 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"simglucose/twinloop single patient-day: {sg['single_patient_day_ratio']:.0f}x")
         result["simglucose"] = sg
     result["loadavg_end"] = os.getloadavg()
-    machine1, own1 = cpu_seconds()
-    result["contention"] = {
-        "wall_s": time.perf_counter() - wall0,
-        "own_cpu_s": own1 - own0,
-        "other_processes_cpu_s": (machine1 - machine0) - (own1 - own0),
-    }
+    result["contention"] = contention.sections
 
     b = plant_res["batches"]["1000"]
     measured: dict[str, float | None] = {

@@ -37,9 +37,16 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
     Seeding: ``reset(seed=s)`` seeds sub-environment ``i`` with ``s + i``, and its trajectory is
     then identical to ``T1DEnv`` reset with seed ``s + i`` and given the same actions.
 
-    Autoreset: Gymnasium 1.x *next-step* mode (``metadata["autoreset_mode"]``): the step after a
-    sub-environment terminates or truncates resets it, ignores its action and returns its first
-    observation with reward 0 and both flags false.
+    Autoreset (``autoreset_mode``, reported in ``metadata["autoreset_mode"]``):
+
+    * ``NEXT_STEP`` (default, Gymnasium 1.x's default): the step after a sub-environment
+      terminates or truncates resets it, ignores its action and returns its first observation
+      with reward 0 and both flags false;
+    * ``SAME_STEP``: a sub-environment that ends is reset within the same step; the returned
+      observation is the new episode's first, and ``info["final_obs"]`` (object array, masked
+      by ``info["_final_obs"]``) and ``info["final_info"]`` (masked by ``_final_info``) hold the
+      last observation and info of the episode that ended. This is the mode
+      :class:`policies.sb3_vec_env.SB3VecEnv` uses to feed stable-baselines3.
 
     Info: the keys of ``T1DEnv``'s info, each an array of shape ``(num_envs,)`` (``patient`` is
     an array of names).
@@ -50,8 +57,24 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
         "render_modes": [],
     }
 
-    def __init__(self, num_envs: int = 1, config: T1DConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_envs: int = 1,
+        config: T1DConfig | None = None,
+        *,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        **kwargs: Any,
+    ) -> None:
         config = config_from_kwargs(config, kwargs)
+        modes = {"nextstep": AutoresetMode.NEXT_STEP, "samestep": AutoresetMode.SAME_STEP}
+        key = str(getattr(autoreset_mode, "value", autoreset_mode)).replace("_", "").lower()
+        if key not in modes:
+            raise ConfigError(
+                "autoreset_mode", autoreset_mode, "next_step or same_step (or the AutoresetMode)"
+            )
+        mode = modes[key]
+        self.autoreset_mode = mode
+        self.metadata = {**type(self).metadata, "autoreset_mode": mode}
         if num_envs < 1:
             raise ConfigError("num_envs", num_envs, "an integer >= 1")
         self.config = config
@@ -107,14 +130,21 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
             b.step(a, active=~self._autoreset)
         else:
             b.step(a)
-        self._autoreset = b.terminated | b.truncated
-        return (
-            b.obs.copy(),
-            b.reward.copy(),
-            b.terminated.copy(),
-            b.truncated.copy(),
-            self._info(),
+        reward, terminated, truncated = b.reward.copy(), b.terminated.copy(), b.truncated.copy()
+        ended = terminated | truncated
+        if self.autoreset_mode is AutoresetMode.NEXT_STEP or not ended.any():
+            self._autoreset = ended
+            return b.obs.copy(), reward, terminated, truncated, self._info()
+        final_obs = np.empty(self.num_envs, dtype=object)
+        for i in np.flatnonzero(ended):
+            final_obs[i] = b.obs[i].copy()
+        final_info = self._info()
+        self._reset_envs(np.flatnonzero(ended))
+        info = self._info()
+        info.update(
+            final_obs=final_obs, _final_obs=ended, final_info=final_info, _final_info=ended.copy()
         )
+        return b.obs.copy(), reward, terminated, truncated, info
 
     def _info(self) -> dict[str, Any]:
         s = self._batch.scal
