@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 import numpy as np
@@ -177,6 +177,26 @@ class CarbCountingError:
             raise ConfigError("magnitude", m, "0 when kind='none'")
         object.__setattr__(self, "magnitude", float(m))
 
+    def factors(self, rng: np.random.Generator, shape: tuple[int, ...]) -> NDArray[np.float64]:
+        """Draw multiplicative counting factors ``1 + r`` of the given shape (none for "none").
+
+        Args:
+            rng: source of the counting errors.
+            shape: shape of the factors (one per meal).
+
+        Returns:
+            Factors (announced = max(eaten × factor, 0)).
+
+        """
+        if self.kind == "none":
+            return np.ones(shape)
+        if self.kind == "uniform":
+            r = rng.uniform(-self.magnitude, self.magnitude, size=shape)
+        else:
+            r = rng.normal(0.0, self.magnitude, size=shape)
+        out: NDArray[np.float64] = 1.0 + r
+        return out
+
     def announce(self, rng: np.random.Generator, carbs_g: ArrayLike) -> NDArray[np.float64]:
         """Return the announced grams for meals of ``carbs_g`` grams.
 
@@ -191,14 +211,50 @@ class CarbCountingError:
 
         """
         carbs = np.asarray(carbs_g, dtype=np.float64)
-        if self.kind == "none":
-            return carbs.copy()
-        if self.kind == "uniform":
-            r = rng.uniform(-self.magnitude, self.magnitude, size=carbs.shape)
-        else:
-            r = rng.normal(0.0, self.magnitude, size=carbs.shape)
-        out: NDArray[np.float64] = np.maximum(carbs * (1.0 + r), 0.0)
+        out: NDArray[np.float64] = np.maximum(carbs * self.factors(rng, carbs.shape), 0.0)
         return out
+
+
+#: Start minute of the padding slots of a :class:`MealBatch` (never reached by a run).
+NO_MEAL = np.iinfo(np.int64).max
+
+
+@dataclasses.dataclass(frozen=True)
+class MealBatch:
+    """Meal plans of N runs, padded to one width ``M`` (sorted by start within each row).
+
+    Attributes:
+        start_min: ``(N, M)`` run minutes; padding slots hold :data:`NO_MEAL`.
+        carbs_g: ``(N, M)`` grams eaten; 0 in padding slots.
+        announced_g: ``(N, M)`` grams announced; 0 in padding slots.
+
+    """
+
+    start_min: NDArray[np.int64]
+    carbs_g: NDArray[np.float64]
+    announced_g: NDArray[np.float64]
+
+    def plan(self, i: int) -> MealPlan:
+        """Row ``i`` as a :class:`MealPlan`."""
+        real = self.start_min[i] != NO_MEAL
+        return MealPlan(self.start_min[i][real], self.carbs_g[i][real], self.announced_g[i][real])
+
+
+def _pack(
+    rel: NDArray[np.int64], keep: NDArray[np.bool_], grams: NDArray[np.float64],
+    announced: NDArray[np.float64],
+) -> MealBatch:  # fmt: skip
+    """Pack ``(N, K)`` candidate meals, ``keep`` selecting the real ones, into a MealBatch."""
+    n = rel.shape[0]
+    key = np.where(keep, rel, NO_MEAL).reshape(n, -1)
+    order = np.argsort(key, axis=1, kind="stable")
+    width = int(keep.reshape(n, -1).sum(axis=1).max(initial=0))
+    order = order[:, :width]
+    start = np.take_along_axis(key, order, axis=1)
+    pad = start == NO_MEAL
+    g = np.where(pad, 0.0, np.take_along_axis(grams.reshape(n, -1), order, axis=1))
+    a = np.where(pad, 0.0, np.take_along_axis(announced.reshape(n, -1), order, axis=1))
+    return MealBatch(start, g, a)
 
 
 class MealScenario(Protocol):
@@ -206,6 +262,12 @@ class MealScenario(Protocol):
 
     def sample(self, rng: np.random.Generator, *, days: int, start_min: int = 0) -> MealPlan:
         """Draw the meals of a run of ``days`` days starting at clock minute ``start_min``."""
+        ...
+
+    def sample_many(
+        self, rngs: Sequence[np.random.Generator], *, days: int, start_min: int = 0
+    ) -> MealBatch:
+        """``sample`` for several runs at once: row ``i`` equals ``sample(rngs[i], ...)``."""
         ...
 
 
@@ -285,6 +347,12 @@ class FixedMealSchedule:
             ConfigError: ``days`` or ``start_min`` out of range.
 
         """
+        return self.sample_many([rng], days=days, start_min=start_min).plan(0)
+
+    def sample_many(
+        self, rngs: Sequence[np.random.Generator], *, days: int, start_min: int = 0
+    ) -> MealBatch:
+        """Plans of ``len(rngs)`` runs; row ``i`` draws its counting errors from ``rngs[i]``."""
         _check_run(days, start_min)
         clock = np.array([m[0] for m in self.meals], dtype=np.int64)
         grams = np.array([m[1] for m in self.meals], dtype=np.float64)
@@ -294,10 +362,14 @@ class FixedMealSchedule:
             grams = np.tile(grams, offsets.shape[0])
         rel = clock - start_min
         keep = (rel >= 0) & (rel < days * MIN_PER_DAY)
-        rel, grams = rel[keep], grams[keep]
-        order = np.argsort(rel, kind="stable")
-        rel, grams = rel[order], grams[order]
-        return MealPlan(rel, grams, self.carb_error.announce(rng, grams))
+        order = np.argsort(rel[keep], kind="stable")
+        rel, grams = rel[keep][order], grams[keep][order]
+        n = len(rngs)
+        factors = np.ones((n, rel.shape[0]))
+        for i, rng in enumerate(rngs):  # one draw per kept meal, in time order
+            factors[i] = self.carb_error.factors(rng, rel.shape)
+        announced = np.maximum(grams * factors, 0.0)
+        return MealBatch(np.tile(rel, (n, 1)), np.tile(grams, (n, 1)), announced)
 
 
 def scenario_a(*, carb_error: CarbCountingError | None = None) -> FixedMealSchedule:
@@ -441,6 +513,16 @@ class RandomDailyProtocol:
             ConfigError: ``days`` or ``start_min`` out of range.
 
         """
+        return self.sample_many([rng], days=days, start_min=start_min).plan(0)
+
+    def sample_many(
+        self, rngs: Sequence[np.random.Generator], *, days: int, start_min: int = 0
+    ) -> MealBatch:
+        """Plans of ``len(rngs)`` runs; row ``i`` draws only from ``rngs[i]``.
+
+        Each generator is called three times per calendar day (slot uniforms, standard normals of
+        the amounts, counting factors); the transforms are vectorised over runs and days.
+        """
         _check_run(days, start_min)
         prob = np.array(self.probabilities)
         mean_min = 60.0 * np.array(self.time_mean_h)
@@ -453,20 +535,24 @@ class RandomDailyProtocol:
         amount_mean, amount_sd = np.array(self.amount_mean_g), np.array(self.amount_sd_g)
         n_days = _days_drawn(days, start_min)
         k = self.n_slots
-        taken = np.empty((n_days, k), dtype=bool)
-        clock = np.empty((n_days, k), dtype=np.int64)
-        grams = np.empty((n_days, k))
-        announced = np.empty((n_days, k))
-        for d in range(n_days):
-            taken[d] = rng.random(k) < prob
-            t = mean_min + sd_min * ndtri(cdf_lo + cdf_width * rng.random(k))
-            t = np.clip(t, lb_min, ub_min)  # guards the round-off of the inversion
-            clock[d] = d * MIN_PER_DAY + np.round(t).astype(np.int64)
-            grams[d] = np.maximum(np.round(rng.normal(amount_mean, amount_sd)), 0.0)
-            announced[d] = self.carb_error.announce(rng, grams[d])
-        rel = clock - start_min
+        n = len(rngs)
+        u = np.empty((n, n_days, 2, k))
+        z = np.empty((n, n_days, k))
+        factors = np.empty((n, n_days, k))
+        for i, rng in enumerate(rngs):  # day by day, so a longer run extends a shorter one
+            for d in range(n_days):
+                u[i, d] = rng.random((2, k))
+                z[i, d] = rng.standard_normal(k)
+                factors[i, d] = self.carb_error.factors(rng, (k,))
+        taken = u[:, :, 0, :] < prob
+        t = mean_min + sd_min * ndtri(cdf_lo + cdf_width * u[:, :, 1, :])
+        t = np.clip(t, lb_min, ub_min)  # guards the round-off of the inversion
+        day = MIN_PER_DAY * np.arange(n_days, dtype=np.int64)[np.newaxis, :, np.newaxis]
+        rel = day + np.round(t).astype(np.int64) - start_min
+        grams = np.maximum(np.round(amount_mean + amount_sd * z), 0.0)
+        announced = np.maximum(grams * factors, 0.0)
         keep = taken & (rel >= 0) & (rel < days * MIN_PER_DAY)
-        return MealPlan(rel[keep], grams[keep], announced[keep])
+        return _pack(rel, keep, grams, announced)
 
 
 #: Scenario factories by name, for the command line (each builds the default configuration).

@@ -91,7 +91,7 @@ N_MEAL_STATE = 4
 MG_PER_G = 1000.0
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, inline="always", error_model="numpy")
 def _rhs(
     x: NDArray[np.float64],
     p: NDArray[np.float64],
@@ -158,7 +158,7 @@ def _rhs(
     dx[12] = dgs if x[12] >= 0.0 else 0.0
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, inline="always", error_model="numpy")
 def _rk4_minute(
     x: NDArray[np.float64],
     p: NDArray[np.float64],
@@ -189,7 +189,7 @@ def _rk4_minute(
             x[j] += h / 6.0 * (k1[j] + 2.0 * k2[j] + 2.0 * k3[j] + k4[j])
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, inline="always", error_model="numpy")
 def _eat(
     meal: NDArray[np.float64], x: NDArray[np.float64], new_meal_g: float, rate: float
 ) -> float:
@@ -213,7 +213,7 @@ def _eat(
 EATING_SUBSTEPS = 4
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, inline="always", error_model="numpy")
 def step_minute(
     xi: NDArray[np.float64],
     mi: NDArray[np.float64],
@@ -250,7 +250,7 @@ def step_minute(
     return swallowed
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, error_model="numpy")
 def _advance_one(
     i: int,
     x: NDArray[np.float64],
@@ -290,7 +290,7 @@ def _advance_one(
             states_out[i, k + 1, :] = xi
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _advance_serial(
     x: NDArray[np.float64],
     meal: NDArray[np.float64],
@@ -312,7 +312,7 @@ def _advance_serial(
         )  # fmt: skip
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, error_model="numpy")
 def _advance_parallel(
     x: NDArray[np.float64],
     meal: NDArray[np.float64],

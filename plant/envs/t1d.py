@@ -127,7 +127,7 @@ class T1DEnv(gym.Env[NDArray[Any], NDArray[Any]]):
         b = self._batch
         n_pat = len(b.table)
         patient = int(self.np_random.integers(n_pat)) if self.config.sample_patient else 0
-        b.reset_one(0, self.np_random, patient)
+        b.reset_many(np.zeros(1, dtype=np.intp), [self.np_random], np.array([patient]))
         return b.obs[0].copy(), self._info()
 
     def step(

@@ -18,18 +18,19 @@ import numba
 import numpy as np
 from numpy.typing import NDArray
 
-from plant.cgm import CGMSpec, cgm_errors
+from plant.cgm import CGMSpec, cgm_errors_batch
 from plant.errors import ConfigError, InvalidInputError
 from plant.insulin import DEFAULT_DIA_MIN, DEFAULT_PEAK_MIN, iob_kernel
 from plant.patients import (
     N_STATES,
     PatientParameters,
+    initial_states,
     parameter_matrix,
     resolve_patients,
 )
 from plant.pump import PumpSpec
-from plant.scenarios import SCENARIOS, CarbCountingError, MealPlan
-from plant.uva_padova import EATING_SUBSTEPS, N_MEAL_STATE, P_VG, step_minute
+from plant.scenarios import NO_MEAL, SCENARIOS, CarbCountingError, MealBatch
+from plant.uva_padova import EATING_SUBSTEPS, N_MEAL_STATE, P_VG, PARALLEL_MIN_BATCH, step_minute
 
 #: Reward callback: ``reward_fn(bg_mg_dl, cgm_mg_dl, insulin_u, carbs_g) -> reward``, each an
 #: array of shape ``(N,)``: true plasma glucose and CGM reading at the end of the step, insulin
@@ -38,8 +39,6 @@ RewardFn = Callable[
     [NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]],
     NDArray[np.float64],
 ]
-
-_NO_MEAL = np.iinfo(np.int64).max
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,13 +182,13 @@ OBS_MAX_IOB_U = 500.0
 OBS_MAX_MEAL_G = 1000.0
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, inline="always", error_model="numpy")
 def _kovatchev_risk(bg: float) -> float:
     f = 1.509 * (math.log(max(bg, 1.0)) ** 1.084 - 5.381)
     return 10.0 * f * f
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, inline="always", error_model="numpy")
 def _announced_ahead(
     meal_start: NDArray[np.int64],
     meal_announced: NDArray[np.float64],
@@ -206,7 +205,7 @@ def _announced_ahead(
     return total
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, inline="always", error_model="numpy")
 def _observe(
     i: int,
     scal: NDArray[np.float64],
@@ -226,9 +225,22 @@ def _observe(
         obs[i, k] = min(scal[i, S_ANNOUNCED], OBS_MAX_MEAL_G)
 
 
-@numba.njit(cache=True)
-def _step_kernel(
-    active: NDArray[np.bool_],
+@numba.njit(cache=True, error_model="numpy")
+def _observe_rows(
+    indices: NDArray[np.intp],
+    scal: NDArray[np.float64],
+    hist: NDArray[np.float64],
+    include_iob: bool,
+    include_meal: bool,
+    obs: NDArray[np.float32],
+) -> None:
+    for i in indices:
+        _observe(i, scal, hist, include_iob, include_meal, obs)
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _step_one(
+    i: int,
     action: NDArray[np.float64],
     x: NDArray[np.float64],
     meal_state: NDArray[np.float64],
@@ -247,7 +259,7 @@ def _step_kernel(
     terminated: NDArray[np.bool_],
     truncated: NDArray[np.bool_],
 ) -> None:
-    """One control step for every active environment (see module docstring)."""
+    """One control step of environment ``i`` (see module docstring)."""
     period = int(cfg[0])
     max_basal_act = cfg[1]
     max_bolus_act = cfg[2]
@@ -268,66 +280,153 @@ def _step_kernel(
     work = np.empty((5, N_STATES))
     n_dose = doses.shape[1]
     h = hist.shape[1]
-    for i in range(x.shape[0]):
-        if not active[i]:
-            continue
-        # pump: clip to the action space, then round down to the pump's increments
-        basal = min(max(action[i, 0], 0.0), max_basal_act)
-        if basal_inc > 0.0:
-            basal = min(math.floor(basal / basal_inc + 1e-9) * basal_inc, basal)
-        bolus = 0.0
-        if has_bolus:
-            bolus = min(max(action[i, 1], 0.0), max_bolus_act)
-            if bolus_inc > 0.0:
-                bolus = min(math.floor(bolus / bolus_inc + 1e-9) * bolus_inc, bolus)
-        t = int(scal[i, S_T])
-        minute0 = t * period
-        ptr = int(scal[i, S_MEAL_PTR])
-        delivered = 0.0
-        carbs = 0.0
-        for k in range(period):
-            m = minute0 + k
-            new_meal = 0.0
-            while ptr < meal_start.shape[1] and meal_start[i, ptr] <= m:
-                new_meal += meal_g[i, ptr]
-                ptr += 1
-            due = basal / 60.0 + (bolus if k == 0 else 0.0)
-            if pulse > 0.0:
-                acc = scal[i, S_PULSE] + due
-                due = math.floor(acc / pulse + 1e-9) * pulse
-                scal[i, S_PULSE] = acc - due
-            delivered += due
-            carbs += step_minute(
-                x[i], meal_state[i], params[i], new_meal, due, eat_rate, 1, EATING_SUBSTEPS, work
-            )
-        t += 1
-        scal[i, S_T] = t
-        scal[i, S_MEAL_PTR] = ptr
-        bg = x[i, 3] / params[i, P_VG]
-        reading = x[i, 12] / params[i, P_VG] + cgm_err[i, (t * period) // cgm_every]
-        reading = min(max(reading, cgm_lo), cgm_hi)
-        for j in range(h - 1):
-            hist[i, j] = hist[i, j + 1]
-        hist[i, h - 1] = reading
-        for j in range(n_dose - 1, 0, -1):
-            doses[i, j] = doses[i, j - 1]
-        doses[i, 0] = delivered
-        iob = 0.0
-        for j in range(n_dose):
-            iob += iob_w[j] * doses[i, j]
-        scal[i, S_BG] = bg
-        scal[i, S_CGM] = reading
-        scal[i, S_INSULIN] = delivered
-        scal[i, S_CARBS] = carbs
-        scal[i, S_IOB] = iob
-        scal[i, S_ANNOUNCED] = _announced_ahead(
-            meal_start[i], meal_announced[i], ptr, t * period, period
+    # pump: clip to the action space, then round down to the pump's increments
+    basal = min(max(action[i, 0], 0.0), max_basal_act)
+    if basal_inc > 0.0:
+        basal = min(math.floor(basal / basal_inc + 1e-9) * basal_inc, basal)
+    bolus = 0.0
+    if has_bolus:
+        bolus = min(max(action[i, 1], 0.0), max_bolus_act)
+        if bolus_inc > 0.0:
+            bolus = min(math.floor(bolus / bolus_inc + 1e-9) * bolus_inc, bolus)
+    t = int(scal[i, S_T])
+    minute0 = t * period
+    ptr = int(scal[i, S_MEAL_PTR])
+    delivered = 0.0
+    carbs = 0.0
+    for k in range(period):
+        m = minute0 + k
+        new_meal = 0.0
+        while ptr < meal_start.shape[1] and meal_start[i, ptr] <= m:
+            new_meal += meal_g[i, ptr]
+            ptr += 1
+        due = basal / 60.0 + (bolus if k == 0 else 0.0)
+        if pulse > 0.0:
+            acc = scal[i, S_PULSE] + due
+            due = math.floor(acc / pulse + 1e-9) * pulse
+            scal[i, S_PULSE] = acc - due
+        delivered += due
+        carbs += step_minute(
+            x[i], meal_state[i], params[i], new_meal, due, eat_rate, 1, EATING_SUBSTEPS, work
         )
-        _observe(i, scal, hist, include_iob, include_meal, obs)
-        terminated[i] = bg < bg_lo or bg > bg_hi
-        truncated[i] = t >= n_steps
-        if default_reward:
-            reward[i] = 1.0 - _kovatchev_risk(bg) / 100.0
+    t += 1
+    scal[i, S_T] = t
+    scal[i, S_MEAL_PTR] = ptr
+    bg = x[i, 3] / params[i, P_VG]
+    reading = x[i, 12] / params[i, P_VG] + cgm_err[i, (t * period) // cgm_every]
+    reading = min(max(reading, cgm_lo), cgm_hi)
+    for j in range(h - 1):
+        hist[i, j] = hist[i, j + 1]
+    hist[i, h - 1] = reading
+    for j in range(n_dose - 1, 0, -1):
+        doses[i, j] = doses[i, j - 1]
+    doses[i, 0] = delivered
+    iob = 0.0
+    for j in range(n_dose):
+        iob += iob_w[j] * doses[i, j]
+    scal[i, S_BG] = bg
+    scal[i, S_CGM] = reading
+    scal[i, S_INSULIN] = delivered
+    scal[i, S_CARBS] = carbs
+    scal[i, S_IOB] = iob
+    scal[i, S_ANNOUNCED] = _announced_ahead(
+        meal_start[i], meal_announced[i], ptr, t * period, period
+    )
+    _observe(i, scal, hist, include_iob, include_meal, obs)
+    terminated[i] = bg < bg_lo or bg > bg_hi
+    truncated[i] = t >= n_steps
+    if default_reward:
+        reward[i] = 1.0 - _kovatchev_risk(bg) / 100.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _step_serial(
+    active: NDArray[np.bool_],
+    action: NDArray[np.float64],
+    x: NDArray[np.float64],
+    meal_state: NDArray[np.float64],
+    params: NDArray[np.float64],
+    scal: NDArray[np.float64],
+    meal_start: NDArray[np.int64],
+    meal_g: NDArray[np.float64],
+    meal_announced: NDArray[np.float64],
+    cgm_err: NDArray[np.float64],
+    hist: NDArray[np.float64],
+    doses: NDArray[np.float64],
+    iob_w: NDArray[np.float64],
+    cfg: NDArray[np.float64],
+    obs: NDArray[np.float32],
+    reward: NDArray[np.float64],
+    terminated: NDArray[np.bool_],
+    truncated: NDArray[np.bool_],
+) -> None:
+    for i in range(x.shape[0]):
+        if active[i]:
+            _step_one(
+                i,
+                action,
+                x,
+                meal_state,
+                params,
+                scal,
+                meal_start,
+                meal_g,
+                meal_announced,
+                cgm_err,
+                hist,
+                doses,
+                iob_w,
+                cfg,
+                obs,
+                reward,
+                terminated,
+                truncated,
+            )
+
+
+@numba.njit(cache=True, parallel=True, error_model="numpy")
+def _step_parallel(
+    active: NDArray[np.bool_],
+    action: NDArray[np.float64],
+    x: NDArray[np.float64],
+    meal_state: NDArray[np.float64],
+    params: NDArray[np.float64],
+    scal: NDArray[np.float64],
+    meal_start: NDArray[np.int64],
+    meal_g: NDArray[np.float64],
+    meal_announced: NDArray[np.float64],
+    cgm_err: NDArray[np.float64],
+    hist: NDArray[np.float64],
+    doses: NDArray[np.float64],
+    iob_w: NDArray[np.float64],
+    cfg: NDArray[np.float64],
+    obs: NDArray[np.float32],
+    reward: NDArray[np.float64],
+    terminated: NDArray[np.bool_],
+    truncated: NDArray[np.bool_],
+) -> None:
+    for i in numba.prange(x.shape[0]):
+        if active[i]:
+            _step_one(
+                i,
+                action,
+                x,
+                meal_state,
+                params,
+                scal,
+                meal_start,
+                meal_g,
+                meal_announced,
+                cgm_err,
+                hist,
+                doses,
+                iob_w,
+                cfg,
+                obs,
+                reward,
+                terminated,
+                truncated,
+            )
 
 
 def config_from_kwargs(config: T1DConfig | None, kwargs: dict[str, Any]) -> T1DConfig:
@@ -356,7 +455,7 @@ class T1DBatch:
         self.meal_state = np.zeros((n, N_MEAL_STATE))
         self.params = np.zeros((n, parameter_matrix(self.table[:1]).shape[1]))
         self.scal = np.zeros((n, N_SCALARS))
-        self.meal_start = np.full((n, 1), _NO_MEAL, dtype=np.int64)
+        self.meal_start = np.full((n, 1), NO_MEAL, dtype=np.int64)
         self.meal_g = np.zeros((n, 1))
         self.meal_announced = np.zeros((n, 1))
         self.cgm_err = np.zeros((n, self.n_cgm_samples))
@@ -389,60 +488,74 @@ class T1DBatch:
             dtype=np.float64,
         )
         self._param_rows = parameter_matrix(self.table)
+        self._x0_rows = initial_states(self.table)
+        self._basal_dose_u = np.array(
+            [p.basal_u_per_h * cfg.control_period_min / 60.0 for p in self.table]
+        )
         self._scenario = SCENARIOS[cfg.scenario](carb_error=cfg.carb_error)
         self._days = math.ceil(cfg.episode_days)
         self._all = np.ones(n, dtype=np.bool_)
+        self._parallel = n >= PARALLEL_MIN_BATCH
 
-    def reset_one(self, i: int, rng: np.random.Generator, patient: int) -> None:
-        """Start a new episode for environment ``i`` with patient ``patient`` (table index)."""
+    def reset_many(
+        self,
+        indices: NDArray[np.intp],
+        rngs: Sequence[np.random.Generator],
+        patients: NDArray[np.intp],
+    ) -> None:
+        """Start new episodes for environments ``indices`` with ``patients`` (table indices).
+
+        Environment ``indices[j]`` draws only from ``rngs[j]``: first its meals (a fixed number
+        of draws per day, so the CGM settings never change the meals), then its CGM noise. Its
+        episode therefore does not depend on which other environments are reset with it.
+        """
         cfg = self.config
-        meal_rng, noise_rng = rng.spawn(2)
-        p = self.table[patient]
-        self.patient_index[i] = patient
-        self.params[i] = self._param_rows[patient]
-        self.x[i] = p.x0
-        self.meal_state[i] = 0.0
-        plan: MealPlan = self._scenario.sample(
-            meal_rng, days=self._days, start_min=cfg.start_clock_min
+        meals = self._scenario.sample_many(rngs, days=self._days, start_min=cfg.start_clock_min)
+        err = cgm_errors_batch(cfg.cgm, rngs, self.n_cgm_samples)
+        self._store_meals(indices, meals)
+        self.cgm_err[indices] = err
+        self.patient_index[indices] = patients
+        params = self._param_rows[patients]
+        x0 = self._x0_rows[patients]
+        self.params[indices] = params
+        self.x[indices] = x0
+        self.meal_state[indices] = 0.0
+        reading = np.clip(
+            x0[:, 12] / params[:, P_VG] + err[:, 0], cfg.cgm.min_mg_dl, cfg.cgm.max_mg_dl
         )
-        self._store_meals(i, plan)
-        self.cgm_err[i] = cgm_errors(cfg.cgm, noise_rng, self.n_cgm_samples)
-        gsub0 = p.x0[12] / p.vg_dl_per_kg
-        reading = min(max(gsub0 + self.cgm_err[i, 0], cfg.cgm.min_mg_dl), cfg.cgm.max_mg_dl)
-        self.hist[i] = reading
-        basal_dose_u = p.basal_u_per_h * cfg.control_period_min / 60.0
-        self.doses[i] = basal_dose_u  # the patient starts in basal steady state
-        s = self.scal[i]
-        s[:] = 0.0
-        s[S_BG] = p.initial_bg_mg_dl
-        s[S_CGM] = reading
-        s[S_IOB] = float(self.iob_w @ self.doses[i])
-        s[S_ANNOUNCED] = _announced_ahead(
-            self.meal_start[i], self.meal_announced[i], 0, 0, cfg.control_period_min
-        )
-        self.terminated[i] = False
-        self.truncated[i] = False
-        self.reward[i] = 0.0
-        _observe(i, self.scal, self.hist, cfg.include_iob, cfg.include_meal, self.obs)
+        self.hist[indices] = reading[:, np.newaxis]
+        # the patients start in basal steady state: the dose history is their basal
+        self.doses[indices] = self._basal_dose_u[patients][:, np.newaxis]
+        scal = np.zeros((len(indices), N_SCALARS))
+        scal[:, S_BG] = x0[:, 3] / params[:, P_VG]
+        scal[:, S_CGM] = reading
+        scal[:, S_IOB] = self._basal_dose_u[patients] * self.iob_w.sum()
+        first = (meals.start_min >= 0) & (meals.start_min < cfg.control_period_min)
+        scal[:, S_ANNOUNCED] = np.where(first, meals.announced_g, 0.0).sum(axis=1)
+        self.scal[indices] = scal
+        self.terminated[indices] = False
+        self.truncated[indices] = False
+        self.reward[indices] = 0.0
+        _observe_rows(indices, self.scal, self.hist, cfg.include_iob, cfg.include_meal, self.obs)
 
-    def _store_meals(self, i: int, plan: MealPlan) -> None:
-        m = len(plan.start_min)
+    def _store_meals(self, indices: NDArray[np.intp], meals: MealBatch) -> None:
+        m = meals.start_min.shape[1]
         if m > self.meal_start.shape[1]:
-            extra = m - self.meal_start.shape[1]
-            pad = ((0, 0), (0, extra))
-            self.meal_start = np.pad(self.meal_start, pad, constant_values=_NO_MEAL)
+            pad = ((0, 0), (0, m - self.meal_start.shape[1]))
+            self.meal_start = np.pad(self.meal_start, pad, constant_values=NO_MEAL)
             self.meal_g = np.pad(self.meal_g, pad)
             self.meal_announced = np.pad(self.meal_announced, pad)
-        self.meal_start[i] = _NO_MEAL
-        self.meal_g[i] = 0.0
-        self.meal_announced[i] = 0.0
-        self.meal_start[i, :m] = plan.start_min
-        self.meal_g[i, :m] = plan.carbs_g
-        self.meal_announced[i, :m] = plan.announced_g
+        self.meal_start[indices] = NO_MEAL
+        self.meal_g[indices] = 0.0
+        self.meal_announced[indices] = 0.0
+        self.meal_start[indices, :m] = meals.start_min
+        self.meal_g[indices, :m] = meals.carbs_g
+        self.meal_announced[indices, :m] = meals.announced_g
 
     def step(self, action: NDArray[np.float64], active: NDArray[np.bool_] | None = None) -> None:
         """Advance the active environments by one control step (results in the batch arrays)."""
-        _step_kernel(
+        kernel = _step_parallel if self._parallel else _step_serial
+        kernel(
             self._all if active is None else active,
             action,
             self.x,

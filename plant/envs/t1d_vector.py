@@ -91,10 +91,12 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
     def _reset_envs(self, indices: NDArray[np.intp]) -> None:
         b = self._batch
         n_pat = len(b.table)
-        for i in indices:
-            rng = self._rngs[i]
-            patient = int(rng.integers(n_pat)) if self.config.sample_patient else int(i) % n_pat
-            b.reset_one(int(i), rng, patient)
+        rngs = [self._rngs[i] for i in indices]
+        if self.config.sample_patient:
+            patients = np.array([int(rng.integers(n_pat)) for rng in rngs], dtype=np.intp)
+        else:
+            patients = indices % n_pat
+        b.reset_many(indices, rngs, patients)
 
     def reset(
         self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None

@@ -335,3 +335,24 @@ def test_scenarios_registry() -> None:
         plan = factory().sample(_rng(1), days=1, start_min=0)
         assert isinstance(plan, MealPlan), name
     assert SCENARIOS["A"]() == scenario_a()
+
+
+@pytest.mark.parametrize("start_min", [0, 450])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        RandomDailyProtocol(carb_error=CarbCountingError("uniform", 0.3)),
+        scenario_a(carb_error=CarbCountingError("normal", 0.2)),
+    ],
+    ids=["random", "A"],
+)
+def test_sample_many_rows_equal_single_samples(scenario, start_min: int) -> None:
+    seeds = [3, 4, 5, 6]
+    batch = scenario.sample_many(
+        [np.random.default_rng(s) for s in seeds], days=3, start_min=start_min
+    )
+    assert batch.start_min.shape[0] == len(seeds)
+    for i, s in enumerate(seeds):
+        single = scenario.sample(np.random.default_rng(s), days=3, start_min=start_min)
+        assert batch.plan(i) == single
+        assert len(single) > 0
