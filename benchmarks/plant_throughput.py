@@ -342,7 +342,6 @@ def bench_vector(repeats: int, both_threads: int) -> dict[str, Any]:
     import numba
 
     import plant
-    from plant.envs import t1d_core
     from plant.patients import get_patient
 
     venv = gym.make_vec(
@@ -361,7 +360,7 @@ def bench_vector(repeats: int, both_threads: int) -> dict[str, Any]:
         "patients": "all 30 tiled (env i -> patient i mod 30)",
         "action": "each env's patient basal rate (U/h), constant",
         "steps_per_episode": n_steps,
-        "step_kernel_parallel": bool(t1d_core._step_kernel.targetoptions.get("parallel", False)),
+        "step_kernel_parallel": bool(venv.unwrapped._batch._parallel),  # type: ignore[attr-defined]
     }
     for mode, threads in (("one_core", 1), ("both_cores", both_threads)):
         numba.set_num_threads(threads)
