@@ -30,6 +30,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twinloop", description="Closed-loop therapy around a human digital twin."
@@ -49,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--scenario", default="random", help="meal scenario: random (default) or A")
     sim.add_argument("--days", type=int, default=1, help="days to simulate (default 1)")
-    sim.add_argument("--seed", type=int, default=0, help="seed of meals and counting errors")
+    sim.add_argument("--seed", type=_seed, default=0, help="seed of meals and counting errors")
     sim.add_argument(
         "--carb-error", type=float, default=0.0, help="uniform carb-counting error, e.g. 0.3"
     )
@@ -123,7 +133,7 @@ def _replay(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from plant.metrics import glucose_metrics
     from plant.patients import resolve_patients
-    from plant.scenarios import SCENARIOS, CarbCountingError
+    from plant.scenarios import MIN_PER_DAY, SCENARIOS, CarbCountingError
     from plant.uva_padova import simulate
 
     if args.scenario not in SCENARIOS:
@@ -139,7 +149,7 @@ def _simulate(args: argparse.Namespace) -> int:
         else (CarbCountingError())
     )
     scenario = SCENARIOS[args.scenario](carb_error=error)
-    n_min = 1440 * args.days
+    n_min = MIN_PER_DAY * args.days
     rngs = [
         np.random.default_rng(s) for s in np.random.SeedSequence(args.seed).spawn(len(patients))
     ]

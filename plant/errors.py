@@ -36,3 +36,7 @@ class ConfigError(PlantError, ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{field}={value!r} is not allowed: {allowed}")
+
+
+class ResetNeededError(PlantError, RuntimeError):
+    """An environment was stepped before ``reset()`` or after its episode ended."""

@@ -218,6 +218,27 @@ def resolve_patients(
     return tuple(chosen.values())
 
 
+def expand_names(names: Iterable[str], *, field: str = "patients") -> tuple[PatientParameters, ...]:
+    """Patient and cohort names mixed, expanded in the order given, without repeats.
+
+    Raises:
+        UnknownPatientError: a name is neither a patient nor a cohort (lists both kinds).
+
+    """
+    chosen: dict[str, PatientParameters] = {}
+    table = _table()
+    for name in names:
+        if name in COHORTS:
+            group = cohort(name)
+        elif name in table:
+            group = (table[name],)
+        else:
+            raise UnknownPatientError(field, name, (*COHORTS, *table))
+        for p in group:
+            chosen.setdefault(p.name, p)
+    return tuple(chosen.values())
+
+
 # --- batched numeric form used by the compiled model -------------------------------------------
 
 #: Columns of the ``(N, N_PARAMS)`` array consumed by :mod:`plant.uva_padova`.

@@ -42,7 +42,7 @@ from plant.presets import from_preset
 
 _MIN_PER_H = 60.0
 #: Relative tolerance (in increments/pulses) for counting whole steps despite float round-off.
-_STEP_TOL = 1e-9
+STEP_TOL = 1e-9
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -144,7 +144,7 @@ def _quantize(
     x = np.clip(x, 0.0, maximum)
     if increment == 0.0:
         return x
-    steps = np.floor(x / increment + _STEP_TOL)
+    steps = np.floor(x / increment + STEP_TOL)
     # min() guards the float round-off of steps·increment (e.g. 3·0.05 > 0.15 by one ulp).
     out: NDArray[np.float64] = np.minimum(steps * increment, x)
     return out
@@ -262,7 +262,7 @@ def delivery_u_per_min(
     acc = residual.copy()
     for m in range(int(minutes)):
         acc += commanded[:, m]
-        pulses = np.floor(acc / spec.pulse_u + _STEP_TOL)
+        pulses = np.floor(acc / spec.pulse_u + STEP_TOL)
         out = np.minimum(pulses * spec.pulse_u, acc)
         delivered[:, m] = out
         acc = np.maximum(acc - out, 0.0)

@@ -21,11 +21,13 @@ import csv
 import dataclasses
 import math
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from numpy.typing import NDArray
 
 from plant.errors import InvalidInputError
+from plant.scenarios import MIN_PER_DAY
 from plant.uva_padova import Trajectory
 
 REQUIRED_COLUMNS = ("minute", "insulin_u_per_min", "meal_g")
@@ -53,7 +55,7 @@ def _number(path: Path, row: int, column: str, text: str) -> float:
 
 
 def read_inputs_csv(path: str | Path) -> dict[str | None, ReplayInputs]:
-    """Read and validate ``inputs.csv``; rows are numbered from 2 (the header is row 1).
+    """Read and validate ``inputs.csv``; rows are the file's line numbers (the header is 1).
 
     Returns:
         Inputs keyed by patient name, or by ``None`` when the file has no ``patient`` column.
@@ -65,47 +67,60 @@ def read_inputs_csv(path: str | Path) -> dict[str | None, ReplayInputs]:
     """
     path = Path(path)
     try:
-        handle = path.open(newline="")
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            return _read_inputs(path, handle)
     except OSError as exc:
-        raise InvalidInputError(f"{path}: cannot read: {exc.strerror}") from None
-    with handle:
-        reader = csv.DictReader(handle)
-        header = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
+        raise InvalidInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise InvalidInputError(f"{path}: malformed CSV: {exc}") from None
+
+
+def _read_inputs(path: Path, handle: TextIO) -> dict[str | None, ReplayInputs]:
+    reader = csv.DictReader(handle)
+    header = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise InvalidInputError(
+            f"{path}: missing column(s) {', '.join(missing)}; the header is "
+            f"{','.join(header) or '(empty)'} and must contain {','.join(REQUIRED_COLUMNS)}"
+            " (and optionally patient)"
+        )
+    reader.fieldnames = header
+    has_patient = "patient" in header
+    series: dict[str | None, tuple[list[float], list[float]]] = {}
+    for row in reader:
+        row_no = reader.line_num  # the file's line number (blank lines counted)
+        if row.get(None):
             raise InvalidInputError(
-                f"{path}: missing column(s) {', '.join(missing)}; the header is "
-                f"{','.join(header) or '(empty)'} and must contain {','.join(REQUIRED_COLUMNS)}"
-                " (and optionally patient)"
+                f"{path}: row {row_no}: {len(header) + len(row[None])} fields "
+                f"but the header has {len(header)}"
             )
-        reader.fieldnames = header
-        has_patient = "patient" in header
-        series: dict[str | None, tuple[list[float], list[float]]] = {}
-        for row_no, row in enumerate(reader, start=2):
-            key = (row.get("patient") or "").strip() if has_patient else None
-            if has_patient and not key:
-                raise InvalidInputError(f"{path}: row {row_no}, column 'patient': empty")
-            values = {}
-            for column in REQUIRED_COLUMNS:
-                text = row.get(column)
-                if text is None or text.strip() == "":
-                    raise InvalidInputError(f"{path}: row {row_no}, column {column!r}: empty")
-                values[column] = _number(path, row_no, column, text.strip())
-            ins, meals = series.setdefault(key, ([], []))
-            expected = len(ins)
-            if values["minute"] != expected:
+        key = (row.get("patient") or "").strip() if has_patient else None
+        if has_patient and not key:
+            raise InvalidInputError(f"{path}: row {row_no}, column 'patient': empty")
+        values = {}
+        for column in REQUIRED_COLUMNS:
+            text = row.get(column)
+            if text is None or text.strip() == "":
+                raise InvalidInputError(f"{path}: row {row_no}, column {column!r}: empty")
+            values[column] = _number(path, row_no, column, text.strip())
+        ins, meals = series.setdefault(key, ([], []))
+        expected = len(ins)
+        if values["minute"] != expected:
+            raise InvalidInputError(
+                f"{path}: row {row_no}, column 'minute': {values['minute']:g} but minute "
+                f"{expected} was expected{f' for patient {key}' if key else ''} "
+                "(minutes start at 0 and go up by 1)"
+            )
+        for column in ("insulin_u_per_min", "meal_g"):
+            if values[column] < 0:
                 raise InvalidInputError(
-                    f"{path}: row {row_no}, column 'minute': {values['minute']:g} but minute "
-                    f"{expected} was expected{f' for patient {key}' if key else ''} "
-                    "(minutes start at 0 and go up by 1)"
+                    f"{path}: row {row_no}, column {column!r}: {values[column]:g} is negative"
                 )
-            for column in ("insulin_u_per_min", "meal_g"):
-                if values[column] < 0:
-                    raise InvalidInputError(
-                        f"{path}: row {row_no}, column {column!r}: {values[column]:g} is negative"
-                    )
-            ins.append(values["insulin_u_per_min"])
-            meals.append(values["meal_g"])
+        ins.append(values["insulin_u_per_min"])
+        meals.append(values["meal_g"])
     if not series:
         raise InvalidInputError(f"{path}: no input rows")
     return {
@@ -116,14 +131,18 @@ def read_inputs_csv(path: str | Path) -> dict[str | None, ReplayInputs]:
 
 def clock_label(minute: int, start_min: int) -> str:
     """``HH:MM`` clock time of a minute of the run, for a run starting at ``start_min``."""
-    t = (start_min + minute) % 1440
+    t = (start_min + minute) % MIN_PER_DAY
     return f"{t // 60:02d}:{t % 60:02d}"
 
 
 def write_trajectory_csv(path: str | Path, trajectory: Trajectory, *, start_min: int = 0) -> None:
     """Write a :class:`~plant.uva_padova.Trajectory` as one row per patient and minute."""
+    try:
+        handle = Path(path).open("w", newline="")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot write: {exc.strerror or exc}") from None
     n, k1 = trajectory.bg_mg_dl.shape
-    with Path(path).open("w", newline="") as handle:
+    with handle:
         writer = csv.writer(handle)
         writer.writerow(
             ["patient", "minute", "clock", "bg_mg_dl", "gsub_mg_dl", "insulin_u_per_min", "carbs_g"]

@@ -341,6 +341,42 @@ _EMPTY3 = np.empty((0, 0, 0))
 PARALLEL_MIN_BATCH = 64
 
 
+def _check_kernel_arrays(
+    x: NDArray[np.float64],
+    meal_state: NDArray[np.float64],
+    params: NDArray[np.float64],
+    insulin_u_per_min: NDArray[np.float64],
+    meal_g: NDArray[np.float64],
+    eat_rate_g_per_min: NDArray[np.float64],
+    carbs_out: NDArray[np.float64],
+    gp_out: NDArray[np.float64],
+    gs_out: NDArray[np.float64],
+    states_out: NDArray[np.float64],
+) -> None:
+    """Shapes the compiled kernel relies on (it does no bounds checking itself)."""
+    n = x.shape[0]
+    k = insulin_u_per_min.shape[1] if insulin_u_per_min.ndim == 2 else -1
+    expected = {
+        "x": (x, (n, N_STATES)),
+        "meal_state": (meal_state, (n, N_MEAL_STATE)),
+        "params": (params, (n, N_PARAMS)),
+        "insulin_u_per_min": (insulin_u_per_min, (n, k)),
+        "meal_g": (meal_g, (n, k)),
+        "eat_rate_g_per_min": (eat_rate_g_per_min, (n,)),
+        "carbs_out": (carbs_out, (n, k)),
+    }
+    if gp_out.size or gs_out.size:
+        expected["gp_out"] = (gp_out, (n, k + 1))
+        expected["gs_out"] = (gs_out, (n, k + 1))
+    if states_out.size:
+        expected["states_out"] = (states_out, (n, k + 1, N_STATES))
+    for name, (arr, shape) in expected.items():
+        if arr.shape != shape or arr.dtype != np.float64:
+            raise InvalidInputError(
+                f"{name}: expected float64 of shape {shape}, got {arr.dtype} {arr.shape}"
+            )
+
+
 def advance(
     x: NDArray[np.float64],
     meal_state: NDArray[np.float64],
@@ -375,6 +411,10 @@ def advance(
         parallel: use all numba threads; ``None`` chooses by batch size.
 
     """
+    _check_kernel_arrays(
+        x, meal_state, params, insulin_u_per_min, meal_g, eat_rate_g_per_min,
+        carbs_out, gp_out, gs_out, states_out,
+    )  # fmt: skip
     if parallel is None:
         parallel = x.shape[0] >= PARALLEL_MIN_BATCH and numba.get_num_threads() > 1
     kernel = _advance_parallel if parallel else _advance_serial
@@ -472,6 +512,8 @@ def simulate(
     x = initial_states(patients) if x0 is None else np.array(x0, dtype=np.float64, order="C")
     if x.shape != (n, N_STATES):
         raise InvalidInputError(f"x0: expected shape ({n}, {N_STATES}), got {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise InvalidInputError("x0: states must be finite")
     params = parameter_matrix(patients)
     k = ins.shape[1]
     meal_state = np.zeros((n, N_MEAL_STATE))

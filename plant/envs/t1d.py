@@ -23,6 +23,7 @@ from plant.envs.t1d_core import (
     check_action,
     config_from_kwargs,
 )
+from plant.errors import ResetNeededError, UnknownPatientError
 
 
 def make_spaces(config: T1DConfig) -> tuple[gym.spaces.Box, gym.spaces.Box]:
@@ -87,6 +88,9 @@ class T1DEnv(gym.Env[NDArray[Any], NDArray[Any]]):
     ``reward_fn(bg_mg_dl, cgm_mg_dl, insulin_u, carbs_g)`` on arrays of shape ``(1,)`` replaces
     it (see :data:`plant.envs.t1d_core.RewardFn`).
 
+    Stepping before ``reset()`` or after the episode ended raises
+    :class:`plant.errors.ResetNeededError`.
+
     ## Starting state
     The patient's default initial state (basal steady state), the first CGM reading repeated
     over the history, insulin on board of the basal rate; meals and CGM noise are drawn from
@@ -118,24 +122,44 @@ class T1DEnv(gym.Env[NDArray[Any], NDArray[Any]]):
         self._batch = T1DBatch(config, 1)
         self.action_space, self.observation_space = make_spaces(config)
         self._shape = (1, 2 if config.bolus_action else 1)
+        self._needs_reset = True
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[NDArray[np.float32], dict[str, Any]]:
-        """Start an episode; ``seed`` reseeds ``np_random``, which draws everything random."""
+        """Start an episode; ``seed`` reseeds ``np_random``, which draws everything random.
+
+        ``options={"patient": NAME}`` picks that patient (one of the configured ones) for this
+        episode instead of the first or a random one.
+        """
         super().reset(seed=seed)
         b = self._batch
-        n_pat = len(b.table)
-        patient = int(self.np_random.integers(n_pat)) if self.config.sample_patient else 0
+        names = [p.name for p in b.table]
+        chosen = (options or {}).get("patient")
+        if chosen is not None:
+            if chosen not in names:
+                raise UnknownPatientError("options['patient']", str(chosen), names)
+            patient = names.index(chosen)
+        elif self.config.sample_patient:
+            patient = int(self.np_random.integers(len(names)))
+        else:
+            patient = 0
         b.reset_many(np.zeros(1, dtype=np.intp), [self.np_random], np.array([patient]))
+        self._needs_reset = False
         return b.obs[0].copy(), self._info()
 
     def step(
         self, action: NDArray[np.float32]
     ) -> tuple[NDArray[np.float32], float, bool, bool, dict[str, Any]]:
         """Hold ``action`` for one control period and return the new CGM-based observation."""
+        if self._needs_reset:
+            raise ResetNeededError(
+                "T1DEnv.step: call reset() first (before the first step and after an episode "
+                "terminates or is truncated)"
+            )
         b = self._batch
         b.step(check_action(action, self._shape))
+        self._needs_reset = bool(b.terminated[0] or b.truncated[0])
         return (
             b.obs[0].copy(),
             float(b.reward[0]),

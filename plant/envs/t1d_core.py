@@ -21,15 +21,29 @@ from numpy.typing import NDArray
 from plant.cgm import CGMSpec, cgm_errors_batch
 from plant.errors import ConfigError, InvalidInputError
 from plant.insulin import DEFAULT_DIA_MIN, DEFAULT_PEAK_MIN, iob_kernel
+from plant.metrics import (
+    KOVATCHEV_ALPHA,
+    KOVATCHEV_BETA,
+    KOVATCHEV_GAMMA,
+    KOVATCHEV_RISK_SCALE,
+)
 from plant.patients import (
+    N_PARAMS,
     N_STATES,
     PatientParameters,
+    expand_names,
     initial_states,
     parameter_matrix,
-    resolve_patients,
 )
-from plant.pump import PumpSpec
-from plant.scenarios import NO_MEAL, SCENARIOS, CarbCountingError, MealBatch
+from plant.pump import STEP_TOL, PumpSpec
+from plant.scenarios import (
+    MIN_PER_DAY,
+    NO_MEAL,
+    SCENARIOS,
+    CarbCountingError,
+    MealBatch,
+    MealScenario,
+)
 from plant.uva_padova import EATING_SUBSTEPS, N_MEAL_STATE, P_VG, PARALLEL_MIN_BATCH, step_minute
 
 #: Reward callback: ``reward_fn(bg_mg_dl, cgm_mg_dl, insulin_u, carbs_g) -> reward``, each an
@@ -51,9 +65,11 @@ class T1DConfig:
             ``sample_patient``; the vector environment gives sub-environment ``i`` patient
             ``i mod len(patients)`` (or draws one per reset when ``sample_patient``).
         sample_patient: draw the patient uniformly at each reset (from ``np_random``).
-        scenario: meal scenario name, ``"random"`` (the published six-slot daily protocol) or
-            ``"A"`` (07:00 45 g, 12:00 70 g, 18:00 80 g).
-        carb_error: carbohydrate-counting error of the announced meals.
+        scenario: meal scenario: a name, ``"random"`` (the published six-slot daily protocol)
+            or ``"A"`` (07:00 45 g, 12:00 70 g, 18:00 80 g), or any scenario object with
+            ``sample_many`` (e.g. :class:`plant.scenarios.FixedMealSchedule`).
+        carb_error: carbohydrate-counting error of the announced meals of a *named* scenario
+            (a scenario object carries its own).
         start_clock_min: clock time of the episode's first minute (minutes after midnight).
         episode_days: episode length in days (truncation).
         control_period_min: minutes per environment step (plant steps are 1 min).
@@ -71,13 +87,14 @@ class T1DConfig:
         terminate_above_mg_dl: episode terminates when plasma glucose rises above this.
         eat_rate_g_per_min: eating speed.
         reward_fn: custom reward (see :data:`RewardFn`); ``None`` = the default
-            ``1 − risk(BG)/100`` with the Kovatchev risk of true plasma glucose, in ``[0, 1]``.
+            ``1 − risk(BG)/100`` with the Kovatchev risk of true plasma glucose, clipped to
+            ``[0, 1]``.
 
     """
 
     patients: tuple[str, ...] = ("adult#001",)
     sample_patient: bool = False
-    scenario: str = "random"
+    scenario: str | MealScenario = "random"
     carb_error: CarbCountingError = dataclasses.field(default_factory=CarbCountingError)
     start_clock_min: int = 0
     episode_days: float = 1.0
@@ -102,9 +119,14 @@ class T1DConfig:
             object.__setattr__(self, "patients", (self.patients,))
         if not self.patients:
             raise ConfigError("patients", self.patients, "at least one patient or cohort name")
-        if self.scenario not in SCENARIOS:
-            raise ConfigError("scenario", self.scenario, f"one of {', '.join(SCENARIOS)}")
-        if not 0 <= self.start_clock_min < 1440:
+        if isinstance(self.scenario, str):
+            if self.scenario not in SCENARIOS:
+                raise ConfigError("scenario", self.scenario, f"one of {', '.join(SCENARIOS)}")
+        elif not callable(getattr(self.scenario, "sample_many", None)):
+            raise ConfigError(
+                "scenario", self.scenario, f"one of {', '.join(SCENARIOS)} or a MealScenario"
+            )
+        if not 0 <= self.start_clock_min < MIN_PER_DAY:
             raise ConfigError("start_clock_min", self.start_clock_min, "0 <= value < 1440")
         if not 1 <= self.control_period_min <= 60:
             raise ConfigError("control_period_min", self.control_period_min, "1..60 minutes")
@@ -114,7 +136,7 @@ class T1DConfig:
                 self.control_period_min,
                 f"a multiple of the CGM sample period ({self.cgm.sample_period_min} min)",
             )
-        steps = self.episode_days * 1440 / self.control_period_min
+        steps = self.episode_days * MIN_PER_DAY / self.control_period_min
         if not (self.episode_days > 0 and steps >= 1 and steps == int(steps)):
             raise ConfigError(
                 "episode_days",
@@ -147,23 +169,21 @@ class T1DConfig:
         self.patient_table()  # unknown names fail here, with the list of valid ones
 
     def patient_table(self) -> tuple[PatientParameters, ...]:
-        """The patients named by :attr:`patients`, cohorts expanded."""
-        cohorts = [n for n in self.patients if "#" not in n]
-        names = [n for n in self.patients if "#" in n]
-        if not cohorts:
-            return resolve_patients(names)
-        return resolve_patients(names, cohorts) if names else resolve_patients(cohorts=cohorts)
+        """The patients named by :attr:`patients`, cohorts expanded in place, in order."""
+        return expand_names(self.patients)
 
     @property
     def n_steps(self) -> int:
         """Control steps per episode."""
-        return round(self.episode_days * 1440 / self.control_period_min)
+        return round(self.episode_days * MIN_PER_DAY / self.control_period_min)
 
     @property
     def obs_size(self) -> int:
         """Length of the observation vector."""
         return self.history_len + int(self.include_iob) + int(self.include_meal)
 
+
+MIN_PER_H = 60.0
 
 # Columns of the per-environment scalar state (float64).
 S_T = 0  #: control steps taken in this episode
@@ -177,6 +197,25 @@ S_IOB = 7  #: insulin on board (U)
 S_ANNOUNCED = 8  #: announced grams of meals starting in the coming step
 N_SCALARS = 9
 
+# Columns of the configuration vector passed to the compiled step (see T1DBatch.__init__).
+C_PERIOD = 0
+C_MAX_BASAL = 1
+C_MAX_BOLUS = 2
+C_BASAL_INC = 3
+C_BOLUS_INC = 4
+C_PULSE = 5
+C_CGM_EVERY = 6
+C_CGM_LO = 7
+C_CGM_HI = 8
+C_EAT_RATE = 9
+C_BG_LO = 10
+C_BG_HI = 11
+C_N_STEPS = 12
+C_INCLUDE_IOB = 13
+C_INCLUDE_MEAL = 14
+C_DEFAULT_REWARD = 15
+N_CFG = 16
+
 #: Upper bounds of the insulin-on-board and meal parts of the observation (values are clipped).
 OBS_MAX_IOB_U = 500.0
 OBS_MAX_MEAL_G = 1000.0
@@ -184,8 +223,9 @@ OBS_MAX_MEAL_G = 1000.0
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
 def _kovatchev_risk(bg: float) -> float:
-    f = 1.509 * (math.log(max(bg, 1.0)) ** 1.084 - 5.381)
-    return 10.0 * f * f
+    """Kovatchev risk ``r(BG)`` of :func:`plant.metrics.risk_index` (scalar, compiled)."""
+    f = KOVATCHEV_ALPHA * (math.log(max(bg, 1.0)) ** KOVATCHEV_BETA - KOVATCHEV_GAMMA)
+    return KOVATCHEV_RISK_SCALE * f * f
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
@@ -260,22 +300,22 @@ def _step_one(
     truncated: NDArray[np.bool_],
 ) -> None:
     """One control step of environment ``i`` (see module docstring)."""
-    period = int(cfg[0])
-    max_basal_act = cfg[1]
-    max_bolus_act = cfg[2]
-    basal_inc = cfg[3]
-    bolus_inc = cfg[4]
-    pulse = cfg[5]
-    cgm_every = int(cfg[6])
-    cgm_lo = cfg[7]
-    cgm_hi = cfg[8]
-    eat_rate = cfg[9]
-    bg_lo = cfg[10]
-    bg_hi = cfg[11]
-    n_steps = int(cfg[12])
-    include_iob = cfg[13] > 0.0
-    include_meal = cfg[14] > 0.0
-    default_reward = cfg[15] > 0.0
+    period = int(cfg[C_PERIOD])
+    max_basal_act = cfg[C_MAX_BASAL]
+    max_bolus_act = cfg[C_MAX_BOLUS]
+    basal_inc = cfg[C_BASAL_INC]
+    bolus_inc = cfg[C_BOLUS_INC]
+    pulse = cfg[C_PULSE]
+    cgm_every = int(cfg[C_CGM_EVERY])
+    cgm_lo = cfg[C_CGM_LO]
+    cgm_hi = cfg[C_CGM_HI]
+    eat_rate = cfg[C_EAT_RATE]
+    bg_lo = cfg[C_BG_LO]
+    bg_hi = cfg[C_BG_HI]
+    n_steps = int(cfg[C_N_STEPS])
+    include_iob = cfg[C_INCLUDE_IOB] > 0.0
+    include_meal = cfg[C_INCLUDE_MEAL] > 0.0
+    default_reward = cfg[C_DEFAULT_REWARD] > 0.0
     has_bolus = action.shape[1] > 1
     work = np.empty((5, N_STATES))
     n_dose = doses.shape[1]
@@ -283,12 +323,12 @@ def _step_one(
     # pump: clip to the action space, then round down to the pump's increments
     basal = min(max(action[i, 0], 0.0), max_basal_act)
     if basal_inc > 0.0:
-        basal = min(math.floor(basal / basal_inc + 1e-9) * basal_inc, basal)
+        basal = min(math.floor(basal / basal_inc + STEP_TOL) * basal_inc, basal)
     bolus = 0.0
     if has_bolus:
         bolus = min(max(action[i, 1], 0.0), max_bolus_act)
         if bolus_inc > 0.0:
-            bolus = min(math.floor(bolus / bolus_inc + 1e-9) * bolus_inc, bolus)
+            bolus = min(math.floor(bolus / bolus_inc + STEP_TOL) * bolus_inc, bolus)
     t = int(scal[i, S_T])
     minute0 = t * period
     ptr = int(scal[i, S_MEAL_PTR])
@@ -300,10 +340,10 @@ def _step_one(
         while ptr < meal_start.shape[1] and meal_start[i, ptr] <= m:
             new_meal += meal_g[i, ptr]
             ptr += 1
-        due = basal / 60.0 + (bolus if k == 0 else 0.0)
+        due = basal / MIN_PER_H + (bolus if k == 0 else 0.0)
         if pulse > 0.0:
             acc = scal[i, S_PULSE] + due
-            due = math.floor(acc / pulse + 1e-9) * pulse
+            due = math.floor(acc / pulse + STEP_TOL) * pulse
             scal[i, S_PULSE] = acc - due
         delivered += due
         carbs += step_minute(
@@ -313,7 +353,8 @@ def _step_one(
     scal[i, S_T] = t
     scal[i, S_MEAL_PTR] = ptr
     bg = x[i, 3] / params[i, P_VG]
-    reading = x[i, 12] / params[i, P_VG] + cgm_err[i, (t * period) // cgm_every]
+    sample = min((t * period) // cgm_every, cgm_err.shape[1] - 1)
+    reading = x[i, 12] / params[i, P_VG] + cgm_err[i, sample]
     reading = min(max(reading, cgm_lo), cgm_hi)
     for j in range(h - 1):
         hist[i, j] = hist[i, j + 1]
@@ -453,7 +494,7 @@ class T1DBatch:
         self.n_cgm_samples = cfg.n_steps * cfg.control_period_min // cfg.cgm.sample_period_min + 1
         self.x = np.zeros((n, N_STATES))
         self.meal_state = np.zeros((n, N_MEAL_STATE))
-        self.params = np.zeros((n, parameter_matrix(self.table[:1]).shape[1]))
+        self.params = np.zeros((n, N_PARAMS))
         self.scal = np.zeros((n, N_SCALARS))
         self.meal_start = np.full((n, 1), NO_MEAL, dtype=np.int64)
         self.meal_g = np.zeros((n, 1))
@@ -466,33 +507,36 @@ class T1DBatch:
         self.terminated = np.zeros(n, dtype=np.bool_)
         self.truncated = np.zeros(n, dtype=np.bool_)
         self.patient_index = np.zeros(n, dtype=np.int64)
-        self.cfg_vec = np.array(
-            [
-                cfg.control_period_min,
-                cfg.max_basal_u_per_h,
-                cfg.max_bolus_u,
-                cfg.pump.basal_increment_u_per_h,
-                cfg.pump.bolus_increment_u,
-                cfg.pump.pulse_u,
-                cfg.cgm.sample_period_min,
-                cfg.cgm.min_mg_dl,
-                cfg.cgm.max_mg_dl,
-                cfg.eat_rate_g_per_min,
-                cfg.terminate_below_mg_dl,
-                cfg.terminate_above_mg_dl,
-                cfg.n_steps,
-                float(cfg.include_iob),
-                float(cfg.include_meal),
-                float(cfg.reward_fn is None),
-            ],
-            dtype=np.float64,
-        )
+        self.cfg_vec = np.zeros(N_CFG)
+        for column, value in (
+            (C_PERIOD, cfg.control_period_min),
+            (C_MAX_BASAL, cfg.max_basal_u_per_h),
+            (C_MAX_BOLUS, cfg.max_bolus_u),
+            (C_BASAL_INC, cfg.pump.basal_increment_u_per_h),
+            (C_BOLUS_INC, cfg.pump.bolus_increment_u),
+            (C_PULSE, cfg.pump.pulse_u),
+            (C_CGM_EVERY, cfg.cgm.sample_period_min),
+            (C_CGM_LO, cfg.cgm.min_mg_dl),
+            (C_CGM_HI, cfg.cgm.max_mg_dl),
+            (C_EAT_RATE, cfg.eat_rate_g_per_min),
+            (C_BG_LO, cfg.terminate_below_mg_dl),
+            (C_BG_HI, cfg.terminate_above_mg_dl),
+            (C_N_STEPS, cfg.n_steps),
+            (C_INCLUDE_IOB, float(cfg.include_iob)),
+            (C_INCLUDE_MEAL, float(cfg.include_meal)),
+            (C_DEFAULT_REWARD, float(cfg.reward_fn is None)),
+        ):
+            self.cfg_vec[column] = value
         self._param_rows = parameter_matrix(self.table)
         self._x0_rows = initial_states(self.table)
         self._basal_dose_u = np.array(
-            [p.basal_u_per_h * cfg.control_period_min / 60.0 for p in self.table]
+            [p.basal_u_per_h * cfg.control_period_min / MIN_PER_H for p in self.table]
         )
-        self._scenario = SCENARIOS[cfg.scenario](carb_error=cfg.carb_error)
+        self._scenario: MealScenario = (
+            SCENARIOS[cfg.scenario](carb_error=cfg.carb_error)
+            if isinstance(cfg.scenario, str)
+            else cfg.scenario
+        )
         self._days = math.ceil(cfg.episode_days)
         self._all = np.ones(n, dtype=np.bool_)
         self._parallel = n >= PARALLEL_MIN_BATCH
@@ -505,13 +549,17 @@ class T1DBatch:
     ) -> None:
         """Start new episodes for environments ``indices`` with ``patients`` (table indices).
 
-        Environment ``indices[j]`` draws only from ``rngs[j]``: first its meals (a fixed number
-        of draws per day, so the CGM settings never change the meals), then its CGM noise. Its
-        episode therefore does not depend on which other environments are reset with it.
+        Environment ``indices[j]`` draws its meals and its CGM noise from two child generators
+        of ``rngs[j]`` (``rng.spawn(2)``), so changing the scenario, the episode length or the
+        CGM never changes the other stream, and an episode does not depend on which other
+        environments are reset with it.
         """
         cfg = self.config
-        meals = self._scenario.sample_many(rngs, days=self._days, start_min=cfg.start_clock_min)
-        err = cgm_errors_batch(cfg.cgm, rngs, self.n_cgm_samples)
+        children = [rng.spawn(2) for rng in rngs]
+        meals = self._scenario.sample_many(
+            [c[0] for c in children], days=self._days, start_min=cfg.start_clock_min
+        )
+        err = cgm_errors_batch(cfg.cgm, [c[1] for c in children], self.n_cgm_samples)
         self._store_meals(indices, meals)
         self.cgm_err[indices] = err
         self.patient_index[indices] = patients
@@ -578,7 +626,12 @@ class T1DBatch:
         if self.config.reward_fn is not None:
             s = self.scal
             r = np.asarray(
-                self.config.reward_fn(s[:, S_BG], s[:, S_CGM], s[:, S_INSULIN], s[:, S_CARBS]),
+                self.config.reward_fn(
+                    s[:, S_BG].copy(),
+                    s[:, S_CGM].copy(),
+                    s[:, S_INSULIN].copy(),
+                    s[:, S_CARBS].copy(),
+                ),
                 dtype=np.float64,
             )
             if r.shape != (self.n,):
@@ -592,18 +645,19 @@ class T1DBatch:
 def check_action(action: object, shape: Sequence[int]) -> NDArray[np.float64]:
     """Convert an action to float64 of ``shape``; NaN or a wrong shape raises a clear error.
 
+    Only axes of length 1 may be missing or extra (``1.0`` for a one-patient, one-input
+    action); any other shape is refused rather than reshaped.
+
     Raises:
         InvalidInputError: the action has the wrong shape or contains NaN.
 
     """
     a = np.asarray(action, dtype=np.float64)
-    if a.shape != tuple(shape):
-        try:
-            a = a.reshape(tuple(shape))
-        except ValueError:
-            raise InvalidInputError(
-                f"action: expected shape {tuple(shape)}, got {a.shape}"
-            ) from None
+    target = tuple(shape)
+    if a.shape != target:
+        if np.squeeze(a).shape != tuple(d for d in target if d != 1):
+            raise InvalidInputError(f"action: expected shape {target}, got {a.shape}")
+        a = a.reshape(target)
     if np.isnan(a).any():
         raise InvalidInputError(
             f"action: NaN in {a.tolist()}; actions are insulin rates in U/h (and bolus in U)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import gymnasium as gym
@@ -24,7 +25,7 @@ from plant.envs.t1d_core import (
     check_action,
     config_from_kwargs,
 )
-from plant.errors import ConfigError
+from plant.errors import ConfigError, ResetNeededError
 
 
 class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[Any]]):
@@ -35,7 +36,9 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
     ``patients[i mod len(patients)]`` (cohorts expanded) unless ``sample_patient``.
 
     Seeding: ``reset(seed=s)`` seeds sub-environment ``i`` with ``s + i``, and its trajectory is
-    then identical to ``T1DEnv`` reset with seed ``s + i`` and given the same actions.
+    then identical to that of a ``T1DEnv`` with the same configuration, reset with seed
+    ``s + i`` and ``options={"patient": <sub-environment i's patient>}`` and given the same
+    actions (the serial and parallel compiled steps give the same numbers).
 
     Autoreset (``autoreset_mode``, reported in ``metadata["autoreset_mode"]``):
 
@@ -102,12 +105,16 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
         self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[NDArray[np.float32], dict[str, Any]]:
         """Reset every sub-environment; ``seed`` (int ``s`` or one per env) reseeds them."""
-        if isinstance(seed, int):
-            seeds: list[int | None] = [seed + i for i in range(self.num_envs)]
+        if isinstance(seed, numbers.Integral):
+            seeds: list[int | None] = [int(seed) + i for i in range(self.num_envs)]
         elif seed is None:
             seeds = [None] * self.num_envs
         else:
-            seeds = list(seed)
+            seeds = list(seed)  # type: ignore[arg-type]  # an Integral was handled above
+            if len(seeds) != self.num_envs:
+                raise ConfigError(
+                    "seed", seed, f"an int or a list of {self.num_envs} seeds (one per env)"
+                )
         if seed is not None or not self._rngs:
             self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
         self._reset_envs(np.arange(self.num_envs))
@@ -124,6 +131,8 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
         dict[str, Any],
     ]:
         """Step every sub-environment (next-step autoreset for those that ended)."""
+        if not self._rngs:
+            raise ResetNeededError("T1DVectorEnv.step: call reset() first")
         b = self._batch
         a = check_action(actions, self._shape)
         if self._autoreset.any():
