@@ -50,9 +50,9 @@ def iob_kernel(
 
     A dose delivered at the start of the period that has just ended has aged one period, so
     ``iob = kernel @ doses_newest_first``. The kernel's length covers the DIA. Basal insulin is
-    spread over its period, so treating it as delivered at the period's start ages it by up
-    to one period too much: with 5-min periods this underestimates insulin on board by about
-    1 % of the last period's dose, far below the uncertainty of the curve itself.
+    spread over its period, so treating it as delivered at the period's start ages it by half a
+    period on average: in basal steady state insulin on board comes out about half of one
+    period's basal dose too low (0.05 U of about 2.5 U at 1.3 U/h with 5-min periods).
     """
     n = int(np.ceil(dia_min / period_min))
     return iob_fraction(period_min * np.arange(1, n + 1), peak_min=peak_min, dia_min=dia_min)
