@@ -105,10 +105,63 @@ def test_unknown_patient_lists_valid_names_without_traceback(tmp_path):
 
 
 def test_simulate_prints_a_cohort_summary(capsys):
-    assert main(["simulate", "--cohort", "adults", "--scenario", "A", "--seed", "1"]) == 0
-    out = capsys.readouterr().out
+    def run(*args):
+        assert main(["simulate", "--cohort", "adults", *args]) == 0
+        return capsys.readouterr().out
+
+    out = run("--seed", "1")
     assert "adult#010" in out and "TIR%" in out
-    summary = [line for line in out.splitlines() if line.startswith("adults ")]
-    assert len(summary) == 1
-    tir = float(summary[0].split()[2])
-    assert 40.0 < tir <= 100.0  # open-loop basal-bolus keeps most adults mostly in range
+    rows = [line.split() for line in out.splitlines() if line.startswith("adult#")]
+    summary = [line.split() for line in out.splitlines() if line.startswith("adults ")]
+    assert len(rows) == 10 and len(summary) == 1
+    # the cohort line is the mean of the patient lines (mean BG and TIR columns)
+    for col in (1, 2):
+        assert float(summary[0][col]) == pytest.approx(
+            np.mean([float(r[col]) for r in rows]),
+            abs=0.1,  # both printed to 0.1
+        )
+    assert _table(run("--seed", "1")) == _table(out)
+    assert _table(run("--seed", "2")) != _table(out)
+
+
+def _table(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("adult")]
+
+
+def _replay(tmp_path, content: bytes, out=None):
+    inputs = tmp_path / "inputs.csv"
+    inputs.write_bytes(content)
+    out = out or tmp_path / "o.csv"
+    return main(["replay", "--patient", "adult#001", "--inputs", str(inputs), "--out", str(out)])
+
+
+def test_rows_are_file_lines_even_after_blank_lines(tmp_path, capsys):
+    code = _replay(tmp_path, b"minute,insulin_u_per_min,meal_g\n0,0.1,0\n\n1,x,0\n")
+    assert code != 0 and "row 4, column 'insulin_u_per_min'" in capsys.readouterr().err
+
+
+def test_a_utf8_bom_header_is_read(tmp_path):
+    assert _replay(tmp_path, b"\xef\xbb\xbfminute,insulin_u_per_min,meal_g\n0,0.1,0\n") == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"minute,insulin_u_per_min,meal_g\n0,0.1,0,7\n", "4 fields but the header has 3"),
+        (b"minute,insulin_u_per_min,meal_g\n0,0.1,\xff\xfe\n", "not UTF-8"),
+    ],
+)
+def test_other_malformed_files_fail_cleanly(tmp_path, capsys, content, needle):
+    assert _replay(tmp_path, content) != 0
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_unwritable_output_and_bad_seed_fail_cleanly(tmp_path, capsys):
+    content = b"minute,insulin_u_per_min,meal_g\n0,0.1,0\n"
+    assert _replay(tmp_path, content, out=tmp_path / "missing" / "o.csv") != 0
+    assert "cannot write" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--seed", "-1"])
+    assert info.value.code != 0
+    assert "must be >= 0" in capsys.readouterr().err

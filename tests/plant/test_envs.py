@@ -11,9 +11,10 @@ from plant.cgm import CGMSpec
 from plant.envs.t1d import T1DEnv
 from plant.envs.t1d_core import T1DConfig
 from plant.envs.t1d_vector import T1DVectorEnv
-from plant.errors import ConfigError, InvalidInputError, UnknownPatientError
+from plant.errors import ConfigError, InvalidInputError, ResetNeededError, UnknownPatientError
 from plant.patients import get_patient
-from plant.pump import PumpSpec
+from plant.pump import PumpSpec, delivery_u_per_min
+from plant.scenarios import FixedMealSchedule
 from plant.uva_padova import simulate
 
 SPECS = [s for s in gym.registry.values() if s.id.startswith("twinloop/")]
@@ -226,3 +227,135 @@ def test_config_object_and_kwargs_combine():
     env = T1DEnv(cfg, include_iob=True)
     assert env.observation_space.shape == (5,)
     assert dataclasses.replace(cfg).history_len == 4
+
+
+def test_step_before_reset_and_after_the_end_raises():
+    env = T1DEnv(episode_days=1 / 24)
+    with pytest.raises(ResetNeededError):
+        env.step(np.array([1.0], np.float32))
+    env.reset(seed=0)
+    for _ in range(12):
+        *_, trunc, _ = env.step(np.array([1.0], np.float32))
+    assert trunc
+    with pytest.raises(ResetNeededError):
+        env.step(np.array([1.0], np.float32))
+    env.reset()
+    env.step(np.array([1.0], np.float32))
+    with pytest.raises(ResetNeededError):
+        T1DVectorEnv(num_envs=2).step(np.ones((2, 1), np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.ones((2, 3)), np.ones(3), np.ones((1, 2))])
+def test_wrong_action_shapes_are_refused_not_reshaped(bad):
+    venv = T1DVectorEnv(num_envs=3, bolus_action=True)
+    venv.reset(seed=0)
+    with pytest.raises(InvalidInputError, match="expected shape"):
+        venv.step(bad)
+    env = T1DEnv()
+    env.reset(seed=0)
+    env.step(1.0)  # a scalar for a one-input action is fine
+    with pytest.raises(InvalidInputError, match="expected shape"):
+        env.step(np.ones(2))
+
+
+def test_pump_pulses_in_the_env_match_the_pump_model():
+    pump = PumpSpec(pulse_u=0.05)
+    env = T1DEnv(pump=pump, scenario="A")
+    env.reset(seed=1)
+    rng = np.random.default_rng(2)
+    residual = np.zeros(1)
+    for _ in range(60):
+        basal = rng.uniform(0.0, 3.0)
+        *_, info = env.step(np.array([basal], np.float32))
+        per_min, residual = delivery_u_per_min(
+            pump, np.array([np.float32(basal)]), np.zeros(1), 5, residual
+        )
+        assert info["insulin_u"] == pytest.approx(per_min.sum(), abs=1e-9)
+
+
+def test_meals_off_the_step_grid_start_at_their_minute():
+    """A meal at 07:03 is swallowed from minute 423, inside a 5-min step."""
+    p = get_patient("adult#007")
+    meals = FixedMealSchedule(meals=((423, 50.0), (1001, 20.0)))
+    env = T1DEnv(
+        patient=p.name, scenario=meals, cgm=CGMSpec(noise=False),
+        pump=PumpSpec(basal_increment_u_per_h=0.0),
+    )  # fmt: skip
+    _, info = env.reset(seed=0)
+    bg = [info["bg_mg_dl"]]
+    carbs = []
+    for _ in range(288):
+        *_, info = env.step(np.array([p.basal_u_per_h], np.float32))
+        bg.append(info["bg_mg_dl"])
+        carbs.append(info["carbs_g"])
+    meal_g = np.zeros(1440)
+    meal_g[423], meal_g[1001] = 50.0, 20.0
+    traj = simulate([p], np.full(1440, np.float32(p.basal_u_per_h) / 60.0), meal_g)
+    np.testing.assert_allclose(bg, traj.bg_mg_dl[0, ::5], rtol=1e-6)
+    assert carbs[84] == pytest.approx(10.0)  # minutes 423, 424 of step 84 (420-425)
+
+
+def test_partial_autoreset_matches_a_single_env_reset_without_seed():
+    """Sub-env 0 ends early (a huge bolus); its next episode continues its own generator."""
+    kwargs = {"patients": ("adults",), "bolus_action": True, "max_bolus_u": 75.0}
+    venv = T1DVectorEnv(num_envs=3, **kwargs)
+    venv.reset(seed=40)
+    env = T1DEnv(**kwargs)
+    env.reset(seed=40)
+    a = np.zeros((3, 2), np.float32)
+    a[:, 0] = 1.0
+    a[0, 1] = 75.0
+    for _ in range(288):
+        _, _, vterm, _, _ = venv.step(a)
+        _, _, term, _, _ = env.step(a[0])
+        a[0, 1] = 0.0
+        if term:
+            break
+    assert term and vterm[0] and not vterm[1:].any()
+    obs_after, reward, _, _, info = venv.step(a)
+    fresh, _ = env.reset()
+    np.testing.assert_array_equal(obs_after[0], fresh)
+    assert reward[0] == 0.0 and info["time_min"][0] == 0 and info["time_min"][1] > 0
+
+
+def test_patients_keep_the_given_order_and_unknown_names_list_both_kinds():
+    cfg = T1DConfig(patients=("adult#005", "children"))
+    names = [p.name for p in cfg.patient_table()]
+    assert names[0] == "adult#005" and names[1] == "child#001" and len(names) == 11
+    with pytest.raises(UnknownPatientError) as info:
+        T1DConfig(patients=("adult005",))
+    assert "adults" in str(info.value) and "adult#005" in str(info.value)
+
+
+def test_reset_option_picks_the_patient():
+    env = T1DEnv(patients=("all",))
+    assert env.reset(seed=0, options={"patient": "child#004"})[1]["patient"] == "child#004"
+    with pytest.raises(UnknownPatientError):
+        env.reset(options={"patient": "child#042"})
+
+
+def test_reward_fn_cannot_corrupt_the_state():
+    def greedy(bg, cgm, insulin, carbs):
+        bg -= 1000.0  # in-place edit of its own copy
+        return np.zeros_like(bg)
+
+    env = T1DEnv(reward_fn=greedy)
+    env.reset(seed=0)
+    *_, info = env.step(np.array([1.0], np.float32))
+    assert 40.0 < info["bg_mg_dl"] < 600.0
+
+
+def test_child_generators_keep_meals_and_noise_apart():
+    """Changing the CGM leaves the meals alone; changing the episode leaves the noise alone."""
+    base = T1DEnv(episode_days=1.0)
+    other_cgm = T1DEnv(episode_days=1.0, cgm=CGMSpec(sample_period_min=1))
+    longer = T1DEnv(episode_days=2.0)
+
+    def run(env, n=120):
+        env.reset(seed=9)
+        out = [env.step(np.array([1.0], np.float32))[-1] for _ in range(n)]
+        return [i["carbs_g"] for i in out], [i["cgm_mg_dl"] - i["bg_mg_dl"] for i in out]
+
+    meals, noise = run(base)
+    assert run(other_cgm)[0] == meals
+    assert run(longer)[1] == noise
