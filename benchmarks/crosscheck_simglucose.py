@@ -96,9 +96,13 @@ def main() -> None:
         subprocess.run([args.simglucose_python, str(driver), str(spec), str(result)], check=True)
         theirs = json.loads(result.read_text())
     per_patient = {}
+    above_40 = 0.0
     for i, name in enumerate(names):
         ref = np.array(theirs[name])
-        per_patient[name] = float(np.abs(ours.bg_mg_dl[i] - ref).max())
+        err = np.abs(ours.bg_mg_dl[i] - ref)
+        per_patient[name] = float(err.max())
+        if (ref >= 40).any():
+            above_40 = max(above_40, float(err[ref >= 40].max()))
     worst = max(per_patient, key=lambda k: per_patient[k])
     print(
         json.dumps(
@@ -108,6 +112,8 @@ def main() -> None:
                 "random corrections",
                 "max_abs_bg_error_mg_dl": per_patient[worst],
                 "worst_patient": worst,
+                "max_abs_bg_error_where_bg_ge_40_mg_dl": above_40,
+                "minutes_below_40_mg_dl": int(sum((np.array(theirs[n]) < 40).sum() for n in names)),
                 "bar_mg_dl": 0.5,
                 "bg_range_mg_dl": [float(ours.bg_mg_dl.min()), float(ours.bg_mg_dl.max())],
                 "per_patient_max_abs_bg_error_mg_dl": per_patient,

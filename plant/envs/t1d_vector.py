@@ -52,7 +52,7 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
       :class:`policies.sb3_vec_env.SB3VecEnv` uses to feed stable-baselines3.
 
     Info: the keys of ``T1DEnv``'s info, each an array of shape ``(num_envs,)`` (``patient`` is
-    an array of names).
+    an array of names), with Gymnasium's ``_key`` masks (always all true here).
     """
 
     metadata: dict[str, Any] = {  # noqa: RUF012
@@ -159,7 +159,7 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
 
     def _info(self) -> dict[str, Any]:
         s = self._batch.scal
-        return {
+        info = {
             "bg_mg_dl": s[:, S_BG].copy(),
             "cgm_mg_dl": s[:, S_CGM].copy(),
             "insulin_u": s[:, S_INSULIN].copy(),
@@ -169,3 +169,6 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
             "time_min": s[:, S_T].astype(np.int64) * self.config.control_period_min,
             "patient": self._names[self._batch.patient_index],
         }
+        every = np.ones(self.num_envs, dtype=np.bool_)  # Gymnasium's per-key masks: all set
+        info.update({f"_{key}": every for key in list(info)})
+        return info
