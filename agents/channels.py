@@ -1,0 +1,68 @@
+"""Channels: the named edges of the loop, where recorders listen and fault injectors sit.
+
+A :class:`Channel` carries messages of one kind from one producer to its consumers with
+*latest-value* semantics (a consumer reads the newest message, or ``None`` before the first).
+Nothing is wired agent to agent: the runtime moves messages through channels, and each channel
+runs its transforms in order on every message, so a fault injector (hold, drop, delay, bias,
+…) is a transform added to a channel, never an edit of an agent.
+
+Transform contract: ``transform(message) -> message | None`` — return the (possibly changed)
+message to pass on, or ``None`` to drop it. A transform may keep state (e.g. a held value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from agents.messages import Message
+
+M = TypeVar("M", bound=Message)
+
+
+Listener = Callable[[str, Message], None]
+
+
+class Channel(Generic[M]):
+    """A named edge of the loop with latest-value semantics and a chain of transforms.
+
+    Args:
+        name: the edge, e.g. ``"sensor->estimator"``; recordings use it as a table name.
+
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._transforms: list[Callable[[M], M | None]] = []
+        self._listeners: list[Listener] = []
+        self._latest: M | None = None
+        self.sent = 0
+        self.dropped = 0
+
+    def add_transform(self, transform: Callable[[M], M | None]) -> None:
+        """Append a transform; transforms run in the order they were added."""
+        self._transforms.append(transform)
+
+    def listen(self, listener: Listener) -> None:
+        """Call ``listener(channel_name, message)`` for every message that passes."""
+        self._listeners.append(listener)
+
+    def send(self, message: M) -> M | None:
+        """Pass ``message`` through the transforms; return what was delivered (or ``None``)."""
+        self.sent += 1
+        out = message
+        for transform in self._transforms:
+            changed = transform(out)
+            if changed is None:
+                self.dropped += 1
+                return None
+            out = changed
+        self._latest = out
+        for listener in self._listeners:
+            listener(self.name, out)
+        return out
+
+    @property
+    def latest(self) -> M | None:
+        """The newest delivered message, or ``None`` before the first."""
+        return self._latest

@@ -1,0 +1,100 @@
+"""Timestamped messages exchanged by the agents of the loop, with units in their field names.
+
+Every message is a frozen dataclass whose first field is ``t_min``: the loop time (minutes since
+the run started) at which it was produced. Channels carry them; recorders store them as columns
+named after the fields, so the units travel with the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """Base class: a message produced at loop time ``t_min`` (minutes)."""
+
+    t_min: float
+
+    #: Name of the message kind in recordings.
+    kind: ClassVar[str] = "message"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlantGlucose(Message):
+    """The patient's true glucose (plant → sensor): plasma and subcutaneous, mg/dL."""
+
+    bg_mg_dl: float
+    gsub_mg_dl: float
+    kind: ClassVar[str] = "plant_glucose"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CgmReading(Message):
+    """One CGM reading (sensor → estimator, controller, supervisor), mg/dL."""
+
+    glucose_mg_dl: float
+    kind: ClassVar[str] = "cgm"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MealAnnouncement(Message):
+    """Carbohydrates the patient announces (user → controller, estimator), grams."""
+
+    carbs_g: float
+    kind: ClassVar[str] = "meal_announcement"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InsulinCommand(Message):
+    """A pump command (controller → supervisor → actuator).
+
+    ``basal_u_per_h`` is a temporary basal rate held for ``duration_min`` minutes (pumps cap it
+    at 30 min); after that the pump falls back to the scheduled basal unless a new command
+    arrives. ``bolus_u`` is delivered at once.
+    """
+
+    basal_u_per_h: float
+    bolus_u: float
+    duration_min: float
+    kind: ClassVar[str] = "insulin_command"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InsulinDelivery(Message):
+    """Insulin the pump actually delivered over ``[t_min, t_min + 1)`` (actuator → plant), U."""
+
+    basal_u: float
+    bolus_u: float
+    kind: ClassVar[str] = "insulin_delivery"
+
+    @property
+    def total_u(self) -> float:
+        """Basal plus bolus units delivered in the minute."""
+        return self.basal_u + self.bolus_u
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TwinEstimate(Message):
+    """The twin estimator's view of the patient (estimator → controller, supervisor)."""
+
+    bg_mg_dl: float
+    iob_u: float
+    cob_g: float
+    insulin_sensitivity_scale: float
+    forecast_30_mg_dl: float
+    forecast_60_mg_dl: float
+    kind: ClassVar[str] = "twin_estimate"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Override(Message):
+    """The supervisor changed a command: what was asked, what goes to the pump, and why."""
+
+    reason: str
+    requested_basal_u_per_h: float
+    requested_bolus_u: float
+    delivered_basal_u_per_h: float
+    delivered_bolus_u: float
+    kind: ClassVar[str] = "override"
