@@ -29,11 +29,9 @@ import dataclasses
 import math
 from typing import Literal
 
-import numpy as np
-
 from agents.errors import LoopConfigError
 from agents.messages import CgmReading, InsulinCommand, InsulinDelivery, Override, TwinEstimate
-from plant.insulin import DEFAULT_DIA_MIN, DEFAULT_PEAK_MIN, iob_fraction
+from plant.insulin import DEFAULT_DIA_MIN, DEFAULT_PEAK_MIN, IobTracker
 from plant.patients import PatientParameters
 
 StaleAction = Literal["scheduled_basal", "suspend"]
@@ -133,16 +131,9 @@ class SafetySupervisor:
         self.config = config
         self._last_cgm: CgmReading | None = None
         self._last_estimate: TwinEstimate | None = None
-        horizon = math.ceil(config.iob_dia_min)
-        self._iob_curve = iob_fraction(
-            np.arange(horizon, 0, -1, dtype=np.float64) - 0.5,
-            peak_min=config.iob_peak_min,
-            dia_min=config.iob_dia_min,
-        )  # weight of a minute delivered `age` minutes ago, oldest first
-        self._delivered_u = np.zeros(horizon)
-        basal_per_min = config.scheduled_basal_u_per_h / MIN_PER_H
-        self._basal_iob_u = float(self._iob_curve.sum() * basal_per_min)
-        self._delivered_u[:] = basal_per_min  # the patient starts on the scheduled basal
+        self._iob = IobTracker(
+            config.scheduled_basal_u_per_h, peak_min=config.iob_peak_min, dia_min=config.iob_dia_min
+        )
 
     def observe_cgm(self, reading: CgmReading) -> None:
         """Remember the newest CGM reading (for suspension and the watchdog)."""
@@ -154,13 +145,12 @@ class SafetySupervisor:
 
     def observe_delivery(self, delivery: InsulinDelivery) -> None:
         """Account one minute of delivered insulin (for insulin on board)."""
-        self._delivered_u = np.roll(self._delivered_u, -1)
-        self._delivered_u[-1] = delivery.total_u
+        self._iob.record(delivery.total_u)
 
     @property
     def net_iob_u(self) -> float:
         """Insulin on board above the scheduled basal's steady state, U (may be negative)."""
-        return float(self._iob_curve @ self._delivered_u) - self._basal_iob_u
+        return self._iob.net_iob_u
 
     def review(
         self, t_min: float, command: InsulinCommand | None

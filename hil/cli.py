@@ -1,4 +1,4 @@
-"""The ``twinloop`` command line: ``simulate`` (the main job) and ``replay``."""
+"""The ``twinloop`` command line: ``simulate``, ``run`` (the closed loop) and ``replay``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from agents.errors import AgentError
 from plant.errors import InvalidInputError, PlantError
+from policies.errors import PolicyError
 
 
 def _clock(text: str) -> int:
@@ -64,6 +66,28 @@ def _parser() -> argparse.ArgumentParser:
         "--carb-error", type=float, default=0.0, help="uniform carb-counting error, e.g. 0.3"
     )
     sim.add_argument("--out", help="also write the per-minute trajectories to this CSV")
+
+    run = sub.add_parser(
+        "run",
+        help="run the closed loop (sensor, controller, supervisor, pump) on a cohort",
+        description="Run the closed loop in simulated time, in process: CGM with noise, the "
+        "controller under the safety supervisor, the pump, the UVA/Padova patient; record every "
+        "channel to Parquet with a manifest and summary metrics in a run directory.",
+    )
+    run.add_argument("--patient", action="append", default=[], help="patient name (repeatable)")
+    run.add_argument("--cohort", action="append", default=[], help="default: adults")
+    run.add_argument("--days", type=int, default=1, help="simulated days (default 1)")
+    run.add_argument("--controller", default="basal-bolus", help="basal-bolus (default) or pid")
+    run.add_argument("--scenario", default="random", help="meal scenario: random or A")
+    run.add_argument("--seed", type=_seed, default=0, help="seed of meals and sensor noise")
+    run.add_argument("--out", help="run directory (default runs/run-YYYYmmdd-HHMMSS)")
+    run.add_argument(
+        "--placement",
+        choices=["inline"],
+        default="inline",
+        help="where agents run (inline; Ray placement is not available yet)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     rep = sub.add_parser(
         "replay",
@@ -205,14 +229,53 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from agents.loop import LoopConfig
+    from agents.run import run_cohort
+
+    names = [*args.patient, *args.cohort] or ["adults"]
+    config = LoopConfig(
+        patients=tuple(names),
+        days=args.days,
+        seed=args.seed,
+        controller=args.controller,
+        scenario=args.scenario,
+    )
+    out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")
+    t0 = time.perf_counter()
+    run_dir, summary = run_cohort(config, out, progress=not args.no_progress)
+    elapsed = time.perf_counter() - t0
+    cols = (
+        ("mean", "mean_mg_dl"),
+        ("TIR%", "time_in_range_70_180_pct"),
+        ("<70%", "time_below_70_pct"),
+        ("<54%", "time_below_54_pct"),
+        (">180%", "time_above_180_pct"),
+    )
+    header = f"{'patient':<16}" + "".join(f"{c:>8}" for c, _ in cols)
+    print(
+        f"twinloop run: {len(summary['patients'])} patients × {args.days} day(s), controller "
+        f"{args.controller} under the safety supervisor, seed {args.seed}; plasma glucose mg/dL"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, row in [*summary["patients"].items(), *summary["cohorts"].items()]:
+        print(f"{name:<16}" + "".join(f"{row[f]:8.1f}" for _, f in cols))
+    print(f"{len(summary['patients']) * args.days} patient-day(s) in {elapsed:.1f} s")
+    print(f"recording: {run_dir}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (errors print one line, never a traceback)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "replay":
             return _replay(args)
+        if args.command == "run":
+            return _run(args)
         return _simulate(args)
-    except PlantError as exc:
+    except (PlantError, AgentError, PolicyError) as exc:
         print(f"twinloop {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -56,3 +56,46 @@ def iob_kernel(
     """
     n = int(np.ceil(dia_min / period_min))
     return iob_fraction(period_min * np.arange(1, n + 1), peak_min=peak_min, dia_min=dia_min)
+
+
+class IobTracker:
+    """Net insulin on board from minute-by-minute delivery (above a scheduled basal).
+
+    ``record(units)`` accounts the insulin delivered in one minute; :attr:`net_iob_u` is the
+    insulin on board of everything delivered (exponential curve, each minute's insulin aged
+    from the middle of its minute) minus that of the scheduled basal in steady state, so it is
+    0 on the scheduled basal, positive after boluses or high temps, negative during suspension.
+    The history starts in basal steady state.
+
+    Args:
+        scheduled_basal_u_per_h: the basal rate that counts as zero.
+        peak_min: peak of the activity curve.
+        dia_min: duration of insulin action.
+
+    """
+
+    def __init__(
+        self,
+        scheduled_basal_u_per_h: float,
+        *,
+        peak_min: float = DEFAULT_PEAK_MIN,
+        dia_min: float = DEFAULT_DIA_MIN,
+    ) -> None:
+        horizon = int(np.ceil(dia_min))
+        ages = np.arange(horizon, 0, -1, dtype=np.float64) - 0.5  # oldest minute first
+        self._weights = iob_fraction(ages, peak_min=peak_min, dia_min=dia_min)
+        basal_u_per_min = scheduled_basal_u_per_h / 60.0
+        self._history_u = np.full(horizon, basal_u_per_min)
+        self._next = 0  # ring-buffer slot of the oldest minute
+        self._basal_iob_u = float(self._weights.sum() * basal_u_per_min)
+
+    def record(self, units: float) -> None:
+        """Account the insulin delivered in the minute that just ended, U."""
+        self._history_u[self._next] = units
+        self._next = (self._next + 1) % self._history_u.shape[0]
+
+    @property
+    def net_iob_u(self) -> float:
+        """Insulin on board above the scheduled basal's steady state, U (may be negative)."""
+        ordered = np.concatenate((self._history_u[self._next :], self._history_u[: self._next]))
+        return float(self._weights @ ordered) - self._basal_iob_u

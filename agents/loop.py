@@ -1,0 +1,240 @@
+"""The closed loop in simulated time, in process, every edge a :class:`~agents.channels.Channel`.
+
+plant → sensor → controller → supervisor → actuator → plant, plus meal announcements.
+
+One :class:`PatientLoop` runs one virtual patient. Per control tick at time ``t`` (minutes):
+
+1. the CGM readings that fell due since the previous tick have already been sent on
+   ``sensor->controller`` (and seen by the supervisor);
+2. meals starting in ``[t, t + period)`` are announced on ``meal->controller``;
+3. the controller decides from the newest reading, its age, the net insulin on board and the
+   announced carbs, and sends its command on ``controller->supervisor``;
+4. the supervisor reviews it (overrides on ``supervisor->overrides``) and sends the result on
+   ``supervisor->actuator``;
+5. the actuator delivers minute by minute on ``actuator->plant`` while the plant advances,
+   publishing its true glucose each minute on ``plant->sensor``; the sensor reads when a sample
+   is due.
+
+A controller that raises is treated as a missing command: the supervisor falls back to its
+safe command and records why. Messages on every channel go to the listeners (the recorder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from agents.channels import Channel, Listener
+from agents.devices import PumpActuator, SensorAgent
+from agents.errors import LoopConfigError
+from agents.messages import (
+    CgmReading,
+    InsulinCommand,
+    InsulinDelivery,
+    MealAnnouncement,
+    Message,
+    PlantGlucose,
+)
+from agents.supervisor import SafetySupervisor, SupervisorConfig
+from plant.cgm import CGMSpec
+from plant.insulin import IobTracker
+from plant.patients import N_STATES, PatientParameters, expand_names, parameter_matrix
+from plant.pump import PumpSpec
+from plant.scenarios import MIN_PER_DAY, SCENARIOS, CarbCountingError, MealPlan
+from plant.uva_padova import N_MEAL_STATE, P_VG, advance
+from policies.controllers import CONTROLLERS, Controller, ControllerInput, make_controller
+
+CHANNELS = (
+    "plant->sensor",
+    "sensor->controller",
+    "meal->controller",
+    "controller->supervisor",
+    "supervisor->actuator",
+    "supervisor->overrides",
+    "actuator->plant",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """A closed-loop run (validated once).
+
+    Attributes:
+        patients: patient and cohort names, expanded in order.
+        days: simulated days.
+        seed: seed of meals, counting errors and sensor noise (one child stream per patient).
+        controller: controller name (see :data:`policies.controllers.CONTROLLERS`).
+        scenario: meal scenario name (``random`` or ``A``).
+        carb_error: carbohydrate-counting error of the announcements.
+        control_period_min: minutes between controller decisions.
+        cgm: the sensor; its sample period may not exceed the control period.
+        pump: the pump.
+
+    """
+
+    patients: tuple[str, ...] = ("adults",)
+    days: int = 1
+    seed: int = 0
+    controller: str = "basal-bolus"
+    scenario: str = "random"
+    carb_error: CarbCountingError = dataclasses.field(
+        default_factory=lambda: CarbCountingError("uniform", 0.3)
+    )
+    control_period_min: int = 5
+    cgm: CGMSpec = dataclasses.field(default_factory=CGMSpec)
+    pump: PumpSpec = dataclasses.field(default_factory=PumpSpec)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.patients, str):
+            object.__setattr__(self, "patients", (self.patients,))
+        if not (isinstance(self.days, int) and self.days >= 1):
+            raise LoopConfigError("days", self.days, "an integer >= 1")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise LoopConfigError("seed", self.seed, "an integer >= 0")
+        if self.controller not in CONTROLLERS:
+            raise LoopConfigError("controller", self.controller, f"one of {', '.join(CONTROLLERS)}")
+        if self.scenario not in SCENARIOS:
+            raise LoopConfigError("scenario", self.scenario, f"one of {', '.join(SCENARIOS)}")
+        if not (isinstance(self.control_period_min, int) and 1 <= self.control_period_min <= 60):
+            raise LoopConfigError("control_period_min", self.control_period_min, "1..60 minutes")
+        if self.control_period_min < self.cgm.sample_period_min:
+            raise LoopConfigError(
+                "control_period_min",
+                self.control_period_min,
+                f">= the CGM sample period ({self.cgm.sample_period_min} min): a controller "
+                "cannot run faster than its sensor",
+            )
+        self.patient_table()
+
+    def patient_table(self) -> tuple[PatientParameters, ...]:
+        """The patients of the run, in order."""
+        return expand_names(self.patients)
+
+
+class PatientLoop:
+    """The loop of one patient, assembled from plain agents and channels.
+
+    Args:
+        patient: the virtual patient.
+        config: the run.
+        rng: this patient's generator (meals and sensor noise draw from its children).
+        controller: overrides the configured controller (e.g. a learned policy).
+
+    """
+
+    def __init__(
+        self,
+        patient: PatientParameters,
+        config: LoopConfig,
+        rng: np.random.Generator,
+        controller: Controller | None = None,
+    ) -> None:
+        self.patient = patient
+        self.config = config
+        meal_rng, noise_rng = rng.spawn(2)
+        scenario = SCENARIOS[config.scenario](carb_error=config.carb_error)
+        self.meals: MealPlan = scenario.sample(meal_rng, days=config.days)
+        self.sensor = SensorAgent(config.cgm, noise_rng)
+        self.controller = controller or make_controller(config.controller, patient)
+        self.supervisor = SafetySupervisor(SupervisorConfig.for_patient(patient))
+        self.actuator = PumpActuator(config.pump, patient.basal_u_per_h)
+        self.iob = IobTracker(patient.basal_u_per_h)
+        self.channels: dict[str, Channel[Message]] = {name: Channel(name) for name in CHANNELS}
+        self._x = np.array(patient.x0, dtype=np.float64).reshape(1, N_STATES)
+        self._meal_state = np.zeros((1, N_MEAL_STATE))
+        self._params = parameter_matrix([patient])
+        self._vg = float(self._params[0, P_VG])
+        self._meal_idx = 0
+        self._t_min = 0
+
+    def listen(self, listener: Listener) -> None:
+        """Send every message of every channel to ``listener(channel, message)``."""
+        for channel in self.channels.values():
+            channel.listen(listener)
+
+    def _truth(self) -> PlantGlucose:
+        x = self._x[0]
+        return PlantGlucose(float(self._t_min), x[3] / self._vg, x[12] / self._vg)
+
+    def _sense(self) -> None:
+        truth = self.channels["plant->sensor"].send(self._truth())
+        if isinstance(truth, PlantGlucose):
+            reading = self.sensor.read(truth)
+            if reading is not None:
+                delivered = self.channels["sensor->controller"].send(reading)
+                if isinstance(delivered, CgmReading):
+                    self.supervisor.observe_cgm(delivered)
+
+    def _announce(self, t0: int, t1: int) -> tuple[float, list[tuple[int, float]]]:
+        """Announced grams and the true meals starting in ``[t0, t1)``."""
+        announced = 0.0
+        starts: list[tuple[int, float]] = []
+        plan = self.meals
+        while self._meal_idx < len(plan) and plan.start_min[self._meal_idx] < t1:
+            j = self._meal_idx
+            starts.append((int(plan.start_min[j]), float(plan.carbs_g[j])))
+            msg = self.channels["meal->controller"].send(
+                MealAnnouncement(float(plan.start_min[j]), float(plan.announced_g[j]))
+            )
+            if isinstance(msg, MealAnnouncement):
+                announced += msg.carbs_g
+            self._meal_idx += 1
+        return announced, starts
+
+    def _decide(self, t: float, announced_g: float) -> InsulinCommand | None:
+        reading = self.channels["sensor->controller"].latest
+        glucose = reading.glucose_mg_dl if isinstance(reading, CgmReading) else math.nan
+        age = t - reading.t_min if reading is not None else math.inf
+        obs = ControllerInput(t, glucose, age, self.iob.net_iob_u, announced_g)
+        try:
+            dose = self.controller.decide(obs)
+        except Exception:
+            return None
+        command = InsulinCommand(t, dose.basal_u_per_h, dose.bolus_u, dose.duration_min)
+        sent = self.channels["controller->supervisor"].send(command)
+        return sent if isinstance(sent, InsulinCommand) else None
+
+    def tick(self) -> None:
+        """One control period: decide, review, actuate, and advance the plant."""
+        period = self.config.control_period_min
+        t0 = self._t_min
+        if t0 == 0:
+            self._sense()
+        announced, starts = self._announce(t0, t0 + period)
+        command = self._decide(float(t0), announced)
+        approved, overrides = self.supervisor.review(float(t0), command)
+        for o in overrides:
+            self.channels["supervisor->overrides"].send(o)
+        approved_sent = self.channels["supervisor->actuator"].send(approved)
+        if isinstance(approved_sent, InsulinCommand):
+            self.actuator.apply(approved_sent)
+        meal_at = dict(starts)
+        insulin = np.zeros((1, 1))
+        meal = np.zeros((1, 1))
+        carbs = np.zeros((1, 1))
+        rate = np.array([5.0])
+        for m in range(t0, t0 + period):
+            delivery = self.channels["actuator->plant"].send(self.actuator.deliver(float(m)))
+            if isinstance(delivery, InsulinDelivery):
+                units = delivery.total_u
+                self.supervisor.observe_delivery(delivery)
+            else:  # the delivery was lost on the way: nothing reached the patient
+                units = 0.0
+                self.supervisor.observe_delivery(InsulinDelivery(float(m), 0.0, 0.0))
+            self.iob.record(units)
+            insulin[0, 0] = units
+            meal[0, 0] = meal_at.get(m, 0.0)
+            advance(self._x, self._meal_state, self._params, insulin, meal, rate, carbs_out=carbs)
+            self._t_min = m + 1
+            self._sense()
+
+    def run(self, progress: Callable[[int], None] | None = None) -> None:
+        """Run every tick of the configured days."""
+        period = self.config.control_period_min
+        for _ in range(self.config.days * MIN_PER_DAY // period):
+            self.tick()
+            if progress is not None:
+                progress(period)

@@ -1,0 +1,122 @@
+"""Recording a run: every channel to Parquet, a manifest, and summary metrics as JSON.
+
+Layout of a run directory::
+
+    RUN_DIR/
+      manifest.json          configuration, seed, versions, git revision, wall time, complete
+      summary.json           clinical metrics per patient and per cohort
+      channels/<edge>.parquet  one table per channel (``plant->sensor`` is ``plant__sensor``),
+                             one row per message: ``patient``, then the message's fields
+
+The manifest is written last. Until then the directory holds a file ``INCOMPLETE``; a run
+that is interrupted leaves it there (and a manifest saying ``"complete": false``), so a
+half-written recording is never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from agents.channels import Listener
+from agents.messages import Message
+
+INCOMPLETE_MARKER = "INCOMPLETE"
+
+
+def channel_file(channel: str) -> str:
+    """File name of a channel's table (``a->b`` → ``a__b.parquet``)."""
+    return channel.replace("->", "__") + ".parquet"
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries a recording depends on."""
+    import gymnasium
+    import numba
+    import scipy
+
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "numba": numba.__version__,
+        "gymnasium": gymnasium.__version__,
+        "pyarrow": pa.__version__,
+    }
+
+
+class Recorder:
+    """Collects messages of many patients' loops and writes them as one recording."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        (self.run_dir / "channels").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / INCOMPLETE_MARKER).write_text("recording in progress\n")
+        self._columns: dict[str, dict[str, list[Any]]] = {}
+        self._started = time.time()
+
+    def listener(self, patient: str) -> Listener:
+        """A channel listener that records messages under ``patient``."""
+
+        def record(channel: str, message: Message) -> None:
+            table = self._columns.get(channel)
+            if table is None:
+                names = ["patient"] + [f.name for f in dataclasses.fields(message)]
+                table = self._columns[channel] = {name: [] for name in names}
+            table["patient"].append(patient)
+            for f in dataclasses.fields(message):
+                table[f.name].append(getattr(message, f.name))
+
+        return record
+
+    def column(self, channel: str, field: str) -> list[Any]:
+        """The values recorded so far of one field of one channel."""
+        return self._columns.get(channel, {}).get(field, [])
+
+    def finish(
+        self, config: Mapping[str, Any], summary: Mapping[str, Any], *, complete: bool = True
+    ) -> Path:
+        """Write the tables, the summary and (last) the manifest; return the run directory."""
+        for channel, table in self._columns.items():
+            pq.write_table(
+                pa.Table.from_pydict(table), self.run_dir / "channels" / channel_file(channel)
+            )
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+        manifest = {
+            "config": config,
+            "versions": versions(),
+            "git_revision": _git_revision(),
+            "started_unix_s": self._started,
+            "wall_time_s": time.time() - self._started,
+            "channels": sorted(self._columns),
+            "complete": complete,
+        }
+        (self.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+        if complete:
+            (self.run_dir / INCOMPLETE_MARKER).unlink(missing_ok=True)
+        return self.run_dir

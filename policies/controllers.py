@@ -1,0 +1,185 @@
+"""Classical insulin controllers: basal-bolus with correction, and PID with insulin feedback.
+
+A controller is a plain object with ``decide(obs: ControllerInput) -> Dose``, called once per
+control period. Its parameters come from the patient's clinical profile (scheduled basal,
+carbohydrate ratio CR, correction factor CF, total daily insulin TDI), documented per class.
+Controllers never see the pump or the plant: the loop's safety supervisor reviews every dose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+from plant.patients import PatientParameters
+from policies.errors import PolicyConfigError
+
+MIN_PER_H = 60.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ControllerInput:
+    """What a controller sees at a tick.
+
+    Attributes:
+        t_min: loop time, minutes.
+        glucose_mg_dl: newest glucose (CGM, or the twin's estimate), ``nan`` if none yet.
+        glucose_age_min: minutes since that glucose was measured.
+        net_iob_u: insulin on board above the scheduled basal, U.
+        meal_carbs_g: carbohydrates announced since the previous tick, g.
+
+    """
+
+    t_min: float
+    glucose_mg_dl: float
+    glucose_age_min: float
+    net_iob_u: float
+    meal_carbs_g: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dose:
+    """A controller's output: temp basal (U/h) for ``duration_min`` and a bolus (U)."""
+
+    basal_u_per_h: float
+    bolus_u: float
+    duration_min: float = 30.0
+
+
+class Controller(Protocol):
+    """What the loop calls: one decision per control period."""
+
+    def decide(self, obs: ControllerInput) -> Dose:
+        """Return the dose for the coming period."""
+        ...
+
+
+@dataclasses.dataclass
+class BasalBolusController:
+    """Open-loop basal-bolus therapy with meal announcement and correction boluses.
+
+    * Basal: the scheduled basal, always.
+    * Meal bolus (when carbs are announced): ``carbs/CR + max(0, (G − target)/CF) − max(0, IOB)``
+      floored at 0 — the standard bolus-calculator rule.
+    * Correction without a meal: when ``G > correct_above_mg_dl`` and no correction was given for
+      ``correction_interval_min``: ``(G − target)/CF − max(0, IOB)`` if positive.
+
+    Args:
+        scheduled_basal_u_per_h: basal rate.
+        carb_ratio_g_per_u: CR.
+        correction_factor_mg_dl_per_u: CF.
+        target_mg_dl: correction target (120).
+        correct_above_mg_dl: threshold of stand-alone corrections (250).
+        correction_interval_min: minimum time between stand-alone corrections (180).
+
+    """
+
+    scheduled_basal_u_per_h: float
+    carb_ratio_g_per_u: float
+    correction_factor_mg_dl_per_u: float
+    target_mg_dl: float = 120.0
+    correct_above_mg_dl: float = 250.0
+    correction_interval_min: float = 180.0
+    _last_correction_min: float = -math.inf
+
+    @classmethod
+    def for_patient(cls, patient: PatientParameters, **overrides: float) -> BasalBolusController:
+        """Parameters from the patient's profile (basal, CR, CF)."""
+        return cls(
+            patient.basal_u_per_h,
+            patient.carb_ratio_g_per_u,
+            patient.correction_factor_mg_dl_per_u,
+            **overrides,
+        )
+
+    def decide(self, obs: ControllerInput) -> Dose:
+        """Scheduled basal, plus a meal or correction bolus when due."""
+        g = obs.glucose_mg_dl
+        iob = max(obs.net_iob_u, 0.0)
+        correction = (g - self.target_mg_dl) / self.correction_factor_mg_dl_per_u
+        bolus = 0.0
+        if obs.meal_carbs_g > 0:
+            bolus = obs.meal_carbs_g / self.carb_ratio_g_per_u
+            if math.isfinite(correction):
+                bolus += max(correction, 0.0) - iob
+            bolus = max(bolus, 0.0)
+        elif (
+            math.isfinite(g)
+            and g > self.correct_above_mg_dl
+            and obs.t_min - self._last_correction_min >= self.correction_interval_min
+        ):
+            bolus = max(correction - iob, 0.0)
+            self._last_correction_min = obs.t_min
+        return Dose(self.scheduled_basal_u_per_h, bolus)
+
+
+@dataclasses.dataclass
+class PIDController:
+    """PID on glucose with insulin feedback, as a temp basal around the scheduled basal.
+
+    ``u = basal + Kp·[e + (1/Ti)·∫e dt + Td·de/dt] − K_ifb·max(IOB, 0)``, with ``e = G − target``
+    (mg/dL), clipped at 0 U/h, and the integral frozen (anti-windup) while the output is
+    clipped. Gains from the profile, after Steil et al. (2006, *Diabetes* 55:3344) who scale the
+    proportional gain with the patient's daily insulin: ``Kp = TDI / (24 h · 60 mg/dL)`` U/h
+    per mg/dL (so 60 mg/dL above target doubles an average hourly dose), ``Ti = 150 min``,
+    ``Td = 90 min`` (their daytime values). Insulin feedback (Steil et al. 2011, *J Clin
+    Endocrinol Metab* 96:1402) is reduced here to subtracting ``K_ifb = 0.5 /h`` × net insulin on
+    board, which damps the insulin stacking a pure PID causes after meals.
+    """
+
+    scheduled_basal_u_per_h: float
+    kp_u_per_h_per_mg_dl: float
+    ti_min: float = 150.0
+    td_min: float = 90.0
+    k_ifb_per_h: float = 0.5
+    target_mg_dl: float = 120.0
+    _integral_mg_dl_min: float = 0.0
+    _last_error: float | None = None
+    _last_t_min: float | None = None
+
+    @classmethod
+    def for_patient(cls, patient: PatientParameters, **overrides: float) -> PIDController:
+        """Gains from the patient's profile (basal, TDI)."""
+        kp = patient.total_daily_insulin_u / (24.0 * 60.0)
+        return cls(patient.basal_u_per_h, kp, **overrides)
+
+    def decide(self, obs: ControllerInput) -> Dose:
+        """Temp basal from the PID law with insulin feedback (no bolus)."""
+        g = obs.glucose_mg_dl
+        if not math.isfinite(g):
+            return Dose(self.scheduled_basal_u_per_h, 0.0)
+        e = g - self.target_mg_dl
+        de = 0.0
+        if self._last_error is not None and self._last_t_min is not None:
+            dt = obs.t_min - self._last_t_min
+            if dt > 0:
+                de = (e - self._last_error) / dt
+        pid = e + self._integral_mg_dl_min / self.ti_min + self.td_min * de
+        u = self.scheduled_basal_u_per_h + self.kp_u_per_h_per_mg_dl * pid
+        u -= self.k_ifb_per_h * max(obs.net_iob_u, 0.0)
+        if u > 0.0 and self._last_t_min is not None:  # anti-windup: integrate only unclipped
+            self._integral_mg_dl_min += e * (obs.t_min - self._last_t_min)
+        self._last_error, self._last_t_min = e, obs.t_min
+        return Dose(max(u, 0.0), 0.0)
+
+
+CONTROLLERS: dict[str, Callable[..., Controller]] = {
+    "basal-bolus": BasalBolusController.for_patient,
+    "pid": PIDController.for_patient,
+}
+
+
+def make_controller(name: str, patient: PatientParameters) -> Controller:
+    """A controller by name (``basal-bolus``, ``pid``), parametrised for ``patient``.
+
+    Raises:
+        PolicyConfigError: unknown name (lists the valid ones).
+
+    """
+    if name not in CONTROLLERS:
+        raise PolicyConfigError(
+            f"controller={name!r} is not allowed: one of {', '.join(CONTROLLERS)}"
+        )
+    return CONTROLLERS[name](patient)
