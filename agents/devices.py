@@ -39,6 +39,15 @@ class SensorAgent:
         value = self._cgm.read(truth.t_min, truth.gsub_mg_dl)
         return None if value is None else CgmReading(truth.t_min, value)
 
+    def read_many(self, truths: list[PlantGlucose]) -> list[CgmReading]:
+        """The readings due over a control period's minutes (one call per tick)."""
+        out = []
+        for truth in truths:
+            reading = self.read(truth)
+            if reading is not None:
+                out.append(reading)
+        return out
+
 
 class PumpActuator:
     """Insulin pump. Input: InsulinCommand (from the supervisor). Output: InsulinDelivery/min.
@@ -75,3 +84,11 @@ class PumpActuator:
         """Insulin delivered over ``[t_min, t_min + 1)``."""
         bolus, self._pending_bolus_u = self._pending_bolus_u, 0.0
         return InsulinDelivery(t_min, self.current_basal_u_per_h(t_min) / MIN_PER_H, bolus)
+
+    def actuate(
+        self, command: InsulinCommand | None, t0_min: float, minutes: int
+    ) -> list[InsulinDelivery]:
+        """Apply ``command`` (if any) and deliver the next ``minutes`` minutes (one call/tick)."""
+        if command is not None:
+            self.apply(command)
+        return [self.deliver(t0_min + k) for k in range(minutes)]

@@ -38,6 +38,7 @@ from agents.messages import (
     Message,
     PlantGlucose,
 )
+from agents.placement import InlinePlacement, Placement
 from agents.supervisor import SafetySupervisor, SupervisorConfig
 from plant.cgm import CGMSpec
 from plant.insulin import IobTracker
@@ -149,24 +150,47 @@ class PatientLoop:
         self._vg = float(self._params[0, P_VG])
         self._meal_idx = 0
         self._t_min = 0
+        period = config.control_period_min
+        self._insulin = np.zeros((1, period))
+        self._meal = np.zeros((1, period))
+        self._carbs = np.zeros((1, period))
+        self._gp = np.zeros((1, period + 1))
+        self._gs = np.zeros((1, period + 1))
+        self._eat_rate = np.array([5.0])
+        self._new_readings: list[CgmReading] = []
+        self._last_deliveries: list[InsulinDelivery] = []
+        self.place(InlinePlacement())
 
     def listen(self, listener: Listener) -> None:
         """Send every message of every channel to ``listener(channel, message)``."""
         for channel in self.channels.values():
             channel.listen(listener)
 
-    def _truth(self) -> PlantGlucose:
-        x = self._x[0]
-        return PlantGlucose(float(self._t_min), x[3] / self._vg, x[12] / self._vg)
+    def place(self, placement: Placement) -> None:
+        """Host the agents with ``placement`` (call before :meth:`run`; inline by default)."""
+        self._sensor = placement.host(self.sensor, label="sensor")
+        self._controller = placement.host(self.controller, label="controller")
+        self._supervisor = placement.host(self.supervisor, label="supervisor")
+        self._actuator = placement.host(self.actuator, label="actuator")
 
-    def _sense(self) -> None:
-        truth = self.channels["plant->sensor"].send(self._truth())
-        if isinstance(truth, PlantGlucose):
-            reading = self.sensor.read(truth)
-            if reading is not None:
-                delivered = self.channels["sensor->controller"].send(reading)
-                if isinstance(delivered, CgmReading):
-                    self.supervisor.observe_cgm(delivered)
+    def close(self) -> None:
+        """Release the agents' hosts (Ray actors)."""
+        for handle in (self._sensor, self._controller, self._supervisor, self._actuator):
+            handle.close()
+
+    def _truth(self, t_min: float, gp: float, gs: float) -> PlantGlucose:
+        return PlantGlucose(t_min, gp / self._vg, gs / self._vg)
+
+    def _sense(self, truths: list[PlantGlucose]) -> None:
+        passed = []
+        for truth in truths:
+            sent = self.channels["plant->sensor"].send(truth)
+            if isinstance(sent, PlantGlucose):
+                passed.append(sent)
+        for reading in self._sensor.call("read_many", passed):
+            delivered = self.channels["sensor->controller"].send(reading)
+            if isinstance(delivered, CgmReading):
+                self._new_readings.append(delivered)
 
     def _announce(self, t0: int, t1: int) -> tuple[float, list[tuple[int, float]]]:
         """Announced grams and the true meals starting in ``[t0, t1)``."""
@@ -190,8 +214,8 @@ class PatientLoop:
         age = t - reading.t_min if reading is not None else math.inf
         obs = ControllerInput(t, glucose, age, self.iob.net_iob_u, announced_g)
         try:
-            dose = self.controller.decide(obs)
-        except Exception:
+            dose = self._controller.call("decide", obs)
+        except Exception:  # a failing controller (or its actor) must not stop the therapy
             return None
         command = InsulinCommand(t, dose.basal_u_per_h, dose.bolus_u, dose.duration_min)
         sent = self.channels["controller->supervisor"].send(command)
@@ -202,34 +226,45 @@ class PatientLoop:
         period = self.config.control_period_min
         t0 = self._t_min
         if t0 == 0:
-            self._sense()
+            x = self._x[0]
+            self._sense([self._truth(0.0, x[3], x[12])])
         announced, starts = self._announce(t0, t0 + period)
         command = self._decide(float(t0), announced)
-        approved, overrides = self.supervisor.review(float(t0), command)
+        readings, self._new_readings = self._new_readings, []
+        deliveries, self._last_deliveries = self._last_deliveries, []
+        approved, overrides = self._supervisor.call(
+            "tick", float(t0), command, readings, deliveries
+        )
         for o in overrides:
             self.channels["supervisor->overrides"].send(o)
         approved_sent = self.channels["supervisor->actuator"].send(approved)
-        if isinstance(approved_sent, InsulinCommand):
-            self.actuator.apply(approved_sent)
-        meal_at = dict(starts)
-        insulin = np.zeros((1, 1))
-        meal = np.zeros((1, 1))
-        carbs = np.zeros((1, 1))
-        rate = np.array([5.0])
-        for m in range(t0, t0 + period):
-            delivery = self.channels["actuator->plant"].send(self.actuator.deliver(float(m)))
-            if isinstance(delivery, InsulinDelivery):
-                units = delivery.total_u
-                self.supervisor.observe_delivery(delivery)
+        cmd = approved_sent if isinstance(approved_sent, InsulinCommand) else None
+        insulin = self._insulin
+        meal = self._meal
+        meal[:] = 0.0
+        for m, grams in starts:
+            meal[0, m - t0] += grams
+        for k, delivery in enumerate(self._actuator.call("actuate", cmd, float(t0), period)):
+            sent = self.channels["actuator->plant"].send(delivery)
+            if isinstance(sent, InsulinDelivery):
+                units = sent.total_u
+                self._last_deliveries.append(sent)
             else:  # the delivery was lost on the way: nothing reached the patient
                 units = 0.0
-                self.supervisor.observe_delivery(InsulinDelivery(float(m), 0.0, 0.0))
+                self._last_deliveries.append(InsulinDelivery(float(t0 + k), 0.0, 0.0))
             self.iob.record(units)
-            insulin[0, 0] = units
-            meal[0, 0] = meal_at.get(m, 0.0)
-            advance(self._x, self._meal_state, self._params, insulin, meal, rate, carbs_out=carbs)
-            self._t_min = m + 1
-            self._sense()
+            insulin[0, k] = units
+        advance(
+            self._x, self._meal_state, self._params, insulin, meal, self._eat_rate,
+            carbs_out=self._carbs, gp_out=self._gp, gs_out=self._gs,
+        )  # fmt: skip
+        self._t_min = t0 + period
+        self._sense(
+            [
+                self._truth(float(t0 + k), self._gp[0, k], self._gs[0, k])
+                for k in range(1, period + 1)
+            ]
+        )
 
     def run(self, progress: Callable[[int], None] | None = None) -> None:
         """Run every tick of the configured days."""

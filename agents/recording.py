@@ -19,6 +19,7 @@ import dataclasses
 import json
 import platform
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -79,18 +80,20 @@ class Recorder:
         (self.run_dir / INCOMPLETE_MARKER).write_text("recording in progress\n")
         self._columns: dict[str, dict[str, list[Any]]] = {}
         self._started = time.time()
+        self._lock = threading.Lock()
 
     def listener(self, patient: str) -> Listener:
         """A channel listener that records messages under ``patient``."""
 
         def record(channel: str, message: Message) -> None:
-            table = self._columns.get(channel)
-            if table is None:
-                names = ["patient"] + [f.name for f in dataclasses.fields(message)]
-                table = self._columns[channel] = {name: [] for name in names}
-            table["patient"].append(patient)
-            for f in dataclasses.fields(message):
-                table[f.name].append(getattr(message, f.name))
+            with self._lock:  # loops of several patients may record from several threads
+                table = self._columns.get(channel)
+                if table is None:
+                    names = ["patient"] + [f.name for f in dataclasses.fields(message)]
+                    table = self._columns[channel] = {name: [] for name in names}
+                table["patient"].append(patient)
+                for f in dataclasses.fields(message):
+                    table[f.name].append(getattr(message, f.name))
 
         return record
 

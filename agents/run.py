@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from agents.loop import LoopConfig, PatientLoop
+from agents.placement import InlinePlacement, Placement
 from agents.recording import Recorder
 from plant.metrics import glucose_metrics
 from plant.patients import patient_names
@@ -45,13 +47,27 @@ def summarize(patients: list[str], cohorts: list[str], bg_mg_dl: np.ndarray) -> 
 
 
 def run_cohort(
-    config: LoopConfig, run_dir: str | Path, *, progress: bool = True
+    config: LoopConfig,
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    placement: Placement | None = None,
+    parallel_patients: int = 1,
 ) -> tuple[Path, dict[str, Any]]:
     """Run every patient's loop, record every channel, and return the directory and summary.
 
     Each patient draws from ``SeedSequence(config.seed, spawn_key=(k,))`` where ``k`` is its
     position in the full table of 30 patients, so a patient's trajectory does not depend on
-    which other patients run with it.
+    which other patients run with it (nor on the placement, nor on ``parallel_patients``).
+
+    Args:
+        config: the run.
+        run_dir: where the recording goes.
+        progress: show a progress bar (simulated minutes).
+        placement: where agents run (default: inline).
+        parallel_patients: patient loops driven at once (threads; useful with Ray placement,
+            whose actor calls wait on other processes).
+
     """
     patients = config.patient_table()
     recorder = Recorder(run_dir)
@@ -59,20 +75,41 @@ def run_cohort(
     seeds = [
         np.random.SeedSequence(config.seed, spawn_key=(table.index(p.name),)) for p in patients
     ]
-    total = len(patients) * config.days * MIN_PER_DAY
-    bg = np.empty((len(patients), config.days * MIN_PER_DAY + 1))
+    n_min = config.days * MIN_PER_DAY
+    bg = np.empty((len(patients), n_min + 1))
     complete = False
     config_dict = dataclasses.asdict(config)
+    placement = placement or InlinePlacement()
+    config_dict["placement"] = placement.name
+
+    def one(i: int, bar: tqdm) -> None:
+        patient = patients[i]
+        loop = PatientLoop(patient, config, np.random.default_rng(seeds[i]))
+        loop.place(placement)
+        loop.listen(recorder.listener(patient.name))
+        trace: list[float] = []
+        loop.channels["plant->sensor"].listen(lambda _, m: trace.append(m.bg_mg_dl))  # type: ignore[attr-defined]
+        try:
+            loop.run(progress=bar.update)
+        finally:
+            loop.close()
+        bg[i] = trace
+
     try:
         with tqdm(
-            total=total, unit="sim-min", disable=not progress, desc="closed loop", leave=False
+            total=len(patients) * n_min,
+            unit="sim-min",
+            disable=not progress,
+            desc="closed loop",
+            leave=False,
         ) as bar:
-            for i, (patient, seed) in enumerate(zip(patients, seeds, strict=True)):
-                loop = PatientLoop(patient, config, np.random.default_rng(seed))
-                loop.listen(recorder.listener(patient.name))
-                start = len(recorder.column("plant->sensor", "bg_mg_dl"))
-                loop.run(progress=bar.update)
-                bg[i] = recorder.column("plant->sensor", "bg_mg_dl")[start:]
+            if parallel_patients <= 1:
+                for i in range(len(patients)):
+                    one(i, bar)
+            else:
+                with ThreadPoolExecutor(max_workers=parallel_patients) as pool:
+                    for future in [pool.submit(one, i, bar) for i in range(len(patients))]:
+                        future.result()
         complete = True
     finally:
         summary = (

@@ -147,6 +147,23 @@ class SafetySupervisor:
         """Account one minute of delivered insulin (for insulin on board)."""
         self._iob.record(delivery.total_u)
 
+    def tick(
+        self,
+        t_min: float,
+        command: InsulinCommand | None,
+        readings: list[CgmReading],
+        deliveries: list[InsulinDelivery],
+        estimate: TwinEstimate | None = None,
+    ) -> tuple[InsulinCommand, list[Override]]:
+        """Observe what happened since the last tick, then review ``command`` (one call/tick)."""
+        for reading in readings:
+            self.observe_cgm(reading)
+        for delivery in deliveries:
+            self.observe_delivery(delivery)
+        if estimate is not None:
+            self.observe_estimate(estimate)
+        return self.review(t_min, command)
+
     @property
     def net_iob_u(self) -> float:
         """Insulin on board above the scheduled basal's steady state, U (may be negative)."""

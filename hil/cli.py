@@ -83,9 +83,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default runs/run-YYYYmmdd-HHMMSS)")
     run.add_argument(
         "--placement",
-        choices=["inline"],
+        choices=["inline", "ray"],
         default="inline",
-        help="where agents run (inline; Ray placement is not available yet)",
+        help="where agents run: inline (default) or each agent as a Ray actor",
+    )
+    run.add_argument(
+        "--address", help="HOST:PORT of an existing Ray cluster (default: an embedded Ray)"
+    )
+    run.add_argument(
+        "--parallel-patients",
+        type=int,
+        default=None,
+        help="patient loops driven at once (default 1 inline, 4 with Ray)",
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -231,6 +240,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from agents.loop import LoopConfig
+    from agents.placement import InlinePlacement, Placement, RayPlacement, start_ray
     from agents.run import run_cohort
 
     names = [*args.patient, *args.cohort] or ["adults"]
@@ -242,8 +252,25 @@ def _run(args: argparse.Namespace) -> int:
         scenario=args.scenario,
     )
     out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")
+    placement: Placement = InlinePlacement()
+    if args.placement == "ray" or args.address:
+        start_ray(args.address)
+        placement = RayPlacement()
+    parallel = args.parallel_patients or (4 if placement.name == "ray" else 1)
     t0 = time.perf_counter()
-    run_dir, summary = run_cohort(config, out, progress=not args.no_progress)
+    try:
+        run_dir, summary = run_cohort(
+            config,
+            out,
+            progress=not args.no_progress,
+            placement=placement,
+            parallel_patients=parallel,
+        )
+    finally:
+        if placement.name == "ray":
+            import ray
+
+            ray.shutdown()
     elapsed = time.perf_counter() - t0
     cols = (
         ("mean", "mean_mg_dl"),
@@ -255,7 +282,8 @@ def _run(args: argparse.Namespace) -> int:
     header = f"{'patient':<16}" + "".join(f"{c:>8}" for c, _ in cols)
     print(
         f"twinloop run: {len(summary['patients'])} patients × {args.days} day(s), controller "
-        f"{args.controller} under the safety supervisor, seed {args.seed}; plasma glucose mg/dL"
+        f"{args.controller} under the safety supervisor, seed {args.seed}, agents "
+        f"{placement.name}; plasma glucose mg/dL"
     )
     print(header)
     print("-" * len(header))

@@ -44,3 +44,18 @@ def reference_a() -> Reference:
         gs.append([float(r["gsub_mg_dl"]) for r in rows])
     assert len(names) == 30, f"expected 30 reference patients in {folder}, found {len(names)}"
     return Reference(tuple(names), np.array(ins), np.array(meals), np.array(bg), np.array(gs))
+
+
+@pytest.fixture
+def ray_started():
+    """The embedded Ray of this test session (started on first use, loopback only)."""
+    pytest.importorskip("ray")
+    from agents.placement import start_ray
+
+    start_ray(num_cpus=2)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that stop every Ray process on the machine (``ray_cluster``) run last."""
+    items.sort(key=lambda item: item.get_closest_marker("ray_cluster") is not None)

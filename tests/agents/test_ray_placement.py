@@ -1,0 +1,89 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from agents.loop import LoopConfig, PatientLoop
+from agents.placement import PlacementError, RayPlacement, start_ray
+from plant.patients import get_patient
+
+pytestmark = pytest.mark.ray
+
+
+def _trajectory(placement=None):
+    p = get_patient("adolescent#006")
+    loop = PatientLoop(p, LoopConfig(patients=(p.name,)), np.random.default_rng(7))
+    if placement is not None:
+        loop.place(placement)
+    bg, commands = [], []
+    loop.channels["plant->sensor"].listen(lambda _, m: bg.append(m.bg_mg_dl))
+    loop.channels["supervisor->actuator"].listen(lambda _, m: commands.append(m))
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    return np.array(bg), commands
+
+
+def test_ray_and_inline_placements_give_identical_trajectories(ray_started):
+    inline_bg, inline_cmd = _trajectory()
+    ray_bg, ray_cmd = _trajectory(RayPlacement())
+    np.testing.assert_array_equal(inline_bg, ray_bg)
+    assert inline_cmd == ray_cmd
+
+
+def test_unreachable_address_fails_fast_with_a_clear_error():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError, match="not reachable"):
+        start_ray("127.0.0.1:1")
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.ray_cluster
+@pytest.mark.skipif(
+    shutil.which("ray") is None
+    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "ray")),
+    reason="ray CLI not installed",
+)
+def test_run_on_an_existing_two_node_cluster(tmp_path):
+    """`twinloop run --address` on a head node plus a second node, all on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    port = "6397"
+    common = ["--num-cpus", "1", "--disable-usage-stats"]
+    subprocess.run(
+        [ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
+         "--include-dashboard", "false", *common],
+        check=True, env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    try:
+        subprocess.run(
+            [ray_cli, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address",
+             "127.0.0.1", *common],
+            check=True, env=env, capture_output=True, timeout=120,
+        )  # fmt: skip
+        out = tmp_path / "run"
+        proc = subprocess.run(
+            [sys.executable, "-m", "hil", "run", "--address", f"127.0.0.1:{port}", "--patient",
+             "adult#001", "--out", str(out), "--no-progress"],
+            env=env, capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["config"]["placement"] == "ray"
+        assert "agents ray" in proc.stdout
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
