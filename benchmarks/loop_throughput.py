@@ -1,0 +1,126 @@
+"""Closed-loop throughput: inline patient-days/s, Ray per-tick overhead, a 210-patient-day run.
+
+Prints one JSON object. Run it network-isolated (it starts Ray)::
+
+    ../shared/bin/offline .venv/bin/python benchmarks/loop_throughput.py
+
+* ``inline``: one patient's loop (adult#001, basal-bolus under the supervisor, random meals,
+  CGM noise) for ``--days`` days in process: patient-days per second on one core.
+* ``ray``: the same loop with the four agents (sensor, controller, supervisor, actuator) as
+  Ray actors on the embedded Ray; after a warm-up, the mean wall time per control tick, and the
+  overhead per tick = Ray tick time − inline tick time.
+* ``cohort_all_7_days``: :func:`agents.run.run_cohort` on all 30 patients for 7 days (210
+  patient-days) inline, recording included — what ``twinloop run --cohort all --days 7`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from agents.loop import LoopConfig, PatientLoop
+from agents.run import run_cohort
+from plant.patients import get_patient
+
+
+def _inline(days: int) -> dict[str, Any]:
+    p = get_patient("adult#001")
+    cfg = LoopConfig(patients=(p.name,), days=days)
+    PatientLoop(p, cfg, np.random.default_rng(0)).tick()  # compile / warm up
+    loop = PatientLoop(p, cfg, np.random.default_rng(0))
+    t0 = time.perf_counter()
+    loop.run()
+    elapsed = time.perf_counter() - t0
+    ticks = days * 1440 // cfg.control_period_min
+    return {
+        "days": days,
+        "seconds": elapsed,
+        "patient_days_per_s": days / elapsed,
+        "tick_ms": 1000 * elapsed / ticks,
+    }
+
+
+def _ray(ticks: int, inline_tick_ms: float) -> dict[str, Any]:
+    from agents.placement import RayPlacement, start_ray
+
+    t0 = time.perf_counter()
+    start_ray(num_cpus=2)
+    init_s = time.perf_counter() - t0
+    p = get_patient("adult#001")
+    loop = PatientLoop(p, LoopConfig(patients=(p.name,), days=2), np.random.default_rng(0))
+    loop.place(RayPlacement())
+    for _ in range(20):  # actors start lazily: warm up
+        loop.tick()
+    samples = []
+    for _ in range(ticks):
+        t = time.perf_counter()
+        loop.tick()
+        samples.append(1000 * (time.perf_counter() - t))
+    loop.close()
+    arr = np.array(samples)
+    return {
+        "actors": 4,
+        "ray_init_s": init_s,
+        "ticks": ticks,
+        "tick_ms_mean": float(arr.mean()),
+        "tick_ms_p50": float(np.percentile(arr, 50)),
+        "tick_ms_p99": float(np.percentile(arr, 99)),
+        "overhead_per_tick_ms": float(arr.mean() - inline_tick_ms),
+        "actor_calls_per_tick": 4,
+    }
+
+
+def _cohort(days: int) -> dict[str, Any]:
+    cfg = LoopConfig(patients=("all",), days=days)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        run_cohort(cfg, tmp, progress=False)
+        elapsed = time.perf_counter() - t0
+    return {"patients": 30, "days": days, "patient_days": 30 * days, "seconds": elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--days", type=int, default=3, help="inline days (default 3)")
+    parser.add_argument("--ray-ticks", type=int, default=300, help="timed Ray ticks")
+    parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--skip-cohort", action="store_true")
+    args = parser.parse_args()
+    out: dict[str, Any] = {
+        "benchmark": "loop_throughput",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+    out["inline"] = _inline(args.days)
+    if not args.skip_ray:
+        out["ray"] = _ray(args.ray_ticks, out["inline"]["tick_ms"])
+    if not args.skip_cohort:
+        out["cohort_all_7_days"] = _cohort(7)
+    out["loadavg_end"] = list(os.getloadavg())
+    out["targets"] = {
+        "inline_patient_days_per_s_per_core": {
+            "target": 20.0,
+            "measured": out["inline"]["patient_days_per_s"],
+        },
+        "ray_overhead_per_tick_ms": {
+            "target": 5.0,
+            "measured": out.get("ray", {}).get("overhead_per_tick_ms"),
+        },
+        "cohort_all_7_days_s": {
+            "target": 180.0,
+            "measured": out.get("cohort_all_7_days", {}).get("seconds"),
+        },
+    }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
