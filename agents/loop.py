@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -37,6 +38,7 @@ from agents.messages import (
     MealAnnouncement,
     Message,
     PlantGlucose,
+    TickTiming,
 )
 from agents.placement import InlinePlacement, Placement
 from agents.supervisor import SafetySupervisor, SupervisorConfig
@@ -56,7 +58,11 @@ CHANNELS = (
     "supervisor->actuator",
     "supervisor->overrides",
     "actuator->plant",
+    "clock->ticks",
 )
+
+#: Below this many seconds to wait, the wall clock spins instead of sleeping.
+SPIN_S = 0.002
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +93,14 @@ class LoopConfig:
     control_period_min: int = 5
     cgm: CGMSpec = dataclasses.field(default_factory=CGMSpec)
     pump: PumpSpec = dataclasses.field(default_factory=PumpSpec)
+    clock: str = "sim"
+    wall_s_per_sim_min: float = 0.01
 
     def __post_init__(self) -> None:
+        if self.clock not in ("sim", "wall"):
+            raise LoopConfigError("clock", self.clock, "'sim' or 'wall'")
+        if not (isinstance(self.wall_s_per_sim_min, int | float) and self.wall_s_per_sim_min > 0):
+            raise LoopConfigError("wall_s_per_sim_min", self.wall_s_per_sim_min, "seconds > 0")
         if isinstance(self.patients, str):
             object.__setattr__(self, "patients", (self.patients,))
         if not (isinstance(self.days, int) and self.days >= 1):
@@ -267,9 +279,32 @@ class PatientLoop:
         )
 
     def run(self, progress: Callable[[int], None] | None = None) -> None:
-        """Run every tick of the configured days."""
-        period = self.config.control_period_min
-        for _ in range(self.config.days * MIN_PER_DAY // period):
-            self.tick()
+        """Run every tick of the configured days (paced on the wall clock in ``wall`` mode).
+
+        In wall-clock mode each tick is scheduled at start + ``t_min`` × the time scale; the
+        loop sleeps until shortly before and spins the rest, then records the tick's lateness
+        and duration on ``clock->ticks``.
+        """
+        cfg = self.config
+        period = cfg.control_period_min
+        wall = cfg.clock == "wall"
+        start = time.perf_counter()
+        for _ in range(cfg.days * MIN_PER_DAY // period):
+            if wall:
+                due = start + self._t_min * cfg.wall_s_per_sim_min
+                wait = due - time.perf_counter()
+                if wait > SPIN_S:
+                    time.sleep(wait - SPIN_S)
+                while time.perf_counter() < due:
+                    pass
+                began = time.perf_counter()
+                t_tick = float(self._t_min)
+                self.tick()
+                done = time.perf_counter()
+                self.channels["clock->ticks"].send(
+                    TickTiming(t_tick, 1000.0 * (began - due), 1000.0 * (done - began))
+                )
+            else:
+                self.tick()
             if progress is not None:
                 progress(period)

@@ -98,3 +98,16 @@ class Override(Message):
     delivered_basal_u_per_h: float
     delivered_bolus_u: float
     kind: ClassVar[str] = "override"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TickTiming(Message):
+    """Wall-clock timing of one control tick in wall-clock mode (clock → recorder).
+
+    ``lateness_ms`` is how late the tick started against its schedule (start of the run +
+    ``t_min`` × the time scale); ``duration_ms`` is how long the tick's work took.
+    """
+
+    lateness_ms: float
+    duration_ms: float
+    kind: ClassVar[str] = "tick_timing"

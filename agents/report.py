@@ -498,7 +498,7 @@ def _midnights(ax: Axes, end_h: float) -> None:
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 6})
     fig.clear()
     return path
 

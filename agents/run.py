@@ -117,5 +117,13 @@ def run_cohort(
             if complete
             else {"complete": False}
         )
+        lateness = np.array(recorder.column("clock->ticks", "lateness_ms"), dtype=np.float64)
+        if complete and lateness.size:
+            summary["tick_lateness_ms"] = {
+                "ticks": int(lateness.size),
+                "p50": float(np.percentile(lateness, 50)),
+                "p99": float(np.percentile(lateness, 99)),
+                "max": float(lateness.max()),
+            }
         recorder.finish(config_dict, summary, complete=complete)
     return Path(run_dir), summary

@@ -96,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="patient loops driven at once (default 1 inline, 4 with Ray)",
     )
+    run.add_argument(
+        "--clock", choices=["sim", "wall"], default="sim", help="sim (default) or wall clock"
+    )
+    run.add_argument(
+        "--time-scale",
+        type=_positive,
+        default=0.01,
+        help="wall-clock seconds per simulated minute with --clock wall (default 0.01)",
+    )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     rep = sub.add_parser(
@@ -250,6 +259,8 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         controller=args.controller,
         scenario=args.scenario,
+        clock=args.clock,
+        wall_s_per_sim_min=args.time_scale,
     )
     out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")
     placement: Placement = InlinePlacement()
@@ -290,6 +301,12 @@ def _run(args: argparse.Namespace) -> int:
     for name, row in [*summary["patients"].items(), *summary["cohorts"].items()]:
         print(f"{name:<16}" + "".join(f"{row[f]:8.1f}" for _, f in cols))
     print(f"{len(summary['patients']) * args.days} patient-day(s) in {elapsed:.1f} s")
+    if "tick_lateness_ms" in summary:
+        late = summary["tick_lateness_ms"]
+        print(
+            f"wall clock: {late['ticks']} ticks, lateness p50 {late['p50']:.2f} ms, "
+            f"p99 {late['p99']:.2f} ms, max {late['max']:.2f} ms"
+        )
     print(f"recording: {run_dir}")
     return 0
 
