@@ -84,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--placement",
         choices=["inline", "ray"],
-        default="inline",
-        help="where agents run: inline (default) or each agent as a Ray actor",
+        default="ray",
+        help="where agents run: each agent as a Ray actor (default) or inline",
     )
     run.add_argument(
         "--address", help="HOST:PORT of an existing Ray cluster (default: an embedded Ray)"

@@ -1,7 +1,8 @@
 #!/bin/sh
-# Install everything, then run the main job: a whole cohort for one day, with a printed summary.
-# Extra arguments go to `twinloop simulate` (e.g. --cohort adults --days 7 --carb-error 0.3).
+# Install everything, then run the main job: the closed loop on the adult cohort for one day
+# (agents as Ray actors on an embedded, loopback-only Ray), with a printed summary and a
+# recording. Extra arguments go to `twinloop run` (e.g. --cohort all --days 7 --placement inline).
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/install.sh
-exec sh scripts/offline.sh .venv/bin/twinloop simulate "$@"
+exec sh scripts/offline.sh .venv/bin/twinloop run "$@"

@@ -145,10 +145,11 @@ def test_bad_loop_config_names_the_field(kwargs, field):
 def test_cli_run_prints_the_summary_and_the_run_directory(tmp_path, capsys):
     out = tmp_path / "r"
     args = ["run", "--patient", "adult#001", "--controller", "pid", "--out", str(out)]
+    args += ["--placement", "inline"]
     assert main([*args, "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "adult#001" in text and "TIR%" in text and str(out) in text
-    assert main(["run", "--controller", "magic", "--no-progress"]) == 2
+    assert main(["run", "--controller", "magic", "--placement", "inline", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "basal-bolus, pid" in err and "Traceback" not in err
 
