@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,10 +43,10 @@ from numpy.typing import ArrayLike, NDArray
 
 from agents.errors import AgentError
 from agents.recording import INCOMPLETE_MARKER, channel_file
-from agents.run import summarize
+from agents.run import summarize, tick_lateness
 from plant.errors import UnknownPatientError
 from plant.metrics import HIGH_MG_DL, LOW_MG_DL
-from plant.patients import get_patient
+from plant.patients import expand_names, get_patient
 from plant.scenarios import MIN_PER_DAY
 
 __all__ = [
@@ -92,6 +91,7 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     "controller->supervisor": ("basal_u_per_h",),
     "actuator->plant": ("basal_u", "bolus_u"),
     "supervisor->overrides": ("reason",),
+    "clock->ticks": ("lateness_ms",),
 }
 _TEXT_COLUMNS = frozenset({"reason"})
 
@@ -358,8 +358,18 @@ def _episodes(
 
 
 @dataclasses.dataclass(frozen=True)
+class _Table:
+    """A channel's file as read: patient names, each row's index into them, and columns."""
+
+    path: Path
+    names: list[str]
+    code: NDArray[np.intp]
+    columns: dict[str, NDArray[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
 class _Channel:
-    """One channel's rows: patient index per row, columns, and rows grouped by patient."""
+    """A channel's rows grouped by patient (in the run's order), each group sorted by time."""
 
     path: Path
     patient: NDArray[np.intp]
@@ -368,17 +378,26 @@ class _Channel:
     bounds: NDArray[np.intp]
 
     @classmethod
-    def empty(cls, path: Path, names: Sequence[str], n_patients: int) -> _Channel:
-        cols: dict[str, NDArray[Any]] = {name: np.empty(0) for name in names}
-        none = np.empty(0, dtype=np.intp)
-        return cls(path, none, cols, none, np.zeros(n_patients + 1, dtype=np.intp))
+    def index(cls, table: _Table, patients: Sequence[str]) -> _Channel:
+        """Group ``table``'s rows by the position of their patient in ``patients``."""
+        where = {name: k for k, name in enumerate(patients)}
+        unknown = [name for name in table.names if name not in where]
+        if unknown:
+            raise CorruptRecordingError(
+                table.path, f"patient(s) {', '.join(unknown)} not in the plant recording"
+            )
+        lookup = np.array([where[name] for name in table.names], dtype=np.intp)
+        patient = lookup[table.code]
+        order = np.lexsort((table.columns["t_min"], patient)).astype(np.intp)
+        bounds = np.searchsorted(patient[order], np.arange(len(patients) + 1)).astype(np.intp)
+        return cls(table.path, patient, table.columns, order, bounds)
 
     def rows(self, i: int) -> NDArray[np.intp]:
-        """Indices of patient ``i``'s rows, in recording order."""
+        """Indices of patient ``i``'s rows, by time."""
         return self.order[self.bounds[i] : self.bounds[i + 1]]
 
     def of(self, i: int, name: str) -> NDArray[Any]:
-        """Column ``name`` of patient ``i``."""
+        """Column ``name`` of patient ``i``, by time."""
         return self.columns[name][self.rows(i)]
 
 
@@ -394,20 +413,15 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _read_channel(
-    run_dir: Path, channel: str, patients: list[str] | None, *, required: bool
-) -> tuple[_Channel, list[str]]:
-    """Read one channel; ``patients`` (extended in place when ``None`` is not given) index rows.
-
-    With ``patients=None`` the patients are taken from this channel, in order of first
-    appearance. Returns the channel and the patient list.
-    """
+def _read_table(run_dir: Path, channel: str, *, required: bool) -> _Table:
+    """Read one channel's file (an empty table when it is absent and not ``required``)."""
     path = run_dir / "channels" / channel_file(channel)
     names = _COLUMNS[channel]
     if not path.is_file():
-        if required or patients is None:
+        if required:
             raise MissingRecordingFileError(path, f"recording of channel {channel}")
-        return _Channel.empty(path, names, len(patients)), patients
+        empty: dict[str, NDArray[Any]] = {c: np.empty(0) for c in ("t_min", *names)}
+        return _Table(path, [], np.empty(0, dtype=np.intp), empty)
     try:
         schema_names = pq.read_schema(path).names
         missing = [c for c in ("patient", "t_min", *names) if c not in schema_names]
@@ -416,23 +430,15 @@ def _read_channel(
                 path, f"column(s) {', '.join(missing)} missing; found {', '.join(schema_names)}"
             )
         table = pq.read_table(path, columns=["patient", "t_min", *names])
+        who = table.column("patient")
+        if who.null_count:
+            raise CorruptRecordingError(path, f"{who.null_count} row(s) without a patient")
+        # Dictionary encoding lists the names in order of first appearance.
+        encoded = who.cast(pa.string()).combine_chunks().dictionary_encode()
     except (pa.ArrowException, OSError) as exc:
         raise CorruptRecordingError(path, f"not a readable Parquet table ({exc})") from None
-    who = table.column("patient")
-    if who.null_count:
-        raise CorruptRecordingError(path, f"{who.null_count} row(s) without a patient")
-    encoded = who.cast(pa.string()).combine_chunks().dictionary_encode()
     found = [str(s) for s in encoded.dictionary.to_pylist()]
-    if patients is None:
-        patients = found
-    index = {name: k for k, name in enumerate(patients)}
-    unknown = [name for name in found if name not in index]
-    if unknown:
-        raise CorruptRecordingError(
-            path, f"patient(s) {', '.join(unknown)} not in the plant recording"
-        )
-    lookup = np.array([index[name] for name in found], dtype=np.intp)
-    code = lookup[encoded.indices.to_numpy(zero_copy_only=False).astype(np.intp)]
+    code = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.intp)
     columns: dict[str, NDArray[Any]] = {}
     for name in ("t_min", *names):
         col = table.column(name)
@@ -448,9 +454,35 @@ def _read_channel(
     t = columns["t_min"]
     if not np.all(np.isfinite(t) & (t >= 0)):
         raise CorruptRecordingError(path, "column t_min holds negative or non-finite times")
-    order = np.argsort(code, kind="stable").astype(np.intp)
-    bounds = np.searchsorted(code[order], np.arange(len(patients) + 1)).astype(np.intp)
-    return _Channel(path, code, columns, order, bounds), patients
+    return _Table(path, found, code, columns)
+
+
+def _run_order(manifest: Mapping[str, Any] | None, plant: _Table, *, complete: bool) -> list[str]:
+    """The recorded patients in the order of the run's configuration (else as recorded).
+
+    Loops of several patients may record concurrently, so the order of first appearance
+    is not the run's order; the summary lists patients in the configured order.
+    """
+    names = ((manifest or {}).get("config") or {}).get("patients")
+    if not names:
+        return plant.names
+    try:
+        configured = [p.name for p in expand_names(names)]
+    except (UnknownPatientError, TypeError) as exc:
+        raise CorruptRecordingError(
+            Path(plant.path.parents[1], MANIFEST_FILE), f"config.patients: {exc}"
+        ) from None
+    extra = [n for n in plant.names if n not in configured]
+    if extra:
+        raise CorruptRecordingError(
+            plant.path, f"patient(s) {', '.join(extra)} are not in the run's configuration"
+        )
+    absent = [n for n in configured if n not in plant.names]
+    if absent and complete:
+        raise CorruptRecordingError(
+            plant.path, f"no rows for patient(s) {', '.join(absent)} of this complete run"
+        )
+    return [n for n in configured if n in plant.names]
 
 
 def _plasma_matrix(plant: _Channel, n_patients: int) -> NDArray[np.float64]:
@@ -498,7 +530,7 @@ def _midnights(ax: Axes, end_h: float) -> None:
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 6})
+    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
     fig.clear()
     return path
 
@@ -528,7 +560,7 @@ def _plot_trace(
         3, 1, sharex=True, gridspec_kw={"height_ratios": [3.2, 1.0, 1.6]}
     )
     # Fixed margins (much faster than a layout engine); legends sit right of the axes.
-    fig.subplots_adjust(left=0.06, right=0.74, top=0.95, bottom=0.1, hspace=0.12)
+    fig.subplots_adjust(left=0.06, right=0.78, top=0.95, bottom=0.1, hspace=0.12)
     end_h = max(days * _H_PER_DAY, (bg.shape[0] - 1) / MIN_PER_H)
 
     # Glucose: target band, plasma line, CGM dots.
@@ -543,7 +575,8 @@ def _plot_trace(
     ax_g.set_ylabel("glucose (mg/dL)")
     ax_g.set_title(title, loc="left", fontsize=11)
 
-    # Supervisor interventions: a line where an episode starts, a shade while it lasts.
+    # Supervisor interventions: a line where an episode starts, a shade while it lasts
+    # (overrides at successive control ticks form one episode).
     handles: list[Any] = [
         Line2D([], [], color=_PLASMA, lw=1.1, label="plasma glucose"),
         Line2D([], [], ls="", marker=".", color=_CGM, label="CGM reading"),
@@ -560,8 +593,26 @@ def _plot_trace(
             )
             for s, e in zip(starts, ends, strict=True):
                 ax.axvspan(s / MIN_PER_H, e / MIN_PER_H, color=colour, alpha=0.15, lw=0)
+        # A marker per category at the top, stacked, so coincident categories stay visible.
+        ax_g.plot(
+            starts / MIN_PER_H,
+            np.full(starts.size, 0.985 - 0.035 * k),
+            ls="",
+            marker="v",
+            ms=5,
+            color=colour,
+            transform=ax_g.get_xaxis_transform(),
+        )
         handles.append(
-            Line2D([], [], color=colour, lw=2, label=f"supervisor: {category} ({times.size}×)")
+            Line2D(
+                [],
+                [],
+                color=colour,
+                lw=1.5,
+                marker="v",
+                ms=5,
+                label=f"supervisor: {category} ({times.size}×)",
+            )
         )
     ax_g.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
 
@@ -601,7 +652,11 @@ def _plot_trace(
             ls=":",
             label="basal requested by controller",
         )
-    ax_i.set_ylim(bottom=0.0)
+    top_rate = max(
+        float(rate.max()) if rate.size else 0.0,
+        float(np.nanmax(request_u_per_h)) if np.isfinite(request_u_per_h).any() else 0.0,
+    )
+    ax_i.set_ylim(0.0, max(top_rate * 1.25, 0.5))
     ax_i.set_ylabel("basal (U/h)")
     ax_b = ax_i.twinx()
     dose = bolus_u > 0
@@ -668,7 +723,9 @@ def _plot_agp(
     ax.plot(h, wrap(agp.median_mg_dl), color=_PLASMA, lw=2.0, label="median")
     for level in (LOW_MG_DL, HIGH_MG_DL):
         ax.axhline(level, color=_BAND, lw=1.2, ls="--")
-    ax.plot([], [], color=_BAND, lw=1.2, ls="--", label=f"target {LOW_MG_DL:g}–{HIGH_MG_DL:g}")
+    ax.plot(
+        [], [], color=_BAND, lw=1.2, ls="--", label=f"target {LOW_MG_DL:g}–{HIGH_MG_DL:g} mg/dL"
+    )
     finite = agp.p95_mg_dl[np.isfinite(agp.p95_mg_dl)]
     ax.set_ylim(
         min(40.0, float(np.nanmin(agp.p5_mg_dl)) - 10.0) if finite.size else 40.0,
@@ -680,9 +737,14 @@ def _plot_agp(
     ax.set_xlabel("time of day (h:min)")
     ax.set_ylabel("plasma glucose (mg/dL)")
     ax.grid(color="0.9", lw=0.6)
+    ax.set_axisbelow(True)
     ax.set_title(title, loc="left", fontsize=11)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return _save(fig, path)
+
+
+def _days(days: int) -> str:
+    return f"{days} day" if days == 1 else f"{days} days"
 
 
 def _slug(name: str) -> str:
@@ -744,6 +806,15 @@ def _markdown(
     wall = (manifest or {}).get("wall_time_s")
     if isinstance(wall, int | float):
         facts.append(("wall time of the run", f"{wall:.1f} s"))
+    late = summary.get("tick_lateness_ms")
+    if isinstance(late, Mapping):
+        facts.append(
+            (
+                "wall-clock tick lateness",
+                f"{late.get('ticks')} ticks, p50 {_fmt(late.get('p50'), 2)} ms, "
+                f"p99 {_fmt(late.get('p99'), 2)} ms, max {_fmt(late.get('max'), 2)} ms",
+            )
+        )
     out += [f"- **{k}**: {v}" for k, v in facts]
     out += [
         "",
@@ -764,8 +835,8 @@ def _markdown(
     out += ["", "## Supervisor interventions", ""]
     if categories:
         out += [
-            "Overrides per reason category (one per control tick at which the supervisor "
-            "changed the controller's command).",
+            "Overrides per reason category (one per limit the supervisor applied to a "
+            "controller command at a control tick).",
             "",
             "| | " + " | ".join(categories) + " |",
             "|---|" + "---:|" * len(categories),
@@ -843,9 +914,13 @@ def build_report(run_dir: str | Path, *, allow_incomplete: bool = False) -> Repo
     manifest, complete = _check_complete(run_dir, allow_incomplete=allow_incomplete)
     listed = set(manifest.get("channels", ())) if manifest is not None else set()
 
-    plant, patients = _read_channel(run_dir, "plant->sensor", None, required=True)
+    plant_table = _read_table(run_dir, "plant->sensor", required=True)
+    patients = _run_order(manifest, plant_table, complete=complete)
+    if not patients:
+        raise CorruptRecordingError(plant_table.path, "no rows: nothing was recorded")
+    plant = _Channel.index(plant_table, patients)
     channels = {
-        name: _read_channel(run_dir, name, patients, required=name in listed)[0]
+        name: _Channel.index(_read_table(run_dir, name, required=name in listed), patients)
         for name in _COLUMNS
         if name != "plant->sensor"
     }
@@ -854,6 +929,9 @@ def build_report(run_dir: str | Path, *, allow_incomplete: bool = False) -> Repo
 
     # (1) Summary, exactly as the run writes it.
     summary = summarize(patients, cohorts, bg)
+    lateness = channels["clock->ticks"].columns["lateness_ms"]
+    if complete and lateness.size:
+        summary["tick_lateness_ms"] = tick_lateness(lateness)
     if not complete:
         summary["complete"] = False
     text = json.dumps(summary, indent=1, default=float)
@@ -887,7 +965,7 @@ def build_report(run_dir: str | Path, *, allow_incomplete: bool = False) -> Repo
         counts[name] = {str(k): int(c) for k, c in zip(kinds, n, strict=True)}
         m = summary["patients"][name]
         title = (
-            f"{name} ({cohorts[i]}), {days} day(s), controller {cfg.get('controller', '?')}, "
+            f"{name} ({cohorts[i]}), {_days(days)}, controller {cfg.get('controller', '?')}, "
             f"seed {cfg.get('seed', '?')}: mean {_fmt(m['mean_mg_dl'], 0)} mg/dL, "
             f"TIR {_fmt(m['time_in_range_70_180_pct'], 1)} %, "
             f"< 70: {_fmt(m['time_below_70_pct'], 1)} %"
@@ -916,26 +994,24 @@ def build_report(run_dir: str | Path, *, allow_incomplete: bool = False) -> Repo
     agp_plots: dict[str, Path] = {}
     cohort_plots: dict[str, Path] = {}
     if days >= AGP_MIN_DAYS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins of cut-off runs
-            for i, name in enumerate(patients):
-                agp = agp_patients[name] = ambulatory_glucose_profile(bg[i])
-                agp_plots[name] = _plot_agp(
-                    plots_dir / f"agp_{_slug(name)}.png",
-                    agp,
-                    title=f"{name}: ambulatory glucose profile over {days} days "
-                    f"({agp.bin_min}-min bins of plasma glucose)",
-                )
-            for group in dict.fromkeys(cohorts):
-                members = [i for i, c in enumerate(cohorts) if c == group]
-                agp = agp_cohorts[group] = ambulatory_glucose_profile(bg[members])
-                cohort_plots[group] = _plot_agp(
-                    plots_dir / f"agp_cohort_{_slug(group)}.png",
-                    agp,
-                    title=f"cohort {group} ({len(members)} patients): ambulatory glucose "
-                    f"profile over {days} days ({agp.bin_min}-min bins, patients pooled)",
-                    medians={patients[i]: agp_patients[patients[i]].median_mg_dl for i in members},
-                )
+        for i, name in enumerate(patients):
+            agp = agp_patients[name] = ambulatory_glucose_profile(bg[i])
+            agp_plots[name] = _plot_agp(
+                plots_dir / f"agp_{_slug(name)}.png",
+                agp,
+                title=f"{name}: ambulatory glucose profile over {days} days "
+                f"({agp.bin_min}-min bins of plasma glucose)",
+            )
+        for group in dict.fromkeys(cohorts):
+            members = [i for i, c in enumerate(cohorts) if c == group]
+            agp = agp_cohorts[group] = ambulatory_glucose_profile(bg[members])
+            cohort_plots[group] = _plot_agp(
+                plots_dir / f"agp_cohort_{_slug(group)}.png",
+                agp,
+                title=f"cohort {group} ({len(members)} patients): ambulatory glucose "
+                f"profile over {days} days ({agp.bin_min}-min bins, patients pooled)",
+                medians={patients[i]: agp_patients[patients[i]].median_mg_dl for i in members},
+            )
 
     # (3) The page.
     report_path = run_dir / REPORT_FILE

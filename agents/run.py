@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from tqdm import tqdm
 
 from agents.loop import LoopConfig, PatientLoop
@@ -44,6 +45,16 @@ def summarize(patients: list[str], cohorts: list[str], bg_mg_dl: np.ndarray) -> 
             f: float(np.asarray(getattr(m, f))[sel].mean()) for f in SUMMARY_FIELDS
         }
     return {"glucose": "plasma, 1-min samples", "patients": per_patient, "cohorts": per_cohort}
+
+
+def tick_lateness(lateness_ms: NDArray[np.float64]) -> dict[str, Any]:
+    """Statistics of the ticks' lateness in a wall-clock run (ms)."""
+    return {
+        "ticks": int(lateness_ms.size),
+        "p50": float(np.percentile(lateness_ms, 50)),
+        "p99": float(np.percentile(lateness_ms, 99)),
+        "max": float(lateness_ms.max()),
+    }
 
 
 def run_cohort(
@@ -112,18 +123,11 @@ def run_cohort(
                         future.result()
         complete = True
     finally:
-        summary = (
-            summarize([p.name for p in patients], [p.cohort for p in patients], bg)
-            if complete
-            else {"complete": False}
-        )
-        lateness = np.array(recorder.column("clock->ticks", "lateness_ms"), dtype=np.float64)
-        if complete and lateness.size:
-            summary["tick_lateness_ms"] = {
-                "ticks": int(lateness.size),
-                "p50": float(np.percentile(lateness, 50)),
-                "p99": float(np.percentile(lateness, 99)),
-                "max": float(lateness.max()),
-            }
+        summary: dict[str, Any] = {"complete": False}
+        if complete:
+            summary = summarize([p.name for p in patients], [p.cohort for p in patients], bg)
+            lateness = np.array(recorder.column("clock->ticks", "lateness_ms"), dtype=np.float64)
+            if lateness.size:
+                summary["tick_lateness_ms"] = tick_lateness(lateness)
         recorder.finish(config_dict, summary, complete=complete)
     return Path(run_dir), summary

@@ -31,20 +31,25 @@ trajectory, so 29 rows are integrated. ``e`` decays by ``φ^K`` with
 :class:`TwinConfig`): a random walk on plasma glucose, relative noise on the gut and the
 subcutaneous insulin depots, the random walk of ``θ`` and the exact AR(1) noise of ``e``.
 
-Inputs: insulin delivered in minute ``m`` (``observe_delivery``) is held over ``[m, m+1)``; a
-minute with no delivery observed gets the basal rate of the newest delivery seen before it
-(the scheduled basal before any). Announced meals (``observe_meal``) are eaten by the model
-at 5 g/min from their start minute, like the plant's meals; since the grams are counted with
-error, once a meal has been swallowed the filter adds ``(meal_size_rel_sd · grams)²`` of
-variance along the direction of the stomach and gut contents (a fully correlated scale error
-on what was swallowed), so the CGM decides how big the meal really was.
+Inputs: insulin delivered in minute ``m`` (``observe_delivery``) is held over ``[m, m+1)``. A
+minute with no delivery observed gets the *held* rate, the basal part of the newest delivery
+seen (the scheduled basal before any), up to that delivery's minute; after it, the held rate
+or the scheduled basal, as ``forecast_insulin`` says. Announced meals (``observe_meal``) are
+eaten by the model at 5 g/min from their start minute, like the plant's meals. Since the grams
+are counted with error, once a meal has been swallowed the filter adds
+``(meal_size_rel_sd · grams)²`` of variance along the direction of the stomach and gut
+contents (a fully correlated scale error on what was swallowed), so the CGM decides how big
+the meal really was.
+
+Sigma points are clipped at 0 in the model states that must stay non-negative (all but the
+insulin action ``X``); ``θ`` is not clipped in the sigma points (``exp(θ) > 0`` anyway).
 
 Update
 ------
 The measurement is ``CGM = G_s/V_g + e + v`` with white ``v`` (``cgm_white_noise_sd_mg_dl``).
 It is linear in the state, so the update is the exact Kalman update, in Joseph form, then
-symmetrised; state means are clipped at 0 where the model requires it (every model state but
-the insulin action ``X``) and ``θ`` to the configured sensitivity range. Readings at the
+symmetrised; the mean is clipped at 0 where the model requires it and its ``θ`` to the
+configured sensitivity range (after the prediction and after the update). Readings at the
 device's clipping limits are censored: fused only when the prediction lies inside the range.
 Stale (older than the filter), late and non-finite messages are ignored and counted in
 :attr:`TwinEstimator.ignored`, so a faulty channel cannot crash the estimator.
@@ -53,8 +58,9 @@ Outputs
 -------
 :meth:`TwinEstimator.estimate` propagates the mean (the model with the mean sensitivity scale)
 from the newest reading to the requested time and on over the forecast horizons, with the
-insulin delivered where known and afterwards the held (newest) basal rate or the scheduled
-basal (``forecast_insulin``), no bolus and no meals beyond those announced:
+insulin delivered where known and afterwards the held basal rate or the scheduled basal
+(``forecast_insulin``), no further bolus, and no meals beyond those announced (announced meals
+that have not started yet are included):
 
 * ``bg_mg_dl``: plasma glucose ``G_p/V_g``;
 * ``iob_u``: **net insulin on board from the model's insulin states**: the insulin in the
@@ -74,6 +80,7 @@ import dataclasses
 import math
 from typing import Literal
 
+import numba
 import numpy as np
 from numpy.typing import NDArray
 
@@ -109,8 +116,6 @@ N_AUG = N_STATES + 2
 
 # Model state indices used here (see plant.patients.PatientParameters).
 _Q_STO1, _Q_STO2, _Q_GUT, _G_P, _G_T, _I_P, _X, _I_1, _I_D, _I_L, _I_SC1, _I_SC2, _G_S = range(13)
-#: Model states that may go negative: only the insulin action on utilisation ``X``.
-_NONNEGATIVE = np.array([j for j in range(N_STATES) if j != _X])
 
 _MIN_PER_DAY = 1440.0
 _EAT_RATE_G_PER_MIN = 5.0
@@ -223,11 +228,11 @@ class TwinConfig:
             raise LoopConfigError(
                 "cgm_max_mg_dl", self.cgm_max_mg_dl, f"> cgm_min_mg_dl={self.cgm_min_mg_dl:g}"
             )
-        if not self.sensitivity_min_scale < 1.0 < self.sensitivity_max_scale:
+        if not self.sensitivity_min_scale < 1.0:
+            raise LoopConfigError("sensitivity_min_scale", self.sensitivity_min_scale, "in (0, 1)")
+        if not self.sensitivity_max_scale > 1.0:
             raise LoopConfigError(
-                "sensitivity_max_scale",
-                self.sensitivity_max_scale,
-                f"> 1 > sensitivity_min_scale={self.sensitivity_min_scale:g}",
+                "sensitivity_max_scale", self.sensitivity_max_scale, "in (1, 100]"
             )
         self._check_horizons()
         if self.forecast_insulin not in ("held", "scheduled"):
@@ -250,10 +255,15 @@ class TwinConfig:
             and 1 <= h <= 1440
             for h in values
         )
-        hours = tuple(int(h) for h in values) if ok else ()
-        if not ok or 30 not in hours or 60 not in hours or list(hours) != sorted(set(hours)):
+        minutes = tuple(int(h) for h in values) if ok else ()
+        if (
+            not ok
+            or 30 not in minutes
+            or 60 not in minutes
+            or list(minutes) != sorted(set(minutes))
+        ):
             raise LoopConfigError("forecast_horizons_min", raw, allowed)
-        object.__setattr__(self, "forecast_horizons_min", hours)
+        object.__setattr__(self, "forecast_horizons_min", minutes)
 
     @property
     def cgm_error_phi_per_min(self) -> float:
@@ -269,24 +279,195 @@ def _whole_minute(field: str, t_min: float) -> int:
     return int(m)
 
 
+# --- compiled kernels of the filter (small dense linear algebra on the 15-state filter) -------
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _clip_state(x: NDArray[np.float64], theta_lo: float, theta_hi: float) -> None:
+    """Clip one filter state in place: model non-negativity (all but ``X``), θ range."""
+    for j in range(N_STATES):
+        if j != _X and x[j] < 0.0:
+            x[j] = 0.0
+    x[I_THETA] = min(max(x[I_THETA], theta_lo), theta_hi)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _cholesky_lower(a: NDArray[np.float64], out: NDArray[np.float64]) -> bool:
+    """Lower Cholesky factor of ``a`` into ``out``; ``False`` if ``a`` is not positive definite."""
+    n = a.shape[0]
+    for j in range(n):
+        s = a[j, j]
+        for k in range(j):
+            s -= out[j, k] * out[j, k]
+        if not s > 0.0:
+            return False
+        d = math.sqrt(s)
+        out[j, j] = d
+        for i in range(j):
+            out[i, j] = 0.0
+        for i in range(j + 1, n):
+            s = a[i, j]
+            for k in range(j):
+                s -= out[i, k] * out[j, k]
+            out[i, j] = s / d
+    return True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _sigma_points(
+    x: NDArray[np.float64],
+    chol: NDArray[np.float64],
+    spread: float,
+    rows: NDArray[np.int64],
+    vmx: float,
+    kp3: float,
+    meal_state: NDArray[np.float64],
+    pts: NDArray[np.float64],
+    xs: NDArray[np.float64],
+    params: NDArray[np.float64],
+    meal_rows: NDArray[np.float64],
+) -> None:
+    """Sigma points ``x, x ± spread·L[:, j]`` (clipped) into ``pts`` ``(2n+1, n)``.
+
+    Also gathers the model rows ``rows`` for :func:`plant.uva_padova.advance`: their model
+    states into ``xs``, their ``Vmx·s`` and ``kp3·s`` into ``params`` and the meal state into
+    ``meal_rows``.
+    """
+    n = x.shape[0]
+    for i in range(2 * n + 1):
+        pts[i, :] = x
+    for j in range(n):
+        for i in range(j, n):
+            d = spread * chol[i, j]
+            pts[1 + j, i] += d
+            pts[1 + n + j, i] -= d
+    for i in range(2 * n + 1):  # model non-negativity only: θ spreads freely (exp(θ) > 0)
+        for j in range(N_STATES):
+            if j != _X and pts[i, j] < 0.0:
+                pts[i, j] = 0.0
+    for r in range(rows.shape[0]):
+        src = rows[r]
+        xs[r, :] = pts[src, :N_STATES]
+        s = math.exp(pts[src, I_THETA])
+        params[r, P_VMX] = vmx * s
+        params[r, P_KP3] = kp3 * s
+        meal_rows[r, :] = meal_state
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _moments(
+    pts: NDArray[np.float64],
+    xs: NDArray[np.float64],
+    rows: NDArray[np.int64],
+    copy_rows: NDArray[np.int64],
+    decay: float,
+    wm: NDArray[np.float64],
+    wc: NDArray[np.float64],
+    q_abs: NDArray[np.float64],
+    q_rel: NDArray[np.float64],
+    minutes: float,
+    cgm_error_var: float,
+    x: NDArray[np.float64],
+    p: NDArray[np.float64],
+) -> None:
+    """Predicted mean ``x`` and covariance ``p`` of the propagated sigma points, plus noise.
+
+    Scatters the propagated model states ``xs`` back into ``pts`` (the ``copy_rows`` take the
+    first model row's), decays the CGM error by ``decay``, and adds the process noise of
+    ``minutes`` minutes: ``(q_abs + (q_rel·x)²)·minutes`` on the diagonal, and the AR(1)
+    innovation ``cgm_error_var`` on ``e``. ``p`` comes out exactly symmetric.
+    """
+    n = x.shape[0]
+    m = pts.shape[0]
+    for r in range(rows.shape[0]):
+        pts[rows[r], :N_STATES] = xs[r]
+    for r in range(copy_rows.shape[0]):
+        pts[copy_rows[r], :N_STATES] = xs[0]
+    for i in range(m):
+        pts[i, I_CGM_ERR] *= decay
+    for j in range(n):
+        acc = 0.0
+        for i in range(m):
+            acc += wm[i] * pts[i, j]
+        x[j] = acc
+    for i in range(m):
+        for j in range(n):
+            pts[i, j] -= x[j]
+    for a in range(n):
+        for b in range(a + 1):
+            acc = 0.0
+            for i in range(m):
+                acc += wc[i] * pts[i, a] * pts[i, b]
+            p[a, b] = acc
+            p[b, a] = acc
+    for j in range(n):
+        rel = q_rel[j] * x[j]
+        p[j, j] += cgm_error_var if j == I_CGM_ERR else (q_abs[j] + rel * rel) * minutes
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _joseph_update(
+    x: NDArray[np.float64],
+    p: NDArray[np.float64],
+    h: NDArray[np.float64],
+    innovation: float,
+    r: float,
+    work: NDArray[np.float64],
+) -> None:
+    """Kalman update for a scalar measurement ``h·x + v``, ``var(v) = r``, in Joseph form.
+
+    ``P ← (I − k hᵀ) P (I − k hᵀ)ᵀ + r k kᵀ`` with ``k = P h / (hᵀ P h + r)``, then exactly
+    symmetrised. ``work`` is scratch of shape ``(n + 2, n)``.
+    """
+    n = x.shape[0]
+    ph = work[0]
+    k = work[1]
+    a = work[2:]
+    s = r
+    for i in range(n):
+        acc = 0.0
+        for j in range(n):
+            acc += p[i, j] * h[j]
+        ph[i] = acc
+    for i in range(n):
+        s += h[i] * ph[i]
+    for i in range(n):
+        k[i] = ph[i] / s
+        x[i] += k[i] * innovation
+    # a = (I − k hᵀ) P, then P = a (I − k hᵀ)ᵀ + r k kᵀ
+    for i in range(n):
+        for j in range(n):
+            a[i, j] = p[i, j] - k[i] * ph[j]
+    for i in range(n):
+        ah = 0.0
+        for m in range(n):
+            ah += a[i, m] * h[m]
+        for j in range(i + 1):
+            p[i, j] = a[i, j] - ah * k[j] + r * k[i] * k[j]
+    for i in range(n):
+        for j in range(i):
+            p[j, i] = p[i, j]
+
+
 class TwinEstimator:
     """Unscented Kalman filter on one patient's UVA/Padova model (see the module docstring).
 
     Inputs: :class:`~agents.messages.InsulinDelivery` every minute (``observe_delivery``),
     :class:`~agents.messages.MealAnnouncement` (``observe_meal``), every
     :class:`~agents.messages.CgmReading` (``update``). Output: :class:`TwinEstimate`
-    (``estimate``). Rate: one update per CGM reading (5 min); messages must arrive in time
-    order, all on whole minutes.
+    (``estimate``). Rate: one update per CGM reading (5 min). Times are whole minutes; messages
+    older than the filter's time are ignored (see :attr:`ignored`).
 
     Args:
         patient: the patient whose model the twin runs (the plant's parameters).
         config: noise model, adaptation and forecasts; ``None`` for the defaults.
         t0_min: loop time of the initial state (the patient's table steady state), minutes.
-        scheduled_basal_u_per_h: the basal that counts as zero insulin on board and the
-            insulin assumed before any delivery is seen; default the patient's basal.
+        scheduled_basal_u_per_h: the basal that counts as zero insulin on board and the rate
+            assumed before any delivery is seen, U/h; default the patient's basal.
 
     Raises:
         LoopConfigError: ``scheduled_basal_u_per_h`` is negative or not finite.
+        TwinInputError: ``t0_min`` is not a whole minute.
 
     """
 
@@ -299,6 +480,8 @@ class TwinEstimator:
         scheduled_basal_u_per_h: float | None = None,
     ) -> None:
         cfg = TwinConfig() if config is None else config
+        if not isinstance(cfg, TwinConfig):
+            raise LoopConfigError("config", cfg, "a TwinConfig or None")
         self.patient = patient
         self.config = cfg
         basal_u_per_h = patient.basal_u_per_h if scheduled_basal_u_per_h is None else (
@@ -316,8 +499,9 @@ class TwinEstimator:
         self._phi = cfg.cgm_error_phi_per_min
         self._insulin_ss_pmol_kg = self._steady_insulin(self._scheduled_u_per_min)
 
-        # Unscented weights and the sigma points that need the model (all but the two that
-        # differ from the mean only in the CGM error, the last state).
+        # Unscented weights; the sigma points that need the model are all but the two that
+        # differ from the mean only in the CGM error (the last state: its Cholesky column
+        # has a single entry).
         n = N_AUG
         lam = _ALPHA**2 * (n + _KAPPA) - n
         self._spread = math.sqrt(n + lam)
@@ -325,32 +509,43 @@ class TwinEstimator:
         self._wc = self._wm.copy()
         self._wm[0] = lam / (n + lam)
         self._wc[0] = lam / (n + lam) + (1.0 - _ALPHA**2 + _BETA)
-        skip = {1 + I_CGM_ERR, 1 + n + I_CGM_ERR}
-        self._model_rows = np.array([i for i in range(2 * n + 1) if i not in skip])
-        self._copy_rows = np.array(sorted(skip))
-        rows = self._model_rows.shape[0]
-        self._row_params = np.repeat(self._params, rows, axis=0)
-        self._row_rate = np.full(rows, _EAT_RATE_G_PER_MIN)
+        skip = (1 + I_CGM_ERR, 1 + n + I_CGM_ERR)
+        self._rows = np.array([i for i in range(2 * n + 1) if i not in skip], dtype=np.int64)
+        self._copy_rows = np.array(skip, dtype=np.int64)
+        n_rows = self._rows.shape[0]
+        self._pts = np.empty((2 * n + 1, n))
+        self._chol = np.zeros((n, n))
+        self._xs = np.empty((n_rows, N_STATES))
+        self._row_params = np.repeat(self._params, n_rows, axis=0)
+        self._row_meal_state = np.empty((n_rows, N_MEAL_STATE))
+        self._row_rate = np.full(n_rows, _EAT_RATE_G_PER_MIN)
         self._one_rate = np.full(1, _EAT_RATE_G_PER_MIN)
+        self._mean_params = self._params.copy()
+        self._buffers: dict[tuple[int, int], tuple[NDArray[np.float64], ...]] = {}
+        self._work = np.empty((n + 2, n))
         self._h = np.zeros(n)
         self._h[_G_S] = 1.0 / self._vg
         self._h[I_CGM_ERR] = 1.0
         self._r = cfg.cgm_white_noise_sd_mg_dl**2
-        self._q_min, self._q_rel = self._process_noise_parts()
+        self._q_abs, self._q_rel = self._process_noise_parts()
 
         self._t = _whole_minute("t0_min", t0_min)
         x = np.zeros(n)
         x[:N_STATES] = patient.x0
         self._x = x
         self._p = self._initial_covariance()
-        self._meal_state = np.zeros((1, N_MEAL_STATE))
+        self._meal_state = np.zeros(N_MEAL_STATE)
         self._meals: dict[int, float] = {}  # start minute → announced grams, not yet eaten
         self._deliveries: dict[int, float] = {}  # minute → units, not yet propagated
         self._held_u_per_min = self._scheduled_u_per_min
         self._held_from = self._t - 1  # minute of the newest delivery seen
         self._meal_var_mg2 = 0.0  # counting-error variance of meals still being swallowed
+        #: Messages ignored so far, by kind (stale, late, censored or not finite).
         self.ignored: dict[str, int] = {"reading": 0, "delivery": 0, "meal": 0}
+        #: Readings fused so far.
         self.readings_fused = 0
+        #: Times the covariance had to be repaired (lost positive definiteness).
+        self.covariance_repairs = 0
 
     # --- public interface ------------------------------------------------------------------
 
@@ -381,13 +576,13 @@ class TwinEstimator:
             ``False`` when the delivery is ignored: its minute is already behind the filter
             (late), or its units are negative or not finite.
 
+        Raises:
+            TwinInputError: ``delivery.t_min`` is not a whole minute.
+
         """
         m = _whole_minute("delivery.t_min", delivery.t_min)
         basal, bolus = float(delivery.basal_u), float(delivery.bolus_u)
-        if m < self._t or not (math.isfinite(basal) and math.isfinite(bolus)):
-            self.ignored["delivery"] += 1
-            return False
-        if basal < 0.0 or bolus < 0.0:
+        if m < self._t or not (basal >= 0.0 and bolus >= 0.0) or math.isinf(basal + bolus):
             self.ignored["delivery"] += 1
             return False
         self._deliveries[m] = self._deliveries.get(m, 0.0) + basal + bolus
@@ -398,15 +593,19 @@ class TwinEstimator:
     def observe_meal(self, meal: MealAnnouncement) -> bool:
         """Account an announced meal starting at ``meal.t_min`` (eaten at 5 g/min from then).
 
-        A meal announced for a minute the filter has passed starts at the filter's minute.
+        A meal announced for a minute the filter has already passed starts at the filter's
+        minute.
 
         Returns:
             ``False`` when ignored: grams negative or not finite.
 
+        Raises:
+            TwinInputError: ``meal.t_min`` is not a whole minute.
+
         """
         m = _whole_minute("meal.t_min", meal.t_min)
         grams = float(meal.carbs_g)
-        if not (math.isfinite(grams) and grams >= 0.0):
+        if not (grams >= 0.0 and math.isfinite(grams)):
             self.ignored["meal"] += 1
             return False
         if grams > 0.0:
@@ -419,7 +618,10 @@ class TwinEstimator:
 
         Returns:
             ``True`` when the reading was fused; ``False`` when it was ignored (older than the
-            filter, not finite, or censored at a clipping limit the prediction is beyond).
+            filter, not finite, or at a clipping limit the prediction is already beyond).
+
+        Raises:
+            TwinInputError: ``reading.t_min`` is not a whole minute.
 
         """
         z = float(reading.glucose_mg_dl)
@@ -428,21 +630,16 @@ class TwinEstimator:
             self.ignored["reading"] += 1
             return False
         self._predict(m)
-        x, p, h = self._x, self._p, self._h
-        zhat = float(h @ x)
+        x = self._x
+        zhat = x[_G_S] / self._vg + x[I_CGM_ERR]
         cfg = self.config
         if (z <= cfg.cgm_min_mg_dl and zhat <= cfg.cgm_min_mg_dl) or (
             z >= cfg.cgm_max_mg_dl and zhat >= cfg.cgm_max_mg_dl
         ):
-            return False  # censored: the reading only says "beyond the limit", as predicted
-        ph = p @ h
-        s = float(h @ ph) + self._r
-        k = ph / s
-        x += k * (z - zhat)
-        a = np.eye(N_AUG) - np.outer(k, h)
-        p = a @ p @ a.T + self._r * np.outer(k, k)
-        self._p = 0.5 * (p + p.T)
-        self._clip(x)
+            self.ignored["reading"] += 1  # censored: "beyond the limit", as predicted
+            return False
+        _joseph_update(x, self._p, self._h, z - zhat, self._r, self._work)
+        _clip_state(x, self._theta_lo, self._theta_hi)
         self.readings_fused += 1
         return True
 
@@ -453,19 +650,26 @@ class TwinEstimator:
             TwinInputError: ``t_min`` is before the filter's time or not a whole minute.
 
         """
-        hs = self.config.forecast_horizons_min
-        m, states, bg = self._mean_trajectory(t_min, hs[-1])
-        lead = m - self._t
-        xm = states[lead]
+        x, meal_state, bg = self._mean_trajectory(t_min, self.config.forecast_horizons_min[-1])
         return TwinEstimate(
-            t_min=float(m),
-            bg_mg_dl=float(bg[lead]),
-            iob_u=self._net_iob_u(xm),
-            cob_g=self._cob_g(xm, lead),
+            t_min=float(round(t_min)),
+            bg_mg_dl=float(bg[0]),
+            iob_u=self._net_iob_u(x),
+            cob_g=float((x[_Q_STO1] + x[_Q_STO2] + x[_Q_GUT]) / MG_PER_G + meal_state[0]),
             insulin_sensitivity_scale=self.sensitivity_scale,
-            forecast_30_mg_dl=float(bg[lead + 30]),
-            forecast_60_mg_dl=float(bg[lead + 60]),
+            forecast_30_mg_dl=float(bg[30]),
+            forecast_60_mg_dl=float(bg[60]),
         )
+
+    def forecasts(self, t_min: float) -> dict[int, float]:
+        """Plasma glucose at ``t_min`` + each configured forecast horizon, mg/dL by minutes.
+
+        Raises:
+            TwinInputError: ``t_min`` is before the filter's time or not a whole minute.
+
+        """
+        bg = self.forecast(t_min)
+        return {h: float(bg[h]) for h in self.config.forecast_horizons_min}
 
     def forecast(self, t_min: float, horizon_min: int | None = None) -> NDArray[np.float64]:
         """Predicted plasma glucose at ``t_min + 0, 1, …, horizon_min`` minutes, mg/dL.
@@ -473,6 +677,9 @@ class TwinEstimator:
         Args:
             t_min: start of the forecast (>= the filter's time), minutes.
             horizon_min: whole minutes ahead; default the longest configured horizon.
+
+        Returns:
+            Shape ``(horizon_min + 1,)``.
 
         Raises:
             TwinInputError: ``t_min`` before the filter's time, or a bad horizon.
@@ -483,8 +690,7 @@ class TwinEstimator:
             raise TwinInputError(
                 f"horizon_min={horizon_min!r}: must be whole minutes in [0, 10080]"
             )
-        m, _, bg = self._mean_trajectory(t_min, int(h))
-        return bg[m - self._t :].copy()
+        return self._mean_trajectory(t_min, int(h))[2]
 
     # --- internals -------------------------------------------------------------------------
 
@@ -504,16 +710,6 @@ class TwinEstimator:
         mass = x[_I_SC1] + x[_I_SC2] + x[_I_P] + x[_I_L] - self._insulin_ss_pmol_kg
         return float(mass * self._bw / PMOL_PER_U)
 
-    def _cob_g(self, x: NDArray[np.float64], lead: int) -> float:
-        gut_g = (x[_Q_STO1] + x[_Q_STO2] + x[_Q_GUT]) / MG_PER_G
-        # grams announced but not yet swallowed at the estimate's time (approximate when the
-        # estimate is ahead of the filter: eaten at 5 g/min meanwhile)
-        left = self._meal_state[0, M_PLANNED_G] + sum(
-            g for s, g in self._meals.items() if s <= self._t + lead
-        )
-        left = max(0.0, left - _EAT_RATE_G_PER_MIN * lead) if lead else left
-        return float(gut_g + left)
-
     def _process_noise_parts(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """Per-minute process variance: an absolute part and relative SDs (× the mean)."""
         cfg = self.config
@@ -521,11 +717,10 @@ class TwinEstimator:
         q = np.zeros(N_AUG)
         sd_g = cfg.glucose_process_sd_mg_dl_per_sqrt_min * self._vg
         q[_G_P] = sd_g**2
-        q[_G_T] = (0.1 * sd_g) ** 2
-        q[_G_S] = (0.1 * sd_g) ** 2
+        q[_G_T] = q[_G_S] = (0.1 * sd_g) ** 2
         q[I_THETA] = cfg.sensitivity_rate_per_sqrt_day**2 / _MIN_PER_DAY
-        # a floor keeps every direction positive (1 mg in the gut, 1e-3 of basal insulin
-        # levels, 0.01 mg/dL of glucose, per √min)
+        # a floor keeps every direction positive: 1 mg in the stomach and gut, 1e-3 of the
+        # basal insulin levels, 0.01 mg/dL of glucose, 1e-5 of θ, per √min
         floor = np.zeros(N_AUG)
         floor[[_Q_STO1, _Q_STO2, _Q_GUT]] = 1.0
         floor[_I_P:_G_S] = 1e-3 * np.maximum(np.abs(x0[_I_P:_G_S]), 1.0)
@@ -540,14 +735,15 @@ class TwinEstimator:
     def _initial_covariance(self) -> NDArray[np.float64]:
         cfg = self.config
         x0 = np.asarray(self.patient.x0)
-        p = np.diag(self._q_min.copy())
+        p = np.diag(self._q_abs.copy())
         # glucose: one common level (plasma, tissue, subcutaneous) plus a fifth independently
         sd = cfg.initial_glucose_sd_mg_dl * self._vg
         v = np.zeros(N_AUG)
         v[_G_P] = v[_G_S] = sd
         v[_G_T] = sd * x0[_G_T] / x0[_G_P]
         p += np.outer(v, v)
-        p[[_G_P, _G_T, _G_S], [_G_P, _G_T, _G_S]] += (0.2 * v[[_G_P, _G_T, _G_S]]) ** 2
+        glucose = [_G_P, _G_T, _G_S]
+        p[glucose, glucose] += (0.2 * v[glucose]) ** 2
         ins = np.arange(_I_P, _G_S)
         scale = np.abs(x0[ins])
         scale[ins == _X] = x0[_I_1]  # X is 0 at steady state: use the insulin level's scale
@@ -556,139 +752,126 @@ class TwinEstimator:
         p[I_CGM_ERR, I_CGM_ERR] = cfg.cgm_error_sd_mg_dl**2
         return p
 
-    def _clip(self, x: NDArray[np.float64]) -> None:
-        """Clip states in place (last axis): model non-negativity and the sensitivity range."""
-        x[..., _NONNEGATIVE] = np.maximum(x[..., _NONNEGATIVE], 0.0)
-        x[..., I_THETA] = np.clip(x[..., I_THETA], self._theta_lo, self._theta_hi)
+    def _repair_covariance(self) -> None:
+        """Restore a symmetric positive-definite covariance (eigenvalues floored)."""
+        self.covariance_repairs += 1
+        p = 0.5 * (self._p + self._p.T)
+        p[~np.isfinite(p)] = 0.0
+        w, v = np.linalg.eigh(p)
+        w = np.maximum(w, 0.0)
+        p = (v * w) @ v.T
+        self._p = 0.5 * (p + p.T) + np.diag(self._q_abs)
 
-    def _cholesky(self, p: NDArray[np.float64]) -> NDArray[np.float64]:
-        """Lower Cholesky factor; repairs a covariance that lost positive definiteness."""
-        try:
-            return np.linalg.cholesky(p)
-        except np.linalg.LinAlgError:
-            w, v = np.linalg.eigh(0.5 * (p + p.T))
-            w = np.maximum(w, 1e-9 * max(float(w.max()), 1e-12))
-            self._p = (v * w) @ v.T
-            self._p = 0.5 * (self._p + self._p.T) + np.diag(self._q_min)
-            return np.linalg.cholesky(self._p)
+    def _inputs(self, t0: int, k: int, rows: int) -> tuple[NDArray[np.float64], ...]:
+        """Insulin (U/min), meal starts (g) and a carbs buffer for minutes ``t0 … t0+k-1``.
 
-    def _inputs(self, k: int, rows: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """Insulin (U/min) and meal starts (g) over the next ``k`` minutes, ``(rows, k)`` each.
-
-        A minute without an observed delivery gets the held basal rate (the basal part of the
-        newest delivery seen) if it is not after that delivery or ``forecast_insulin`` is
-        ``"held"``, else the scheduled basal.
+        Each is ``(rows, k)`` (reused buffers). A minute without an observed delivery gets the
+        held basal rate (the basal part of the newest delivery seen) if it is not after that
+        delivery or ``forecast_insulin`` is ``"held"``, else the scheduled basal. Meals
+        announced for minutes the filter has passed start in the first minute when ``t0`` is
+        the filter's minute.
         """
-        insulin = np.empty((rows, k))
-        meal = np.zeros((rows, k))
-        t0 = self._t
+        buf = self._buffers.get((rows, k))
+        if buf is None:
+            buf = (np.empty((rows, k)), np.empty((rows, k)), np.empty((rows, k)))
+            if len(self._buffers) < 16:
+                self._buffers[(rows, k)] = buf
+        insulin, meal, _ = buf
         held = self._held_u_per_min
+        gap = max(0, min(self._held_from + 1 - t0, k))  # minutes up to the newest delivery
+        insulin[:, :gap] = held
         after = self._scheduled_u_per_min if self.config.forecast_insulin == "scheduled" else held
-        deliveries = self._deliveries
-        for j in range(k):
-            u = deliveries.get(t0 + j)
-            if u is None:
-                u = held if t0 + j <= self._held_from else after
-            insulin[:, j] = u
+        insulin[:, gap:] = after
+        for minute, units in self._deliveries.items():
+            if t0 <= minute < t0 + k:
+                insulin[:, minute - t0] = units
+        meal[:] = 0.0
+        first = t0 if t0 > self._t else -1  # late announcements belong to the filter's minute
         for start, grams in self._meals.items():
-            if start < t0 + k:
+            if first <= start < t0 + k:
                 meal[:, max(start - t0, 0)] += grams
-        return insulin, meal
-
-    def _sigma_points(self) -> NDArray[np.float64]:
-        l_chol = self._cholesky(self._p) * self._spread
-        x = self._x
-        pts = np.empty((2 * N_AUG + 1, N_AUG))
-        pts[0] = x
-        pts[1 : N_AUG + 1] = x + l_chol.T
-        pts[N_AUG + 1 :] = x - l_chol.T
-        self._clip(pts)
-        return pts
+        return buf
 
     def _predict(self, t_to: int) -> None:
         """Propagate mean and covariance from the filter's minute to ``t_to``."""
         k = t_to - self._t
         if k <= 0:
             return
-        pts = self._sigma_points()
-        rows = self._model_rows
-        n_rows = rows.shape[0]
-        xs = np.ascontiguousarray(pts[rows, :N_STATES])
-        scale = np.exp(pts[rows, I_THETA])
-        params = self._row_params
-        params[:, P_VMX] = self._vmx * scale
-        params[:, P_KP3] = self._kp3 * scale
-        meal_state = np.repeat(self._meal_state, n_rows, axis=0)
-        insulin, meal = self._inputs(k, n_rows)
-        eaten_g = float(meal[0].sum())
-        carbs = np.empty((n_rows, k))
+        if not _cholesky_lower(self._p, self._chol):
+            self._repair_covariance()
+            if not _cholesky_lower(self._p, self._chol):  # pragma: no cover - NaN state
+                raise AgentError("twin covariance is not finite; the filter diverged")
+        xs, params, meal_rows = self._xs, self._row_params, self._row_meal_state
+        _sigma_points(
+            self._x, self._chol, self._spread, self._rows,
+            self._vmx, self._kp3, self._meal_state, self._pts, xs, params, meal_rows,
+        )  # fmt: skip
+        insulin, meal, carbs = self._inputs(self._t, k, xs.shape[0])
+        started_g = float(meal[0].sum())
         advance(
-            xs, meal_state, params, insulin, meal, self._row_rate, carbs_out=carbs, parallel=False
+            xs, meal_rows, params, insulin, meal, self._row_rate, carbs_out=carbs, parallel=False
         )
-        pts[rows, :N_STATES] = xs
-        pts[self._copy_rows, :N_STATES] = xs[0]
+        self._meal_state[:] = meal_rows[0]
         decay = self._phi**k
-        pts[:, I_CGM_ERR] *= decay
-        self._meal_state = meal_state[:1].copy()
-
-        x = self._wm @ pts
-        d = pts - x
-        p = (d.T * self._wc) @ d
-        q = self._q_min + (self._q_rel * x) ** 2
-        q[I_CGM_ERR] = self.config.cgm_error_sd_mg_dl**2 * (1.0 - decay**2)
-        q[:I_CGM_ERR] *= k
-        p[np.diag_indices(N_AUG)] += q
-
+        e_var = self.config.cgm_error_sd_mg_dl**2 * (1.0 - decay * decay)
+        x, p = self._x, self._p
+        _moments(
+            self._pts, xs, self._rows, self._copy_rows, decay, self._wm, self._wc,
+            self._q_abs, self._q_rel, float(k), e_var, x, p,
+        )  # fmt: skip
         # counting error of the meals swallowed: a scale error on the stomach and gut contents
-        if eaten_g > 0.0:
-            self._meal_var_mg2 += (self.config.meal_size_rel_sd * eaten_g * MG_PER_G) ** 2
-        if self._meal_var_mg2 > 0.0 and self._meal_state[0, M_PLANNED_G] <= 0.0:
+        if started_g > 0.0:
+            self._meal_var_mg2 += (self.config.meal_size_rel_sd * started_g * MG_PER_G) ** 2
+        if self._meal_var_mg2 > 0.0 and self._meal_state[M_PLANNED_G] <= 0.0:
             gut = np.maximum(x[_Q_STO1 : _Q_GUT + 1], 0.0)
             total = float(gut.sum())
             if total > 0.0:
                 u = gut / total
                 p[_Q_STO1 : _Q_GUT + 1, _Q_STO1 : _Q_GUT + 1] += self._meal_var_mg2 * np.outer(u, u)
             self._meal_var_mg2 = 0.0
-
-        self._clip(x)
-        self._x = x
-        self._p = 0.5 * (p + p.T)
-        for m in [m for m in self._deliveries if m < t_to]:
-            del self._deliveries[m]
-        for m in [m for m in self._meals if m < t_to]:
-            del self._meals[m]
+        _clip_state(x, self._theta_lo, self._theta_hi)
+        if self._deliveries:
+            self._deliveries = {m: u for m, u in self._deliveries.items() if m >= t_to}
+        if self._meals:
+            self._meals = {m: g for m, g in self._meals.items() if m >= t_to}
         self._t = t_to
 
     def _mean_trajectory(
         self, t_min: float, horizon: int
-    ) -> tuple[int, NDArray[np.float64], NDArray[np.float64]]:
-        """Propagate the mean from the filter's minute to ``t_min + horizon``.
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """Propagate the mean (mean sensitivity) to ``t_min``, then ``horizon`` minutes more.
 
         Returns:
-            ``(m, states, bg)``: ``t_min`` as a minute, the states ``(K+1, 13)`` and plasma
-            glucose ``(K+1,)`` (mg/dL) at the filter's minute + 0 … K.
+            ``(x, meal_state, bg)``: the model state ``(13,)`` and the meal state ``(4,)`` at
+            ``t_min``, and plasma glucose at ``t_min + 0 … horizon`` (mg/dL).
 
         """
         m = _whole_minute("t_min", t_min)
         if m < self._t:
             raise TwinInputError(
-                f"t_min={t_min!r}: before the filter's time {self._t} min; estimates cannot "
+                f"t_min={t_min!r}: before the filter's time {self._t} min; the twin does not "
                 "look back"
             )
-        k = m - self._t + horizon
         x = self._x[:N_STATES].reshape(1, N_STATES).copy()
-        params = self._params.copy()
+        meal_state = self._meal_state.reshape(1, N_MEAL_STATE).copy()
+        params = self._mean_params
         scale = self.sensitivity_scale
         params[0, P_VMX] = self._vmx * scale
         params[0, P_KP3] = self._kp3 * scale
-        meal_state = self._meal_state.copy()
-        states = np.empty((1, k + 1, N_STATES))
-        if k == 0:
-            states[0, 0] = x[0]
-        else:
-            insulin, meal = self._inputs(k, 1)
+        if m > self._t:  # up to t_min with the known (or assumed) inputs
+            insulin, meal, carbs = self._inputs(self._t, m - self._t, 1)
             advance(
-                x, meal_state, params, insulin, meal, self._one_rate,
-                carbs_out=np.empty((1, k)), states_out=states, parallel=False,
+                x, meal_state, params, insulin, meal, self._one_rate, carbs_out=carbs,
+                parallel=False,
             )  # fmt: skip
-        return m, states[0], states[0, :, _G_P] / self._vg
+        gp = np.empty((1, horizon + 1))
+        if horizon > 0:
+            insulin, meal, carbs = self._inputs(m, horizon, 1)
+            advance(
+                x.copy(), meal_state.copy(), params, insulin, meal, self._one_rate,
+                carbs_out=carbs, gp_out=gp, gs_out=np.empty_like(gp), parallel=False,
+            )  # fmt: skip
+        else:
+            gp[0, 0] = x[0, _G_P]
+        bg: NDArray[np.float64] = gp[0] / self._vg
+        return x[0], meal_state[0], bg

@@ -107,6 +107,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    report = sub.add_parser(
+        "report",
+        help="rebuild the summary, plots and report.md of a recorded run",
+        description="Rebuild summary.json, PNG plots (glucose, CGM, meals, insulin, supervisor "
+        "interventions; ambulatory glucose profiles for multi-day runs) and report.md from a "
+        "run directory's recording, without re-running it.",
+    )
+    report.add_argument("run_dir", help="a run directory written by `twinloop run`")
+    report.add_argument(
+        "--allow-incomplete", action="store_true", help="also report an interrupted run"
+    )
+
     rep = sub.add_parser(
         "replay",
         help="drive patients with per-minute insulin and meal inputs from a CSV",
@@ -319,6 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "report":
+            from agents.report import build_report
+
+            result = build_report(args.run_dir, allow_incomplete=args.allow_incomplete)
+            print(f"report: {result.report_path} ({len(result.plots)} plots)")
+            return 0
         return _simulate(args)
     except (PlantError, AgentError, PolicyError) as exc:
         print(f"twinloop {args.command}: error: {exc}", file=sys.stderr)

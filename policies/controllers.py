@@ -61,8 +61,9 @@ class BasalBolusController:
     """Open-loop basal-bolus therapy with meal announcement and correction boluses.
 
     * Basal: the scheduled basal, always.
-    * Meal bolus (when carbs are announced): ``carbs/CR + max(0, (G − target)/CF) − max(0, IOB)``
-      floored at 0 — the standard bolus-calculator rule.
+    * Meal bolus (when carbs are announced): ``carbs/CR``, plus the correction
+      ``max(0, (G − target)/CF − max(0, IOB))`` — the standard bolus-calculator rule — unless a
+      correction was given within ``correction_interval_min`` (no stacked corrections).
     * Correction without a meal: when ``G > correct_above_mg_dl`` and no correction was given for
       ``correction_interval_min``: ``(G − target)/CF − max(0, IOB)`` if positive.
 
@@ -100,16 +101,14 @@ class BasalBolusController:
         iob = max(obs.net_iob_u, 0.0)
         correction = (g - self.target_mg_dl) / self.correction_factor_mg_dl_per_u
         bolus = 0.0
+        may_correct = obs.t_min - self._last_correction_min >= self.correction_interval_min
         if obs.meal_carbs_g > 0:
             bolus = obs.meal_carbs_g / self.carb_ratio_g_per_u
-            if math.isfinite(correction):
-                bolus += max(correction, 0.0) - iob
-            bolus = max(bolus, 0.0)
-        elif (
-            math.isfinite(g)
-            and g > self.correct_above_mg_dl
-            and obs.t_min - self._last_correction_min >= self.correction_interval_min
-        ):
+            extra = correction - iob
+            if math.isfinite(extra) and extra > 0 and may_correct:
+                bolus += extra
+                self._last_correction_min = obs.t_min
+        elif math.isfinite(g) and g > self.correct_above_mg_dl and may_correct:
             bolus = max(correction - iob, 0.0)
             self._last_correction_min = obs.t_min
         return Dose(self.scheduled_basal_u_per_h, bolus)
