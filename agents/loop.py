@@ -15,8 +15,12 @@ One :class:`PatientLoop` runs one virtual patient. Per control tick at time ``t`
    publishing its true glucose each minute on ``plant->sensor``; the sensor reads when a sample
    is due.
 
-A controller that raises is treated as a missing command: the supervisor falls back to its
-safe command and records why. Messages on every channel go to the listeners (the recorder).
+An agent that fails at a tick (it raises, or its Ray actor died and is being restarted) is
+replaced for that tick by a safe fallback, recorded on ``runtime->faults``: no readings for the
+sensor, no command for the controller (the supervisor then sends its safe command), the
+scheduled basal without bolus for the supervisor and for the actuator (a pump's own fallback).
+A restarted actor starts again from the agent's initial state. Messages on every channel go to
+the listeners (the recorder).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from agents.channels import Channel, Listener
 from agents.devices import PumpActuator, SensorAgent
 from agents.errors import LoopConfigError
 from agents.messages import (
+    AgentFault,
     CgmReading,
     InsulinCommand,
     InsulinDelivery,
@@ -59,6 +64,7 @@ CHANNELS = (
     "supervisor->overrides",
     "actuator->plant",
     "clock->ticks",
+    "runtime->faults",
 )
 
 #: Below this many seconds to wait, the wall clock spins instead of sleeping.
@@ -154,6 +160,8 @@ class PatientLoop:
         self.controller = controller or make_controller(config.controller, patient)
         self.supervisor = SafetySupervisor(SupervisorConfig.for_patient(patient))
         self.actuator = PumpActuator(config.pump, patient.basal_u_per_h)
+        #: What the pump delivers on its own when no valid command reaches it (U/h).
+        self.actuator_fallback_u_per_h = self.actuator.scheduled_basal_u_per_h
         self.iob = IobTracker(patient.basal_u_per_h)
         self.channels: dict[str, Channel[Message]] = {name: Channel(name) for name in CHANNELS}
         self._x = np.array(patient.x0, dtype=np.float64).reshape(1, N_STATES)
@@ -190,6 +198,12 @@ class PatientLoop:
         for handle in (self._sensor, self._controller, self._supervisor, self._actuator):
             handle.close()
 
+    def _fault(self, agent: str, exc: BaseException, fallback: str) -> None:
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        self.channels["runtime->faults"].send(
+            AgentFault(float(self._t_min), agent, error, fallback)
+        )
+
     def _truth(self, t_min: float, gp: float, gs: float) -> PlantGlucose:
         return PlantGlucose(t_min, gp / self._vg, gs / self._vg)
 
@@ -199,7 +213,12 @@ class PatientLoop:
             sent = self.channels["plant->sensor"].send(truth)
             if isinstance(sent, PlantGlucose):
                 passed.append(sent)
-        for reading in self._sensor.call("read_many", passed):
+        try:
+            readings = self._sensor.call("read_many", passed)
+        except Exception as exc:  # a dead sensor gives no readings; the watchdog takes over
+            self._fault("sensor", exc, "no readings")
+            readings = []
+        for reading in readings:
             delivered = self.channels["sensor->controller"].send(reading)
             if isinstance(delivered, CgmReading):
                 self._new_readings.append(delivered)
@@ -227,7 +246,8 @@ class PatientLoop:
         obs = ControllerInput(t, glucose, age, self.iob.net_iob_u, announced_g)
         try:
             dose = self._controller.call("decide", obs)
-        except Exception:  # a failing controller (or its actor) must not stop the therapy
+        except Exception as exc:  # a failing controller (or its actor) must not stop therapy
+            self._fault("controller", exc, "no command (supervisor's safe command)")
             return None
         command = InsulinCommand(t, dose.basal_u_per_h, dose.bolus_u, dose.duration_min)
         sent = self.channels["controller->supervisor"].send(command)
@@ -244,9 +264,14 @@ class PatientLoop:
         command = self._decide(float(t0), announced)
         readings, self._new_readings = self._new_readings, []
         deliveries, self._last_deliveries = self._last_deliveries, []
-        approved, overrides = self._supervisor.call(
-            "tick", float(t0), command, readings, deliveries
-        )
+        try:
+            approved, overrides = self._supervisor.call(
+                "tick", float(t0), command, readings, deliveries
+            )
+        except Exception as exc:  # without its supervisor the pump runs the scheduled basal
+            self._fault("supervisor", exc, "scheduled basal, no bolus")
+            basal = self.actuator_fallback_u_per_h
+            approved, overrides = InsulinCommand(float(t0), basal, 0.0, float(period)), []
         for o in overrides:
             self.channels["supervisor->overrides"].send(o)
         approved_sent = self.channels["supervisor->actuator"].send(approved)
@@ -256,7 +281,13 @@ class PatientLoop:
         meal[:] = 0.0
         for m, grams in starts:
             meal[0, m - t0] += grams
-        for k, delivery in enumerate(self._actuator.call("actuate", cmd, float(t0), period)):
+        try:
+            deliveries_now = self._actuator.call("actuate", cmd, float(t0), period)
+        except Exception as exc:  # the pump's own fallback: its scheduled basal
+            self._fault("actuator", exc, "scheduled basal")
+            rate = self.actuator_fallback_u_per_h / 60.0
+            deliveries_now = [InsulinDelivery(float(t0 + k), rate, 0.0) for k in range(period)]
+        for k, delivery in enumerate(deliveries_now):
             sent = self.channels["actuator->plant"].send(delivery)
             if isinstance(sent, InsulinDelivery):
                 units = sent.total_u

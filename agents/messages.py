@@ -111,3 +111,16 @@ class TickTiming(Message):
     lateness_ms: float
     duration_ms: float
     kind: ClassVar[str] = "tick_timing"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentFault(Message):
+    """An agent failed to answer at a tick (it raised, its actor died or is restarting).
+
+    The loop substituted ``fallback`` (e.g. "scheduled basal") for what it would have returned.
+    """
+
+    agent: str
+    error: str
+    fallback: str
+    kind: ClassVar[str] = "agent_fault"

@@ -650,12 +650,12 @@ class TwinEstimator:
             TwinInputError: ``t_min`` is before the filter's time or not a whole minute.
 
         """
-        x, meal_state, bg = self._mean_trajectory(t_min, self.config.forecast_horizons_min[-1])
+        x, meal_state, bg = self._mean_trajectory(t_min, 60)
         return TwinEstimate(
             t_min=float(round(t_min)),
             bg_mg_dl=float(bg[0]),
             iob_u=self._net_iob_u(x),
-            cob_g=float((x[_Q_STO1] + x[_Q_STO2] + x[_Q_GUT]) / MG_PER_G + meal_state[0]),
+            cob_g=float((x[_Q_STO1] + x[_Q_STO2] + x[_Q_GUT]) / MG_PER_G + meal_state[M_PLANNED_G]),
             insulin_sensitivity_scale=self.sensitivity_scale,
             forecast_30_mg_dl=float(bg[30]),
             forecast_60_mg_dl=float(bg[60]),

@@ -168,3 +168,23 @@ def test_wall_clock_mode_paces_ticks_and_records_lateness(tmp_path):
     sim_bg = _table(run_cohort(LoopConfig(patients=("adult#001",)), tmp_path / "sim",
                                progress=False)[0], "plant->sensor")["bg_mg_dl"]  # fmt: skip
     assert _table(run_dir, "plant->sensor")["bg_mg_dl"] == sim_bg  # same trajectory
+
+
+def test_a_failing_supervisor_or_pump_falls_back_to_the_scheduled_basal():
+    p = get_patient("adult#006")
+    loop = PatientLoop(p, LoopConfig(patients=(p.name,)), np.random.default_rng(4))
+
+    def broken(*args):
+        raise RuntimeError("supervisor bug")
+
+    loop.supervisor.tick = broken  # type: ignore[method-assign]
+    loop.actuator.actuate = broken  # type: ignore[method-assign]
+    faults, delivered = [], []
+    loop.channels["runtime->faults"].listen(lambda _, m: faults.append(m))
+    loop.channels["actuator->plant"].listen(lambda _, m: delivered.append(m))
+    for _ in range(12):
+        loop.tick()
+    assert {f.agent for f in faults} == {"supervisor", "actuator"}
+    assert all(d.bolus_u == 0.0 for d in delivered)
+    rate = loop.actuator.scheduled_basal_u_per_h / 60
+    assert all(d.basal_u == pytest.approx(rate) for d in delivered)

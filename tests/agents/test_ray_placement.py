@@ -87,3 +87,26 @@ def test_run_on_an_existing_two_node_cluster(tmp_path):
         assert "agents ray" in proc.stdout
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_a_killed_actor_is_restarted_and_the_loop_holds_the_safe_command(ray_started):
+    import ray
+
+    p = get_patient("adult#004")
+    loop = PatientLoop(p, LoopConfig(patients=(p.name,)), np.random.default_rng(3))
+    loop.place(RayPlacement(max_restarts=3))
+    faults, requested = [], []
+    loop.channels["runtime->faults"].listen(lambda _, m: faults.append(m))
+    loop.channels["controller->supervisor"].listen(lambda _, m: requested.append(m.t_min))
+    try:
+        for _ in range(60):
+            loop.tick()
+        ray.kill(loop._controller.actor, no_restart=False)
+        for _ in range(60):
+            loop.tick()
+    finally:
+        loop.close()
+    assert faults and faults[0].agent == "controller" and faults[0].t_min >= 300
+    assert "safe command" in faults[0].fallback
+    assert max(requested) > faults[-1].t_min  # the restarted controller answers again
+    assert len({round(t) for t in requested}) < 120  # the gap is there
