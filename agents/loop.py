@@ -44,9 +44,11 @@ from agents.messages import (
     Message,
     PlantGlucose,
     TickTiming,
+    TwinEstimate,
 )
 from agents.placement import InlinePlacement, Placement
 from agents.supervisor import SafetySupervisor, SupervisorConfig
+from agents.twin import TwinEstimator
 from plant.cgm import CGMSpec
 from plant.insulin import IobTracker
 from plant.patients import N_STATES, PatientParameters, expand_names, parameter_matrix
@@ -65,6 +67,7 @@ CHANNELS = (
     "actuator->plant",
     "clock->ticks",
     "runtime->faults",
+    "estimator->controller",
 )
 
 #: Below this many seconds to wait, the wall clock spins instead of sleeping.
@@ -99,6 +102,7 @@ class LoopConfig:
     control_period_min: int = 5
     cgm: CGMSpec = dataclasses.field(default_factory=CGMSpec)
     pump: PumpSpec = dataclasses.field(default_factory=PumpSpec)
+    twin: bool = True
     clock: str = "sim"
     wall_s_per_sim_min: float = 0.01
 
@@ -163,6 +167,7 @@ class PatientLoop:
         #: What the pump delivers on its own when no valid command reaches it (U/h).
         self.actuator_fallback_u_per_h = self.actuator.scheduled_basal_u_per_h
         self.iob = IobTracker(patient.basal_u_per_h)
+        self.twin = TwinEstimator(patient) if config.twin else None
         self.channels: dict[str, Channel[Message]] = {name: Channel(name) for name in CHANNELS}
         self._x = np.array(patient.x0, dtype=np.float64).reshape(1, N_STATES)
         self._meal_state = np.zeros((1, N_MEAL_STATE))
@@ -192,11 +197,14 @@ class PatientLoop:
         self._controller = placement.host(self.controller, label="controller")
         self._supervisor = placement.host(self.supervisor, label="supervisor")
         self._actuator = placement.host(self.actuator, label="actuator")
+        self._twin = None if self.twin is None else placement.host(self.twin, label="twin")
 
     def close(self) -> None:
         """Release the agents' hosts (Ray actors)."""
         for handle in (self._sensor, self._controller, self._supervisor, self._actuator):
             handle.close()
+        if self._twin is not None:
+            self._twin.close()
 
     def _fault(self, agent: str, exc: BaseException, fallback: str) -> None:
         error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
@@ -223,9 +231,12 @@ class PatientLoop:
             if isinstance(delivered, CgmReading):
                 self._new_readings.append(delivered)
 
-    def _announce(self, t0: int, t1: int) -> tuple[float, list[tuple[int, float]]]:
-        """Announced grams and the true meals starting in ``[t0, t1)``."""
+    def _announce(
+        self, t0: int, t1: int
+    ) -> tuple[float, list[tuple[int, float]], list[MealAnnouncement]]:
+        """Announced grams, the true meals and the announcements of ``[t0, t1)``."""
         announced = 0.0
+        messages: list[MealAnnouncement] = []
         starts: list[tuple[int, float]] = []
         plan = self.meals
         while self._meal_idx < len(plan) and plan.start_min[self._meal_idx] < t1:
@@ -236,8 +247,9 @@ class PatientLoop:
             )
             if isinstance(msg, MealAnnouncement):
                 announced += msg.carbs_g
+                messages.append(msg)
             self._meal_idx += 1
-        return announced, starts
+        return announced, starts, messages
 
     def _decide(self, t: float, announced_g: float) -> InsulinCommand | None:
         reading = self.channels["sensor->controller"].latest
@@ -260,13 +272,22 @@ class PatientLoop:
         if t0 == 0:
             x = self._x[0]
             self._sense([self._truth(0.0, x[3], x[12])])
-        announced, starts = self._announce(t0, t0 + period)
-        command = self._decide(float(t0), announced)
+        announced, starts, meal_messages = self._announce(t0, t0 + period)
         readings, self._new_readings = self._new_readings, []
         deliveries, self._last_deliveries = self._last_deliveries, []
+        estimate = None
+        if self._twin is not None:
+            try:
+                estimate = self._twin.call("step", float(t0), deliveries, meal_messages, readings)
+            except Exception as exc:  # the loop goes on without the twin's forecast
+                self._fault("twin", exc, "no estimate")
+            if estimate is not None:
+                sent = self.channels["estimator->controller"].send(estimate)
+                estimate = sent if isinstance(sent, TwinEstimate) else None
+        command = self._decide(float(t0), announced)
         try:
             approved, overrides = self._supervisor.call(
-                "tick", float(t0), command, readings, deliveries
+                "tick", float(t0), command, readings, deliveries, estimate
             )
         except Exception as exc:  # without its supervisor the pump runs the scheduled basal
             self._fault("supervisor", exc, "scheduled basal, no bolus")

@@ -661,6 +661,26 @@ class TwinEstimator:
             forecast_60_mg_dl=float(bg[60]),
         )
 
+    def step(
+        self,
+        t_min: float,
+        deliveries: list[InsulinDelivery],
+        meals: list[MealAnnouncement],
+        readings: list[CgmReading],
+    ) -> TwinEstimate:
+        """One call per control tick: account what happened since the last, then estimate.
+
+        Deliveries and meal announcements are stored by minute first; the readings are then
+        fused in time order (each propagates the filter with the inputs up to its minute).
+        """
+        for delivery in deliveries:
+            self.observe_delivery(delivery)
+        for meal in meals:
+            self.observe_meal(meal)
+        for reading in sorted(readings, key=lambda r: r.t_min):
+            self.update(reading)
+        return self.estimate(t_min)
+
     def forecasts(self, t_min: float) -> dict[int, float]:
         """Plasma glucose at ``t_min`` + each configured forecast horizon, mg/dL by minutes.
 
