@@ -59,17 +59,15 @@ class PumpActuator:
 
     def __init__(self, pump: PumpSpec, scheduled_basal_u_per_h: float) -> None:
         self.pump = pump
-        self.scheduled_basal_u_per_h = float(
-            quantize_basal(pump, np.array([scheduled_basal_u_per_h]))[0]
-        )
+        self.scheduled_basal_u_per_h = float(quantize_basal(pump, float(scheduled_basal_u_per_h)))
         self._temp_u_per_h: float | None = None
         self._temp_until_min = -np.inf
         self._pending_bolus_u = 0.0
 
     def apply(self, command: InsulinCommand) -> None:
         """Start the command's temp basal and queue its bolus."""
-        basal = float(quantize_basal(self.pump, np.array([command.basal_u_per_h]))[0])
-        bolus = float(quantize_bolus(self.pump, np.array([command.bolus_u]))[0])
+        basal = float(quantize_basal(self.pump, float(command.basal_u_per_h)))
+        bolus = float(quantize_bolus(self.pump, float(command.bolus_u)))
         self._temp_u_per_h = basal
         self._temp_until_min = command.t_min + command.duration_min
         self._pending_bolus_u += bolus

@@ -319,9 +319,17 @@ class PatientLoop:
             self.iob.record(units)
             insulin[0, k] = units
         advance(
-            self._x, self._meal_state, self._params, insulin, meal, self._eat_rate,
-            carbs_out=self._carbs, gp_out=self._gp, gs_out=self._gs,
-        )  # fmt: skip
+            self._x,
+            self._meal_state,
+            self._params,
+            insulin,
+            meal,
+            self._eat_rate,
+            carbs_out=self._carbs,
+            gp_out=self._gp,
+            gs_out=self._gs,
+            check=False,
+        )
         self._t_min = t0 + period
         self._sense(
             [

@@ -31,11 +31,22 @@ SUMMARY_FIELDS = (
 )
 
 
+#: Plasma glucose below this (a patient the model has driven to 0 mg/dL or, by the integrator's
+#: last step, slightly below) enters the metrics at this value.
+METRICS_FLOOR_MG_DL = 1.0
+
+
 def summarize(patients: list[str], cohorts: list[str], bg_mg_dl: np.ndarray) -> dict[str, Any]:
-    """Metrics of plasma glucose ``(N, T)`` at 1-min samples, per patient and per cohort."""
-    m = glucose_metrics(bg_mg_dl, sample_period_min=1.0)
+    """Metrics of plasma glucose ``(N, T)`` at 1-min samples, per patient and per cohort.
+
+    Values below :data:`METRICS_FLOOR_MG_DL` are counted at the floor, and each patient's
+    minutes below it are reported as ``minutes_at_floor``.
+    """
+    floored = bg_mg_dl < METRICS_FLOOR_MG_DL
+    m = glucose_metrics(np.maximum(bg_mg_dl, METRICS_FLOOR_MG_DL), sample_period_min=1.0)
     per_patient = {
         name: {f: float(np.asarray(getattr(m, f))[i]) for f in SUMMARY_FIELDS}
+        | {"minutes_at_floor": int(floored[i].sum())}
         for i, name in enumerate(patients)
     }
     per_cohort = {}

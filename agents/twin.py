@@ -829,7 +829,15 @@ class TwinEstimator:
         insulin, meal, carbs = self._inputs(self._t, k, xs.shape[0])
         started_g = float(meal[0].sum())
         advance(
-            xs, meal_rows, params, insulin, meal, self._row_rate, carbs_out=carbs, parallel=False
+            xs,
+            meal_rows,
+            params,
+            insulin,
+            meal,
+            self._row_rate,
+            carbs_out=carbs,
+            parallel=False,
+            check=False,
         )
         self._meal_state[:] = meal_rows[0]
         decay = self._phi**k
@@ -881,16 +889,32 @@ class TwinEstimator:
         if m > self._t:  # up to t_min with the known (or assumed) inputs
             insulin, meal, carbs = self._inputs(self._t, m - self._t, 1)
             advance(
-                x, meal_state, params, insulin, meal, self._one_rate, carbs_out=carbs,
+                x,
+                meal_state,
+                params,
+                insulin,
+                meal,
+                self._one_rate,
+                carbs_out=carbs,
                 parallel=False,
-            )  # fmt: skip
+                check=False,
+            )
         gp = np.empty((1, horizon + 1))
         if horizon > 0:
             insulin, meal, carbs = self._inputs(m, horizon, 1)
             advance(
-                x.copy(), meal_state.copy(), params, insulin, meal, self._one_rate,
-                carbs_out=carbs, gp_out=gp, gs_out=np.empty_like(gp), parallel=False,
-            )  # fmt: skip
+                x.copy(),
+                meal_state.copy(),
+                params,
+                insulin,
+                meal,
+                self._one_rate,
+                carbs_out=carbs,
+                gp_out=gp,
+                gs_out=np.empty_like(gp),
+                parallel=False,
+                check=False,
+            )
         else:
             gp[0, 0] = x[0, _G_P]
         bg: NDArray[np.float64] = gp[0] / self._vg

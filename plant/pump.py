@@ -138,6 +138,13 @@ def _pump_presets() -> dict[str, dict[str, float]]:
 def _quantize(
     field: str, value: ArrayLike, maximum: float, increment: float
 ) -> NDArray[np.float64]:
+    if isinstance(value, float):  # the per-command path of a pump agent: plain arithmetic
+        if math.isnan(value):
+            raise InvalidInputError(f"{field}: contains NaN; finite commands are required")
+        v = min(max(value, 0.0), maximum)
+        if increment > 0.0:
+            v = min(math.floor(v / increment + STEP_TOL) * increment, v)
+        return np.float64(v)
     x = np.asarray(value, dtype=np.float64)
     if np.isnan(x).any():
         raise InvalidInputError(f"{field}: contains NaN; finite commands are required")

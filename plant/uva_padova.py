@@ -392,6 +392,7 @@ def advance(
     gs_out: NDArray[np.float64] = _EMPTY2,
     states_out: NDArray[np.float64] = _EMPTY3,
     parallel: bool | None = None,
+    check: bool = True,
 ) -> None:
     """Advance a batch in place by ``K`` minutes (the low-level, allocation-free kernel).
 
@@ -409,12 +410,15 @@ def advance(
         gs_out: ``(N, K+1)`` written with subcutaneous glucose mass ``G_s`` (mg/kg), or empty.
         states_out: ``(N, K+1, 13)`` written with every state, or empty.
         parallel: use all numba threads; ``None`` chooses by batch size.
+        check: verify shapes and dtypes first (the compiled kernel does no bounds checking);
+            callers that allocate their arrays once may skip it in their hot path.
 
     """
-    _check_kernel_arrays(
-        x, meal_state, params, insulin_u_per_min, meal_g, eat_rate_g_per_min,
-        carbs_out, gp_out, gs_out, states_out,
-    )  # fmt: skip
+    if check:
+        _check_kernel_arrays(
+            x, meal_state, params, insulin_u_per_min, meal_g, eat_rate_g_per_min,
+            carbs_out, gp_out, gs_out, states_out,
+        )  # fmt: skip
     if parallel is None:
         parallel = x.shape[0] >= PARALLEL_MIN_BATCH and numba.get_num_threads() > 1
     kernel = _advance_parallel if parallel else _advance_serial
