@@ -275,16 +275,20 @@ class PatientLoop:
         announced, starts, meal_messages = self._announce(t0, t0 + period)
         readings, self._new_readings = self._new_readings, []
         deliveries, self._last_deliveries = self._last_deliveries, []
-        estimate = None
+        # the twin and the controller are independent this tick: their calls overlap
+        twin_call = None
         if self._twin is not None:
+            twin_call = self._twin.submit("step", float(t0), deliveries, meal_messages, readings)
+        command = self._decide(float(t0), announced)
+        estimate = None
+        if twin_call is not None:
             try:
-                estimate = self._twin.call("step", float(t0), deliveries, meal_messages, readings)
+                estimate = twin_call.result()
             except Exception as exc:  # the loop goes on without the twin's forecast
                 self._fault("twin", exc, "no estimate")
             if estimate is not None:
                 sent = self.channels["estimator->controller"].send(estimate)
                 estimate = sent if isinstance(sent, TwinEstimate) else None
-        command = self._decide(float(t0), announced)
         try:
             approved, overrides = self._supervisor.call(
                 "tick", float(t0), command, readings, deliveries, estimate

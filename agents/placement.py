@@ -29,11 +29,44 @@ class PlacementError(AgentError, RuntimeError):
     """Ray could not be started or reached."""
 
 
+class Pending(Protocol):
+    """A submitted call; :meth:`result` waits for it (and raises what the agent raised)."""
+
+    def result(self) -> Any:
+        """The call's return value."""
+        ...
+
+
+class _Done:
+    def __init__(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value = value
+        self.error = error
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _RayPending:
+    def __init__(self, ref: Any) -> None:
+        self.ref = ref
+
+    def result(self) -> Any:
+        import ray
+
+        return ray.get(self.ref, timeout=CALL_TIMEOUT_S)
+
+
 class Handle(Protocol):
     """How the runtime calls an agent."""
 
     def call(self, method: str, *args: Any) -> Any:
         """Call ``agent.method(*args)`` and return its result."""
+        ...
+
+    def submit(self, method: str, *args: Any) -> Pending:
+        """Start ``agent.method(*args)``; independent calls to other agents may overlap."""
         ...
 
     def close(self) -> None:
@@ -47,6 +80,12 @@ class _InlineHandle:
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.agent, method)(*args)
+
+    def submit(self, method: str, *args: Any) -> Pending:
+        try:
+            return _Done(getattr(self.agent, method)(*args))
+        except Exception as exc:
+            return _Done(error=exc)
 
     def close(self) -> None:
         return None
@@ -92,6 +131,9 @@ class _RayHandle:
         import ray
 
         return ray.get(self.actor.call.remote(method, *args), timeout=CALL_TIMEOUT_S)
+
+    def submit(self, method: str, *args: Any) -> Pending:
+        return _RayPending(self.actor.call.remote(method, *args))
 
     def close(self) -> None:
         import ray
