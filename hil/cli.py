@@ -76,15 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--patient", action="append", default=[], help="patient name (repeatable)")
     run.add_argument("--cohort", action="append", default=[], help="default: adults")
-    run.add_argument("--days", type=int, default=1, help="simulated days (default 1)")
-    run.add_argument("--controller", default="basal-bolus", help="basal-bolus (default) or pid")
-    run.add_argument("--scenario", default="random", help="meal scenario: random or A")
-    run.add_argument("--seed", type=_seed, default=0, help="seed of meals and sensor noise")
+    run.add_argument("--config", help="YAML file setting any of the options below")
+    run.add_argument("--days", type=int, help="simulated days (default 1)")
+    run.add_argument("--controller", help="basal-bolus (default) or pid")
+    run.add_argument("--scenario", help="meal scenario: random (default) or A")
+    run.add_argument("--seed", type=_seed, help="seed of meals and sensor noise (default 0)")
     run.add_argument("--out", help="run directory (default runs/run-YYYYmmdd-HHMMSS)")
     run.add_argument(
         "--placement",
         choices=["inline", "ray"],
-        default="ray",
         help="where agents run: each agent as a Ray actor (default) or inline",
     )
     run.add_argument(
@@ -96,13 +96,10 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="patient loops driven at once (default 1 inline, 4 with Ray)",
     )
-    run.add_argument(
-        "--clock", choices=["sim", "wall"], default="sim", help="sim (default) or wall clock"
-    )
+    run.add_argument("--clock", choices=["sim", "wall"], help="sim (default) or wall clock")
     run.add_argument(
         "--time-scale",
         type=_positive,
-        default=0.01,
         help="wall-clock seconds per simulated minute with --clock wall (default 0.01)",
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -259,12 +256,77 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+#: Keys of a ``twinloop run --config`` YAML file, with their defaults.
+RUN_DEFAULTS: dict[str, object] = {
+    "patients": ["adults"],
+    "days": 1,
+    "seed": 0,
+    "controller": "basal-bolus",
+    "scenario": "random",
+    "placement": "ray",
+    "clock": "sim",
+    "time_scale": 0.01,
+    "address": None,
+    "parallel_patients": None,
+    "out": None,
+}
+
+
+def _run_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults, overridden by the YAML file, overridden by options given on the command line."""
+    import yaml
+
+    settings = dict(RUN_DEFAULTS)
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle)
+        except OSError as exc:
+            raise InvalidInputError(
+                f"--config {args.config}: cannot read: {exc.strerror}"
+            ) from None
+        except yaml.YAMLError as exc:
+            raise InvalidInputError(f"--config {args.config}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise InvalidInputError(f"--config {args.config}: expected a mapping of options")
+        for key, value in loaded.items():
+            if key not in RUN_DEFAULTS:
+                raise InvalidInputError(
+                    f"--config {args.config}: unknown key {key!r}; allowed: "
+                    f"{', '.join(RUN_DEFAULTS)}"
+                )
+            expected = type(RUN_DEFAULTS[key]) if RUN_DEFAULTS[key] is not None else None
+            if key == "patients" and isinstance(value, str):
+                value = [value]
+            ok = expected is None or (isinstance(value, expected) and not isinstance(value, bool))
+            if key == "time_scale":
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+            if not ok:
+                raise InvalidInputError(
+                    f"--config {args.config}: {key}={value!r} has the wrong type; expected "
+                    f"{expected.__name__ if expected else 'a value'} like {RUN_DEFAULTS[key]!r}"
+                )
+            settings[key] = value
+    names = [*args.patient, *args.cohort]
+    if names:
+        settings["patients"] = names
+    for key in RUN_DEFAULTS:
+        value = getattr(args, key, None)
+        if key != "patients" and value is not None:
+            settings[key] = value
+    return argparse.Namespace(**settings)
+
+
+def _run(cli_args: argparse.Namespace) -> int:
     from agents.loop import LoopConfig
     from agents.placement import InlinePlacement, Placement, RayPlacement, start_ray
     from agents.run import run_cohort
 
-    names = [*args.patient, *args.cohort] or ["adults"]
+    args = _run_settings(cli_args)
+    args.no_progress = cli_args.no_progress
+    names = list(args.patients)
     config = LoopConfig(
         patients=tuple(names),
         days=args.days,

@@ -188,3 +188,24 @@ def test_a_failing_supervisor_or_pump_falls_back_to_the_scheduled_basal():
     assert all(d.bolus_u == 0.0 for d in delivered)
     rate = loop.actuator.scheduled_basal_u_per_h / 60
     assert all(d.basal_u == pytest.approx(rate) for d in delivered)
+
+
+def test_cli_run_reads_a_yaml_config_and_command_line_options_win(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "patients: [child#001]\ndays: 1\ncontroller: pid\nplacement: inline\nseed: 3\n"
+        f"out: {tmp_path / 'from_yaml'}\n"
+    )
+    assert main(["run", "--config", str(cfg), "--controller", "basal-bolus", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "from_yaml" / "manifest.json").read_text())
+    assert manifest["config"]["patients"] == ["child#001"]
+    assert manifest["config"]["controller"] == "basal-bolus"  # the command line wins
+    assert manifest["config"]["seed"] == 3 and manifest["config"]["placement"] == "inline"
+    capsys.readouterr()
+    cfg.write_text("patients: [child#001]\nspeed: 3\n")
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'speed'" in err and "controller" in err and "Traceback" not in err
+    cfg.write_text("days: two\n")
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 2
+    assert "days='two' has the wrong type" in capsys.readouterr().err
