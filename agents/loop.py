@@ -103,10 +103,15 @@ class LoopConfig:
     cgm: CGMSpec = dataclasses.field(default_factory=CGMSpec)
     pump: PumpSpec = dataclasses.field(default_factory=PumpSpec)
     twin: bool = True
+    controller_deadline_s: float = 1.0
     clock: str = "sim"
     wall_s_per_sim_min: float = 0.01
 
     def __post_init__(self) -> None:
+        if not (
+            isinstance(self.controller_deadline_s, int | float) and self.controller_deadline_s > 0
+        ):
+            raise LoopConfigError("controller_deadline_s", self.controller_deadline_s, "> 0 s")
         if self.clock not in ("sim", "wall"):
             raise LoopConfigError("clock", self.clock, "'sim' or 'wall'")
         if not (isinstance(self.wall_s_per_sim_min, int | float) and self.wall_s_per_sim_min > 0):
@@ -256,10 +261,20 @@ class PatientLoop:
         glucose = reading.glucose_mg_dl if isinstance(reading, CgmReading) else math.nan
         age = t - reading.t_min if reading is not None else math.inf
         obs = ControllerInput(t, glucose, age, self.iob.net_iob_u, announced_g)
+        deadline = self.config.controller_deadline_s
+        started = time.perf_counter()
         try:
-            dose = self._controller.call("decide", obs)
+            dose = self._controller.submit("decide", obs).result(deadline)
         except Exception as exc:  # a failing controller (or its actor) must not stop therapy
             self._fault("controller", exc, "no command (supervisor's safe command)")
+            return None
+        took = time.perf_counter() - started
+        if took > deadline:  # an in-process controller cannot be interrupted: discard late
+            self._fault(
+                "controller",
+                TimeoutError(f"decide took {took:.3f} s, deadline {deadline:g} s"),
+                "no command (supervisor's safe command)",
+            )
             return None
         command = InsulinCommand(t, dose.basal_u_per_h, dose.bolus_u, dose.duration_min)
         sent = self.channels["controller->supervisor"].send(command)

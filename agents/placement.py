@@ -32,8 +32,8 @@ class PlacementError(AgentError, RuntimeError):
 class Pending(Protocol):
     """A submitted call; :meth:`result` waits for it (and raises what the agent raised)."""
 
-    def result(self) -> Any:
-        """The call's return value."""
+    def result(self, timeout_s: float | None = None) -> Any:
+        """The call's return value (waiting at most ``timeout_s`` for a remote agent)."""
         ...
 
 
@@ -42,7 +42,7 @@ class _Done:
         self.value = value
         self.error = error
 
-    def result(self) -> Any:
+    def result(self, timeout_s: float | None = None) -> Any:
         if self.error is not None:
             raise self.error
         return self.value
@@ -52,10 +52,10 @@ class _RayPending:
     def __init__(self, ref: Any) -> None:
         self.ref = ref
 
-    def result(self) -> Any:
+    def result(self, timeout_s: float | None = None) -> Any:
         import ray
 
-        return ray.get(self.ref, timeout=CALL_TIMEOUT_S)
+        return ray.get(self.ref, timeout=CALL_TIMEOUT_S if timeout_s is None else timeout_s)
 
 
 class Handle(Protocol):

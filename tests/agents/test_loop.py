@@ -209,3 +209,24 @@ def test_cli_run_reads_a_yaml_config_and_command_line_options_win(tmp_path, caps
     cfg.write_text("days: two\n")
     assert main(["run", "--config", str(cfg), "--no-progress"]) == 2
     assert "days='two' has the wrong type" in capsys.readouterr().err
+
+
+def test_a_controller_overrunning_its_deadline_is_treated_as_missing():
+    class Slow:
+        def decide(self, obs):
+            if 100 <= obs.t_min < 115:
+                time.sleep(0.05)
+            return Dose(5.0, 0.0)
+
+    p = get_patient("adult#003")
+    cfg = LoopConfig(patients=(p.name,), controller_deadline_s=0.01)
+    loop = PatientLoop(p, cfg, np.random.default_rng(5), Slow())
+    faults, overrides = [], []
+    loop.channels["runtime->faults"].listen(lambda _, m: faults.append(m))
+    loop.channels["supervisor->overrides"].listen(lambda _, m: overrides.append(m))
+    for _ in range(30):
+        loop.tick()
+    assert [f.t_min for f in faults] == [100.0, 105.0, 110.0]
+    assert all("deadline" in f.error for f in faults)
+    missing = [o.t_min for o in overrides if o.reason.startswith("no command")]
+    assert missing == [100.0, 105.0, 110.0]
