@@ -111,6 +111,16 @@ class InlinePlacement:
         return _InlineHandle(agent)
 
 
+class RayPatientsPlacement(InlinePlacement):
+    """Each patient's loop runs whole (agents inline) in a Ray worker; patients in parallel.
+
+    The efficient way to spread a cohort over a machine's cores or a cluster: one Ray task per
+    patient instead of one actor call per agent and tick. Trajectories equal the inline ones.
+    """
+
+    name = "ray-patients"
+
+
 class _AgentHost:
     """Owns one agent inside a Ray actor (made remote at assembly time)."""
 

@@ -71,6 +71,30 @@ def versions() -> dict[str, str]:
     }
 
 
+Columns = dict[str, dict[str, list[Any]]]
+
+
+def column_listener(columns: Columns, patient: str, lock: threading.Lock | None = None) -> Listener:
+    """A channel listener appending messages to ``columns[channel][field]`` under ``patient``."""
+
+    def record(channel: str, message: Message) -> None:
+        fields = dataclasses.fields(message)
+        if lock is not None:
+            lock.acquire()
+        try:
+            table = columns.get(channel)
+            if table is None:
+                table = columns[channel] = {"patient": [], **{f.name: [] for f in fields}}
+            table["patient"].append(patient)
+            for f in fields:
+                table[f.name].append(getattr(message, f.name))
+        finally:
+            if lock is not None:
+                lock.release()
+
+    return record
+
+
 class Recorder:
     """Collects messages of many patients' loops and writes them as one recording."""
 
@@ -83,19 +107,16 @@ class Recorder:
         self._lock = threading.Lock()
 
     def listener(self, patient: str) -> Listener:
-        """A channel listener that records messages under ``patient``."""
+        """A channel listener that records messages under ``patient`` (thread-safe)."""
+        return column_listener(self._columns, patient, self._lock)
 
-        def record(channel: str, message: Message) -> None:
-            with self._lock:  # loops of several patients may record from several threads
-                table = self._columns.get(channel)
-                if table is None:
-                    names = ["patient"] + [f.name for f in dataclasses.fields(message)]
-                    table = self._columns[channel] = {name: [] for name in names}
-                table["patient"].append(patient)
-                for f in dataclasses.fields(message):
-                    table[f.name].append(getattr(message, f.name))
-
-        return record
+    def merge(self, columns: Columns) -> None:
+        """Append columns recorded elsewhere (e.g. by a patient loop in a Ray worker)."""
+        with self._lock:
+            for channel, table in columns.items():
+                mine = self._columns.setdefault(channel, {name: [] for name in table})
+                for name, values in table.items():
+                    mine[name].extend(values)
 
     def column(self, channel: str, field: str) -> list[Any]:
         """The values recorded so far of one field of one channel."""

@@ -12,10 +12,10 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from agents.loop import LoopConfig, PatientLoop
-from agents.placement import InlinePlacement, Placement
-from agents.recording import Recorder
+from agents.placement import InlinePlacement, Placement, RayPatientsPlacement
+from agents.recording import Columns, Recorder, column_listener
 from plant.metrics import glucose_metrics
-from plant.patients import patient_names
+from plant.patients import PatientParameters, patient_names
 from plant.scenarios import MIN_PER_DAY
 
 SUMMARY_FIELDS = (
@@ -68,6 +68,47 @@ def tick_lateness(lateness_ms: NDArray[np.float64]) -> dict[str, Any]:
     }
 
 
+def _patient_loop_columns(
+    config: LoopConfig, name: str, seed: np.random.SeedSequence
+) -> tuple[Columns, list[float]]:
+    """Run one patient's loop inline and return its recorded columns and plasma glucose."""
+    from plant.patients import get_patient
+
+    loop = PatientLoop(get_patient(name), config, np.random.default_rng(seed))
+    columns: Columns = {}
+    loop.listen(column_listener(columns, name))
+    loop.run()
+    return columns, columns["plant->sensor"]["bg_mg_dl"]
+
+
+def _run_patients_on_ray(
+    config: LoopConfig,
+    patients: tuple[PatientParameters, ...],
+    seeds: list[np.random.SeedSequence],
+    recorder: Recorder,
+    config_dict: dict[str, Any],
+    progress: bool,
+) -> tuple[Path, dict[str, Any]]:
+    import ray
+
+    remote = ray.remote(_patient_loop_columns).options(num_cpus=1)
+    refs = [remote.remote(config, p.name, s) for p, s in zip(patients, seeds, strict=True)]
+    bg = np.empty((len(patients), config.days * MIN_PER_DAY + 1))
+    complete = False
+    try:
+        for i, ref in enumerate(tqdm(refs, disable=not progress, desc="patients", leave=False)):
+            columns, trace = ray.get(ref)
+            recorder.merge(columns)  # in patient order: the recording is deterministic
+            bg[i] = trace
+        complete = True
+    finally:
+        summary: dict[str, Any] = {"complete": False}
+        if complete:
+            summary = summarize([p.name for p in patients], [p.cohort for p in patients], bg)
+        recorder.finish(config_dict, summary, complete=complete)
+    return recorder.run_dir, summary
+
+
 def run_cohort(
     config: LoopConfig,
     run_dir: str | Path,
@@ -103,6 +144,9 @@ def run_cohort(
     config_dict = dataclasses.asdict(config)
     placement = placement or InlinePlacement()
     config_dict["placement"] = placement.name
+
+    if isinstance(placement, RayPatientsPlacement):
+        return _run_patients_on_ray(config, patients, seeds, recorder, config_dict, progress)
 
     def one(i: int, bar: tqdm) -> None:
         patient = patients[i]

@@ -110,3 +110,21 @@ def test_a_killed_actor_is_restarted_and_the_loop_holds_the_safe_command(ray_sta
     assert "safe command" in faults[0].fallback
     assert max(requested) > faults[-1].t_min  # the restarted controller answers again
     assert len({round(t) for t in requested}) < 120  # the gap is there
+
+
+def test_patients_spread_over_ray_workers_record_what_inline_records(ray_started, tmp_path):
+    from agents.placement import RayPatientsPlacement
+    from agents.run import run_cohort
+
+    cfg = LoopConfig(patients=("adult#001", "child#002", "adolescent#003"))
+    inline_dir, inline_summary = run_cohort(cfg, tmp_path / "inline", progress=False)
+    ray_dir, ray_summary = run_cohort(
+        cfg, tmp_path / "ray", progress=False, placement=RayPatientsPlacement()
+    )
+    assert ray_summary == inline_summary
+    import pyarrow.parquet as pq
+
+    for name in ("plant__sensor", "supervisor__actuator", "sensor__controller"):
+        a = pq.read_table(inline_dir / "channels" / f"{name}.parquet").to_pydict()
+        b = pq.read_table(ray_dir / "channels" / f"{name}.parquet").to_pydict()
+        assert a == b
