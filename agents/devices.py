@@ -14,8 +14,7 @@ import numpy as np
 from agents.messages import CgmReading, InsulinCommand, InsulinDelivery, PlantGlucose
 from plant.cgm import CGMSensor, CGMSpec
 from plant.pump import PumpSpec, quantize_basal, quantize_bolus
-
-MIN_PER_H = 60.0
+from plant.units import MIN_PER_H
 
 
 class SensorAgent:
@@ -28,11 +27,6 @@ class SensorAgent:
     def __init__(self, spec: CGMSpec, rng: np.random.Generator) -> None:
         self.spec = spec
         self._cgm = CGMSensor(spec, rng)
-
-    @property
-    def period_min(self) -> float:
-        """Minutes between two readings."""
-        return float(self.spec.sample_period_min)
 
     def read(self, truth: PlantGlucose) -> CgmReading | None:
         """A reading when one is due at ``truth.t_min``, else ``None``."""

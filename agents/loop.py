@@ -54,7 +54,7 @@ from plant.insulin import IobTracker
 from plant.patients import N_STATES, PatientParameters, expand_names, parameter_matrix
 from plant.pump import PumpSpec
 from plant.scenarios import MIN_PER_DAY, SCENARIOS, CarbCountingError, MealPlan
-from plant.uva_padova import N_MEAL_STATE, P_VG, advance
+from plant.uva_padova import DEFAULT_EAT_RATE_G_PER_MIN, N_MEAL_STATE, P_VG, advance
 from policies.controllers import CONTROLLERS, Controller, ControllerInput, make_controller
 
 CHANNELS = (
@@ -186,7 +186,7 @@ class PatientLoop:
         self._carbs = np.zeros((1, period))
         self._gp = np.zeros((1, period + 1))
         self._gs = np.zeros((1, period + 1))
-        self._eat_rate = np.array([5.0])
+        self._eat_rate = np.array([DEFAULT_EAT_RATE_G_PER_MIN])
         self._new_readings: list[CgmReading] = []
         self._last_deliveries: list[InsulinDelivery] = []
         self.place(InlinePlacement())

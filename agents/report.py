@@ -48,6 +48,7 @@ from plant.errors import UnknownPatientError
 from plant.metrics import HIGH_MG_DL, LOW_MG_DL
 from plant.patients import expand_names, get_patient
 from plant.scenarios import MIN_PER_DAY
+from plant.units import MIN_PER_H
 
 __all__ = [
     "AGP_BIN_MIN",
@@ -80,7 +81,6 @@ AGP_PERCENTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
 #: Most points drawn per line; longer traces are reduced to their min/max per bucket.
 MAX_LINE_POINTS = 4000
 
-MIN_PER_H = 60.0
 _H_PER_DAY = 24
 
 #: The columns read from each channel, besides ``patient`` and ``t_min``.

@@ -33,9 +33,9 @@ from agents.errors import LoopConfigError
 from agents.messages import CgmReading, InsulinCommand, InsulinDelivery, Override, TwinEstimate
 from plant.insulin import DEFAULT_DIA_MIN, DEFAULT_PEAK_MIN, IobTracker
 from plant.patients import PatientParameters
+from plant.units import MIN_PER_H
 
 StaleAction = Literal["scheduled_basal", "suspend"]
-MIN_PER_H = 60.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

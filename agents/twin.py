@@ -87,6 +87,7 @@ from numpy.typing import NDArray
 from agents.errors import AgentError, LoopConfigError
 from agents.messages import CgmReading, InsulinDelivery, MealAnnouncement, TwinEstimate
 from plant.patients import N_STATES, PMOL_PER_U, PatientParameters, parameter_matrix
+from plant.units import MIN_PER_DAY
 from plant.uva_padova import (
     M_PLANNED_G,
     MG_PER_G,
@@ -117,7 +118,6 @@ N_AUG = N_STATES + 2
 # Model state indices used here (see plant.patients.PatientParameters).
 _Q_STO1, _Q_STO2, _Q_GUT, _G_P, _G_T, _I_P, _X, _I_1, _I_D, _I_L, _I_SC1, _I_SC2, _G_S = range(13)
 
-_MIN_PER_DAY = 1440.0
 _EAT_RATE_G_PER_MIN = 5.0
 
 # Unscented transform: alpha = 1, beta = 2, kappa = 0 (sigma points at ±√n standard deviations,
@@ -738,7 +738,7 @@ class TwinEstimator:
         sd_g = cfg.glucose_process_sd_mg_dl_per_sqrt_min * self._vg
         q[_G_P] = sd_g**2
         q[_G_T] = q[_G_S] = (0.1 * sd_g) ** 2
-        q[I_THETA] = cfg.sensitivity_rate_per_sqrt_day**2 / _MIN_PER_DAY
+        q[I_THETA] = cfg.sensitivity_rate_per_sqrt_day**2 / MIN_PER_DAY
         # a floor keeps every direction positive: 1 mg in the stomach and gut, 1e-3 of the
         # basal insulin levels, 0.01 mg/dL of glucose, 1e-5 of θ, per √min
         floor = np.zeros(N_AUG)

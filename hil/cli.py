@@ -12,6 +12,7 @@ import numpy as np
 
 from agents.errors import AgentError
 from plant.errors import InvalidInputError, PlantError
+from plant.uva_padova import DEFAULT_EAT_RATE_G_PER_MIN
 from policies.errors import PolicyError
 
 
@@ -133,7 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="output trajectory CSV")
     rep.add_argument("--start", type=_clock, default=0, help="clock time of minute 0 (HH:MM)")
     rep.add_argument(
-        "--eat-rate", type=_positive, default=5.0, help="eating speed in g/min (default 5)"
+        "--eat-rate",
+        type=_positive,
+        default=DEFAULT_EAT_RATE_G_PER_MIN,
+        help="eating speed in g/min (default 5)",
     )
     return parser
 

@@ -61,11 +61,10 @@ from scipy.signal import lfilter
 
 from plant.errors import ConfigError, InvalidInputError
 from plant.presets import from_preset
+from plant.units import MIN_PER_DAY
 
 #: Sample periods (minutes) a :class:`CGMSpec` may have.
 SAMPLE_PERIODS_MIN: tuple[int, ...] = (1, 3, 5)
-
-_MIN_PER_DAY = 1440.0
 
 
 def _finite(field: str, value: object) -> float:
@@ -249,7 +248,7 @@ def _johnson(spec: CGMSpec, e: NDArray[np.float64]) -> NDArray[np.float64]:
 
 def _drift(spec: CGMSpec, first_sample: int, n_samples: int) -> NDArray[np.float64]:
     t_min = (first_sample + np.arange(n_samples, dtype=np.float64)) * spec.sample_period_min
-    out: NDArray[np.float64] = spec.drift_mg_dl_per_day * t_min / _MIN_PER_DAY
+    out: NDArray[np.float64] = spec.drift_mg_dl_per_day * t_min / MIN_PER_DAY
     return out
 
 

@@ -39,8 +39,8 @@ from numpy.typing import ArrayLike, NDArray
 
 from plant.errors import ConfigError, InvalidInputError
 from plant.presets import from_preset
+from plant.units import MIN_PER_H
 
-_MIN_PER_H = 60.0
 #: Relative tolerance (in increments/pulses) for counting whole steps despite float round-off.
 STEP_TOL = 1e-9
 
@@ -259,7 +259,7 @@ def delivery_u_per_min(
 
     n = basal.shape[0]
     commanded = np.empty((n, int(minutes)), dtype=np.float64)
-    commanded[:] = (basal / _MIN_PER_H)[:, np.newaxis]
+    commanded[:] = (basal / MIN_PER_H)[:, np.newaxis]
     commanded[:, 0] += bolus
     if spec.pulse_u == 0.0:
         commanded[:, 0] += residual

@@ -28,8 +28,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.special import ndtr, ndtri
 
 from plant.errors import ConfigError, InvalidInputError
-
-MIN_PER_DAY = 1440
+from plant.units import MIN_PER_DAY
 
 CarbErrorKind = Literal["none", "uniform", "normal"]
 _CARB_ERROR_KINDS: tuple[str, ...] = ("none", "uniform", "normal")

@@ -90,6 +90,9 @@ N_MEAL_STATE = 4
 
 MG_PER_G = 1000.0
 
+#: Eating speed of the UVA/Padova simulator (and simglucose), g/min.
+DEFAULT_EAT_RATE_G_PER_MIN = 5.0
+
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
 def _rhs(
@@ -472,7 +475,7 @@ def simulate(
     insulin_u_per_min: ArrayLike,
     meal_g: ArrayLike,
     *,
-    eat_rate_g_per_min: float = 5.0,
+    eat_rate_g_per_min: float = DEFAULT_EAT_RATE_G_PER_MIN,
     x0: ArrayLike | None = None,
     substeps: int = 1,
     eating_substeps: int = EATING_SUBSTEPS,

@@ -16,8 +16,6 @@ from typing import Protocol
 from plant.patients import PatientParameters
 from policies.errors import PolicyConfigError
 
-MIN_PER_H = 60.0
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ControllerInput:

@@ -44,7 +44,15 @@ from plant.scenarios import (
     MealBatch,
     MealScenario,
 )
-from plant.uva_padova import EATING_SUBSTEPS, N_MEAL_STATE, P_VG, PARALLEL_MIN_BATCH, step_minute
+from plant.units import MIN_PER_H
+from plant.uva_padova import (
+    DEFAULT_EAT_RATE_G_PER_MIN,
+    EATING_SUBSTEPS,
+    N_MEAL_STATE,
+    P_VG,
+    PARALLEL_MIN_BATCH,
+    step_minute,
+)
 
 #: Reward callback: ``reward_fn(bg_mg_dl, cgm_mg_dl, insulin_u, carbs_g) -> reward``, each an
 #: array of shape ``(N,)``: true plasma glucose and CGM reading at the end of the step, insulin
@@ -111,7 +119,7 @@ class T1DConfig:
     iob_dia_min: float = DEFAULT_DIA_MIN
     terminate_below_mg_dl: float = 40.0
     terminate_above_mg_dl: float = 600.0
-    eat_rate_g_per_min: float = 5.0
+    eat_rate_g_per_min: float = DEFAULT_EAT_RATE_G_PER_MIN
     reward_fn: RewardFn | None = None
 
     def __post_init__(self) -> None:
@@ -182,8 +190,6 @@ class T1DConfig:
         """Length of the observation vector."""
         return self.history_len + int(self.include_iob) + int(self.include_meal)
 
-
-MIN_PER_H = 60.0
 
 # Columns of the per-environment scalar state (float64).
 S_T = 0  #: control steps taken in this episode
