@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -46,7 +46,7 @@ from agents.messages import (
     TickTiming,
     TwinEstimate,
 )
-from agents.placement import InlinePlacement, Placement
+from agents.placement import InlinePlacement, Outcome, Placement, Request, Steps, drive
 from agents.supervisor import SafetySupervisor, SupervisorConfig
 from agents.twin import TwinEstimator
 from plant.cgm import CGMSpec
@@ -198,6 +198,7 @@ class PatientLoop:
 
     def place(self, placement: Placement) -> None:
         """Host the agents with ``placement`` (call before :meth:`run`; inline by default)."""
+        self.placement = placement
         self._sensor = placement.host(self.sensor, label="sensor")
         self._controller = placement.host(self.controller, label="controller")
         self._supervisor = placement.host(self.supervisor, label="supervisor")
@@ -205,11 +206,9 @@ class PatientLoop:
         self._twin = None if self.twin is None else placement.host(self.twin, label="twin")
 
     def close(self) -> None:
-        """Release the agents' hosts (Ray actors)."""
-        for handle in (self._sensor, self._controller, self._supervisor, self._actuator):
-            handle.close()
-        if self._twin is not None:
-            self._twin.close()
+        """Stop hosting the agents (their copies in Ray actors)."""
+        refs = [self._sensor, self._controller, self._supervisor, self._actuator]
+        self.placement.release(refs if self._twin is None else [*refs, self._twin])
 
     def _fault(self, agent: str, exc: BaseException, fallback: str) -> None:
         error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
@@ -220,18 +219,16 @@ class PatientLoop:
     def _truth(self, t_min: float, gp: float, gs: float) -> PlantGlucose:
         return PlantGlucose(t_min, gp / self._vg, gs / self._vg)
 
-    def _sense(self, truths: list[PlantGlucose]) -> None:
+    def _sense(self, truths: list[PlantGlucose]) -> Steps:
         passed = []
         for truth in truths:
             sent = self.channels["plant->sensor"].send(truth)
             if isinstance(sent, PlantGlucose):
                 passed.append(sent)
-        try:
-            readings = self._sensor.call("read_many", passed)
-        except Exception as exc:  # a dead sensor gives no readings; the watchdog takes over
-            self._fault("sensor", exc, "no readings")
-            readings = []
-        for reading in readings:
+        (outcome,) = yield [Request(self._sensor, "read_many", (passed,))]
+        if outcome.error is not None:  # a dead sensor gives no readings; the watchdog takes over
+            self._fault("sensor", outcome.error, "no readings")
+        for reading in outcome.value or []:
             delivered = self.channels["sensor->controller"].send(reading)
             if isinstance(delivered, CgmReading):
                 self._new_readings.append(delivered)
@@ -256,62 +253,72 @@ class PatientLoop:
             self._meal_idx += 1
         return announced, starts, messages
 
-    def _decide(self, t: float, announced_g: float) -> InsulinCommand | None:
+    def _observation(self, t: float, announced_g: float) -> ControllerInput:
         reading = self.channels["sensor->controller"].latest
         glucose = reading.glucose_mg_dl if isinstance(reading, CgmReading) else math.nan
         age = t - reading.t_min if reading is not None else math.inf
-        obs = ControllerInput(t, glucose, age, self.iob.net_iob_u, announced_g)
+        return ControllerInput(t, glucose, age, self.iob.net_iob_u, announced_g)
+
+    def _command(self, t: float, outcome: Outcome) -> InsulinCommand | None:
+        """The controller's command, or None when it failed or overran its deadline."""
         deadline = self.config.controller_deadline_s
-        started = time.perf_counter()
-        try:
-            dose = self._controller.submit("decide", obs).result(deadline)
-        except Exception as exc:  # a failing controller (or its actor) must not stop therapy
-            self._fault("controller", exc, "no command (supervisor's safe command)")
+        fallback = "no command (supervisor's safe command)"
+        if outcome.error is not None:  # a failing controller (or its actor) must not stop therapy
+            self._fault("controller", outcome.error, fallback)
             return None
-        took = time.perf_counter() - started
-        if took > deadline:  # an in-process controller cannot be interrupted: discard late
-            self._fault(
-                "controller",
-                TimeoutError(f"decide took {took:.3f} s, deadline {deadline:g} s"),
-                "no command (supervisor's safe command)",
-            )
+        if outcome.took_s > deadline:  # a controller cannot be interrupted: discard late
+            late = TimeoutError(f"decide took {outcome.took_s:.3f} s, deadline {deadline:g} s")
+            self._fault("controller", late, fallback)
             return None
+        dose = outcome.value
         command = InsulinCommand(t, dose.basal_u_per_h, dose.bolus_u, dose.duration_min)
         sent = self.channels["controller->supervisor"].send(command)
         return sent if isinstance(sent, InsulinCommand) else None
 
+    def _estimate(self, outcome: Outcome) -> TwinEstimate | None:
+        if outcome.error is not None:  # the loop goes on without the twin's forecast
+            self._fault("twin", outcome.error, "no estimate")
+            return None
+        sent = self.channels["estimator->controller"].send(outcome.value)
+        return sent if isinstance(sent, TwinEstimate) else None
+
     def tick(self) -> None:
         """One control period: decide, review, actuate, and advance the plant."""
+        drive(self.placement, [self.steps()])
+
+    def steps(self) -> Steps:
+        """One control period as rounds of agent requests (see :func:`agents.placement.drive`)."""
         period = self.config.control_period_min
         t0 = self._t_min
         if t0 == 0:
             x = self._x[0]
-            self._sense([self._truth(0.0, x[3], x[12])])
+            yield from self._sense([self._truth(0.0, x[3], x[12])])
         announced, starts, meal_messages = self._announce(t0, t0 + period)
         readings, self._new_readings = self._new_readings, []
         deliveries, self._last_deliveries = self._last_deliveries, []
-        # the twin and the controller are independent this tick: their calls overlap
-        twin_call = None
-        if self._twin is not None:
-            twin_call = self._twin.submit("step", float(t0), deliveries, meal_messages, readings)
-        command = self._decide(float(t0), announced)
-        estimate = None
-        if twin_call is not None:
-            try:
-                estimate = twin_call.result()
-            except Exception as exc:  # the loop goes on without the twin's forecast
-                self._fault("twin", exc, "no estimate")
-            if estimate is not None:
-                sent = self.channels["estimator->controller"].send(estimate)
-                estimate = sent if isinstance(sent, TwinEstimate) else None
-        try:
-            approved, overrides = self._supervisor.call(
-                "tick", float(t0), command, readings, deliveries, estimate
+        # the twin and the controller are independent this tick: one round
+        requests = [
+            Request(
+                self._controller,
+                "decide",
+                (self._observation(float(t0), announced),),
+                self.config.controller_deadline_s,
             )
-        except Exception as exc:  # without its supervisor the pump runs the scheduled basal
-            self._fault("supervisor", exc, "scheduled basal, no bolus")
+        ]
+        if self._twin is not None:
+            step_args = (float(t0), deliveries, meal_messages, readings)
+            requests.append(Request(self._twin, "step", step_args))
+        outcomes = yield requests
+        command = self._command(float(t0), outcomes[0])
+        estimate = None if self._twin is None else self._estimate(outcomes[1])
+        review = (float(t0), command, readings, deliveries, estimate)
+        (outcome,) = yield [Request(self._supervisor, "tick", review)]
+        if outcome.error is not None:  # without its supervisor the pump runs the scheduled basal
+            self._fault("supervisor", outcome.error, "scheduled basal, no bolus")
             basal = self.actuator_fallback_u_per_h
             approved, overrides = InsulinCommand(float(t0), basal, 0.0, float(period)), []
+        else:
+            approved, overrides = outcome.value
         for o in overrides:
             self.channels["supervisor->overrides"].send(o)
         approved_sent = self.channels["supervisor->actuator"].send(approved)
@@ -321,12 +328,13 @@ class PatientLoop:
         meal[:] = 0.0
         for m, grams in starts:
             meal[0, m - t0] += grams
-        try:
-            deliveries_now = self._actuator.call("actuate", cmd, float(t0), period)
-        except Exception as exc:  # the pump's own fallback: its scheduled basal
-            self._fault("actuator", exc, "scheduled basal")
+        (outcome,) = yield [Request(self._actuator, "actuate", (cmd, float(t0), period))]
+        if outcome.error is not None:  # the pump's own fallback: its scheduled basal
+            self._fault("actuator", outcome.error, "scheduled basal")
             rate = self.actuator_fallback_u_per_h / 60.0
             deliveries_now = [InsulinDelivery(float(t0 + k), rate, 0.0) for k in range(period)]
+        else:
+            deliveries_now = outcome.value
         for k, delivery in enumerate(deliveries_now):
             sent = self.channels["actuator->plant"].send(delivery)
             if isinstance(sent, InsulinDelivery):
@@ -350,7 +358,7 @@ class PatientLoop:
             check=False,
         )
         self._t_min = t0 + period
-        self._sense(
+        yield from self._sense(
             [
                 self._truth(float(t0 + k), self._gp[0, k], self._gs[0, k])
                 for k in range(1, period + 1)
@@ -358,32 +366,46 @@ class PatientLoop:
         )
 
     def run(self, progress: Callable[[int], None] | None = None) -> None:
-        """Run every tick of the configured days (paced on the wall clock in ``wall`` mode).
+        """Run every tick of the configured days (see :func:`run_together`)."""
+        run_together([self], progress)
 
-        In wall-clock mode each tick is scheduled at start + ``t_min`` × the time scale; the
-        loop sleeps until shortly before and spins the rest, then records the tick's lateness
-        and duration on ``clock->ticks``.
-        """
-        cfg = self.config
-        period = cfg.control_period_min
-        wall = cfg.clock == "wall"
-        start = time.perf_counter()
-        for _ in range(cfg.days * MIN_PER_DAY // period):
-            if wall:
-                due = start + self._t_min * cfg.wall_s_per_sim_min
-                wait = due - time.perf_counter()
-                if wait > SPIN_S:
-                    time.sleep(wait - SPIN_S)
-                while time.perf_counter() < due:
-                    pass
-                began = time.perf_counter()
-                t_tick = float(self._t_min)
-                self.tick()
-                done = time.perf_counter()
-                self.channels["clock->ticks"].send(
-                    TickTiming(t_tick, 1000.0 * (began - due), 1000.0 * (done - began))
-                )
-            else:
-                self.tick()
-            if progress is not None:
-                progress(period)
+
+def run_together(
+    loops: Sequence[PatientLoop], progress: Callable[[int], None] | None = None
+) -> None:
+    """Run loops of one configuration tick by tick in lockstep (paced in ``wall`` mode).
+
+    All loops must share a placement: each round of their ticks is one
+    :meth:`~agents.placement.Placement.execute` (one actor call per kind of agent on Ray).
+    In wall-clock mode each tick is scheduled at start + ``t_min`` × the time scale; the loops
+    sleep until shortly before and spin the rest, then record the tick's lateness and duration
+    on ``clock->ticks``. ``progress`` receives the simulated minutes done (all loops).
+    """
+    if not loops:
+        return
+    cfg = loops[0].config
+    placement = loops[0].placement
+    if any(loop.config != cfg or loop.placement is not placement for loop in loops):
+        raise ValueError("run_together: loops must share their configuration and placement")
+    period = cfg.control_period_min
+    wall = cfg.clock == "wall"
+    start = time.perf_counter()
+    for _ in range(cfg.days * MIN_PER_DAY // period):
+        t_tick = float(loops[0]._t_min)
+        if wall:
+            due = start + t_tick * cfg.wall_s_per_sim_min
+            wait = due - time.perf_counter()
+            if wait > SPIN_S:
+                time.sleep(wait - SPIN_S)
+            while time.perf_counter() < due:
+                pass
+            began = time.perf_counter()
+            drive(placement, [loop.steps() for loop in loops])
+            took_ms = 1000.0 * (time.perf_counter() - began)
+            timing = TickTiming(t_tick, 1000.0 * (began - due), took_ms)
+            for loop in loops:
+                loop.channels["clock->ticks"].send(timing)
+        else:
+            drive(placement, [loop.steps() for loop in loops])
+        if progress is not None:
+            progress(period * len(loops))

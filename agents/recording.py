@@ -19,7 +19,6 @@ import dataclasses
 import json
 import platform
 import subprocess
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -74,59 +73,67 @@ def versions() -> dict[str, str]:
 Columns = dict[str, dict[str, list[Any]]]
 
 
-def column_listener(columns: Columns, patient: str, lock: threading.Lock | None = None) -> Listener:
+def column_listener(columns: Columns, patient: str) -> Listener:
     """A channel listener appending messages to ``columns[channel][field]`` under ``patient``."""
 
     def record(channel: str, message: Message) -> None:
         fields = dataclasses.fields(message)
-        if lock is not None:
-            lock.acquire()
-        try:
-            table = columns.get(channel)
-            if table is None:
-                table = columns[channel] = {"patient": [], **{f.name: [] for f in fields}}
-            table["patient"].append(patient)
-            for f in fields:
-                table[f.name].append(getattr(message, f.name))
-        finally:
-            if lock is not None:
-                lock.release()
+        table = columns.get(channel)
+        if table is None:
+            table = columns[channel] = {"patient": [], **{f.name: [] for f in fields}}
+        table["patient"].append(patient)
+        for f in fields:
+            table[f.name].append(getattr(message, f.name))
 
     return record
 
 
 class Recorder:
-    """Collects messages of many patients' loops and writes them as one recording."""
+    """Collects messages of many patients' loops and writes them as one recording.
+
+    Each patient's messages are kept apart and written in the order the patients were added,
+    so the tables do not depend on how the loops were interleaved (lockstep, workers).
+    """
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         (self.run_dir / "channels").mkdir(parents=True, exist_ok=True)
         (self.run_dir / INCOMPLETE_MARKER).write_text("recording in progress\n")
-        self._columns: dict[str, dict[str, list[Any]]] = {}
+        self._parts: list[Columns] = []
         self._started = time.time()
-        self._lock = threading.Lock()
 
     def listener(self, patient: str) -> Listener:
-        """A channel listener that records messages under ``patient`` (thread-safe)."""
-        return column_listener(self._columns, patient, self._lock)
+        """A channel listener that records messages under ``patient``."""
+        part: Columns = {}
+        self._parts.append(part)
+        return column_listener(part, patient)
 
     def merge(self, columns: Columns) -> None:
         """Append columns recorded elsewhere (e.g. by a patient loop in a Ray worker)."""
-        with self._lock:
-            for channel, table in columns.items():
-                mine = self._columns.setdefault(channel, {name: [] for name in table})
+        self._parts.append(columns)
+
+    def _merged(self) -> Columns:
+        merged: Columns = {}
+        for part in self._parts:
+            for channel, table in part.items():
+                mine = merged.setdefault(channel, {name: [] for name in table})
                 for name, values in table.items():
                     mine[name].extend(values)
+        return merged
 
     def column(self, channel: str, field: str) -> list[Any]:
         """The values recorded so far of one field of one channel."""
-        return self._columns.get(channel, {}).get(field, [])
+        out: list[Any] = []
+        for part in self._parts:
+            out.extend(part.get(channel, {}).get(field, []))
+        return out
 
     def finish(
         self, config: Mapping[str, Any], summary: Mapping[str, Any], *, complete: bool = True
     ) -> Path:
         """Write the tables, the summary and (last) the manifest; return the run directory."""
-        for channel, table in self._columns.items():
+        merged = self._merged()
+        for channel, table in merged.items():
             pq.write_table(
                 pa.Table.from_pydict(table), self.run_dir / "channels" / channel_file(channel)
             )
@@ -137,7 +144,7 @@ class Recorder:
             "git_revision": _git_revision(),
             "started_unix_s": self._started,
             "wall_time_s": time.time() - self._started,
-            "channels": sorted(self._columns),
+            "channels": sorted(merged),
             "complete": complete,
         }
         (self.run_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))

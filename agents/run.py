@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from agents.loop import LoopConfig, PatientLoop
+from agents.loop import LoopConfig, PatientLoop, run_together
 from agents.placement import InlinePlacement, Placement, RayPatientsPlacement
 from agents.recording import Columns, Recorder, column_listener
 from plant.metrics import glucose_metrics
@@ -115,7 +114,7 @@ def run_cohort(
     *,
     progress: bool = True,
     placement: Placement | None = None,
-    parallel_patients: int = 1,
+    parallel_patients: int | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Run every patient's loop, record every channel, and return the directory and summary.
 
@@ -128,8 +127,8 @@ def run_cohort(
         run_dir: where the recording goes.
         progress: show a progress bar (simulated minutes).
         placement: where agents run (default: inline).
-        parallel_patients: patient loops driven at once (threads; useful with Ray placement,
-            whose actor calls wait on other processes).
+        parallel_patients: patient loops driven together in lockstep, each round of their
+            ticks one call per kind of agent (default: all of them).
 
     """
     patients = config.patient_table()
@@ -148,18 +147,27 @@ def run_cohort(
     if isinstance(placement, RayPatientsPlacement):
         return _run_patients_on_ray(config, patients, seeds, recorder, config_dict, progress)
 
-    def one(i: int, bar: tqdm) -> None:
-        patient = patients[i]
-        loop = PatientLoop(patient, config, np.random.default_rng(seeds[i]))
-        loop.place(placement)
-        loop.listen(recorder.listener(patient.name))
-        trace: list[float] = []
-        loop.channels["plant->sensor"].listen(lambda _, m: trace.append(m.bg_mg_dl))  # type: ignore[attr-defined]
+    group = max(1, parallel_patients or len(patients))
+
+    def run_group(first: int, bar: tqdm) -> None:
+        loops, traces = [], []
+        for i in range(first, min(first + group, len(patients))):
+            loop = PatientLoop(patients[i], config, np.random.default_rng(seeds[i]))
+            loop.place(placement)
+            loop.listen(recorder.listener(patients[i].name))
+            trace: list[float] = []
+            loop.channels["plant->sensor"].listen(
+                lambda _, m, tr=trace: tr.append(m.bg_mg_dl)  # type: ignore[misc]
+            )
+            loops.append(loop)
+            traces.append(trace)
         try:
-            loop.run(progress=bar.update)
+            run_together(loops, progress=bar.update)
         finally:
-            loop.close()
-        bg[i] = trace
+            for loop in loops:
+                loop.close()
+        for k, trace in enumerate(traces):
+            bg[first + k] = trace
 
     try:
         with tqdm(
@@ -169,13 +177,8 @@ def run_cohort(
             desc="closed loop",
             leave=False,
         ) as bar:
-            if parallel_patients <= 1:
-                for i in range(len(patients)):
-                    one(i, bar)
-            else:
-                with ThreadPoolExecutor(max_workers=parallel_patients) as pool:
-                    for future in [pool.submit(one, i, bar) for i in range(len(patients))]:
-                        future.result()
+            for first in range(0, len(patients), group):
+                run_group(first, bar)
         complete = True
     finally:
         summary: dict[str, Any] = {"complete": False}

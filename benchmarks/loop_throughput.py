@@ -5,13 +5,16 @@ Prints one JSON object. Run it network-isolated (it starts Ray)::
     ../shared/bin/offline .venv/bin/python benchmarks/loop_throughput.py
 
 * ``inline``: one patient's loop (adult#001, basal-bolus under the supervisor, random meals,
-  CGM noise) for ``--days`` days in process: patient-days per second on one core.
+  CGM noise) for ``--days`` days in process, ``--repeats`` times: patient-days per second on
+  one core (median run; the best run too).
 * ``ray``: the same loop with the five agents (sensor, twin estimator, controller, supervisor,
   actuator) as
   Ray actors on the embedded Ray; after a warm-up, the mean wall time per control tick, and the
   overhead per tick = Ray tick time − inline tick time.
 * ``cohort_all_7_days``: :func:`agents.run.run_cohort` on all 30 patients for 7 days (210
-  patient-days) inline, recording included — what ``twinloop run --cohort all --days 7`` does.
+  patient-days), recording included, inline; ``..._ray``: the agents as five Ray actors shared
+  by the 30 patients driven in lockstep (what ``twinloop run --cohort all --days 7`` does);
+  ``..._ray_patients``: each patient's loop in a Ray worker.
 """
 
 from __future__ import annotations
@@ -31,19 +34,24 @@ from agents.run import run_cohort
 from plant.patients import get_patient
 
 
-def _inline(days: int) -> dict[str, Any]:
+def _inline(days: int, repeats: int) -> dict[str, Any]:
     p = get_patient("adult#001")
     cfg = LoopConfig(patients=(p.name,), days=days)
     PatientLoop(p, LoopConfig(patients=(p.name,)), np.random.default_rng(1)).run()  # warm up
-    loop = PatientLoop(p, cfg, np.random.default_rng(0))
-    t0 = time.perf_counter()
-    loop.run()
-    elapsed = time.perf_counter() - t0
+    seconds = []
+    for _ in range(repeats):
+        loop = PatientLoop(p, cfg, np.random.default_rng(0))
+        t0 = time.perf_counter()
+        loop.run()
+        seconds.append(time.perf_counter() - t0)
+    elapsed = float(np.median(seconds))
     ticks = days * 1440 // cfg.control_period_min
     return {
         "days": days,
-        "seconds": elapsed,
+        "repeats": repeats,
+        "seconds": seconds,
         "patient_days_per_s": days / elapsed,
+        "patient_days_per_s_best": days / min(seconds),
         "tick_ms": 1000 * elapsed / ticks,
     }
 
@@ -56,7 +64,8 @@ def _ray(ticks: int, inline_tick_ms: float) -> dict[str, Any]:
     init_s = time.perf_counter() - t0
     p = get_patient("adult#001")
     loop = PatientLoop(p, LoopConfig(patients=(p.name,), days=2), np.random.default_rng(0))
-    loop.place(RayPlacement())
+    placement = RayPlacement()
+    loop.place(placement)
     for _ in range(20):  # actors start lazily: warm up
         loop.tick()
     samples = []
@@ -65,6 +74,7 @@ def _ray(ticks: int, inline_tick_ms: float) -> dict[str, Any]:
         loop.tick()
         samples.append(1000 * (time.perf_counter() - t))
     loop.close()
+    placement.close()
     arr = np.array(samples)
     return {
         "actors": 5,
@@ -75,21 +85,38 @@ def _ray(ticks: int, inline_tick_ms: float) -> dict[str, Any]:
         "tick_ms_p99": float(np.percentile(arr, 99)),
         "overhead_per_tick_ms": float(arr.mean() - inline_tick_ms),
         "actor_calls_per_tick": 5,
+        "rounds_per_tick": 4,
     }
 
 
-def _cohort(days: int) -> dict[str, Any]:
+def _cohort(days: int, placement_name: str) -> dict[str, Any]:
+    from agents.placement import InlinePlacement, Placement, RayPatientsPlacement, RayPlacement
+
+    placement: Placement = {
+        "inline": InlinePlacement,
+        "ray": RayPlacement,
+        "ray-patients": RayPatientsPlacement,
+    }[placement_name]()
     cfg = LoopConfig(patients=("all",), days=days)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        run_cohort(cfg, tmp, progress=False)
+        run_cohort(cfg, tmp, progress=False, placement=placement)
         elapsed = time.perf_counter() - t0
-    return {"patients": 30, "days": days, "patient_days": 30 * days, "seconds": elapsed}
+    if isinstance(placement, RayPlacement):
+        placement.close()
+    return {
+        "placement": placement_name,
+        "patients": 30,
+        "days": days,
+        "patient_days": 30 * days,
+        "seconds": elapsed,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--days", type=int, default=3, help="inline days (default 3)")
+    parser.add_argument("--days", type=int, default=5, help="inline days (default 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="inline runs; median (default 5)")
     parser.add_argument("--ray-ticks", type=int, default=300, help="timed Ray ticks")
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--skip-cohort", action="store_true")
@@ -100,11 +127,14 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "loadavg_start": list(os.getloadavg()),
     }
-    out["inline"] = _inline(args.days)
+    out["inline"] = _inline(args.days, args.repeats)
     if not args.skip_ray:
         out["ray"] = _ray(args.ray_ticks, out["inline"]["tick_ms"])
     if not args.skip_cohort:
-        out["cohort_all_7_days"] = _cohort(7)
+        out["cohort_all_7_days"] = _cohort(7, "inline")
+        if not args.skip_ray:
+            out["cohort_all_7_days_ray"] = _cohort(7, "ray")
+            out["cohort_all_7_days_ray_patients"] = _cohort(7, "ray-patients")
     out["loadavg_end"] = list(os.getloadavg())
     out["targets"] = {
         "inline_patient_days_per_s_per_core": {
@@ -113,11 +143,19 @@ def main() -> None:
         },
         "ray_overhead_per_tick_ms": {
             "target": 5.0,
-            "measured": out.get("ray", {}).get("overhead_per_tick_ms"),
+            "measured": {key: out[key]["overhead_per_tick_ms"] for key in ("ray",) if key in out},
         },
         "cohort_all_7_days_s": {
             "target": 180.0,
-            "measured": out.get("cohort_all_7_days", {}).get("seconds"),
+            "measured": {
+                key: out[key]["seconds"]
+                for key in (
+                    "cohort_all_7_days",
+                    "cohort_all_7_days_ray",
+                    "cohort_all_7_days_ray_patients",
+                )
+                if key in out
+            },
         },
     }
     print(json.dumps(out, indent=1))

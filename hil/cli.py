@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
         "--parallel-patients",
         type=int,
         default=None,
-        help="patient loops driven at once (default 1 inline, 4 with Ray)",
+        help="patient loops driven together in lockstep, one call per kind of agent and "
+        "round (default: all)",
     )
     run.add_argument("--clock", choices=["sim", "wall"], help="sim (default) or wall clock")
     run.add_argument(
@@ -356,7 +357,6 @@ def _run(cli_args: argparse.Namespace) -> int:
     elif args.placement == "ray" or args.address:
         start_ray(args.address)
         placement = RayPlacement()
-    parallel = args.parallel_patients or (4 if placement.name == "ray" else 1)
     t0 = time.perf_counter()
     try:
         run_dir, summary = run_cohort(
@@ -364,7 +364,7 @@ def _run(cli_args: argparse.Namespace) -> int:
             out,
             progress=not args.no_progress,
             placement=placement,
-            parallel_patients=parallel,
+            parallel_patients=args.parallel_patients,
         )
     finally:
         if placement.name.startswith("ray"):

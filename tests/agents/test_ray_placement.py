@@ -32,7 +32,11 @@ def _trajectory(placement=None):
 
 def test_ray_and_inline_placements_give_identical_trajectories(ray_started):
     inline_bg, inline_cmd = _trajectory()
-    ray_bg, ray_cmd = _trajectory(RayPlacement())
+    placement = RayPlacement()
+    try:
+        ray_bg, ray_cmd = _trajectory(placement)
+    finally:
+        placement.close()
     np.testing.assert_array_equal(inline_bg, ray_bg)
     assert inline_cmd == ray_cmd
 
@@ -94,37 +98,50 @@ def test_a_killed_actor_is_restarted_and_the_loop_holds_the_safe_command(ray_sta
 
     p = get_patient("adult#004")
     loop = PatientLoop(p, LoopConfig(patients=(p.name,)), np.random.default_rng(3))
-    loop.place(RayPlacement(max_restarts=3))
+    placement = RayPlacement(max_restarts=3)
+    loop.place(placement)
     faults, requested = [], []
     loop.channels["runtime->faults"].listen(lambda _, m: faults.append(m))
     loop.channels["controller->supervisor"].listen(lambda _, m: requested.append(m.t_min))
     try:
         for _ in range(60):
             loop.tick()
-        ray.kill(loop._controller.actor, no_restart=False)
+        ray.kill(placement.actor("controller"), no_restart=False)
         for _ in range(60):
             loop.tick()
     finally:
         loop.close()
+        placement.close()
     assert faults and faults[0].agent == "controller" and faults[0].t_min >= 300
     assert "safe command" in faults[0].fallback
     assert max(requested) > faults[-1].t_min  # the restarted controller answers again
     assert len({round(t) for t in requested}) < 120  # the gap is there
 
 
-def test_patients_spread_over_ray_workers_record_what_inline_records(ray_started, tmp_path):
+@pytest.mark.parametrize("placement", ["ray", "ray-patients"])
+def test_a_cohort_on_ray_records_what_inline_records(ray_started, tmp_path, placement):
+    """Patients in lockstep on shared agent actors (ray), or whole loops in workers."""
     from agents.placement import RayPatientsPlacement
     from agents.run import run_cohort
 
     cfg = LoopConfig(patients=("adult#001", "child#002", "adolescent#003"))
     inline_dir, inline_summary = run_cohort(cfg, tmp_path / "inline", progress=False)
-    ray_dir, ray_summary = run_cohort(
-        cfg, tmp_path / "ray", progress=False, placement=RayPatientsPlacement()
-    )
+    where = RayPlacement() if placement == "ray" else RayPatientsPlacement()
+    try:
+        ray_dir, ray_summary = run_cohort(cfg, tmp_path / "ray", progress=False, placement=where)
+    finally:
+        if isinstance(where, RayPlacement):
+            assert len(where._actors) == 5  # one actor per kind of agent, not per patient
+            where.close()
     assert ray_summary == inline_summary
     import pyarrow.parquet as pq
 
-    for name in ("plant__sensor", "supervisor__actuator", "sensor__controller"):
+    for name in (
+        "plant__sensor",
+        "supervisor__actuator",
+        "sensor__controller",
+        "estimator__controller",
+    ):
         a = pq.read_table(inline_dir / "channels" / f"{name}.parquet").to_pydict()
         b = pq.read_table(ray_dir / "channels" / f"{name}.parquet").to_pydict()
         assert a == b

@@ -290,14 +290,14 @@ def test_agp_bin_width_must_divide_a_day(bin_min):
 
 
 def test_an_interrupted_run_is_refused_unless_allowed(tmp_path, monkeypatch):
-    original = PatientLoop.run
+    original = PatientLoop.steps
 
-    def run(self, progress=None):
-        if self.patient.name == "adult#002":
+    def steps(self):
+        if self.patient.name == "adult#002" and self._t_min >= 600:
             raise RuntimeError("power cut")
-        original(self, progress)
+        return original(self)
 
-    monkeypatch.setattr(PatientLoop, "run", run)
+    monkeypatch.setattr(PatientLoop, "steps", steps)
     cfg = LoopConfig(patients=("adult#001", "adult#002"), days=2)
     with pytest.raises(RuntimeError, match="power cut"):
         run_cohort(cfg, tmp_path / "run", progress=False)
@@ -309,9 +309,10 @@ def test_an_interrupted_run_is_refused_unless_allowed(tmp_path, monkeypatch):
     assert json.loads((run_dir / "summary.json").read_text()) == {"complete": False}
 
     result = build_report(run_dir, allow_incomplete=True)
-    assert not result.complete and result.patients == ("adult#001",)
+    # the loops ran in lockstep: both patients were recorded up to the cut
+    assert not result.complete and result.patients == ("adult#001", "adult#002")
     assert result.summary["complete"] is False
-    assert set(result.summary["patients"]) == {"adult#001"}
+    assert set(result.summary["patients"]) == {"adult#001", "adult#002"}
     assert "Incomplete run" in result.report_path.read_text()
 
 
