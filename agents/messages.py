@@ -110,6 +110,7 @@ class TickTiming(Message):
 
     lateness_ms: float
     duration_ms: float
+    overrun: bool = False  # the tick's work took longer than its period
     kind: ClassVar[str] = "tick_timing"
 
 
@@ -124,3 +125,20 @@ class AgentFault(Message):
     error: str
     fallback: str
     kind: ClassVar[str] = "agent_fault"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Alarm(Message):
+    """A rig alarm raised (``active``) or cleared, and what the rig did about it.
+
+    ``source`` is the device (``cgm``, ``pump``); ``condition`` what was detected (``stale
+    data``, ``communication lost``, ``device alarm 1``); ``action`` what the rig did (e.g. the
+    safe state it applied); ``wall_s`` the rig's wall-clock time since its start, seconds.
+    """
+
+    source: str
+    condition: str
+    active: bool
+    action: str
+    wall_s: float
+    kind: ClassVar[str] = "alarm"

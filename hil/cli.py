@@ -1,4 +1,8 @@
-"""The ``twinloop`` command line: ``simulate``, ``run`` (the closed loop) and ``replay``."""
+"""The ``twinloop`` command line.
+
+``run`` (the closed loop), ``report``, ``simulate``, ``replay``, ``emulate`` (plant-backed
+devices on real protocols) and ``hil`` (the rig).
+"""
 
 from __future__ import annotations
 
@@ -140,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_EAT_RATE_G_PER_MIN,
         help="eating speed in g/min (default 5)",
     )
+    from hil.hil_cli import add_parsers
+
+    add_parsers(sub, _positive, _seed)
     return parser
 
 
@@ -400,6 +407,17 @@ def _run(cli_args: argparse.Namespace) -> int:
     return 0
 
 
+def _hardware(args: argparse.Namespace) -> int:
+    from hil import hil_cli
+    from hil.rig import RigConfigError
+    from hw_bridge.errors import BridgeError
+
+    try:
+        return hil_cli.emulate(args) if args.command == "emulate" else hil_cli.hil(args)
+    except (BridgeError, RigConfigError, ValueError, OSError) as exc:
+        return hil_cli.main_error(args.command, exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (errors print one line, never a traceback)."""
     args = _parser().parse_args(argv)
@@ -408,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(args)
         if args.command == "run":
             return _run(args)
+        if args.command in ("emulate", "hil"):
+            return _hardware(args)
         if args.command == "report":
             from agents.report import build_report
 

@@ -1,0 +1,219 @@
+"""``twinloop emulate`` (plant-backed devices on real byte streams) and ``twinloop hil`` (the rig).
+
+A HIL session against the emulated devices is two commands::
+
+    twinloop emulate pump --rtu-pty /tmp/tl-pump --cgm-pty /tmp/tl-cgm --time-scale 0.05 &
+    twinloop hil --port /tmp/tl-pump --cgm-port /tmp/tl-cgm --time-scale 0.05 --minutes 240
+
+The first makes two pty pairs (the devices' ends stay inside the emulator, the other ends are
+linked at the given paths, like the ``/dev/ttyUSB*`` of real devices) and serves the pump over
+Modbus RTU and the CGM over its line protocol, both backed by one virtual patient; the second
+runs the rig against them through the shipped profiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
+    """Add the ``emulate`` and ``hil`` sub-commands to the ``twinloop`` parser."""
+    emu = sub.add_parser(
+        "emulate",
+        help="serve a plant-backed emulated device (pump over Modbus, CGM over serial)",
+        description="Serve emulated devices backed by one virtual patient (UVA/Padova), "
+        "speaking the real protocols (see hw_bridge/DEVICES.md). Runs until interrupted.",
+    )
+    emu.add_argument("device", choices=["pump", "cgm"], help="the device to serve")
+    emu.add_argument("--rtu", help="pump: serve Modbus RTU on this serial port / pty end")
+    emu.add_argument(
+        "--rtu-pty", help="pump: make a pty pair and link the client's end at this path"
+    )
+    emu.add_argument("--tcp", help="pump: serve Modbus TCP on HOST:PORT or PORT")
+    emu.add_argument("--serial", help="cgm: serve the line protocol on this serial port")
+    emu.add_argument("--cgm-pty", help="also serve the CGM; link the client's end here")
+    emu.add_argument("--cgm-serial", help="also serve the CGM on this serial port")
+    emu.add_argument("--bind", default="127.0.0.1", help="TCP bind address (127.0.0.1)")
+    emu.add_argument("--patient", default="adult#001", help="virtual patient (adult#001)")
+    emu.add_argument("--seed", type=seed, default=0, help="seed of meals and sensor noise")
+    emu.add_argument(
+        "--time-scale",
+        type=positive,
+        default=60.0,
+        help="wall seconds per simulated minute (60 = real time)",
+    )
+    emu.add_argument("--baudrate", type=int, help="serial baud rate (pump 115200, CGM 9600)")
+
+    hil = sub.add_parser(
+        "hil",
+        help="run the insulin loop against a pump and a CGM through device profiles",
+        description="The HIL rig: the controller and the safety supervisor on the wall clock, "
+        "the pump over Modbus and the CGM over its line protocol through device profiles, a "
+        "watchdog with fail-safe, everything recorded.",
+    )
+    hil.add_argument(
+        "--profile",
+        default="insulin_pump_rtu",
+        help="pump profile: a YAML file or a shipped name (insulin_pump_rtu, insulin_pump_tcp)",
+    )
+    hil.add_argument("--port", help="the pump's serial port (overrides the profile)")
+    hil.add_argument("--tcp", help="the pump's HOST:PORT (overrides the profile)")
+    hil.add_argument("--cgm-profile", default="cgm_line", help="CGM profile (cgm_line)")
+    hil.add_argument("--cgm-port", required=True, help="the CGM's serial port")
+    hil.add_argument("--patient", default="adult#001", help="clinical profile for the therapy")
+    hil.add_argument("--controller", default="pid", help="controller (pid)")
+    hil.add_argument(
+        "--time-scale", type=positive, default=60.0, help="wall seconds per simulated minute"
+    )
+    hil.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (240)")
+    hil.add_argument("--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS)")
+
+
+def _profile_path(name: str) -> Path:
+    from hw_bridge.profile import shipped_profile
+
+    path = Path(name)
+    return path if path.suffix in (".yaml", ".yml") or path.exists() else shipped_profile(name)
+
+
+def emulate(args: argparse.Namespace) -> int:
+    """Serve the emulated devices until SIGINT/SIGTERM."""
+    from hw_bridge.emulators.cgm import CgmEmulator
+    from hw_bridge.emulators.pump import PumpEmulator
+    from hw_bridge.patient import VirtualPatient
+    from hw_bridge.pty import PtyPair
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    patient = VirtualPatient(args.patient, seed=args.seed, wall_s_per_sim_min=args.time_scale)
+    closers: list[Any] = []
+    lines: list[str] = []
+    try:
+        if args.device == "pump":
+            if not (args.rtu or args.rtu_pty or args.tcp):
+                raise ValueError("emulate pump: give --rtu PORT, --rtu-pty LINK or --tcp HOST:PORT")
+            pump = PumpEmulator(patient)
+            if args.rtu or args.rtu_pty:
+                port = args.rtu
+                if args.rtu_pty:
+                    pair = PtyPair(links=(args.rtu_pty, None))
+                    closers.append(pair)
+                    port = pair.b
+                baud = args.baudrate or 115200
+                closers.append(pump.start_rtu(port, baudrate=baud, parity="N", stopbits=2))
+                lines.append(f"pump: Modbus RTU on {args.rtu_pty or args.rtu}")
+            if args.tcp:
+                host, _, port_text = args.tcp.rpartition(":")
+                closers.append(pump.start_tcp(host or args.bind, int(port_text)))
+                lines.append(f"pump: Modbus TCP on {host or args.bind}:{port_text}")
+        cgm_port = args.serial if args.device == "cgm" else args.cgm_serial
+        if args.device == "cgm" and not (args.serial or args.cgm_pty):
+            raise ValueError("emulate cgm: give --serial PORT or --cgm-pty LINK")
+        if args.cgm_pty:
+            pair = PtyPair(links=(args.cgm_pty, None))
+            closers.append(pair)
+            cgm_port = pair.b
+        if cgm_port:
+            cgm = CgmEmulator(patient, cgm_port, seed=args.seed, baudrate=args.baudrate or 9600)
+            cgm.start()
+            closers.append(cgm)
+            lines.append(f"cgm: line protocol on {args.cgm_pty or cgm_port}")
+        patient.start()
+        print(
+            f"twinloop emulate: {args.patient}, {args.time_scale:g} s per simulated minute; "
+            + "; ".join(lines),
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+    finally:
+        patient.stop()
+        for closer in reversed(closers):
+            stopper = getattr(closer, "stop", None) or closer.close
+            stopper()
+    return 0
+
+
+def hil(args: argparse.Namespace) -> int:
+    """Run the rig and print its timing, alarms and CGM summary."""
+    from agents.recording import Recorder
+    from hil.rig import Rig, RigConfig, pump_register_names, summarize_rig
+    from hw_bridge.line import LineTransport
+    from hw_bridge.modbus_client import ModbusDevice
+    from hw_bridge.profile import load_profile
+
+    config = RigConfig(
+        patient=args.patient,
+        controller=args.controller,
+        wall_s_per_sim_min=args.time_scale,
+        minutes=args.minutes,
+    )
+    profile = load_profile(_profile_path(args.profile))
+    if args.port or args.tcp:
+        profile = profile.with_overrides(port=args.port, tcp=args.tcp)
+    cgm_profile = load_profile(_profile_path(args.cgm_profile))
+    t = cgm_profile.transport
+    out = Path(args.out or time.strftime("runs/hil-%Y%m%d-%H%M%S"))
+    recorder = Recorder(out)
+    with (
+        ModbusDevice(profile) as pump,
+        LineTransport(
+            args.cgm_port,
+            baudrate=t.baudrate,
+            parity=t.parity,
+            bytesize=t.bytesize,
+            stopbits=t.stopbits,
+        ) as cgm,
+    ):
+        rig = Rig(config, pump=pump, cgm=cgm, pump_registers=pump_register_names(profile))
+        rig.listen(recorder.listener("rig"))
+        steps = args.minutes // config.control_period_min * config.watchdog_steps
+        print(
+            f"twinloop hil: {profile.name} + {cgm_profile.name}, {args.minutes} simulated min "
+            f"at {args.time_scale:g} s/min ({steps} watchdog steps of "
+            f"{config.step_s * 1000:.0f} ms)",
+            flush=True,
+        )
+        complete = False
+        try:
+            stats = rig.run(steps=steps)
+            complete = True
+        finally:
+            summary: dict[str, Any] = summarize_rig(rig, stats) if complete else {"complete": False}
+            recorder.finish(
+                {"rig": vars(args) | {"profile": str(profile.source)}}, summary, complete=complete
+            )
+    timing = summary["timing"]
+    late = timing["lateness_ms"]
+    print(
+        f"timing: {timing['ticks']} steps, lateness p50 {late['p50']:.2f} ms, p99 "
+        f"{late['p99']:.2f} ms, max {late['max']:.2f} ms; overruns {timing['overruns']}"
+    )
+    for alarm in summary["alarms"]:
+        state = "RAISED" if alarm["active"] else "cleared"
+        print(
+            f"alarm {state} at {alarm['t_min']:.0f} min: {alarm['source']} {alarm['condition']}"
+            f" — {alarm['action']}"
+        )
+    if "cgm" in summary:
+        c = summary["cgm"]
+        print(
+            f"CGM: {summary['cgm_readings']} readings, mean {c['mean_mg_dl']:.1f} mg/dL, "
+            f"TIR {c['time_in_range_70_180_pct']:.1f} %, <70 {c['time_below_70_pct']:.1f} %"
+        )
+    print(f"recording: {out}")
+    json.dumps(summary, default=float)
+    return 0
+
+
+def main_error(command: str, exc: Exception) -> int:
+    """One line on stderr for an error of these commands."""
+    print(f"twinloop {command}: error: {exc}", file=sys.stderr)
+    return 2
