@@ -1,4 +1,4 @@
-"""HIL timing: a 100 Hz Modbus TCP loop, Modbus RTU cycles against their wire time, fail-safe.
+"""HIL timing: a 100 Hz Modbus TCP loop, and Modbus RTU cycles against their wire time.
 
 Prints one JSON object. Run it network-isolated (it starts servers on loopback)::
 
@@ -6,22 +6,25 @@ Prints one JSON object. Run it network-isolated (it starts servers on loopback):
     ../shared/bin/offline .venv/bin/python benchmarks/hil_timing.py --tcp-seconds 60
 
 * ``tcp_100hz``: the emulated pump served by ``twinloop emulate pump --tcp`` in its own process;
-  a :class:`hw_bridge.modbus_client.ModbusDevice` paced at 100 Hz by :mod:`hil.pacing` in a
-  dedicated thread, each tick reading the pump's status (heartbeat, alarm, delivered total,
-  bolus remaining: two requests) and writing its temp-basal rate (one request). Lateness
-  percentiles, jitter, overruns, ticks later than one period.
+  a :class:`hw_bridge.modbus_client.ModbusDevice` paced at 100 Hz by :mod:`hil.pacing`, each
+  tick reading the pump's status (heartbeat, alarm, delivered total, bolus remaining: one
+  request for the 13-register block) and writing its temp-basal rate (one request). Lateness
+  percentiles, jitter, overruns, ticks later than one period, the ten slowest ticks.
 * ``rtu_115200``: the emulated pump on a pty at 115200 baud 8N2 with emulated wire time; for each
-  kind of request (read 2 / 8 holding registers, read 13 input registers, write 1 / 2 holding
-  registers) the client's cycle time against the theoretical wire time of its two frames plus
-  one silent interval after each (:func:`hw_bridge.wire.rtu_cycle_wire_time_s`).
-* ``failsafe``: the rig against the emulated pump (RTU) and CGM (serial line) on pty pairs at
-  0.02 s per simulated minute (a 100 ms control period); the CGM cable is pulled and the time
-  until the pump is in its safe state is measured, in control periods.
+  request the rig makes (read the temp basal, read the 13-register status block, write the
+  temp-basal duration, write its rate) the cycle of our client — the transaction plus the silent
+  interval before the next request — against the theoretical wire time of its two frames plus
+  one silent interval after each (:func:`hw_bridge.wire.rtu_cycle_wire_time_s`);
+  ``rtu_19200`` the same at 19200 baud.
+
+The fail-safe time after a pulled cable is measured by the end-to-end test
+(``pytest tests/e2e/test_hil_rig.py -s``), which prints it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -69,42 +72,52 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.kill()
 
 
-def tcp_100hz(seconds: float) -> dict[str, Any]:
+def tcp_100hz(seconds: float, spin_s: float) -> dict[str, Any]:
     """The 100 Hz loop over Modbus TCP on loopback."""
     from hil.pacing import pace
     from hw_bridge.modbus_client import ModbusDevice
     from hw_bridge.profile import load_profile, shipped_profile
 
     port = _free_port()
-    proc = _emulator("pump", "--tcp", f"127.0.0.1:{port}", "--time-scale", "0.05")
+    proc = _emulator("pump", "--tcp", f"127.0.0.1:{port}")  # a pump on real time
     try:
         profile = load_profile(shipped_profile("insulin_pump_tcp"))
         profile = profile.with_overrides(tcp=f"127.0.0.1:{port}")
         names = ["heartbeat", "alarm_code", "delivered_total_u", "bolus_remaining_u"]
         with ModbusDevice(profile) as pump:
-            for _ in range(50):  # warm up
+            for _ in range(500):  # warm up
                 pump.read_many(names)
 
             def tick(k: int) -> None:
                 pump.read_many(names)
                 pump.write("temp_basal_u_per_h", 0.5 + 0.01 * (k % 50))
 
-            stats = pace(tick, 0.01, n_ticks=int(seconds * 100))
+            stats = pace(tick, 0.01, n_ticks=int(seconds * 100), spin_s=spin_s)
     finally:
         _stop(proc)
     summary = stats.summary()
+    took = np.asarray(stats.duration_ms)
+    worst = np.argsort(took)[-10:][::-1]
+    summary["slowest_ticks"] = [
+        {"at_s": round(float(k) * 0.01, 2), "duration_ms": float(took[k])} for k in worst
+    ]
     summary["seconds"] = seconds
-    summary["requests_per_tick"] = 3
+    summary["spin_ms"] = 1000 * spin_s
+    summary["requests_per_tick"] = 2  # the status block (one read) and the temp-basal rate
     return summary
 
 
-#: (label, function code, register count): request and response sizes follow from them.
+#: (label, registers, function code, register count): what our client does, one request each.
 RTU_REQUESTS = (
-    ("read 2 holding (FC3)", 3, 2),
-    ("read 8 holding (FC3)", 3, 8),
-    ("read 13 input (FC4)", 4, 13),
-    ("write 1 holding (FC6)", 6, 1),
-    ("write 2 holding (FC16)", 16, 2),
+    ("read temp basal (FC3, 2 registers)", ("temp_basal_u_per_h",), 3, 2),
+    (
+        "read status block (FC4, 13 registers)",
+        ("delivered_total_u", "bolus_remaining_u", "alarm_code", "heartbeat"),
+        4,
+        13,
+    ),
+    ("write temp basal duration (FC6)", ("temp_basal_duration_min",), 6, 1),
+    ("write temp basal rate (FC16, 2 registers)", ("temp_basal_u_per_h",), 16, 2),
 )
 
 
@@ -117,51 +130,63 @@ def _rtu_sizes(fc: int, count: int) -> tuple[int, int]:
     return 9 + 2 * count, 8  # FC16
 
 
-def rtu_115200(cycles: int) -> dict[str, Any]:
-    """Cycle times over a pty with emulated wire time, against theory."""
-    from pymodbus import FramerType
-    from pymodbus.client import ModbusSerialClient
+def rtu_cycles(cycles: int, baudrate: int = 115200) -> dict[str, Any]:
+    """Cycles of :class:`ModbusDevice` over a pty with emulated wire time, against theory.
 
-    from hw_bridge.wire import rtu_cycle_wire_time_s
+    A cycle is one transaction followed by the silent interval a compliant master leaves
+    before its next request; its theoretical time is both frames' character times plus a
+    silent interval after each (:func:`hw_bridge.wire.rtu_cycle_wire_time_s`).
+    """
+    from hw_bridge.modbus_client import ModbusDevice
+    from hw_bridge.profile import load_profile, shipped_profile
+    from hw_bridge.wire import precise_sleep, rtu_cycle_wire_time_s, rtu_silent_interval_s
 
     link = os.path.join(tempfile.mkdtemp(prefix="twinloop-bench-"), "pump")
-    proc = _emulator("pump", "--rtu-pty", link, "--time-scale", "0.05")
-    out: dict[str, Any] = {"baudrate": 115200, "format": "8N2", "cycles": cycles, "requests": {}}
+    proc = _emulator("pump", "--rtu-pty", link, "--baudrate", str(baudrate))  # real time, 8N2
+    profile = load_profile(shipped_profile("insulin_pump_rtu")).with_overrides(port=link)
+    profile = dataclasses.replace(
+        profile, transport=dataclasses.replace(profile.transport, baudrate=baudrate)
+    )
+    t = profile.transport
+    silent = rtu_silent_interval_s(t.baudrate)
+    out: dict[str, Any] = {
+        "baudrate": t.baudrate,
+        "format": f"{t.bytesize}{t.parity}{t.stopbits}",
+        "cycles": cycles,
+        "requests": {},
+    }
     try:
-        client = ModbusSerialClient(
-            link, framer=FramerType.RTU, baudrate=115200, parity="N", stopbits=2,
-            timeout=0.5, retries=0,
-        )  # fmt: skip
-        client.connect()
-        calls = {
-            3: lambda n: client.read_holding_registers(0, count=n, device_id=1),
-            4: lambda n: client.read_input_registers(0, count=n, device_id=1),
-            6: lambda n: client.write_register(2, 0, device_id=1),
-            16: lambda n: client.write_registers(0, [0] * n, device_id=1),
-        }
-        for label, fc, count in RTU_REQUESTS:
-            req, resp = _rtu_sizes(fc, count)
-            theory = rtu_cycle_wire_time_s(req, resp, 115200, parity="N", stopbits=2)
-            for _ in range(20):
-                calls[fc](count)
-            samples = []
-            for _ in range(cycles):
-                t0 = time.perf_counter()
-                result = calls[fc](count)
-                samples.append(time.perf_counter() - t0)
-                if result.isError():
-                    raise RuntimeError(f"{label}: {result}")
-            arr = np.asarray(samples)
-            out["requests"][label] = {
-                "request_bytes": req,
-                "response_bytes": resp,
-                "theoretical_ms": 1000 * theory,
-                "cycle_ms_p50": 1000 * float(np.percentile(arr, 50)),
-                "cycle_ms_p99": 1000 * float(np.percentile(arr, 99)),
-                "ratio_p50": float(np.percentile(arr, 50)) / theory,
-                "ratio_p99": float(np.percentile(arr, 99)) / theory,
+        with ModbusDevice(profile) as pump:
+            ops = {
+                3: lambda names: pump.read_many(list(names)),
+                4: lambda names: pump.read_many(list(names)),
+                6: lambda names: pump.write(names[0], 0),
+                16: lambda names: pump.write(names[0], 0.8),
             }
-        client.close()
+            for label, names, fc, count in RTU_REQUESTS:
+                req, resp = _rtu_sizes(fc, count)
+                theory = rtu_cycle_wire_time_s(
+                    req, resp, t.baudrate, bytesize=t.bytesize, parity=t.parity,
+                    stopbits=t.stopbits,
+                )  # fmt: skip
+                for _ in range(20):
+                    ops[fc](names)
+                samples = []
+                for _ in range(cycles):
+                    t0 = time.perf_counter()
+                    ops[fc](names)
+                    precise_sleep(silent)
+                    samples.append(time.perf_counter() - t0)
+                arr = np.asarray(samples)
+                out["requests"][label] = {
+                    "request_bytes": req,
+                    "response_bytes": resp,
+                    "theoretical_ms": 1000 * theory,
+                    "cycle_ms_p50": 1000 * float(np.percentile(arr, 50)),
+                    "cycle_ms_p99": 1000 * float(np.percentile(arr, 99)),
+                    "ratio_p50": float(np.percentile(arr, 50)) / theory,
+                    "ratio_p99": float(np.percentile(arr, 99)) / theory,
+                }
     finally:
         _stop(proc)
     return out
@@ -170,6 +195,9 @@ def rtu_115200(cycles: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tcp-seconds", type=float, default=600.0, help="100 Hz loop length")
+    parser.add_argument(
+        "--spin-ms", type=float, default=2.0, help="spin window before each tick (2 ms)"
+    )
     parser.add_argument("--rtu-cycles", type=int, default=500, help="cycles per request kind")
     parser.add_argument("--skip-tcp", action="store_true")
     parser.add_argument("--skip-rtu", action="store_true")
@@ -181,9 +209,10 @@ def main() -> None:
         "loadavg_start": list(os.getloadavg()),
     }
     if not args.skip_rtu:
-        out["rtu_115200"] = rtu_115200(args.rtu_cycles)
+        out["rtu_115200"] = rtu_cycles(args.rtu_cycles, 115200)
+        out["rtu_19200"] = rtu_cycles(args.rtu_cycles, 19200)
     if not args.skip_tcp:
-        out["tcp_100hz"] = tcp_100hz(args.tcp_seconds)
+        out["tcp_100hz"] = tcp_100hz(args.tcp_seconds, args.spin_ms / 1000)
     out["loadavg_end"] = list(os.getloadavg())
     tcp = out.get("tcp_100hz", {})
     out["targets"] = {

@@ -414,7 +414,7 @@ def _hardware(args: argparse.Namespace) -> int:
 
     try:
         return hil_cli.emulate(args) if args.command == "emulate" else hil_cli.hil(args)
-    except (BridgeError, RigConfigError, ValueError, OSError) as exc:
+    except (BridgeError, RigConfigError, ValueError, OSError) as exc:  # ssl.SSLError is OSError
         return hil_cli.main_error(args.command, exc)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -37,6 +38,13 @@ def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
         "--rtu-pty", help="pump: make a pty pair and link the client's end at this path"
     )
     emu.add_argument("--tcp", help="pump: serve Modbus TCP on HOST:PORT or PORT")
+    emu.add_argument(
+        "--tls",
+        nargs=3,
+        metavar=("CERT", "KEY", "CA"),
+        help="pump: Modbus/TLS on --tcp with this certificate and key, requiring client "
+        "certificates signed by CA",
+    )
     emu.add_argument("--serial", help="cgm: serve the line protocol on this serial port")
     emu.add_argument("--cgm-pty", help="also serve the CGM; link the client's end here")
     emu.add_argument("--cgm-serial", help="also serve the CGM on this serial port")
@@ -83,6 +91,16 @@ def _profile_path(name: str) -> Path:
     return path if path.suffix in (".yaml", ".yml") or path.exists() else shipped_profile(name)
 
 
+def server_tls_context(certfile: str, keyfile: str, cafile: str) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2+) that requires client certificates from ``cafile``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    context.load_verify_locations(cafile=cafile)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def emulate(args: argparse.Namespace) -> int:
     """Serve the emulated devices until SIGINT/SIGTERM."""
     from hw_bridge.emulators.cgm import CgmEmulator
@@ -111,8 +129,10 @@ def emulate(args: argparse.Namespace) -> int:
                 lines.append(f"pump: Modbus RTU on {args.rtu_pty or args.rtu}")
             if args.tcp:
                 host, _, port_text = args.tcp.rpartition(":")
-                closers.append(pump.start_tcp(host or args.bind, int(port_text)))
-                lines.append(f"pump: Modbus TCP on {host or args.bind}:{port_text}")
+                tls = server_tls_context(*args.tls) if args.tls else None
+                closers.append(pump.start_tcp(host or args.bind, int(port_text), tls=tls))
+                kind = "Modbus/TLS (client certificates required)" if tls else "Modbus TCP"
+                lines.append(f"pump: {kind} on {host or args.bind}:{port_text}")
         cgm_port = args.serial if args.device == "cgm" else args.cgm_serial
         if args.device == "cgm" and not (args.serial or args.cgm_pty):
             raise ValueError("emulate cgm: give --serial PORT or --cgm-pty LINK")

@@ -83,6 +83,26 @@ class VirtualPatient:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started_at = 0.0
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile (or load) the plant kernel now, on scratch copies of the state.
+
+        The first call of the numba kernel costs tens of milliseconds to seconds; served
+        devices must not stall for it at their first simulated minute.
+        """
+        advance(
+            self._x.copy(),
+            self._meal_state.copy(),
+            self._params,
+            np.zeros((1, 1)),
+            np.zeros((1, 1)),
+            self._eat,
+            carbs_out=np.zeros((1, 1)),
+            gp_out=np.zeros((1, 2)),
+            gs_out=np.zeros((1, 2)),
+            check=False,
+        )
 
     @property
     def latest(self) -> PatientMinute:

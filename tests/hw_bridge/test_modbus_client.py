@@ -313,6 +313,12 @@ def test_plan_reads_merges_contiguous_and_splits_at_gaps_and_size_limits():
     assert sum(len(b.registers) for b in plan_reads(odd)) == 101
     bits = [reg(f"b{i}", i, "bool", "coil") for i in range(2500)]
     assert [b.count for b in plan_reads(bits)] == [MAX_READ_BITS, 500]
+    # gaps covered by other mapped registers are read through; unmapped gaps split
+    table = [reg("a", 0, "float32"), reg("mid", 2, "float32"), reg("c", 4), reg("far", 9)]
+    wanted = [table[0], table[2], table[3]]
+    blocks = plan_reads(wanted, mapped=table)
+    assert [(b.address, b.count) for b in blocks] == [(0, 5), (9, 1)]
+    assert [r.name for r in blocks[0].registers] == ["a", "c"]
 
 
 def test_refused_writes_never_reach_the_wire(tcp_rig: Rig, caplog: pytest.LogCaptureFixture):
