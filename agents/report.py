@@ -866,7 +866,7 @@ def _markdown(
 # The report
 
 
-def _check_complete(run_dir: Path, *, allow_incomplete: bool) -> tuple[dict[str, Any] | None, bool]:
+def check_complete(run_dir: Path, *, allow_incomplete: bool) -> tuple[dict[str, Any] | None, bool]:
     """The manifest (``None`` if an interrupted run has none) and whether the run is complete."""
     if not run_dir.is_dir():
         raise MissingRecordingFileError(run_dir, "run directory")
@@ -911,7 +911,7 @@ def build_report(run_dir: str | Path, *, allow_incomplete: bool = False) -> Repo
 
     """
     run_dir = Path(run_dir)
-    manifest, complete = _check_complete(run_dir, allow_incomplete=allow_incomplete)
+    manifest, complete = check_complete(run_dir, allow_incomplete=allow_incomplete)
     listed = set(manifest.get("channels", ())) if manifest is not None else set()
 
     plant_table = _read_table(run_dir, "plant->sensor", required=True)

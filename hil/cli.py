@@ -430,6 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _hardware(args)
         if args.command == "report":
             from agents.report import build_report
+            from hil.report import build_hil_report, is_hil_recording
+
+            if is_hil_recording(args.run_dir):
+                hil_result = build_hil_report(args.run_dir, allow_incomplete=args.allow_incomplete)
+                print(f"report: {hil_result.report_path} ({len(hil_result.plots)} plots)")
+                return 0
 
             result = build_report(args.run_dir, allow_incomplete=args.allow_incomplete)
             print(f"report: {result.report_path} ({len(result.plots)} plots)")

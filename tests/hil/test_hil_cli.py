@@ -43,6 +43,19 @@ def test_a_hil_session_in_two_commands(tmp_path, capsys):
     assert (out / "channels" / "supervisor__actuator.parquet").exists()
     assert not os.path.exists(out / "INCOMPLETE")
 
+    # `twinloop report` rebuilds the session's report from the recording alone
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Timing" in report and "## Alarms" in report and "readings" in report
+    assert (out / "plots" / "timing.png").stat().st_size > 0
+    assert (out / "plots" / "glucose_insulin.png").stat().st_size > 0
+    rebuilt = json.loads((out / "summary.json").read_text())
+    assert rebuilt["timing"]["ticks"] == summary["timing"]["ticks"]
+    assert rebuilt["timing"]["lateness_ms"]["max"] == pytest.approx(
+        summary["timing"]["lateness_ms"]["max"]
+    )
+    assert rebuilt["cgm_readings"] == summary["cgm_readings"]
+
 
 @pytest.mark.parametrize(
     ("argv", "needle"),
