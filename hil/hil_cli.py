@@ -82,6 +82,11 @@ def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
     )
     hil.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (240)")
     hil.add_argument("--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS)")
+    hil.add_argument(
+        "--realtime",
+        action="store_true",
+        help="pace the rig under SCHED_FIFO (needs CAP_SYS_NICE; says so when refused)",
+    )
 
 
 def _profile_path(name: str) -> Path:
@@ -174,6 +179,7 @@ def hil(args: argparse.Namespace) -> int:
         controller=args.controller,
         wall_s_per_sim_min=args.time_scale,
         minutes=args.minutes,
+        realtime=args.realtime,
     )
     profile = load_profile(_profile_path(args.profile))
     if args.port or args.tcp:
@@ -210,6 +216,9 @@ def hil(args: argparse.Namespace) -> int:
             recorder.finish(
                 {"rig": vars(args) | {"profile": str(profile.source)}}, summary, complete=complete
             )
+    if args.realtime:
+        refused = getattr(rig, "realtime_refused", None)
+        print(f"real-time scheduling: {refused or 'SCHED_FIFO granted'}")
     timing = summary["timing"]
     late = timing["lateness_ms"]
     print(

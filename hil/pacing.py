@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -130,8 +131,28 @@ def pace(
     return stats
 
 
+def request_realtime(priority: int = 50) -> str | None:
+    """Put the calling thread under ``SCHED_FIFO`` at ``priority``; None, or why not.
+
+    Real-time scheduling keeps other processes from preempting the loop (the rare 10–20 ms
+    stalls of a shared machine); it needs ``CAP_SYS_NICE`` (root, or a raised ``rtprio``
+    limit) and is refused inside an unprivileged user namespace.
+    """
+    if not hasattr(os, "sched_setscheduler"):
+        return "SCHED_FIFO is not available on this OS"
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except OSError as exc:
+        return f"SCHED_FIFO refused ({exc.strerror or exc})"
+    return None
+
+
 class PacedThread:
-    """:func:`pace` in a dedicated thread; :meth:`stop` ends it, :attr:`stats` holds the result."""
+    """:func:`pace` in a dedicated thread; :meth:`stop` ends it, :attr:`stats` holds the result.
+
+    With ``realtime=True`` the thread asks for ``SCHED_FIFO`` first (:func:`request_realtime`);
+    :attr:`realtime_refused` says why it was not granted (None when it was, or not asked).
+    """
 
     def __init__(
         self,
@@ -141,12 +162,16 @@ class PacedThread:
         n_ticks: int | None = None,
         name: str = "paced-loop",
         on_tick: Callable[[int, float, float], None] | None = None,
+        realtime: bool = False,
     ) -> None:
         self._stop = threading.Event()
         self.stats: PacingStats | None = None
         self.error: BaseException | None = None
+        self.realtime_refused: str | None = None
 
         def run() -> None:
+            if realtime:
+                self.realtime_refused = request_realtime()
             try:
                 self.stats = pace(fn, period_s, n_ticks=n_ticks, stop=self._stop, on_tick=on_tick)
             except BaseException as exc:  # handed to join()

@@ -98,6 +98,7 @@ class RigConfig:
             stale (default 11: two missed 5-min samples; a lost port counts at once).
         temp_duration_periods: duration of every temp basal, in control periods.
         minutes: simulated minutes to run (None: until stopped).
+        realtime: run the pacing thread under ``SCHED_FIFO`` when the OS grants it.
 
     """
 
@@ -109,6 +110,7 @@ class RigConfig:
     cgm_stale_min: float = 11.0
     temp_duration_periods: int = 2
     minutes: int | None = 24 * 60
+    realtime: bool = False
 
     def __post_init__(self) -> None:
         get_patient(self.patient)  # raises a clear error for an unknown name
@@ -396,11 +398,19 @@ class Rig:
                 on_step(k)
 
         runner = thread or PacedThread(
-            self.step, cfg.step_s, n_ticks=steps, name="hil-rig", on_tick=on_tick
+            self.step,
+            cfg.step_s,
+            n_ticks=steps,
+            name="hil-rig",
+            on_tick=on_tick,
+            realtime=cfg.realtime,
         )
         self._runner = runner
         runner.start()
-        return runner.join()
+        stats = runner.join()
+        #: Why real-time scheduling was refused (None: granted, or not asked).
+        self.realtime_refused = runner.realtime_refused
+        return stats
 
     def stop(self) -> None:
         """End a run started by :meth:`run` (from another thread)."""

@@ -61,3 +61,24 @@ def test_bad_period_and_endless_runs_are_refused():
 
 def test_empty_stats_summary():
     assert PacingStats(0.01).summary() == {"ticks": 0, "period_ms": 10.0}
+
+
+def test_realtime_is_requested_and_a_refusal_is_reported_not_raised(monkeypatch):
+    import os
+
+    asked = []
+
+    def refuse(pid, policy, param):
+        asked.append((pid, policy, param.sched_priority))
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    runner = PacedThread(lambda k: None, 0.001, n_ticks=3, realtime=True).start()
+    assert runner.join(5).ticks == 3  # the loop runs anyway
+    assert asked == [(0, os.SCHED_FIFO, 50)]
+    assert "SCHED_FIFO refused" in runner.realtime_refused
+
+    monkeypatch.setattr(os, "sched_setscheduler", lambda pid, policy, param: None)
+    granted = PacedThread(lambda k: None, 0.001, n_ticks=1, realtime=True).start()
+    granted.join(5)
+    assert granted.realtime_refused is None
