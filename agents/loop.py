@@ -257,7 +257,9 @@ class PatientLoop:
         reading = self.channels["sensor->controller"].latest
         glucose = reading.glucose_mg_dl if isinstance(reading, CgmReading) else math.nan
         age = t - reading.t_min if reading is not None else math.inf
-        return ControllerInput(t, glucose, age, self.iob.net_iob_u, announced_g)
+        return ControllerInput(
+            t, glucose, age, self.iob.net_iob_u, announced_g, self.iob.net_activity_u_per_min
+        )
 
     def _command(self, t: float, outcome: Outcome) -> InsulinCommand | None:
         """The controller's command, or None when it failed or overran its deadline."""

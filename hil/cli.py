@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cohort", action="append", default=[], help="default: adults")
     run.add_argument("--config", help="YAML file setting any of the options below")
     run.add_argument("--days", type=int, help="simulated days (default 1)")
-    run.add_argument("--controller", help="basal-bolus (default) or pid")
+    run.add_argument("--controller", help="basal-bolus (default), pid or oref0")
     run.add_argument("--scenario", help="meal scenario: random (default) or A")
     run.add_argument("--seed", type=_seed, help="seed of meals and sensor noise (default 0)")
     run.add_argument("--out", help="run directory (default runs/run-YYYYmmdd-HHMMSS)")

@@ -76,7 +76,7 @@ def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
     hil.add_argument("--cgm-profile", default="cgm_line", help="CGM profile (cgm_line)")
     hil.add_argument("--cgm-port", required=True, help="the CGM's serial port")
     hil.add_argument("--patient", default="adult#001", help="clinical profile for the therapy")
-    hil.add_argument("--controller", default="pid", help="controller (pid)")
+    hil.add_argument("--controller", default="pid", help="controller: pid (default), oref0")
     hil.add_argument(
         "--time-scale", type=positive, default=60.0, help="wall seconds per simulated minute"
     )

@@ -349,7 +349,9 @@ class Rig:
         if any(a.active for a in self.alarms.values()):
             self.supervisor.tick(t_min, None, readings, deliveries)  # keep it observing
             return
-        obs = ControllerInput(t_min, glucose, age, self.iob.net_iob_u, 0.0)
+        obs = ControllerInput(
+            t_min, glucose, age, self.iob.net_iob_u, 0.0, self.iob.net_activity_u_per_min
+        )
         command: InsulinCommand | None
         try:
             dose = self.controller.decide(obs)

@@ -84,18 +84,34 @@ class IobTracker:
         horizon = int(np.ceil(dia_min))
         ages = np.arange(horizon, 0, -1, dtype=np.float64) - 0.5  # oldest minute first
         self._weights = iob_fraction(ages, peak_min=peak_min, dia_min=dia_min)
+        # activity: the fraction of each minute's insulin absorbed over the last minute
+        self._activity = iob_fraction(ages - 1.0, peak_min=peak_min, dia_min=dia_min) - (
+            self._weights
+        )
         basal_u_per_min = scheduled_basal_u_per_h / 60.0
         self._history_u = np.full(horizon, basal_u_per_min)
         self._next = 0  # ring-buffer slot of the oldest minute
         self._basal_iob_u = float(self._weights.sum() * basal_u_per_min)
+        self._basal_activity = float(self._activity.sum() * basal_u_per_min)
 
     def record(self, units: float) -> None:
         """Account the insulin delivered in the minute that just ended, U."""
         self._history_u[self._next] = units
         self._next = (self._next + 1) % self._history_u.shape[0]
 
+    def _ordered(self) -> NDArray[np.float64]:
+        return np.concatenate((self._history_u[self._next :], self._history_u[: self._next]))
+
     @property
     def net_iob_u(self) -> float:
         """Insulin on board above the scheduled basal's steady state, U (may be negative)."""
-        ordered = np.concatenate((self._history_u[self._next :], self._history_u[: self._next]))
-        return float(self._weights @ ordered) - self._basal_iob_u
+        return float(self._weights @ self._ordered()) - self._basal_iob_u
+
+    @property
+    def net_activity_u_per_min(self) -> float:
+        """Insulin absorbed in the last minute above the scheduled basal's, U/min.
+
+        Multiplied by the insulin sensitivity (mg/dL per U) it is the glucose impact of the
+        insulin on board (oref0's "BGI"), negative of the glucose fall it causes.
+        """
+        return float(self._activity @ self._ordered()) - self._basal_activity

@@ -1,4 +1,4 @@
-"""Classical insulin controllers: basal-bolus with correction, and PID with insulin feedback.
+"""Classical insulin controllers: basal-bolus with correction, PID with insulin feedback, oref0.
 
 A controller is a plain object with ``decide(obs: ControllerInput) -> Dose``, called once per
 control period. Its parameters come from the patient's clinical profile (scheduled basal,
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from plant.patients import PatientParameters
 from policies.errors import PolicyConfigError
@@ -27,6 +27,8 @@ class ControllerInput:
         glucose_age_min: minutes since that glucose was measured.
         net_iob_u: insulin on board above the scheduled basal, U.
         meal_carbs_g: carbohydrates announced since the previous tick, g.
+        net_activity_u_per_min: insulin absorbed in the last minute above the scheduled basal's
+            (:attr:`plant.insulin.IobTracker.net_activity_u_per_min`), U/min.
 
     """
 
@@ -35,6 +37,7 @@ class ControllerInput:
     glucose_age_min: float
     net_iob_u: float
     meal_carbs_g: float
+    net_activity_u_per_min: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -162,14 +165,121 @@ class PIDController:
         return Dose(max(u, 0.0), 0.0)
 
 
+@dataclasses.dataclass
+class Oref0Controller:
+    """An oref0-style temp-basal controller, written from the OpenAPS reference design.
+
+    Every period, from glucose ``G`` (mg/dL), its change over the last 5 minutes ``Δ``, the net
+    insulin on board ``IOB`` and insulin activity ``A`` (exponential curves, peak 75 min, DIA
+    6 h: :mod:`plant.insulin`) and the carbs on board ``COB``:
+
+    * blood-glucose impact of insulin ``BGI = −A·ISF·5`` (mg/dL per 5 min), deviation
+      ``dev = 6·(Δ − BGI)`` (the 30-min projection of what insulin does not explain);
+    * naive eventual glucose ``G − IOB·ISF``; eventual glucose adds the carbs still to absorb,
+      ``COB·ISF/CR``, while carbs are on board (their absorption is what the deviation would
+      measure), else the deviation;
+    * low-glucose suspend threshold ``min_bg − 0.5·(min_bg − 40)``: below it (glucose, or
+      eventual glucose) a zero temp;
+    * eventual glucose below ``min_bg``: a temp lowered by the (negative) insulin required,
+      ``basal + 2·(eventual − target)/ISF`` (a deficit delivered over 30 min), at least 0;
+      between ``min_bg`` and ``max_bg``: the scheduled basal; above ``max_bg``: insulin required
+      ``(eventual − target)/ISF − IOB``, delivered over 30 min as ``basal + 2·required``;
+    * every temp capped at ``min(max_basal, 3 × highest scheduled basal, 4 × current basal)``
+      and set for 30 min.
+
+    Meals are bolused when announced (``carbs/CR``, what OpenAPS users give at mealtime); COB
+    then decays at ``carb_absorption_g_per_h`` (oref0's conservative minimum-absorption rule).
+    ISF is the patient's correction factor, CR its carbohydrate ratio, the scheduled basal its
+    basal. Defaults: ``min_bg`` 100, ``max_bg`` 120 (target 110) mg/dL, max basal 3 × basal.
+    """
+
+    scheduled_basal_u_per_h: float
+    isf_mg_dl_per_u: float
+    carb_ratio_g_per_u: float
+    min_bg_mg_dl: float = 100.0
+    max_bg_mg_dl: float = 120.0
+    max_basal_u_per_h: float = math.inf
+    carb_absorption_g_per_h: float = 30.0
+    meal_bolus: bool = True
+    _cob_g: float = 0.0
+    _last_g: float = math.nan
+    _last_t_min: float = math.nan
+
+    @classmethod
+    def for_patient(cls, patient: PatientParameters, **overrides: Any) -> Oref0Controller:
+        """Parameters from the patient's profile (basal, correction factor, carb ratio)."""
+        kwargs: dict[str, Any] = {"max_basal_u_per_h": 3.0 * patient.basal_u_per_h}
+        kwargs.update(overrides)
+        return cls(
+            patient.basal_u_per_h,
+            patient.correction_factor_mg_dl_per_u,
+            patient.carb_ratio_g_per_u,
+            **kwargs,
+        )
+
+    @property
+    def target_mg_dl(self) -> float:
+        """Middle of the target range."""
+        return 0.5 * (self.min_bg_mg_dl + self.max_bg_mg_dl)
+
+    @property
+    def suspend_threshold_mg_dl(self) -> float:
+        """Low-glucose suspend threshold: ``min_bg − 0.5·(min_bg − 40)``."""
+        return self.min_bg_mg_dl - 0.5 * (self.min_bg_mg_dl - 40.0)
+
+    def max_safe_basal_u_per_h(self) -> float:
+        """``min(max_basal, 3 × highest scheduled basal, 4 × current basal)``."""
+        basal = self.scheduled_basal_u_per_h
+        return min(self.max_basal_u_per_h, 3.0 * basal, 4.0 * basal)
+
+    def decide(self, obs: ControllerInput) -> Dose:
+        """A 30-min temp basal (and the meal bolus when carbs are announced)."""
+        basal = self.scheduled_basal_u_per_h
+        dt = obs.t_min - self._last_t_min if math.isfinite(self._last_t_min) else 0.0
+        self._cob_g = max(0.0, self._cob_g - self.carb_absorption_g_per_h * dt / 60.0)
+        bolus = 0.0
+        if obs.meal_carbs_g > 0:
+            self._cob_g += obs.meal_carbs_g
+            if self.meal_bolus:
+                bolus = obs.meal_carbs_g / self.carb_ratio_g_per_u
+        g = obs.glucose_mg_dl
+        if not math.isfinite(g) or obs.glucose_age_min > 15.0:
+            self._last_t_min = obs.t_min
+            return Dose(basal, bolus)  # no recent glucose: nothing to act on
+        delta_5 = 0.0
+        if math.isfinite(self._last_g) and dt > 0:
+            delta_5 = (g - self._last_g) * 5.0 / dt
+        self._last_g, self._last_t_min = g, obs.t_min
+        isf = self.isf_mg_dl_per_u
+        bgi_5 = -obs.net_activity_u_per_min * isf * 5.0
+        deviation = 6.0 * (delta_5 - bgi_5)
+        naive = g - obs.net_iob_u * isf
+        if self._cob_g > 0:
+            eventual = naive + self._cob_g * isf / self.carb_ratio_g_per_u
+        else:
+            eventual = naive + deviation
+        threshold = self.suspend_threshold_mg_dl
+        if g < threshold or eventual < threshold:
+            return Dose(0.0, bolus)
+        if eventual < self.min_bg_mg_dl:
+            rate = basal + 2.0 * (eventual - self.target_mg_dl) / isf
+        elif eventual <= self.max_bg_mg_dl:
+            rate = basal
+        else:
+            required = (eventual - self.target_mg_dl) / isf - max(obs.net_iob_u, 0.0)
+            rate = basal + 2.0 * max(required, 0.0)
+        return Dose(min(max(rate, 0.0), self.max_safe_basal_u_per_h()), bolus)
+
+
 CONTROLLERS: dict[str, Callable[..., Controller]] = {
     "basal-bolus": BasalBolusController.for_patient,
     "pid": PIDController.for_patient,
+    "oref0": Oref0Controller.for_patient,
 }
 
 
 def make_controller(name: str, patient: PatientParameters) -> Controller:
-    """A controller by name (``basal-bolus``, ``pid``), parametrised for ``patient``.
+    """A controller by name (``basal-bolus``, ``pid``, ``oref0``), parametrised for ``patient``.
 
     Raises:
         PolicyConfigError: unknown name (lists the valid ones).

@@ -8,6 +8,7 @@ from agents.errors import LoopConfigError
 from agents.messages import CgmReading, InsulinCommand, InsulinDelivery, TwinEstimate
 from agents.supervisor import SafetySupervisor, SupervisorConfig
 from plant.patients import get_patient, patient_names
+from policies.controllers import CONTROLLERS, ControllerInput, make_controller
 
 ANY_FLOAT = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
@@ -100,3 +101,37 @@ def test_stale_cgm_can_suspend():
 def test_bad_limits_name_the_field(field, value):
     with pytest.raises(LoopConfigError, match=field):
         SupervisorConfig(scheduled_basal_u_per_h=1.0, **{field: value})
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    controller=st.sampled_from(sorted(CONTROLLERS)),
+    patient=st.sampled_from(patient_names()),
+    steps=st.lists(st.tuples(ANY_FLOAT, ANY_FLOAT, ANY_FLOAT, ANY_FLOAT), min_size=1, max_size=12),
+)
+def test_the_shield_holds_for_every_shipped_controller(controller, patient, steps):
+    """Each controller of the registry, fed any observations, goes through the supervisor:
+    what reaches the pump respects every limit (the shield of every policy)."""
+    p = get_patient(patient)
+    ctrl = make_controller(controller, p)
+    sup = _supervisor(patient)
+    cfg = sup.config
+    for k, (glucose, iob, carbs, activity) in enumerate(steps):
+        t = 5.0 * k
+        obs = ControllerInput(t, glucose, 0.0, iob, carbs if carbs == carbs else 0.0, activity)
+        try:
+            dose = ctrl.decide(obs)
+            command = InsulinCommand(t, dose.basal_u_per_h, dose.bolus_u, dose.duration_min)
+        except (ValueError, ArithmeticError):  # a controller may refuse absurd input
+            command = None
+        if math.isfinite(glucose) and 39.0 <= glucose <= 401.0:
+            sup.observe_cgm(CgmReading(t, glucose))
+        out, _ = sup.review(t, command)
+        assert (
+            0.0 <= out.basal_u_per_h <= max(cfg.max_temp_basal_u_per_h, cfg.scheduled_basal_u_per_h)
+        )
+        assert 0.0 <= out.bolus_u <= cfg.max_bolus_u
+        assert 0.0 < out.duration_min <= 30.0
+        extra = max(out.basal_u_per_h - cfg.scheduled_basal_u_per_h, 0.0) * out.duration_min / 60
+        assert out.bolus_u + extra <= max(cfg.max_iob_u - sup.net_iob_u, 0.0) + 1e-9
+        sup.observe_delivery(InsulinDelivery(t, out.basal_u_per_h / 12, out.bolus_u))

@@ -6,6 +6,7 @@ from plant.patients import get_patient
 from policies.controllers import (
     BasalBolusController,
     ControllerInput,
+    Oref0Controller,
     PIDController,
     make_controller,
 )
@@ -59,5 +60,93 @@ def test_pid_integral_accumulates_and_stops_when_clipped():
 
 
 def test_unknown_controller_lists_the_valid_names():
-    with pytest.raises(PolicyConfigError, match="basal-bolus, pid"):
+    with pytest.raises(PolicyConfigError, match="basal-bolus, pid, oref0"):
         make_controller("mpc", get_patient("adult#001"))
+
+
+def _obs5(t, g, iob=0.0, carbs=0.0, activity=0.0, age=0.0):
+    return ControllerInput(t, g, age, iob, carbs, activity)
+
+
+def test_oref0_limits_and_thresholds_follow_the_openaps_rules():
+    p = get_patient("adult#002")
+    c = Oref0Controller.for_patient(p)
+    basal = p.basal_u_per_h
+    assert c.suspend_threshold_mg_dl == pytest.approx(100 - 0.5 * (100 - 40))  # 70
+    assert c.max_safe_basal_u_per_h() == pytest.approx(min(3 * basal, 3 * basal, 4 * basal))
+    tight = Oref0Controller.for_patient(p, max_basal_u_per_h=1.5 * basal)
+    assert tight.max_safe_basal_u_per_h() == pytest.approx(1.5 * basal)
+
+
+def test_oref0_decisions_from_eventual_glucose():
+    p = get_patient("adult#002")
+    isf, basal = p.correction_factor_mg_dl_per_u, p.basal_u_per_h
+    # in range and flat: the scheduled basal
+    c = Oref0Controller.for_patient(p)
+    c.decide(_obs5(0, 110))
+    assert c.decide(_obs5(5, 110)).basal_u_per_h == pytest.approx(basal)
+    # high and flat, no insulin on board: basal + 2 × (eventual − target)/ISF, capped
+    c = Oref0Controller.for_patient(p)
+    c.decide(_obs5(0, 160))
+    want = min(basal + 2 * (160 - 110) / isf, c.max_safe_basal_u_per_h())
+    assert c.decide(_obs5(5, 160)).basal_u_per_h == pytest.approx(want)
+    # the same glucose with enough insulin on board: eventual glucose in range, no extra
+    c = Oref0Controller.for_patient(p)
+    c.decide(_obs5(0, 160, iob=50 / isf))
+    assert c.decide(_obs5(5, 160, iob=50 / isf)).basal_u_per_h == pytest.approx(basal)
+    # falling fast towards the threshold: eventual below it → zero temp
+    c = Oref0Controller.for_patient(p)
+    c.decide(_obs5(0, 120))
+    assert c.decide(_obs5(5, 108)).basal_u_per_h == 0.0  # 108 − 6·12 = 36 < 70
+    # below the threshold itself → zero temp whatever the trend
+    c = Oref0Controller.for_patient(p)
+    assert c.decide(_obs5(0, 65)).basal_u_per_h == 0.0
+    # eventual a little below min_bg: a reduced temp, proportional to the deficit
+    c = Oref0Controller.for_patient(p)
+    c.decide(_obs5(0, 95))
+    assert c.decide(_obs5(5, 95)).basal_u_per_h == pytest.approx(
+        max(0.0, basal + 2 * (95 - 110) / isf)
+    )
+    # a rise that insulin activity explains is no deviation: a negative net activity (less
+    # insulin than the scheduled basal) has BGI = +4 mg/dL per 5 min, the same as the rise
+    c = Oref0Controller.for_patient(p)
+    c.decide(_obs5(0, 110))
+    explained = c.decide(_obs5(5, 114, activity=-4 / (isf * 5))).basal_u_per_h
+    c = Oref0Controller.for_patient(p)
+    c.decide(_obs5(0, 110))
+    unexplained = c.decide(_obs5(5, 114)).basal_u_per_h
+    assert explained == pytest.approx(basal)  # eventual = 114: in range
+    assert unexplained > basal  # eventual = 114 + 6·4 = 138: above range
+
+
+def test_oref0_meal_bolus_and_carbs_on_board():
+    p = get_patient("adult#001")
+    c = Oref0Controller.for_patient(p)
+    dose = c.decide(_obs5(0, 110, carbs=60))
+    assert dose.bolus_u == pytest.approx(60 / p.carb_ratio_g_per_u)
+    assert c._cob_g == 60
+    c.decide(_obs5(60, 110))
+    assert c._cob_g == pytest.approx(30)  # 30 g/h absorbed
+    no_bolus = Oref0Controller.for_patient(p, meal_bolus=False)
+    assert no_bolus.decide(_obs5(0, 110, carbs=60)).bolus_u == 0.0
+
+
+def test_oref0_without_recent_glucose_runs_the_scheduled_basal():
+    p = get_patient("adult#001")
+    c = Oref0Controller.for_patient(p)
+    assert c.decide(_obs5(0, math.nan)).basal_u_per_h == p.basal_u_per_h
+    assert c.decide(_obs5(5, 300, age=20)).basal_u_per_h == p.basal_u_per_h
+
+
+def test_oref0_runs_in_the_loop_and_keeps_adults_in_range():
+    import tempfile
+
+    from agents.loop import LoopConfig
+    from agents.run import run_cohort
+
+    cfg = LoopConfig(patients=("adult#001", "adult#005"), days=1, controller="oref0")
+    with tempfile.TemporaryDirectory() as tmp:
+        _, summary = run_cohort(cfg, tmp, progress=False)
+    adults = summary["cohorts"]["adults"]
+    assert adults["time_in_range_70_180_pct"] > 85.0
+    assert adults["time_below_54_pct"] < 1.0
