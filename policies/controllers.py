@@ -121,35 +121,46 @@ class PIDController:
 
     ``u = basal + Kp·[e + (1/Ti)·∫e dt + Td·de/dt] − K_ifb·max(IOB, 0)``, with ``e = G − target``
     (mg/dL), clipped at 0 U/h, and the integral frozen (anti-windup) while the output is
-    clipped. Gains from the profile, after Steil et al. (2006, *Diabetes* 55:3344) who scale the
-    proportional gain with the patient's daily insulin: ``Kp = TDI / (24 h · 60 mg/dL)`` U/h
-    per mg/dL (so 60 mg/dL above target doubles an average hourly dose), ``Ti = 150 min``,
-    ``Td = 90 min`` (their daytime values). Insulin feedback (Steil et al. 2011, *J Clin
-    Endocrinol Metab* 96:1402) is reduced here to subtracting ``K_ifb = 0.5 /h`` × net insulin on
-    board, which damps the insulin stacking a pure PID causes after meals.
+    clipped; plus a meal feed-forward bolus ``fraction × carbs/CR`` when carbs are announced.
+    Structure after Steil et al. (2006, *Diabetes* 55:3344: ``Kp`` scaled with the patient's
+    daily insulin, ``Ti = 150 min``, ``Td = 90 min``) and insulin feedback after Steil et al.
+    (2011, *J Clin Endocrinol Metab* 96:1402), reduced here to subtracting ``K_ifb`` × net insulin
+    on board. Tuned on this simulator (adults, 2 days, random meals with ±30 % counting error,
+    seed 0; grid over Kp scale {0.5, 1, 2}, Td {30, 90}, K_ifb {0.5, 1.5, 3} /h and feed-forward
+    {0, 0.7, 1}; chosen for time in range with time below 70 under 2 %): ``Kp = TDI / (24 h ·
+    120 mg/dL)`` U/h per mg/dL, ``K_ifb = 3 /h``, a full meal bolus. Without the feed-forward the
+    best of the grid kept adults only ~75 % in range with 3–13 % below 70: a PID alone reacts to
+    a meal an hour late and then stacks insulin.
     """
 
     scheduled_basal_u_per_h: float
     kp_u_per_h_per_mg_dl: float
     ti_min: float = 150.0
     td_min: float = 90.0
-    k_ifb_per_h: float = 0.5
+    k_ifb_per_h: float = 3.0
     target_mg_dl: float = 120.0
+    carb_ratio_g_per_u: float = math.inf
+    meal_bolus_fraction: float = 1.0
     _integral_mg_dl_min: float = 0.0
     _last_error: float | None = None
     _last_t_min: float | None = None
 
     @classmethod
     def for_patient(cls, patient: PatientParameters, **overrides: float) -> PIDController:
-        """Gains from the patient's profile (basal, TDI)."""
-        kp = patient.total_daily_insulin_u / (24.0 * 60.0)
-        return cls(patient.basal_u_per_h, kp, **overrides)
+        """Gains from the patient's profile (basal, TDI, carb ratio)."""
+        kp = patient.total_daily_insulin_u / (24.0 * 120.0)
+        kwargs: dict[str, float] = {"carb_ratio_g_per_u": patient.carb_ratio_g_per_u}
+        kwargs.update(overrides)
+        return cls(patient.basal_u_per_h, kp, **kwargs)
 
     def decide(self, obs: ControllerInput) -> Dose:
-        """Temp basal from the PID law with insulin feedback (no bolus)."""
+        """Temp basal from the PID law with insulin feedback, and the meal feed-forward bolus."""
+        bolus = 0.0
+        if obs.meal_carbs_g > 0 and self.meal_bolus_fraction > 0:
+            bolus = self.meal_bolus_fraction * obs.meal_carbs_g / self.carb_ratio_g_per_u
         g = obs.glucose_mg_dl
         if not math.isfinite(g):
-            return Dose(self.scheduled_basal_u_per_h, 0.0)
+            return Dose(self.scheduled_basal_u_per_h, bolus)
         e = g - self.target_mg_dl
         de = 0.0
         if self._last_error is not None and self._last_t_min is not None:
@@ -162,7 +173,7 @@ class PIDController:
         if u > 0.0 and self._last_t_min is not None:  # anti-windup: integrate only unclipped
             self._integral_mg_dl_min += e * (obs.t_min - self._last_t_min)
         self._last_error, self._last_t_min = e, obs.t_min
-        return Dose(max(u, 0.0), 0.0)
+        return Dose(max(u, 0.0), bolus)
 
 
 @dataclasses.dataclass

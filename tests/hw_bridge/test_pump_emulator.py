@@ -521,18 +521,25 @@ def test_delay_is_seen_by_the_client_and_beyond_its_timeout_is_a_timeout(client,
     ok(client.read_input_registers(0, count=1, device_id=DEV))
     assert time.perf_counter() - start >= 0.2
     pump.faults.delay_s = 0.8  # > TIMEOUT_S
+    late_request = time.perf_counter()
     with pytest.raises(ModbusIOException):
         client.read_input_registers(0, count=1, device_id=DEV)
     pump.faults.clear()
-    time.sleep(0.5)  # the late answer arrives and is discarded by the client
+    # wait until the late answer has surely arrived (it is discarded by the client)
+    time.sleep(max(0.0, late_request + 0.8 + 0.4 - time.perf_counter()))
     ok(client.read_input_registers(0, count=1, device_id=DEV))
 
 
 def test_disconnect_tcp_refuses_then_recovers(tcp_client, servers, pump):
     address = ("127.0.0.1", servers.tcp_address[1])
     pump.faults.disconnect(down_s=1.0)
-    with socket.socket() as probe:  # the port is closed while down
-        assert probe.connect_ex(address) != 0
+    closed_by = time.monotonic() + 0.8  # the server's loop closes the port asynchronously
+    while True:
+        with socket.socket() as probe:  # the port is closed while down
+            if probe.connect_ex(address) != 0:
+                break
+        assert time.monotonic() < closed_by, "the port stayed open"
+        time.sleep(0.01)
     # pymodbus 3.16's sync TCP client lets a ConnectionResetError escape unwrapped
     with pytest.raises((ConnectionException, ModbusIOException, ConnectionResetError)):
         tcp_client.read_input_registers(0, count=1, device_id=DEV)

@@ -40,11 +40,22 @@ def test_pid_raises_insulin_above_target_and_cuts_it_below_with_insulin_feedback
     high = pid.decide(_obs(g=200)).basal_u_per_h
     assert high > p.basal_u_per_h
     pid = PIDController.for_patient(p)
-    fed_back = pid.decide(_obs(g=200, iob=3.0)).basal_u_per_h
-    assert fed_back == pytest.approx(high - 0.5 * 3.0)
+    fed_back = pid.decide(_obs(g=200, iob=0.3)).basal_u_per_h
+    assert fed_back == pytest.approx(high - pid.k_ifb_per_h * 0.3)
     pid = PIDController.for_patient(p)
-    assert pid.decide(_obs(g=60)).basal_u_per_h == 0.0
+    assert pid.decide(_obs(g=40)).basal_u_per_h == 0.0  # 80 below target: clipped at 0
     assert pid.decide(_obs(t=5, g=math.nan)).basal_u_per_h == p.basal_u_per_h
+
+
+def test_pid_meal_feed_forward_bolus():
+    p = get_patient("adult#003")
+    pid = PIDController.for_patient(p)
+    assert pid.decide(_obs(g=120, carbs=60)).bolus_u == pytest.approx(60 / p.carb_ratio_g_per_u)
+    assert pid.decide(_obs(t=5, g=120)).bolus_u == 0.0
+    half = PIDController.for_patient(p, meal_bolus_fraction=0.5)
+    assert half.decide(_obs(g=120, carbs=60)).bolus_u == pytest.approx(30 / p.carb_ratio_g_per_u)
+    none = PIDController.for_patient(p, meal_bolus_fraction=0.0)
+    assert none.decide(_obs(g=math.nan, carbs=60)).bolus_u == 0.0
 
 
 def test_pid_integral_accumulates_and_stops_when_clipped():
