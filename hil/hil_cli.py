@@ -14,7 +14,6 @@ runs the rig against them through the shipped profiles.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import ssl
 import sys
@@ -238,7 +237,6 @@ def hil(args: argparse.Namespace) -> int:
             f"TIR {c['time_in_range_70_180_pct']:.1f} %, <70 {c['time_below_70_pct']:.1f} %"
         )
     print(f"recording: {out}")
-    json.dumps(summary, default=float)
     return 0
 
 

@@ -382,7 +382,6 @@ class Rig:
         *,
         steps: int | None = None,
         on_step: Callable[[int], None] | None = None,
-        thread: PacedThread | None = None,
     ) -> PacingStats:
         """Run paced in a dedicated thread until ``steps`` (default: the configured minutes)."""
         cfg = self.config
@@ -399,7 +398,7 @@ class Rig:
             if on_step is not None:
                 on_step(k)
 
-        runner = thread or PacedThread(
+        runner = PacedThread(
             self.step,
             cfg.step_s,
             n_ticks=steps,
