@@ -8,7 +8,10 @@ One :class:`PatientLoop` runs one virtual patient. Per control tick at time ``t`
    ``sensor->controller`` (and seen by the supervisor);
 2. meals starting in ``[t, t + period)`` are announced on ``meal->controller``;
 3. the controller decides from the newest reading, its age, the net insulin on board and the
-   announced carbs, and sends its command on ``controller->supervisor``;
+   announced carbs, and sends its command on ``controller->supervisor``; the twin estimator
+   (when the loop has one) fuses the new readings in the same round — or, for a controller that
+   plans on the twin (``needs_twin = True``, e.g. the MPC), in a round before, and the
+   controller gets the twin's :class:`~policies.interface.TwinPlanState` in its input;
 4. the supervisor reviews it (overrides on ``supervisor->overrides``) and sends the result on
    ``supervisor->actuator``;
 5. the actuator delivers minute by minute on ``actuator->plant`` while the plant advances,
@@ -55,7 +58,12 @@ from plant.patients import N_STATES, PatientParameters, expand_names, parameter_
 from plant.pump import PumpSpec
 from plant.scenarios import MIN_PER_DAY, SCENARIOS, CarbCountingError, MealPlan
 from plant.uva_padova import DEFAULT_EAT_RATE_G_PER_MIN, N_MEAL_STATE, P_VG, advance
-from policies.controllers import CONTROLLERS, Controller, ControllerInput, make_controller
+from policies.controllers import (
+    Controller,
+    ControllerInput,
+    check_controller_name,
+    make_controller,
+)
 
 CHANNELS = (
     "plant->sensor",
@@ -122,8 +130,9 @@ class LoopConfig:
             raise LoopConfigError("days", self.days, "an integer >= 1")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise LoopConfigError("seed", self.seed, "an integer >= 0")
-        if self.controller not in CONTROLLERS:
-            raise LoopConfigError("controller", self.controller, f"one of {', '.join(CONTROLLERS)}")
+        allowed = check_controller_name(self.controller)
+        if allowed is not None:
+            raise LoopConfigError("controller", self.controller, allowed)
         if self.scenario not in SCENARIOS:
             raise LoopConfigError("scenario", self.scenario, f"one of {', '.join(SCENARIOS)}")
         if not (isinstance(self.control_period_min, int) and 1 <= self.control_period_min <= 60):
@@ -173,6 +182,8 @@ class PatientLoop:
         self.actuator_fallback_u_per_h = self.actuator.scheduled_basal_u_per_h
         self.iob = IobTracker(patient.basal_u_per_h)
         self.twin = TwinEstimator(patient) if config.twin else None
+        #: the controller plans on the twin's model (it gets ``ControllerInput.twin``)
+        self._plans_on_twin = bool(getattr(self.controller, "needs_twin", False))
         self.channels: dict[str, Channel[Message]] = {name: Channel(name) for name in CHANNELS}
         self._x = np.array(patient.x0, dtype=np.float64).reshape(1, N_STATES)
         self._meal_state = np.zeros((1, N_MEAL_STATE))
@@ -298,21 +309,29 @@ class PatientLoop:
         announced, starts, meal_messages = self._announce(t0, t0 + period)
         readings, self._new_readings = self._new_readings, []
         deliveries, self._last_deliveries = self._last_deliveries, []
-        # the twin and the controller are independent this tick: one round
-        requests = [
-            Request(
-                self._controller,
-                "decide",
-                (self._observation(float(t0), announced),),
-                self.config.controller_deadline_s,
-            )
-        ]
-        if self._twin is not None:
-            step_args = (float(t0), deliveries, meal_messages, readings)
-            requests.append(Request(self._twin, "step", step_args))
-        outcomes = yield requests
-        command = self._command(float(t0), outcomes[0])
-        estimate = None if self._twin is None else self._estimate(outcomes[1])
+        step_args = (float(t0), deliveries, meal_messages, readings)
+        observation = self._observation(float(t0), announced)
+        deadline = self.config.controller_deadline_s
+        estimate: TwinEstimate | None = None
+        if self._twin is not None and self._plans_on_twin:
+            # the controller plans on the twin: the twin first, then the controller
+            (twin_outcome,) = yield [Request(self._twin, "step_for_planning", step_args)]
+            plan_state = None
+            if twin_outcome.error is None:
+                value, plan_state = twin_outcome.value
+                twin_outcome = Outcome(value, None, twin_outcome.took_s)
+            estimate = self._estimate(twin_outcome)
+            observation = dataclasses.replace(observation, twin=plan_state)
+            (outcome,) = yield [Request(self._controller, "decide", (observation,), deadline)]
+            command = self._command(float(t0), outcome)
+        else:
+            # the twin and the controller are independent this tick: one round
+            requests = [Request(self._controller, "decide", (observation,), deadline)]
+            if self._twin is not None:
+                requests.append(Request(self._twin, "step", step_args))
+            outcomes = yield requests
+            command = self._command(float(t0), outcomes[0])
+            estimate = None if self._twin is None else self._estimate(outcomes[1])
         review = (float(t0), command, readings, deliveries, estimate)
         (outcome,) = yield [Request(self._supervisor, "tick", review)]
         if outcome.error is not None:  # without its supervisor the pump runs the scheduled basal

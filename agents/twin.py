@@ -105,6 +105,7 @@ from plant.uva_padova import (
     P_VMX,
     advance,
 )
+from policies.interface import TwinPlanState
 
 ForecastInsulin = Literal["held", "scheduled"]
 
@@ -680,6 +681,45 @@ class TwinEstimator:
         for reading in sorted(readings, key=lambda r: r.t_min):
             self.update(reading)
         return self.estimate(t_min)
+
+    def plan_state(self, t_min: float) -> TwinPlanState:
+        """The twin's mean model state at ``t_min`` for a planning controller (MPC).
+
+        The model states and eating process are the mean propagated to ``t_min`` (as in
+        :meth:`estimate`); the sensitivity scale is :attr:`sensitivity_scale`; the announced
+        meals not yet started are listed with their start in minutes after ``t_min`` (a meal
+        announced late, for a minute the filter has passed, starts at once).
+
+        Raises:
+            TwinInputError: ``t_min`` is before the filter's time or not a whole minute.
+
+        """
+        x, meal_state, _ = self._mean_trajectory(t_min, 0)
+        m = round(t_min)
+        at_filter = m == self._t
+        pending = sorted(
+            (max(start - m, 0), float(grams))
+            for start, grams in self._meals.items()
+            if start >= m or at_filter
+        )
+        return TwinPlanState(
+            float(m),
+            tuple(float(v) for v in x.ravel()),
+            tuple(float(v) for v in meal_state.ravel()),
+            self.sensitivity_scale,
+            tuple(pending),
+        )
+
+    def step_for_planning(
+        self,
+        t_min: float,
+        deliveries: list[InsulinDelivery],
+        meals: list[MealAnnouncement],
+        readings: list[CgmReading],
+    ) -> tuple[TwinEstimate, TwinPlanState]:
+        """:meth:`step`, and the :meth:`plan_state` at ``t_min`` for a planning controller."""
+        estimate = self.step(t_min, deliveries, meals, readings)
+        return estimate, self.plan_state(t_min)
 
     def forecasts(self, t_min: float) -> dict[int, float]:
         """Plasma glucose at ``t_min`` + each configured forecast horizon, mg/dL by minutes.

@@ -50,7 +50,12 @@ from hil.pacing import PacedThread, PacingStats
 from plant.insulin import IobTracker
 from plant.metrics import glucose_metrics
 from plant.patients import get_patient
-from policies.controllers import CONTROLLERS, Controller, ControllerInput, make_controller
+from policies.controllers import (
+    Controller,
+    ControllerInput,
+    check_controller_name,
+    make_controller,
+)
 
 RIG_CHANNELS = (
     "sensor->controller",
@@ -114,8 +119,9 @@ class RigConfig:
 
     def __post_init__(self) -> None:
         get_patient(self.patient)  # raises a clear error for an unknown name
-        if self.controller not in CONTROLLERS:
-            raise RigConfigError("controller", self.controller, f"one of {', '.join(CONTROLLERS)}")
+        allowed = check_controller_name(self.controller)
+        if allowed is not None:
+            raise RigConfigError("controller", self.controller, allowed)
         if not (isinstance(self.wall_s_per_sim_min, int | float) and self.wall_s_per_sim_min > 0):
             raise RigConfigError("wall_s_per_sim_min", self.wall_s_per_sim_min, "seconds > 0")
         if not (isinstance(self.control_period_min, int) and 1 <= self.control_period_min <= 30):

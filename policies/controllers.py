@@ -1,4 +1,4 @@
-"""Classical insulin controllers: basal-bolus with correction, PID with insulin feedback, oref0.
+"""Insulin controllers: basal-bolus with correction, PID with insulin feedback, oref0, and MPC.
 
 A controller is a plain object with ``decide(obs: ControllerInput) -> Dose``, called once per
 control period. Its parameters come from the patient's clinical profile (scheduled basal,
@@ -11,50 +11,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from plant.patients import PatientParameters
 from policies.errors import PolicyConfigError
+from policies.interface import Controller, ControllerInput, Dose, TwinPlanState
+from policies.mpc import MPCController
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ControllerInput:
-    """What a controller sees at a tick.
-
-    Attributes:
-        t_min: loop time, minutes.
-        glucose_mg_dl: newest glucose (CGM, or the twin's estimate), ``nan`` if none yet.
-        glucose_age_min: minutes since that glucose was measured.
-        net_iob_u: insulin on board above the scheduled basal, U.
-        meal_carbs_g: carbohydrates announced since the previous tick, g.
-        net_activity_u_per_min: insulin absorbed in the last minute above the scheduled basal's
-            (:attr:`plant.insulin.IobTracker.net_activity_u_per_min`), U/min.
-
-    """
-
-    t_min: float
-    glucose_mg_dl: float
-    glucose_age_min: float
-    net_iob_u: float
-    meal_carbs_g: float
-    net_activity_u_per_min: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Dose:
-    """A controller's output: temp basal (U/h) for ``duration_min`` and a bolus (U)."""
-
-    basal_u_per_h: float
-    bolus_u: float
-    duration_min: float = 30.0
-
-
-class Controller(Protocol):
-    """What the loop calls: one decision per control period."""
-
-    def decide(self, obs: ControllerInput) -> Dose:
-        """Return the dose for the coming period."""
-        ...
+__all__ = [
+    "CONTROLLERS",
+    "BasalBolusController",
+    "Controller",
+    "ControllerInput",
+    "Dose",
+    "MPCController",
+    "Oref0Controller",
+    "PIDController",
+    "TwinPlanState",
+    "check_controller_name",
+    "make_controller",
+]
 
 
 @dataclasses.dataclass
@@ -286,18 +262,46 @@ CONTROLLERS: dict[str, Callable[..., Controller]] = {
     "basal-bolus": BasalBolusController.for_patient,
     "pid": PIDController.for_patient,
     "oref0": Oref0Controller.for_patient,
+    "mpc": MPCController.for_patient,
 }
 
 
+#: Prefix of a saved, learned policy in a controller name: ``policy:PATH`` (see
+#: :mod:`policies.learned`).
+POLICY_PREFIX = "policy:"
+
+
+def check_controller_name(name: str) -> str | None:
+    """``None`` when ``name`` names a controller, else what is allowed (for config errors).
+
+    A name is a key of :data:`CONTROLLERS` or ``policy:PATH`` with a non-empty path (the
+    file itself is checked when the controller is made).
+    """
+    if name in CONTROLLERS or (name.startswith(POLICY_PREFIX) and name[len(POLICY_PREFIX) :]):
+        return None
+    return (
+        f"one of {', '.join(CONTROLLERS)}, or {POLICY_PREFIX}PATH "
+        "(a policy saved by twinloop train)"
+    )
+
+
 def make_controller(name: str, patient: PatientParameters) -> Controller:
-    """A controller by name (``basal-bolus``, ``pid``, ``oref0``), parametrised for ``patient``.
+    """A controller by name, parametrised for ``patient``.
+
+    ``name`` is a key of :data:`CONTROLLERS` (``basal-bolus``, ``pid``, ``oref0``, ``mpc``) or
+    ``policy:PATH``: a policy saved by ``twinloop train``, loaded by
+    :func:`policies.learned.load_policy_controller`.
 
     Raises:
-        PolicyConfigError: unknown name (lists the valid ones).
+        PolicyConfigError: unknown name (lists the valid ones), or a policy file that cannot
+            be loaded.
 
     """
-    if name not in CONTROLLERS:
-        raise PolicyConfigError(
-            f"controller={name!r} is not allowed: one of {', '.join(CONTROLLERS)}"
-        )
+    allowed = check_controller_name(name)
+    if allowed is not None:
+        raise PolicyConfigError(f"controller={name!r} is not allowed: {allowed}")
+    if name.startswith(POLICY_PREFIX):
+        from policies.learned import load_policy_controller
+
+        return load_policy_controller(name[len(POLICY_PREFIX) :], patient)
     return CONTROLLERS[name](patient)

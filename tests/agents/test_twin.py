@@ -294,3 +294,28 @@ def test_sensitivity_state_is_clipped_to_its_range():
 
     _run(truth=_scaled(PATIENT, 1.6), dose_scale=1 / 1.6, noise_seed=2, config=cfg, check=check)
     assert max(seen) == pytest.approx(1.05)  # it wanted to go further and was held there
+
+
+def test_plan_state_is_the_estimates_mean_with_the_pending_meals():
+    """What a planning controller gets: the same mean as the estimate, the sensitivity scale,
+    and the announced meals not started, in minutes from the tick."""
+    est = TwinEstimator(PATIENT)
+    for m in range(0, 31, 5):
+        est.update(CgmReading(float(m), 150.0))
+        for k in range(m, m + 5):
+            est.observe_delivery(InsulinDelivery(float(k), PATIENT.basal_u_per_min, 0.0))
+    est.observe_meal(MealAnnouncement(42.0, 60.0))
+    est.observe_meal(MealAnnouncement(35.0, 20.0))
+    plan = est.plan_state(35.0)
+    e = est.estimate(35.0)
+    vg = PATIENT.vg_dl_per_kg
+    assert plan.t_min == 35.0
+    assert plan.x[3] / vg == pytest.approx(e.bg_mg_dl, rel=1e-12)
+    assert plan.sensitivity_scale == e.insulin_sensitivity_scale
+    assert plan.pending_meals == ((0, 20.0), (7, 60.0))
+    # a plan state later than the filter: the meal at 35 has started, the other is pending
+    later = est.plan_state(40.0)
+    assert later.pending_meals == ((2, 60.0),)
+    assert later.meal_state[0] + later.meal_state[2] == pytest.approx(20.0)
+    with pytest.raises(TwinInputError):
+        est.plan_state(10.0)

@@ -70,9 +70,10 @@ def test_pid_integral_accumulates_and_stops_when_clipped():
     assert low._integral_mg_dl_min == 0.0  # anti-windup
 
 
-def test_unknown_controller_lists_the_valid_names():
-    with pytest.raises(PolicyConfigError, match="basal-bolus, pid, oref0"):
-        make_controller("mpc", get_patient("adult#001"))
+@pytest.mark.parametrize("name", ["lqr", "policy:", "Policy:x.zip", ""])
+def test_unknown_controller_lists_the_valid_names(name):
+    with pytest.raises(PolicyConfigError, match="basal-bolus, pid, oref0, mpc, or policy:PATH"):
+        make_controller(name, get_patient("adult#001"))
 
 
 def _obs5(t, g, iob=0.0, carbs=0.0, activity=0.0, age=0.0):
