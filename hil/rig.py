@@ -57,6 +57,9 @@ from policies.controllers import (
     make_controller,
 )
 
+#: Controllers that plan on the twin estimator's model, which the rig does not run.
+PLANS_ON_TWIN = ("mpc",)
+
 RIG_CHANNELS = (
     "sensor->controller",
     "controller->supervisor",
@@ -122,6 +125,13 @@ class RigConfig:
         allowed = check_controller_name(self.controller)
         if allowed is not None:
             raise RigConfigError("controller", self.controller, allowed)
+        if self.controller in PLANS_ON_TWIN:
+            raise RigConfigError(
+                "controller",
+                self.controller,
+                "a controller that does not plan on the twin (the rig runs no twin estimator; "
+                "use twinloop run for mpc)",
+            )
         if not (isinstance(self.wall_s_per_sim_min, int | float) and self.wall_s_per_sim_min > 0):
             raise RigConfigError("wall_s_per_sim_min", self.wall_s_per_sim_min, "seconds > 0")
         if not (isinstance(self.control_period_min, int) and 1 <= self.control_period_min <= 30):

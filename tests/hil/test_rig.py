@@ -144,7 +144,13 @@ def test_summary_has_timing_alarms_and_cgm_metrics():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("controller", "magic"), ("wall_s_per_sim_min", 0), ("watchdog_steps", 0), ("minutes", 0)],
+    [
+        ("controller", "magic"),
+        ("controller", "mpc"),  # plans on the twin, which the rig does not run
+        ("wall_s_per_sim_min", 0),
+        ("watchdog_steps", 0),
+        ("minutes", 0),
+    ],
 )
 def test_bad_rig_settings_name_the_field(field, value):
     with pytest.raises(RigConfigError, match=field):
