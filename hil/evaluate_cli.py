@@ -41,7 +41,7 @@ def add_parser(sub: Any) -> None:
         help="compare controllers on an evaluation protocol (cohorts × seeds, on Ray)",
         description="Run every controller on every cohort and seed of an evaluation protocol "
         f"(default: the shipped {DEFAULT_PROTOCOL}: 30 patients, 7 days, random meals with "
-        "±30 %% carb-counting error, noisy CGM, seeds 0-2), in parallel on Ray, and write "
+        "±30 % carb-counting error, noisy CGM, seeds 0-2), in parallel on Ray, and write "
         "per-patient and comparison CSVs, a ranked Markdown table, plots and a manifest.",
     )
     ev.add_argument(
