@@ -36,6 +36,8 @@ from agents.errors import AgentError, LoopConfigError
 
 #: Seconds a remote call may take before it counts as failed (per request of the round).
 CALL_TIMEOUT_S = 30.0
+#: Longest wait for newly hosted agents to reach their actors (actors starting included).
+HOSTING_TIMEOUT_S = 120.0
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -259,6 +261,7 @@ class RayPlacement:
         self._actors: dict[str, Any] = {}
         self._initial: dict[int, bytes] = {}
         self._keys = itertools.count()
+        self._hosting: list[Any] = []  # add() calls not yet known to have finished
 
     def host(self, agent: object, *, label: str) -> AgentRef:
         """Hand a copy of ``agent`` to the actor of its kind (started on first use)."""
@@ -267,13 +270,29 @@ class RayPlacement:
             actor = self._actors[label] = self._remote.remote()
         key = next(self._keys)
         self._initial[key] = pickle.dumps(agent, protocol=_PROTOCOL)
-        actor.add.remote(key, self._initial[key])  # type: ignore[union-attr]  # ordered first
+        added = actor.add.remote(key, self._initial[key])  # type: ignore[union-attr]
+        self._hosting.append(added)  # ordered before any call to the agent
         return AgentRef(label, key, actor=actor)
+
+    def _wait_hosted(self) -> None:
+        """Wait for the agents handed over since the last round to reach their actors.
+
+        Actors starting and agents unpickling (a learned policy imports torch) take seconds;
+        this wait never counts against a request's timeout. An agent that failed to arrive
+        shows up as a failed call.
+        """
+        import ray
+
+        pending, self._hosting = self._hosting, []
+        with contextlib.suppress(Exception):
+            ray.get(pending, timeout=HOSTING_TIMEOUT_S)
 
     def execute(self, requests: Sequence[Request]) -> list[Outcome]:
         """One call per actor involved, all in flight at once; then collect."""
         import ray
 
+        if self._hosting:
+            self._wait_hosted()
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.ref.label, []).append(i)

@@ -83,7 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cohort", action="append", default=[], help="default: adults")
     run.add_argument("--config", help="YAML file setting any of the options below")
     run.add_argument("--days", type=int, help="simulated days (default 1)")
-    run.add_argument("--controller", help="basal-bolus (default), pid or oref0")
+    run.add_argument(
+        "--controller",
+        help="basal-bolus (default), pid, oref0, mpc, or policy:PATH (a policy saved by "
+        "twinloop train)",
+    )
     run.add_argument("--scenario", help="meal scenario: random (default) or A")
     run.add_argument("--seed", type=_seed, help="seed of meals and sensor noise (default 0)")
     run.add_argument("--out", help="run directory (default runs/run-YYYYmmdd-HHMMSS)")
@@ -147,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     from hil.hil_cli import add_parsers
 
     add_parsers(sub, _positive, _seed)
+    from hil.evaluate_cli import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(sub)
+    from hil.train_cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
@@ -428,6 +438,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command in ("emulate", "hil"):
             return _hardware(args)
+        if args.command == "evaluate":
+            from hil.evaluate_cli import main_evaluate
+
+            return main_evaluate(args)
+        if args.command == "train":
+            from hil.train_cli import main_train
+
+            return main_train(args)
         if args.command == "report":
             from agents.report import build_report
             from hil.report import build_hil_report, is_hil_recording

@@ -1,0 +1,91 @@
+"""``twinloop train CONFIG.yaml``: train insulin policies with stable-baselines3."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from typing import Any
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(float(text)) if re.fullmatch(r"\d+(\.\d*)?(e\d+)?", text) else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def add_parser(sub: Any) -> None:
+    """Add the ``train`` sub-command to the ``twinloop`` parser."""
+    p = sub.add_parser(
+        "train",
+        help="train insulin policies (PPO/SAC) from a YAML config; saved policies load as "
+        "--controller policy:DIR",
+        description="Train one policy per seed on twinloop/T1D-v0 with stable-baselines3, from "
+        "a YAML configuration in the style of RL Baselines3 Zoo (docs/training.md; shipped: "
+        "policies/configs/t1d_ppo.yaml). Each seed is saved in OUT/seed_<s>/ with model.zip, "
+        "policy.json, checkpoints and TensorBoard logs.",
+    )
+    p.add_argument("config", help="training configuration (YAML)")
+    p.add_argument("--out", help="output directory (default: the config's output_dir)")
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        action="append",
+        help="train this seed (repeatable; replaces the config's seeds)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_count,
+        help="train the seeds in parallel as Ray tasks on an embedded Ray with N CPUs",
+    )
+    p.add_argument("--address", help="train the seeds on an existing Ray cluster (HOST:PORT)")
+    p.add_argument("--timesteps", type=_count, help="environment steps per seed (overrides)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main_train(args: argparse.Namespace) -> int:
+    """Run ``twinloop train``; errors print one line and return 2."""
+    from policies.errors import PolicyError
+    from policies.training import load_config, train
+
+    try:
+        config = load_config(args.config)
+        results = train(
+            config,
+            args.out,
+            seeds=args.seed,
+            timesteps=args.timesteps,
+            workers=args.workers,
+            address=args.address,
+            progress=not args.no_progress,
+        )
+    except (PolicyError, OSError) as exc:
+        print(f"twinloop train: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # Ray/SB3 failures: one line, never a traceback
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        print(f"twinloop train: error: {msg}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(f"seed {r.seed}: {r.timesteps} steps in {r.seconds:.0f} s -> {r.directory}")
+    first = shlex.quote(results[0].directory)
+    print(
+        "run a policy in the loop (behind the safety supervisor):\n"
+        f"  twinloop run --cohort adults --days 7 --controller policy:{first}"
+    )
+    return 0
