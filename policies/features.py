@@ -316,6 +316,10 @@ class PatientProfile:
         )
 
 
+#: Bound of every normalised feature (inputs beyond it are clipped; NaN counts as 0).
+FEATURE_LIMIT = 100.0
+
+
 def observation_features(
     layout: ObservationLayout,
     profile: PatientProfile,
@@ -340,21 +344,26 @@ def observation_features(
         ``(n, layout.size)`` float32.
 
     """
-    cf = profile.correction_factor_mg_dl_per_u
-    parts: list[NDArray[np.float64]] = []
-    for name, size in layout.features:
-        if name == "cgm":
-            hist = cgm_mg_dl[:, cgm_mg_dl.shape[1] - size :]
-            parts.append((hist - CGM_CENTER_MG_DL) / CGM_SCALE_MG_DL)
-        elif name == "iob":
-            parts.append((net_iob_u * cf / GLUCOSE_EFFECT_SCALE_MG_DL)[:, np.newaxis])
-        elif name == "meal":
-            effect = meal_g / profile.carb_ratio_g_per_u * cf / GLUCOSE_EFFECT_SCALE_MG_DL
-            parts.append(effect[:, np.newaxis])
-        else:  # clock
-            angle = 2.0 * math.pi * np.mod(clock_min, MIN_PER_DAY) / MIN_PER_DAY
-            parts.append(np.stack((np.sin(angle), np.cos(angle)), axis=1))
-    return np.concatenate(parts, axis=1).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # absurd inputs: bounded below
+        cf = profile.correction_factor_mg_dl_per_u
+        parts: list[NDArray[np.float64]] = []
+        for name, size in layout.features:
+            if name == "cgm":
+                hist = cgm_mg_dl[:, cgm_mg_dl.shape[1] - size :]
+                parts.append((hist - CGM_CENTER_MG_DL) / CGM_SCALE_MG_DL)
+            elif name == "iob":
+                parts.append((net_iob_u * cf / GLUCOSE_EFFECT_SCALE_MG_DL)[:, np.newaxis])
+            elif name == "meal":
+                effect = meal_g / profile.carb_ratio_g_per_u * cf / GLUCOSE_EFFECT_SCALE_MG_DL
+                parts.append(effect[:, np.newaxis])
+            else:  # clock
+                angle = 2.0 * math.pi * np.mod(clock_min, MIN_PER_DAY) / MIN_PER_DAY
+                parts.append(np.stack((np.sin(angle), np.cos(angle)), axis=1))
+    out = np.concatenate(parts, axis=1)
+    # a faulty input (an absurd or non-finite IOB or meal) must not reach the network as inf
+    # or NaN: bounded far outside anything physiological (±100 = ±10,000 mg/dL of effect)
+    np.nan_to_num(out, copy=False, nan=0.0, posinf=FEATURE_LIMIT, neginf=-FEATURE_LIMIT)
+    return np.clip(out, -FEATURE_LIMIT, FEATURE_LIMIT).astype(np.float32)
 
 
 def action_to_dose(

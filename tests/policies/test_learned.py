@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("stable_baselines3")
 
 import plant
 from agents.loop import LoopConfig, PatientLoop
-from agents.messages import AgentFault, InsulinCommand
+from agents.messages import AgentFault, InsulinCommand, InsulinDelivery
 from plant.patients import get_patient
 from policies.controllers import make_controller
 from policies.errors import PolicyConfigError
@@ -245,3 +247,63 @@ def test_twinloop_run_with_a_policy_controller_on_ray_actors(saved: Path, tmp_pa
     faults = pq.read_table(faults_file).to_pylist() if faults_file.exists() else []
     assert faults == []
     assert [c["t_min"] for c in commands] == [5.0 * k for k in range(288)]
+
+
+SHIPPED_POLICY = Path(__file__).resolve().parents[2] / "docs" / "policies" / "t1d_ppo" / "seed_0"
+
+
+def test_the_committed_default_policy_loads_with_the_current_layout() -> None:
+    """docs/policies/t1d_ppo/seed_0 (the evaluation's policy) still matches the code."""
+    ctrl = make_controller(f"policy:{SHIPPED_POLICY}", get_patient("adult#005"))
+    assert isinstance(ctrl, LearnedPolicyController)
+    assert ctrl.metadata["env_layout_version"] == ENV_LAYOUT_VERSION
+
+
+_ANY = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-1e4, max_value=1e4),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    patient=st.sampled_from(["adult#001", "adolescent#004", "child#008"]),
+    steps=st.lists(st.tuples(_ANY, _ANY, _ANY), min_size=1, max_size=16),
+)
+def test_the_shield_holds_for_the_committed_policy(patient: str, steps: list[Any]) -> None:
+    """The learned policy, fed any observations, goes through the supervisor: what reaches
+    the pump respects every limit."""
+    from agents.messages import CgmReading
+    from agents.supervisor import SafetySupervisor, SupervisorConfig
+
+    p = get_patient(patient)
+    ctrl = make_controller(f"policy:{SHIPPED_POLICY}", p)
+    sup = SafetySupervisor(SupervisorConfig.for_patient(p))
+    cfg = sup.config
+    for k, (glucose, iob, carbs) in enumerate(steps):
+        t = 5.0 * k
+        obs = ControllerInput(t, glucose, 0.0, iob, carbs if carbs == carbs else 0.0)
+        try:
+            dose = ctrl.decide(obs)
+            command = InsulinCommand(t, dose.basal_u_per_h, dose.bolus_u, dose.duration_min)
+        except (ValueError, ArithmeticError):  # a controller may refuse absurd input
+            command = None
+        if math.isfinite(glucose) and 39.0 <= glucose <= 401.0:
+            sup.observe_cgm(CgmReading(t, glucose))
+        out, _ = sup.review(t, command)
+        cap = max(cfg.max_temp_basal_u_per_h, cfg.scheduled_basal_u_per_h)
+        assert 0.0 <= out.basal_u_per_h <= cap
+        assert 0.0 <= out.bolus_u <= cfg.max_bolus_u
+        extra = max(out.basal_u_per_h - cfg.scheduled_basal_u_per_h, 0.0) * out.duration_min / 60
+        assert out.bolus_u + extra <= max(cfg.max_iob_u - sup.net_iob_u, 0.0) + 1e-9
+        sup.observe_delivery(InsulinDelivery(t, out.basal_u_per_h / 12, out.bolus_u))
+
+
+def test_absurd_inputs_give_bounded_finite_features(saved: Path) -> None:
+    ctrl = load_policy_controller(saved, get_patient("adult#001"))
+    ctrl.features(ControllerInput(0.0, 120.0, 0.0, 0.0, 0.0))
+    for iob, carbs in [(1e300, 0.0), (-math.inf, 1e308), (math.nan, math.nan)]:
+        f = ctrl.features(ControllerInput(5.0, 120.0, 0.0, iob, carbs))
+        assert f is not None
+        assert np.all(np.isfinite(f))
+        assert np.all(np.abs(f) <= 100.0)
