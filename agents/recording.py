@@ -39,10 +39,11 @@ def channel_file(channel: str) -> str:
     return channel.replace("->", "__") + ".parquet"
 
 
-def _git_revision() -> str | None:
+def git_output(*args: str) -> str | None:
+    """``git ARGS`` run in this source tree: its stripped output, or None (no git, no repo)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             capture_output=True,
             text=True,
             check=True,
@@ -141,7 +142,7 @@ class Recorder:
         manifest = {
             "config": config,
             "versions": versions(),
-            "git_revision": _git_revision(),
+            "git_revision": git_output("rev-parse", "HEAD") or None,
             "started_unix_s": self._started,
             "wall_time_s": time.time() - self._started,
             "channels": sorted(merged),

@@ -156,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     from hil.train_cli import add_parser as add_train_parser
 
-    add_train_parser(sub)
+    add_train_parser(sub, _seed)
     return parser
 
 

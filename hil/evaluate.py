@@ -48,7 +48,6 @@ import math
 import platform
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 import traceback
@@ -62,7 +61,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from agents.loop import LoopConfig
-from agents.recording import channel_file
+from agents.recording import channel_file, git_output
 from agents.run import METRICS_FLOOR_MG_DL, run_cohort
 from plant.cgm import CGMSpec
 from plant.errors import PlantError
@@ -841,21 +840,6 @@ def _write_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, An
             writer.writerow(row)
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -1325,8 +1309,8 @@ def evaluate(
         "recordings": recordings,
         "versions": _versions(),
         "python_implementation": platform.python_implementation(),
-        "git_revision": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_revision": git_output("rev-parse", "HEAD"),
+        "git_dirty": bool(git_output("status", "--porcelain", "--untracked-files=no")),
         "runs": [
             {
                 "controller": r.controller,

@@ -9,16 +9,6 @@ import sys
 from typing import Any
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
-
-
 def _count(text: str) -> int:
     try:
         value = int(float(text)) if re.fullmatch(r"\d+(\.\d*)?(e\d+)?", text) else int(text)
@@ -29,8 +19,8 @@ def _count(text: str) -> int:
     return value
 
 
-def add_parser(sub: Any) -> None:
-    """Add the ``train`` sub-command to the ``twinloop`` parser."""
+def add_parser(sub: Any, seed: Any) -> None:
+    """Add the ``train`` sub-command to the ``twinloop`` parser (``seed``: the seed type)."""
     p = sub.add_parser(
         "train",
         help="train insulin policies (PPO/SAC) from a YAML config; saved policies load as "
@@ -44,7 +34,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", help="output directory (default: the config's output_dir)")
     p.add_argument(
         "--seed",
-        type=_seed,
+        type=seed,
         action="append",
         help="train this seed (repeatable; replaces the config's seeds)",
     )
@@ -65,6 +55,10 @@ def main_train(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
+        if args.workers is not None or args.address is not None:
+            from agents.placement import start_ray
+
+            start_ray(args.address, num_cpus=args.workers if args.address is None else None)
         results = train(
             config,
             args.out,

@@ -575,25 +575,6 @@ def _seed_dir(root: Path, seed: int) -> Path:
     return root / f"seed_{seed}"
 
 
-def start_ray(address: str | None, num_cpus: int | None) -> None:
-    """Embedded local Ray on loopback (or connect to ``address``), as agents.placement does."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is not None:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        return
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        configure_logging=False,
-    )
-
-
 def train(
     config: TrainingConfig,
     out_dir: str | os.PathLike[str] | None = None,
@@ -611,14 +592,15 @@ def train(
         out_dir: output directory (default ``config.output_dir``).
         seeds: override the config's seeds.
         timesteps: override ``n_timesteps``.
-        workers: run the seeds as Ray tasks (``num_cpus=1``, torch 1 thread each) on an
-            embedded Ray with this many CPUs (or on ``address``); ``None`` = one after another
-            in this process.
-        address: ``HOST:PORT`` of an existing Ray cluster (implies Ray).
+        workers: run the seeds as Ray tasks (``num_cpus=1``, torch 1 thread each) on the
+            Ray session of this process, started by the caller (``twinloop train`` starts an
+            embedded one with this many CPUs, or connects to ``address``, with
+            :func:`agents.placement.start_ray`); ``None`` = one after another in this process.
+        address: ``HOST:PORT`` of an existing Ray cluster (implies Ray; the caller connects).
         progress: show a tqdm progress bar (in-process runs).
 
     Raises:
-        PolicyConfigError: bad overrides.
+        PolicyConfigError: bad overrides, or Ray asked for but not started.
 
     """
     if seeds is not None:
@@ -632,7 +614,11 @@ def train(
         return [train_one(config, s, _seed_dir(root, s), progress=progress) for s in config.seeds]
     import ray
 
-    start_ray(address, workers)
+    if not ray.is_initialized():
+        raise PolicyConfigError(
+            "workers/address: Ray is not started in this process; start it first "
+            "(agents.placement.start_ray, as twinloop train does)"
+        )
     task = ray.remote(num_cpus=1)(_train_task)
     refs = [task.remote(config, s, str(_seed_dir(root.resolve(), s))) for s in config.seeds]
     return list(ray.get(refs))
