@@ -27,16 +27,23 @@ def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
     """Add the ``emulate`` and ``hil`` sub-commands to the ``twinloop`` parser."""
     emu = sub.add_parser(
         "emulate",
-        help="serve a plant-backed emulated device (pump over Modbus, CGM over serial)",
+        help="serve a plant-backed emulated device (pump over Modbus, CGM over serial, "
+        "exoskeleton drive over Modbus TCP)",
         description="Serve emulated devices backed by one virtual patient (UVA/Padova), "
         "speaking the real protocols (see hw_bridge/DEVICES.md). Runs until interrupted.",
     )
-    emu.add_argument("device", choices=["pump", "cgm"], help="the device to serve")
+    emu.add_argument("device", choices=["pump", "cgm", "drive"], help="the device to serve")
     emu.add_argument("--rtu", help="pump: serve Modbus RTU on this serial port / pty end")
     emu.add_argument(
         "--rtu-pty", help="pump: make a pty pair and link the client's end at this path"
     )
-    emu.add_argument("--tcp", help="pump: serve Modbus TCP on HOST:PORT or PORT")
+    emu.add_argument("--tcp", help="pump, drive: serve Modbus TCP on HOST:PORT or PORT")
+    emu.add_argument(
+        "--joint",
+        choices=["pendulum", "knee"],
+        default="pendulum",
+        help="drive: the joint it moves (a rigid pendulum, or the knee plant's moderate preset)",
+    )
     emu.add_argument(
         "--tls",
         nargs=3,
@@ -114,6 +121,8 @@ def emulate(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if args.device == "drive":
+        return _emulate_drive(args, stop)
     patient = VirtualPatient(args.patient, seed=args.seed, wall_s_per_sim_min=args.time_scale)
     closers: list[Any] = []
     lines: list[str] = []
@@ -162,6 +171,35 @@ def emulate(args: argparse.Namespace) -> int:
         for closer in reversed(closers):
             stopper = getattr(closer, "stop", None) or closer.close
             stopper()
+    return 0
+
+
+def _emulate_drive(args: argparse.Namespace, stop: threading.Event) -> int:
+    """Serve the emulated exoskeleton drive on Modbus TCP until ``stop`` is set or Ctrl-C."""
+    from hw_bridge.emulators.drive import PendulumJoint, knee_backend, run_drive
+
+    if not args.tcp:
+        raise ValueError("emulate drive: give --tcp HOST:PORT (or PORT)")
+    host, _, port_text = args.tcp.rpartition(":")
+    if not port_text.isdigit():
+        raise ValueError(f"emulate drive: --tcp {args.tcp!r} is not HOST:PORT or PORT")
+    backend = knee_backend(seed=args.seed) if args.joint == "knee" else PendulumJoint()
+
+    def ready(server: Any) -> None:
+        bound_host, bound_port = server.tcp_address
+        print(
+            f"twinloop emulate: drive ({args.joint}, CiA 402 style, 1 kHz): Modbus TCP on "
+            f"{bound_host}:{bound_port}",
+            flush=True,
+        )
+
+    run_drive(
+        host=host or args.bind,
+        port=int(port_text),
+        backend=backend,
+        stop_event=stop,
+        on_ready=ready,
+    )
     return 0
 
 

@@ -17,7 +17,7 @@ from plant.pump import PumpSpec, delivery_u_per_min
 from plant.scenarios import FixedMealSchedule
 from plant.uva_padova import simulate
 
-SPECS = [s for s in gym.registry.values() if s.id.startswith("twinloop/")]
+SPECS = [s for s in gym.registry.values() if s.id.startswith("twinloop/T1D")]
 CONFIGS = {
     "default": {},
     "rich-obs-bolus": {"history_len": 6, "include_iob": True, "include_meal": True,
