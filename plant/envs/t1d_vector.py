@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
-from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import batch_space
+from gymnasium.vector import AutoresetMode
 from numpy.typing import NDArray
 
+from plant.envs.batched_vector import BatchedVectorEnv
 from plant.envs.t1d import make_spaces
 from plant.envs.t1d_core import (
     S_ANNOUNCED,
@@ -25,10 +23,9 @@ from plant.envs.t1d_core import (
     check_action,
     config_from_kwargs,
 )
-from plant.errors import ConfigError, ResetNeededError
 
 
-class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[Any]]):
+class T1DVectorEnv(BatchedVectorEnv):
     """``num_envs`` copies of :class:`~plant.envs.t1d.T1DEnv` stepped together in one call.
 
     Spaces, reward, termination and truncation are those of ``T1DEnv`` (see its env card),
@@ -55,11 +52,6 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
     an array of names), with Gymnasium's ``_key`` masks (always all true here).
     """
 
-    metadata: dict[str, Any] = {  # noqa: RUF012
-        "autoreset_mode": AutoresetMode.NEXT_STEP,
-        "render_modes": [],
-    }
-
     def __init__(
         self,
         num_envs: int = 1,
@@ -69,26 +61,10 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
         **kwargs: Any,
     ) -> None:
         config = config_from_kwargs(config, kwargs)
-        modes = {"nextstep": AutoresetMode.NEXT_STEP, "samestep": AutoresetMode.SAME_STEP}
-        key = str(getattr(autoreset_mode, "value", autoreset_mode)).replace("_", "").lower()
-        if key not in modes:
-            raise ConfigError(
-                "autoreset_mode", autoreset_mode, "next_step or same_step (or the AutoresetMode)"
-            )
-        mode = modes[key]
-        self.autoreset_mode = mode
-        self.metadata = {**type(self).metadata, "autoreset_mode": mode}
-        if num_envs < 1:
-            raise ConfigError("num_envs", num_envs, "an integer >= 1")
+        self._setup(num_envs, autoreset_mode, make_spaces(config))
         self.config = config
-        self.num_envs = num_envs
         self._batch = T1DBatch(config, num_envs)
-        self.single_action_space, self.single_observation_space = make_spaces(config)
-        self.action_space = batch_space(self.single_action_space, num_envs)
-        self.observation_space = batch_space(self.single_observation_space, num_envs)
         self._shape = (num_envs, 2 if config.bolus_action else 1)
-        self._rngs: list[np.random.Generator] = []
-        self._autoreset = np.zeros(num_envs, dtype=np.bool_)
         self._names = np.array([p.name for p in self._batch.table], dtype=object)
 
     def _reset_envs(self, indices: NDArray[np.intp]) -> None:
@@ -101,61 +77,8 @@ class T1DVectorEnv(VectorEnv[NDArray[np.float32], NDArray[np.float32], NDArray[A
             patients = indices % n_pat
         b.reset_many(indices, rngs, patients)
 
-    def reset(
-        self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[NDArray[np.float32], dict[str, Any]]:
-        """Reset every sub-environment; ``seed`` (int ``s`` or one per env) reseeds them."""
-        if isinstance(seed, numbers.Integral):
-            seeds: list[int | None] = [int(seed) + i for i in range(self.num_envs)]
-        elif seed is None:
-            seeds = [None] * self.num_envs
-        else:
-            seeds = list(seed)  # type: ignore[arg-type]  # an Integral was handled above
-            if len(seeds) != self.num_envs:
-                raise ConfigError(
-                    "seed", seed, f"an int or a list of {self.num_envs} seeds (one per env)"
-                )
-        if seed is not None or not self._rngs:
-            self._rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
-        self._reset_envs(np.arange(self.num_envs))
-        self._autoreset[:] = False
-        return self._batch.obs.copy(), self._info()
-
-    def step(
-        self, actions: NDArray[np.float32]
-    ) -> tuple[
-        NDArray[np.float32],
-        NDArray[np.float64],
-        NDArray[np.bool_],
-        NDArray[np.bool_],
-        dict[str, Any],
-    ]:
-        """Step every sub-environment (next-step autoreset for those that ended)."""
-        if not self._rngs:
-            raise ResetNeededError("T1DVectorEnv.step: call reset() first")
-        b = self._batch
-        a = check_action(actions, self._shape)
-        if self._autoreset.any():
-            done = np.flatnonzero(self._autoreset)
-            self._reset_envs(done)
-            b.step(a, active=~self._autoreset)
-        else:
-            b.step(a)
-        reward, terminated, truncated = b.reward.copy(), b.terminated.copy(), b.truncated.copy()
-        ended = terminated | truncated
-        if self.autoreset_mode is AutoresetMode.NEXT_STEP or not ended.any():
-            self._autoreset = ended
-            return b.obs.copy(), reward, terminated, truncated, self._info()
-        final_obs = np.empty(self.num_envs, dtype=object)
-        for i in np.flatnonzero(ended):
-            final_obs[i] = b.obs[i].copy()
-        final_info = self._info()
-        self._reset_envs(np.flatnonzero(ended))
-        info = self._info()
-        info.update(
-            final_obs=final_obs, _final_obs=ended, final_info=final_info, _final_info=ended.copy()
-        )
-        return b.obs.copy(), reward, terminated, truncated, info
+    def _check_action(self, actions: NDArray[np.float32]) -> NDArray[np.float64]:
+        return check_action(actions, self._shape)
 
     def _info(self) -> dict[str, Any]:
         s = self._batch.scal
