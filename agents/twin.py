@@ -84,8 +84,10 @@ import numba
 import numpy as np
 from numpy.typing import NDArray
 
+import plant.uva_padova
 from agents.errors import AgentError, LoopConfigError
 from agents.messages import CgmReading, InsulinDelivery, MealAnnouncement, TwinEstimate
+from plant.numba_cache import drop_stale_cache
 from plant.patients import N_STATES, PMOL_PER_U, PatientParameters, parameter_matrix
 from plant.units import MIN_PER_DAY
 from plant.uva_padova import (
@@ -106,6 +108,8 @@ from plant.uva_padova import (
     advance,
 )
 from policies.interface import TwinPlanState
+
+drop_stale_cache(__file__, [plant.uva_padova.__file__])
 
 ForecastInsulin = Literal["held", "scheduled"]
 

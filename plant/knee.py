@@ -444,19 +444,19 @@ PRESETS: dict[str, dict[str, float]] = {
     "healthy": {},
     "mild": {
         "strength_fraction": 0.6,
-        "spasticity_gain_per_rad_s": 0.05,
+        "spasticity_gain_per_rad_s": 0.01,
         "spasticity_threshold_rad_s": 1.0,
         "fatigue_rate_per_s": 0.0149 * 1.5,
     },
     "moderate": {
         "strength_fraction": 0.3,
-        "spasticity_gain_per_rad_s": 0.15,
+        "spasticity_gain_per_rad_s": 0.02,
         "spasticity_threshold_rad_s": 0.6,
         "fatigue_rate_per_s": 0.0149 * 2.0,
     },
     "severe": {
-        "strength_fraction": 0.08,
-        "spasticity_gain_per_rad_s": 0.3,
+        "strength_fraction": 0.05,
+        "spasticity_gain_per_rad_s": 0.04,
         "spasticity_threshold_rad_s": 0.3,
         "fatigue_rate_per_s": 0.0149 * 3.0,
         "recovery_rate_per_s": 0.00094 * 0.5,
@@ -465,9 +465,13 @@ PRESETS: dict[str, dict[str, float]] = {
 """Impairment presets (overrides of the healthy :class:`KneeParams`).
 
 Assumptions of this model, ordered by severity, to be identified per patient: residual voluntary
-strength 100/60/30/8 % (severe: below the ≈ 12 N·m needed to lift the shank against gravity
-alone); stretch-reflex gain 0/0.05/0.15/0.3 per rad/s above thresholds ∞ (3 rad/s, unused)/1.0/
-0.6/0.3 rad/s (lower threshold and higher gain = more spastic, Lance 1980); fatigue rate F ×1,
+strength 100/60/30/5 % (severe, ≈ 11 N·m: below the ≈ 12 N·m needed to lift the shank against gravity
+alone); stretch-reflex gain 0/0.01/0.02/0.04 per rad/s above thresholds ∞ (3 rad/s, unused)/
+1.0/0.6/0.3 rad/s (lower threshold and higher gain = more spastic, Lance 1980) — with the
+≈ 220 N·m quadriceps a 3 rad/s (170°/s) stretch then raises a reflex torque of about 4/11/24
+N·m, the order of the reflex torques measured in spastic knees under fast isokinetic stretches
+(a few to a few tens of N·m; larger gains drive the severe knee into sustained clonus of
+±100 N·m, which the exoskeleton's 60 N·m cannot contain); fatigue rate F ×1,
 ×1.5, ×2, ×3 the healthy knee value of Frey-Law et al. (2012) (paretic muscle fatigues sooner),
 and halved recovery for *severe*.
 """

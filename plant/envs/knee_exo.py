@@ -27,8 +27,11 @@ from plant.errors import ConfigError, ResetNeededError
 from plant.knee import (
     O_EXO_NM,
     O_EXO_WORK_J,
+    O_OMEGA_ABS_MAX,
     O_PATIENT_NM,
     O_PATIENT_WORK_J,
+    O_THETA_MAX,
+    O_THETA_MIN,
     X_MF_Q,
     X_OMEGA,
     X_THETA,
@@ -68,6 +71,9 @@ def info_of(batch: KneeExoBatch, i: int | slice) -> dict[str, Any]:
         "patient_work_j": out[i, O_PATIENT_WORK_J],
         "exo_work_j": out[i, O_EXO_WORK_J],
         "quad_fatigue": x[i, X_MF_Q],
+        "theta_min_rad": out[i, O_THETA_MIN],
+        "theta_max_rad": out[i, O_THETA_MAX],
+        "omega_abs_max_rad_s": out[i, O_OMEGA_ABS_MAX],
         "time_s": scal[i, S_STEP] * dt,
     }
 
@@ -129,7 +135,9 @@ class KneeExoEnv(gym.Env[NDArray[Any], NDArray[Any]]):
     ``theta_rad``, ``omega_rad_s`` (true), ``ref_theta_rad``, ``ref_omega_rad_s``,
     ``tracking_error_rad``, ``patient_torque_nm`` (net muscle torque), ``exo_torque_nm`` (on the
     joint), ``exo_command_nm`` (after clipping), ``patient_work_j`` and ``exo_work_j`` (over the
-    step), ``quad_fatigue`` (fatigued fraction ``M_F``), ``time_s``, ``patient``, ``task``.
+    step), ``quad_fatigue`` (fatigued fraction ``M_F``), ``theta_min_rad``/``theta_max_rad``
+    and ``omega_abs_max_rad_s`` (the extremes over the step's plant steps, which decide
+    termination), ``time_s``, ``patient``, ``task``.
 
     ## Arguments
     Keyword arguments are the fields of :class:`plant.envs.knee_exo_core.KneeExoConfig`, or

@@ -19,6 +19,9 @@ import numba
 import numpy as np
 from numpy.typing import NDArray
 
+import plant.knee
+import plant.knee_sensors
+import plant.knee_tasks
 from plant.errors import ConfigError, InvalidInputError
 from plant.knee import (
     N_OUT,
@@ -49,6 +52,11 @@ from plant.knee_sensors import (
     normal,
 )
 from plant.knee_tasks import K_TOTAL, N_TASK, TaskSpec, reference, task_from_name
+from plant.numba_cache import drop_stale_cache
+
+drop_stale_cache(
+    __file__, [plant.knee.__file__, plant.knee_sensors.__file__, plant.knee_tasks.__file__]
+)
 
 #: Observation layout: (name, unit, low, high); see the env card of KneeExoEnv.
 OBS_ANGLE_MAX_RAD = math.pi

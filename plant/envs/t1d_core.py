@@ -18,6 +18,7 @@ import numba
 import numpy as np
 from numpy.typing import NDArray
 
+import plant.uva_padova
 from plant.cgm import CGMSpec, cgm_errors_batch
 from plant.errors import ConfigError, InvalidInputError
 from plant.insulin import DEFAULT_DIA_MIN, DEFAULT_PEAK_MIN, iob_kernel
@@ -27,6 +28,7 @@ from plant.metrics import (
     KOVATCHEV_GAMMA,
     KOVATCHEV_RISK_SCALE,
 )
+from plant.numba_cache import drop_stale_cache
 from plant.patients import (
     N_PARAMS,
     N_STATES,
@@ -53,6 +55,8 @@ from plant.uva_padova import (
     PARALLEL_MIN_BATCH,
     step_minute,
 )
+
+drop_stale_cache(__file__, [plant.uva_padova.__file__])
 
 #: Reward callback: ``reward_fn(bg_mg_dl, cgm_mg_dl, insulin_u, carbs_g) -> reward``, each an
 #: array of shape ``(N,)``: true plasma glucose and CGM reading at the end of the step, insulin
