@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from agents.messages import Message
+from agents.messages import Record
 
-M = TypeVar("M", bound=Message)
+M = TypeVar("M", bound=Record)
 
 
-Listener = Callable[[str, Message], None]
+Listener = Callable[[str, Record], None]
 
 
 class Channel(Generic[M]):

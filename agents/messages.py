@@ -2,7 +2,8 @@
 
 Every message is a frozen dataclass whose first field is ``t_min``: the loop time (minutes since
 the run started) at which it was produced. Channels carry them; recorders store them as columns
-named after the fields, so the units travel with the data.
+named after the fields, so the units travel with the data. The exoskeleton's messages
+(:mod:`agents.exo_messages`) share the :class:`Record` root and are stamped ``t_s`` in seconds.
 """
 
 from __future__ import annotations
@@ -12,12 +13,23 @@ from typing import ClassVar
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Message:
+class Record:
+    """Root of everything a channel carries: a frozen dataclass with a ``kind``.
+
+    The glucose loop's messages (:class:`Message`) are stamped in minutes; the exoskeleton
+    loop's (:mod:`agents.exo_messages`) in seconds.
+    """
+
+    #: Name of the message kind in recordings.
+    kind: ClassVar[str] = "record"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message(Record):
     """Base class: a message produced at loop time ``t_min`` (minutes)."""
 
     t_min: float
 
-    #: Name of the message kind in recordings.
     kind: ClassVar[str] = "message"
 
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agents.channels import Listener
-from agents.messages import Message
+from agents.messages import Record
 
 INCOMPLETE_MARKER = "INCOMPLETE"
 
@@ -77,7 +77,7 @@ Columns = dict[str, dict[str, list[Any]]]
 def column_listener(columns: Columns, patient: str) -> Listener:
     """A channel listener appending messages to ``columns[channel][field]`` under ``patient``."""
 
-    def record(channel: str, message: Message) -> None:
+    def record(channel: str, message: Record) -> None:
         fields = dataclasses.fields(message)
         table = columns.get(channel)
         if table is None:

@@ -41,6 +41,12 @@ class ExoInput:
         velocity_rad_s: measured joint velocity.
         reference_rad: the task's reference angle.
         reference_velocity_rad_s: the task's reference velocity.
+        torque_sensor_nm: the joint torque sensor (NaN when the loop has none).
+        emg_quad: quadriceps EMG envelope, fraction of maximum (NaN: none).
+        emg_ham: hamstrings EMG envelope (NaN: none).
+        twin_patient_torque_nm: the knee twin's identified patient torque (NaN: no twin).
+        twin_voluntary_capacity: its residual voluntary strength estimate, 0–1 (NaN: no twin).
+        twin_spasticity_gain_per_rad_s: its stretch-reflex gain estimate (NaN: no twin).
 
     """
 
@@ -49,6 +55,12 @@ class ExoInput:
     velocity_rad_s: float
     reference_rad: float
     reference_velocity_rad_s: float
+    torque_sensor_nm: float = math.nan
+    emg_quad: float = math.nan
+    emg_ham: float = math.nan
+    twin_patient_torque_nm: float = math.nan
+    twin_voluntary_capacity: float = math.nan
+    twin_spasticity_gain_per_rad_s: float = math.nan
 
 
 def _check(name: str, value: float, *, allow_zero: bool = False) -> None:
