@@ -122,6 +122,10 @@ class Recorder:
                     mine[name].extend(values)
         return merged
 
+    def tables(self) -> Columns:
+        """Everything recorded so far: channel → field → values (patients in order)."""
+        return self._merged()
+
     def column(self, channel: str, field: str) -> list[Any]:
         """The values recorded so far of one field of one channel."""
         out: list[Any] = []

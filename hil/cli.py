@@ -115,6 +115,21 @@ def _parser() -> argparse.ArgumentParser:
         help="wall-clock seconds per simulated minute with --clock wall (default 0.01)",
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument(
+        "--therapy",
+        choices=["insulin", "knee-exo"],
+        help="insulin (default: the glucose loop) or knee-exo (a knee in a rehabilitation "
+        "exoskeleton: --patient names knee presets healthy|mild|moderate|severe, default "
+        "moderate; --controller none|impedance|aan (default)|policy:PATH)",
+    )
+    run.add_argument(
+        "--task", help="knee-exo: cyclic (default, flexion-extension), sit_to_stand or hold"
+    )
+    run.add_argument("--cycles", type=int, help="knee-exo: cycles of the cyclic task (10)")
+    run.add_argument("--control-hz", type=int, help="knee-exo: control rate, Hz (100)")
+    run.add_argument(
+        "--no-twin", action="store_true", help="knee-exo: run without the knee twin estimator"
+    )
 
     report = sub.add_parser(
         "report",
@@ -282,6 +297,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 #: Keys of a ``twinloop run --config`` YAML file, with their defaults.
 RUN_DEFAULTS: dict[str, object] = {
+    "therapy": "insulin",
     "patients": ["adults"],
     "days": 1,
     "seed": 0,
@@ -296,11 +312,57 @@ RUN_DEFAULTS: dict[str, object] = {
 }
 
 
-def _run_settings(args: argparse.Namespace) -> argparse.Namespace:
+#: Keys of a ``twinloop run --therapy knee-exo --config`` YAML file, with their defaults.
+EXO_RUN_DEFAULTS: dict[str, object] = {
+    "therapy": "knee-exo",
+    "patients": ["moderate"],
+    "task": "cyclic",
+    "cycles": 10,
+    "seed": 0,
+    "controller": "aan",
+    "control_hz": 100,
+    "twin": True,
+    "placement": "inline",
+    "address": None,
+    "out": None,
+}
+
+#: Options of ``twinloop run`` that only the insulin loop has.
+INSULIN_ONLY = ("days", "scenario", "clock", "time_scale", "parallel_patients")
+#: Options only the knee-exoskeleton loop has.
+EXO_ONLY = ("task", "cycles", "control_hz")
+
+
+def _therapy(args: argparse.Namespace) -> str:
+    """The therapy asked for on the command line or in the YAML file (insulin by default)."""
+    if args.therapy:
+        return str(args.therapy)
+    if args.config:
+        import yaml
+
+        try:
+            with open(args.config, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle)
+        except (OSError, yaml.YAMLError):
+            return "insulin"  # reported properly when the file is read as settings
+        if isinstance(loaded, dict) and loaded.get("therapy") is not None:
+            value = loaded["therapy"]
+            if value not in ("insulin", "knee-exo"):
+                raise InvalidInputError(
+                    f"--config {args.config}: therapy={value!r}; allowed: insulin, knee-exo"
+                )
+            return str(value)
+    return "insulin"
+
+
+def _run_settings(
+    args: argparse.Namespace, defaults: dict[str, object] | None = None
+) -> argparse.Namespace:
     """Defaults, overridden by the YAML file, overridden by options given on the command line."""
     import yaml
 
-    settings = dict(RUN_DEFAULTS)
+    table = RUN_DEFAULTS if defaults is None else defaults
+    settings = dict(table)
     if args.config:
         try:
             with open(args.config, encoding="utf-8") as handle:
@@ -316,27 +378,28 @@ def _run_settings(args: argparse.Namespace) -> argparse.Namespace:
         if not isinstance(loaded, dict):
             raise InvalidInputError(f"--config {args.config}: expected a mapping of options")
         for key, value in loaded.items():
-            if key not in RUN_DEFAULTS:
+            if key not in table:
                 raise InvalidInputError(
-                    f"--config {args.config}: unknown key {key!r}; allowed: "
-                    f"{', '.join(RUN_DEFAULTS)}"
+                    f"--config {args.config}: unknown key {key!r}; allowed: {', '.join(table)}"
                 )
-            expected = type(RUN_DEFAULTS[key]) if RUN_DEFAULTS[key] is not None else None
+            expected = type(table[key]) if table[key] is not None else None
             if key == "patients" and isinstance(value, str):
                 value = [value]
             ok = expected is None or (isinstance(value, expected) and not isinstance(value, bool))
+            if expected is bool:
+                ok = isinstance(value, bool)
             if key == "time_scale":
                 ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
             if not ok:
                 raise InvalidInputError(
                     f"--config {args.config}: {key}={value!r} has the wrong type; expected "
-                    f"{expected.__name__ if expected else 'a value'} like {RUN_DEFAULTS[key]!r}"
+                    f"{expected.__name__ if expected else 'a value'} like {table[key]!r}"
                 )
             settings[key] = value
     names = [*args.patient, *args.cohort]
     if names:
         settings["patients"] = names
-    for key in RUN_DEFAULTS:
+    for key in table:
         value = getattr(args, key, None)
         if key != "patients" and value is not None:
             settings[key] = value
@@ -354,6 +417,16 @@ def _run(cli_args: argparse.Namespace) -> int:
     )
     from agents.run import run_cohort
 
+    therapy = _therapy(cli_args)
+    if therapy == "knee-exo":
+        return _run_exo(cli_args)
+    given = [k for k in EXO_ONLY if getattr(cli_args, k, None) is not None]
+    if cli_args.no_twin:
+        given.append("no_twin")
+    if given:
+        raise InvalidInputError(
+            f"--{given[0].replace('_', '-')} is an option of --therapy knee-exo only"
+        )
     args = _run_settings(cli_args)
     args.no_progress = cli_args.no_progress
     names = list(args.patients)
@@ -417,6 +490,92 @@ def _run(cli_args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_exo(cli_args: argparse.Namespace) -> int:
+    """``twinloop run --therapy knee-exo``: the knee-exoskeleton loop, recording and report."""
+    from agents.exo_loop import ExoLoopConfig
+    from agents.exo_report import build_exo_report
+    from agents.exo_run import run_knee_exo
+    from agents.placement import InlinePlacement, Placement, RayPlacement, start_ray
+
+    given = [k for k in INSULIN_ONLY if getattr(cli_args, k, None) is not None]
+    if cli_args.cohort:
+        given.insert(0, "cohort")
+    if given:
+        raise InvalidInputError(
+            f"--{given[0].replace('_', '-')} is an option of the insulin loop; the knee-exo "
+            "run takes --patient (knee presets), --task, --cycles, --controller, --seed, "
+            "--control-hz, --no-twin, --placement, --address, --out, --config"
+        )
+    if cli_args.placement == "ray-patients":
+        raise InvalidInputError(
+            "--placement ray-patients is for the insulin loop; knee-exo runs inline or ray"
+        )
+    if cli_args.no_twin:
+        cli_args.twin = False
+    args = _run_settings(cli_args, EXO_RUN_DEFAULTS)
+    config = ExoLoopConfig(
+        patients=tuple(str(p) for p in args.patients),
+        task=args.task,
+        cycles=args.cycles,
+        seed=args.seed,
+        controller=args.controller,
+        control_hz=args.control_hz,
+        twin=args.twin,
+    )
+    out = args.out or time.strftime("runs/exo-%Y%m%d-%H%M%S")
+    placement: Placement = InlinePlacement()
+    if args.placement == "ray" or args.address:
+        start_ray(args.address)
+        placement = RayPlacement()
+    t0 = time.perf_counter()
+    try:
+        run_dir, summary = run_knee_exo(
+            config, out, progress=not cli_args.no_progress, placement=placement
+        )
+    finally:
+        if placement.name.startswith("ray"):
+            import ray
+
+            ray.shutdown()
+    elapsed = time.perf_counter() - t0
+    report = build_exo_report(run_dir)
+    cols = (
+        ("RMS err°", "rms_error_deg", "8.2f"),
+        ("max err°", "max_error_deg", "8.2f"),
+        ("exo work", "exo_work_fraction", "8.0%"),
+        ("effort", "patient_effort", "8.3f"),
+        ("spastic", "spasticity_events", "8d"),
+        ("limits", "limit_violations", "8d"),
+    )
+    header = f"{'patient':<10}" + "".join(f"{c:>9}" for c, _, _ in cols) + "  overrides"
+    seconds = sum(row["duration_s"] for row in summary["patients"].values())
+    print(
+        f"twinloop run: knee exoskeleton, {len(config.patients)} patient(s), task {config.task}"
+        f", controller {config.controller} under the exoskeleton supervisor, "
+        f"{config.control_hz} Hz, twin {'on' if config.twin else 'off'}, seed {config.seed}, "
+        f"agents {placement.name}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, row in summary["patients"].items():
+        overrides = ", ".join(f"{k} {v}" for k, v in row["overrides"].items()) or "none"
+        cells = "".join(f" {row[f]:{fmt}}" for _, f, fmt in cols)
+        print(f"{name:<10}{cells}  {overrides}")
+        if "twin" in row:
+            tw = row["twin"]
+            print(
+                f"{'':<10} twin: voluntary capacity {tw['voluntary_capacity']:.2f} (true "
+                f"{tw['voluntary_capacity_true']:.2f}), spasticity gain "
+                f"{tw['spasticity_gain_per_rad_s']:.3f} (true "
+                f"{tw['spasticity_gain_true_per_rad_s']:.3f}) /(rad/s)"
+            )
+    print(
+        f"{seconds:.1f} s of task simulated in {elapsed:.1f} s ({seconds / elapsed:.0f}× real time)"
+    )
+    print(f"recording: {run_dir}; report: {report.report_path} ({len(report.plots)} plots)")
+    return 0
+
+
 def _hardware(args: argparse.Namespace) -> int:
     from hil import hil_cli
     from hil.rig import RigConfigError
@@ -447,9 +606,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return main_train(args)
         if args.command == "report":
+            from agents.exo_report import build_exo_report, is_exo_recording
             from agents.report import build_report
             from hil.report import build_hil_report, is_hil_recording
 
+            if is_exo_recording(args.run_dir):
+                exo_result = build_exo_report(args.run_dir, allow_incomplete=args.allow_incomplete)
+                print(f"report: {exo_result.report_path} ({len(exo_result.plots)} plots)")
+                return 0
             if is_hil_recording(args.run_dir):
                 hil_result = build_hil_report(args.run_dir, allow_incomplete=args.allow_incomplete)
                 print(f"report: {hil_result.report_path} ({len(hil_result.plots)} plots)")

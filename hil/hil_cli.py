@@ -5,6 +5,12 @@ A HIL session against the emulated devices is two commands::
     twinloop emulate pump --rtu-pty /tmp/tl-pump --cgm-pty /tmp/tl-cgm --time-scale 0.05 &
     twinloop hil --port /tmp/tl-pump --cgm-port /tmp/tl-cgm --time-scale 0.05 --minutes 240
 
+and for the knee exoskeleton (the drive's patient follows the same task and seed as the rig)::
+
+    twinloop emulate drive --tcp 127.0.0.1:5021 --joint knee --patient moderate --task cyclic &
+    twinloop hil --therapy knee-exo --profile hw_bridge/profiles/exo_drive_tcp.yaml \
+        --controller aan --patient moderate --task cyclic --seconds 20 --out runs/exo
+
 The first makes two pty pairs (the devices' ends stay inside the emulator, the other ends are
 linked at the given paths, like the ``/dev/ttyUSB*`` of real devices) and serves the pump over
 Modbus RTU and the CGM over its line protocol, both backed by one virtual patient; the second
@@ -14,6 +20,7 @@ runs the rig against them through the shipped profiles.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import ssl
 import sys
@@ -42,7 +49,17 @@ def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
         "--joint",
         choices=["pendulum", "knee"],
         default="pendulum",
-        help="drive: the joint it moves (a rigid pendulum, or the knee plant's moderate preset)",
+        help="drive: the joint it moves (a rigid pendulum, or the knee plant: --patient preset)",
+    )
+    emu.add_argument(
+        "--task",
+        help="drive --joint knee: the patient follows this rehabilitation task (cyclic, "
+        "sit_to_stand, hold) drawn with --seed, its clock started at each enable operation; "
+        "give the rig the same --task and --seed (default: the patient holds 90°)",
+    )
+    emu.add_argument(
+        "--timing-json",
+        help="drive: at exit, write the 1 kHz joint loop's lateness/duration summary here",
     )
     emu.add_argument(
         "--tls",
@@ -55,7 +72,11 @@ def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
     emu.add_argument("--cgm-pty", help="also serve the CGM; link the client's end here")
     emu.add_argument("--cgm-serial", help="also serve the CGM on this serial port")
     emu.add_argument("--bind", default="127.0.0.1", help="TCP bind address (127.0.0.1)")
-    emu.add_argument("--patient", default="adult#001", help="virtual patient (adult#001)")
+    emu.add_argument(
+        "--patient",
+        help="virtual patient (pump, cgm: adult#001) or knee preset (drive --joint knee: "
+        "moderate; healthy, mild, moderate, severe)",
+    )
     emu.add_argument("--seed", type=seed, default=0, help="seed of meals and sensor noise")
     emu.add_argument(
         "--time-scale",
@@ -73,21 +94,47 @@ def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
         "watchdog with fail-safe, everything recorded.",
     )
     hil.add_argument(
+        "--therapy",
+        choices=["insulin", "knee-exo"],
+        default="insulin",
+        help="insulin (pump + CGM, default) or knee-exo (the exoskeleton drive over Modbus TCP)",
+    )
+    hil.add_argument(
         "--profile",
-        default="insulin_pump_rtu",
-        help="pump profile: a YAML file or a shipped name (insulin_pump_rtu, insulin_pump_tcp)",
+        help="device profile: a YAML file or a shipped name (insulin: insulin_pump_rtu "
+        "(default), insulin_pump_tcp; knee-exo: exo_drive_tcp (default))",
     )
     hil.add_argument("--port", help="the pump's serial port (overrides the profile)")
     hil.add_argument("--tcp", help="the pump's HOST:PORT (overrides the profile)")
     hil.add_argument("--cgm-profile", default="cgm_line", help="CGM profile (cgm_line)")
-    hil.add_argument("--cgm-port", required=True, help="the CGM's serial port")
-    hil.add_argument("--patient", default="adult#001", help="clinical profile for the therapy")
-    hil.add_argument("--controller", default="pid", help="controller: pid (default), oref0")
+    hil.add_argument("--cgm-port", help="the CGM's serial port (insulin: required)")
+    hil.add_argument(
+        "--patient",
+        help="clinical profile for the therapy (insulin: adult#001; knee-exo: the knee preset, "
+        "moderate)",
+    )
+    hil.add_argument(
+        "--controller",
+        help="controller (insulin: pid (default), oref0; knee-exo: aan (default), impedance, none)",
+    )
     hil.add_argument(
         "--time-scale", type=positive, default=60.0, help="wall seconds per simulated minute"
     )
     hil.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (240)")
     hil.add_argument("--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS)")
+    hil.add_argument(
+        "--task", default="cyclic", help="knee-exo: cyclic (default), sit_to_stand, hold"
+    )
+    hil.add_argument(
+        "--seed", type=seed, default=0, help="knee-exo: seed of the task (as the emulator's)"
+    )
+    hil.add_argument(
+        "--seconds", type=positive, help="knee-exo: session length, s (default: the task's)"
+    )
+    hil.add_argument("--control-hz", type=int, default=100, help="knee-exo: control rate (100)")
+    hil.add_argument(
+        "--watchdog-ms", type=int, default=100, help="knee-exo: the drive's watchdog, ms (100)"
+    )
     hil.add_argument(
         "--realtime",
         action="store_true",
@@ -123,6 +170,7 @@ def emulate(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if args.device == "drive":
         return _emulate_drive(args, stop)
+    args.patient = args.patient or "adult#001"
     patient = VirtualPatient(args.patient, seed=args.seed, wall_s_per_sim_min=args.time_scale)
     closers: list[Any] = []
     lines: list[str] = []
@@ -183,28 +231,50 @@ def _emulate_drive(args: argparse.Namespace, stop: threading.Event) -> int:
     host, _, port_text = args.tcp.rpartition(":")
     if not port_text.isdigit():
         raise ValueError(f"emulate drive: --tcp {args.tcp!r} is not HOST:PORT or PORT")
-    backend = knee_backend(seed=args.seed) if args.joint == "knee" else PendulumJoint()
+    if args.joint == "knee":
+        backend: Any = knee_backend(args.patient or "moderate", seed=args.seed, task=args.task)
+    elif args.task:
+        raise ValueError("emulate drive: --task needs --joint knee")
+    else:
+        backend = PendulumJoint()
+    task = f", task {args.task} (seed {args.seed})" if args.task else ""
 
     def ready(server: Any) -> None:
         bound_host, bound_port = server.tcp_address
         print(
-            f"twinloop emulate: drive ({args.joint}, CiA 402 style, 1 kHz): Modbus TCP on "
-            f"{bound_host}:{bound_port}",
+            f"twinloop emulate: drive ({args.joint}{task}, CiA 402 style, 1 kHz): Modbus TCP "
+            f"on {bound_host}:{bound_port}",
             flush=True,
         )
 
-    run_drive(
+    timing = run_drive(
         host=host or args.bind,
         port=int(port_text),
         backend=backend,
         stop_event=stop,
         on_ready=ready,
     )
+    if args.timing_json:
+        Path(args.timing_json).write_text(json.dumps(timing, indent=1))
+    late = timing.get("lateness_ms")
+    if late:
+        print(
+            f"drive joint loop: {timing['ticks']} ticks at 1 kHz, lateness p50 "
+            f"{late['p50']:.3f} ms, p99 {late['p99']:.3f} ms, max {late['max']:.3f} ms",
+            flush=True,
+        )
     return 0
 
 
 def hil(args: argparse.Namespace) -> int:
     """Run the rig and print its timing, alarms and CGM summary."""
+    if args.therapy == "knee-exo":
+        return hil_exo(args)
+    args.profile = args.profile or "insulin_pump_rtu"
+    args.patient = args.patient or "adult#001"
+    args.controller = args.controller or "pid"
+    if not args.cgm_port:
+        raise ValueError("hil: give --cgm-port PORT (the CGM's serial port)")
     from agents.recording import Recorder
     from hil.rig import Rig, RigConfig, pump_register_names, summarize_rig
     from hw_bridge.line import LineTransport
@@ -276,6 +346,99 @@ def hil(args: argparse.Namespace) -> int:
         )
     print(f"recording: {out}")
     return 0
+
+
+def hil_exo(args: argparse.Namespace) -> int:
+    """Run the exoskeleton rig against a drive and print its summary (1 if an alarm ended it)."""
+    from hil.exo_rig import ExoRigConfig, ExoRigError, run_exo_session
+
+    if args.cgm_port or args.port:
+        raise ValueError("hil --therapy knee-exo: the drive is on Modbus TCP (--tcp HOST:PORT)")
+    config = ExoRigConfig(
+        profile=args.profile or "exo_drive_tcp",
+        tcp=args.tcp,
+        controller=args.controller or "aan",
+        patient=args.patient or "moderate",
+        task=args.task,
+        seed=args.seed,
+        control_hz=args.control_hz,
+        seconds=args.seconds,
+        watchdog_ms=args.watchdog_ms,
+        realtime=args.realtime,
+    )
+    out = Path(args.out or time.strftime("runs/hil-exo-%Y%m%d-%H%M%S"))
+    print(
+        f"twinloop hil: knee-exo, controller {config.controller}, task {config.task} (seed "
+        f"{config.seed}), patient {config.patient}, "
+        + (f"{config.seconds:g} s" if config.seconds else "the task's duration")
+        + f" at {config.control_hz} Hz",
+        flush=True,
+    )
+    try:
+        session = run_exo_session(config, out=out)
+    except ExoRigError as exc:
+        return main_error("hil", exc)
+    print_exo_summary(
+        session.summary,
+        realtime_refused=session.rig.realtime_refused if args.realtime else None,
+        realtime=args.realtime,
+    )
+    print(f"recording: {out}")
+    return 0 if session.rig.ended_by == "completed" else 1
+
+
+def print_exo_summary(
+    summary: dict[str, Any], *, realtime: bool = False, realtime_refused: str | None = None
+) -> None:
+    """Print an exoskeleton session's summary (``hil.exo_rig.summarize_exo_rig``)."""
+    drive = summary["drive"]
+    states = " → ".join(dict.fromkeys(step["state"] for step in drive["startup"]))
+    print(f"drive: {'enabled' if drive['enabled'] else 'NOT enabled'} ({states})")
+    exo = summary.get("exo")
+    if exo:
+        share = exo["exo_work_fraction"]
+        print(
+            f"tracking: RMS error {exo['rms_error_deg']:.2f}°, max {exo['max_error_deg']:.2f}° "
+            f"over {exo['duration_s']:.1f} s; exo positive work {exo['exo_work_j']:.2f} J, work "
+            + (
+                "share n/a (patient torque not observable through the drive)"
+                if share is None
+                else f"share {100 * share:.0f} %"
+            )
+        )
+        print(
+            f"limit violations: {exo['limit_violations']} (range of motion "
+            f"{exo['rom_violations']}, velocity {exo['velocity_violations']}, torque "
+            f"{exo['torque_violations']})"
+        )
+    tq = summary.get("commanded_torque_nm") or {}
+    if tq:
+        print(
+            f"torque commanded: mean |τ| {tq['mean_abs']:.2f} N·m, max |τ| {tq['max_abs']:.2f} "
+            f"N·m (profile limit ±{summary['torque_limit_nm']:g}); refused by the profile: "
+            f"{summary['refused_writes']}"
+        )
+    overrides = summary.get("overrides") or {}
+    print(
+        "supervisor overrides: "
+        + (", ".join(f"{rule} {n}" for rule, n in overrides.items()) or "none")
+    )
+    if realtime:
+        print(f"real-time scheduling: {realtime_refused or 'SCHED_FIFO granted'}")
+    timing = summary["timing"]
+    late = timing.get("lateness_ms")
+    if late:
+        print(
+            f"timing: {timing['ticks']} ticks of {timing['period_ms']:g} ms, lateness p50 "
+            f"{late['p50']:.3f} ms, p99 {late['p99']:.3f} ms, max {late['max']:.3f} ms; "
+            f"overruns {timing['overruns']}"
+        )
+    for alarm in summary["alarms"]:
+        print(
+            f"alarm RAISED at {alarm['t_s']:.2f} s: {alarm['source']} {alarm['condition']}"
+            f" — {alarm['action']}"
+        )
+    print(f"ended: {summary['ended_by']}")
 
 
 def main_error(command: str, exc: Exception) -> int:

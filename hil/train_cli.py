@@ -1,4 +1,4 @@
-"""``twinloop train CONFIG.yaml``: train insulin policies with stable-baselines3."""
+"""``twinloop train CONFIG.yaml``: train insulin or knee-exoskeleton policies (SB3 PPO/SAC)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ def add_parser(sub: Any, seed: Any) -> None:
     """Add the ``train`` sub-command to the ``twinloop`` parser (``seed``: the seed type)."""
     p = sub.add_parser(
         "train",
-        help="train insulin policies (PPO/SAC) from a YAML config; saved policies load as "
-        "--controller policy:DIR",
-        description="Train one policy per seed on twinloop/T1D-v0 with stable-baselines3, from "
-        "a YAML configuration in the style of RL Baselines3 Zoo (docs/training.md; shipped: "
-        "policies/configs/t1d_ppo.yaml). Each seed is saved in OUT/seed_<s>/ with model.zip, "
+        help="train insulin or knee-exoskeleton policies (PPO/SAC) from a YAML config; saved "
+        "policies load as --controller policy:DIR",
+        description="Train one policy per seed on twinloop/T1D-v0 or twinloop/KneeExo-v0 (the "
+        "config's top-level key) with stable-baselines3, from a YAML configuration in the style "
+        "of RL Baselines3 Zoo (docs/training.md; shipped: policies/configs/t1d_ppo.yaml, "
+        "t1d_sac.yaml, knee_sac.yaml). Each seed is saved in OUT/seed_<s>/ with model.zip, "
         "policy.json, checkpoints and TensorBoard logs.",
     )
     p.add_argument("config", help="training configuration (YAML)")
@@ -78,8 +79,10 @@ def main_train(args: argparse.Namespace) -> int:
     for r in results:
         print(f"seed {r.seed}: {r.timesteps} steps in {r.seconds:.0f} s -> {r.directory}")
     first = shlex.quote(results[0].directory)
-    print(
-        "run a policy in the loop (behind the safety supervisor):\n"
-        f"  twinloop run --cohort adults --days 7 --controller policy:{first}"
-    )
+    if config.family == "knee_exo":
+        patient = next((p for p in config.knee_config().patients if isinstance(p, str)), "moderate")
+        command = f"twinloop run --therapy knee-exo --patient {patient} --controller policy:{first}"
+    else:
+        command = f"twinloop run --cohort adults --days 7 --controller policy:{first}"
+    print(f"run a policy in the loop (behind the safety supervisor):\n  {command}")
     return 0

@@ -128,8 +128,10 @@ class KneeParams:
     1999 / Amankwah et al. 2004 (form; coefficients assumed, see each field); [D] Delp et al.
     1990 *IEEE TBME* 37:757-767 lower-limb model (sums over the muscles of each group);
     [T] Thelen 2003; [Z] Zajac 1989; [Wi] Winters 1995; [XF] Xia & Frey Law 2008;
-    [FL] Frey-Law et al. 2012; [A] assumption of this model (chosen, documented, to be
-    identified on data).
+    [FL] Frey-Law et al. 2012; [E] Emken, Benitez, Sideris, Bobrow & Reinkensmeyer 2007
+    *J Neurophysiol* 97:3997-4006 (motor adaptation as a greedy optimisation of error and
+    effort; the "slacking" it predicts under robotic assistance); [A] assumption of this
+    model (chosen, documented, to be identified on data).
 
     Attributes:
         body_mass_kg: body mass M, kg [W scales the segment from it].
@@ -171,6 +173,15 @@ class KneeParams:
         intent_kd_nm_s_per_rad: derivative gain of the intent, N·m·s/rad [A].
         gravity_compensation_fraction: share of the shank's gravity moment the patient
             anticipates [A].
+        slacking_rate_per_s: λ, rate at which the patient's voluntary effort decays towards
+            ``minimum_effort`` while the task goes well, 1/s [E: the motor system minimises
+            error and effort together, ``u_{i+1} = f·u_i + g·e_i`` with ``f < 1``, so under
+            assistance that removes the error its own effort decays ("slacking"); value A].
+        slacking_error_gain_per_rad_s: g, growth of the effort per radian of tracking error
+            and second [E form; value A: effort stays full while the error exceeds
+            ``(1 − minimum_effort)·λ/g`` ≈ 1.6°].
+        minimum_effort: the floor of the effort scale ε (0–1) that multiplies the voluntary
+            intent [A].
         spasticity_gain_per_rad_s: reflex excitation per rad/s of stretch velocity above the
             threshold [A; Lance 1980 definition].
         spasticity_threshold_rad_s: stretch-velocity threshold of the reflex, rad/s [A].
@@ -223,6 +234,9 @@ class KneeParams:
     intent_kp_nm_per_rad: float = 60.0
     intent_kd_nm_s_per_rad: float = 6.0
     gravity_compensation_fraction: float = 1.0
+    slacking_rate_per_s: float = 0.2
+    slacking_error_gain_per_rad_s: float = 5.0
+    minimum_effort: float = 0.3
     spasticity_gain_per_rad_s: float = 0.0
     spasticity_threshold_rad_s: float = 3.0
     reflex_delay_s: float = 0.03
@@ -255,7 +269,8 @@ class KneeParams:
             "intent_kp_nm_per_rad", "intent_kd_nm_s_per_rad", "spasticity_gain_per_rad_s",
             "fatigue_rate_per_s", "recovery_rate_per_s", "exo_coulomb_nm",
             "exo_viscous_nm_s_per_rad", "exo_series_stiffness_nm_per_rad",
-            "exo_motor_damping_nm_s_per_rad",
+            "exo_motor_damping_nm_s_per_rad", "slacking_rate_per_s",
+            "slacking_error_gain_per_rad_s",
         )  # fmt: skip
         for name in positive + non_negative:
             value = getattr(self, name)
@@ -269,7 +284,7 @@ class KneeParams:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ConfigError(name, getattr(self, name), ">= 0")
-        for name in ("strength_fraction", "gravity_compensation_fraction"):
+        for name in ("strength_fraction", "gravity_compensation_fraction", "minimum_effort"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(name, value, "a fraction in [0, 1]")
@@ -395,6 +410,9 @@ class KneeParams:
         p[P_KS] = self.exo_series_stiffness_nm_per_rad
         p[P_JM] = self.exo_reflected_inertia_kg_m2
         p[P_BM] = self.exo_motor_damping_nm_s_per_rad
+        p[P_SLACK_RATE] = self.slacking_rate_per_s
+        p[P_SLACK_GAIN] = self.slacking_error_gain_per_rad_s
+        p[P_EFFORT_MIN] = self.minimum_effort
         return p
 
 
@@ -406,9 +424,10 @@ P_H = 12  #: first column of the hamstrings block
 (
     P_HILL_A, P_FLEN, P_FL_GAMMA, P_PE_K, P_PE_E0, P_ACT_ALPHA, P_DEACT_ALPHA, P_STRENGTH,
     P_KP, P_KD, P_GCOMP, P_SPAS_GAIN, P_SPAS_THR, P_FAT_F, P_FAT_R, P_FAT_L, P_TMAX, P_RATE,
-    P_COUL, P_VISC, P_FEPS, P_KS, P_JM, P_BM, P_ROM_DAMP, P_REFLEX_DELAY,
-) = range(17, 43)  # fmt: skip
-N_PARAMS = 43
+    P_COUL, P_VISC, P_FEPS, P_KS, P_JM, P_BM, P_ROM_DAMP, P_REFLEX_DELAY, P_SLACK_RATE,
+    P_SLACK_GAIN, P_EFFORT_MIN,
+) = range(17, 46)  # fmt: skip
+N_PARAMS = 46
 
 # State columns (per knee).
 X_THETA = 0  #: knee flexion angle, rad
@@ -423,7 +442,8 @@ X_MOTOR_NM = 8  #: actuator (motor-side) torque after the rate limit, N·m
 X_THETA_M = 9  #: motor-side angle of a series elastic drive, rad
 X_OMEGA_M = 10  #: motor-side velocity, rad/s
 X_DELAY_PTR = 11  #: write position in the reflex delay line
-X_DELAY_LINE = 12  #: first of REFLEX_BUFFER past velocities (1 ms apart), rad/s
+X_EFFORT = 12  #: the patient's voluntary effort scale ε (slacking), minimum_effort–1
+X_DELAY_LINE = 13  #: first of REFLEX_BUFFER past velocities (1 ms apart), rad/s
 #: Length of the reflex delay line (1-ms samples).
 REFLEX_BUFFER = 64
 N_STATE = X_DELAY_LINE + REFLEX_BUFFER
@@ -465,8 +485,8 @@ PRESETS: dict[str, dict[str, float]] = {
 """Impairment presets (overrides of the healthy :class:`KneeParams`).
 
 Assumptions of this model, ordered by severity, to be identified per patient: residual voluntary
-strength 100/60/30/5 % (severe, ≈ 11 N·m: below the ≈ 12 N·m needed to lift the shank against gravity
-alone); stretch-reflex gain 0/0.01/0.02/0.04 per rad/s above thresholds ∞ (3 rad/s, unused)/
+strength 100/60/30/5 % (severe, ≈ 11 N·m: below the ≈ 12 N·m needed to lift the shank against
+gravity alone); stretch-reflex gain 0/0.01/0.02/0.04 per rad/s above thresholds ∞ (3 rad/s, unused)/
 1.0/0.6/0.3 rad/s (lower threshold and higher gain = more spastic, Lance 1980) — with the
 ≈ 220 N·m quadriceps a 3 rad/s (170°/s) stretch then raises a reflex torque of about 4/11/24
 N·m, the order of the reflex torques measured in spastic knees under fast isokinetic stretches
@@ -588,10 +608,16 @@ def substep(
     th = x[X_THETA]
     om = x[X_OMEGA]
     cos_th = math.cos(th)
-    # patient: voluntary intent (PD on the task + gravity compensation), saturated by strength
-    tau_int = (
+    # patient: voluntary intent (PD on the task + gravity compensation) scaled by the effort,
+    # saturated by strength; the effort decays while the error is small (slacking, Emken 2007)
+    effort = x[X_EFFORT]
+    tau_int = effort * (
         p[P_KP] * (theta_ref - th) + p[P_KD] * (omega_ref - om) - p[P_GCOMP] * p[P_MGD] * cos_th
     )
+    effort += dt * (
+        p[P_SLACK_GAIN] * abs(theta_ref - th) - p[P_SLACK_RATE] * (effort - p[P_EFFORT_MIN])
+    )
+    x[X_EFFORT] = min(max(effort, p[P_EFFORT_MIN]), 1.0)
     s = p[P_STRENGTH]
     u_q = min(s, max(0.0, -tau_int) / (p[P_Q + M_FMAX] * p[P_Q + M_ARM]))
     u_h = min(s, max(0.0, tau_int) / (p[P_H + M_FMAX] * p[P_H + M_ARM]))
@@ -752,12 +778,13 @@ def advance(
 
 
 def initial_state(theta_rad: float, omega_rad_s: float = 0.0) -> NDArray[np.float64]:
-    """A rested knee at ``theta_rad`` (muscles inactive, no fatigue, drive at zero torque)."""
+    """A rested knee at ``theta_rad``: muscles inactive and rested, full effort, drive at zero."""
     x = np.zeros(N_STATE)
     x[X_THETA] = theta_rad
     x[X_OMEGA] = omega_rad_s
     x[X_THETA_M] = theta_rad
     x[X_OMEGA_M] = omega_rad_s
+    x[X_EFFORT] = 1.0
     x[X_DELAY_LINE:] = omega_rad_s
     return x
 

@@ -18,12 +18,24 @@ joint's positive direction), called at the control rate (100–500 Hz). Its outp
   and ``dz`` a dead zone of ``±error_tolerance_rad``: inside the tolerance the assistance only
   decays, so it stays as small as the patient's own performance allows ("as needed"), and it
   grows where and when the patient falls behind.
+
+  Twin-aware (``use_twin``, the default): when the knee twin's estimate of the patient's
+  residual voluntary capacity ``c`` (0–1, :class:`ExoInput` ``twin_voluntary_capacity``) is
+  available, the compliant impedance's stiffness and damping are scaled by
+  ``clip(1 − c, min_impedance_scale, 1)`` — the "minimal assist-as-needed" principle of
+  Pehlivan, Losey & O'Malley 2016 (*IEEE T-RO* 32(1):113, the feedback gains decrease as the
+  estimated patient capability grows). Without a twin estimate (NaN) the gains are unchanged.
+
+Registry: :data:`EXO_CONTROLLERS` names the controllers :func:`make_exo_controller` builds —
+``"none"`` (:class:`ZeroTorqueController`, the unassisted baseline), ``"impedance"`` and
+``"aan"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -118,6 +130,8 @@ class AssistAsNeededController:
         forgetting_per_s: λ, decay rate of the feed-forward (1/s).
         error_tolerance_rad: the dead zone of the error.
         torque_limit_nm: output limit (the feed-forward is bounded by it too).
+        use_twin: scale the impedance by the twin's capacity estimate when there is one.
+        min_impedance_scale: the smallest impedance scale (0–1), for a fully capable patient.
 
     """
 
@@ -129,8 +143,11 @@ class AssistAsNeededController:
     forgetting_per_s: float = 0.1
     error_tolerance_rad: float = math.radians(1.5)
     torque_limit_nm: float = 40.0
+    use_twin: bool = True
+    min_impedance_scale: float = 0.2
     _feedforward_nm: NDArray[np.float64] = dataclasses.field(init=False, repr=False)
     _last_t_s: float | None = dataclasses.field(default=None, init=False, repr=False)
+    _scale: float = dataclasses.field(default=1.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check("period_s", self.period_s)
@@ -145,12 +162,31 @@ class AssistAsNeededController:
         ):
             _check(name, getattr(self, name), allow_zero=True)
         _check("torque_limit_nm", self.torque_limit_nm)
+        if not isinstance(self.use_twin, bool):
+            raise PolicyConfigError(f"use_twin={self.use_twin!r} is not allowed: True or False")
+        _check("min_impedance_scale", self.min_impedance_scale, allow_zero=True)
+        if self.min_impedance_scale > 1:
+            raise PolicyConfigError(
+                f"min_impedance_scale={self.min_impedance_scale!r} is not allowed: 0 <= value <= 1"
+            )
         self._feedforward_nm = np.zeros(self.n_bins)
 
     @property
     def feedforward_nm(self) -> NDArray[np.float64]:
         """The learned feed-forward torque per phase bin (a copy), N·m."""
         return self._feedforward_nm.copy()
+
+    @property
+    def impedance_scale(self) -> float:
+        """The factor applied to the stiffness and damping at the last tick (1 = unscaled)."""
+        return self._scale
+
+    def impedance_scale_for(self, twin_voluntary_capacity: float) -> float:
+        """``clip(1 − capacity, min_impedance_scale, 1)``; 1 without twin or estimate (NaN)."""
+        c = twin_voluntary_capacity
+        if not (self.use_twin and isinstance(c, int | float) and math.isfinite(c)):
+            return 1.0
+        return min(max(1.0 - float(c), self.min_impedance_scale), 1.0)
 
     def _bin(self, t_s: float) -> int:
         phase = (t_s % self.period_s) / self.period_s
@@ -171,5 +207,55 @@ class AssistAsNeededController:
         u = self._feedforward_nm[j]
         u += dt * (self.learning_gain_nm_per_rad_s * beyond - self.forgetting_per_s * u)
         self._feedforward_nm[j] = _clip(u, self.torque_limit_nm)
-        tau = self.stiffness_nm_per_rad * e + self.damping_nm_s_per_rad * de + u
+        self._scale = scale = self.impedance_scale_for(obs.twin_voluntary_capacity)
+        tau = scale * (self.stiffness_nm_per_rad * e + self.damping_nm_s_per_rad * de) + u
         return _clip(tau, self.torque_limit_nm)
+
+
+class ExoController(Protocol):
+    """What the exoskeleton loop drives: one torque (N·m) per control tick."""
+
+    def torque(self, obs: ExoInput) -> float:
+        """The torque to command at this tick, N·m (flexion positive)."""
+        ...
+
+
+@dataclasses.dataclass
+class ZeroTorqueController:
+    """The unassisted baseline: always 0 N·m (the drive only back-drives with its friction)."""
+
+    def torque(self, obs: ExoInput) -> float:
+        """0.0 N·m, whatever the observation."""
+        return 0.0
+
+
+#: Names :func:`make_exo_controller` accepts.
+EXO_CONTROLLERS: tuple[str, ...] = ("none", "impedance", "aan")
+
+
+def make_exo_controller(name: str, *, period_s: float, torque_limit_nm: float) -> ExoController:
+    """An exoskeleton controller by name, with default gains.
+
+    Args:
+        name: one of :data:`EXO_CONTROLLERS` — ``"none"`` (:class:`ZeroTorqueController`),
+            ``"impedance"`` (:class:`ImpedanceController`), ``"aan"``
+            (:class:`AssistAsNeededController`, twin-aware).
+        period_s: the task's period or duration, s (the assist-as-needed phase bins).
+        torque_limit_nm: the controller's output limit, N·m.
+
+    Raises:
+        PolicyConfigError: an unknown name (lists the valid ones), or a period or limit that
+            is not a finite number > 0.
+
+    """
+    if name not in EXO_CONTROLLERS:
+        raise PolicyConfigError(
+            f"exo controller={name!r} is not allowed: one of {', '.join(EXO_CONTROLLERS)}"
+        )
+    _check("period_s", period_s)
+    _check("torque_limit_nm", torque_limit_nm)
+    if name == "impedance":
+        return ImpedanceController(torque_limit_nm=torque_limit_nm)
+    if name == "aan":
+        return AssistAsNeededController(period_s=period_s, torque_limit_nm=torque_limit_nm)
+    return ZeroTorqueController()

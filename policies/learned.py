@@ -183,11 +183,19 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def check_compatible(meta: dict[str, Any], label: str) -> tuple[ObservationLayout, ActionLayout]:
     """The layouts of ``meta`` if this code computes them identically, else PolicyConfigError."""
-    if meta.get("env_id") != plant.T1D_ID:
-        raise PolicyConfigError(
-            f"policy {label}: trained on env {meta.get('env_id')!r}; this code runs {plant.T1D_ID}"
-        )
     version = meta.get("env_layout_version")
+    if meta.get("env_id") != plant.T1D_ID:
+        hint = (
+            " (a knee-exoskeleton policy: twinloop run --therapy knee-exo --controller "
+            "policy:PATH, policies.exo_learned.load_exo_policy)"
+            if meta.get("env_id") == plant.KNEE_EXO_ID
+            else ""
+        )
+        raise PolicyConfigError(
+            f"policy {label}: trained on env {meta.get('env_id')!r} (env layout version "
+            f"{version!r}){hint}; this code runs {plant.T1D_ID} (env layout version "
+            f"{ENV_LAYOUT_VERSION})"
+        )
     if version != ENV_LAYOUT_VERSION:
         raise PolicyConfigError(
             f"policy {label}: saved with env layout version {version!r}; this code has env "

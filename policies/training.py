@@ -1,9 +1,9 @@
-"""Training insulin policies with stable-baselines3 from a YAML configuration (``twinloop train``).
+"""Training policies with stable-baselines3 from a YAML configuration (``twinloop train``).
 
 The configuration file follows RL Baselines3 Zoo's hyperparameter files: the environment id is
 the top-level key, holding ``n_envs``, ``n_timesteps``, ``policy``, ``policy_kwargs`` and the
-algorithm's constructor arguments, plus twinloop's own keys (:data:`TWINLOOP_KEYS`; every key
-is documented in ``docs/training.md``)::
+algorithm's constructor arguments, plus twinloop's own keys (:data:`COMMON_KEYS` and the keys of
+the env's *task family*; every key is documented in ``docs/training.md``)::
 
     twinloop/T1D-v0:
       algorithm: ppo
@@ -17,10 +17,19 @@ is documented in ``docs/training.md``)::
       reward: risk
       seeds: [0]
 
+Each env id belongs to a task family (:data:`TASK_FAMILIES`) that parses its own keys, builds
+the SB3 vector env and writes its part of ``policy.json``:
+
+* ``twinloop/T1D-v0`` — :class:`GlucoseTask` (``env``, ``observation``, ``action``,
+  ``reward``): insulin policies, loaded by :func:`policies.learned.load_policy_controller`;
+* ``twinloop/KneeExo-v0`` — :class:`KneeExoTask` (``env``: the fields of
+  :class:`~plant.envs.knee_exo_core.KneeExoConfig`): exoskeleton torque policies on the env's
+  own observation, action and reward, loaded by :func:`policies.exo_learned.load_exo_policy`.
+  The glucose keys are refused for it.
+
 :func:`load_config` validates everything once and returns a :class:`TrainingConfig`;
 :func:`train` trains one policy per seed (in process, or as Ray tasks) and saves each in its
-own directory (``seed_<s>/``: ``model.zip``, ``policy.json``, ``checkpoints/``, ``tb/``) that
-:func:`policies.learned.load_policy_controller` loads as a loop controller.
+own directory (``seed_<s>/``: ``model.zip``, ``policy.json``, ``checkpoints/``, ``tb/``).
 """
 
 from __future__ import annotations
@@ -28,22 +37,27 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import yaml
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
-from stable_baselines3.common.vec_env import VecMonitor
+from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from tqdm import tqdm
 
 import plant
+from plant.envs.knee_exo_core import KneeExoConfig
 from plant.envs.t1d_core import T1DConfig
-from plant.errors import PlantError
+from plant.errors import ConfigError, PlantError
+from plant.knee import PRESETS, KneeParams, knee_preset
+from plant.knee_sensors import EMGSpec, EncoderSpec, TorqueSensorSpec
+from plant.knee_tasks import TASKS, TaskSpec
 from plant.patients import expand_names
 from plant.pump import PumpSpec
 from plant.scenarios import SCENARIOS, CarbCountingError
@@ -61,23 +75,25 @@ from policies.rewards import make_reward, parse_reward
 ALGORITHMS = ("ppo", "sac")
 #: Policies a flat feature vector can feed.
 POLICIES = ("MlpPolicy",)
-#: Keys of a config that are twinloop's, not the algorithm's.
-TWINLOOP_KEYS = (
+#: Keys of a config that are twinloop's, not the algorithm's, in every task family.
+COMMON_KEYS = (
     "algorithm",
     "policy",
     "policy_kwargs",
     "n_envs",
     "n_timesteps",
-    "env",
-    "observation",
-    "action",
-    "reward",
     "seeds",
     "checkpoint_freq",
     "tensorboard",
     "output_dir",
     "torch_threads",
 )
+#: The glucose family's own keys (``twinloop/T1D-v0``).
+GLUCOSE_KEYS = ("env", "observation", "action", "reward")
+#: The knee-exoskeleton family's own keys (``twinloop/KneeExo-v0``).
+KNEE_KEYS = ("env",)
+#: twinloop's keys of a glucose config (common + glucose).
+TWINLOOP_KEYS = COMMON_KEYS + GLUCOSE_KEYS
 #: Constructor arguments twinloop sets itself (refused in a config).
 RESERVED_HYPERPARAMETERS = (
     "policy",
@@ -89,7 +105,7 @@ RESERVED_HYPERPARAMETERS = (
     "_init_setup_model",
     "policy_kwargs",
 )
-#: Keys of the ``env`` section.
+#: Keys of the glucose ``env`` section.
 ENV_KEYS = ("patients", "sample_patient", "episode_days", "scenario", "carb_error")
 #: Activation functions ``policy_kwargs.activation_fn`` may name.
 ACTIVATIONS = ("tanh", "relu", "elu", "leaky_relu", "silu")
@@ -116,7 +132,7 @@ def _version() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class EnvSettings:
-    """The training environment (``env`` section).
+    """The glucose training environment (``env`` section of ``twinloop/T1D-v0``).
 
     Attributes:
         patients: patient and cohort names (``adults``, ``adult#001`` …); sub-environment ``i``
@@ -204,50 +220,46 @@ def _carb_error(value: object) -> CarbCountingError:
     )
 
 
+# --- glucose family: twinloop/T1D-v0 -------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainingConfig:
-    """A validated training configuration (see the module docstring and ``docs/training.md``).
+class GlucoseTask:
+    """The settings of the glucose family (``twinloop/T1D-v0``): the env, features, action, reward.
 
     Attributes:
-        env_id: Gymnasium id (``twinloop/T1D-v0``).
-        algorithm: ``ppo`` or ``sac``.
-        policy: ``MlpPolicy``.
-        n_envs: parallel sub-environments of the vector env.
-        n_timesteps: environment steps per seed (5 min of patient time each).
-        hyperparameters: keyword arguments of the algorithm's constructor.
-        policy_kwargs: ``policy_kwargs`` of the constructor (``activation_fn`` by name).
-        env: the environment.
+        env: the environment (``env`` section).
         observation: the features.
         action: the action mapping.
         reward: reward name (:data:`policies.rewards.REWARDS`).
         reward_params: the reward's parameters.
-        seeds: one policy is trained per seed.
-        checkpoint_freq: environment steps between checkpoints (0 = none).
-        tensorboard: write TensorBoard logs.
-        output_dir: where ``seed_<s>/`` directories go (relative to the working directory).
-        torch_threads: torch intra-op threads of an in-process run (Ray tasks use 1).
-        source: the YAML section as read (stored in the metadata).
 
     """
 
-    env_id: str
-    algorithm: str
-    policy: str
-    n_envs: int
-    n_timesteps: int
-    hyperparameters: dict[str, Any]
-    policy_kwargs: dict[str, Any]
+    #: The family's name (in ``policy.json``).
+    family: ClassVar[str] = "glucose"
+    #: The family's own top-level keys.
+    keys: ClassVar[tuple[str, ...]] = GLUCOSE_KEYS
+
     env: EnvSettings
     observation: ObservationLayout
     action: ActionLayout
     reward: str
     reward_params: dict[str, Any]
-    seeds: tuple[int, ...]
-    checkpoint_freq: int
-    tensorboard: bool
-    output_dir: str
-    torch_threads: int
-    source: dict[str, Any]
+
+    @classmethod
+    def parse(cls, s: Mapping[str, Any]) -> GlucoseTask:
+        """From the config section (only :attr:`keys` are read)."""
+        reward, reward_params = parse_reward(s.get("reward", "risk"))
+        return cls(
+            env=EnvSettings.parse(s.get("env")),
+            observation=ObservationLayout.parse(
+                s.get("observation", {"cgm": 12, "iob": True, "meal": True})
+            ),
+            action=ActionLayout.parse(s.get("action", "basal+meal_bolus")),
+            reward=reward,
+            reward_params=reward_params,
+        )
 
     def t1d_config(self) -> T1DConfig:
         """The ``twinloop/T1D-v0`` configuration the features and actions need."""
@@ -269,6 +281,423 @@ class TrainingConfig:
             iob_dia_min=self.observation.iob_dia_min,
             reward_fn=make_reward(self.reward, self.reward_params),
         )
+
+    def make_vec_env(self, n_envs: int) -> VecEnv:
+        """Native T1D vector env → :class:`~policies.sb3_vec_env.SB3VecEnv` → features."""
+        from policies.sb3_vec_env import SB3VecEnv
+
+        venv = gym.make_vec(
+            plant.T1D_ID,
+            num_envs=n_envs,
+            vectorization_mode="vector_entry_point",
+            autoreset_mode="same_step",
+            config=self.t1d_config(),
+        )
+        return FeatureVecEnv(SB3VecEnv(venv), self.observation, self.action)
+
+    def policy_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The model's ``policy_kwargs`` (as configured)."""
+        return kwargs
+
+    def callbacks(self) -> list[BaseCallback]:
+        """Extra training callbacks (none)."""
+        return []
+
+    def metadata(self) -> dict[str, Any]:
+        """The family's part of ``policy.json`` (read by :mod:`policies.learned`)."""
+        return {
+            "env_layout_version": ENV_LAYOUT_VERSION,
+            "control_period_min": self.t1d_config().control_period_min,
+            "observation": self.observation.describe(),
+            "action": self.action.describe(),
+            "reward": {"name": self.reward, "params": self.reward_params},
+            "env": self.env.describe(),
+        }
+
+
+# --- knee-exoskeleton family: twinloop/KneeExo-v0 -----------------------------------------
+
+#: Keys of the knee ``env`` section: the fields of :class:`KneeExoConfig`.
+KNEE_ENV_KEYS = tuple(f.name for f in dataclasses.fields(KneeExoConfig))
+#: Where the glucose keys' roles are played in the knee family (the refusal message).
+KNEE_NO_LAYOUT = (
+    "the observation is the env's 7 sensor readings (angle, velocity, torque sensor, EMG quad "
+    "and ham, reference angle and velocity), the action the exoskeleton torque "
+    "(env.normalized_action, env.max_torque_nm), the reward the env's tracking reward "
+    "(env.tracking_scale_rad, env.assist_weight, env.termination_penalty)"
+)
+_KNEE_SPECS: dict[str, type[Any]] = {
+    "encoder": EncoderSpec,
+    "torque_sensor": TorqueSensorSpec,
+    "emg": EMGSpec,
+}
+_KNEE_BOOLS = ("sample_patient", "sample_task", "normalized_action")
+
+
+def _fields_of(cls: type[Any]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+def _build(cls: type[Any], key: str, values: Mapping[str, Any]) -> Any:
+    """``cls(**values)`` with unknown fields and bad values as PolicyConfigErrors on ``key``."""
+    allowed = _fields_of(cls)
+    unknown = sorted(set(map(str, values)) - set(allowed))
+    if unknown:
+        raise PolicyConfigError(
+            f"{key}: unknown key(s) {', '.join(unknown)}; keys are {', '.join(allowed)}"
+        )
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    clean: dict[str, Any] = {}
+    for name, v in ((str(k), v) for k, v in values.items()):
+        default = defaults[name]
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise PolicyConfigError(f"{key}.{name}: {v!r} is not allowed: true or false")
+        elif isinstance(default, int | float):
+            whole = isinstance(default, int)
+            if whole and isinstance(v, float) and v.is_integer():
+                v = int(v)
+            ok = isinstance(v, int) if whole else isinstance(v, int | float)
+            if isinstance(v, bool) or not ok or not math.isfinite(v):
+                kind = "an integer" if whole else "a finite number"
+                raise PolicyConfigError(f"{key}.{name}: {v!r} is not allowed: {kind}")
+        elif isinstance(v, Mapping | list):
+            raise PolicyConfigError(f"{key}.{name}: {v!r} is not allowed: a number or a name")
+        clean[name] = v
+    try:
+        return cls(**clean)
+    except ConfigError as exc:
+        raise PolicyConfigError(f"{key}.{exc.field}: {exc}") from None
+    except TypeError as exc:
+        raise PolicyConfigError(f"{key}: {values!r} is not allowed ({exc})") from None
+
+
+def _knee_patient(value: object) -> str | KneeParams:
+    key = "env.patients"
+    if isinstance(value, str):
+        if value not in PRESETS:
+            raise PolicyConfigError(
+                f"{key}: unknown knee preset {value!r}; presets are {', '.join(PRESETS)}"
+            )
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("preset"), str):
+        preset = str(value["preset"])
+        if preset not in PRESETS:
+            raise PolicyConfigError(
+                f"{key}: unknown knee preset {preset!r}; presets are {', '.join(PRESETS)}"
+            )
+        overrides = {str(k): v for k, v in value.items() if k != "preset"}
+        base = dataclasses.asdict(knee_preset(preset))
+        return _build(KneeParams, f"{key}[{preset}]", {**base, **overrides})
+    raise PolicyConfigError(
+        f"{key}: {value!r} is not allowed: a knee preset ({', '.join(PRESETS)}) or "
+        "{preset: NAME, <KneeParams field>: VALUE, ...}"
+    )
+
+
+def _knee_task(value: object) -> str | TaskSpec:
+    key = "env.tasks"
+    if isinstance(value, str):
+        if value not in TASKS:
+            raise PolicyConfigError(f"{key}: unknown task {value!r}; tasks are {', '.join(TASKS)}")
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("name"), str):
+        name = str(value["name"])
+        if name not in TASKS:
+            raise PolicyConfigError(f"{key}: unknown task {name!r}; tasks are {', '.join(TASKS)}")
+        fields = {str(k): v for k, v in value.items() if k != "name"}
+        return _build(TASKS[name], f"{key}[{name}]", fields)
+    raise PolicyConfigError(
+        f"{key}: {value!r} is not allowed: a task name ({', '.join(TASKS)}) or "
+        "{name: NAME, <task field>: VALUE, ...}"
+    )
+
+
+def _number(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise PolicyConfigError(f"{key}: {value!r} is not allowed: a finite number")
+    return float(value)
+
+
+def parse_knee_env(value: object) -> KneeExoConfig:
+    """The knee ``env`` section (KneeExoConfig fields by name) as a :class:`KneeExoConfig`.
+
+    Unlike the env itself, ``normalized_action`` defaults to true (SAC and PPO act in
+    ``[-1, 1]``).
+
+    Raises:
+        PolicyConfigError: an unknown key (listing the allowed ones) or a bad value (naming
+            the key, the value and what is allowed).
+
+    """
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise PolicyConfigError(
+            f"env: {value!r} is not allowed: a mapping of {', '.join(KNEE_ENV_KEYS)}"
+        )
+    unknown = sorted(set(map(str, value)) - set(KNEE_ENV_KEYS))
+    if unknown:
+        raise PolicyConfigError(
+            f"env: unknown key(s) {', '.join(unknown)} of {plant.KNEE_EXO_ID}; keys are "
+            f"{', '.join(KNEE_ENV_KEYS)}"
+        )
+    kwargs: dict[str, Any] = {"normalized_action": True}
+    for key, v in value.items():
+        name = str(key)
+        if name in ("patients", "tasks"):
+            items = [v] if isinstance(v, str | Mapping) else v
+            if not isinstance(items, list) or not items:
+                raise PolicyConfigError(
+                    f"env.{name}: {v!r} is not allowed: a name or a non-empty list"
+                )
+            parse = _knee_patient if name == "patients" else _knee_task
+            kwargs[name] = tuple(parse(item) for item in items)
+        elif name in _KNEE_BOOLS:
+            if not isinstance(v, bool):
+                raise PolicyConfigError(f"env.{name}: {v!r} is not allowed: true or false")
+            kwargs[name] = v
+        elif name == "control_hz":
+            kwargs[name] = _int_field("env.control_hz", v, 1)
+        elif name == "max_torque_nm":
+            kwargs[name] = None if v is None else _number("env.max_torque_nm", v)
+        elif name in _KNEE_SPECS:
+            if not isinstance(v, Mapping):
+                raise PolicyConfigError(
+                    f"env.{name}: {v!r} is not allowed: a mapping of "
+                    f"{', '.join(_fields_of(_KNEE_SPECS[name]))}"
+                )
+            kwargs[name] = _build(_KNEE_SPECS[name], f"env.{name}", v)
+        else:
+            kwargs[name] = _number(f"env.{name}", v)
+    try:
+        return KneeExoConfig(**kwargs)
+    except ConfigError as exc:
+        raise PolicyConfigError(f"env.{exc.field}: {exc}") from None
+
+
+def describe_knee_env(config: KneeExoConfig) -> dict[str, Any]:
+    """JSON-ready form of a :class:`KneeExoConfig` (presets and tasks by name when named)."""
+
+    def item(x: Any) -> Any:
+        if isinstance(x, str):
+            return x
+        if isinstance(x, TaskSpec):
+            name = next(n for n, cls in TASKS.items() if isinstance(x, cls))
+            return {"name": name, **dataclasses.asdict(x)}
+        return dataclasses.asdict(x)
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if f.name in ("patients", "tasks"):
+            out[f.name] = [item(x) for x in v]
+        elif f.name in _KNEE_SPECS:
+            out[f.name] = dataclasses.asdict(v)
+        else:
+            out[f.name] = v
+    out["action_limit_nm"] = config.action_limit_nm
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class KneeExoTask:
+    """The settings of the knee-exoskeleton family (``twinloop/KneeExo-v0``): only ``env``.
+
+    The observation (7 sensor readings), the action (the exo torque) and the reward are the
+    env's; the network sees the observation through
+    :class:`policies.exo_learned.KneeObservationScaler`, a fixed normalisation saved with it.
+
+    Attributes:
+        env: the environment's configuration.
+
+    """
+
+    family: ClassVar[str] = "knee_exo"
+    keys: ClassVar[tuple[str, ...]] = KNEE_KEYS
+
+    env: KneeExoConfig
+
+    @classmethod
+    def parse(cls, s: Mapping[str, Any]) -> KneeExoTask:
+        """From the config section (only :attr:`keys` are read)."""
+        return cls(env=parse_knee_env(s.get("env")))
+
+    def make_vec_env(self, n_envs: int) -> VecEnv:
+        """Native :class:`~plant.envs.knee_exo_vector.KneeExoVectorEnv` → SB3VecEnv."""
+        from policies.sb3_vec_env import SB3VecEnv
+
+        venv = gym.make_vec(
+            plant.KNEE_EXO_ID,
+            num_envs=n_envs,
+            vectorization_mode="vector_entry_point",
+            autoreset_mode="same_step",
+            config=self.env,
+        )
+        return SB3VecEnv(venv)
+
+    def policy_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The model's ``policy_kwargs``: the configured ones + the observation scaler."""
+        from policies.exo_learned import features_extractor_kwargs
+
+        return {**kwargs, **features_extractor_kwargs()}
+
+    def callbacks(self) -> list[BaseCallback]:
+        """Log the tracking error and the exo's share of |work| to TensorBoard."""
+        return [_KneeRolloutCallback()]
+
+    def metadata(self) -> dict[str, Any]:
+        """The family's part of ``policy.json`` (read by :mod:`policies.exo_learned`)."""
+        from policies.exo_learned import KNEE_LAYOUT_VERSION, describe_observation
+
+        c = self.env
+        return {
+            "env_layout_version": KNEE_LAYOUT_VERSION,
+            "control_hz": c.control_hz,
+            "observation": describe_observation(c.torque_sensor.range_nm),
+            "action": {
+                "normalized": c.normalized_action,
+                "limit_nm": c.action_limit_nm,
+                "unit": "[-1, 1] x limit_nm" if c.normalized_action else "N·m",
+            },
+            "reward": {
+                "tracking_scale_rad": c.tracking_scale_rad,
+                "assist_weight": c.assist_weight,
+                "termination_penalty": c.termination_penalty,
+            },
+            "env": describe_knee_env(c),
+        }
+
+
+class _KneeRolloutCallback(BaseCallback):
+    """``rollout/tracking_rms_deg`` and ``rollout/exo_work_share`` (of |work|) over 10 k steps."""
+
+    def __init__(self, every: int = 10_000) -> None:
+        super().__init__()
+        self._every = every
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sq = self._n = self._exo = self._pat = 0.0
+
+    def _on_step(self) -> bool:
+        infos = self.locals.get("infos") or []
+        for info in infos:
+            e = float(info.get("tracking_error_rad", 0.0))
+            self._sq += e * e
+            self._exo += abs(float(info.get("exo_work_j", 0.0)))
+            self._pat += abs(float(info.get("patient_work_j", 0.0)))
+        self._n += len(infos)
+        if self._n >= self._every:
+            self.logger.record(
+                "rollout/tracking_rms_deg", math.degrees(math.sqrt(self._sq / self._n))
+            )
+            total = self._exo + self._pat
+            self.logger.record("rollout/exo_work_share", self._exo / total if total > 0 else 0.0)
+            self._reset()
+        return True
+
+
+#: The task families by env id.
+TASK_FAMILIES: dict[str, type[GlucoseTask] | type[KneeExoTask]] = {
+    plant.T1D_ID: GlucoseTask,
+    plant.KNEE_EXO_ID: KneeExoTask,
+}
+#: What the settings of a family's task are.
+TaskSettings = GlucoseTask | KneeExoTask
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """A validated training configuration (see the module docstring and ``docs/training.md``).
+
+    Attributes:
+        env_id: Gymnasium id (``twinloop/T1D-v0`` or ``twinloop/KneeExo-v0``).
+        algorithm: ``ppo`` or ``sac``.
+        policy: ``MlpPolicy``.
+        n_envs: parallel sub-environments of the vector env.
+        n_timesteps: environment steps per seed.
+        hyperparameters: keyword arguments of the algorithm's constructor.
+        policy_kwargs: ``policy_kwargs`` of the constructor (``activation_fn`` by name).
+        task: the env family's settings (:class:`GlucoseTask` or :class:`KneeExoTask`).
+        seeds: one policy is trained per seed.
+        checkpoint_freq: environment steps between checkpoints (0 = none).
+        tensorboard: write TensorBoard logs.
+        output_dir: where ``seed_<s>/`` directories go (relative to the working directory).
+        torch_threads: torch intra-op threads of an in-process run (Ray tasks use 1).
+        source: the YAML section as read (stored in the metadata).
+
+    """
+
+    env_id: str
+    algorithm: str
+    policy: str
+    n_envs: int
+    n_timesteps: int
+    hyperparameters: dict[str, Any]
+    policy_kwargs: dict[str, Any]
+    task: TaskSettings
+    seeds: tuple[int, ...]
+    checkpoint_freq: int
+    tensorboard: bool
+    output_dir: str
+    torch_threads: int
+    source: dict[str, Any]
+
+    @property
+    def family(self) -> str:
+        """The task family: ``glucose`` or ``knee_exo``."""
+        return self.task.family
+
+    @property
+    def glucose(self) -> GlucoseTask:
+        """The glucose settings (PolicyConfigError for another family)."""
+        if not isinstance(self.task, GlucoseTask):
+            raise PolicyConfigError(
+                f"{self.env_id} is not a glucose environment: it has no observation, action "
+                f"or reward layout ({KNEE_NO_LAYOUT})"
+            )
+        return self.task
+
+    @property
+    def knee(self) -> KneeExoTask:
+        """The knee-exoskeleton settings (PolicyConfigError for another family)."""
+        if not isinstance(self.task, KneeExoTask):
+            raise PolicyConfigError(f"{self.env_id} is not the knee-exoskeleton environment")
+        return self.task
+
+    @property
+    def env(self) -> EnvSettings:
+        """The glucose env settings (``env`` section)."""
+        return self.glucose.env
+
+    @property
+    def observation(self) -> ObservationLayout:
+        """The glucose features."""
+        return self.glucose.observation
+
+    @property
+    def action(self) -> ActionLayout:
+        """The glucose action mapping."""
+        return self.glucose.action
+
+    @property
+    def reward(self) -> str:
+        """The glucose reward's name."""
+        return self.glucose.reward
+
+    @property
+    def reward_params(self) -> dict[str, Any]:
+        """The glucose reward's parameters."""
+        return self.glucose.reward_params
+
+    def t1d_config(self) -> T1DConfig:
+        """The ``twinloop/T1D-v0`` configuration the features and actions need."""
+        return self.glucose.t1d_config()
+
+    def knee_config(self) -> KneeExoConfig:
+        """The ``twinloop/KneeExo-v0`` configuration."""
+        return self.knee.env
 
     def replace(self, **changes: Any) -> TrainingConfig:
         """A copy with fields changed (``seeds``, ``n_timesteps``, ``output_dir`` …)."""
@@ -328,7 +757,9 @@ def _schedule(value: Any) -> Any:
     return value
 
 
-def _check_hyperparameters(algorithm: str, params: Mapping[str, Any]) -> None:
+def _check_hyperparameters(
+    algorithm: str, params: Mapping[str, Any], twinloop_keys: Sequence[str] = TWINLOOP_KEYS
+) -> None:
     cls = algorithm_class(algorithm)
     signature = inspect.signature(cls.__init__).parameters
     allowed = [k for k in signature if k != "self" and k not in RESERVED_HYPERPARAMETERS]
@@ -342,7 +773,7 @@ def _check_hyperparameters(algorithm: str, params: Mapping[str, Any]) -> None:
     if unknown:
         raise PolicyConfigError(
             f"unknown hyperparameter(s) of {algorithm}: {', '.join(unknown)}; {cls.__name__} "
-            f"takes {', '.join(allowed)} (and twinloop's keys {', '.join(TWINLOOP_KEYS)})"
+            f"takes {', '.join(allowed)} (and twinloop's keys {', '.join(twinloop_keys)})"
         )
     for key in ("learning_rate",):
         v = params.get(key)
@@ -360,19 +791,34 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
             value and what is allowed.
 
     """
+    ids = ", ".join(TASK_FAMILIES)
     if not isinstance(document, Mapping) or len(document) != 1:
         raise PolicyConfigError(
-            f"{source}: expected one top-level key, the environment id ({plant.T1D_ID}), "
+            f"{source}: expected one top-level key, the environment id ({ids}), "
             "holding the settings"
         )
     ((env_id, section),) = document.items()
-    if env_id != plant.T1D_ID:
+    if env_id not in TASK_FAMILIES:
         raise PolicyConfigError(
-            f"{source}: unknown environment id {env_id!r}; environments are {plant.T1D_ID}"
+            f"{source}: unknown environment id {env_id!r}; environments are {ids}"
         )
+    family = TASK_FAMILIES[env_id]
     if not isinstance(section, Mapping):
         raise PolicyConfigError(f"{env_id}: expected a mapping of settings, got {section!r}")
     s = {str(k): v for k, v in section.items()}
+    foreign = [
+        k
+        for other_id, other in TASK_FAMILIES.items()
+        if other_id != env_id
+        for k in other.keys
+        if k in s and k not in family.keys
+    ]
+    if foreign:
+        raise PolicyConfigError(
+            f"{', '.join(dict.fromkeys(foreign))}: not settings of {env_id} (they belong to "
+            f"another task family's env); remove them: {_family_hint(env_id)}"
+        )
+    twinloop_keys = COMMON_KEYS + family.keys
     algorithm = str(s.get("algorithm", "ppo")).lower()
     algorithm_class(algorithm)
     policy = s.get("policy", "MlpPolicy")
@@ -381,8 +827,8 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
             f"policy: unknown policy {policy!r}; policies are {', '.join(POLICIES)} "
             "(the observation is a flat feature vector)"
         )
-    hyper = {k: v for k, v in s.items() if k not in TWINLOOP_KEYS}
-    _check_hyperparameters(algorithm, hyper)
+    hyper = {k: v for k, v in s.items() if k not in twinloop_keys}
+    _check_hyperparameters(algorithm, hyper, twinloop_keys)
     seeds_value = s.get("seeds", [0])
     if isinstance(seeds_value, int) and not isinstance(seeds_value, bool):
         seeds_value = [seeds_value]
@@ -391,13 +837,23 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
     seeds = tuple(_int_field("seeds", v, 0) for v in seeds_value)
     if len(set(seeds)) != len(seeds):
         raise PolicyConfigError(f"seeds: {seeds_value!r} is not allowed: each seed once")
-    reward, reward_params = parse_reward(s.get("reward", "risk"))
+    task = family.parse(s)
     tb = s.get("tensorboard", True)
     if not isinstance(tb, bool):
         raise PolicyConfigError(f"tensorboard: {tb!r} is not allowed: true or false")
     out = s.get("output_dir", "runs/train")
     if not isinstance(out, str) or not out:
         raise PolicyConfigError(f"output_dir: {out!r} is not allowed: a directory path")
+    policy_kwargs = _policy_kwargs(s.get("policy_kwargs"))
+    if isinstance(task, KneeExoTask):
+        taken = sorted(
+            {"features_extractor_class", "features_extractor_kwargs"} & set(policy_kwargs)
+        )
+        if taken:
+            raise PolicyConfigError(
+                f"policy_kwargs.{taken[0]}: set by twinloop train for {env_id} (the fixed "
+                "observation normalisation policies.exo_learned.KneeObservationScaler)"
+            )
     return TrainingConfig(
         env_id=env_id,
         algorithm=algorithm,
@@ -405,14 +861,8 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
         n_envs=_int_field("n_envs", s.get("n_envs", 16), 1),
         n_timesteps=_int_field("n_timesteps", s.get("n_timesteps", 100_000), 1),
         hyperparameters=hyper,
-        policy_kwargs=_policy_kwargs(s.get("policy_kwargs")),
-        env=EnvSettings.parse(s.get("env")),
-        observation=ObservationLayout.parse(
-            s.get("observation", {"cgm": 12, "iob": True, "meal": True})
-        ),
-        action=ActionLayout.parse(s.get("action", "basal+meal_bolus")),
-        reward=reward,
-        reward_params=reward_params,
+        policy_kwargs=policy_kwargs,
+        task=task,
         seeds=seeds,
         checkpoint_freq=_int_field("checkpoint_freq", s.get("checkpoint_freq", 0), 0),
         tensorboard=tb,
@@ -420,6 +870,12 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
         torch_threads=_int_field("torch_threads", s.get("torch_threads", 1), 1),
         source=json.loads(json.dumps(s, default=str)),
     )
+
+
+def _family_hint(env_id: str) -> str:
+    if env_id == plant.KNEE_EXO_ID:
+        return KNEE_NO_LAYOUT
+    return f"{env_id} takes {', '.join(COMMON_KEYS + TASK_FAMILIES[env_id].keys)}"
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainingConfig:
@@ -465,40 +921,29 @@ class TrainResult:
 
 
 def make_training_env(config: TrainingConfig, n_envs: int | None = None) -> VecMonitor:
-    """The SB3 vector env of ``config``: native T1D vector env → SB3VecEnv → features → monitor.
+    """The SB3 vector env of ``config``: the family's native vector env → SB3VecEnv → monitor.
 
+    Glucose: T1D vector env → SB3VecEnv → features (:class:`~policies.features.FeatureVecEnv`);
+    knee: KneeExo vector env → SB3VecEnv (the env's own observation and action).
     :class:`~stable_baselines3.common.vec_env.VecMonitor` adds the episode returns and lengths
     that SB3 logs (``rollout/ep_rew_mean`` in TensorBoard).
     """
-    from policies.sb3_vec_env import SB3VecEnv
-
-    venv = gym.make_vec(
-        config.env_id,
-        num_envs=n_envs or config.n_envs,
-        vectorization_mode="vector_entry_point",
-        autoreset_mode="same_step",
-        config=config.t1d_config(),
-    )
-    return VecMonitor(FeatureVecEnv(SB3VecEnv(venv), config.observation, config.action))
+    return VecMonitor(config.task.make_vec_env(n_envs or config.n_envs))
 
 
 def policy_metadata(config: TrainingConfig, seed: int, timesteps: int) -> dict[str, Any]:
-    """The ``policy.json`` of a saved policy (see :mod:`policies.learned`)."""
+    """The ``policy.json`` of a saved policy (read by ``policies.learned``/``exo_learned``)."""
     return {
         "format": METADATA_FORMAT,
         "twinloop_version": _version(),
         "env_id": config.env_id,
-        "env_layout_version": ENV_LAYOUT_VERSION,
-        "control_period_min": config.t1d_config().control_period_min,
-        "observation": config.observation.describe(),
-        "action": config.action.describe(),
-        "reward": {"name": config.reward, "params": config.reward_params},
+        "task_family": config.family,
+        **config.task.metadata(),
         "algorithm": config.algorithm,
         "policy": config.policy,
         "seed": seed,
         "timesteps": timesteps,
         "model_file": MODEL_FILE,
-        "env": config.env.describe(),
         "config": config.source,
     }
 
@@ -528,10 +973,10 @@ def train_one(
         device="cpu",
         verbose=0,
         tensorboard_log=str(out / "tb") if config.tensorboard else None,
-        policy_kwargs=_torch_policy_kwargs(config.policy_kwargs) or None,
+        policy_kwargs=config.task.policy_kwargs(_torch_policy_kwargs(config.policy_kwargs)) or None,
         **hyper,
     )
-    callbacks: list[BaseCallback] = []
+    callbacks: list[BaseCallback] = config.task.callbacks()
     if config.checkpoint_freq:
         callbacks.append(
             CheckpointCallback(

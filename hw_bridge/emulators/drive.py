@@ -11,6 +11,13 @@ register set is served over Modbus TCP by a pymodbus 3.16 server built on ``SimD
 (:meth:`DriveEmulator.start_tcp`; port 0 picks a free port, reported in
 :attr:`DriveServerThread.tcp_address`). :func:`run_drive` is the blocking command-line entry.
 
+The joint thread records every tick's lateness and duration (:attr:`DriveEmulator.timing`, a
+:class:`LoopTiming`). :func:`knee_backend` with ``task=`` gives a knee whose patient follows a
+rehabilitation task (:class:`TaskFollowingJoint`): the task row of :func:`knee_task_row`, its
+clock restarted each time the drive enters Operation enabled (the drive calls a backend's
+optional ``on_enable()``), so a rig that starts its task clock at the same transition sees the
+patient follow its reference (``hw_bridge/DEVICES.md``, "The patient's task").
+
 CiA 402 objects are reached through Modbus registers (there is no SDO/PDO layer); the object
 index each register stands for is given. Register map (0-based protocol addresses; 32-bit values
 big-endian, high word first):
@@ -120,6 +127,7 @@ import logging
 import math
 import threading
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, cast, runtime_checkable
@@ -141,10 +149,13 @@ __all__ = [
     "DriveState",
     "DriveStatus",
     "JointBackend",
+    "LoopTiming",
     "PendulumJoint",
     "PlantJointAdapter",
     "Statusword",
+    "TaskFollowingJoint",
     "knee_backend",
+    "knee_task_row",
     "run_drive",
 ]
 
@@ -210,6 +221,8 @@ ERROR_INTERNAL_SOFTWARE = 0x6100
 COUNTS_PER_REV = 131072
 #: How far the joint thread may fall behind the wall clock before it resynchronises, s.
 MAX_CATCH_UP_S = 0.1
+#: Ticks of the joint loop whose timing :class:`LoopTiming` keeps (the newest; 10 min at 1 kHz).
+TIMING_WINDOW_TICKS = 600_000
 
 
 class DriveState(enum.Enum):
@@ -329,7 +342,9 @@ class JointBackend(Protocol):
     """A joint the drive applies torque to, stepped by the drive at its tick rate.
 
     ``angle_rad`` and ``velocity_rad_s`` are the joint's (the drive reads them through its
-    encoder); ``torque_nm`` is the actuator torque measured after the last step (N·m).
+    encoder); ``torque_nm`` is the actuator torque measured after the last step (N·m). A
+    backend may also have an ``on_enable()`` method: the drive calls it (under its lock) each
+    time it enters Operation enabled (:class:`TaskFollowingJoint` restarts its task clock).
     """
 
     def step(self, torque_nm: float, dt_s: float) -> None:
@@ -512,13 +527,91 @@ class PlantJointAdapter:
         return float(getattr(self.plant, self.torque_attr))
 
 
-def knee_backend(preset: str = "moderate", *, seed: int = 0, **kwargs: Any) -> PlantJointAdapter:
+def knee_task_row(task: str, seed: int) -> Any:
+    """The task row the emulated patient follows: ``TASKS[task]().sample(default_rng(seed))``.
+
+    ``task`` is a name of :data:`plant.knee_tasks.TASKS` (``cyclic``, ``sit_to_stand``,
+    ``hold``). A rig that gives its controller the reference of the same ``(task, seed)``
+    (``hil.exo_rig.task_row`` uses this very recipe) and starts its task clock when it enables
+    the drive sees the patient follow the reference it tracks.
+
+    Raises:
+        EmulatorError: ``plant`` is not available.
+        ValueError: an unknown task name (``plant.errors.ConfigError``).
+
+    """
+    try:
+        import numpy as np
+
+        from plant.knee_tasks import task_from_name  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise EmulatorError(f"the knee tasks are not available: {exc}") from None
+    return task_from_name(task).sample(np.random.default_rng(seed))
+
+
+class TaskFollowingJoint(PlantJointAdapter):
+    """The knee plant whose patient follows a rehabilitation task on the drive's clock.
+
+    The patient's intent (``KneePlant.set_reference``) is the task's reference
+    (``plant.knee_tasks.reference(task_row, t)``) at *task time* ``t``, evaluated at the start
+    of every drive tick. The task clock stands at 0 (the patient holds the task's start
+    posture) until the drive first enters Operation enabled, and restarts from 0 at every entry
+    into Operation enabled (:meth:`on_enable`, called by :class:`DriveEmulator`): a rig that
+    starts its own task clock when it enables the drive is then aligned with the patient to
+    within a tick or two (a real patient would follow the reference shown on a screen).
+
+    Args:
+        plant: a ``plant.knee.KneePlant``.
+        task_row: the task row (:func:`knee_task_row`).
+
+    Attributes:
+        task_time_s: the patient's task time, s.
+        enables: entries into Operation enabled seen.
+
+    """
+
+    def __init__(self, plant: Any, task_row: Any) -> None:
+        super().__init__(plant, torque_attr="exo_torque_nm")
+        from plant.knee_tasks import reference  # type: ignore[import-not-found,unused-ignore]
+
+        self._reference = reference
+        self.task_row = task_row
+        self.task_time_s = 0.0
+        self.enables = 0
+        self._running = False
+        plant.set_reference(*reference(task_row, 0.0))
+
+    def on_enable(self) -> None:
+        """The drive entered Operation enabled: (re)start the task clock at 0."""
+        self.task_time_s = 0.0
+        self.enables += 1
+        self._running = True
+
+    def step(self, torque_nm: float, dt_s: float) -> None:
+        """Set the patient's reference at the task time, step the plant, advance the clock."""
+        if self._running:
+            self.plant.set_reference(*self._reference(self.task_row, self.task_time_s))
+            self.task_time_s += dt_s
+        super().step(torque_nm, dt_s)
+
+
+def knee_backend(
+    preset: str = "moderate", *, seed: int = 0, task: str | None = None, **kwargs: Any
+) -> PlantJointAdapter:
     """The knee plant as a joint: ``plant.knee.KneePlant(knee_preset(preset), rng, **kwargs)``.
 
     The adapter reads ``angle_rad`` (knee flexion, rad), ``velocity_rad_s`` and, as the
     measured torque, ``exo_torque_nm`` (the torque the exoskeleton drive applies to the joint
     after its own limit, rate limit and friction). Positive torque flexes the knee. Keyword
     arguments go to ``KneePlant`` (e.g. ``theta0_rad``).
+
+    Without ``task`` the patient holds ``theta0_rad`` (90° by default). With ``task`` (a name
+    of ``plant.knee_tasks.TASKS``) the patient follows the task row :func:`knee_task_row`
+    ``(task, seed)`` on the drive's clock (:class:`TaskFollowingJoint`), starting at the task's
+    initial angle unless ``theta0_rad`` is given. ``seed`` also seeds the plant's generator.
+
+    The plant's compiled kernels are loaded here (one throwaway step), not on the drive's
+    first 1 ms tick.
 
     Raises:
         EmulatorError: ``plant.knee`` is not available.
@@ -530,8 +623,99 @@ def knee_backend(preset: str = "moderate", *, seed: int = 0, **kwargs: Any) -> P
         from plant.knee import KneePlant, knee_preset  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
         raise EmulatorError(f"the knee plant is not available: {exc}") from None
-    plant = KneePlant(knee_preset(preset), np.random.default_rng(seed), **kwargs)
-    return PlantJointAdapter(plant, torque_attr="exo_torque_nm")
+    params = knee_preset(preset)
+    KneePlant(params).step(0.0, 0.001)  # warm-up: load the compiled kernel now
+    if task is None:
+        plant = KneePlant(params, np.random.default_rng(seed), **kwargs)
+        return PlantJointAdapter(plant, torque_attr="exo_torque_nm")
+    from plant.knee_tasks import reference  # type: ignore[import-not-found,unused-ignore]
+
+    row = knee_task_row(task, seed)
+    kwargs.setdefault("theta0_rad", float(reference(row, 0.0)[0]))
+    plant = KneePlant(params, np.random.default_rng(seed), **kwargs)
+    return TaskFollowingJoint(plant, row)
+
+
+class LoopTiming:
+    """Lateness and duration of a paced loop's ticks (the drive's joint loop), in a ring.
+
+    Tick ``k`` is due at the schedule's time; its *lateness* is its start minus that, its
+    *duration* the time its work took. The newest ``capacity`` ticks are kept (preallocated
+    ``array('d')``: recording costs two stores per tick and no allocation); :meth:`summary`
+    gives percentiles over them and the maximum over every tick since :meth:`reset`.
+    Written by one thread; read from any (a summary taken while the loop runs may miss the
+    newest tick).
+
+    Args:
+        period_s: the loop's period, s.
+        capacity: ticks kept for the percentiles (>= 1).
+
+    """
+
+    def __init__(self, period_s: float, capacity: int = TIMING_WINDOW_TICKS) -> None:
+        _check_int("capacity", capacity, 1, 2**31 - 1)
+        self.period_s = float(period_s)
+        self.capacity = capacity
+        self._late_s = array("d", bytes(8 * capacity))
+        self._took_s = array("d", bytes(8 * capacity))
+        self.ticks = 0
+        self.max_lateness_s = 0.0
+        self.max_duration_s = 0.0
+
+    def record(self, late_s: float, took_s: float) -> None:
+        """Record one tick's lateness and duration, s."""
+        i = self.ticks % self.capacity
+        self._late_s[i] = late_s
+        self._took_s[i] = took_s
+        self.ticks += 1
+        if late_s > self.max_lateness_s:
+            self.max_lateness_s = late_s
+        if took_s > self.max_duration_s:
+            self.max_duration_s = took_s
+
+    def reset(self) -> None:
+        """Forget every tick recorded so far (e.g. after a warm-up)."""
+        self.ticks = 0
+        self.max_lateness_s = 0.0
+        self.max_duration_s = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Ticks, and lateness/duration p50/p99/max in ms (percentiles over the kept ticks).
+
+        ``late_by_more_than_period`` counts kept ticks later than one period; ``window`` is
+        how many ticks the percentiles cover.
+        """
+        n = min(self.ticks, self.capacity)
+        period_ms = 1000.0 * self.period_s
+        if n == 0:
+            return {"ticks": 0, "period_ms": period_ms}
+        late = sorted(self._late_s[:n])
+        took = sorted(self._took_s[:n])
+        return {
+            "ticks": self.ticks,
+            "window": n,
+            "period_ms": period_ms,
+            "lateness_ms": {
+                "p50": 1000.0 * _percentile(late, 50),
+                "p99": 1000.0 * _percentile(late, 99),
+                "p999": 1000.0 * _percentile(late, 99.9),
+                "max": 1000.0 * self.max_lateness_s,
+            },
+            "duration_ms": {
+                "p50": 1000.0 * _percentile(took, 50),
+                "p99": 1000.0 * _percentile(took, 99),
+                "max": 1000.0 * self.max_duration_s,
+            },
+            "late_by_more_than_period": sum(1 for x in late if x > self.period_s),
+        }
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of sorted values, linear interpolation (numpy's default)."""
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 # -- the drive -------------------------------------------------------------------------------
@@ -676,6 +860,8 @@ class DriveEmulator:
         self.error: BaseException | None = None
         #: Times the joint thread fell more than ``MAX_CATCH_UP_S`` behind and resynchronised.
         self.resyncs = 0
+        #: Lateness and duration of the joint thread's ticks (:meth:`start_joint`).
+        self.timing = LoopTiming(self.dt_s)
 
     # -- conversions -------------------------------------------------------------------------
     @property
@@ -758,7 +944,12 @@ class DriveEmulator:
             return
         target = _TRANSITIONS.get((decode_command(word), s.state))
         if target is not None:
+            entering = target == DriveState.OPERATION_ENABLED and s.state != target
             self._enter(s, target)
+            if entering:
+                hook = getattr(self.backend, "on_enable", None)
+                if callable(hook):  # e.g. TaskFollowingJoint restarts its task clock
+                    hook()
 
     # -- snapshots -----------------------------------------------------------------------------
     def status(self) -> DriveStatus:
@@ -978,7 +1169,8 @@ class DriveEmulator:
         Pacing: sleep until ``spin_s`` before a tick is due, then spin on
         :func:`time.perf_counter`. A late tick runs at once (drive time keeps up with the wall
         clock); after more than ``MAX_CATCH_UP_S`` behind, the schedule restarts from now
-        (:attr:`resyncs` counts it) instead of running a burst of catch-up ticks.
+        (:attr:`resyncs` counts it) instead of running a burst of catch-up ticks. Every tick's
+        lateness (start − due) and duration go to :attr:`timing` (:class:`LoopTiming`).
         """
         if self._joint_thread is not None and self._joint_thread.is_alive():
             return
@@ -995,19 +1187,23 @@ class DriveEmulator:
             self._joint_thread = None
 
     def _run_joint(self) -> None:
-        period, stop = self.dt_s, self._joint_stop
-        due = time.perf_counter()
+        period, stop, clock = self.dt_s, self._joint_stop, time.perf_counter
+        record = self.timing.record
+        due = clock()
         while not stop.is_set():
             due += period
-            wait = due - time.perf_counter()
+            wait = due - clock()
             if wait > self.spin_s and stop.wait(wait - self.spin_s):
                 break
-            while time.perf_counter() < due:
+            while clock() < due:
                 pass
-            if time.perf_counter() - due > MAX_CATCH_UP_S:
-                due = time.perf_counter()
+            began = clock()
+            late = began - due
+            if late > MAX_CATCH_UP_S:
+                due = began
                 self.resyncs += 1
             self.step()
+            record(late, clock() - began)
 
     def start_tcp(
         self, host: str = "127.0.0.1", port: int = 502, *, run_joint: bool = True
@@ -1133,7 +1329,7 @@ def run_drive(
     backend: JointBackend | None = None,
     stop_event: threading.Event | None = None,
     on_ready: Callable[[DriveServerThread], None] | None = None,
-) -> None:
+) -> dict[str, Any]:
     """Serve an emulated drive on Modbus TCP until ``stop_event`` is set (or Ctrl-C).
 
     Args:
@@ -1142,6 +1338,9 @@ def run_drive(
         backend: the joint (a :class:`PendulumJoint` if ``None``).
         stop_event: set it from another thread to stop; ``None`` runs until interrupted.
         on_ready: called with the running server once it listens.
+
+    Returns:
+        The 1 kHz joint loop's timing over the session (:meth:`LoopTiming.summary`).
 
     Raises:
         EmulatorError: the server could not start, or its thread ended unexpectedly.
@@ -1158,3 +1357,4 @@ def run_drive(
                     raise EmulatorError("drive server thread ended unexpectedly")
         except KeyboardInterrupt:
             pass
+    return drive.timing.summary()

@@ -9,6 +9,7 @@ for outcomes (with a deadline), they never assert on timing.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -588,6 +589,73 @@ def test_knee_plant_backend():
     assert angles[250] > angles[0]
 
 
+def test_knee_backend_following_a_task_starts_its_clock_at_each_enable():
+    """The emulated patient follows the task row of (task, seed), timed from enable operation."""
+    pytest.importorskip("plant.knee")
+    from hw_bridge.emulators.drive import TaskFollowingJoint, knee_backend, knee_task_row
+    from plant.knee_tasks import reference
+
+    joint = knee_backend("moderate", seed=4, task="cyclic")
+    assert isinstance(joint, TaskFollowingJoint)
+    row = knee_task_row("cyclic", 4)
+    assert list(joint.task_row) == list(row)
+    assert joint.angle_rad == pytest.approx(reference(row, 0.0)[0])  # the task's start posture
+    drive = DriveEmulator(joint, watchdog_ms=0)
+    boot(drive)
+    assert joint.task_time_s == 0.0 and joint.enables == 0  # waits for the enable
+    for word in (SHUTDOWN, SWITCH_ON, ENABLE_OP):
+        assert drive.write_holding(HR_CONTROLWORD, [word]) is None
+    assert joint.enables == 1
+    for _ in range(800):
+        drive.step()
+    assert joint.task_time_s == pytest.approx(0.8)
+    theta, omega = reference(row, joint.task_time_s - drive.dt_s)  # set at the last tick's start
+    assert joint.plant._ref == pytest.approx((theta, omega))
+    assert drive.write_holding(HR_CONTROLWORD, [ENABLE_OP]) is None  # already enabled: no restart
+    assert joint.enables == 1
+    for word in (SWITCH_ON, ENABLE_OP):  # disable operation, enable again: the clock restarts
+        assert drive.write_holding(HR_CONTROLWORD, [word]) is None
+    assert joint.enables == 2 and joint.task_time_s == 0.0
+    with pytest.raises(ValueError, match="task"):
+        knee_backend("moderate", task="marathon")
+
+
+def test_loop_timing_percentiles_ring_and_reset():
+    from hw_bridge.emulators.drive import LoopTiming
+
+    timing = LoopTiming(0.001, capacity=100)
+    assert timing.summary() == {"ticks": 0, "period_ms": 1.0}
+    for k in range(150):  # the ring keeps the newest 100: 50..149 µs
+        timing.record(k * 1e-6, 2e-6)
+    s = timing.summary()
+    assert s["ticks"] == 150 and s["window"] == 100
+    assert s["lateness_ms"]["p50"] == pytest.approx(0.0995)
+    assert s["lateness_ms"]["p99"] == pytest.approx(0.14801)
+    assert s["lateness_ms"]["max"] == pytest.approx(0.149)
+    assert s["duration_ms"]["p50"] == pytest.approx(0.002)
+    assert s["late_by_more_than_period"] == 0
+    timing.record(0.0025, 0.0)
+    assert timing.summary()["late_by_more_than_period"] == 1
+    timing.reset()
+    assert timing.summary()["ticks"] == 0
+    with pytest.raises(ValueError, match="capacity"):
+        LoopTiming(0.001, capacity=0)
+
+
+def test_the_joint_thread_records_its_lateness():
+    drive = DriveEmulator(PendulumJoint(), watchdog_ms=0)
+    drive.start_joint()
+    try:
+        wait_for(lambda: drive.timing.ticks >= 50, what="50 joint ticks")
+    finally:
+        drive.stop_joint()
+    s = drive.timing.summary()
+    assert s["ticks"] >= 50 and s["period_ms"] == 1.0
+    assert set(s["lateness_ms"]) == {"p50", "p99", "p999", "max"}
+    assert 0.0 <= s["lateness_ms"]["p50"] <= s["lateness_ms"]["max"]
+    assert s["duration_ms"]["max"] >= 0.0
+
+
 def test_a_failing_joint_model_faults_the_drive(caplog):
     class Broken(PendulumJoint):
         def step(self, torque_nm: float, dt_s: float) -> None:
@@ -690,6 +758,41 @@ def test_mbpoll_reads_the_statusword(drive, client, server):
         | Statusword.FOLLOWS_COMMAND
     )
     assert values == {IR_STATUSWORD: expected}
+
+
+def test_cli_emulate_drive_with_a_task_writes_its_joint_timing(tmp_path):
+    pytest.importorskip("plant.knee")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    timing = tmp_path / "timing.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hil", "emulate", "drive", "--tcp", "127.0.0.1:0", "--joint",
+         "knee", "--patient", "severe", "--task", "sit_to_stand", "--seed", "3",
+         "--timing-json", str(timing)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "knee, task sit_to_stand (seed 3)" in line, line
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        rest = proc.stdout.read()
+        assert "drive joint loop:" in rest and "lateness p50" in rest
+        summary = json.loads(timing.read_text())
+        assert summary["ticks"] > 0 and "p99" in summary["lateness_ms"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_emulate_drive_task_needs_the_knee(capsys):
+    from hil.cli import main
+
+    assert main(["emulate", "drive", "--tcp", "127.0.0.1:0", "--task", "cyclic"]) == 2
+    err = capsys.readouterr().err
+    assert "--joint knee" in err and "Traceback" not in err
 
 
 def test_cli_emulate_drive():

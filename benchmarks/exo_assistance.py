@@ -1,0 +1,103 @@
+"""Assist-as-needed against impedance control on the knee presets (issue 6's targets), as JSON.
+
+Every run is the product's closed loop (:mod:`agents.exo_loop`: sensors, knee twin,
+controller, exoskeleton supervisor, 1 kHz plant), cyclic flexion–extension, per preset and
+seed. Targets on *mild* and *moderate*: assist-as-needed tracks within 3° RMS with the
+exoskeleton doing at most 50 % of the joint's positive work, and with less assistance than
+impedance control *at a comparable error*. For the last one the impedance stiffness is swept
+(damping scaled with it, 5 % of K in N·m·s/rad) and its exoskeleton work share interpolated at
+assist-as-needed's RMS error (linear in RMS between the two sweep points around it).
+
+Usage: ``python benchmarks/exo_assistance.py [--cycles 10] [--seeds 0 1 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import itertools
+
+from agents.exo_loop import ExoLoopConfig
+from agents.exo_run import exo_loops, run_in_memory
+from policies.exo_controllers import ImpedanceController
+
+STIFFNESS_SWEEP_NM_PER_RAD = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 100.0)
+
+
+def _row(patient: str, controller: str, seed: int, cycles: int, k: float | None = None) -> Any:
+    config = ExoLoopConfig(patients=(patient,), cycles=cycles, seed=seed, controller=controller)
+    loops = exo_loops(config)
+    if k is not None:
+        loops[0].controller.controller = ImpedanceController(
+            stiffness_nm_per_rad=k, damping_nm_s_per_rad=0.05 * k, torque_limit_nm=40.0
+        )
+    return run_in_memory(loops)["patients"][patient]
+
+
+def _mean(rows: list[Any], field: str) -> float:
+    return float(np.mean([r[field] for r in rows]))
+
+
+def _at_error(sweep: list[dict[str, float]], rms: float) -> float | None:
+    """Impedance's exo work share interpolated at RMS error ``rms`` (None: out of the sweep)."""
+    pts = sorted((s["rms_error_deg"], s["exo_work_fraction"]) for s in sweep)
+    for (e0, w0), (e1, w1) in itertools.pairwise(pts):
+        if e0 <= rms <= e1:
+            return w0 if e1 == e0 else w0 + (w1 - w0) * (rms - e0) / (e1 - e0)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--patients", nargs="+", default=["mild", "moderate", "severe"])
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"cycles": args.cycles, "seeds": args.seeds, "patients": {}}
+    for patient in args.patients:
+        out: dict[str, Any] = {}
+        for controller in ("none", "aan", "impedance"):
+            rows = [_row(patient, controller, s, args.cycles) for s in args.seeds]
+            out[controller] = {
+                f: _mean(rows, f)
+                for f in ("rms_error_deg", "exo_work_fraction", "exo_work_j", "patient_effort")
+            } | {"limit_violations": int(sum(r["limit_violations"] for r in rows))}
+        sweep = []
+        for k in STIFFNESS_SWEEP_NM_PER_RAD:
+            rows = [_row(patient, "impedance", s, args.cycles, k) for s in args.seeds]
+            sweep.append(
+                {
+                    "stiffness_nm_per_rad": k,
+                    "rms_error_deg": _mean(rows, "rms_error_deg"),
+                    "exo_work_fraction": _mean(rows, "exo_work_fraction"),
+                }
+            )
+        aan = out["aan"]
+        share = _at_error(sweep, aan["rms_error_deg"])
+        out["impedance_sweep"] = sweep
+        out["impedance_work_fraction_at_aan_error"] = share
+        out["targets"] = {
+            "aan_rms_le_3_deg": aan["rms_error_deg"] <= 3.0,
+            "aan_exo_work_le_50_pct": aan["exo_work_fraction"] <= 0.5,
+            "aan_less_assistance_than_impedance_at_same_error": (
+                None if share is None else aan["exo_work_fraction"] < share
+            ),
+            "zero_limit_violations": aan["limit_violations"] == 0,
+        }
+        result["patients"][patient] = out
+    result["wall_s"] = time.perf_counter() - t0
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
