@@ -70,6 +70,7 @@ from plant.knee import (
     PRESETS,
     X_ACT_H,
     X_ACT_Q,
+    X_EFFORT,
     X_OMEGA,
     X_THETA,
     KneeParams,
@@ -320,6 +321,7 @@ class ExoLoop:
             float(out[O_THETA_MIN]),
             float(out[O_THETA_MAX]),
             float(out[O_OMEGA_ABS_MAX]),
+            float(x[X_EFFORT]),
         )
 
     def _readings(self) -> tuple[ExoSensorReading | None, TaskReference | None]:

@@ -26,7 +26,8 @@ class JointState(ExoMessage):
     """The knee's true state at the end of a control period (plant → sensor, recorder).
 
     Work terms are over the period just ended; activations and reflex excitations are the
-    muscles' at its end (0–1).
+    muscles' at its end (0–1); ``voluntary_effort`` is the patient's effort scale ε (slacking,
+    :mod:`plant.knee`).
     """
 
     angle_rad: float
@@ -42,6 +43,7 @@ class JointState(ExoMessage):
     angle_min_rad: float
     angle_max_rad: float
     velocity_abs_max_rad_s: float
+    voluntary_effort: float
     kind: ClassVar[str] = "joint_state"
 
 
@@ -97,11 +99,14 @@ class KneeTwinEstimate(ExoMessage):
     ``voluntary_capacity``: the residual voluntary strength, fraction of a healthy knee's
     (0–1); ``spasticity_gain_per_rad_s``: the stretch-reflex gain (excitation per rad/s of
     stretch velocity above threshold); ``residual_rms_nm``: RMS of the model's recent
-    prediction error.
+    prediction error; ``voluntary_effort``: the effort scale ε (0–1) the patient currently
+    puts into the intent (1 = full effort; below 1 = "slacking" under assistance, not
+    weakness). Last so that positional construction of the older fields stays valid.
     """
 
     patient_torque_nm: float
     voluntary_capacity: float
     spasticity_gain_per_rad_s: float
     residual_rms_nm: float
+    voluntary_effort: float
     kind: ClassVar[str] = "knee_twin_estimate"

@@ -121,8 +121,8 @@ def _plot_twin(
     er, jr = _rows(est, patient), _rows(joint, patient)
     truth = knee_preset(patient)
     t = _col(est, "t_s", er)
-    fig = Figure(figsize=(11, 7), constrained_layout=True)
-    ax1, ax2, ax3 = fig.subplots(3, 1, sharex=True)
+    fig = Figure(figsize=(11, 9), constrained_layout=True)
+    ax1, ax2, ax4, ax3 = fig.subplots(4, 1, sharex=True)
     ax1.plot(_col(joint, "t_s", jr), _col(joint, "patient_torque_nm", jr), color="tab:green",
              lw=1.0, label="true")  # fmt: skip
     ax1.plot(t, _col(est, "patient_torque_nm", er), color="tab:blue", lw=0.8, alpha=0.8,
@@ -134,6 +134,11 @@ def _plot_twin(
     ax2.axhline(truth.strength_fraction, color="k", ls="--", lw=1, label="preset (true)")
     ax2.set_ylabel("voluntary capacity")
     ax2.legend(loc="upper right", fontsize=8)
+    ax4.plot(t, _col(est, "voluntary_effort", er), color="tab:blue", label="twin")
+    ax4.plot(_col(joint, "t_s", jr), _col(joint, "voluntary_effort", jr), color="k", ls="--",
+             lw=1, label="true (slacking)")  # fmt: skip
+    ax4.set_ylabel("voluntary effort ε")
+    ax4.legend(loc="lower left", fontsize=8)
     ax3.plot(t, _col(est, "spasticity_gain_per_rad_s", er), color="tab:red", label="twin")
     ax3.axhline(truth.spasticity_gain_per_rad_s, color="k", ls="--", lw=1, label="preset (true)")
     ax3.set_ylabel("spasticity gain (1/(rad/s))")
@@ -174,14 +179,17 @@ def _markdown(
     if twins:
         lines += [
             "",
-            "Twin estimates at the end of the task (true preset values in brackets):",
+            "Twin estimates at the end of the task (true values in brackets; capacity 1.00 = "
+            "no saturation seen, the strength is not observable below it):",
             "",
-            "| patient | voluntary capacity | spasticity gain (1/(rad/s)) | residual RMS (N·m) |",
-            "|---|---|---|---|",
+            "| patient | voluntary capacity | effort | spasticity gain (1/(rad/s)) | "
+            "residual RMS (N·m) |",
+            "|---|---|---|---|---|",
         ]
         for name, tw in twins.items():
             lines.append(
                 f"| {name} | {tw['voluntary_capacity']:.2f} [{tw['voluntary_capacity_true']:.2f}]"
+                f" | {tw['voluntary_effort']:.2f} [{tw['voluntary_effort_true']:.2f}]"
                 f" | {tw['spasticity_gain_per_rad_s']:.3f} "
                 f"[{tw['spasticity_gain_true_per_rad_s']:.3f}] | {tw['residual_rms_nm']:.2f} |"
             )

@@ -124,6 +124,8 @@ def summarize_exo(
                     "spasticity_gain_per_rad_s": float(est["spasticity_gain_per_rad_s"][last]),
                     "spasticity_gain_true_per_rad_s": params.spasticity_gain_per_rad_s,
                     "residual_rms_nm": float(est["residual_rms_nm"][last]),
+                    "voluntary_effort": float(est["voluntary_effort"][last]),
+                    "voluntary_effort_true": float(_column(joint, "voluntary_effort", rows)[-1]),
                 }
         per_patient[str(patient)] = row
     return {

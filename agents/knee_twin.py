@@ -26,23 +26,36 @@ Equations (one control sample ``k``, period ``Δ``; everything is evaluated at t
    τ_p includes the muscles' passive elastic moment ``τ_PE(θ)``, which is known and subtracted
    before the regression: ``y = τ_p − τ_PE``).
 3. Voluntary regressors, one per strength hypothesis ``s_j`` (:attr:`KneeTwinConfig.capacity_grid`):
-   the nominal intent ``τ_int = Kp(θ_ref − θ) + Kd(ω_ref − ω) − g_c·mgd·cos θ`` is turned into
-   excitations ``u_q = min(s_j, max(0, −τ_int)/(F_q r_q))``, ``u_h = min(s_j, max(0,
-   τ_int)/(F_h r_h))`` — the saturation at the residual strength — passed through the nominal
-   activation dynamics (15/40 ms, exact for a held input over Δ) and scaled by each muscle's
-   torque per unit activation ``A_m = F_m·r_m·f_L(θ)·f_V(ω)``:
-   ``v_j = −A_q·act[u_q] + A_h·act[u_h]``.
+   the nominal intent ``τ_int = Kp(θ_ref − θ) + Kd(ω_ref − ω) − g_c·mgd·cos θ`` gives the
+   full-effort excitations ``u_q = max(0, −τ_int)/(F_q r_q)``, ``u_h = max(0, τ_int)/(F_h
+   r_h)``. The patient puts an unknown, slowly varying *effort* ε ∈ (0, 1] into the intent
+   (slacking, Emken et al. 2007) and the excitation saturates at the residual strength:
+   ``min(s_j, ε·u_m)``. Activation dynamics are first-order and linear, and the up/down rate
+   choice ``u > a`` is scale invariant, so ``act[ε·w] = ε·act[w]`` for any ε > 0, hence
+   ``act[min(s_j, ε·u)] = ε·act[min(s_j/ε, u)]``. With each hypothesis' current effort
+   estimate ``ε̂_j`` (its coefficient below, clipped to ``[EFFORT_FLOOR, 1]``) the regressor is
+   ``v_j = −A_q·act[min(s_j/ε̂_j, u_q)] + A_h·act[min(s_j/ε̂_j, u_h)]`` (nominal activation
+   15/40 ms, exact for a held input over Δ; ``A_m = F_m·r_m·f_L(θ)·f_V(ω)`` the torque per
+   unit activation) and the voluntary torque is ``ε_j·v_j``: unsaturated it is ``ε·A·act[u]``,
+   saturated ``A·act[s_j]`` (ε̂_j ≈ ε_j), whatever the effort.
 4. Reflex regressors, a hinge basis over the stretch velocity (the threshold is unknown):
    ``r_i = −A_q·act[max(0, ω(t−D) − c_i)] + A_h·act[max(0, −ω(t−D) − c_i)]`` for the knots
    ``c_i`` (:attr:`KneeTwinConfig.reflex_knots_rad_s`), ``D`` the nominal reflex delay. A reflex
    ``G·max(0, ω − v_th)`` is ``Σ_i g_i·max(0, ω − c_i)`` with ``Σ g_i = G`` above the knots.
 5. Every channel (τ_p, τ_PE, v_j, r_i) goes through the same second-order Butterworth
    low-pass ``F`` (``filter_cutoff_hz``): the model is linear in the unknowns, so
-   ``F[y] − F[v_j] = Σ_i g_{j,i}·F[r_i]`` still holds for the filtered signals, and α needs no
-   separate smoothing. :class:`agents.rls.RecursiveLeastSquares` with forgetting λ gives the
-   gain; since every hypothesis shares the regressors, the one gain updates the coefficients of
-   all of them (exact separable least squares per hypothesis). Each hypothesis keeps the
-   discounted sum ``J_j = Σ λ^{k−n}·e_{j,n}²`` of its a-priori residuals.
+   ``F[y] = ε_j·F[v_j] + Σ_i g_{j,i}·F[r_i]`` still holds for the filtered signals (ε varying
+   slowly against the filter), and α needs no separate smoothing. Each hypothesis runs its own
+   recursive least squares (its ``v_j`` differs) on ``θ_j = (ε_j, g_{j,1…K})`` — the
+   :mod:`agents.rls` update with forgetting λ, vectorised over the hypotheses — plus a random
+   walk on the effort, ``P_j[ε,ε] += effort_drift_per_sqrt_s²·Δ`` per sample (in the RLS's
+   units, a residual variance of 1 N·m²), so ε has a shorter memory than the reflex gains
+   (the patient's effort decays with a ≈ 5 s time constant; λ alone remembers ≈ 10 s).
+   After each update ε_j is projected onto ``[EFFORT_FLOOR, 1]`` in the metric of ``P_j⁻¹``
+   (``θ_j −= P_j[:, ε]·(ε_j − clip(ε_j))/P_j[ε,ε]``): an effort above 1 would otherwise let a
+   weaker hypothesis mimic a stronger one (``ε·s_j``). Prior ``ε = prior_voluntary_effort``
+   (1), variance ``effort_initial_variance``. Each hypothesis keeps the discounted sum
+   ``J_j = Σ λ^{k−n}·e_{j,n}²`` of its a-priori residuals.
 
 Reported (:class:`~agents.exo_messages.KneeTwinEstimate`)
 ----------------------------------------------------------
@@ -60,6 +73,10 @@ Reported (:class:`~agents.exo_messages.KneeTwinEstimate`)
 * ``patient_torque_nm``: ``F[τ_p]``, the filtered inverse-dynamics torque. It refers to about
   one period plus the filter's group delay earlier (≈ 65 ms at 100 Hz and 4 Hz).
 * ``residual_rms_nm``: ``√(J/W)`` of the chosen hypothesis.
+* ``voluntary_effort``: ``ε`` of the chosen hypothesis, clipped to [0, 1] (the prior until
+  there is evidence). It is observable where the intent is below the strength; a knee that
+  saturates nearly all the time (severe) constrains only ``ε·u`` beyond ``s`` and its effort
+  is loosely determined (errors up to ≈ 0.25 seen, while its capacity stays identified).
 
 Prior: until ``min_evidence_s`` of samples have been used (after ``warmup_s`` of filter
 transient), the estimate is the prior — capacity ``prior_voluntary_capacity`` (1: the healthy
@@ -99,8 +116,14 @@ resistive load (≤ 40 N·m)   1 / 0.0013   1 / 0.0117   0.304/0.0237  0.050 / 0
   standard deviation.
 * A twin whose nominal limb is 10 kg off the patient's body mass: severe strength 0.046–0.056,
   reflex gain 0.036–0.044. The torque sensor instead of the command: within 2 %.
+* Slacking (Emken et al. 2007, :mod:`plant.knee`'s effort ε) under assistive impedances
+  K = 60 / 200 N·m/rad (B = 3 / 10), 40 s: the true effort of healthy, mild, moderate decays
+  to 0.83–0.98 / 0.57–0.88; capacity stays 1 ("no weakness seen"; without the effort term it
+  collapsed to 0.07), reflex gains within 4 %, the effort within 0.027–0.063 (max after 5 s;
+  the RLS lags the decay by about a second), RMS 0.012–0.029. Slacking disabled: effort
+  ≥ 0.987 (mild).
 * Convergence: evidence from 2.5 s (warm-up + minimum evidence); settled by 3 s.
-* Cost: about 70 µs per step (median; numpy and the plant's compiled muscle curves), p99
+* Cost: about 80 µs per step (median; numpy and the plant's compiled muscle curves), p99
   ≈ 0.2 ms on a loaded machine.
 """
 
@@ -117,7 +140,6 @@ from numpy.typing import NDArray
 
 from agents.errors import LoopConfigError
 from agents.exo_messages import ExoSensorReading, KneeTwinEstimate, TaskReference
-from agents.rls import RecursiveLeastSquares
 from plant.knee import (
     M_ARM,
     M_FMAX,
@@ -145,6 +167,9 @@ ExoTorqueSource = Literal["command", "sensor"]
 
 #: A hinge knot counts as explored once the stretch velocity has reached this multiple of it.
 KNOT_EXPLORED_FACTOR = 1.5
+
+#: Lower clip of an effort estimate where it sets a hypothesis' saturation (``s_j/ε̂``).
+EFFORT_FLOOR = 0.05
 
 #: Default grid of residual-strength hypotheses (fractions of the healthy maximum).
 DEFAULT_CAPACITY_GRID: tuple[float, ...] = (
@@ -180,6 +205,10 @@ class KneeTwinConfig:
             if it also worsens the RMS fit by more than about this much (N·m), so that noise in
             a quiet stretch of data does not reject a hypothesis.
         initial_variance: initial RLS covariance of the reflex coefficients.
+        prior_voluntary_effort: the effort ε assumed at the start (0 < ε ≤ 1; 1 = full effort).
+        effort_initial_variance: initial RLS covariance of ε.
+        effort_drift_per_sqrt_s: random walk of ε added to its covariance (per √s, in the
+            RLS's units of a 1 N·m² residual variance): the effort's shorter memory.
         exo_torque_source: ``"command"`` — the applied command through the nominal drive
             (rate limit, friction; rigid drives only) — or ``"sensor"`` — the joint torque
             sensor.
@@ -200,6 +229,9 @@ class KneeTwinConfig:
     capacity_floor_nm: float = 0.1
     initial_variance: float = 1.0
     exo_torque_source: ExoTorqueSource = "command"
+    prior_voluntary_effort: float = 1.0
+    effort_initial_variance: float = 0.01
+    effort_drift_per_sqrt_s: float = 0.05
 
     def __post_init__(self) -> None:
         for name in (
@@ -214,6 +246,9 @@ class KneeTwinConfig:
             "min_stretch_s",
             "capacity_floor_nm",
             "initial_variance",
+            "prior_voluntary_effort",
+            "effort_initial_variance",
+            "effort_drift_per_sqrt_s",
         ):
             value = getattr(self, name)
             ok = isinstance(value, int | float) and not isinstance(value, bool)
@@ -225,15 +260,29 @@ class KneeTwinConfig:
             raise LoopConfigError("filter_cutoff_hz", self.filter_cutoff_hz, "> 0")
         if not self.capacity_tolerance >= 0:
             raise LoopConfigError("capacity_tolerance", self.capacity_tolerance, ">= 0")
-        for name in ("max_spasticity_gain_per_rad_s", "initial_variance"):
+        for name in (
+            "max_spasticity_gain_per_rad_s",
+            "initial_variance",
+            "effort_initial_variance",
+        ):
             if not getattr(self, name) > 0:
                 raise LoopConfigError(name, getattr(self, name), "> 0")
-        for name in ("warmup_s", "min_evidence_s", "min_stretch_s", "capacity_floor_nm"):
+        for name in (
+            "warmup_s",
+            "min_evidence_s",
+            "min_stretch_s",
+            "capacity_floor_nm",
+            "effort_drift_per_sqrt_s",
+        ):
             if not getattr(self, name) >= 0:
                 raise LoopConfigError(name, getattr(self, name), ">= 0")
         if not 0 <= self.prior_voluntary_capacity <= 1:
             raise LoopConfigError(
                 "prior_voluntary_capacity", self.prior_voluntary_capacity, "0 <= value <= 1"
+            )
+        if not 0 < self.prior_voluntary_effort <= 1:
+            raise LoopConfigError(
+                "prior_voluntary_effort", self.prior_voluntary_effort, "0 < value <= 1"
             )
         if not 0 <= self.prior_spasticity_gain_per_rad_s <= self.max_spasticity_gain_per_rad_s:
             raise LoopConfigError(
@@ -340,6 +389,8 @@ class KneeTwinEstimator:
         self._warmup = round(cfg.warmup_s * control_hz)
         self._min_stretch = round(cfg.min_stretch_s * control_hz)
         self._min_evidence = max(1, round(cfg.min_evidence_s * control_hz))
+        # random walk of the effort per sample, in the RLS's units (residual variance 1 N·m²)
+        self._effort_q = cfg.effort_drift_per_sqrt_s**2 * self.dt_s
         self.reset()
 
     # -- state ----------------------------------------------------------------------------
@@ -361,13 +412,13 @@ class KneeTwinEstimator:
         self._z2 = np.zeros(n_ch)
         self._filter_started = False
         self._samples = 0  # since the last (re)start of the differences
-        self._rls = RecursiveLeastSquares(
-            self._n_knots,
-            forgetting=cfg.forgetting_factor,
-            initial_variance=cfg.initial_variance,
-            max_trace=max(1e6, self._n_knots * cfg.initial_variance),
-        )
-        self._theta = np.zeros((self._n_grid, self._n_knots))
+        # one RLS per hypothesis (their voluntary regressors differ): θ_j = (ε_j, g_j1…g_jK)
+        n_par = 1 + self._n_knots
+        self._theta = np.zeros((self._n_grid, n_par))
+        self._theta[:, 0] = cfg.prior_voluntary_effort
+        p0 = np.diag([cfg.effort_initial_variance] + [cfg.initial_variance] * self._n_knots)
+        self._pcov = np.repeat(p0[np.newaxis], self._n_grid, axis=0)
+        self._max_trace = max(1e6, float(np.trace(p0)))
         self._ssr = np.zeros(self._n_grid)
         self._weight = 0.0
         self._used = 0
@@ -382,6 +433,7 @@ class KneeTwinEstimator:
             cfg.prior_voluntary_capacity,
             cfg.prior_spasticity_gain_per_rad_s,
             math.nan,
+            cfg.prior_voluntary_effort,
         )
 
     def _restart(self) -> None:
@@ -534,8 +586,10 @@ class KneeTwinEstimator:
         )
         u_q = max(0.0, -tau_int) / self._q_max_nm
         u_h = max(0.0, tau_int) / self._h_max_nm
-        self._activate(self._act_vol[0], np.minimum(self._grid, u_q))
-        self._activate(self._act_vol[1], np.minimum(self._grid, u_h))
+        # saturation ε·u ≤ s_j, i.e. u ≤ s_j/ε̂_j with each hypothesis' current effort estimate
+        limit = self._grid / np.clip(self._theta[:, 0], EFFORT_FLOOR, 1.0)
+        self._activate(self._act_vol[0], np.minimum(limit, u_q))
+        self._activate(self._act_vol[1], np.minimum(limit, u_h))
         vol = -a_q * self._act_vol[0] + a_h * self._act_vol[1]
         # reflex: delayed stretch velocity above each knot (quadriceps +ω, hamstrings −ω)
         self._omega_hist.append(omega)
@@ -555,24 +609,34 @@ class KneeTwinEstimator:
         self._z1 = self._b[1] * x - self._a[1] * yf + self._z2
         self._z2 = self._b[2] * x - self._a[2] * yf
         self._patient_nm = float(yf[0])
-        target = yf[0] - yf[1] - yf[2 : 2 + self._n_grid]
-        phi = yf[2 + self._n_grid :]
         if self._samples > self._warmup:
-            self._update(phi, target)
+            self._update(yf[2 : 2 + self._n_grid], yf[2 + self._n_grid :], float(yf[0] - yf[1]))
         self._last = self._estimate(float(reading.t_s))
         return self._last
 
-    def _update(self, phi: NDArray[np.float64], target: NDArray[np.float64]) -> None:
+    def _update(self, vol: NDArray[np.float64], refl: NDArray[np.float64], target: float) -> None:
+        """One RLS step of every hypothesis: ``target = ε_j·vol_j + refl·g_j``."""
         cfg = self.config
         lam = cfg.forgetting_factor
-        err = target - self._theta @ phi  # a-priori residual of every hypothesis
+        phi = np.empty_like(self._theta)
+        phi[:, 0] = vol
+        phi[:, 1:] = refl
+        err = target - np.einsum("ji,ji->j", phi, self._theta)  # a-priori residuals
         self._ssr = lam * self._ssr + err * err
         self._weight = lam * self._weight + 1.0
-        pf = self._rls.p @ phi
-        gain = pf / (lam + phi @ pf)
-        self._rls.theta[:] = self._theta[self._choice]
-        self._rls.update(phi, float(target[self._choice]))
-        self._theta += np.outer(err, gain)
+        pf = np.einsum("jik,jk->ji", self._pcov, phi)
+        gain = pf / (lam + np.einsum("ji,ji->j", phi, pf))[:, np.newaxis]
+        self._theta += gain * err[:, np.newaxis]
+        pcov = self._pcov - gain[:, :, np.newaxis] * pf[:, np.newaxis, :]
+        pcov = 0.5 * (pcov + pcov.transpose(0, 2, 1)) / lam
+        # ε ∈ [EFFORT_FLOOR, 1]: project onto the bound in the metric of P⁻¹ (the reflex
+        # coefficients move along their correlation with ε)
+        excess = self._theta[:, 0] - np.clip(self._theta[:, 0], EFFORT_FLOOR, 1.0)
+        self._theta -= pcov[:, :, 0] * (excess / pcov[:, 0, 0])[:, np.newaxis]
+        pcov[:, 0, 0] += self._effort_q  # the effort drifts: its own, shorter memory
+        trace = np.einsum("jii->j", pcov)
+        pcov *= np.minimum(1.0, self._max_trace / trace)[:, np.newaxis, np.newaxis]
+        self._pcov = pcov
         self._used += 1
         self._choice = int(self._consistent()[-1])
 
@@ -605,6 +669,10 @@ class KneeTwinEstimator:
             gain = cfg.prior_spasticity_gain_per_rad_s
         else:
             top = int(np.nonzero(explored)[0][-1])
-            gain = float(np.sum(self._theta[self._choice, : top + 1]))
+            gain = float(np.sum(self._theta[self._choice, 1 : top + 2]))
             gain = min(max(gain, 0.0), cfg.max_spasticity_gain_per_rad_s)
-        return KneeTwinEstimate(t_s, self._patient_nm, cap, gain, rms)
+        if evidence:
+            effort = min(max(float(self._theta[self._choice, 0]), 0.0), 1.0)
+        else:
+            effort = cfg.prior_voluntary_effort
+        return KneeTwinEstimate(t_s, self._patient_nm, cap, gain, rms, effort)

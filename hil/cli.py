@@ -565,7 +565,8 @@ def _run_exo(cli_args: argparse.Namespace) -> int:
             tw = row["twin"]
             print(
                 f"{'':<10} twin: voluntary capacity {tw['voluntary_capacity']:.2f} (true "
-                f"{tw['voluntary_capacity_true']:.2f}), spasticity gain "
+                f"{tw['voluntary_capacity_true']:.2f}), effort {tw['voluntary_effort']:.2f} "
+                f"(true {tw['voluntary_effort_true']:.2f}), spasticity gain "
                 f"{tw['spasticity_gain_per_rad_s']:.3f} (true "
                 f"{tw['spasticity_gain_true_per_rad_s']:.3f}) /(rad/s)"
             )

@@ -56,7 +56,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -75,7 +74,7 @@ from agents.exo_messages import (
 )
 from agents.exo_supervisor import ExoSupervisor, ExoSupervisorConfig
 from agents.messages import Record
-from hil.pacing import PacingStats, pace, request_realtime
+from hil.pacing import PacedThread, PacingStats
 from hil.rig import RigConfigError
 from hw_bridge.errors import WriteRefused
 from plant.exo_metrics import exo_metrics
@@ -380,55 +379,6 @@ def task_period_s(row: NDArray[np.float64]) -> float:
     return float(row[K_T] if int(row[K_KIND]) == KIND_CYCLIC else row[K_TOTAL])
 
 
-class _Pacer:
-    """:func:`hil.pacing.pace` in a thread named ``exo-rig``, with the rig's spin window.
-
-    :class:`hil.pacing.PacedThread` with a ``spin_s`` (which it does not take): ``stop``
-    ends the loop after its tick, ``join`` re-raises what the loop raised.
-    """
-
-    def __init__(
-        self,
-        fn: Callable[[int], None],
-        period_s: float,
-        *,
-        n_ticks: int,
-        on_tick: Callable[[int, float, float], None],
-        realtime: bool,
-        spin_s: float,
-    ) -> None:
-        self._stop = threading.Event()
-        self.stats: PacingStats | None = None
-        self.error: BaseException | None = None
-        self.realtime_refused: str | None = None
-
-        def run() -> None:
-            if realtime:
-                self.realtime_refused = request_realtime()
-            try:
-                self.stats = pace(
-                    fn, period_s, n_ticks=n_ticks, stop=self._stop, spin_s=spin_s, on_tick=on_tick
-                )
-            except BaseException as exc:  # handed to join()
-                self.error = exc
-
-        self._thread = threading.Thread(target=run, name="exo-rig", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout_s: float | None = None) -> PacingStats:
-        self._thread.join(timeout_s)
-        if self.error is not None:
-            raise self.error
-        if self.stats is None:
-            raise TimeoutError("the paced loop did not end in time")
-        return self.stats
-
-
 # -- the drive port --------------------------------------------------------------------------
 class DrivePort(Protocol):
     """What the rig needs of a drive (a :class:`hw_bridge.modbus_client.ModbusDevice`)."""
@@ -531,7 +481,7 @@ class ExoRig:
         self.realtime_refused: str | None = None
         self._alarmed = False
         self._safe_applied = False
-        self._runner: _Pacer | None = None
+        self._runner: PacedThread | None = None
         self._t_enabled = math.nan
         self._offset_s = 0.0
         self._last_heartbeat: int | None = None
@@ -798,10 +748,11 @@ class ExoRig:
         gc.collect()
         gc.freeze()
         self.enable()
-        runner = _Pacer(
+        runner = PacedThread(
             self.step,
             cfg.period_s,
             n_ticks=n,
+            name="exo-rig",
             on_tick=tick_done,
             realtime=cfg.realtime,
             spin_s=cfg.spin_s,

@@ -150,7 +150,8 @@ def request_realtime(priority: int = 50) -> str | None:
 class PacedThread:
     """:func:`pace` in a dedicated thread; :meth:`stop` ends it, :attr:`stats` holds the result.
 
-    With ``realtime=True`` the thread asks for ``SCHED_FIFO`` first (:func:`request_realtime`);
+    ``spin_s`` is :func:`pace`'s spin window. With ``realtime=True`` the thread asks for
+    ``SCHED_FIFO`` first (:func:`request_realtime`);
     :attr:`realtime_refused` says why it was not granted (None when it was, or not asked).
     """
 
@@ -163,6 +164,7 @@ class PacedThread:
         name: str = "paced-loop",
         on_tick: Callable[[int, float, float], None] | None = None,
         realtime: bool = False,
+        spin_s: float = SPIN_S,
     ) -> None:
         self._stop = threading.Event()
         self.stats: PacingStats | None = None
@@ -173,7 +175,9 @@ class PacedThread:
             if realtime:
                 self.realtime_refused = request_realtime()
             try:
-                self.stats = pace(fn, period_s, n_ticks=n_ticks, stop=self._stop, on_tick=on_tick)
+                self.stats = pace(
+                    fn, period_s, n_ticks=n_ticks, stop=self._stop, spin_s=spin_s, on_tick=on_tick
+                )
             except BaseException as exc:  # handed to join()
                 self.error = exc
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +46,13 @@ from plant.envs.knee_exo_core import (
 )
 from policies.errors import PolicyConfigError, PolicyError
 from policies.exo_controllers import ExoInput
-from policies.learned import METADATA_FORMAT, _load_model, _paths
+from policies.learned import (
+    METADATA_FORMAT,
+    _load_model,
+    _paths,
+    reloads_model_setstate,
+    ships_model_path_getstate,
+)
 
 #: Version of the knee policies' observation/action layout; bump it whenever the meaning of the
 #: observation (order, units, clipping, normalisation) or of the action changes.
@@ -165,18 +170,8 @@ class ExoPolicyController:
         #: where the model was loaded from (a copy sent to another process reloads it there)
         self.model_path: str | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        if self.model_path is not None:  # ship the path, not the torch module
-            state["model"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self.model is None and self.model_path is not None:
-            algorithm = str(self.metadata.get("algorithm"))
-            self.model = _load_model(algorithm, Path(self.model_path), self.model_path)
-            self.warm_up()
+    __getstate__ = ships_model_path_getstate
+    __setstate__ = reloads_model_setstate
 
     def warm_up(self) -> None:
         """One throw-away prediction: torch's first call in a process is slow (~1 s)."""

@@ -47,6 +47,23 @@ METADATA_FORMAT = "twinloop-policy"
 _MODELS: dict[tuple[str, float], Any] = {}
 
 
+def ships_model_path_getstate(self: Any) -> dict[str, Any]:
+    """``__getstate__`` of a learned controller: ship the model's path, not the torch module."""
+    state = dict(self.__dict__)
+    if self.model_path is not None:
+        state["model"] = None
+    return state
+
+
+def reloads_model_setstate(self: Any, state: dict[str, Any]) -> None:
+    """``__setstate__`` of a learned controller: reload the model from its path, warm it up."""
+    self.__dict__.update(state)
+    if self.model is None and self.model_path is not None:
+        algorithm = str(self.metadata.get("algorithm"))
+        self.model = _load_model(algorithm, Path(self.model_path), self.model_path)
+        self.warm_up()
+
+
 class LearnedPolicyController:
     """Runs a trained policy in the loop (see the module docstring).
 
@@ -81,18 +98,8 @@ class LearnedPolicyController:
         #: where the model was loaded from (a copy sent to another process reloads it there)
         self.model_path: str | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        if self.model_path is not None:  # ship the path, not the torch module
-            state["model"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self.model is None and self.model_path is not None:
-            algorithm = str(self.metadata.get("algorithm"))
-            self.model = _load_model(algorithm, Path(self.model_path), self.model_path)
-            self.warm_up()
+    __getstate__ = ships_model_path_getstate
+    __setstate__ = reloads_model_setstate
 
     def warm_up(self) -> None:
         """One throw-away prediction, so that a slow first call does not fall on a tick.

@@ -22,7 +22,7 @@ import pytest
 from agents.errors import LoopConfigError
 from agents.exo_messages import ExoSensorReading, TaskReference
 from agents.knee_twin import KneeTwinConfig, KneeTwinEstimator
-from plant.knee import KneePlant, knee_preset
+from plant.knee import X_EFFORT, KneePlant, knee_preset
 from plant.knee_tasks import CyclicFlexionExtension, reference_series
 from policies.exo_controllers import ExoInput, ImpedanceController
 
@@ -44,9 +44,20 @@ class Run:
     estimates: list
     true_patient_nm: np.ndarray
     twin: KneeTwinEstimator
+    true_effort: np.ndarray
 
 
-def _simulate(preset, *, resist=0.0, stiffness=20.0, seconds=30.0, seed=0, config=None):
+def _simulate(
+    preset,
+    *,
+    resist=0.0,
+    stiffness=20.0,
+    damping=1.0,
+    seconds=30.0,
+    seed=0,
+    config=None,
+    **patient,
+):
     rng = np.random.default_rng(seed)
     period = 2.0
     cycles = math.ceil((seconds - 0.5) / period)
@@ -56,8 +67,8 @@ def _simulate(preset, *, resist=0.0, stiffness=20.0, seconds=30.0, seed=0, confi
     n = round(seconds * HZ)
     t = np.arange(n + 1) * DT
     th_ref, om_ref = reference_series(task, t)
-    plant = KneePlant(knee_preset(preset), theta0_rad=float(th_ref[0]))
-    impedance = ImpedanceController(stiffness, 1.0, torque_limit_nm=40.0)
+    plant = KneePlant(knee_preset(preset, **patient), theta0_rad=float(th_ref[0]))
+    impedance = ImpedanceController(stiffness, damping, torque_limit_nm=40.0)
     twin = KneeTwinEstimator(NOMINAL, config, HZ)
     bias = rng.normal(0.0, 0.3)
 
@@ -67,7 +78,7 @@ def _simulate(preset, *, resist=0.0, stiffness=20.0, seconds=30.0, seed=0, confi
     prev = encoder(plant.angle_rad)
     applied = 0.0
     reference = TaskReference(0.0, float(th_ref[0]), 0.0)
-    inputs, estimates, true_nm = [], [], []
+    inputs, estimates, true_nm, effort = [], [], [], []
     for k in range(n + 1):
         angle = encoder(plant.angle_rad)
         velocity = (angle - prev) / DT if k else 0.0
@@ -78,12 +89,13 @@ def _simulate(preset, *, resist=0.0, stiffness=20.0, seconds=30.0, seed=0, confi
         inputs.append((reading, reference, applied))
         estimates.append(twin.step(reading, reference, applied))
         true_nm.append(plant.reading.patient_torque_nm)
+        effort.append(float(plant.x[X_EFFORT]))
         obs = ExoInput(t[k], angle, velocity, float(th_ref[k]), float(om_ref[k]))
         applied = max(-40.0, min(40.0, impedance.torque(obs) - resist * angle))
         reference = TaskReference(t[k], float(th_ref[k]), float(om_ref[k]))
         plant.set_reference(reference.reference_rad, reference.reference_velocity_rad_s)
         plant.step(applied, DT)
-    return Run(inputs, estimates, np.array(true_nm), twin)
+    return Run(inputs, estimates, np.array(true_nm), twin, np.array(effort))
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +246,70 @@ def test_a_step_takes_well_under_a_millisecond(assistive):
         twin.step(*x)
         times.append(time.perf_counter() - t0)
     assert float(np.median(times)) < 0.5e-3  # measured ~0.07 ms
+
+
+#: a strong assistive impedance under which the patient slacks (Emken et al. 2007)
+SLACK_K = {"strong": (200.0, 10.0), "modest": (60.0, 3.0)}
+
+
+@pytest.fixture(scope="module")
+def slacking():
+    return {
+        (name, level): _simulate(name, stiffness=k, damping=b, seconds=40.0)
+        for name in ("healthy", "mild", "moderate")
+        for level, (k, b) in SLACK_K.items()
+    }
+
+
+def _effort_error(run):
+    est = np.array([e.voluntary_effort for e in run.estimates])
+    return np.abs(est - run.true_effort)[round(5.0 * HZ) :]
+
+
+@pytest.mark.parametrize("level", ["modest", "strong"])
+def test_slacking_is_not_read_as_weakness(slacking, level):
+    # K = 60 / 200 N·m/rad: the true effort decays to 0.98-0.83 / 0.88-0.57; without the
+    # effort term the twin read this as weakness (capacity down to 0.07). Measured: capacity
+    # 1.0 ("no weakness seen") throughout, reflex gains within 4 %
+    for name in ("healthy", "mild", "moderate"):
+        run = slacking[name, level]
+        caps = [e.voluntary_capacity for e in run.estimates]
+        assert min(caps) >= 0.25, name
+        assert caps[-1] == 1.0, name
+        gain = run.estimates[-1].spasticity_gain_per_rad_s
+        if name == "healthy":
+            assert gain < 0.002
+        else:
+            assert gain == pytest.approx(TRUE_GAIN[name], rel=0.10), name
+
+
+def test_the_effort_estimate_tracks_the_true_effort(slacking):
+    # after 5 s (warm-up, evidence, the filter's transient); measured max |error| 0.027-0.063
+    # (the RLS lags the decay by about a second: slope 0.03/s), RMS 0.012-0.029
+    decayed = slacking["healthy", "strong"].true_effort
+    assert decayed[-1] < 0.65  # the patient did slack
+    for key, run in slacking.items():
+        err = _effort_error(run)
+        assert err.max() < 0.08, key
+        assert np.sqrt(np.mean(err**2)) < 0.04, key
+        assert 0.0 <= run.estimates[-1].voluntary_effort <= 1.0
+
+
+def test_without_slacking_the_effort_is_one():
+    # measured: 0.987-1.0 (mild), the reflex gain within 3 %
+    run = _simulate(
+        "mild",
+        stiffness=200.0,
+        damping=10.0,
+        slacking_rate_per_s=0.0,
+        slacking_error_gain_per_rad_s=0.0,
+    )
+    assert np.all(run.true_effort == 1.0)
+    effort = np.array([e.voluntary_effort for e in run.estimates])
+    assert effort[: round(2.5 * HZ)].min() == 1.0  # the prior
+    assert effort[round(5.0 * HZ) :].min() > 0.95
+    assert run.estimates[-1].voluntary_capacity == 1.0
+    assert run.estimates[-1].spasticity_gain_per_rad_s == pytest.approx(TRUE_GAIN["mild"], rel=0.10)
 
 
 @pytest.mark.parametrize(
