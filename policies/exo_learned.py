@@ -47,9 +47,9 @@ from plant.envs.knee_exo_core import (
 from policies.errors import PolicyConfigError, PolicyError
 from policies.exo_controllers import ExoInput
 from policies.learned import (
-    METADATA_FORMAT,
     _load_model,
     _paths,
+    read_metadata_file,
     reloads_model_setstate,
     ships_model_path_getstate,
 )
@@ -288,20 +288,7 @@ def read_exo_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         PolicyConfigError: missing or corrupt file, or not a knee policy of this layout.
 
     """
-    meta_path, _ = _paths(path)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except OSError as exc:
-        raise PolicyConfigError(
-            f"policy {path}: cannot read {meta_path} ({exc.strerror or exc})"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PolicyConfigError(f"policy {path}: {meta_path} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
-        raise PolicyConfigError(
-            f"policy {path}: {meta_path} is not a twinloop policy metadata file "
-            f"(format {METADATA_FORMAT!r} expected)"
-        )
+    meta = read_metadata_file(path)
     check_exo_compatible(meta, str(path))
     return meta
 

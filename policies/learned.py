@@ -170,6 +170,18 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             env, env layout version, observation or action layout than this code's.
 
     """
+    meta = read_metadata_file(path)
+    check_compatible(meta, str(path))
+    return meta
+
+
+def read_metadata_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``policy.json`` of the saved policy at ``path``, of any task family, unchecked.
+
+    Raises:
+        PolicyConfigError: the file is missing, not JSON, or not a twinloop policy file.
+
+    """
     meta_path, _ = _paths(path)
     try:
         meta = json.loads(meta_path.read_text())
@@ -184,7 +196,6 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"policy {path}: {meta_path} is not a twinloop policy metadata file "
             f"(format {METADATA_FORMAT!r} expected)"
         )
-    check_compatible(meta, str(path))
     return meta
 
 

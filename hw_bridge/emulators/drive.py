@@ -120,7 +120,6 @@ every read fills its table from one consistent snapshot.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import logging
@@ -129,7 +128,6 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Any, Protocol, cast, runtime_checkable
 
 from pymodbus.constants import ExcCodes
@@ -138,7 +136,7 @@ from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusBaseServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from hw_bridge.emulators.pump import EmulatorError, server_address
+from hw_bridge.emulators.pump import EmulatorError, ServerThread, server_address
 from hw_bridge.wire import WireFaults, WireHooks, refuse
 
 __all__ = [
@@ -1231,90 +1229,20 @@ class DriveEmulator:
         return thread
 
 
-class DriveServerThread:
+class DriveServerThread(ServerThread):
     """A drive's Modbus TCP server in a background thread (``drive-server``) with its own loop.
 
-    Attributes:
-        tcp_address: ``(host, port)`` the server is bound to.
-
+    :meth:`stop` also stops the drive's joint thread. Attributes as :class:`ServerThread`.
     """
 
     def __init__(self, emulator: DriveEmulator, opener: Callable[[], Any]) -> None:
-        self.emulator = emulator
-        self._opener = opener
-        self._loop = asyncio.new_event_loop()
-        self._server: ModbusBaseServer | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="drive-server", daemon=True)
-        self.tcp_address: tuple[str, int] = ("", 0)
-
-    @property
-    def alive(self) -> bool:
-        """Whether the server thread runs."""
-        return self._thread.is_alive()
-
-    def start(self, *, timeout_s: float = 5.0) -> None:
-        """Start the thread and wait until the server listens (or failed)."""
-        self._thread.start()
-        if not self._ready.wait(timeout_s):
-            self.stop()
-            raise EmulatorError(f"drive server did not start within {timeout_s} s")
-        if self._error is not None:
-            self._thread.join(timeout_s)
-            error = self._error
-            raise error if isinstance(error, EmulatorError) else EmulatorError(str(error))
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._main())
-        finally:
-            pending = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
-            for task in pending:
-                task.cancel()
-            if pending:
-                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-            self._loop.close()
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        try:
-            self._server = await self._opener()
-            self.tcp_address = server_address(self._server)
-        except BaseException as exc:  # report to the starting thread
-            self._error = exc
-        finally:
-            self._ready.set()
-        try:
-            if self._error is None:
-                await self._stop.wait()
-        finally:
-            if self._server is not None:
-                await self.emulator.close_server(self._server)
+        super().__init__(emulator, [opener], name="drive-server", what="drive server")
+        self.drive = emulator
 
     def stop(self, *, timeout_s: float = 5.0) -> None:
         """Stop the server, its thread and the drive's joint thread (idempotent)."""
-        self.emulator.stop_joint(timeout_s)
-        if self._thread.is_alive() and self._stop is not None:
-            stop = self._stop
-            with contextlib.suppress(RuntimeError):  # the loop already closed
-                self._loop.call_soon_threadsafe(stop.set)
-        if self._thread.ident is not None:
-            self._thread.join(timeout_s)
-
-    def __enter__(self) -> DriveServerThread:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self.drive.stop_joint(timeout_s)
+        super().stop(timeout_s=timeout_s)
 
 
 def _check_int(field: str, value: object, low: int, high: int) -> None:

@@ -78,7 +78,7 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Protocol, Self, cast
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
@@ -911,10 +911,12 @@ def server_address(server: ModbusBaseServer) -> tuple[str, int]:
     return str(host), int(port)
 
 
-class PumpServerThread:
-    """Pump servers running in a background thread with their own asyncio loop.
+class _ServesModbus(Protocol):
+    async def close_server(self, server: ModbusBaseServer) -> None: ...
 
-    Created by :meth:`PumpEmulator.start_in_thread`. The thread is named ``pump-server``.
+
+class ServerThread:
+    """An emulator's Modbus servers in a background thread with their own asyncio loop.
 
     Attributes:
         tcp_address: ``(host, port)`` of the TCP/TLS server, or ``None``.
@@ -922,15 +924,23 @@ class PumpServerThread:
 
     """
 
-    def __init__(self, emulator: PumpEmulator, openers: list[Callable[[], Any]]) -> None:
+    def __init__(
+        self,
+        emulator: _ServesModbus,
+        openers: list[Callable[[], Any]],
+        *,
+        name: str,
+        what: str,
+    ) -> None:
         self.emulator = emulator
         self._openers = openers
+        self._what = what
         self._loop = asyncio.new_event_loop()
         self._servers: list[ModbusBaseServer] = []
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="pump-server", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.tcp_address: tuple[str, int] | None = None
         self.rtu_port: str | None = None
 
@@ -944,7 +954,7 @@ class PumpServerThread:
         self._thread.start()
         if not self._ready.wait(timeout_s):
             self.stop()
-            raise EmulatorError(f"pump servers did not start within {timeout_s} s")
+            raise EmulatorError(f"{self._what} did not start within {timeout_s} s")
         if self._error is not None:
             self._thread.join(timeout_s)
             error = self._error
@@ -993,7 +1003,7 @@ class PumpServerThread:
         if self._thread.ident is not None:
             self._thread.join(timeout_s)
 
-    def __enter__(self) -> PumpServerThread:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -1003,6 +1013,16 @@ class PumpServerThread:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class PumpServerThread(ServerThread):
+    """Pump servers in a background thread named ``pump-server`` (see :class:`ServerThread`).
+
+    Created by :meth:`PumpEmulator.start_in_thread`.
+    """
+
+    def __init__(self, emulator: PumpEmulator, openers: list[Callable[[], Any]]) -> None:
+        super().__init__(emulator, openers, name="pump-server", what="pump servers")
 
 
 def _check_range(field: str, value: float, low: float, high: float) -> None:
