@@ -11,6 +11,7 @@ from agents.exo_report import build_exo_report, is_exo_recording
 from agents.exo_run import exo_loops, run_in_memory, run_knee_exo
 from agents.recording import column_listener
 from hil.cli import main
+from plant.envs.knee_exo_core import S_CMD
 
 DEG = math.pi / 180
 
@@ -128,6 +129,7 @@ def test_stale_encoder_data_makes_the_exoskeleton_compliant():
     stale_after = cut_s + config.supervisor.encoder_stale_s + 1.5 / config.control_hz
     assert np.all(applied[t > stale_after] == 0.0)
     assert np.any(applied[t < cut_s] != 0.0)
+    assert loop.batch.scal[0, S_CMD] == 0.0  # what the drive got last, not only the channel
     assert "stale encoder" in set(columns["supervisor->overrides"]["rule"])
 
 
