@@ -5,13 +5,15 @@ Prints one JSON object. Run it network-isolated (it starts a Modbus TCP server o
     ../shared/bin/offline .venv/bin/python benchmarks/exo_hil_timing.py             # 30 s
     ../shared/bin/offline .venv/bin/python benchmarks/exo_hil_timing.py --seconds 120
 
-* The **drive**: the emulated CiA 402 drive (:class:`hw_bridge.emulators.drive.DriveEmulator`)
-  with the knee plant behind it, its patient following the task (``knee_backend(preset,
-  seed=…, task=…)``), served on 127.0.0.1 in **its own process** (as a real drive is its own
-  device), stepping the knee at 1 kHz in its own thread (sleep, then spin the last
-  ``--drive-spin-us``). Its :class:`~hw_bridge.emulators.drive.LoopTiming` is reset when the
-  rig starts and read when it ends, so ``drive_1khz`` covers exactly the session:
-  lateness (tick start − due) and duration (the drive tick: state machine + knee step).
+* The **drive**: the emulated CiA 402 drive with the knee plant behind it, its patient
+  following the task (``knee_factory(preset, seed=…, task=…)``), served on 127.0.0.1 from
+  **its own process** (as a real drive is its own device). With ``--drive-joint process`` (the
+  default, as ``twinloop emulate drive``) its firmware and 1 kHz joint loop run in a core
+  process of their own (:class:`hw_bridge.emulators.drive_process.DriveProcess`); with
+  ``thread`` in a thread of the server's process (:class:`DriveEmulator`). The loop sleeps,
+  then spins the last ``--drive-spin-us``. Its ``LoopTiming`` is reset when the rig starts
+  and read when it ends, so ``drive_1khz`` covers exactly the session: lateness (tick start −
+  due) and duration.
 * The **rig**: :func:`hil.exo_rig.run_exo_session` in this process through the shipped profile
   ``exo_drive_tcp`` — CiA 402 start-up, then at 100 Hz one read (input registers 0–9) and one
   write (target torque) per tick, the task reference, the controller, the supervisor, and a
@@ -54,6 +56,7 @@ def _drive_process(
     spin_s: float,
     switch_s: float | None,
     realtime: bool,
+    joint: str,
 ) -> None:
     """The drive's process: serve, then answer "reset" / "summary" / "stop" on ``conn``.
 
@@ -67,9 +70,14 @@ def _drive_process(
         refused = request_realtime()
     if switch_s is not None:
         sys.setswitchinterval(switch_s)
-    from hw_bridge.emulators.drive import DriveEmulator, knee_backend
+    from hw_bridge.emulators.drive import DriveEmulator, DriveModbus, knee_backend
+    from hw_bridge.emulators.drive_process import DriveProcess, knee_factory
 
-    drive = DriveEmulator(knee_backend(preset, seed=seed, task=task), spin_s=spin_s)
+    drive: DriveModbus
+    if joint == "process":
+        drive = DriveProcess(knee_factory(preset, seed=seed, task=task), spin_s=spin_s)
+    else:
+        drive = DriveEmulator(knee_backend(preset, seed=seed, task=task), spin_s=spin_s)
     with drive.start_tcp("127.0.0.1", 0) as server:
         conn.send((server.tcp_address[1], refused))
         while True:
@@ -78,9 +86,12 @@ def _drive_process(
                 drive.timing.reset()
                 conn.send(None)
             elif command == "summary":
-                conn.send({**drive.timing.summary(), "resyncs": drive.resyncs})
+                conn.send({**drive.timing.summary(), "resyncs": getattr(drive, "resyncs", None)})
             else:
                 break
+    close = getattr(drive, "close", None)
+    if close is not None:
+        close()
     conn.send(None)
 
 
@@ -101,9 +112,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.drive_spin_us * 1e-6,
             switch_s,
             args.realtime,
+            args.drive_joint,
         ),
-        name="exo-drive",
-        daemon=True,
+        name="exo-drive",  # not a daemon: its DriveProcess starts a core process
     )
     proc.start()
     try:
@@ -188,6 +199,13 @@ def main() -> None:
         "--realtime",
         action="store_true",
         help="ask SCHED_FIFO for the rig's thread and the drive's process (needs CAP_SYS_NICE)",
+    )
+    parser.add_argument(
+        "--drive-joint",
+        choices=("process", "thread"),
+        default="process",
+        help="drive: 1 kHz firmware in a core process of its own (default) or in a thread of "
+        "the server's process",
     )
     parser.add_argument(
         "--switch-interval-us",

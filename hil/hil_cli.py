@@ -62,6 +62,12 @@ def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
         help="drive: at exit, write the 1 kHz joint loop's lateness/duration summary here",
     )
     emu.add_argument(
+        "--joint-thread",
+        action="store_true",
+        help="drive: run the 1 kHz firmware in a thread of the server's process (default: a "
+        "process of its own, so Modbus traffic cannot delay it)",
+    )
+    emu.add_argument(
         "--tls",
         nargs=3,
         metavar=("CERT", "KEY", "CA"),
@@ -224,7 +230,8 @@ def emulate(args: argparse.Namespace) -> int:
 
 def _emulate_drive(args: argparse.Namespace, stop: threading.Event) -> int:
     """Serve the emulated exoskeleton drive on Modbus TCP until ``stop`` is set or Ctrl-C."""
-    from hw_bridge.emulators.drive import PendulumJoint, knee_backend, run_drive
+    from hw_bridge.emulators.drive import PendulumJoint, run_drive
+    from hw_bridge.emulators.drive_process import knee_factory
 
     if not args.tcp:
         raise ValueError("emulate drive: give --tcp HOST:PORT (or PORT)")
@@ -232,11 +239,11 @@ def _emulate_drive(args: argparse.Namespace, stop: threading.Event) -> int:
     if not port_text.isdigit():
         raise ValueError(f"emulate drive: --tcp {args.tcp!r} is not HOST:PORT or PORT")
     if args.joint == "knee":
-        backend: Any = knee_backend(args.patient or "moderate", seed=args.seed, task=args.task)
+        factory: Any = knee_factory(args.patient or "moderate", seed=args.seed, task=args.task)
     elif args.task:
         raise ValueError("emulate drive: --task needs --joint knee")
     else:
-        backend = PendulumJoint()
+        factory = PendulumJoint
     task = f", task {args.task} (seed {args.seed})" if args.task else ""
 
     def ready(server: Any) -> None:
@@ -250,7 +257,8 @@ def _emulate_drive(args: argparse.Namespace, stop: threading.Event) -> int:
     timing = run_drive(
         host=host or args.bind,
         port=int(port_text),
-        backend=backend,
+        backend_factory=factory,
+        joint_process=not args.joint_thread,
         stop_event=stop,
         on_ready=ready,
     )

@@ -12,7 +12,9 @@ register set is served over Modbus TCP by a pymodbus 3.16 server built on ``SimD
 :attr:`DriveServerThread.tcp_address`). :func:`run_drive` is the blocking command-line entry.
 
 The joint thread records every tick's lateness and duration (:attr:`DriveEmulator.timing`, a
-:class:`LoopTiming`). :func:`knee_backend` with ``task=`` gives a knee whose patient follows a
+:class:`LoopTiming`). :class:`DriveModbus` is the Modbus face alone; the same firmware can run in
+a core process of its own behind it (:mod:`hw_bridge.emulators.drive_process`, what
+``twinloop emulate drive`` serves). :func:`knee_backend` with ``task=`` gives a knee whose patient follows a
 rehabilitation task (:class:`TaskFollowingJoint`): the task row of :func:`knee_task_row`, its
 clock restarted each time the drive enters Operation enabled (the drive calls a backend's
 optional ``on_enable()``), so a rig that starts its task clock at the same transition sees the
@@ -716,6 +718,28 @@ def _percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def check_holding_write(address: int, words: Sequence[int]) -> list[tuple[str, int]] | ExcCodes:
+    """Check a write of holding registers as a whole (it does not depend on the drive's state).
+
+    Returns:
+        The ``(field, word)`` pairs to apply in address order, or the Modbus exception: 02 an
+        address outside the map (or no words), 03 a mode other than CST, a ``max_torque``
+        above 2000 ‰ or a ``watchdog_ms`` above 60000.
+
+    """
+    if address not in _HR_FIELDS or address + len(words) > HR_COUNT or not words:
+        return ExcCodes.ILLEGAL_ADDRESS
+    fields = [(_HR_FIELDS[address + i], int(w) & 0xFFFF) for i, w in enumerate(words)]
+    for name, word in fields:
+        if name == "modes_of_operation" and _signed16(word) != CST_MODE:
+            return ExcCodes.ILLEGAL_VALUE
+        if name == "max_torque" and word > PEAK_TORQUE_PERMILLE:
+            return ExcCodes.ILLEGAL_VALUE
+        if name == "watchdog_ms" and word > MAX_WATCHDOG_MS:
+            return ExcCodes.ILLEGAL_VALUE
+    return fields
+
+
 # -- the drive -------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _State:
@@ -798,7 +822,166 @@ def _signed16(word: int) -> int:
     return word - 0x10000 if word & 0x8000 else word
 
 
-class DriveEmulator:
+class LoopTimingLike(Protocol):
+    """What a drive's ``timing`` offers: :class:`LoopTiming` here, or a core process's."""
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def reset(self) -> None: ...
+
+
+class DriveModbus:
+    """The drive's Modbus face: its register map served by pymodbus over TCP.
+
+    A subclass gives the firmware behind it: ``device_id``, ``faults`` (:class:`WireFaults`),
+    ``_images()`` (one consistent snapshot of both tables), ``write_holding()`` and
+    ``start_joint()``/``stop_joint()``. :class:`DriveEmulator` runs the firmware in this
+    process; :class:`hw_bridge.emulators.drive_process.DriveProcess` in a process of its own.
+    """
+
+    device_id: int
+    faults: WireFaults
+    #: The joint loop's timing (``summary()``, ``reset()``), wherever the loop runs.
+    timing: LoopTimingLike
+
+    def _images(self) -> dict[str, list[int]]:
+        raise NotImplementedError
+
+    def write_holding(self, address: int, words: Sequence[int]) -> ExcCodes | None:
+        raise NotImplementedError
+
+    def start_joint(self) -> None:
+        raise NotImplementedError
+
+    def stop_joint(self, timeout_s: float = 5.0) -> None:
+        raise NotImplementedError
+
+    def sim_device(self) -> SimDevice:
+        """A pymodbus ``SimDevice`` of the register map whose action runs this drive.
+
+        Its id is 0 (every device id); :meth:`screen` decides which ids are answered. The
+        coil and discrete tables hold one dummy bit each (pymodbus needs four tables);
+        :meth:`screen` refuses their functions with 01.
+        """
+        bit = [SimData(0, values=[False], datatype=DataType.BITS)]
+        holding = [SimData(0, values=[0] * HR_COUNT, datatype=DataType.UINT16)]
+        inputs = [SimData(0, values=[0] * IR_COUNT, datatype=DataType.UINT16)]
+        return SimDevice(id=0, simdata=(bit, list(bit), holding, inputs), action=self._action)
+
+    async def _action(
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        """Refresh a table before a read; apply a write (``SimDevice`` action, see pump.py)."""
+        del start_address, count
+        table = _FUNCTIONS.get(function_code, ("?", 0))[0]
+        if set_values is None:
+            if function_code == 6 or self.faults.freeze:
+                return None  # fc 6 echo read-back keeps the written word
+            image = self._images().get(table)
+            if image is not None:
+                registers[: len(image)] = image
+            return None
+        if table != "h":
+            return ExcCodes.ILLEGAL_ADDRESS
+        return self.write_holding(address, [int(v) for v in set_values])
+
+    def screen(self, request: ModbusPDU) -> ModbusPDU | None:
+        """Check a decoded request: unit id, function, quantity, address range."""
+        if request.dev_id != self.device_id and request.dev_id not in TCP_ANY_UNIT_IDS:
+            return refuse(request, ExcCodes.GATEWAY_NO_RESPONSE)
+        function = _FUNCTIONS.get(request.function_code)
+        if function is None:
+            return refuse(request, ExcCodes.ILLEGAL_FUNCTION)
+        table, max_quantity = function
+        if request.function_code == 6:
+            quantity = 1
+        elif request.function_code == 16:
+            quantity = len(request.registers)
+        else:
+            quantity = request.count
+        if not 1 <= quantity <= max_quantity or (
+            request.function_code == 16 and request.count != quantity
+        ):
+            return refuse(request, ExcCodes.ILLEGAL_VALUE)
+        if request.address + quantity > _TABLE_SIZE[table]:
+            return refuse(request, ExcCodes.ILLEGAL_ADDRESS)
+        return request
+
+    @staticmethod
+    def respond(response: ModbusPDU) -> ModbusPDU:
+        """Answer 03 (not pymodbus's 01) to an undecodable request of an implemented function."""
+        if (
+            isinstance(response, ExceptionResponse)
+            and response.exception_code == ExcCodes.ILLEGAL_FUNCTION
+            and response.function_code & 0x7F in _FUNCTIONS
+        ):
+            response.exception_code = ExcCodes.ILLEGAL_VALUE
+        return response
+
+    async def open_tcp(self, host: str = "127.0.0.1", *, port: int = 502) -> ModbusBaseServer:
+        """Open a Modbus TCP server in the running loop; port 0 picks a free one.
+
+        Raises:
+            EmulatorError: the address cannot be bound.
+
+        """
+        hooks = WireHooks(self.faults, framing="socket", screen=self.screen, respond=self.respond)
+        server = ModbusTcpServer(
+            self.sim_device(),
+            framer=FramerType.SOCKET,
+            address=(host, port),
+            trace_packet=hooks.trace_packet,
+            trace_pdu=cast(Any, hooks.trace_pdu),
+        )
+        try:
+            await server.serve_forever(background=True)
+        except (RuntimeError, OSError) as exc:
+            raise EmulatorError(f"drive: cannot serve on TCP {host}:{port}: {exc}") from None
+        self.faults.attach(server, asyncio.get_running_loop())
+        if port == 0:  # reopen (after a disconnect) on the port that was picked
+            server.init_setup_connect_listen(host, server_address(server)[1])
+        _log.info("drive (device id %d) serving Modbus TCP on %s", self.device_id, host)
+        return server
+
+    async def close_server(self, server: ModbusBaseServer) -> None:
+        """Stop a server opened by :meth:`open_tcp` (in its loop)."""
+        self.faults.detach(server)
+        await server.shutdown()
+        await asyncio.sleep(0)
+
+    def start_tcp(
+        self, host: str = "127.0.0.1", port: int = 502, *, run_joint: bool = True
+    ) -> DriveServerThread:
+        """Serve Modbus TCP in a background thread (and, with ``run_joint``, step the joint).
+
+        Args:
+            host: address to bind (loopback by default).
+            port: TCP port; 0 picks a free one (:attr:`DriveServerThread.tcp_address`).
+            run_joint: also start the 1 kHz joint thread (:meth:`start_joint`); ``False``
+                leaves the stepping to the caller (:meth:`step`).
+
+        Returns:
+            The running server; stop it with :meth:`DriveServerThread.stop` (or ``with``),
+            which also stops the joint thread.
+
+        Raises:
+            EmulatorError: the server could not start.
+
+        """
+        thread = DriveServerThread(self, lambda: self.open_tcp(host, port=port))
+        thread.start()
+        if run_joint:
+            self.start_joint()
+        return thread
+
+
+class DriveEmulator(DriveModbus):
     """An emulated servo drive (CiA 402 style, see the module docstring) on a joint.
 
     Args:
@@ -859,7 +1042,7 @@ class DriveEmulator:
         #: Times the joint thread fell more than ``MAX_CATCH_UP_S`` behind and resynchronised.
         self.resyncs = 0
         #: Lateness and duration of the joint thread's ticks (:meth:`start_joint`).
-        self.timing = LoopTiming(self.dt_s)
+        self.timing: LoopTiming = LoopTiming(self.dt_s)
 
     # -- conversions -------------------------------------------------------------------------
     @property
@@ -1027,42 +1210,6 @@ class DriveEmulator:
         ]
         return {"h": holding, "i": inputs}
 
-    # -- Modbus ----------------------------------------------------------------------------
-    def sim_device(self) -> SimDevice:
-        """A pymodbus ``SimDevice`` of the register map whose action runs this drive.
-
-        Its id is 0 (every device id); :meth:`screen` decides which ids are answered. The
-        coil and discrete tables hold one dummy bit each (pymodbus needs four tables);
-        :meth:`screen` refuses their functions with 01.
-        """
-        bit = [SimData(0, values=[False], datatype=DataType.BITS)]
-        holding = [SimData(0, values=[0] * HR_COUNT, datatype=DataType.UINT16)]
-        inputs = [SimData(0, values=[0] * IR_COUNT, datatype=DataType.UINT16)]
-        return SimDevice(id=0, simdata=(bit, list(bit), holding, inputs), action=self._action)
-
-    async def _action(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        set_values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        """Refresh a table before a read; apply a write (``SimDevice`` action, see pump.py)."""
-        del start_address, count
-        table = _FUNCTIONS.get(function_code, ("?", 0))[0]
-        if set_values is None:
-            if function_code == 6 or self.faults.freeze:
-                return None  # fc 6 echo read-back keeps the written word
-            image = self._images().get(table)
-            if image is not None:
-                registers[: len(image)] = image
-            return None
-        if table != "h":
-            return ExcCodes.ILLEGAL_ADDRESS
-        return self.write_holding(address, [int(v) for v in set_values])
-
     def write_holding(self, address: int, words: Sequence[int]) -> ExcCodes | None:
         """Apply a write of holding registers (what a Modbus write does), atomically.
 
@@ -1070,16 +1217,9 @@ class DriveEmulator:
             ``None``, or the Modbus exception: 02 outside the map, 03 a refused value.
 
         """
-        if address not in _HR_FIELDS or address + len(words) > HR_COUNT or not words:
-            return ExcCodes.ILLEGAL_ADDRESS
-        fields = [(_HR_FIELDS[address + i], int(w) & 0xFFFF) for i, w in enumerate(words)]
-        for name, word in fields:
-            if name == "modes_of_operation" and _signed16(word) != CST_MODE:
-                return ExcCodes.ILLEGAL_VALUE
-            if name == "max_torque" and word > PEAK_TORQUE_PERMILLE:
-                return ExcCodes.ILLEGAL_VALUE
-            if name == "watchdog_ms" and word > MAX_WATCHDOG_MS:
-                return ExcCodes.ILLEGAL_VALUE
+        fields = check_holding_write(address, words)
+        if isinstance(fields, ExcCodes):
+            return fields
         with self._lock:
             s = self._state
             for name, word in fields:
@@ -1095,70 +1235,6 @@ class DriveEmulator:
                 else:
                     s.watchdog_ms = word
         return None
-
-    def screen(self, request: ModbusPDU) -> ModbusPDU | None:
-        """Check a decoded request: unit id, function, quantity, address range."""
-        if request.dev_id != self.device_id and request.dev_id not in TCP_ANY_UNIT_IDS:
-            return refuse(request, ExcCodes.GATEWAY_NO_RESPONSE)
-        function = _FUNCTIONS.get(request.function_code)
-        if function is None:
-            return refuse(request, ExcCodes.ILLEGAL_FUNCTION)
-        table, max_quantity = function
-        if request.function_code == 6:
-            quantity = 1
-        elif request.function_code == 16:
-            quantity = len(request.registers)
-        else:
-            quantity = request.count
-        if not 1 <= quantity <= max_quantity or (
-            request.function_code == 16 and request.count != quantity
-        ):
-            return refuse(request, ExcCodes.ILLEGAL_VALUE)
-        if request.address + quantity > _TABLE_SIZE[table]:
-            return refuse(request, ExcCodes.ILLEGAL_ADDRESS)
-        return request
-
-    @staticmethod
-    def respond(response: ModbusPDU) -> ModbusPDU:
-        """Answer 03 (not pymodbus's 01) to an undecodable request of an implemented function."""
-        if (
-            isinstance(response, ExceptionResponse)
-            and response.exception_code == ExcCodes.ILLEGAL_FUNCTION
-            and response.function_code & 0x7F in _FUNCTIONS
-        ):
-            response.exception_code = ExcCodes.ILLEGAL_VALUE
-        return response
-
-    async def open_tcp(self, host: str = "127.0.0.1", *, port: int = 502) -> ModbusBaseServer:
-        """Open a Modbus TCP server in the running loop; port 0 picks a free one.
-
-        Raises:
-            EmulatorError: the address cannot be bound.
-
-        """
-        hooks = WireHooks(self.faults, framing="socket", screen=self.screen, respond=self.respond)
-        server = ModbusTcpServer(
-            self.sim_device(),
-            framer=FramerType.SOCKET,
-            address=(host, port),
-            trace_packet=hooks.trace_packet,
-            trace_pdu=cast(Any, hooks.trace_pdu),
-        )
-        try:
-            await server.serve_forever(background=True)
-        except (RuntimeError, OSError) as exc:
-            raise EmulatorError(f"drive: cannot serve on TCP {host}:{port}: {exc}") from None
-        self.faults.attach(server, asyncio.get_running_loop())
-        if port == 0:  # reopen (after a disconnect) on the port that was picked
-            server.init_setup_connect_listen(host, server_address(server)[1])
-        _log.info("drive (device id %d) serving Modbus TCP on %s", self.device_id, host)
-        return server
-
-    async def close_server(self, server: ModbusBaseServer) -> None:
-        """Stop a server opened by :meth:`open_tcp` (in its loop)."""
-        self.faults.detach(server)
-        await server.shutdown()
-        await asyncio.sleep(0)
 
     # -- threads -------------------------------------------------------------------------------
     def start_joint(self) -> None:
@@ -1203,31 +1279,6 @@ class DriveEmulator:
             self.step()
             record(late, clock() - began)
 
-    def start_tcp(
-        self, host: str = "127.0.0.1", port: int = 502, *, run_joint: bool = True
-    ) -> DriveServerThread:
-        """Serve Modbus TCP in a background thread (and, with ``run_joint``, step the joint).
-
-        Args:
-            host: address to bind (loopback by default).
-            port: TCP port; 0 picks a free one (:attr:`DriveServerThread.tcp_address`).
-            run_joint: also start the 1 kHz joint thread (:meth:`start_joint`); ``False``
-                leaves the stepping to the caller (:meth:`step`).
-
-        Returns:
-            The running server; stop it with :meth:`DriveServerThread.stop` (or ``with``),
-            which also stops the joint thread.
-
-        Raises:
-            EmulatorError: the server could not start.
-
-        """
-        thread = DriveServerThread(self, lambda: self.open_tcp(host, port=port))
-        thread.start()
-        if run_joint:
-            self.start_joint()
-        return thread
-
 
 class DriveServerThread(ServerThread):
     """A drive's Modbus TCP server in a background thread (``drive-server``) with its own loop.
@@ -1235,7 +1286,7 @@ class DriveServerThread(ServerThread):
     :meth:`stop` also stops the drive's joint thread. Attributes as :class:`ServerThread`.
     """
 
-    def __init__(self, emulator: DriveEmulator, opener: Callable[[], Any]) -> None:
+    def __init__(self, emulator: DriveModbus, opener: Callable[[], Any]) -> None:
         super().__init__(emulator, [opener], name="drive-server", what="drive server")
         self.drive = emulator
 
@@ -1254,7 +1305,8 @@ def run_drive(
     *,
     host: str = "127.0.0.1",
     port: int = 5021,
-    backend: JointBackend | None = None,
+    backend_factory: Callable[[], JointBackend] | None = None,
+    joint_process: bool = True,
     stop_event: threading.Event | None = None,
     on_ready: Callable[[DriveServerThread], None] | None = None,
 ) -> dict[str, Any]:
@@ -1263,7 +1315,11 @@ def run_drive(
     Args:
         host: address to bind.
         port: TCP port (0 picks one; see ``on_ready``).
-        backend: the joint (a :class:`PendulumJoint` if ``None``).
+        backend_factory: builds the joint (a :class:`PendulumJoint` if ``None``); picklable
+            when ``joint_process``.
+        joint_process: run the firmware and its 1 kHz loop in a process of its own
+            (:class:`~hw_bridge.emulators.drive_process.DriveProcess`, the default), or in a
+            thread of this one (:class:`DriveEmulator`).
         stop_event: set it from another thread to stop; ``None`` runs until interrupted.
         on_ready: called with the running server once it listens.
 
@@ -1271,18 +1327,31 @@ def run_drive(
         The 1 kHz joint loop's timing over the session (:meth:`LoopTiming.summary`).
 
     Raises:
+        ValueError: the joint refused its arguments.
         EmulatorError: the server could not start, or its thread ended unexpectedly.
 
     """
-    drive = DriveEmulator(backend)
+    factory = backend_factory if backend_factory is not None else PendulumJoint
+    drive: DriveModbus
+    if joint_process:
+        from hw_bridge.emulators.drive_process import DriveProcess
+
+        drive = DriveProcess(factory)
+    else:
+        drive = DriveEmulator(factory())
     stop = stop_event if stop_event is not None else threading.Event()
-    with drive.start_tcp(host, port) as server:
-        if on_ready is not None:
-            on_ready(server)
-        try:
-            while not stop.wait(0.5):
-                if not server.alive:
-                    raise EmulatorError("drive server thread ended unexpectedly")
-        except KeyboardInterrupt:
-            pass
-    return drive.timing.summary()
+    try:
+        with drive.start_tcp(host, port) as server:
+            if on_ready is not None:
+                on_ready(server)
+            try:
+                while not stop.wait(0.5):
+                    if not server.alive:
+                        raise EmulatorError("drive server thread ended unexpectedly")
+            except KeyboardInterrupt:
+                pass
+            return drive.timing.summary()
+    finally:
+        close = getattr(drive, "close", None)
+        if close is not None:
+            close()

@@ -269,3 +269,29 @@ def test_bad_input_is_one_line_without_traceback(argv, needle, capsys, tmp_path)
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_exo_loop_on_a_drive_whose_firmware_runs_in_its_own_process(tmp_path):
+    """The same session against ``DriveProcess``: its core runs the 1 kHz loop, as shipped by
+    ``twinloop emulate drive``; the rig cannot tell, and the loop tracks as well."""
+    from hw_bridge.emulators.drive_process import DriveProcess, knee_factory
+
+    factory = knee_factory("moderate", seed=3, task="cyclic")
+    with DriveProcess(factory) as drive, drive.start_tcp("127.0.0.1", 0) as server:
+        cfg = ExoRigConfig(
+            tcp=f"127.0.0.1:{server.tcp_address[1]}",
+            controller="aan",
+            patient="moderate",
+            seed=3,
+            seconds=6.0,
+        )
+        session = run_exo_session(cfg, out=tmp_path / "run")
+        assert drive.state == DriveState.SWITCH_ON_DISABLED  # the safe state at the end
+        ticks = drive.timing.summary()["ticks"]
+    s = session.summary
+    assert s["ended_by"] == "completed"
+    assert s["drive"]["startup"][-1]["state"] == "operation enabled"
+    assert s["exo"]["rms_error_deg"] <= RMS_BOUND_DEG[("moderate", "aan")]
+    assert s["exo"]["limit_violations"] == 0
+    assert s["fresh_readings"] >= 590
+    assert ticks >= 6000  # the core stepped the knee at 1 kHz for the whole session
