@@ -8,6 +8,10 @@ runs its transforms in order on every message, so a fault injector (hold, drop, 
 
 Transform contract: ``transform(message) -> message | None`` — return the (possibly changed)
 message to pass on, or ``None`` to drop it. A transform may keep state (e.g. a held value).
+
+A channel may also have *sources*: ``source(t0, t1) -> list[message]``, polled by the loop once
+per tick (:meth:`Channel.pull`) for messages that no agent produced (a false meal announcement);
+the loop sends what they return through the channel like any other message.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Channel(Generic[M]):
     def __init__(self, name: str) -> None:
         self.name = name
         self._transforms: list[Callable[[M], M | None]] = []
+        self._sources: list[Callable[[float, float], list[M]]] = []
         self._listeners: list[Listener] = []
         self._latest: M | None = None
         self.sent = 0
@@ -42,6 +47,16 @@ class Channel(Generic[M]):
     def add_transform(self, transform: Callable[[M], M | None]) -> None:
         """Append a transform; transforms run in the order they were added."""
         self._transforms.append(transform)
+
+    def add_source(self, source: Callable[[float, float], list[M]]) -> None:
+        """Add a source of injected messages, polled by :meth:`pull`."""
+        self._sources.append(source)
+
+    def pull(self, t0: float, t1: float) -> list[M]:
+        """The messages the sources inject in ``[t0, t1)`` (not yet sent)."""
+        if not self._sources:
+            return []
+        return [m for source in self._sources for m in source(t0, t1)]
 
     def listen(self, listener: Listener) -> None:
         """Call ``listener(channel_name, message)`` for every message that passes."""

@@ -14,9 +14,10 @@ One :class:`PatientLoop` runs one virtual patient. Per control tick at time ``t`
    controller gets the twin's :class:`~policies.interface.TwinPlanState` in its input;
 4. the supervisor reviews it (overrides on ``supervisor->overrides``) and sends the result on
    ``supervisor->actuator``;
-5. the actuator delivers minute by minute on ``actuator->plant`` while the plant advances,
-   publishing its true glucose each minute on ``plant->sensor``; the sensor reads when a sample
-   is due.
+5. the actuator delivers minute by minute on ``actuator->plant`` (what reaches the patient;
+   the twin and the supervisor are told the pump's own report of it, so a fault on that
+   channel is silent, as an occlusion is) while the plant advances, publishing its true glucose
+   each minute on ``plant->sensor``; the sensor reads when a sample is due.
 
 An agent that fails at a tick (it raises, or its Ray actor died and is being restarted) is
 replaced for that tick by a safe fallback, recorded on ``runtime->faults``: no readings for the
@@ -262,6 +263,11 @@ class PatientLoop:
                 announced += msg.carbs_g
                 messages.append(msg)
             self._meal_idx += 1
+        for injected in self.channels["meal->controller"].pull(float(t0), float(t1)):
+            msg = self.channels["meal->controller"].send(injected)  # e.g. a false meal
+            if isinstance(msg, MealAnnouncement):
+                announced += msg.carbs_g
+                messages.append(msg)
         return announced, starts, messages
 
     def _observation(self, t: float, announced_g: float) -> ControllerInput:
@@ -357,13 +363,11 @@ class PatientLoop:
         else:
             deliveries_now = outcome.value
         for k, delivery in enumerate(deliveries_now):
+            # the channel carries what reaches the patient; the twin and the supervisor get
+            # the pump's own report, which a silent actuator fault (an occlusion) leaves as is
             sent = self.channels["actuator->plant"].send(delivery)
-            if isinstance(sent, InsulinDelivery):
-                units = sent.total_u
-                self._last_deliveries.append(sent)
-            else:  # the delivery was lost on the way: nothing reached the patient
-                units = 0.0
-                self._last_deliveries.append(InsulinDelivery(float(t0 + k), 0.0, 0.0))
+            units = sent.total_u if isinstance(sent, InsulinDelivery) else 0.0
+            self._last_deliveries.append(delivery)
             self.iob.record(units)
             insulin[0, k] = units
         advance(

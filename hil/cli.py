@@ -172,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     from hil.train_cli import add_parser as add_train_parser
 
     add_train_parser(sub, _seed)
+    from hil.campaign_cli import add_parser as add_campaign_parser
+
+    add_campaign_parser(sub)
     return parser
 
 
@@ -606,6 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hil.train_cli import main_train
 
             return main_train(args)
+        if args.command == "campaign":
+            from hil.campaign_cli import main_campaign
+
+            return main_campaign(args)
         if args.command == "report":
             from agents.exo_report import build_exo_report, is_exo_recording
             from agents.report import build_report
