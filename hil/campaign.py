@@ -157,11 +157,29 @@ def run_one(spec: CampaignSpec, key: RunKey) -> tuple[dict[str, Any], dict[str, 
     from hil.safety import evaluate_exo, evaluate_glucose
 
     began = time.perf_counter()
+    scenario = spec.scenario(key.scenario)
+    if spec.hil is not None:
+        from hil.hil_campaign import run_hil
+
+        verdict, trace = run_hil(spec, key)
+        hits = verdict.pop("wire_fault_hits")
+        return (
+            {
+                "version": RESULT_VERSION,
+                "id": key.id,
+                **dataclasses.asdict(key),
+                "faults": [f.fault for f in scenario.faults],
+                "status": "ok",
+                "fault_hits": hits,
+                **verdict,
+                "wall_s": time.perf_counter() - began,
+            },
+            trace,
+        )
     loop, actives = build_loop(spec, key)
     columns: Columns = {}
     loop.listen(column_listener(columns, key.patient))
     _run_loop(spec, loop)
-    scenario = spec.scenario(key.scenario)
     if spec.therapy == "glucose":
         verdict, trace = evaluate_glucose(spec, scenario, columns, loop)
     else:

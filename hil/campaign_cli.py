@@ -41,9 +41,10 @@ and what each category means: the docstring of `hil/faults.py`. The campaign for
 `hil/campaign_spec.py`; examples: `hil/campaigns/`.
 
 Windows (`start`, `duration`) are in the loop's time unit: minutes for the glucose loop,
-seconds for the knee exoskeleton. Wire faults act on an emulated device's Modbus wire
-(`hw_bridge.wire.WireFaults`, `twinloop emulate ... --fault`) and are refused by simulated
-campaigns.
+seconds for the knee exoskeleton. Wire faults act on the emulated pump's Modbus wire
+(`hw_bridge.wire.WireFaults`) and run in campaigns with a `hil:` block, through the HIL rig in
+accelerated time (`hil/hil_campaign.py`; example `hil/campaigns/pump_wire_hil.yaml`); a
+simulated campaign refuses them.
 """
 
 
@@ -55,7 +56,9 @@ def catalogue_markdown() -> str:
     lines = [DOC_HEADER]
     for category in ("sensor", "actuator", "data", "timing", "exo", "wire"):
         lines.append(f"## {category}\n")
-        lines.append("| fault | loop | channels | parameters (default, range, unit) | what it does |")
+        lines.append(
+            "| fault | loop | channels | parameters (default, range, unit) | what it does |"
+        )
         lines.append("|---|---|---|---|---|")
         for f in CATALOGUE.values():
             if f.category != category:
@@ -77,8 +80,8 @@ def catalogue_markdown() -> str:
     lines.append("## Safety requirements: the vocabulary\n")
     lines.append("| rule | loop | parameters | checks |")
     lines.append("|---|---|---|---|")
-    for rule, (therapy, params, text) in REQUIREMENT_RULES.items():
-        ps = ", ".join(f"`{k}` ({u})" for k, u in params.items()) or "—"
+    for rule, (therapy, rule_params, text) in REQUIREMENT_RULES.items():
+        ps = ", ".join(f"`{k}` ({u})" for k, u in rule_params.items()) or "—"
         lines.append(f"| `{rule}` | {therapy} | {ps} | {text} |")
     lines.append("")
     return "\n".join(lines)

@@ -193,6 +193,7 @@ def _fault_line(
     defaults: tuple[float, float],
     where: _Where,
     parent: object,
+    hil: bool = False,
 ) -> FaultLine:
     here = where(node, parent)
     if not isinstance(node, dict):
@@ -202,16 +203,25 @@ def _fault_line(
     fault = CATALOGUE.get(str(name))
     if fault is None:
         raise SpecError(here, f"unknown fault {name!r} (the catalogue: {', '.join(CATALOGUE)})")
-    if fault.category == "wire":
+    if fault.category == "wire" and not hil:
         raise SpecError(
             here,
-            f"fault {name!r} acts on the wire of an emulated device: it runs in HIL sessions, "
-            "not in a simulated campaign",
+            f"fault {name!r} acts on the wire of an emulated device: give the campaign a "
+            "'hil:' block to run it through the HIL rig",
         )
+    if hil and fault.category != "wire":
+        raise SpecError(
+            here, f"fault {name!r} is not a wire fault: a HIL campaign injects wire faults only"
+        )
+    if hil and name == "bad_crc":
+        raise SpecError(here, "fault 'bad_crc' needs RTU framing; HIL campaigns use Modbus TCP")
     if fault.therapy not in ("any", therapy):
         raise SpecError(here, f"fault {name!r} is for the {fault.therapy} loop, not {therapy}")
     channel = node.get("channel", fault.channels[0])
-    if channel not in fault.channels or channel not in THERAPY_CHANNELS[therapy]:
+    if hil:
+        if channel not in fault.channels:
+            raise SpecError(here, f"fault {name!r} sits on {fault.channels[0]!r}, not {channel!r}")
+    elif channel not in fault.channels or channel not in THERAPY_CHANNELS[therapy]:
         allowed = [c for c in fault.channels if c in THERAPY_CHANNELS[therapy]]
         raise SpecError(
             here, f"fault {name!r} cannot sit on channel {channel!r} (allowed: {allowed})"
@@ -343,6 +353,12 @@ REQUIREMENT_RULES: dict[str, tuple[str, dict[str, str], str]] = {
         {"limit_nm": "N·m"},
         "|exoskeleton torque applied| <= {limit_nm} N·m at every control tick",
     ),
+    "safe_state_after_lost_communication": (
+        "glucose",
+        {"periods": "control periods"},
+        "HIL: after a fault that cuts the pump's communication, the rig raises the pump alarm "
+        "and writes the safe state within {periods} control periods",
+    ),
     "exo_no_limit_violation": (
         "knee-exo",
         {},
@@ -411,6 +427,20 @@ def _requirement(node: object, therapy: str, where: _Where, parent: object) -> R
 
 # -- the campaign ----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
+class HilSettings:
+    """A campaign run through the HIL rig on emulated devices (wire faults only).
+
+    Attributes:
+        wall_s_per_sim_min: wall seconds per simulated minute (0.02: a 5-min period is 0.1 s).
+        minutes: simulated minutes per session.
+
+    """
+
+    wall_s_per_sim_min: float = 0.02
+    minutes: int = 240
+
+
+@dataclasses.dataclass(frozen=True)
 class CampaignSpec:
     """A validated campaign (see the module docstring for the YAML)."""
 
@@ -425,6 +455,7 @@ class CampaignSpec:
     cycles: int = 10
     twin: bool = True
     source: str = ""
+    hil: HilSettings | None = None
 
     @property
     def horizon(self) -> float:
@@ -449,6 +480,7 @@ class CampaignSpec:
             "days": self.days,
             "cycles": self.cycles,
             "twin": self.twin,
+            "hil": None if self.hil is None else dataclasses.asdict(self.hil),
             "scenarios": [s.as_dict() for s in self.scenarios],
             "requirements": [r.as_dict() for r in self.requirements],
         }
@@ -476,6 +508,7 @@ SPEC_KEYS = (
     "random",
     "baseline",
     "requirements",
+    "hil",
 )
 
 
@@ -520,6 +553,24 @@ def load_spec(path: str | Path) -> CampaignSpec:
     twin = root.get("twin", True)
     if not isinstance(twin, bool):
         raise SpecError(here, f"twin={twin!r} is not allowed: true or false")
+    hil = None
+    hil_node = root.get("hil")
+    if hil_node is not None:
+        hh = where(hil_node, root)
+        if therapy != "glucose" or not isinstance(hil_node, dict):
+            raise SpecError(hh, "hil: a mapping (wall_s_per_sim_min, minutes), glucose only")
+        _only(hil_node, ("wall_s_per_sim_min", "minutes"), hh, "hil")
+        scale = hil_node.get("wall_s_per_sim_min", 0.02)
+        minutes = hil_node.get("minutes", 240)
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not 0.005 <= scale <= 60
+        ):
+            raise SpecError(hh, f"wall_s_per_sim_min={scale!r} is not allowed: 0.005..60 s")
+        if isinstance(minutes, bool) or not isinstance(minutes, int) or not 10 <= minutes <= 1440:
+            raise SpecError(hh, f"minutes={minutes!r} is not allowed: an integer in 10..1440")
+        hil = HilSettings(float(scale), minutes)
     defaults_node = root.get("defaults") or {}
     if not isinstance(defaults_node, dict):
         raise SpecError(here, "defaults: a mapping with start: and duration:")
@@ -541,7 +592,8 @@ def load_spec(path: str | Path) -> CampaignSpec:
         if not isinstance(faults, list):
             raise SpecError(sh, "faults: a list of faults")
         scenario = Scenario(
-            node["name"], tuple(_fault_line(f, therapy, defaults, where, node) for f in faults)
+            node["name"],
+            tuple(_fault_line(f, therapy, defaults, where, node, hil is not None) for f in faults),
         )
         if not node.get("overlap", False):
             _check_overlap(scenario, sh)
@@ -551,7 +603,12 @@ def load_spec(path: str | Path) -> CampaignSpec:
         raise SpecError(here, "sweep: a list of fault names")
     for fault_name in sweep:
         line = _fault_line(
-            {"fault": fault_name, "__line__": root["__line__"]}, therapy, defaults, where, root
+            {"fault": fault_name, "__line__": root["__line__"]},
+            therapy,
+            defaults,
+            where,
+            root,
+            hil is not None,
         )
         scenarios.append(Scenario(str(fault_name), (line,)))
     rnd = root.get("random")
@@ -602,6 +659,9 @@ def load_spec(path: str | Path) -> CampaignSpec:
     if not isinstance(req_node, list):
         raise SpecError(here, "requirements: a list (or the path of a YAML list)")
     requirements = tuple(_requirement(r, therapy, req_where, root) for r in req_node)
+    for r in requirements:
+        if r.rule == "safe_state_after_lost_communication" and hil is None:
+            raise SpecError(here, f"requirement {r.id}: {r.rule} needs a 'hil:' campaign")
     ids = [r.id for r in requirements]
     if len(set(ids)) != len(ids):
         raise SpecError(here, f"requirement ids must be unique: {ids}")
@@ -617,6 +677,7 @@ def load_spec(path: str | Path) -> CampaignSpec:
         cycles=cycles,
         twin=twin,
         source=str(path),
+        hil=hil,
     )
 
 

@@ -402,3 +402,67 @@ def test_the_same_spec_on_a_two_node_loopback_cluster(small_campaign, tmp_path):
         assert table(out) == table(full_out)
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+# -- wire faults through the HIL rig ---------------------------------------------------------
+def test_hil_campaign_specs_are_checked(tmp_path):
+    hil = "hil: {wall_s_per_sim_min: 0.02, minutes: 60}\n"
+    assert "wire faults only" in refused(tmp_path, BASE + hil + "sweep: [bias]\n")
+    assert "RTU framing" in refused(tmp_path, BASE + hil + "sweep: [bad_crc]\n")
+    assert "'hil:' block" in refused(tmp_path, BASE + "sweep: [timeout]\n")
+    msg = refused(
+        tmp_path,
+        BASE + "requirements:\n  - {id: W1, rule: safe_state_after_lost_communication, "
+        "periods: 2}\n",
+    )
+    assert "needs a 'hil:' campaign" in msg
+    assert "minutes=5" in refused(tmp_path, BASE + "hil: {minutes: 5}\nsweep: [timeout]\n")
+
+
+@pytest.mark.hil
+def test_wire_faults_through_the_hil_rig_raise_the_pump_alarm(tmp_path):
+    """Each communication-cutting wire fault: the rig's pump alarm and safe state follow
+    within two control periods of its onset; a duplicated write cuts nothing."""
+    data = {
+        "name": "wire",
+        "therapy": "glucose",
+        "patients": ["adult#001"],
+        "controller": "pid",
+        "seeds": [0],
+        "hil": {"wall_s_per_sim_min": 0.02, "minutes": 60},
+        "defaults": {"start": 20, "duration": 15},
+        "sweep": ["dropped_frame", "disconnect", "duplicated_write"],
+        "requirements": [{"id": "W1", "rule": "safe_state_after_lost_communication",
+                          "periods": 2}],
+    }  # fmt: skip
+    spec = load_spec(write_spec(tmp_path, data))
+    summary = run_campaign(spec, tmp_path / "out", inline=True, progress=False)
+    assert summary["runs"]["ok"] == 4, summary["runs"]
+    res = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out" / "results").glob("*.json")}
+    for name in ("dropped_frame", "disconnect"):
+        r = res[f"{name}.adult-001.s0"]
+        lost = [a for a in r["alarms"] if a["source"] == "pump" and a["condition"] ==
+                "communication lost"]  # fmt: skip
+        assert lost, r["alarms"]
+        assert 20 <= lost[0]["t_min"] <= 20 + 2 * 5
+        assert "safe state" in lost[0]["action"]
+        assert r["requirements"][0]["pass"] is True
+    assert res["dropped_frame.adult-001.s0"]["fault_hits"]["drop"] > 0
+    assert res["duplicated_write.adult-001.s0"]["alarms"] == []
+    assert res["duplicated_write.adult-001.s0"]["requirements"][0]["pass"] is None
+    assert res["baseline.adult-001.s0"]["alarms"] == []
+    w1 = summary["requirements"][0]
+    assert w1["verdict"] == "pass" and w1["runs_judged"] == 2
+
+
+def test_the_fault_documentation_is_the_catalogue():
+    """docs/faults.md is generated from the catalogue; regenerate it when this fails:
+    ``twinloop campaign --faults --markdown > docs/faults.md``."""
+    from hil.campaign_cli import catalogue_markdown
+    from hil.faults import CATALOGUE
+
+    text = (ROOT / "docs" / "faults.md").read_text()
+    assert text == catalogue_markdown()
+    assert len(CATALOGUE) >= 30
+    for name in CATALOGUE:
+        assert f"| `{name}` |" in text

@@ -1,0 +1,261 @@
+"""Campaign runs through the HIL rig: wire faults on the emulated pump's Modbus wire.
+
+A spec with a ``hil:`` block (``hil.campaign_spec``) runs each of its runs as a HIL session on
+loopback, in accelerated wall-clock time: a :class:`~hw_bridge.patient.VirtualPatient` behind
+the emulated pump (Modbus TCP, 127.0.0.1, a free port) and the emulated CGM (its line protocol
+over a socat pty pair), the rig (:class:`hil.rig.Rig`: read, control, supervise, write, with its
+watchdog and alarms) driving them through the shipped profile ``insulin_pump_tcp``. The
+scenario's wire faults are switched on the pump's :class:`~hw_bridge.wire.WireFaults` when the
+rig's clock enters their window and off when it leaves it:
+
+================  =====================================================================
+fault             switch
+================  =====================================================================
+timeout           ``drop_response`` (executed, answer lost)
+dropped_frame     ``drop`` (not executed, no answer)
+modbus_exception  ``exception_code`` = ``code``
+delayed_response  ``delay_s`` = ``delay_s`` (wall seconds)
+disconnect        ``disconnect(down_s=window)``: the port closes for the window
+byte_corruption   ``corrupt_bytes``
+duplicated_write  ``duplicate_write``
+bad_crc           ``corrupt_crc`` (RTU framing only: refused over TCP)
+================  =====================================================================
+
+The pump client's timeout is scaled with the session: half a watchdog step (at least 10 ms)
+and no retries instead of the profile's 0.5 s and 2 retries, so that a lost answer costs the
+rig one step of its accelerated clock, as half a second costs a real rig. ``delay_s`` of
+``delayed_response`` is in wall seconds: give it at that scale (the shipped HIL spec uses
+0.05 s, more than the scaled timeout: the answer arrives too late).
+
+The truth is the virtual patient's plasma glucose each simulated minute (its listeners); the
+rig's alarms are the detections; ``safe_state_after_lost_communication`` checks that a pump
+alarm with the safe state follows each communication-cutting fault within N control periods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from hil.campaign_spec import CampaignSpec, Scenario
+
+__all__ = ["COMMUNICATION_LOSS", "WIRE_SWITCH", "run_hil"]
+
+#: Catalogue wire faults → the ``WireFaults`` switch they turn on.
+WIRE_SWITCH = {
+    "timeout": "drop_response",
+    "dropped_frame": "drop",
+    "bad_crc": "corrupt_crc",
+    "modbus_exception": "exception_code",
+    "delayed_response": "delay_s",
+    "disconnect": "disconnect",
+    "byte_corruption": "corrupt_bytes",
+    "duplicated_write": "duplicate_write",
+}
+#: Wire faults after which the rig must see the pump as lost (alarm and safe state).
+COMMUNICATION_LOSS = frozenset({"timeout", "dropped_frame", "disconnect", "modbus_exception"})
+
+
+class _Schedule:
+    """Switches the scenario's wire faults on and off on the rig's clock."""
+
+    def __init__(self, scenario: Scenario, faults: Any, scale: float) -> None:
+        self.lines = list(scenario.faults)
+        self.faults = faults
+        self.scale = scale
+        self.on = [False] * len(self.lines)
+
+    def at(self, t_min: float) -> None:
+        for i, line in enumerate(self.lines):
+            inside = line.start <= t_min < line.end
+            if inside == self.on[i]:
+                continue
+            self.on[i] = inside
+            params = dict(line.params)
+            switch = WIRE_SWITCH[line.fault]
+            if switch == "disconnect":
+                if inside:
+                    self.faults.disconnect(down_s=line.duration * self.scale, wait_s=0.0)
+                continue
+            if inside:
+                value: Any = True
+                if switch == "exception_code":
+                    value = int(params["code"])
+                elif switch == "delay_s":
+                    value = params["delay_s"]
+                self.faults.set(**{switch: value, "probability": params.get("probability", 1.0)})
+            else:
+                off: Any = (
+                    0.0 if switch == "delay_s" else (None if switch == "exception_code" else False)
+                )
+                self.faults.set(**{switch: off})
+
+
+def run_hil(spec: CampaignSpec, key: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one HIL session of the campaign; its verdict (as :mod:`hil.safety`) and trace."""
+    from agents.recording import Columns, column_listener
+    from hil.rig import Rig, RigConfig, pump_register_names
+    from hw_bridge.emulators.cgm import CgmEmulator
+    from hw_bridge.emulators.pump import PumpEmulator
+    from hw_bridge.line import LineTransport
+    from hw_bridge.modbus_client import ModbusDevice
+    from hw_bridge.patient import VirtualPatient
+    from hw_bridge.profile import load_profile, shipped_profile
+    from hw_bridge.pty import PtyPair
+    from hw_bridge.wire import WireFaults
+
+    assert spec.hil is not None
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # lost frames are the point here
+    scale = spec.hil.wall_s_per_sim_min
+    scenario = spec.scenario(key.scenario)
+    patient = VirtualPatient(key.patient, seed=key.seed, wall_s_per_sim_min=scale, days=1)
+    truth: list[tuple[float, float, float]] = []
+    patient.listeners.append(lambda m: truth.append((m.t_min, m.bg_mg_dl, m.insulin_u)))
+    faults = WireFaults(seed=key.seed)
+    pump = PumpEmulator(patient, faults=faults)
+    columns: Columns = {}
+    cgm_dir = tempfile.mkdtemp(prefix="twinloop-hil-campaign-")
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, cgm_dir, ignore_errors=True)
+        server = pump.start_tcp("127.0.0.1", 0)
+        stack.callback(pump.close)
+        stack.callback(server.stop)
+        host, port = server.tcp_address  # type: ignore[misc]
+        profile = load_profile(shipped_profile("insulin_pump_tcp")).with_overrides(
+            tcp=f"{host}:{port}"
+        )
+        # the client's timeout at the session's time scale: half a watchdog step (>= 10 ms),
+        # no retries, so that a lost answer costs the rig one step, as 0.5 s costs a real one
+        step_s = 5 * scale / 5
+        transport = dataclasses.replace(
+            profile.transport, timeout_s=max(0.01, step_s / 2), retries=0
+        )
+        profile = dataclasses.replace(profile, transport=transport)
+        pair = PtyPair(cgm_dir)
+        stack.callback(pair.close)
+        cgm = CgmEmulator(patient, pair.b, seed=key.seed, baudrate=115200)
+        cgm.start()
+        stack.callback(cgm.stop)
+        config = RigConfig(
+            patient=key.patient,
+            controller=spec.controller,
+            wall_s_per_sim_min=scale,
+            minutes=spec.hil.minutes,
+            cgm_stale_min=20,
+        )
+        schedule = _Schedule(scenario, faults, scale)
+        patient.start()
+        stack.callback(patient.stop)
+        pump_dev = stack.enter_context(ModbusDevice(profile))
+        line = stack.enter_context(LineTransport(pair.a, baudrate=115200, timeout_s=0.05))
+        rig = Rig(config, pump=pump_dev, cgm=line, pump_registers=pump_register_names(profile))
+        rig.listen(column_listener(columns, key.patient))
+        steps_per_min = config.watchdog_steps / config.control_period_min
+        rig.run(on_step=lambda k: schedule.at(k / steps_per_min))
+        faults.clear()
+    return _evaluate(spec, scenario, truth, rig, config, faults.counts)
+
+
+def _evaluate(
+    spec: CampaignSpec,
+    scenario: Scenario,
+    truth: list[tuple[float, float, float]],
+    rig: Any,
+    config: Any,
+    counts: dict[str, int],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    from agents.run import summarize
+    from hil.safety import (
+        EPISODE_MIN,
+        GLUCOSE_HORIZON_MIN,
+        GLUCOSE_LABELS,
+        _detections,
+        _episodes,
+        _first_at_or_after,
+    )
+    from plant.patients import get_patient
+
+    minutes = int(spec.hil.minutes) if spec.hil is not None else 0
+    rows = [r for r in truth if r[0] <= minutes] or [(0.0, float("nan"), 0.0)]
+    t = np.array([r[0] for r in rows])
+    bg = np.array([r[1] for r in rows])
+    insulin = np.array([r[2] for r in rows])
+    p = get_patient(rig.config.patient)
+    metrics = summarize([p.name], [p.cohort], bg[None, :])["patients"][p.name]
+    onsets = scenario.onsets
+    onset = onsets[0] if onsets else None
+    labels = {}
+    masks = {}
+    for name, rule in GLUCOSE_LABELS.items():
+        masks[name] = rule(bg)
+        labels[name] = {
+            "minutes": int(masks[name].sum()),
+            "onset_to_hazard_min": _first_at_or_after(t, masks[name], onset),
+        }
+    raised = [a for a in rig.alarm_log if a.active]
+    t_alarm = np.array([a.t_min for a in raised])
+    detection: dict[str, Any] = {
+        **_detections(t_alarm, t, _episodes(masks["below_70"], EPISODE_MIN), GLUCOSE_HORIZON_MIN)
+    }
+    detection["by_rule"] = {
+        f"{a.source}: {a.condition}": sum(
+            1 for b in raised if (b.source, b.condition) == (a.source, a.condition)
+        )
+        for a in raised
+    }
+    period = float(config.control_period_min)
+    verdicts = []
+    for req in spec.requirements:
+        prm = dict(req.params)
+        v: dict[str, Any] = {"id": req.id, "pass": True}
+        if req.rule == "safe_state_after_lost_communication":
+            cuts = [f.start for f in scenario.faults if f.fault in COMMUNICATION_LOSS]
+            if not cuts:
+                v = {"id": req.id, "pass": None, "why": "no communication-cutting fault"}
+            else:
+                pump_alarms = np.array(
+                    [a.t_min for a in raised if a.source == "pump" and "safe state" in a.action]
+                )
+                for cut in cuts:
+                    if not (
+                        (pump_alarms >= cut) & (pump_alarms <= cut + prm["periods"] * period)
+                    ).any():
+                        v.update({"pass": False, "at": cut})
+                        break
+        elif req.rule == "glucose_min":
+            v.update({"pass": bool(bg.min() >= prm["threshold_mg_dl"]), "value": float(bg.min())})
+        elif req.rule == "glucose_max":
+            v.update({"pass": bool(bg.max() <= prm["threshold_mg_dl"]), "value": float(bg.max())})
+        elif req.rule == "time_in_range_min":
+            tir = float(metrics["time_in_range_70_180_pct"])
+            v.update({"pass": tir >= prm["min_pct"], "value": tir})
+        else:
+            v = {"id": req.id, "pass": None, "why": f"{req.rule} is not judged on HIL runs"}
+        verdicts.append(v)
+    verdict = {
+        "metrics": metrics,
+        "labels": labels,
+        "first_onset": onset,
+        "detection": detection,
+        "agent_faults": 0,
+        "alarms": [
+            {"t_min": a.t_min, "source": a.source, "condition": a.condition, "action": a.action}
+            for a in rig.alarm_log
+        ],
+        "wire_fault_hits": counts,
+        "requirements": verdicts,
+    }
+    trace = {
+        "t_min": t,
+        "bg_mg_dl": bg,
+        "cgm_mg_dl": np.full(t.size, np.nan),
+        "insulin_u": insulin,
+        "overrides": np.zeros(t.size, dtype=np.int32),
+    }
+    return verdict, trace
