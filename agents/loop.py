@@ -15,9 +15,10 @@ One :class:`PatientLoop` runs one virtual patient. Per control tick at time ``t`
 4. the supervisor reviews it (overrides on ``supervisor->overrides``) and sends the result on
    ``supervisor->actuator``;
 5. the actuator delivers minute by minute on ``actuator->plant`` (what reaches the patient;
-   the twin and the supervisor are told the pump's own report of it, so a fault on that
-   channel is silent, as an occlusion is) while the plant advances, publishing its true glucose
-   each minute on ``plant->sensor``; the sensor reads when a sample is due.
+   the twin, the supervisor and the controller's insulin on board are told the pump's own
+   report of it, so a fault on that channel is silent, as an occlusion is) while the plant
+   advances, publishing its true glucose each minute on ``plant->sensor``; the sensor reads
+   when a sample is due.
 
 An agent that fails at a tick (it raises, or its Ray actor died and is being restarted) is
 replaced for that tick by a safe fallback, recorded on ``runtime->faults``: no readings for the
@@ -366,10 +367,9 @@ class PatientLoop:
             # the channel carries what reaches the patient; the twin and the supervisor get
             # the pump's own report, which a silent actuator fault (an occlusion) leaves as is
             sent = self.channels["actuator->plant"].send(delivery)
-            units = sent.total_u if isinstance(sent, InsulinDelivery) else 0.0
             self._last_deliveries.append(delivery)
-            self.iob.record(units)
-            insulin[0, k] = units
+            self.iob.record(delivery.total_u)  # the controller's insulin on board: reported
+            insulin[0, k] = sent.total_u if isinstance(sent, InsulinDelivery) else 0.0
         advance(
             self._x,
             self._meal_state,

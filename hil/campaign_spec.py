@@ -51,7 +51,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from hil.faults import CATALOGUE, FaultType, check_params
+from hil.faults import (
+    ANY_CHANNEL,
+    CATALOGUE,
+    FaultType,
+    channel_messages,
+    check_params,
+    numeric_fields,
+)
 
 __all__ = [
     "REQUIREMENT_RULES",
@@ -218,14 +225,18 @@ def _fault_line(
     if fault.therapy not in ("any", therapy):
         raise SpecError(here, f"fault {name!r} is for the {fault.therapy} loop, not {therapy}")
     channel = node.get("channel", fault.channels[0])
+    messages = channel_messages(therapy)
     if hil:
         if channel not in fault.channels:
             raise SpecError(here, f"fault {name!r} sits on {fault.channels[0]!r}, not {channel!r}")
-    elif channel not in fault.channels or channel not in THERAPY_CHANNELS[therapy]:
+    else:
         allowed = [c for c in fault.channels if c in THERAPY_CHANNELS[therapy]]
-        raise SpecError(
-            here, f"fault {name!r} cannot sit on channel {channel!r} (allowed: {allowed})"
-        )
+        if ANY_CHANNEL in fault.channels:
+            allowed = list(dict.fromkeys([*allowed, *messages]))
+        if channel not in allowed:
+            raise SpecError(
+                here, f"fault {name!r} cannot sit on channel {channel!r} (allowed: {allowed})"
+            )
     start = node.get("start", defaults[0])
     duration = node.get("duration", defaults[1])
     for key, value in (("start", start), ("duration", duration)):
@@ -241,6 +252,14 @@ def _fault_line(
     field = node.get("field", "")
     if not isinstance(field, str):
         raise SpecError(here, f"field={field!r} is not a message field name")
+    if field and channel in messages:
+        fields = numeric_fields(messages[channel])
+        if field not in fields:
+            raise SpecError(
+                here,
+                f"field={field!r}: {channel} carries {messages[channel].__name__}, whose "
+                f"numeric fields are {', '.join(fields)}",
+            )
     return FaultLine(
         str(name), str(channel), float(start), float(duration), tuple(params.items()), field
     )

@@ -42,9 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from agents.messages import AgentFault, CgmReading, InsulinDelivery, MealAnnouncement
+from agents.messages import AgentFault, InsulinDelivery, MealAnnouncement
 
 __all__ = [
+    "ANY_CHANNEL",
     "CATALOGUE",
     "PUBLISHED_PATTERNS",
     "ActiveFault",
@@ -135,7 +136,8 @@ class ActiveFault:
     rng: np.random.Generator
     field: str = ""
     loop: Any = None
-    #: Times the fault changed, dropped or added a message (for reports).
+    #: Messages the fault acted on inside its window (changed, dropped, added, or — for a
+    #: probabilistic fault that missed — left as they were), for reports.
     hits: int = 0
 
     def active(self, t: float) -> bool:
@@ -179,9 +181,57 @@ def _t(message: Any) -> float:
 #: The value a sensor fault changes, per channel's message kind, when a scenario gives no field.
 DEFAULT_FIELD = {
     "cgm": "glucose_mg_dl",
+    "meal_announcement": "carbs_g",
+    "insulin_command": "basal_u_per_h",
+    "insulin_delivery": "basal_u",
+    "twin_estimate": "bg_mg_dl",
     "exo_sensor": "angle_rad",
+    "task_reference": "reference_rad",
+    "knee_twin_estimate": "patient_torque_nm",
     "exo_torque_command": "torque_nm",
 }
+
+#: Faults that may sit on any channel (``"*"``): the UVA testbed's truncate / hold / max-min /
+#: add-subtract / scale on any variable of the loop, plus loss, delay and replay.
+ANY_CHANNEL = "*"
+
+
+def channel_messages(therapy: str) -> dict[str, type]:
+    """The message class each channel of a therapy's loop carries (where faults may sit)."""
+    if therapy == "glucose":
+        from agents.messages import CgmReading, InsulinCommand, TwinEstimate
+
+        return {
+            "sensor->controller": CgmReading,
+            "meal->controller": MealAnnouncement,
+            "controller->supervisor": InsulinCommand,
+            "supervisor->actuator": InsulinCommand,
+            "actuator->plant": InsulinDelivery,
+            "estimator->controller": TwinEstimate,
+        }
+    from agents.exo_messages import (
+        ExoSensorReading,
+        ExoTorqueCommand,
+        KneeTwinEstimate,
+        TaskReference,
+    )
+
+    return {
+        "sensor->controller": ExoSensorReading,
+        "task->controller": TaskReference,
+        "estimator->controller": KneeTwinEstimate,
+        "controller->supervisor": ExoTorqueCommand,
+        "supervisor->actuator": ExoTorqueCommand,
+    }
+
+
+def numeric_fields(message_class: type) -> list[str]:
+    """The float fields a value fault may change (not the timestamp)."""
+    return [
+        f.name
+        for f in dataclasses.fields(message_class)
+        if f.type in ("float", float) and f.name not in ("t_min", "t_s")
+    ]
 
 
 def _field(fault: ActiveFault, message: Any) -> str:
@@ -332,6 +382,12 @@ def _stuck_rate(fault: ActiveFault) -> Callable[[Any], Any]:
     return transform
 
 
+def _basal_offset(fault: ActiveFault, d: InsulinDelivery) -> InsulinDelivery:
+    return dataclasses.replace(
+        d, basal_u=max(d.basal_u + fault.params["offset_u_per_h"] / 60.0, 0.0)
+    )
+
+
 def _fixed_rate(param: str) -> Callable[[ActiveFault, InsulinDelivery], InsulinDelivery]:
     def change(fault: ActiveFault, d: InsulinDelivery) -> InsulinDelivery:
         return dataclasses.replace(d, basal_u=fault.params[param] / 60.0)
@@ -357,7 +413,7 @@ def _duplicated_bolus(fault: ActiveFault, d: InsulinDelivery) -> InsulinDelivery
 
 
 # -- data ------------------------------------------------------------------------------------
-def _false_meal(fault: ActiveFault) -> Callable[[Any], Any]:
+def _false_meal(fault: ActiveFault) -> Callable[..., Any]:
     """A source: announces ``carbs_g`` once at onset (never eaten)."""
 
     def source(t0: float, t1: float) -> list[Any]:
@@ -379,7 +435,7 @@ def _controller_param(attribute: str) -> Callable[[ActiveFault], Callable[[Any],
     Runs as a tick hook (``(t0, t1) -> []``): the loop calls its sources once per tick.
     """
 
-    def make(fault: ActiveFault) -> Callable[[Any], Any]:
+    def make(fault: ActiveFault) -> Callable[..., Any]:
         saved: list[float] = []
 
         def hook(t0: float, t1: float) -> list[Any]:
@@ -481,11 +537,11 @@ _ENTRIES: list[FaultType] = [
         "missing_data",
         "sensor",
         "any",
-        _SENSOR,
+        (*_SENSOR, ANY_CHANNEL),
         (_PROB,),
         "Readings are lost (each with `probability`): the receiver sees them age.",
         _drop,
-        ("mgipsim:missing_signal", "uva:truncate"),
+        ("mgipsim:missing_signal",),
     ),
     FaultType(
         "spike_positive",
@@ -521,7 +577,7 @@ _ENTRIES: list[FaultType] = [
         "bias",
         "sensor",
         "any",
-        _SENSOR,
+        (*_SENSOR, ANY_CHANNEL),
         (_p("offset", "mg/dL or the field's unit", 40.0, -500.0, 500.0, "added to each value"),),
         "A constant offset on every value in the window (negative: subtract).",
         _value_fault(lambda f, t, v: v + f.params["offset"]),
@@ -531,7 +587,7 @@ _ENTRIES: list[FaultType] = [
         "drift",
         "sensor",
         "any",
-        _SENSOR,
+        (*_SENSOR, ANY_CHANNEL),
         (
             _p(
                 "rate_per_h",
@@ -544,27 +600,27 @@ _ENTRIES: list[FaultType] = [
         ),
         "An offset growing linearly from 0 at onset.",
         _value_fault(lambda f, t, v: v + f.params["rate_per_h"] * (t - f.start) / 60.0),
-        ("mgipsim:positive_drift", "mgipsim:negative_drift"),
+        (),
     ),
     FaultType(
         "scaling",
         "sensor",
         "any",
-        _SENSOR,
+        (*_SENSOR, ANY_CHANNEL),
         (_p("factor", "1", 1.3, 0.0, 10.0, "multiplies each value"),),
         "Every value multiplied by `factor`.",
         _value_fault(lambda f, t, v: v * f.params["factor"]),
-        ("mgipsim:scaling", "uva:scale"),
+        ("uva:scale",),
     ),
     FaultType(
         "stuck",
         "sensor",
         "any",
-        _SENSOR,
+        (*_SENSOR, ANY_CHANNEL),
         (),
         "The value at onset repeats for the whole window (timestamps advance).",
         _hold,
-        ("mgipsim:repeated_value", "mgipsim:stuck", "uva:hold"),
+        ("mgipsim:repeated_reading", "uva:hold"),
     ),
     FaultType(
         "clamp_max",
@@ -574,7 +630,7 @@ _ENTRIES: list[FaultType] = [
         (_p("value_mg_dl", "mg/dL", CGM_MAX_MG_DL, 0.0, 1000.0, "the reported value"),),
         "Every reading reports the sensor's maximum.",
         _value_fault(lambda f, t, v: f.params["value_mg_dl"]),
-        ("mgipsim:max_reading", "uva:max"),
+        ("mgipsim:max_reading",),
     ),
     FaultType(
         "clamp_min",
@@ -584,23 +640,23 @@ _ENTRIES: list[FaultType] = [
         (_p("value_mg_dl", "mg/dL", CGM_MIN_MG_DL, 0.0, 1000.0, "the reported value"),),
         "Every reading reports the sensor's minimum.",
         _value_fault(lambda f, t, v: f.params["value_mg_dl"]),
-        ("mgipsim:min_reading", "uva:min"),
+        ("mgipsim:min_reading",),
     ),
     FaultType(
         "zero_reading",
         "sensor",
         "any",
-        _SENSOR,
+        (*_SENSOR, ANY_CHANNEL),
         (),
         "Every value reads 0.",
         _value_fault(lambda f, t, v: 0.0),
-        ("mgipsim:zero_signal",),
+        ("mgipsim:zero_reading", "uva:truncate"),
     ),
     FaultType(
         "noise_burst",
         "sensor",
         "any",
-        _SENSOR,
+        (*_SENSOR, ANY_CHANNEL),
         (
             _p(
                 "sd",
@@ -613,7 +669,7 @@ _ENTRIES: list[FaultType] = [
         ),
         "Added white Gaussian noise of `sd`.",
         _value_fault(_noise),
-        ("mgipsim:noise",),
+        (),
     ),
     FaultType(
         "compression_low",
@@ -624,7 +680,7 @@ _ENTRIES: list[FaultType] = [
         "Pressure-induced sensor attenuation (lying on the sensor at night): a half-sine dip "
         "of `depth_mg_dl` over the window (Baysal et al. 2014).",
         _value_fault(_compression),
-        ("mgipsim:compression_low",),
+        (),
     ),
     FaultType(
         "calibration_error",
@@ -637,24 +693,24 @@ _ENTRIES: list[FaultType] = [
         ),
         "A wrong calibration: value × `gain` + `offset_mg_dl`.",
         _value_fault(lambda f, t, v: v * f.params["gain"] + f.params["offset_mg_dl"]),
-        ("mgipsim:calibration_error",),
+        (),
     ),
     FaultType(
         "delay",
         "sensor",
         "any",
-        _SENSOR,
+        (*_SENSOR, ANY_CHANNEL),
         (_p("lag", "min (s for the knee)", 15.0, 0.0, 1440.0, "how old each delivered value is"),),
         "Each message arrives `lag` late with its own (old) timestamp: the receiver can see its "
         "age.",
         _history_fault("lag", relabel=False),
-        ("mgipsim:delay",),
+        (),
     ),
     FaultType(
         "replay",
         "sensor",
         "any",
-        _SENSOR,
+        (*_SENSOR, ANY_CHANNEL),
         (
             _p(
                 "lag",
@@ -667,7 +723,7 @@ _ENTRIES: list[FaultType] = [
         ),
         "Values recorded `lag` earlier replayed with current timestamps (a replay attack).",
         _history_fault("lag", relabel=True),
-        ("mgipsim:replay",),
+        ("mgipsim:repeated_episode",),
     ),
     # actuator --------------------------------------------------------------------------------
     FaultType(
@@ -679,7 +735,7 @@ _ENTRIES: list[FaultType] = [
         "A blocked infusion set: `severity` of each delivery never reaches the patient; the pump "
         "reports normal delivery.",
         _delivery_fault(_occluded),
-        ("mgipsim:occlusion",),
+        (),
     ),
     FaultType(
         "under_delivery",
@@ -689,7 +745,7 @@ _ENTRIES: list[FaultType] = [
         (_p("factor", "1", 0.5, 0.0, 1.0, "fraction delivered"),),
         "Each delivery scaled down by `factor` (mechanical wear); reported as normal.",
         _delivery_fault(_scaled),
-        ("mgipsim:under_delivery",),
+        (),
     ),
     FaultType(
         "over_delivery",
@@ -699,7 +755,7 @@ _ENTRIES: list[FaultType] = [
         (_p("factor", "1", 1.5, 1.0, 10.0, "delivered multiple"),),
         "Each delivery scaled up by `factor`; reported as normal.",
         _delivery_fault(_scaled),
-        ("mgipsim:over_delivery",),
+        (),
     ),
     FaultType(
         "stuck_rate",
@@ -709,7 +765,7 @@ _ENTRIES: list[FaultType] = [
         (),
         "The basal rate at onset is delivered whatever is commanded; boluses are not given.",
         _stuck_rate,
-        ("mgipsim:stuck_rate",),
+        (),
     ),
     FaultType(
         "stopped_delivery",
@@ -719,7 +775,7 @@ _ENTRIES: list[FaultType] = [
         (),
         "Delivery stops entirely while the pump reports normal delivery.",
         _delivery_fault(_stopped),
-        ("mgipsim:pump_stop",),
+        ("mgipsim:unknown_stop",),
     ),
     FaultType(
         "false_bolus",
@@ -739,7 +795,18 @@ _ENTRIES: list[FaultType] = [
         (),
         "Every bolus in the window is delivered twice.",
         _delivery_fault(_duplicated_bolus),
-        ("mgipsim:duplicate_bolus",),
+        (),
+    ),
+    FaultType(
+        "basal_bias",
+        "actuator",
+        "glucose",
+        _ACT,
+        (_p("offset_u_per_h", "U/h", 0.5, -35.0, 35.0, "added to the basal rate delivered"),),
+        "The basal rate that reaches the patient is off by `offset_u_per_h` (not below 0); the "
+        "pump reports normal delivery.",
+        _delivery_fault(_basal_offset),
+        ("mgipsim:positive_basal", "mgipsim:negative_basal", "mgipsim:unknown_under"),
     ),
     FaultType(
         "max_basal",
@@ -749,7 +816,7 @@ _ENTRIES: list[FaultType] = [
         (_p("rate_u_per_h", "U/h", 5.0, 0.0, 35.0, "the basal rate delivered"),),
         "The pump runs its maximum basal rate whatever is commanded.",
         _delivery_fault(_fixed_rate("rate_u_per_h")),
-        ("uva:max",),
+        ("mgipsim:max_basal", "uva:max"),
     ),
     FaultType(
         "min_basal",
@@ -759,7 +826,7 @@ _ENTRIES: list[FaultType] = [
         (_p("rate_u_per_h", "U/h", 0.0, 0.0, 35.0, "the basal rate delivered"),),
         "The pump runs its minimum basal rate (0 U/h by default) whatever is commanded.",
         _delivery_fault(_fixed_rate("rate_u_per_h")),
-        ("uva:min",),
+        ("mgipsim:min_basal", "uva:min"),
     ),
     # data and user ---------------------------------------------------------------------------
     FaultType(
@@ -780,7 +847,7 @@ _ENTRIES: list[FaultType] = [
         (_PROB,),
         "Meals in the window are eaten but not announced.",
         _drop,
-        ("mgipsim:missed_meal",),
+        (),
     ),
     FaultType(
         "wrong_carb_count",
@@ -790,7 +857,8 @@ _ENTRIES: list[FaultType] = [
         (_p("factor", "1", 1.5, 0.1, 10.0, "true carbs ÷ announced carbs"),),
         "Announced carbohydrates divided by `factor` (an under-count when > 1).",
         _value_fault(_carbs_scaled),
-        ("mgipsim:carb_misestimation",),
+        (),
+        "carbs_g",
     ),
     FaultType(
         "wrong_carb_ratio",

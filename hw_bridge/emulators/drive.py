@@ -12,13 +12,14 @@ register set is served over Modbus TCP by a pymodbus 3.16 server built on ``SimD
 :attr:`DriveServerThread.tcp_address`). :func:`run_drive` is the blocking command-line entry.
 
 The joint thread records every tick's lateness and duration (:attr:`DriveEmulator.timing`, a
-:class:`LoopTiming`). :class:`DriveModbus` is the Modbus face alone; the same firmware can run in
-a core process of its own behind it (:mod:`hw_bridge.emulators.drive_process`, what
-``twinloop emulate drive`` serves). :func:`knee_backend` with ``task=`` gives a knee whose patient follows a
-rehabilitation task (:class:`TaskFollowingJoint`): the task row of :func:`knee_task_row`, its
-clock restarted each time the drive enters Operation enabled (the drive calls a backend's
-optional ``on_enable()``), so a rig that starts its task clock at the same transition sees the
-patient follow its reference (``hw_bridge/DEVICES.md``, "The patient's task").
+:class:`LoopTiming`). :class:`DriveModbus` is the Modbus face alone; the same firmware can run
+in a core process of its own behind it (:mod:`hw_bridge.emulators.drive_process`, what
+``twinloop emulate drive`` serves). :func:`knee_backend` with ``task=`` gives a knee whose
+patient follows a rehabilitation task (:class:`TaskFollowingJoint`): the task row of
+:func:`knee_task_row`, its clock restarted each time the drive enters Operation enabled (the
+drive calls a backend's optional ``on_enable()``), so a rig that starts its task clock at the
+same transition sees the patient follow its reference (``hw_bridge/DEVICES.md``, "The patient's
+task").
 
 CiA 402 objects are reached through Modbus registers (there is no SDO/PDO layer); the object
 index each register stands for is given. Register map (0-based protocol addresses; 32-bit values

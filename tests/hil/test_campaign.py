@@ -104,9 +104,15 @@ def test_an_unknown_channel_or_parameter_is_refused_with_its_line(tmp_path):
     msg = refused(
         tmp_path,
         BASE + "scenarios:\n  - name: a\n    faults:\n"
-        "      - {fault: bias, channel: actuator->plant}\n",
+        "      - {fault: occlusion, channel: sensor->controller}\n",
     )
-    assert "bad.yaml:7" in msg and "'actuator->plant'" in msg and "sensor->controller" in msg
+    assert "bad.yaml:7" in msg and "'sensor->controller'" in msg and "actuator->plant" in msg
+    msg = refused(
+        tmp_path,
+        BASE + "scenarios:\n  - name: a\n    faults:\n"
+        "      - {fault: bias, channel: actuator->plant, field: glucose_mg_dl}\n",
+    )
+    assert "InsulinDelivery" in msg and "basal_u, bolus_u" in msg
     msg = refused(
         tmp_path,
         BASE + "scenarios:\n  - name: a\n    faults:\n      - fault: bias\n"
@@ -119,6 +125,30 @@ def test_an_unknown_channel_or_parameter_is_refused_with_its_line(tmp_path):
         "        params: {factor: 99}\n",
     )
     assert "factor=99" in msg and "0..10" in msg
+
+
+def test_generic_faults_sit_on_any_channel_of_the_loop(tmp_path):
+    """UVA-style add/hold/truncate on any variable: a bias on the pump's delivered bolus."""
+    data = {**SMALL, "patients": ["adult#001"], "sweep": [], "requirements": [],
+            "scenarios": [{"name": "bolus-plus", "faults": [
+                {"fault": "bias", "channel": "actuator->plant", "field": "bolus_u",
+                 "start": 700, "duration": 1, "params": {"offset": 5}}]},
+                {"name": "hold-command", "faults": [
+                {"fault": "stuck", "channel": "supervisor->actuator", "start": 300,
+                 "duration": 300}]}]}  # fmt: skip
+    spec = load_spec(write_spec(tmp_path, data))
+    summary = run_campaign(spec, tmp_path / "out", inline=True, progress=False)
+    assert summary["runs"]["ok"] == 3
+    per = summary["per_scenario"]
+    res = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out" / "results").glob("*.json")}
+    assert res["bolus-plus.adult-001.s0"]["fault_hits"] == {"bias": 1}
+    assert res["hold-command.adult-001.s0"]["fault_hits"]["stuck"] == 60  # 5-min ticks
+    # 5 U more insulin than asked for: lower glucose than the baseline
+    assert (
+        res["bolus-plus.adult-001.s0"]["metrics"]["mean_mg_dl"]
+        < res["baseline.adult-001.s0"]["metrics"]["mean_mg_dl"]
+    )
+    assert per["bolus-plus"]["runs"] == 1
 
 
 def test_overlapping_faults_are_refused_unless_allowed(tmp_path):
@@ -257,17 +287,33 @@ def test_replay_from_the_command_line(small_campaign, capsys, tmp_path):
     assert "no run 'nope.adult-003.s0'" in capsys.readouterr().err
 
 
-def test_a_run_that_raises_is_recorded_and_the_campaign_goes_on(tmp_path):
-    data = {**SMALL, "scenarios": [{"name": "broken", "faults": [
-        {"fault": "bias", "field": "no_such_field", "start": 10, "duration": 30}]}],
-        "sweep": []}  # fmt: skip
-    spec = load_spec(write_spec(tmp_path, data))
+def test_a_run_that_raises_is_recorded_and_the_campaign_goes_on(tmp_path, monkeypatch):
+    import hil.campaign as campaign
+
+    real = campaign.build_loop
+
+    def build(spec, key):  # type: ignore[no-untyped-def]
+        if key.scenario == "occluded":
+            raise RuntimeError("the plant exploded (injected by the test)")
+        return real(spec, key)
+
+    monkeypatch.setattr(campaign, "build_loop", build)
+    spec = load_spec(write_spec(tmp_path, {**SMALL, "sweep": []}))
     summary = run_campaign(spec, tmp_path / "out", inline=True, progress=False)
-    assert summary["runs"]["errors"] == 2 and summary["runs"]["ok"] == 2  # baseline runs
-    bad = json.loads((tmp_path / "out" / "results" / "broken.adult-001.s0.json").read_text())
-    assert bad["status"] == "error" and "no_such_field" in bad["traceback"]
+    assert summary["runs"]["errors"] == 2 and summary["runs"]["ok"] == 4
+    assert sorted(summary["runs"]["error_ids"]) == [
+        "occluded.adult-001.s0",
+        "occluded.adult-003.s0",
+    ]
+    bad = json.loads((tmp_path / "out" / "results" / "occluded.adult-001.s0.json").read_text())
+    assert bad["status"] == "error" and "the plant exploded" in bad["traceback"]
     assert "Traceback" in bad["traceback"]
-    assert "broken.adult-001.s0" in (tmp_path / "out" / "report.html").read_text()
+    assert "occluded.adult-001.s0" in (tmp_path / "out" / "report.html").read_text()
+    # errors are run again on resume; once the cause is gone they succeed
+    monkeypatch.setattr(campaign, "build_loop", real)
+    again = run_campaign(spec, tmp_path / "out", inline=True, progress=False)
+    assert again["execution"]["runs_this_invocation"] == 2
+    assert again["runs"]["errors"] == 0 and again["runs"]["ok"] == 6
 
 
 def test_resume_skips_finished_runs_and_ends_with_the_same_table(small_campaign, tmp_path):
@@ -448,9 +494,11 @@ def test_wire_faults_through_the_hil_rig_raise_the_pump_alarm(tmp_path):
         assert "safe state" in lost[0]["action"]
         assert r["requirements"][0]["pass"] is True
     assert res["dropped_frame.adult-001.s0"]["fault_hits"]["drop"] > 0
-    assert res["duplicated_write.adult-001.s0"]["alarms"] == []
+    # no pump alarm without a cut (a CGM "stale data" alarm at start-up can happen on a busy
+    # machine: the first reading arrives after the rig's first step)
+    for name in ("duplicated_write", "baseline"):
+        assert not [a for a in res[f"{name}.adult-001.s0"]["alarms"] if a["source"] == "pump"]
     assert res["duplicated_write.adult-001.s0"]["requirements"][0]["pass"] is None
-    assert res["baseline.adult-001.s0"]["alarms"] == []
     w1 = summary["requirements"][0]
     assert w1["verdict"] == "pass" and w1["runs_judged"] == 2
 
