@@ -41,10 +41,11 @@ and what each category means: the docstring of `hil/faults.py`. The campaign for
 `hil/campaign_spec.py`; examples: `hil/campaigns/`.
 
 Windows (`start`, `duration`) are in the loop's time unit: minutes for the glucose loop,
-seconds for the knee exoskeleton. Wire faults act on the emulated pump's Modbus wire
-(`hw_bridge.wire.WireFaults`) and run in campaigns with a `hil:` block, through the HIL rig in
-accelerated time (`hil/hil_campaign.py`; example `hil/campaigns/pump_wire_hil.yaml`); a
-simulated campaign refuses them.
+seconds for the knee exoskeleton. Wire faults act on the Modbus wire of the emulated pump or
+exoskeleton drive (`hw_bridge.wire.WireFaults`) and run in campaigns with a `hil:` block,
+through the HIL rig (`hil/hil_campaign.py`; the insulin rig in accelerated time, the
+exoskeleton rig at 100 Hz in real time; examples `hil/campaigns/pump_wire_hil.yaml`,
+`drive_wire_hil.yaml`); a simulated campaign refuses them.
 """
 
 

@@ -373,10 +373,10 @@ REQUIREMENT_RULES: dict[str, tuple[str, dict[str, str], str]] = {
         "|exoskeleton torque applied| <= {limit_nm} N·m at every control tick",
     ),
     "safe_state_after_lost_communication": (
-        "glucose",
+        "any",
         {"periods": "control periods"},
-        "HIL: after a fault that cuts the pump's communication, the rig raises the pump alarm "
-        "and writes the safe state within {periods} control periods",
+        "HIL: after a fault that cuts the device's communication, the rig raises the device's "
+        "alarm and applies the safe state within {periods} control periods",
     ),
     "exo_no_limit_violation": (
         "knee-exo",
@@ -449,14 +449,20 @@ def _requirement(node: object, therapy: str, where: _Where, parent: object) -> R
 class HilSettings:
     """A campaign run through the HIL rig on emulated devices (wire faults only).
 
+    Glucose: the emulated pump and CGM, the rig in accelerated time. Knee exoskeleton: the
+    emulated CiA 402 drive (knee behind it) and the exoskeleton rig at 100 Hz, in real time.
+
     Attributes:
-        wall_s_per_sim_min: wall seconds per simulated minute (0.02: a 5-min period is 0.1 s).
-        minutes: simulated minutes per session.
+        wall_s_per_sim_min: glucose: wall seconds per simulated minute (0.02: a 5-min period
+            is 0.1 s).
+        minutes: glucose: simulated minutes per session.
+        seconds: knee exoskeleton: seconds per session (after the drive is enabled).
 
     """
 
     wall_s_per_sim_min: float = 0.02
     minutes: int = 240
+    seconds: float = 8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -576,20 +582,37 @@ def load_spec(path: str | Path) -> CampaignSpec:
     hil_node = root.get("hil")
     if hil_node is not None:
         hh = where(hil_node, root)
-        if therapy != "glucose" or not isinstance(hil_node, dict):
-            raise SpecError(hh, "hil: a mapping (wall_s_per_sim_min, minutes), glucose only")
-        _only(hil_node, ("wall_s_per_sim_min", "minutes"), hh, "hil")
-        scale = hil_node.get("wall_s_per_sim_min", 0.02)
-        minutes = hil_node.get("minutes", 240)
-        if (
-            isinstance(scale, bool)
-            or not isinstance(scale, int | float)
-            or not 0.005 <= scale <= 60
-        ):
-            raise SpecError(hh, f"wall_s_per_sim_min={scale!r} is not allowed: 0.005..60 s")
-        if isinstance(minutes, bool) or not isinstance(minutes, int) or not 10 <= minutes <= 1440:
-            raise SpecError(hh, f"minutes={minutes!r} is not allowed: an integer in 10..1440")
-        hil = HilSettings(float(scale), minutes)
+        if not isinstance(hil_node, dict):
+            raise SpecError(
+                hh, "hil: a mapping (glucose: wall_s_per_sim_min, minutes; knee-exo: seconds)"
+            )
+        if therapy == "glucose":
+            _only(hil_node, ("wall_s_per_sim_min", "minutes"), hh, "hil (glucose)")
+            scale = hil_node.get("wall_s_per_sim_min", 0.02)
+            minutes = hil_node.get("minutes", 240)
+            if (
+                isinstance(scale, bool)
+                or not isinstance(scale, int | float)
+                or not (0.005 <= scale <= 60)
+            ):
+                raise SpecError(hh, f"wall_s_per_sim_min={scale!r} is not allowed: 0.005..60 s")
+            if (
+                isinstance(minutes, bool)
+                or not isinstance(minutes, int)
+                or not 10 <= minutes <= 1440
+            ):
+                raise SpecError(hh, f"minutes={minutes!r} is not allowed: an integer in 10..1440")
+            hil = HilSettings(float(scale), minutes)
+        else:
+            _only(hil_node, ("seconds",), hh, "hil (knee-exo)")
+            seconds = hil_node.get("seconds", 8.0)
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not (1 <= seconds <= 600)
+            ):
+                raise SpecError(hh, f"seconds={seconds!r} is not allowed: 1..600 s")
+            hil = HilSettings(seconds=float(seconds))
     defaults_node = root.get("defaults") or {}
     if not isinstance(defaults_node, dict):
         raise SpecError(here, "defaults: a mapping with start: and duration:")

@@ -1,4 +1,11 @@
-"""Campaign runs through the HIL rig: wire faults on the emulated pump's Modbus wire.
+"""Campaign runs through the HIL rigs: wire faults on an emulated device's Modbus wire.
+
+Knee exoskeleton (:func:`run_exo_hil`): the emulated CiA 402 drive (the knee behind it,
+following the cyclic task) on Modbus TCP and the exoskeleton rig at 100 Hz in real time, for
+``hil.seconds``; the wire faults switch on the drive's ``WireFaults`` on the rig's clock
+(seconds since the drive was enabled), and the rig's alarm ends the session in the safe state.
+
+Insulin (:func:`run_hil`):
 
 A spec with a ``hil:`` block (``hil.campaign_spec``) runs each of its runs as a HIL session on
 loopback, in accelerated wall-clock time: a :class:`~hw_bridge.patient.VirtualPatient` behind
@@ -99,6 +106,8 @@ class _Schedule:
 
 def run_hil(spec: CampaignSpec, key: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one HIL session of the campaign; its verdict (as :mod:`hil.safety`) and trace."""
+    if spec.therapy == "knee-exo":
+        return run_exo_hil(spec, key)
     from agents.recording import Columns, column_listener
     from hil.rig import Rig, RigConfig, pump_register_names
     from hw_bridge.emulators.cgm import CgmEmulator
@@ -257,5 +266,118 @@ def _evaluate(
         "cgm_mg_dl": np.full(t.size, np.nan),
         "insulin_u": insulin,
         "overrides": np.zeros(t.size, dtype=np.int32),
+    }
+    return verdict, trace
+
+
+def run_exo_hil(spec: CampaignSpec, key: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One exoskeleton HIL session through the exoskeleton rig, with wire faults on the drive.
+
+    The emulated drive (knee behind it, following the task) on Modbus TCP and the rig at
+    100 Hz in real time; the faults switch on the drive's ``WireFaults`` on the rig's clock
+    (seconds since the drive was enabled).
+    """
+    from hil.exo_rig import ExoRigConfig, run_exo_session
+    from hw_bridge.emulators.drive import DriveEmulator, knee_backend
+    from hw_bridge.wire import WireFaults
+
+    assert spec.hil is not None
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    scenario = spec.scenario(key.scenario)
+    faults = WireFaults(seed=key.seed)
+    drive = DriveEmulator(knee_backend(key.patient, seed=key.seed, task="cyclic"), faults=faults)
+    with drive.start_tcp("127.0.0.1", 0) as server:
+        config = ExoRigConfig(
+            tcp=f"127.0.0.1:{server.tcp_address[1]}",  # type: ignore[index]
+            controller=spec.controller,
+            patient=key.patient,
+            task="cyclic",
+            seed=key.seed,
+            seconds=spec.hil.seconds,
+        )
+        schedule = _Schedule(scenario, faults, 1.0)
+        hz = float(config.control_hz)
+        session = run_exo_session(config, on_tick=lambda k: schedule.at(k / hz))
+        faults.clear()
+    return _evaluate_exo(spec, scenario, session, faults.counts)
+
+
+def _evaluate_exo(
+    spec: CampaignSpec, scenario: Scenario, session: Any, counts: dict[str, int]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    s = session.summary
+    exo = s.get("exo", {})
+    rig = session.rig
+    period_s = 1.0 / float(rig.config.control_hz)
+    raised = [a for a in rig.alarm_log if a.active]
+    onsets = scenario.onsets
+    onset = onsets[0] if onsets else None
+    violations = int(exo.get("limit_violations", 0) or 0)
+    verdicts = []
+    for req in spec.requirements:
+        prm = dict(req.params)
+        v: dict[str, Any] = {"id": req.id, "pass": True}
+        if req.rule == "safe_state_after_lost_communication":
+            cuts = [f.start for f in scenario.faults if f.fault in COMMUNICATION_LOSS]
+            if not cuts:
+                v = {"id": req.id, "pass": None, "why": "no communication-cutting fault"}
+            else:
+                t_alarm = np.array([a.t_s for a in raised if "safe state" in a.action])
+                for cut in cuts:
+                    within = (t_alarm >= cut) & (t_alarm <= cut + prm["periods"] * period_s)
+                    if not within.any():
+                        first = float(t_alarm.min()) - cut if t_alarm.size else None
+                        v.update({"pass": False, "at": cut, "value": first})
+                        break
+        elif req.rule == "exo_no_limit_violation":
+            v.update({"pass": violations == 0, "value": violations})
+        elif req.rule == "exo_rms_error_max":
+            rms = exo.get("rms_error_deg")
+            v.update({"pass": rms is not None and rms <= prm["max_deg"], "value": rms})
+        elif req.rule == "exo_torque_within":
+            peak = float(np.max(np.abs(rig.samples.torque_nm))) if rig.samples.t_s else 0.0
+            v.update({"pass": peak <= prm["limit_nm"] + 1e-9, "value": peak})
+        else:
+            v = {"id": req.id, "pass": None, "why": f"{req.rule} is not judged on HIL runs"}
+        verdicts.append(v)
+    samples = rig.samples
+    t = np.asarray(samples.t_s, dtype=np.float64)
+    verdict = {
+        "metrics": {
+            "rms_error_deg": exo.get("rms_error_deg"),
+            "exo_work_j": exo.get("exo_work_j"),
+            "limit_violations": violations,
+            "ended_by": s["ended_by"],
+            "fresh_readings": s["fresh_readings"],
+        },
+        "labels": {
+            "exo_limit": {
+                "seconds": violations * period_s,
+                "ticks": violations,
+                "onset_to_hazard_s": None,
+            }
+        },
+        "first_onset": onset,
+        "detection": {
+            "detections": len(raised),
+            "true_detections": 0,
+            "episodes": 0,
+            "detected_episodes": 0,
+            "by_rule": {f"{a.source}: {a.condition}": 1 for a in raised},
+        },
+        "agent_faults": 0,
+        "alarms": [
+            {"t_s": a.t_s, "source": a.source, "condition": a.condition, "action": a.action}
+            for a in rig.alarm_log
+        ],
+        "wire_fault_hits": counts,
+        "requirements": verdicts,
+    }
+    trace = {
+        "t_s": t,
+        "angle_rad": np.asarray(samples.angle_rad, dtype=np.float64),
+        "reference_rad": np.asarray(samples.reference_rad, dtype=np.float64),
+        "exo_torque_nm": np.asarray(samples.torque_nm, dtype=np.float64),
+        "applied_command_nm": np.full(t.size, np.nan),
     }
     return verdict, trace

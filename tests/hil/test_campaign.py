@@ -514,3 +514,30 @@ def test_the_fault_documentation_is_the_catalogue():
     assert len(CATALOGUE) >= 30
     for name in CATALOGUE:
         assert f"| `{name}` |" in text
+
+
+@pytest.mark.hil
+def test_wire_faults_on_the_exoskeleton_drive_end_in_the_safe_state(tmp_path):
+    small = write_spec(
+        tmp_path,
+        {
+            **yaml.safe_load((ROOT / "hil" / "campaigns" / "drive_wire_hil.yaml").read_text()),
+            "hil": {"seconds": 2},
+            "defaults": {"start": 1.0, "duration": 0.5},
+            "sweep": ["dropped_frame", "disconnect", "duplicated_write"],
+        },
+    )
+    spec = load_spec(small)
+    summary = run_campaign(spec, tmp_path / "out", inline=True, progress=False)
+    assert summary["runs"]["ok"] == 4, summary["runs"]
+    res = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out" / "results").glob("*.json")}
+    for name in ("dropped_frame", "disconnect"):
+        r = res[f"{name}.moderate.s0"]
+        assert r["alarms"] and r["alarms"][0]["source"] == "drive", r["alarms"]
+        assert 1.0 <= r["alarms"][0]["t_s"] <= 1.0 + 2 * 0.01
+        assert r["metrics"]["ended_by"].startswith("alarm: drive")
+        assert next(v for v in r["requirements"] if v["id"] == "X1")["pass"] is True
+    assert res["baseline.moderate.s0"]["alarms"] == []
+    assert res["baseline.moderate.s0"]["metrics"]["ended_by"] == "completed"
+    assert res["duplicated_write.moderate.s0"]["fault_hits"]["duplicate_write"] > 0
+    assert next(r for r in summary["requirements"] if r["id"] == "X1")["verdict"] == "pass"
