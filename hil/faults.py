@@ -476,32 +476,27 @@ def _deadline_overrun(fault: ActiveFault) -> Callable[[Any], Any]:
     return transform
 
 
-def _clock_jitter(fault: ActiveFault) -> Callable[[Any], Any]:
-    sd = fault.params["sd"]
+def _clock_fault(
+    shift: Callable[[ActiveFault, float], float],
+) -> Callable[[ActiveFault], Callable[[Any], Any]]:
+    """A transform that moves each message's timestamp by ``shift(fault, t)`` in the window."""
 
-    def transform(message: Any) -> Any:
-        t = _t(message)
-        if not fault.active(t):
-            return message
-        fault.hits += 1
-        name = "t_min" if hasattr(message, "t_min") else "t_s"
-        return dataclasses.replace(message, **{name: t + float(fault.rng.normal(0.0, sd))})
+    def make(fault: ActiveFault) -> Callable[[Any], Any]:
+        def transform(message: Any) -> Any:
+            t = _t(message)
+            if not fault.active(t):
+                return message
+            fault.hits += 1
+            name = "t_min" if hasattr(message, "t_min") else "t_s"
+            return dataclasses.replace(message, **{name: t + shift(fault, t)})
 
-    return transform
+        return transform
+
+    return make
 
 
-def _clock_drift(fault: ActiveFault) -> Callable[[Any], Any]:
-    rate = fault.params["ppm"] * 1e-6
-
-    def transform(message: Any) -> Any:
-        t = _t(message)
-        if not fault.active(t):
-            return message
-        fault.hits += 1
-        name = "t_min" if hasattr(message, "t_min") else "t_s"
-        return dataclasses.replace(message, **{name: t + rate * (t - fault.start)})
-
-    return transform
+_clock_jitter = _clock_fault(lambda f, t: float(f.rng.normal(0.0, f.params["sd"])))
+_clock_drift = _clock_fault(lambda f, t: f.params["ppm"] * 1e-6 * (t - f.start))
 
 
 # -- exoskeleton -----------------------------------------------------------------------------

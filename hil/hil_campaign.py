@@ -69,6 +69,15 @@ WIRE_SWITCH = {
 COMMUNICATION_LOSS = frozenset({"timeout", "dropped_frame", "disconnect", "modbus_exception"})
 
 
+def _alarms(log: list[Any], clock: str) -> list[dict[str, Any]]:
+    """A rig's alarm log as data (``clock``: the alarm's time field, ``t_min`` or ``t_s``)."""
+    return [
+        {clock: getattr(a, clock), "source": a.source, "condition": a.condition,
+         "action": a.action}
+        for a in log
+    ]  # fmt: skip
+
+
 class _Schedule:
     """Switches the scenario's wire faults on and off on the rig's clock."""
 
@@ -253,10 +262,7 @@ def _evaluate(
         "first_onset": onset,
         "detection": detection,
         "agent_faults": 0,
-        "alarms": [
-            {"t_min": a.t_min, "source": a.source, "condition": a.condition, "action": a.action}
-            for a in rig.alarm_log
-        ],
+        "alarms": _alarms(rig.alarm_log, "t_min"),
         "wire_fault_hits": counts,
         "requirements": verdicts,
     }
@@ -366,10 +372,7 @@ def _evaluate_exo(
             "by_rule": {f"{a.source}: {a.condition}": 1 for a in raised},
         },
         "agent_faults": 0,
-        "alarms": [
-            {"t_s": a.t_s, "source": a.source, "condition": a.condition, "action": a.action}
-            for a in rig.alarm_log
-        ],
+        "alarms": _alarms(rig.alarm_log, "t_s"),
         "wire_fault_hits": counts,
         "requirements": verdicts,
     }

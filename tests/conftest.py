@@ -56,6 +56,41 @@ def ray_started():
     yield
 
 
+@pytest.fixture
+def loopback_cluster():
+    """A two-node Ray cluster on 127.0.0.1 (a head and a second node, one CPU each) started
+    with the ``ray`` CLI; yields ``(address, env)`` and stops every Ray process after."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    if not os.path.exists(ray_cli) and shutil.which("ray") is None:
+        pytest.skip("ray CLI not installed")
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    port = "6397"
+    common = ["--num-cpus", "1", "--disable-usage-stats"]
+    subprocess.run(
+        [ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
+         "--include-dashboard", "false", *common],
+        check=True, env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    try:
+        subprocess.run(
+            [ray_cli, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address",
+             "127.0.0.1", *common],
+            check=True, env=env, capture_output=True, timeout=120,
+        )  # fmt: skip
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that stop every Ray process on the machine (``ray_cluster``) run last."""
     items.sort(key=lambda item: item.get_closest_marker("ray_cluster") is not None)

@@ -1,6 +1,4 @@
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -53,44 +51,19 @@ def test_unreachable_address_fails_fast_with_a_clear_error():
 
 
 @pytest.mark.ray_cluster
-@pytest.mark.skipif(
-    shutil.which("ray") is None
-    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "ray")),
-    reason="ray CLI not installed",
-)
-def test_run_on_an_existing_two_node_cluster(tmp_path):
+def test_run_on_an_existing_two_node_cluster(tmp_path, loopback_cluster):
     """`twinloop run --address` on a head node plus a second node, all on loopback."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    port = "6397"
-    common = ["--num-cpus", "1", "--disable-usage-stats"]
-    subprocess.run(
-        [ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
-         "--include-dashboard", "false", *common],
-        check=True, env=env, capture_output=True, timeout=120,
+    address, env = loopback_cluster
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hil", "run", "--address", address, "--patient", "adult#001",
+         "--out", str(out), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
-    try:
-        subprocess.run(
-            [ray_cli, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address",
-             "127.0.0.1", *common],
-            check=True, env=env, capture_output=True, timeout=120,
-        )  # fmt: skip
-        out = tmp_path / "run"
-        proc = subprocess.run(
-            [sys.executable, "-m", "hil", "run", "--address", f"127.0.0.1:{port}", "--patient",
-             "adult#001", "--out", str(out), "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=600, check=False,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["complete"] and manifest["config"]["placement"] == "ray"
-        assert "agents ray" in proc.stdout
-    finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["config"]["placement"] == "ray"
+    assert "agents ray" in proc.stdout
 
 
 def test_a_killed_actor_is_restarted_and_the_loop_holds_the_safe_command(ray_started):

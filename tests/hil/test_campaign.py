@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -410,44 +409,19 @@ def test_a_campaign_on_ray_gives_the_inline_table(small_campaign, ray_started, t
 
 @pytest.mark.ray
 @pytest.mark.ray_cluster
-@pytest.mark.skipif(
-    shutil.which("ray") is None
-    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "ray")),
-    reason="ray CLI not installed",
-)
-def test_the_same_spec_on_a_two_node_loopback_cluster(small_campaign, tmp_path):
-    import ray
-
+def test_the_same_spec_on_a_two_node_loopback_cluster(small_campaign, tmp_path, loopback_cluster):
     spec, full_out, _ = small_campaign
-    if ray.is_initialized():
-        ray.shutdown()
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    port = "6398"
-    common = ["--num-cpus", "1", "--disable-usage-stats"]
-    subprocess.run(
-        [ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
-         "--include-dashboard", "false", *common],
-        check=True, env=env, capture_output=True, timeout=120,
+    address, env = loopback_cluster
+    out = tmp_path / "cluster"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hil", "campaign", spec.source, "--address", address, "--out",
+         str(out), "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
-    try:
-        subprocess.run(
-            [ray_cli, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address",
-             "127.0.0.1", *common],
-            check=True, env=env, capture_output=True, timeout=120,
-        )  # fmt: skip
-        out = tmp_path / "cluster"
-        proc = subprocess.run(
-            [sys.executable, "-m", "hil", "campaign", spec.source, "--address",
-             f"127.0.0.1:{port}", "--out", str(out), "--no-progress"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["execution"]["placement"] == f"ray:127.0.0.1:{port}"
-        assert table(out) == table(full_out)
-    finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["execution"]["placement"] == f"ray:{address}"
+    assert table(out) == table(full_out)
 
 
 # -- wire faults through the HIL rig ---------------------------------------------------------
