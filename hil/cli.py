@@ -175,6 +175,9 @@ def _parser() -> argparse.ArgumentParser:
     from hil.campaign_cli import add_parser as add_campaign_parser
 
     add_campaign_parser(sub)
+    from hil.export_cli import add_parser as add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
@@ -613,6 +616,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hil.campaign_cli import main_campaign
 
             return main_campaign(args)
+        if args.command == "export":
+            from hil.export_cli import main_export
+
+            return main_export(args)
         if args.command == "report":
             from agents.exo_report import build_exo_report, is_exo_recording
             from agents.report import build_report
