@@ -178,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     from hil.export_cli import add_parser as add_export_parser
 
     add_export_parser(sub)
+    from hil.population_cli import add_parser as add_population_parser
+
+    add_population_parser(sub)
     return parser
 
 
@@ -620,6 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hil.export_cli import main_export
 
             return main_export(args)
+        if args.command == "population":
+            from hil.population_cli import main_population
+
+            return main_population(args)
         if args.command == "report":
             from agents.exo_report import build_exo_report, is_exo_recording
             from agents.report import build_report
