@@ -56,7 +56,14 @@ from agents.supervisor import SafetySupervisor, SupervisorConfig
 from agents.twin import TwinEstimator
 from plant.cgm import CGMSpec
 from plant.insulin import IobTracker
-from plant.patients import N_STATES, PatientParameters, expand_names, parameter_matrix
+from plant.patients import (
+    N_STATES,
+    POPULATION_PREFIX,
+    PatientParameters,
+    expand_names,
+    parameter_matrix,
+    population_token,
+)
 from plant.pump import PumpSpec
 from plant.scenarios import MIN_PER_DAY, SCENARIOS, CarbCountingError, MealPlan
 from plant.uva_padova import DEFAULT_EAT_RATE_G_PER_MIN, N_MEAL_STATE, P_VG, advance
@@ -128,6 +135,16 @@ class LoopConfig:
             raise LoopConfigError("wall_s_per_sim_min", self.wall_s_per_sim_min, "seconds > 0")
         if isinstance(self.patients, str):
             object.__setattr__(self, "patients", (self.patients,))
+        object.__setattr__(
+            self,
+            "patients",
+            tuple(
+                population_token(n[len(POPULATION_PREFIX) :])
+                if n.startswith(POPULATION_PREFIX)
+                else n
+                for n in self.patients
+            ),
+        )
         if not (isinstance(self.days, int) and self.days >= 1):
             raise LoopConfigError("days", self.days, "an integer >= 1")
         if not (isinstance(self.seed, int) and self.seed >= 0):

@@ -14,7 +14,7 @@ from agents.loop import LoopConfig, PatientLoop, run_together
 from agents.placement import InlinePlacement, Placement, RayPatientsPlacement
 from agents.recording import Columns, Recorder, column_listener
 from plant.metrics import glucose_metrics
-from plant.patients import PatientParameters, patient_names
+from plant.patients import PatientParameters, patient_key
 from plant.scenarios import MIN_PER_DAY
 
 SUMMARY_FIELDS = (
@@ -73,6 +73,7 @@ def _patient_loop_columns(
     """Run one patient's loop inline and return its recorded columns and plasma glucose."""
     from plant.patients import get_patient
 
+    config.patient_table()  # loads the run's population files in this worker
     loop = PatientLoop(get_patient(name), config, np.random.default_rng(seed))
     columns: Columns = {}
     loop.listen(column_listener(columns, name))
@@ -133,9 +134,8 @@ def run_cohort(
     """
     patients = config.patient_table()
     recorder = Recorder(run_dir)
-    table = patient_names()
     seeds = [
-        np.random.SeedSequence(config.seed, spawn_key=(table.index(p.name),)) for p in patients
+        np.random.SeedSequence(config.seed, spawn_key=(patient_key(p.name),)) for p in patients
     ]
     n_min = config.days * MIN_PER_DAY
     bg = np.empty((len(patients), n_min + 1))

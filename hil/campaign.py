@@ -100,8 +100,9 @@ def _actives(scenario: Scenario, key: RunKey) -> list[ActiveFault]:
 # -- one run ---------------------------------------------------------------------------------
 def _glucose_loop(spec: CampaignSpec, key: RunKey) -> Any:
     from agents.loop import LoopConfig, PatientLoop
-    from plant.patients import get_patient, patient_names
+    from plant.patients import expand_names, get_patient, patient_key
 
+    expand_names(spec.populations)  # a Ray worker loads the spec's population files
     config = LoopConfig(
         patients=(key.patient,),
         days=spec.days,
@@ -109,8 +110,7 @@ def _glucose_loop(spec: CampaignSpec, key: RunKey) -> Any:
         controller=spec.controller,
         twin=spec.twin,
     )
-    table = patient_names()
-    seq = np.random.SeedSequence(key.seed, spawn_key=(table.index(key.patient),))
+    seq = np.random.SeedSequence(key.seed, spawn_key=(patient_key(key.patient),))
     return PatientLoop(get_patient(key.patient), config, np.random.default_rng(seq))
 
 

@@ -59,6 +59,7 @@ from hil.faults import (
     check_params,
     numeric_fields,
 )
+from plant.patients import POPULATION_PREFIX, population_token
 
 __all__ = [
     "REQUIREMENT_RULES",
@@ -481,6 +482,8 @@ class CampaignSpec:
     twin: bool = True
     source: str = ""
     hil: HilSettings | None = None
+    #: ``population:PATH`` tokens of ``patients`` (workers load them before a run).
+    populations: tuple[str, ...] = ()
 
     @property
     def horizon(self) -> float:
@@ -560,6 +563,17 @@ def load_spec(path: str | Path) -> CampaignSpec:
         patients = [patients]
     if not (isinstance(patients, list) and patients and all(isinstance(p, str) for p in patients)):
         raise SpecError(here, f"patients={patients!r}: a list of names")
+    populations = tuple(
+        population_token(str((path.parent / n[len(POPULATION_PREFIX) :]).resolve()))
+        for n in patients
+        if n.startswith(POPULATION_PREFIX)
+    )
+    patients = [
+        population_token(str((path.parent / n[len(POPULATION_PREFIX) :]).resolve()))
+        if n.startswith(POPULATION_PREFIX)
+        else n
+        for n in patients
+    ]
     patients = _check_patients(therapy, patients, here)
     controller = root.get("controller", "basal-bolus" if therapy == "glucose" else "aan")
     _check_controller(therapy, controller, here)
@@ -720,6 +734,7 @@ def load_spec(path: str | Path) -> CampaignSpec:
         twin=twin,
         source=str(path),
         hil=hil,
+        populations=populations,
     )
 
 

@@ -143,3 +143,52 @@ def _not_a_population(tmp_path):
     path = tmp_path / "other.parquet"
     pq.write_table(pa.table({"a": [1]}), path)
     return str(path)
+
+
+def test_a_population_file_is_accepted_wherever_a_cohort_is(tmp_path):
+    """``population:PATH`` among patient names: expansion, the closed loop, a campaign."""
+    import json
+
+    import yaml
+
+    from agents.loop import LoopConfig
+    from agents.run import run_cohort
+    from hil.campaign import run_campaign
+    from hil.campaign_spec import load_spec
+    from plant.errors import UnknownPatientError
+    from plant.patients import expand_names, get_patient
+    from plant.population import write_population
+
+    members, _ = sample_population(3, seed=11)
+    write_population(str(tmp_path / "pop.parquet"), members)
+    token = f"population:{tmp_path / 'pop.parquet'}"
+    assert list(expand_names([token, "adult#001"])) == [*members, get_patient("adult#001")]
+    assert get_patient(members[0].name) == members[0]
+    with pytest.raises(UnknownPatientError, match="population"):
+        expand_names([f"population:{tmp_path / 'missing.parquet'}"])
+    # the closed loop
+    _, summary = run_cohort(LoopConfig(patients=(token,), days=1), tmp_path / "run", progress=False)
+    assert set(summary["patients"]) == {p.name for p in members}
+    # a campaign, its path relative to the spec
+    spec_path = tmp_path / "c.yaml"
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "pop",
+                "patients": ["population:pop.parquet"],
+                "seeds": [0],
+                "sweep": ["occlusion"],
+                "requirements": [{"id": "G1", "rule": "glucose_min", "threshold_mg_dl": 40}],
+            }
+        )
+    )
+    spec = load_spec(spec_path)
+    assert spec.patients == tuple(p.name for p in members)
+    out = run_campaign(spec, tmp_path / "out", inline=True, progress=False)
+    assert out["runs"]["ok"] == 6
+    result = json.loads(
+        (
+            tmp_path / "out" / "results" / f"occlusion.{members[0].name.replace('#', '-')}.s0.json"
+        ).read_text()
+    )
+    assert result["patient"] == members[0].name
