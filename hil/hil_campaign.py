@@ -78,6 +78,30 @@ def _alarms(log: list[Any], clock: str) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def _lost_communication(
+    rid: str, scenario: Scenario, t_alarm: list[float], window: float
+) -> dict[str, Any]:
+    """Judge ``safe_state_after_lost_communication`` on a rig's alarms.
+
+    Passes when an alarm with the safe state follows each communication-cutting fault's onset
+    within ``window`` (the rig's time unit).
+    """
+    cuts = [f.start for f in scenario.faults if f.fault in COMMUNICATION_LOSS]
+    if not cuts:
+        return {"id": rid, "pass": None, "why": "no communication-cutting fault"}
+    alarms = np.asarray(t_alarm, dtype=np.float64)
+    for cut in cuts:
+        if not ((alarms >= cut) & (alarms <= cut + window)).any():
+            later = alarms[alarms >= cut]
+            return {
+                "id": rid,
+                "pass": False,
+                "at": cut,
+                "value": float(later.min() - cut) if later.size else None,
+            }
+    return {"id": rid, "pass": True}
+
+
 class _Schedule:
     """Switches the scenario's wire faults on and off on the rig's clock."""
 
@@ -233,19 +257,8 @@ def _evaluate(
         prm = dict(req.params)
         v: dict[str, Any] = {"id": req.id, "pass": True}
         if req.rule == "safe_state_after_lost_communication":
-            cuts = [f.start for f in scenario.faults if f.fault in COMMUNICATION_LOSS]
-            if not cuts:
-                v = {"id": req.id, "pass": None, "why": "no communication-cutting fault"}
-            else:
-                pump_alarms = np.array(
-                    [a.t_min for a in raised if a.source == "pump" and "safe state" in a.action]
-                )
-                for cut in cuts:
-                    if not (
-                        (pump_alarms >= cut) & (pump_alarms <= cut + prm["periods"] * period)
-                    ).any():
-                        v.update({"pass": False, "at": cut})
-                        break
+            safe = [a.t_min for a in raised if a.source == "pump" and "safe state" in a.action]
+            v = _lost_communication(req.id, scenario, safe, prm["periods"] * period)
         elif req.rule == "glucose_min":
             v.update({"pass": bool(bg.min() >= prm["threshold_mg_dl"]), "value": float(bg.min())})
         elif req.rule == "glucose_max":
@@ -324,17 +337,8 @@ def _evaluate_exo(
         prm = dict(req.params)
         v: dict[str, Any] = {"id": req.id, "pass": True}
         if req.rule == "safe_state_after_lost_communication":
-            cuts = [f.start for f in scenario.faults if f.fault in COMMUNICATION_LOSS]
-            if not cuts:
-                v = {"id": req.id, "pass": None, "why": "no communication-cutting fault"}
-            else:
-                t_alarm = np.array([a.t_s for a in raised if "safe state" in a.action])
-                for cut in cuts:
-                    within = (t_alarm >= cut) & (t_alarm <= cut + prm["periods"] * period_s)
-                    if not within.any():
-                        first = float(t_alarm.min()) - cut if t_alarm.size else None
-                        v.update({"pass": False, "at": cut, "value": first})
-                        break
+            safe = [a.t_s for a in raised if "safe state" in a.action]
+            v = _lost_communication(req.id, scenario, safe, prm["periods"] * period_s)
         elif req.rule == "exo_no_limit_violation":
             v.update({"pass": violations == 0, "value": violations})
         elif req.rule == "exo_rms_error_max":

@@ -515,3 +515,18 @@ def test_wire_faults_on_the_exoskeleton_drive_end_in_the_safe_state(tmp_path):
     assert res["baseline.moderate.s0"]["metrics"]["ended_by"] == "completed"
     assert res["duplicated_write.moderate.s0"]["fault_hits"]["duplicate_write"] > 0
     assert next(r for r in summary["requirements"] if r["id"] == "X1")["verdict"] == "pass"
+
+
+def test_the_lost_communication_verdict():
+    from hil.campaign_spec import FaultLine, Scenario
+    from hil.hil_campaign import _lost_communication
+
+    cut = Scenario("s", (FaultLine("timeout", "wire:drop_response", 60.0, 30.0, ()),))
+    assert _lost_communication("W", cut, [61.0], 10.0)["pass"] is True
+    late = _lost_communication("W", cut, [59.0, 75.0], 10.0)
+    assert late["pass"] is False and late["at"] == 60.0 and late["value"] == 15.0
+    assert _lost_communication("W", cut, [], 10.0) == {
+        "id": "W", "pass": False, "at": 60.0, "value": None
+    }  # fmt: skip
+    slow = Scenario("s", (FaultLine("delayed_response", "wire:delay_s", 60.0, 30.0, ()),))
+    assert _lost_communication("W", slow, [], 10.0)["pass"] is None
