@@ -8,8 +8,8 @@ days with the basal-bolus controller (CGM sensor, supervisor, pump, random meals
 carb-counting error; the twin estimator off, as it does not act on basal-bolus therapy), as Ray
 tasks of ``--chunk`` patients. Prints, per age group and overall, the distribution (min, 5th,
 50th, 95th percentile, max) of time in range 70–180, time below 70, time above 250 and mean
-glucose for both, and whether the population's range covers the shipped range (issue 8's
-target: it must).
+glucose for both, and whether the population's range covers the shipped range: over all 30
+(issue 8's target) and, for information, per age group.
 """
 
 from __future__ import annotations
@@ -100,15 +100,15 @@ def main() -> None:
         "rejected": rejected,
         "groups": {},
     }
-    covered_all = True
     for group in ("children", "adolescents", "adults", "all"):
         p_rows = [r for r in pop if group == "all" or r["cohort"] == group]
         s_rows = [r for r in ship if group == "all" or r["cohort"] == group]
         ps, ss = _summary(p_rows), _summary(s_rows)
         covers = {f: ps[f]["min"] <= ss[f]["min"] and ps[f]["max"] >= ss[f]["max"] for f in FIELDS}
-        covered_all &= all(covers.values())
         result["groups"][group] = {"population": ps, "shipped": ss, "covers_shipped_range": covers}
-    result["target"] = {"population range covers the shipped range": covered_all}
+    # the issue's target: the range of the 30 shipped patients' outcomes (all groups together)
+    met = all(result["groups"]["all"]["covers_shipped_range"].values())
+    result["target"] = {"population range covers the 30 shipped patients' range": met}
     print(json.dumps(result, indent=1))
 
 

@@ -26,7 +26,11 @@ steady state at its basal glucose ``Gb`` under its basal insulin:
 group's range widened by :data:`WIDEN` (25 % in log space each side), the carb ratio and the
 correction factor consistent with the total daily insulin as in the table (``CR·TDI`` and
 ``CF·TDI`` inside the table's range widened likewise), basal insulin ≤ 80 % of the total daily
-insulin, and a basal-only day of the compiled model that stays within 0.5 mg/dL of ``Gb``.
+insulin, a basal-only day of the compiled model that stays within 0.5 mg/dL of ``Gb``, and a
+*standard day* (:func:`standard_day`: three meals, each bolused with the patient's own carb
+ratio) whose lowest and highest glucose stay within the group's shipped extremes widened by
+:data:`WIDEN` — so a sample's therapy parameters suit its physiology about as well as the
+table's do (without it a sensitive patient can draw an aggressive carb ratio).
 
 :func:`sample_population` draws until it has ``n`` valid patients (same seed, same population),
 named ``<group>#p<seed>-<k>`` (e.g. ``adult#p7-0042``), so their cohort is known.
@@ -192,6 +196,16 @@ def fit_population(patients: Sequence[PatientParameters] | None = None) -> Popul
             float(np.exp(per_kg.max() + WIDEN)),
         )
         bounds[g] = b
+    low, high = standard_day(pts)
+    for g, ps in groups.items():
+        if not ps:
+            continue
+        sel = np.array([p.cohort == g for p in pts])
+        bounds[g]["standard_day_min_mg_dl"] = (
+            float(np.exp(np.log(low[sel].min()) - WIDEN)),
+            math.inf,
+        )
+        bounds[g]["standard_day_max_mg_dl"] = (0.0, float(np.exp(np.log(high[sel].max()) + WIDEN)))
     products = {}
     for key, field in (
         ("cr_tdi", "carb_ratio_g_per_u"),
@@ -230,6 +244,32 @@ def check(p: PatientParameters, model: PopulationModel) -> str | None:
     if p.basal_u_per_h * 24.0 > 0.8 * p.total_daily_insulin_u:
         return "basal insulin above 80 % of the total daily insulin"
     return None
+
+
+#: The standard day of the therapy check: meals (minute, g), each bolused at the patient's CR.
+STANDARD_MEALS = ((420, 50.0), (720, 70.0), (1080, 60.0))
+
+
+def standard_day(
+    patients: Sequence[PatientParameters],
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Lowest and highest plasma glucose of each patient's standard day, mg/dL.
+
+    Open loop from the basal steady state: the basal rate all day and, at each meal of
+    :data:`STANDARD_MEALS`, a bolus of ``carbs / CR`` — the patient's own therapy parameters
+    on an ordinary day.
+    """
+    from plant.uva_padova import simulate
+
+    minutes = 1440
+    insulin = np.repeat(np.array([[p.basal_u_per_min for p in patients]]).T, minutes, axis=1)
+    meals = np.zeros((len(patients), minutes))
+    cr = np.array([p.carb_ratio_g_per_u for p in patients])
+    for t, grams in STANDARD_MEALS:
+        meals[:, t] = grams
+        insulin[:, t] += grams / cr
+    bg = simulate(list(patients), insulin, meals).bg_mg_dl
+    return bg.min(axis=1), bg.max(axis=1)
 
 
 def _steady(patients: list[PatientParameters]) -> NDArray[np.bool_]:
@@ -334,7 +374,15 @@ def sample_population(
             if candidates:
                 steady = _steady(candidates)
                 rejected["not steady"] = rejected.get("not steady", 0) + int((~steady).sum())
-                for p, ok in zip(candidates, steady, strict=True):
+                low, high = standard_day(candidates)
+                b = model.bounds[g]
+                therapy_ok = (low >= b["standard_day_min_mg_dl"][0]) & (
+                    high <= b["standard_day_max_mg_dl"][1]
+                )
+                rejected["standard day"] = rejected.get("standard day", 0) + int(
+                    (steady & ~therapy_ok).sum()
+                )
+                for p, ok in zip(candidates, steady & therapy_ok, strict=True):
                     if ok and len(kept) < count:
                         kept.append(
                             dataclasses.replace(p, name=f"{GROUPS[g]}#p{seed}-{len(kept):04d}")
