@@ -192,3 +192,22 @@ def test_a_population_file_is_accepted_wherever_a_cohort_is(tmp_path):
         ).read_text()
     )
     assert result["patient"] == members[0].name
+
+
+def test_the_standard_day_keeps_therapy_parameters_suited_to_the_physiology(model, population):
+    """Members' own carb ratio on three meals stays within the group's shipped extremes; an
+    adult with a quarter of its carb ratio (four times the mealtime insulin) would not."""
+    from plant.population import standard_day
+
+    patients, rejected = population
+    low, high = standard_day(patients)
+    for p, lo, hi in zip(patients, low, high, strict=True):
+        b = model.bounds[p.cohort]
+        assert lo >= b["standard_day_min_mg_dl"][0] and hi <= b["standard_day_max_mg_dl"][1]
+    assert rejected["standard day"] > 0
+    adult = cohort("adults")[0]
+    overdosed = dataclasses.replace(adult, carb_ratio_g_per_u=adult.carb_ratio_g_per_u / 4)
+    lo, _ = standard_day([overdosed])
+    assert lo[0] < model.bounds["adults"]["standard_day_min_mg_dl"][0]
+    (shipped_low,), _ = standard_day([adult])
+    assert shipped_low >= model.bounds["adults"]["standard_day_min_mg_dl"][0]
