@@ -148,14 +148,47 @@ def _run_loop(spec: CampaignSpec, loop: Any) -> None:
             loop.close()
 
 
+def _record(
+    key: RunKey, scenario: Scenario, status: str, began: float, **fields: Any
+) -> dict[str, Any]:
+    """A run's result record: its key and faults, ``fields``, and the wall time since ``began``."""
+    return {
+        "version": RESULT_VERSION,
+        "id": key.id,
+        **dataclasses.asdict(key),
+        "faults": [f.fault for f in scenario.faults],
+        "status": status,
+        **fields,
+        "wall_s": time.perf_counter() - began,
+    }
+
+
+def _simulate(
+    spec: CampaignSpec, key: RunKey, listener: Any = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, int]]:
+    """Run ``key``'s loop and judge it: its verdict, trace and fault hits.
+
+    Every channel is recorded in memory, and sent to ``listener`` too when one is given.
+    """
+    from agents.recording import Columns, column_listener
+    from hil.safety import evaluate_exo, evaluate_glucose
+
+    loop, actives = build_loop(spec, key)
+    columns: Columns = {}
+    loop.listen(column_listener(columns, key.patient))
+    if listener is not None:
+        loop.listen(listener)
+    _run_loop(spec, loop)
+    evaluate = evaluate_glucose if spec.therapy == "glucose" else evaluate_exo
+    verdict, trace = evaluate(spec, spec.scenario(key.scenario), columns, loop)
+    return verdict, trace, {a.fault.name: a.hits for a in actives}
+
+
 def run_one(spec: CampaignSpec, key: RunKey) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Run ``key`` (full loop, in memory recording) and judge it: its result and trace.
 
     Errors are not caught here (see :func:`_run_task`).
     """
-    from agents.recording import Columns, column_listener
-    from hil.safety import evaluate_exo, evaluate_glucose
-
     began = time.perf_counter()
     scenario = spec.scenario(key.scenario)
     if spec.hil is not None:
@@ -163,38 +196,9 @@ def run_one(spec: CampaignSpec, key: RunKey) -> tuple[dict[str, Any], dict[str, 
 
         verdict, trace = run_hil(spec, key)
         hits = verdict.pop("wire_fault_hits")
-        return (
-            {
-                "version": RESULT_VERSION,
-                "id": key.id,
-                **dataclasses.asdict(key),
-                "faults": [f.fault for f in scenario.faults],
-                "status": "ok",
-                "fault_hits": hits,
-                **verdict,
-                "wall_s": time.perf_counter() - began,
-            },
-            trace,
-        )
-    loop, actives = build_loop(spec, key)
-    columns: Columns = {}
-    loop.listen(column_listener(columns, key.patient))
-    _run_loop(spec, loop)
-    if spec.therapy == "glucose":
-        verdict, trace = evaluate_glucose(spec, scenario, columns, loop)
     else:
-        verdict, trace = evaluate_exo(spec, scenario, columns, loop)
-    result = {
-        "version": RESULT_VERSION,
-        "id": key.id,
-        **dataclasses.asdict(key),
-        "faults": [f.fault for f in scenario.faults],
-        "status": "ok",
-        "fault_hits": {a.fault.name: a.hits for a in actives},
-        **verdict,
-        "wall_s": time.perf_counter() - began,
-    }
-    return result, trace
+        verdict, trace, hits = _simulate(spec, key)
+    return _record(key, scenario, "ok", began, fault_hits=hits, **verdict), trace
 
 
 def _run_task(spec: CampaignSpec, key: RunKey) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -203,18 +207,8 @@ def _run_task(spec: CampaignSpec, key: RunKey) -> tuple[dict[str, Any], dict[str
     try:
         return run_one(spec, key)
     except Exception:
-        return (
-            {
-                "version": RESULT_VERSION,
-                "id": key.id,
-                **dataclasses.asdict(key),
-                "faults": [f.fault for f in spec.scenario(key.scenario).faults],
-                "status": "error",
-                "traceback": traceback.format_exc(),
-                "wall_s": time.perf_counter() - began,
-            },
-            None,
-        )
+        scenario = spec.scenario(key.scenario)
+        return _record(key, scenario, "error", began, traceback=traceback.format_exc()), None
 
 
 # -- persistence -----------------------------------------------------------------------------
@@ -418,6 +412,7 @@ def replay_run(spec: CampaignSpec, run_id: str, out: str | Path) -> dict[str, An
 
     Raises:
         KeyError: no run of the spec has that id.
+        ValueError: the campaign runs HIL sessions (not exactly reproducible).
 
     """
     keys = {k.id: k for k in expand_runs(spec)}
@@ -426,21 +421,16 @@ def replay_run(spec: CampaignSpec, run_id: str, out: str | Path) -> dict[str, An
         raise KeyError(
             f"no run {run_id!r} in campaign {spec.name!r} (ids look like {next(iter(keys))})"
         )
+    if spec.hil is not None:
+        raise ValueError(
+            f"run {run_id!r} is a HIL session (wall-clock time, emulated devices): it cannot be "
+            "replayed exactly; run the campaign again instead"
+        )
     from agents.recording import Recorder
-    from hil.safety import evaluate_exo, evaluate_glucose
 
     out = Path(out)
     recorder = Recorder(out)
-    loop, _ = build_loop(spec, key)
-    from agents.recording import Columns, column_listener
-
-    columns: Columns = {}
-    loop.listen(column_listener(columns, key.patient))
-    loop.listen(recorder.listener(key.patient))
-    _run_loop(spec, loop)
-    scenario = spec.scenario(key.scenario)
-    evaluate = evaluate_glucose if spec.therapy == "glucose" else evaluate_exo
-    verdict, _ = evaluate(spec, scenario, columns, loop)
+    verdict, _, _ = _simulate(spec, key, recorder.listener(key.patient))
     result = {"id": key.id, **dataclasses.asdict(key), **verdict}
     recorder.finish(
         {"campaign": spec.as_dict(), "run": dataclasses.asdict(key)},
