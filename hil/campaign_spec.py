@@ -44,7 +44,6 @@ import dataclasses
 import itertools
 import math
 import zlib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,25 +71,9 @@ __all__ = [
 ]
 
 THERAPIES = ("glucose", "knee-exo")
-#: Channels of each therapy's loop on which faults may sit ("controller": its parameters).
-THERAPY_CHANNELS = {
-    "glucose": (
-        "sensor->controller",
-        "meal->controller",
-        "controller->supervisor",
-        "supervisor->actuator",
-        "actuator->plant",
-        "estimator->controller",
-        "controller",
-    ),
-    "knee-exo": (
-        "sensor->controller",
-        "task->controller",
-        "estimator->controller",
-        "controller->supervisor",
-        "supervisor->actuator",
-    ),
-}
+#: Where faults may sit besides the channels of :func:`hil.faults.channel_messages`: the
+#: glucose controller's own therapy parameters.
+PARAMETER_TARGETS = {"glucose": ("controller",), "knee-exo": ()}
 
 
 class SpecError(ValueError):
@@ -231,7 +214,8 @@ def _fault_line(
         if channel not in fault.channels:
             raise SpecError(here, f"fault {name!r} sits on {fault.channels[0]!r}, not {channel!r}")
     else:
-        allowed = [c for c in fault.channels if c in THERAPY_CHANNELS[therapy]]
+        targets = (*messages, *PARAMETER_TARGETS[therapy])
+        allowed = [c for c in fault.channels if c in targets]
         if ANY_CHANNEL in fault.channels:
             allowed = list(dict.fromkeys([*allowed, *messages]))
         if channel not in allowed:
@@ -563,17 +547,13 @@ def load_spec(path: str | Path) -> CampaignSpec:
         patients = [patients]
     if not (isinstance(patients, list) and patients and all(isinstance(p, str) for p in patients)):
         raise SpecError(here, f"patients={patients!r}: a list of names")
-    populations = tuple(
-        population_token(str((path.parent / n[len(POPULATION_PREFIX) :]).resolve()))
-        for n in patients
-        if n.startswith(POPULATION_PREFIX)
-    )
     patients = [
         population_token(str((path.parent / n[len(POPULATION_PREFIX) :]).resolve()))
         if n.startswith(POPULATION_PREFIX)
         else n
         for n in patients
     ]
+    populations = tuple(n for n in patients if n.startswith(POPULATION_PREFIX))
     patients = _check_patients(therapy, patients, here)
     controller = root.get("controller", "basal-bolus" if therapy == "glucose" else "aan")
     _check_controller(therapy, controller, here)
@@ -767,10 +747,3 @@ def _check_controller(therapy: str, name: object, where: str) -> None:
         allowed = check_exo_controller_name(name)
     if allowed is not None:
         raise SpecError(where, f"controller={name!r} is not allowed: {allowed}")
-
-
-def spec_from_mapping(data: Mapping[str, Any], tmp_dir: Path) -> CampaignSpec:
-    """A spec from a mapping (tests, the benchmark): written to ``tmp_dir`` and loaded."""
-    path = tmp_dir / "campaign.yaml"
-    path.write_text(yaml.safe_dump(dict(data), sort_keys=False))
-    return load_spec(path)
