@@ -216,10 +216,9 @@ def _evaluate(
     from hil.safety import (
         EPISODE_MIN,
         GLUCOSE_HORIZON_MIN,
-        GLUCOSE_LABELS,
         _detections,
         _episodes,
-        _first_at_or_after,
+        glucose_labels,
     )
     from plant.patients import get_patient
 
@@ -232,14 +231,7 @@ def _evaluate(
     metrics = summarize([p.name], [p.cohort], bg[None, :])["patients"][p.name]
     onsets = scenario.onsets
     onset = onsets[0] if onsets else None
-    labels = {}
-    masks = {}
-    for name, rule in GLUCOSE_LABELS.items():
-        masks[name] = rule(bg)
-        labels[name] = {
-            "minutes": int(masks[name].sum()),
-            "onset_to_hazard_min": _first_at_or_after(t, masks[name], onset),
-        }
+    labels, masks = glucose_labels(t, bg, onset)
     raised = [a for a in rig.alarm_log if a.active]
     t_alarm = np.array([a.t_min for a in raised])
     detection: dict[str, Any] = {

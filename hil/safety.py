@@ -91,6 +91,21 @@ def _col(
 
 
 # -- glucose ---------------------------------------------------------------------------------
+def glucose_labels(
+    t: np.ndarray, bg: np.ndarray, onset: float | None
+) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """Each hazard label's minutes and time from ``onset``, and its per-sample mask."""
+    labels: dict[str, dict[str, Any]] = {}
+    masks: dict[str, np.ndarray] = {}
+    for name, rule in GLUCOSE_LABELS.items():
+        masks[name] = mask = rule(bg)
+        labels[name] = {
+            "minutes": int(mask.sum()),
+            "onset_to_hazard_min": _first_at_or_after(t, mask, onset),
+        }
+    return labels, masks
+
+
 def evaluate_glucose(
     spec: CampaignSpec, scenario: Scenario, columns: Any, loop: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -103,15 +118,7 @@ def evaluate_glucose(
     metrics = summarize([patient.name], [patient.cohort], bg[None, :])["patients"][patient.name]
     onsets = scenario.onsets
     onset = onsets[0] if onsets else None
-    labels: dict[str, dict[str, Any]] = {}
-    masks = {}
-    for name, rule in GLUCOSE_LABELS.items():
-        mask = rule(bg)
-        masks[name] = mask
-        labels[name] = {
-            "minutes": int(mask.sum()),
-            "onset_to_hazard_min": _first_at_or_after(t, mask, onset),
-        }
+    labels, masks = glucose_labels(t, bg, onset)
     t_over = _col(columns, "supervisor->overrides", "t_min")
     reasons = list((columns.get("supervisor->overrides") or {}).get("reason", []))
     episodes = _episodes(masks["below_70"], EPISODE_MIN)
