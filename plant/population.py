@@ -274,29 +274,11 @@ def standard_day(
 
 def _steady(patients: list[PatientParameters]) -> NDArray[np.bool_]:
     """Whether a basal-only day of each patient stays within the tolerance of ``Gb``."""
-    from plant.patients import initial_states, parameter_matrix
-    from plant.uva_padova import N_MEAL_STATE, advance
+    from plant.uva_padova import simulate
 
-    n = len(patients)
     minutes = 1440
-    x = initial_states(patients)
-    meal_state = np.zeros((n, N_MEAL_STATE))
-    params = parameter_matrix(patients)
     insulin = np.repeat(np.array([[p.basal_u_per_min for p in patients]]).T, minutes, axis=1)
-    gp = np.zeros((n, minutes + 1))
-    advance(
-        x,
-        meal_state,
-        params,
-        insulin,
-        np.zeros((n, minutes)),
-        np.full(n, 5.0),
-        carbs_out=np.zeros((n, minutes)),
-        gp_out=gp,
-        gs_out=np.zeros((n, minutes + 1)),
-        check=False,
-    )
-    bg = gp / np.array([p.vg_dl_per_kg for p in patients])[:, None]
+    bg = simulate(patients, insulin, np.zeros(minutes)).bg_mg_dl
     gb = np.array([p.glucose_basal_mg_dl for p in patients])[:, None]
     return np.all(np.abs(bg - gb) <= STEADY_TOLERANCE_MG_DL, axis=1)
 
@@ -350,18 +332,12 @@ def sample_population(
             if draws > limit:
                 raise ConfigError("n", n, f"reachable: {limit} draws gave {len(out) + len(kept)}")
             z = model.means[g] + rng.standard_normal((batch, len(model.names))) @ chol.T
+            values = np.column_stack([_from_z(name, z[:, j]) for j, name in enumerate(model.names)])
             candidates: list[PatientParameters] = []
-            for row in z:
-                free = dict(model.constants)
-                free.update(
-                    {
-                        name: float(_from_z(name, np.array(v)))
-                        for name, v in zip(model.names, row, strict=True)
-                    }
-                )
-                name = f"{GROUPS[g]}#p{seed}-{len(kept) + len(candidates):04d}"
+            for row in values:
+                free = model.constants | dict(zip(model.names, row.tolist(), strict=True))
                 try:
-                    p = derive(free, name)
+                    p = derive(free, f"{GROUPS[g]}#candidate")
                 except ConfigError as exc:
                     rejected[exc.field] = rejected.get(exc.field, 0) + 1
                     continue
