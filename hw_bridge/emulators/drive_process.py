@@ -250,17 +250,16 @@ class DriveProcess(DriveModbus):
                 raise EmulatorError(f"drive core did not answer {op!r} within {timeout_s:g} s")
             status, *reply = self._conn.recv()
         except (EOFError, OSError):
-            raise EmulatorError(
-                f"drive core process ended (exit code {self._exitcode()})"
-            ) from None
+            raise self._ended() from None
         if status == "raise":
             kind, message = reply
             raise (ValueError if kind == "ValueError" else EmulatorError)(message)
         return reply[0]
 
-    def _exitcode(self) -> int | None:
+    def _ended(self) -> EmulatorError:
+        """The error for a core process that is gone (with its exit code)."""
         self._process.join(0.1)
-        return self._process.exitcode
+        return EmulatorError(f"drive core process ended (exit code {self._process.exitcode})")
 
     def _call(self, op: str, *args: Any, timeout_s: float = CALL_TIMEOUT_S) -> Any:
         with self._lock:
@@ -272,9 +271,7 @@ class DriveProcess(DriveModbus):
         try:
             self._conn.send((op, args))
         except (BrokenPipeError, OSError):
-            raise EmulatorError(
-                f"drive core process ended (exit code {self._exitcode()})"
-            ) from None
+            raise self._ended() from None
         return self._receive(timeout_s, op)
 
     @property
@@ -324,7 +321,7 @@ class DriveProcess(DriveModbus):
         """Post a write to the mailbox and wait until the tables show it; its result code."""
         mailbox, image = self._mailbox, self._image
         if not self._process.is_alive():
-            raise EmulatorError(f"drive core process ended (exit code {self._exitcode()})")
+            raise self._ended()
         if self._posted - image[_APPLIED] >= _SLOTS:
             raise EmulatorError("drive core's mailbox is full (its joint loop does not run)")
         base = 1 + (self._posted % _SLOTS) * _SLOT_WORDS
@@ -338,7 +335,7 @@ class DriveProcess(DriveModbus):
         while image[_APPLIED] < self._posted:
             polls += 1
             if polls % 40 == 0 and not self._process.is_alive():  # every ~2–4 ms
-                raise EmulatorError(f"drive core process ended (exit code {self._exitcode()})")
+                raise self._ended()
             if time.perf_counter() > deadline:
                 raise EmulatorError(f"drive core did not apply a write within {CALL_TIMEOUT_S} s")
             time.sleep(_POLL_S)
