@@ -181,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     from hil.population_cli import add_parser as add_population_parser
 
     add_population_parser(sub)
+    from hil.twin_cli import add_parser as add_twin_parser
+
+    add_twin_parser(sub)
     return parser
 
 
@@ -627,6 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hil.population_cli import main_population
 
             return main_population(args)
+        if args.command == "twin":
+            from hil.twin_cli import main_twin
+
+            return main_twin(args)
         if args.command == "report":
             from agents.exo_report import build_exo_report, is_exo_recording
             from agents.report import build_report

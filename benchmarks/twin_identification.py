@@ -1,0 +1,171 @@
+"""Twin identification against synthetic ground truth: held-out fidelity and parameter errors.
+
+    .venv/bin/python benchmarks/twin_identification.py [--patients 10] [--group adults]
+        [--carb-error 0.1] [--seed 11] [--days 14] [--fit-days 7] [--profile-blocks 0]
+
+For each of ``--patients`` virtual patients drawn from the population model
+(``plant.population.sample_population``, not the 30 shipped ones the prior is built from):
+``hil.synthetic_logs`` simulates ``--days`` days (random meals counted with a normal error of
+SD ``--carb-error``, basal-bolus therapy on the counted carbs, GuardianRT CGM errors, rescue
+carbohydrates), writes the CSV log, which is then read back with ``plant.logs.read_log`` like
+any log. The twin is fitted (MAP) on the first ``--fit-days`` days, then replays the *logged*
+insulin and carbohydrates over all days; on the held-out days:
+
+* CGM RMSE: twin vs the logged CGM readings (target ≤ 15 mg/dL);
+* TIR error: the twin's time in range 70–180 minus the true patient's (its noise-free
+  subcutaneous glucose, every minute; target within ±3 points);
+* the *oracle*: the true patient itself replaying the same logged inputs (so the counted,
+  not the eaten, carbohydrates). What it misses is the floor that carb-counting error and CGM
+  noise put under any twin;
+* the fitted parameters' relative errors against the true patient's.
+
+Prints one JSON document: per patient, then the summary (mean, max, how many meet each target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGET_RMSE_MG_DL = 15.0
+TARGET_TIR_PTS = 3.0
+#: The fitted quantities compared with the truth (twin patient attribute = true attribute).
+COMPARED = (
+    "glucose_basal_mg_dl",
+    "egp_basal_mg_per_kg_min",
+    "vmx_mg_per_kg_min_per_pmol_l",
+    "kp3_mg_per_kg_min_per_pmol_l",
+    "kabs_per_min",
+    "kmax_per_min",
+    "p2u_per_min",
+    "kd_per_min",
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=10)
+    parser.add_argument("--group", default="adults")
+    parser.add_argument("--carb-error", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--days", type=int, default=14)
+    parser.add_argument("--fit-days", type=int, default=7)
+    parser.add_argument("--profile-blocks", type=int, default=0)
+    args = parser.parse_args()
+
+    from tqdm import tqdm
+
+    from hil.synthetic_logs import synthetic_log
+    from hil.twin import FitRequest, fit_log
+    from plant.identify import MIN_PER_DAY, log_grid
+    from plant.logs import read_log
+    from plant.metrics import glucose_metrics
+    from plant.population import sample_population
+    from plant.scenarios import CarbCountingError
+    from plant.uva_padova import simulate
+
+    def tir(g: np.ndarray) -> float:
+        return float(glucose_metrics(g, sample_period_min=1.0).time_in_range_70_180_pct)
+
+    def rmse(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.sqrt(np.mean((a - b) ** 2)))
+
+    patients, _ = sample_population(args.patients, seed=args.seed, groups={args.group: 1.0})
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, true in enumerate(tqdm(patients, desc="twins", unit="patient")):
+            syn = synthetic_log(
+                true,
+                days=args.days,
+                seed=1000 + i,
+                carb_error=CarbCountingError("normal", args.carb_error)
+                if args.carb_error > 0
+                else None,
+            )
+            path = syn.write(Path(tmp) / f"log_{i}.csv")
+            fit, _, _ = fit_log(
+                FitRequest(
+                    (str(path),),
+                    name=true.name,
+                    group=args.group,
+                    fit_days=args.fit_days,
+                    profile_blocks=args.profile_blocks,
+                )
+            )
+            grid = log_grid(read_log(path))
+            first = args.fit_days * MIN_PER_DAY
+            twin = fit.model.simulate(fit.z_map[None, :], grid)[0]
+            held = np.arange(grid.minutes + 1) >= first
+            readings = held & ~np.isnan(grid.cgm_mg_dl)
+            truth = syn.trace.gsub_mg_dl[0, : grid.minutes + 1]
+            logged_meals = syn.announced_g + syn.trace.rescue_g[0]
+            oracle = simulate([true], syn.trace.insulin_u_per_min[0], logged_meals).gsub_mg_dl[0]
+            oracle = oracle[: grid.minutes + 1]
+            twin_p = fit.patient
+            rows.append(
+                {
+                    "patient": true.name,
+                    "fit_s": fit.fit["seconds"],
+                    "fit_rmse_mg_dl": fit.fit["rmse_mg_dl"],
+                    "held_out_cgm_rmse_mg_dl": rmse(twin[readings], grid.cgm_mg_dl[readings]),
+                    "oracle_cgm_rmse_mg_dl": rmse(oracle[readings], grid.cgm_mg_dl[readings]),
+                    "held_out_true_rmse_mg_dl": rmse(twin[held], truth[held]),
+                    "tir_true_pct": tir(truth[held]),
+                    "tir_twin_error_pts": tir(twin[held]) - tir(truth[held]),
+                    "tir_oracle_error_pts": tir(oracle[held]) - tir(truth[held]),
+                    "parameter_error_pct": {
+                        k: 100.0 * (getattr(twin_p, k) / getattr(true, k) - 1.0) for k in COMPARED
+                    },
+                }
+            )
+
+    def col(key: str) -> np.ndarray:
+        return np.array([r[key] for r in rows], dtype=float)
+
+    rm, tir_err = col("held_out_cgm_rmse_mg_dl"), col("tir_twin_error_pts")
+    summary = {
+        "held_out_cgm_rmse_mg_dl": {"mean": rm.mean(), "max": rm.max()},
+        "oracle_cgm_rmse_mg_dl": {
+            "mean": col("oracle_cgm_rmse_mg_dl").mean(),
+            "max": col("oracle_cgm_rmse_mg_dl").max(),
+        },
+        "held_out_true_rmse_mg_dl": {"mean": col("held_out_true_rmse_mg_dl").mean()},
+        "tir_twin_abs_error_pts": {"mean": np.abs(tir_err).mean(), "max": np.abs(tir_err).max()},
+        "tir_oracle_abs_error_pts": {
+            "mean": np.abs(col("tir_oracle_error_pts")).mean(),
+            "max": np.abs(col("tir_oracle_error_pts")).max(),
+        },
+        "patients_meeting_rmse": int((rm <= TARGET_RMSE_MG_DL).sum()),
+        "patients_meeting_tir": int((np.abs(tir_err) <= TARGET_TIR_PTS).sum()),
+        "patients": len(rows),
+        "parameter_abs_error_pct_median": {
+            k: float(np.median([abs(r["parameter_error_pct"][k]) for r in rows])) for k in COMPARED
+        },
+        "fit_s": {"mean": col("fit_s").mean(), "max": col("fit_s").max()},
+    }
+    print(
+        json.dumps(
+            {
+                "benchmark": "twin_identification",
+                "config": vars(args),
+                "targets": {"rmse_mg_dl": TARGET_RMSE_MG_DL, "tir_pts": TARGET_TIR_PTS},
+                "summary": summary,
+                "per_patient": rows,
+                "unix_time": time.time(),
+            },
+            indent=1,
+            default=float,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
