@@ -4,11 +4,12 @@
         [--carb-error 0.1] [--seed 11] [--days 14] [--fit-days 7] [--profile-blocks 0]
 
 For each of ``--patients`` virtual patients drawn from the population model
-(``plant.population.sample_population``, not the 30 shipped ones the prior is built from):
-``hil.synthetic_logs`` simulates ``--days`` days (random meals counted with a normal error of
-SD ``--carb-error``, basal-bolus therapy on the counted carbs, GuardianRT CGM errors, rescue
-carbohydrates), writes the CSV log, which is then read back with ``plant.logs.read_log`` like
-any log. The twin is fitted (MAP) on the first ``--fit-days`` days, then replays the *logged*
+(``plant.population.sample_population``, not the 30 shipped ones the prior is built from),
+``hil.synthetic_logs`` simulates ``--days`` days: random meals counted with a normal error of
+SD ``--carb-error``, optionally a daily sensitivity profile ``--true-profile``, basal-bolus
+therapy on the counted carbs, GuardianRT CGM errors, rescue carbohydrates. It writes the CSV
+log, which is read back with ``plant.logs.read_log`` like any log. The twin is fitted (MAP) on
+the first ``--fit-days`` days, then replays the *logged*
 insulin and carbohydrates over all days; on the held-out days:
 
 * CGM RMSE: twin vs the logged CGM readings (target ≤ 15 mg/dL);
@@ -59,7 +60,13 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=14)
     parser.add_argument("--fit-days", type=int, default=7)
     parser.add_argument("--profile-blocks", type=int, default=0)
+    parser.add_argument(
+        "--true-profile",
+        help="the true patients' daily insulin-sensitivity factors, e.g. 0.6,1.1,1.1,1.2 "
+        "(blocks of the local day; default none)",
+    )
     args = parser.parse_args()
+    true_profile = [float(v) for v in args.true_profile.split(",")] if args.true_profile else None
 
     from tqdm import tqdm
 
@@ -89,6 +96,7 @@ def main() -> None:
                 carb_error=CarbCountingError("normal", args.carb_error)
                 if args.carb_error > 0
                 else None,
+                sensitivity_profile=true_profile,
             )
             path = syn.write(Path(tmp) / f"log_{i}.csv")
             fit, _, _ = fit_log(
@@ -121,6 +129,7 @@ def main() -> None:
                     "tir_true_pct": tir(truth[held]),
                     "tir_twin_error_pts": tir(twin[held]) - tir(truth[held]),
                     "tir_oracle_error_pts": tir(oracle[held]) - tir(truth[held]),
+                    "fitted_profile": fit.model.block_factors(fit.z_map).tolist(),
                     "parameter_error_pct": {
                         k: 100.0 * (getattr(twin_p, k) / getattr(true, k) - 1.0) for k in COMPARED
                     },

@@ -112,7 +112,10 @@ def add_parser(sub: Any) -> None:
         "meals, carb-counting error, CGM error and rescue carbohydrates, and write the log in "
         "the documented CSV layout (hil/synthetic_logs.py).",
     )
-    s.add_argument("--patient", required=True, help="a patient name or population:PATH#NAME")
+    s.add_argument("--patient", required=True, help="a patient's name (adult#001, adult#p7-0042)")
+    s.add_argument(
+        "--population", help="a population file (twinloop population sample) holding --patient"
+    )
     s.add_argument("--days", type=int, default=14, help="days (default 14)")
     s.add_argument("--seed", type=int, default=0, help="seed")
     s.add_argument("--out", required=True, help="the CSV log")
@@ -359,9 +362,11 @@ def _main_replay(args: argparse.Namespace) -> int:
 
 def _main_synth(args: argparse.Namespace) -> int:
     from hil.synthetic_logs import synthetic_log
-    from plant.patients import get_patient
+    from plant.patients import get_patient, load_population, population_token
     from plant.scenarios import CarbCountingError
 
+    if args.population:
+        load_population(population_token(args.population))
     patient = get_patient(args.patient)
     log = synthetic_log(
         patient,

@@ -2,35 +2,43 @@
 
 **The model** is the full UVA/Padova structure of :mod:`plant.uva_padova` (13 states, compiled),
 started from the population mean of the person's age group (:func:`plant.population.
-fit_population` over the 30 shipped patients), with 8 parameters fitted to the log (the
-:data:`FITTED` table) and, optionally, a daily insulin-sensitivity profile:
+fit_population` over the 30 shipped patients), with 27 parameters fitted to the log (the
+:data:`FITTED` table: every physiological parameter that varies among the shipped patients,
+``Ib`` excepted, which is derived) plus a meal scale and, optionally, a daily
+insulin-sensitivity profile:
 
 ================================ =================================================================
 fitted parameter                 what it changes
 ================================ =================================================================
-``insulin_sensitivity_scale``    ``Vmx`` and ``kp3`` (insulin action on use and on production)
+``vmx_…``, ``kp3_…``             insulin action on glucose use and on production
 ``glucose_basal_mg_dl``          ``Gb``: the glucose the scheduled basal holds
 ``egp_basal_mg_per_kg_min``      ``EGPb``: basal endogenous production
-``kabs_per_min``                 intestinal absorption rate
-``gastric_emptying_scale``       ``kmax`` and ``kmin``
+``kabs``, ``kmax``, ``kmin``,    meal absorption and gastric emptying
+``b``, ``d``
 ``meal_scale``                   ``f`` (bioavailability): also absorbs a steady carb-counting bias
 ``p2u_per_min``                  speed of insulin action on glucose use
-``insulin_absorption_scale``     ``kd``, ``ka1`` and ``ka2`` (subcutaneous insulin absorption)
+``kd``, ``ka1``, ``ka2``         subcutaneous insulin absorption
+``body_weight_kg``               meal and insulin doses per kg
+``kp2``, ``vg``, ``k1``, ``k2``, glucose kinetics and production, insulin kinetics,
+``ksc``, ``km0``, ``m1``, ``m2``, the CGM's subcutaneous delay
+``m4``, ``m30``, ``vi``, ``ki``
 ``sensitivity_block_<k>``        (``profile_blocks=B``) ``Vmx`` and ``kp3`` × a factor in the k-th
-                                 of B equal blocks of the local day, on top of the scale
+                                 of B equal blocks of the local day
 ================================ =================================================================
 
-Every other parameter is the group's mean; the steady state is re-derived for each candidate by
-:func:`plant.population.derive` at its ``Gb`` under the person's scheduled basal rate (which sets
-``Ib`` and ``u2ss``: the scheduled basal holds ``Gb``, as in ReplayBG and the UVA/Padova
-simulator). Body weight only converts units to pmol/kg (a wrong weight is absorbed by the
-sensitivity scale); it is the group mean unless given. A sensitivity block's factor changes
+The rest (``f``, and the therapy: CR, CF, TDI) is the group's mean or the person's. The steady
+state is re-derived for each candidate by :func:`plant.population.derive` at its ``Gb`` under the
+person's scheduled basal rate (which sets ``Ib`` and ``u2ss``: the scheduled basal holds ``Gb``,
+as in ReplayBG and the UVA/Padova
+simulator). Body weight converts meals and insulin to per-kg doses; its prior is centred on the
+group mean, or on the weight given. A sensitivity block's factor changes
 ``Vmx`` and ``kp3`` with ``kp1`` fixed, so a block with less sensitivity also raises hepatic
 production: the dawn phenomenon's mechanism.
 
 **Parametrisation and prior.** Each fitted parameter is ``θ = θ₀·exp(s·z)`` with ``z ~ N(0, 1)``
 a priori: ``θ₀`` the group's mean and ``s`` the population's standard deviation of its log
-(from the shrunk covariance of :class:`plant.population.PopulationModel`), or 0.2 for the meal
+(from the shrunk covariance of :class:`plant.population.PopulationModel`; for the fractions
+``b`` and ``d`` the logit's SD times ``1 − θ₀``), or 0.2 for the meal
 scale (carb counting is off by about 20 %) and 0.3 for the sensitivity blocks.
 
 **Likelihood.** The twin's CGM is its subcutaneous glucose ``Gs/Vg``; the logged CGM is that plus
@@ -43,7 +51,7 @@ glucose set to the first reading, so insulin and meals before the log are unknow
 
 **Maximum a posteriori** by L-BFGS-B (SciPy) on ``z`` within ±5 prior SDs, minimising
 ``½·n_eff·log(SSR/n) + ½·|z|²``. The gradient is a forward difference; the ``1 + p`` simulations
-it needs run as one batch of the compiled kernel (7 days × 9 candidates in about 50 ms).
+it needs run as one batch of the compiled kernel (7 days × 28 candidates).
 
 **Posterior** (``posterior=True``): the Laplace approximation at the MAP, with the Gauss–Newton
 Hessian ``H = n_eff/SSR · JᵀJ + I`` (``J`` the residuals' Jacobian in ``z``), so
@@ -98,14 +106,33 @@ MIN_PER_DAY = 1440
 #: Fitted parameters: name → (the population parameter whose log-SD is its prior SD, or a
 #: fixed SD; what it scales). Order is the order of ``z``.
 FITTED: dict[str, tuple[str | float, str]] = {
-    "insulin_sensitivity_scale": ("vmx_mg_per_kg_min_per_pmol_l", "Vmx and kp3 × scale"),
+    "vmx_mg_per_kg_min_per_pmol_l": ("vmx_mg_per_kg_min_per_pmol_l", "Vmx"),
+    "kp3_mg_per_kg_min_per_pmol_l": ("kp3_mg_per_kg_min_per_pmol_l", "kp3"),
     "glucose_basal_mg_dl": ("glucose_basal_mg_dl", "Gb"),
     "egp_basal_mg_per_kg_min": ("egp_basal_mg_per_kg_min", "EGPb"),
     "kabs_per_min": ("kabs_per_min", "kabs"),
-    "gastric_emptying_scale": ("kmax_per_min", "kmax and kmin × scale"),
     "meal_scale": (0.2, "f × scale"),
     "p2u_per_min": ("p2u_per_min", "p2u"),
-    "insulin_absorption_scale": ("kd_per_min", "kd, ka1 and ka2 × scale"),
+    "kmax_per_min": ("kmax_per_min", "kmax"),
+    "kmin_per_min": ("kmin_per_min", "kmin"),
+    "kd_per_min": ("kd_per_min", "kd"),
+    "ka1_per_min": ("ka1_per_min", "ka1"),
+    "ka2_per_min": ("ka2_per_min", "ka2"),
+    "body_weight_kg": ("body_weight_kg", "BW (meal and insulin doses per kg)"),
+    "kp2_per_min": ("kp2_per_min", "kp2"),
+    "vg_dl_per_kg": ("vg_dl_per_kg", "Vg"),
+    "k1_per_min": ("k1_per_min", "k1"),
+    "k2_per_min": ("k2_per_min", "k2"),
+    "b": ("b", "b (gastric emptying shape)"),
+    "d": ("d", "d (gastric emptying shape)"),
+    "ksc_per_min": ("ksc_per_min", "ksc"),
+    "km0_mg_per_kg": ("km0_mg_per_kg", "Km0"),
+    "m1_per_min": ("m1_per_min", "m1"),
+    "m2_per_min": ("m2_per_min", "m2"),
+    "m4_per_min": ("m4_per_min", "m4"),
+    "m30_per_min": ("m30_per_min", "m30"),
+    "vi_l_per_kg": ("vi_l_per_kg", "Vi"),
+    "ki_per_min": ("ki_per_min", "ki"),
 }
 #: Hard limits of a fitted parameter: the shipped patients' range widened by this factor each
 #: side (the sensitivity blocks: ±:data:`Z_BOUND` prior SDs).
@@ -117,6 +144,8 @@ FIXED_LIMITS = {
     "glucose_basal_mg_dl": (80.0, 250.0),
     "meal_scale": (0.5, 2.0),
     "kabs_per_min": (None, 1.5),
+    "b": (None, 0.98),
+    "d": (None, 0.98),
 }
 #: Smallest prior SD (log): the table's patients vary less than people do in some parameters
 #: (basal glucose 133–153 mg/dL, SD 0.04 in log).
@@ -130,13 +159,12 @@ DEFAULT_BURN_IN_MIN = 180
 #: Forward-difference step in ``z``.
 FD_STEP = 1e-4
 #: Format version of ``twin.yaml``.
-TWIN_FORMAT = 1
+TWIN_FORMAT = 2
 _SCALES = {
-    "insulin_sensitivity_scale": ("vmx_mg_per_kg_min_per_pmol_l", "kp3_mg_per_kg_min_per_pmol_l"),
-    "gastric_emptying_scale": ("kmax_per_min", "kmin_per_min"),
     "meal_scale": ("f",),
-    "insulin_absorption_scale": ("kd_per_min", "ka1_per_min", "ka2_per_min"),
 }
+#: Refinement passes after the first fit (each re-estimates ``n_eff``, then re-fits).
+REFINE_PASSES = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +310,8 @@ def group_base(group: str) -> tuple[dict[str, float], dict[str, float]]:
     sds = {}
     for name, (source, _) in FITTED.items():
         sd = float(source) if isinstance(source, float) else sd_log[source]
+        if name in ("b", "d"):
+            sd *= 1.0 - base[name]  # the population's SD is of the logit: SD of the log
         sds[name] = max(sd, MIN_PRIOR_SD)
     return base, sds
 
@@ -496,7 +526,7 @@ class TwinModel:
             x[:, 12] = g0 * vg  # Gs
         assert x.shape[1] == N_STATES
         if np.any(params[:, P_KMIN] >= params[:, P_KMAX]):
-            raise ConfigError("gastric_emptying_scale", "kmin >= kmax", "kmin < kmax")
+            raise ConfigError("kmin_per_min", "kmin >= kmax", "kmin < kmax")
         return params, np.ascontiguousarray(x)
 
     def segments(
@@ -611,7 +641,7 @@ def fit_twin(
     posterior: bool = False,
     min_days: float = 1.0,
     max_iter: int = 200,
-    starts: int = 2,
+    starts: int = 1,
     seed: int = 0,
     overrides: Mapping[str, float] | None = None,
 ) -> TwinFit:
@@ -695,7 +725,7 @@ def fit_twin(
     assert best is not None
     z = np.asarray(best.x, dtype=np.float64)
     rho = 0.0
-    for _ in range(2):
+    for _ in range(REFINE_PASSES):
         r0 = residuals(z[None, :])[0]
         rho = _lag1(r0, idx)
         state["n_eff"] = max(n * (1.0 - rho) / (1.0 + rho), n / 100.0)
@@ -778,7 +808,13 @@ def read_twin(path: str | Path) -> TwinFit:
         doc = yaml.safe_load(src.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise InvalidInputError(f"{src}: cannot read a twin: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("twinloop_twin") != TWIN_FORMAT:
+    version = doc.get("twinloop_twin") if isinstance(doc, dict) else None
+    if isinstance(version, int) and version < TWIN_FORMAT:
+        raise InvalidInputError(
+            f"{src}: a twin of format {version}, fitted with other parameters; this version "
+            f"reads format {TWIN_FORMAT}: fit it again with `twinloop twin fit`"
+        )
+    if not isinstance(doc, dict) or version != TWIN_FORMAT:
         raise InvalidInputError(
             f"{src}: not a twin file (twinloop_twin: {TWIN_FORMAT} expected; "
             "write one with `twinloop twin fit`)"

@@ -259,3 +259,16 @@ def test_fits_on_ray_give_the_twins_fitted_inline(ray_started, tmp_path):
     assert set(inline) == set(on_ray) == {"adult#004", "adult#005"}
     for name in inline:
         np.testing.assert_array_equal(inline[name]["fit"].z_map, on_ray[name]["fit"].z_map)
+
+
+def test_the_cli_fits_each_log_as_its_own_person(tmp_path):
+    logs = []
+    for name in ("adult#007", "adult#008"):
+        path = tmp_path / f"{name.replace('#', '_')}.csv"
+        synthetic_log(get_patient(name), days=2, seed=3).write(path)
+        logs.append(str(path))
+    r = _twinloop("twin", "fit", *logs, "--each", "--inline", "--out", "twins", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "twins: 2 fitted, 0 failed" in r.stdout
+    written = sorted(p.name for p in (tmp_path / "twins").iterdir())
+    assert written == ["adult_007.yaml", "adult_008.yaml"]

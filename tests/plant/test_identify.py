@@ -20,6 +20,15 @@ from plant.identify import (
 from plant.logs import LogError, read_log
 
 START = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)
+P = len(FITTED)
+
+
+def _z(**values: float) -> np.ndarray:
+    """A ``z`` vector: 0 except the named fitted parameters."""
+    z = np.zeros(P)
+    for name, v in values.items():
+        z[list(FITTED).index(name)] = v
+    return z
 
 
 def _grid(days: float, *, basal: float = 1.0, seed: int = 0) -> LogGrid:
@@ -118,42 +127,36 @@ def test_each_fitted_parameter_changes_what_it_names():
         dz[j] = 1.0
         moved = model.patient(dz)
         factor = float(np.exp(model.prior_sd[j]))
-        if name == "insulin_sensitivity_scale":
-            assert moved.vmx_mg_per_kg_min_per_pmol_l == pytest.approx(
-                base.vmx_mg_per_kg_min_per_pmol_l * factor
-            )
-            assert moved.kp3_mg_per_kg_min_per_pmol_l == pytest.approx(
-                base.kp3_mg_per_kg_min_per_pmol_l * factor
-            )
-        elif name == "meal_scale":
+        if name == "meal_scale":
             assert moved.f == pytest.approx(base.f * factor)
-        elif name == "gastric_emptying_scale":
-            assert moved.kmax_per_min == pytest.approx(base.kmax_per_min * factor)
-            assert moved.kmin_per_min == pytest.approx(base.kmin_per_min * factor)
-        elif name == "insulin_absorption_scale":
-            assert moved.kd_per_min == pytest.approx(base.kd_per_min * factor)
         else:
-            assert getattr(moved, name) == pytest.approx(getattr(base, name) * factor)
+            assert getattr(moved, name) == pytest.approx(getattr(base, name) * factor), name
 
 
 def test_the_map_fit_recovers_a_twin_of_its_own_structure():
     model = _model()
-    truth = np.array([0.8, 0.6, -0.5, 0.4, -0.6, 0.5, -0.4, 0.5])
+    truth = _z(
+        vmx_mg_per_kg_min_per_pmol_l=0.8, glucose_basal_mg_dl=0.6, egp_basal_mg_per_kg_min=-0.5,
+        kabs_per_min=0.4, meal_scale=0.5, p2u_per_min=-0.4, kd_per_min=0.5,
+    )  # fmt: skip
     grid = _observed(model, truth, _grid(3.0), noise_mg_dl=2.0)
     fit = fit_twin(grid, burn_in_min=0, starts=1)
     prior_rmse = np.sqrt(
-        np.nanmean((model.simulate(np.zeros((1, 8)), grid)[0] - grid.cgm_mg_dl) ** 2)
+        np.nanmean((model.simulate(np.zeros((1, P)), grid)[0] - grid.cgm_mg_dl) ** 2)
     )
     assert fit.fit["rmse_mg_dl"] < 3.0 < prior_rmse
     # the parameters that glucose reveals best come back close to the truth
     v, t = fit.model.values(fit.z_map), model.values(truth)
-    for name in ("insulin_sensitivity_scale", "glucose_basal_mg_dl", "meal_scale"):
+    for name in ("glucose_basal_mg_dl", "meal_scale"):
         assert v[name] == pytest.approx(t[name], rel=0.1), name
 
 
 def test_the_laplace_posterior_covers_the_truth_and_narrows_with_more_data():
     model = _model()
-    truth = np.array([0.5, -0.5, 0.3, 0.0, 0.3, -0.3, 0.2, 0.0])
+    truth = _z(
+        vmx_mg_per_kg_min_per_pmol_l=0.5, glucose_basal_mg_dl=-0.5, egp_basal_mg_per_kg_min=0.3,
+        meal_scale=-0.3, p2u_per_min=0.2,
+    )  # fmt: skip
     short = fit_twin(_observed(model, truth, _grid(1.0), 8.0), posterior=True, starts=1)
     long = fit_twin(_observed(model, truth, _grid(4.0), 8.0), posterior=True, starts=1)
     for fit in (short, long):
@@ -162,21 +165,21 @@ def test_the_laplace_posterior_covers_the_truth_and_narrows_with_more_data():
         assert np.all(np.linalg.eigvalsh(fit.cov_z) > 0)
         # the prior alone has variance 1: the data shrink it
         assert np.all(np.diag(fit.cov_z) <= 1.0 + 1e-9)
-    j = 0  # insulin sensitivity
+    j = list(FITTED).index("glucose_basal_mg_dl")
     assert long.cov_z[j, j] < short.cov_z[j, j]
-    row = long.parameters()["insulin_sensitivity_scale"]
-    true_si = model.values(truth)["insulin_sensitivity_scale"]
-    assert row["ci95_low"] < true_si < row["ci95_high"]
+    for name in ("glucose_basal_mg_dl", "vmx_mg_per_kg_min_per_pmol_l"):
+        row = long.parameters()[name]
+        assert row["ci95_low"] < model.values(truth)[name] < row["ci95_high"], name
     draws = long.draws(20, seed=3)
-    assert draws.shape == (20, 8)
+    assert draws.shape == (20, P)
     np.testing.assert_array_equal(draws[0], long.z_map)
     np.testing.assert_array_equal(draws, long.draws(20, seed=3))
 
 
 def test_a_daily_sensitivity_profile_is_recovered():
     model = _model(blocks=4)
-    truth = np.zeros(12)
-    truth[8:] = [-1.5, 1.0, 0.0, 1.0]  # night resistant, morning and evening sensitive
+    truth = np.zeros(P + 4)
+    truth[P:] = [-1.5, 1.0, 0.0, 1.0]  # night resistant, morning and evening sensitive
     grid = _observed(model, truth, _grid(4.0), 2.0)
     fit = fit_twin(grid, profile_blocks=4, burn_in_min=0, starts=1)
     got = fit.model.block_factors(fit.z_map)
@@ -189,7 +192,7 @@ def test_a_daily_sensitivity_profile_is_recovered():
 
 def test_a_twin_file_round_trips(tmp_path):
     model = _model(blocks=2)
-    grid = _observed(model, np.zeros(10), _grid(1.0), 5.0)
+    grid = _observed(model, np.zeros(P + 2), _grid(1.0), 5.0)
     fit = fit_twin(grid, profile_blocks=2, posterior=True, starts=1, max_iter=5)
     back = read_twin(write_twin(fit, tmp_path / "twin.yaml"))
     np.testing.assert_array_equal(back.z_map, fit.z_map)
@@ -205,14 +208,17 @@ def test_bad_twin_files_are_refused_by_field(tmp_path):
     path.write_text("hello: 1\n")
     with pytest.raises(InvalidInputError, match="not a twin file"):
         read_twin(path)
-    path.write_text("twinloop_twin: 1\nmodel: {name: x}\n")
+    path.write_text("twinloop_twin: 2\nmodel: {name: x}\n")
     with pytest.raises(InvalidInputError, match="malformed"):
+        read_twin(path)
+    path.write_text("twinloop_twin: 1\nmodel: {name: x}\n")
+    with pytest.raises(InvalidInputError, match="fit it again"):
         read_twin(path)
 
 
 def test_too_little_cgm_is_refused_saying_how_much_is_needed():
     model = _model()
-    grid = _observed(model, np.zeros(8), _grid(1.0), 5.0)
+    grid = _observed(model, np.zeros(P), _grid(1.0), 5.0)
     sparse = grid.cgm_mg_dl.copy()
     sparse[600:] = np.nan
     thin = LogGrid(
@@ -224,7 +230,7 @@ def test_too_little_cgm_is_refused_saying_how_much_is_needed():
 
 
 def test_bad_options_are_refused_by_name():
-    grid = _observed(_model(), np.zeros(8), _grid(1.0), 5.0)
+    grid = _observed(_model(), np.zeros(P), _grid(1.0), 5.0)
     with pytest.raises(ConfigError, match="group"):
         fit_twin(grid, group="elderly")
     with pytest.raises(ConfigError, match="profile_blocks"):
