@@ -51,6 +51,31 @@ COMPARED = (
 )
 
 
+def _oracle(true, syn, meals, profile):  # type: ignore[no-untyped-def]
+    """The true patient (with its true daily profile) replaying the logged inputs."""
+    from hil.twin_replay import LoggedTherapy, closed_loop
+    from plant.patients import initial_states, parameter_matrix
+
+    if profile is None:
+        from plant.uva_padova import simulate
+
+        return simulate([true], syn.trace.insulin_u_per_min[0], meals).gsub_mg_dl[0]
+    blocks = np.asarray(profile)
+    width = 1440 // blocks.size
+    start = syn.start.hour * 60 + syn.start.minute
+    therapy = LoggedTherapy(
+        syn.trace.basal_u_per_h[0], syn.trace.bolus_u[0], meals,
+        carb_ratio_g_per_u=true.carb_ratio_g_per_u,
+        correction_factor_mg_dl_per_u=true.correction_factor_mg_dl_per_u,
+    )  # fmt: skip
+    trace = closed_loop(
+        parameter_matrix([true]), initial_states([true]), [therapy], meal_g=meals,
+        announced_g=meals, scheduled_basal_u_per_h=np.array([true.basal_u_per_h]),
+        sensitivity=lambda t: np.array([blocks[((start + t) % 1440) // width]]),
+    )  # fmt: skip
+    return trace.gsub_mg_dl[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=10)
@@ -77,7 +102,6 @@ def main() -> None:
     from plant.metrics import glucose_metrics
     from plant.population import sample_population
     from plant.scenarios import CarbCountingError
-    from plant.uva_padova import simulate
 
     def tir(g: np.ndarray) -> float:
         return float(glucose_metrics(g, sample_period_min=1.0).time_in_range_70_180_pct)
@@ -115,8 +139,7 @@ def main() -> None:
             readings = held & ~np.isnan(grid.cgm_mg_dl)
             truth = syn.trace.gsub_mg_dl[0, : grid.minutes + 1]
             logged_meals = syn.announced_g + syn.trace.rescue_g[0]
-            oracle = simulate([true], syn.trace.insulin_u_per_min[0], logged_meals).gsub_mg_dl[0]
-            oracle = oracle[: grid.minutes + 1]
+            oracle = _oracle(true, syn, logged_meals, true_profile)[: grid.minutes + 1]
             twin_p = fit.patient
             rows.append(
                 {

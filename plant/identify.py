@@ -582,15 +582,20 @@ class TwinFit:
         return self.model.patient(self.z_map)
 
     def parameters(self) -> dict[str, dict[str, float]]:
-        """Each fitted parameter: MAP, and with a posterior its 95 % interval."""
+        """Each fitted parameter: MAP, and with a posterior its 95 % interval (within limits)."""
         out: dict[str, dict[str, float]] = {}
         v = self.model.values(self.z_map)
         for j, name in enumerate(self.model.names):
             row = {"map": v[name]}
             if self.cov_z is not None:
-                half = 1.96 * self.model.prior_sd[j] * math.sqrt(float(self.cov_z[j, j]))
-                row["ci95_low"] = v[name] * math.exp(-half)
-                row["ci95_high"] = v[name] * math.exp(half)
+                half = 1.96 * math.sqrt(float(self.cov_z[j, j]))
+                z_lo, z_hi = self.model.z_bounds[j]
+                ref = v[name] / math.exp(self.model.prior_sd[j] * float(self.z_map[j]))
+                for key, zz in (
+                    ("ci95_low", max(float(self.z_map[j]) - half, z_lo)),
+                    ("ci95_high", min(float(self.z_map[j]) + half, z_hi)),
+                ):
+                    row[key] = ref * math.exp(self.model.prior_sd[j] * zz)
             out[name] = row
         return out
 

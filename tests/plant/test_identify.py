@@ -170,6 +170,9 @@ def test_the_laplace_posterior_covers_the_truth_and_narrows_with_more_data():
     for name in ("glucose_basal_mg_dl", "vmx_mg_per_kg_min_per_pmol_l"):
         row = long.parameters()[name]
         assert row["ci95_low"] < model.values(truth)[name] < row["ci95_high"], name
+    for name, row in short.parameters().items():
+        assert row["ci95_low"] <= row["map"] <= row["ci95_high"], name
+    assert short.parameters()["b"]["ci95_high"] <= 0.98 + 1e-12  # within its hard limit
     draws = long.draws(20, seed=3)
     assert draws.shape == (20, P)
     np.testing.assert_array_equal(draws[0], long.z_map)

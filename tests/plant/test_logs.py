@@ -598,7 +598,9 @@ def test_example_files_import_and_report(capsys):
     assert csv_log.days == pytest.approx(2.0, abs=0.01)
     assert ns_log.report.events["bolus_u"] == 6
     size = sum(p.stat().st_size for p in EXAMPLES.rglob("*") if p.is_file())
-    assert size < 200_000
+    assert size < 400_000  # the 14-day synthetic log for twin fits is about 134 kB
+    synthetic = read_log(EXAMPLES / "synthetic_adult006_14d.csv", min_days=14)
+    assert synthetic.report.issues == () and synthetic.cgm_coverage == 1.0
 
 
 def test_format_detection_and_errors(tmp_path, nightscout_dir):
