@@ -389,16 +389,47 @@ def build_export(
     run_key = hashlib.sha256(raw_manifest).hexdigest()
     sensor = _read_table(run_dir, SENSOR_TABLE, ["patient", "t_min", "glucose_mg_dl"])
     actuator = _read_table(run_dir, ACTUATOR_TABLE, ["patient", "t_min", "basal_u", "bolus_u"])
+    return export_tables(
+        sensor,
+        actuator,
+        start=start,
+        key=run_key,
+        patient_reference=patient_reference,
+        source=str(run_dir / "channels" / ACTUATOR_TABLE),
+    )
+
+
+def export_tables(
+    sensor: Mapping[str, NDArray[Any]],
+    actuator: Mapping[str, NDArray[Any]],
+    *,
+    start: datetime,
+    key: str,
+    patient_reference: str | Mapping[str, str] | None = None,
+    source: str = "actuator",
+) -> FhirExport:
+    """Export glucose readings and insulin deliveries given as columns (not a run directory).
+
+    Used by ``twinloop twin replay --fhir`` for a twin's predicted days.
+
+    Args:
+        sensor: ``patient``, ``t_min``, ``glucose_mg_dl`` (one row per reading).
+        actuator: ``patient``, ``t_min``, ``basal_u`` (units delivered over the minute),
+            ``bolus_u`` (one row per minute).
+        start: wall-clock time of ``t_min = 0``, timezone-aware.
+        key: what the resources' deterministic ids derive from (same key, same ids).
+        patient_reference: as :func:`build_export`.
+        source: names the actuator table in errors.
+
+    """
+    _check_start(start)
     for column in ("basal_u", "bolus_u"):
         amounts = actuator[column]
         if not np.all(np.isfinite(amounts) & (amounts >= 0.0)):
-            raise FhirExportError(
-                f"{run_dir / 'channels' / ACTUATOR_TABLE}: {column} has values that are "
-                "negative or not finite"
-            )
+            raise FhirExportError(f"{source}: {column} has values that are negative or not finite")
     patients = _patient_order(sensor, actuator)
     references = _references(patients, patient_reference)
-    ids = _Ids(run_key)
+    ids = _Ids(key)
 
     def at(t_min: float) -> str:
         return _iso(start + timedelta(minutes=float(t_min)))
@@ -502,7 +533,7 @@ def build_export(
     }
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
-        "id": str(uuid.uuid5(NAMESPACE, f"{run_key}|bundle")),
+        "id": str(uuid.uuid5(NAMESPACE, f"{key}|bundle")),
         "meta": _META,
         "type": "collection",
         "entry": entries,

@@ -104,6 +104,11 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--no-rescue", action="store_true", help="no rescue carbohydrates")
     r.add_argument("--tz", help="IANA time zone of naive times in the log")
     r.add_argument("--out", help="directory for replay.json and replay.png")
+    r.add_argument(
+        "--fhir",
+        help="also write the twin's predicted days under the alternative therapy (the MAP "
+        "draw: CGM every 5 min, insulin delivered) as a FHIR R4 Bundle to this JSON file",
+    )
 
     s = action.add_parser(
         "synth",
@@ -309,6 +314,40 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _fhir(result: dict[str, Any], name: str, start: Any, twin_path: str) -> Any:
+    """The MAP draw's predicted days under the alternative therapy as a FHIR export."""
+    import hashlib
+
+    import numpy as np
+
+    from hil.fhir_export import export_tables
+
+    trace = result["traces"][1]
+    n = trace.basal_u_per_h.shape[1]
+    t_cgm = np.arange(0, n + 1, 5, dtype=np.float64)
+    key = hashlib.sha256(
+        Path(twin_path).read_bytes()
+        + str(result["therapies"][1]["therapy"]).encode()
+        + start.isoformat().encode()
+    ).hexdigest()
+    return export_tables(
+        {
+            "patient": np.full(t_cgm.size, name),
+            "t_min": t_cgm,
+            "glucose_mg_dl": np.round(trace.gsub_mg_dl[0, ::5], 1),
+        },
+        {
+            "patient": np.full(n, name),
+            "t_min": np.arange(n, dtype=np.float64),
+            "basal_u": trace.basal_u_per_h[0] / 60.0,
+            "bolus_u": trace.bolus_u[0],
+        },
+        start=start,
+        key=key,
+        source="the replay's insulin",
+    )
+
+
 def _main_replay(args: argparse.Namespace) -> int:
     from hil.twin import ReplayTherapy, replay
     from hil.twin_replay import RescueRule
@@ -350,6 +389,11 @@ def _main_replay(args: argparse.Namespace) -> int:
         f"rescue {'off' if args.no_rescue else '10 g below 70 mg/dL every 15 min'}"
     )
     print(replay_table(result))
+    if args.fhir:
+        export = _fhir(result, fit.model.name, grid.window(first, last).start, args.twin)
+        print(f"FHIR: {export.summary()} -> {args.fhir}")
+        Path(args.fhir).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.fhir).write_text(json.dumps(export.bundle, indent=1), encoding="utf-8")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -216,13 +216,34 @@ def test_the_cli_fits_and_replays_a_synthetic_log(tmp_path):
     assert "Import report" in r.stdout and "held out 1.00 days: CGM RMSE" in r.stdout
     r = _twinloop(
         "twin", "replay", str(tmp_path / "twin.yaml"), str(log), "--controller", "basal-bolus",
-        "--from-day", "1", "--draws", "4", "--out", str(tmp_path / "rep"), cwd=tmp_path,
+        "--from-day", "1", "--draws", "4", "--out", str(tmp_path / "rep"), "--fhir",
+        str(tmp_path / "bundle.json"), cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "TIR 70-180 %" in r.stdout and "basal-bolus" in r.stdout
     doc = json.loads((tmp_path / "rep" / "replay.json").read_text())
     assert doc["draws"] == 4 and doc["therapies"][1]["therapy"] == "basal-bolus"
     assert (tmp_path / "rep" / "replay.png").stat().st_size > 0
+    # the twin's predicted days as FHIR, validated by a maintained FHIR model library
+    from fhir.resources.R4B.bundle import Bundle
+    from fhir.resources.R4B.medicationadministration import MedicationAdministration
+    from fhir.resources.R4B.observation import Observation
+    from fhir.resources.R4B.patient import Patient
+
+    bundle = json.loads((tmp_path / "bundle.json").read_text())
+    Bundle.model_validate(bundle)
+    models = {m.__name__: m for m in (Patient, Observation, MedicationAdministration)}
+    for entry in bundle["entry"]:
+        models[entry["resource"]["resourceType"]].model_validate(entry["resource"])
+    kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
+    assert kinds.count("Patient") == 1
+    assert kinds.count("Observation") == 2 * 288 + 1  # days 2–3, a reading every 5 min
+    assert "MedicationAdministration" in kinds
+    glucose = [
+        e["resource"]["valueQuantity"] for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "Observation"
+    ]  # fmt: skip
+    assert {g["code"] for g in glucose} == {"mg/dL"}
 
 
 def test_the_cli_refuses_bad_logs_with_a_report_naming_rows(tmp_path):
