@@ -34,16 +34,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from plant.insulin import IobTracker
+from plant.identify import scale_sensitivity
+from plant.insulin import IobBatch
 from plant.patients import N_STATES
-from plant.uva_padova import (
-    DEFAULT_EAT_RATE_G_PER_MIN,
-    N_MEAL_STATE,
-    P_KP3,
-    P_VG,
-    P_VMX,
-    advance,
-)
+from plant.uva_padova import DEFAULT_EAT_RATE_G_PER_MIN, N_MEAL_STATE, P_VG, advance
 from policies.errors import PolicyConfigError
 from policies.interface import Controller, ControllerInput, Dose, TwinPlanState
 
@@ -219,7 +213,7 @@ def closed_loop(
     bolus = np.zeros((m, k))
     rescue_g = np.zeros((m, k))
     seen = np.full((m, k + 1), np.nan)
-    iob = [IobTracker(float(b)) for b in scheduled_basal_u_per_h]
+    iob = IobBatch(scheduled_basal_u_per_h)
     last_rescue = np.full(m, -math.inf)
     needs_twin = [bool(getattr(c, "needs_twin", False)) for c in controllers]
     p = params
@@ -228,6 +222,8 @@ def closed_loop(
         g_true = x[:, 12] / vg
         g_seen = g_true if sensor_error_mg_dl is None else g_true + sensor_error_mg_dl[:, t]
         seen[:, t] = g_seen
+        net_iob_u = iob.net_iob_u
+        net_activity = iob.net_activity_u_per_min
         for i, ctrl in enumerate(controllers):
             twin = None
             if needs_twin[i]:
@@ -239,9 +235,9 @@ def closed_loop(
                 t_min=float(t),
                 glucose_mg_dl=float(g_seen[i]),
                 glucose_age_min=0.0,
-                net_iob_u=iob[i].net_iob_u,
+                net_iob_u=float(net_iob_u[i]),
                 meal_carbs_g=float(announced[i, t:b].sum()),
-                net_activity_u_per_min=iob[i].net_activity_u_per_min,
+                net_activity_u_per_min=float(net_activity[i]),
                 twin=twin,
             )
             dose = ctrl.decide(obs)
@@ -255,9 +251,7 @@ def closed_loop(
         if sensitivity is not None:
             factors = sensitivity(t)
             if factors is not None:
-                p = params.copy()
-                p[:, P_VMX] *= factors
-                p[:, P_KP3] *= factors
+                p = scale_sensitivity(params, factors)
         ins = np.ascontiguousarray(basal[:, t:b] / 60.0 + bolus[:, t:b])
         advance(
             x, meal_state, p, ins, np.ascontiguousarray(meals[:, t:b]), eat,
@@ -265,9 +259,8 @@ def closed_loop(
             parallel=False, check=False,
         )  # fmt: skip
         states[:, t + 1 : b + 1] = seg[:, 1:]
-        for j in range(t, b):
-            for i in range(m):
-                iob[i].record(float(ins[i, j - t]))
+        for j in range(b - t):
+            iob.record(ins[:, j])
     return LoopTrace(
         gsub_mg_dl=states[:, :, 12] / vg[:, None],
         bg_mg_dl=states[:, :, 3] / vg[:, None],

@@ -273,8 +273,7 @@ def log_grid(log: TherapyLog) -> LogGrid:
     b_min, b_val = minute[has_basal], basal[has_basal]
     idx = np.searchsorted(b_min, np.arange(k), side="right") - 1
     basal_grid = b_val[np.clip(idx, 0, None)]
-    row_min = (t_us - t0_us) // 60_000_000
-    at = np.clip(np.searchsorted(row_min, np.arange(k + 1), side="right") - 1, 0, None)
+    at = np.clip(np.searchsorted(minute, np.arange(k + 1), side="right") - 1, 0, None)
     local = (np.arange(k + 1) + t0_us // 60_000_000 + offset[at]) % MIN_PER_DAY
     return LogGrid(
         start=datetime.fromtimestamp(t0_us / 1e6, tz=UTC),
@@ -342,6 +341,16 @@ def _insulin_basal_pmol_l(base: Mapping[str, float], basal_u_per_h: float) -> fl
     u2ss = basal_u_per_h / 60.0 * PMOL_PER_U / base["body_weight_kg"]
     m1, m2, m30, m4 = (base[k] for k in ("m1_per_min", "m2_per_min", "m30_per_min", "m4_per_min"))
     return u2ss / (base["vi_l_per_kg"] * (m2 + m4 - m1 * m2 / (m1 + m30)))
+
+
+def scale_sensitivity(
+    params: NDArray[np.float64], factors: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """A copy of the parameter matrix with ``Vmx`` and ``kp3`` × ``factors`` (``(M,)``)."""
+    out = params.copy()
+    out[:, P_VMX] *= factors
+    out[:, P_KP3] *= factors
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,11 +501,7 @@ class TwinModel:
         gs = np.empty((m, grid.minutes + 1))
         gs[:, 0] = x[:, 12]
         for a, b, factors in self.segments(zs, grid):
-            p = params
-            if factors is not None:
-                p = params.copy()
-                p[:, P_VMX] *= factors
-                p[:, P_KP3] *= factors
+            p = params if factors is None else scale_sensitivity(params, factors)
             seg = np.empty((m, b - a + 1))
             advance(
                 x, meal_state, p, np.ascontiguousarray(ins[:, a:b]),

@@ -58,6 +58,21 @@ def iob_kernel(
     return iob_fraction(period_min * np.arange(1, n + 1), peak_min=peak_min, dia_min=dia_min)
 
 
+def _minute_curves(
+    peak_min: float, dia_min: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """IOB weights and last-minute activity of each past minute's insulin, oldest minute first.
+
+    Each minute's insulin is aged from the middle of its minute.
+    """
+    horizon = int(np.ceil(dia_min))
+    ages = np.arange(horizon, 0, -1, dtype=np.float64) - 0.5
+    weights = iob_fraction(ages, peak_min=peak_min, dia_min=dia_min)
+    # activity: the fraction of each minute's insulin absorbed over the last minute
+    activity = iob_fraction(ages - 1.0, peak_min=peak_min, dia_min=dia_min) - weights
+    return weights, activity
+
+
 class IobTracker:
     """Net insulin on board from minute-by-minute delivery (above a scheduled basal).
 
@@ -81,13 +96,8 @@ class IobTracker:
         peak_min: float = DEFAULT_PEAK_MIN,
         dia_min: float = DEFAULT_DIA_MIN,
     ) -> None:
-        horizon = int(np.ceil(dia_min))
-        ages = np.arange(horizon, 0, -1, dtype=np.float64) - 0.5  # oldest minute first
-        self._weights = iob_fraction(ages, peak_min=peak_min, dia_min=dia_min)
-        # activity: the fraction of each minute's insulin absorbed over the last minute
-        self._activity = iob_fraction(ages - 1.0, peak_min=peak_min, dia_min=dia_min) - (
-            self._weights
-        )
+        self._weights, self._activity = _minute_curves(peak_min, dia_min)
+        horizon = self._weights.shape[0]
         basal_u_per_min = scheduled_basal_u_per_h / 60.0
         self._history_u = np.full(horizon, basal_u_per_min)
         self._next = 0  # ring-buffer slot of the oldest minute
@@ -115,3 +125,55 @@ class IobTracker:
         insulin on board (oref0's "BGI"), negative of the glucose fall it causes.
         """
         return float(self._activity @ self._ordered()) - self._basal_activity
+
+
+class IobBatch:
+    """:class:`IobTracker` for M patients at once: one ``record`` per minute for all of them.
+
+    ``record(units)`` takes ``(M,)`` units delivered in the minute that just ended;
+    :attr:`net_iob_u` and :attr:`net_activity_u_per_min` are ``(M,)`` and equal, patient by
+    patient, those of an :class:`IobTracker` fed the same doses.
+
+    Args:
+        scheduled_basal_u_per_h: ``(M,)`` basal rates that count as zero.
+        peak_min: peak of the activity curve.
+        dia_min: duration of insulin action.
+
+    """
+
+    def __init__(
+        self,
+        scheduled_basal_u_per_h: ArrayLike,
+        *,
+        peak_min: float = DEFAULT_PEAK_MIN,
+        dia_min: float = DEFAULT_DIA_MIN,
+    ) -> None:
+        self._weights, self._activity = _minute_curves(peak_min, dia_min)
+        basal_u_per_min = np.asarray(scheduled_basal_u_per_h, dtype=np.float64) / 60.0
+        horizon = self._weights.shape[0]
+        self._history_u = np.repeat(basal_u_per_min[:, None], horizon, axis=1)
+        self._next = 0
+        self._basal_iob_u = self._weights.sum() * basal_u_per_min
+        self._basal_activity = self._activity.sum() * basal_u_per_min
+
+    def record(self, units: ArrayLike) -> None:
+        """Account the insulin delivered to each patient in the minute that just ended, U."""
+        self._history_u[:, self._next] = units
+        self._next = (self._next + 1) % self._history_u.shape[1]
+
+    def _dot(self, curve: NDArray[np.float64]) -> NDArray[np.float64]:
+        # the ring buffer's slot k holds the minute that is (k - next) mod H oldest
+        out: NDArray[np.float64] = self._history_u @ np.roll(curve, self._next)
+        return out
+
+    @property
+    def net_iob_u(self) -> NDArray[np.float64]:
+        """Insulin on board above each scheduled basal's steady state, U, ``(M,)``."""
+        out: NDArray[np.float64] = self._dot(self._weights) - self._basal_iob_u
+        return out
+
+    @property
+    def net_activity_u_per_min(self) -> NDArray[np.float64]:
+        """Insulin absorbed in the last minute above each scheduled basal's, U/min, ``(M,)``."""
+        out: NDArray[np.float64] = self._dot(self._activity) - self._basal_activity
+        return out

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from plant.errors import ConfigError
-from plant.insulin import iob_fraction, iob_kernel
+from plant.insulin import IobBatch, IobTracker, iob_fraction, iob_kernel
 
 
 def test_endpoints_and_monotone_decay():
@@ -34,3 +34,26 @@ def test_kernel_covers_the_dia_at_the_period():
 def test_peak_must_be_before_half_the_dia():
     with pytest.raises(ConfigError, match="peak_min"):
         iob_fraction(10.0, peak_min=200.0, dia_min=360.0)
+
+
+def test_the_batch_tracker_is_one_tracker_per_patient():
+    rng = np.random.default_rng(0)
+    basal = np.array([0.8, 1.3, 2.0])
+    batch = IobBatch(basal)
+    singles = [IobTracker(b) for b in basal]
+    for minute in range(800):  # longer than the DIA: the ring buffer wraps
+        units = rng.exponential(0.05, 3) * (rng.random(3) < 0.3)
+        batch.record(units)
+        for tracker, u in zip(singles, units, strict=True):
+            tracker.record(float(u))
+        if minute % 37 == 0:
+            np.testing.assert_allclose(
+                batch.net_iob_u, [t.net_iob_u for t in singles], rtol=0, atol=1e-12
+            )
+            np.testing.assert_allclose(
+                batch.net_activity_u_per_min,
+                [t.net_activity_u_per_min for t in singles],
+                rtol=0,
+                atol=1e-14,
+            )
+    assert np.abs(batch.net_iob_u).max() > 0.1  # the doses did move it
