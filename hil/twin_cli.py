@@ -405,6 +405,8 @@ def _main_replay(args: argparse.Namespace) -> int:
 
 
 def _main_synth(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from hil.synthetic_logs import synthetic_log
     from plant.patients import get_patient, load_population, population_token
     from plant.scenarios import CarbCountingError
@@ -424,7 +426,7 @@ def _main_synth(args: argparse.Namespace) -> int:
     log.write(args.out)
     print(
         f"synthetic log of {patient.name}: {args.days} days, "
-        f"{int((~__import__('numpy').isnan(log.cgm_mg_dl)).sum())} CGM readings -> {args.out}"
+        f"{int(np.count_nonzero(~np.isnan(log.cgm_mg_dl)))} CGM readings -> {args.out}"
     )
     return 0
 
