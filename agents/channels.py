@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from agents.messages import Record
+from twinloop.agents.messages import Record
 
 M = TypeVar("M", bound=Record)
 

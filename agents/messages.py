@@ -3,7 +3,8 @@
 Every message is a frozen dataclass whose first field is ``t_min``: the loop time (minutes since
 the run started) at which it was produced. Channels carry them; recorders store them as columns
 named after the fields, so the units travel with the data. The exoskeleton's messages
-(:mod:`agents.exo_messages`) share the :class:`Record` root and are stamped ``t_s`` in seconds.
+(:mod:`twinloop.agents.knee.messages`) share the :class:`Record` root and are stamped ``t_s`` in
+seconds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ class Record:
     """Root of everything a channel carries: a frozen dataclass with a ``kind``.
 
     The glucose loop's messages (:class:`Message`) are stamped in minutes; the exoskeleton
-    loop's (:mod:`agents.exo_messages`) in seconds.
+    loop's (:mod:`twinloop.agents.knee.messages`) in seconds.
     """
 
     #: Name of the message kind in recordings.

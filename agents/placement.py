@@ -32,7 +32,7 @@ import time
 from collections.abc import Generator, Sequence
 from typing import Any, Protocol
 
-from agents.errors import AgentError, LoopConfigError
+from twinloop.agents.errors import AgentError, LoopConfigError
 
 #: Seconds a remote call may take before it counts as failed (per request of the round).
 CALL_TIMEOUT_S = 30.0

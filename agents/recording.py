@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from agents.channels import Listener
-from agents.messages import Record
+from twinloop.agents.channels import Listener
+from twinloop.agents.messages import Record
 
 INCOMPLETE_MARKER = "INCOMPLETE"
 

@@ -22,7 +22,7 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from agents.errors import LoopConfigError
+from twinloop.agents.errors import LoopConfigError
 
 
 class RecursiveLeastSquares:

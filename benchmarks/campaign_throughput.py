@@ -3,7 +3,7 @@
 Each run is the product's full glucose loop (CGM sensor, twin estimator, basal-bolus controller,
 supervisor, pump; every channel recorded in memory), its fault attached, hazard labels,
 detections and four requirements judged, and its result and per-minute trace persisted
-atomically (``hil.campaign.run_campaign``). Run it network-isolated (it starts Ray)::
+atomically (``twinloop.campaigns.campaign.run_campaign``). Run it network-isolated (it starts Ray)::
 
     ../shared/bin/offline .venv/bin/python benchmarks/campaign_throughput.py
     ../shared/bin/offline .venv/bin/python benchmarks/campaign_throughput.py --seeds 1  # 600 runs
@@ -87,8 +87,8 @@ def main() -> None:
     args = parser.parse_args()
     import yaml
 
-    from hil.campaign import run_campaign
-    from hil.campaign_spec import load_spec
+    from twinloop.campaigns.campaign import run_campaign
+    from twinloop.campaigns.spec import load_spec
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="twinloop-campaign-bench-") as tmp:

@@ -6,8 +6,8 @@ every hour between 0 and 2.5× the patient's basal, occasional correction boluse
 speed of 3 g/min instead of 5). simglucose then simulates each patient minute by minute with
 ``T1DPatient.step(Action(CHO=..., insulin=...))`` in a subprocess (its own virtual environment,
 ``--simglucose-python``, because its pins clash with ours), and twinloop replays the same inputs
-with :func:`plant.uva_padova.simulate`. Prints one JSON object: the largest plasma-glucose
-difference per patient and overall, against the 0.5 mg/dL bar of issue #2.
+with :func:`twinloop.plant.glucose.uva_padova.simulate`. Prints one JSON object: the largest
+plasma-glucose difference per patient and overall, against the 0.5 mg/dL bar of issue #2.
 
     .venv/bin/python benchmarks/crosscheck_simglucose.py --simglucose-python /tmp/sgvenv/bin/python
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from plant.patients import resolve_patients
-from plant.scenarios import RandomDailyProtocol
-from plant.uva_padova import simulate
+from twinloop.plant.glucose.patients import resolve_patients
+from twinloop.plant.glucose.scenarios import RandomDailyProtocol
+from twinloop.plant.glucose.uva_padova import simulate
 
 # The simglucose side: standalone, it imports only numpy and simglucose.
 _SIMGLUCOSE_DRIVER = r"""

@@ -1,6 +1,6 @@
 """Assist-as-needed against impedance control on the knee presets (issue 6's targets), as JSON.
 
-Every run is the product's closed loop (:mod:`agents.exo_loop`: sensors, knee twin,
+Every run is the product's closed loop (:mod:`twinloop.agents.knee.loop`: sensors, knee twin,
 controller, exoskeleton supervisor, 1 kHz plant), cyclic flexion–extension, per preset and
 seed. Targets on *mild* and *moderate*: assist-as-needed tracks within 3° RMS with the
 exoskeleton doing at most 50 % of the joint's positive work, and with less assistance than
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import itertools
 
-from agents.exo_loop import ExoLoopConfig
-from agents.exo_run import exo_loops, run_in_memory
-from policies.exo_controllers import ImpedanceController
+from twinloop.agents.knee.loop import ExoLoopConfig
+from twinloop.agents.knee.run import exo_loops, run_in_memory
+from twinloop.policies.knee.controllers import ImpedanceController
 
 STIFFNESS_SWEEP_NM_PER_RAD = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 100.0)
 

@@ -9,16 +9,17 @@ Prints one JSON object. Run it network-isolated (it starts a Modbus TCP server o
   following the task (``knee_factory(preset, seed=…, task=…)``), served on 127.0.0.1 from
   **its own process** (as a real drive is its own device). With ``--drive-joint process`` (the
   default, as ``twinloop emulate drive``) its firmware and 1 kHz joint loop run in a core
-  process of their own (:class:`hw_bridge.emulators.drive_process.DriveProcess`); with
+  process of their own (:class:`twinloop.hw_bridge.emulators.drive.process.DriveProcess`); with
   ``thread`` in a thread of the server's process (:class:`DriveEmulator`). The loop sleeps,
   then spins the last ``--drive-spin-us``. Its ``LoopTiming`` is reset when the rig starts
   and read when it ends, so ``drive_1khz`` covers exactly the session: lateness (tick start −
   due) and duration.
-* The **rig**: :func:`hil.exo_rig.run_exo_session` in this process through the shipped profile
-  ``exo_drive_tcp`` — CiA 402 start-up, then at 100 Hz one read (input registers 0–9) and one
-  write (target torque) per tick, the task reference, the controller, the supervisor, and a
-  recording to a temporary run directory. ``rig_100hz`` is its :class:`hil.pacing.PacingStats`
-  summary (lateness = tick start − due) with the slowest ticks.
+* The **rig**: :func:`twinloop.hil.knee.rig.run_exo_session` in this process through the shipped
+  profile ``exo_drive_tcp`` — CiA 402 start-up, then at 100 Hz one read (input registers 0–9) and
+  one write (target torque) per tick, the task reference, the controller, the supervisor, and a
+  recording to a temporary run directory. ``rig_100hz`` is its
+  :class:`twinloop.hil.pacing.PacingStats` summary (lateness = tick start − due) with the slowest
+  ticks.
 * ``targets``: p99 lateness ≤ 1 ms at 100 Hz over Modbus TCP, ≤ 0.2 ms for the 1 kHz loop.
 
 Timing is measured here only; the tests assert none.
@@ -65,13 +66,13 @@ def _drive_process(
     """
     refused = None
     if realtime:
-        from hil.pacing import request_realtime
+        from twinloop.hil.pacing import request_realtime
 
         refused = request_realtime()
     if switch_s is not None:
         sys.setswitchinterval(switch_s)
-    from hw_bridge.emulators.drive import DriveEmulator, DriveModbus, knee_backend
-    from hw_bridge.emulators.drive_process import DriveProcess, knee_factory
+    from twinloop.hw_bridge.emulators.drive.emulator import DriveEmulator, DriveModbus, knee_backend
+    from twinloop.hw_bridge.emulators.drive.process import DriveProcess, knee_factory
 
     drive: DriveModbus
     if joint == "process":
@@ -97,7 +98,7 @@ def _drive_process(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """One session; the JSON's figures."""
-    from hil.exo_rig import ExoRigConfig, run_exo_session
+    from twinloop.hil.knee.rig import ExoRigConfig, run_exo_session
 
     ctx = mp.get_context("spawn")
     ours, theirs = ctx.Pipe()

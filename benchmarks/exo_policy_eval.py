@@ -2,15 +2,15 @@
 
 Prints ONE JSON object to stdout (progress to stderr)::
 
-    .venv/bin/python benchmarks/exo_policy_eval.py --policy docs/policies/knee_sac/seed_0
+    .venv/bin/python benchmarks/exo_policy_eval.py --policy policies/shipped/knee_sac/seed_0
     .venv/bin/python benchmarks/exo_policy_eval.py --policy DIR --presets mild moderate \\
         --seeds 0 1 2 3 4 --cycles 5
 
-Each controller drives the same ``twinloop/KneeExo-v0`` (:class:`~plant.envs.knee_exo.KneeExoEnv`,
-action in N·m, default termination limits) for each preset and seed: the cyclic
-flexion–extension task with ``--cycles`` cycles (amplitude and period randomised from the
-seed, so every controller sees the same task, initial angle and sensor noise), at
-``--control-hz``. Controllers:
+Each controller drives the same ``twinloop/KneeExo-v0``
+(:class:`~twinloop.plant.knee.env.KneeExoEnv`, action in N·m, default termination limits) for each
+preset and seed: the cyclic flexion–extension task with ``--cycles`` cycles (amplitude and period
+randomised from the seed, so every controller sees the same task, initial angle and sensor noise),
+at ``--control-hz``. Controllers:
 
 * ``none`` — zero torque (the drive's friction still acts);
 * ``impedance`` — ``ImpedanceController()`` (K 60 N·m/rad, B 3 N·m·s/rad);
@@ -19,11 +19,11 @@ seed, so every controller sees the same task, initial angle and sensor noise), a
 * ``policy`` — the saved policy (``--policy DIR``), deterministic.
 
 Every controller gets the env's observation as an
-:class:`~policies.exo_controllers.ExoInput` (encoder angle and velocity, torque sensor, EMG,
-reference), as in the loop. Per run: RMS and maximum tracking error of the *true* angle
+:class:`~twinloop.policies.knee.controllers.ExoInput` (encoder angle and velocity, torque sensor,
+EMG, reference), as in the loop. Per run: RMS and maximum tracking error of the *true* angle
 (degrees, every control step), the exo's share of |work| (``Σ|W_exo| / (Σ|W_exo| +
 Σ|W_patient|)`` over the steps' work, J, integrated by the plant at 1 kHz), its share of
-positive work (``Σ max(W, 0)`` per step, the :mod:`plant.exo_metrics` definition at the
+positive work (``Σ max(W, 0)`` per step, the :mod:`twinloop.plant.knee.metrics` definition at the
 control rate), RMS torque command (N·m) and whether the episode terminated (left the range of
 motion or the velocity limit). The summary is the mean over the seeds.
 """
@@ -39,10 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from plant.envs.knee_exo import KneeExoEnv
-from plant.envs.knee_exo_core import KneeExoConfig
-from plant.knee_tasks import K_T, CyclicFlexionExtension
-from policies.exo_controllers import AssistAsNeededController, ExoInput, ImpedanceController
+from twinloop.plant.knee.env import KneeExoEnv
+from twinloop.plant.knee.env_core import KneeExoConfig
+from twinloop.plant.knee.tasks import K_T, CyclicFlexionExtension
+from twinloop.policies.knee.controllers import (
+    AssistAsNeededController,
+    ExoInput,
+    ImpedanceController,
+)
 
 CONTROLLERS = ("none", "impedance", "aan", "policy")
 
@@ -78,7 +82,7 @@ def run_episode(
     elif controller == "aan":
         ctrl = AssistAsNeededController(period_s=period_s)
     elif controller == "policy":
-        from policies.exo_learned import load_exo_policy
+        from twinloop.policies.knee.learned import load_exo_policy
 
         if policy is None:
             raise SystemExit("--policy DIR is needed for the policy controller")

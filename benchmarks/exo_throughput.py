@@ -9,8 +9,8 @@ Measured (best of ``--repeats`` samples after a warm-up; a sample repeats the ca
 lasts ``--min-sample-s``), default config (moderate patient, cyclic task, 100 Hz control =
 10 plant steps of 1 ms per env step), a constant zero torque command:
 
-* ``kernel``: :func:`plant.knee.advance` on 256 knees × 10 plant steps, in knee-steps/s, on one
-  thread (serial kernel) and on every thread (``prange`` kernel).
+* ``kernel``: :func:`twinloop.plant.knee.model.advance` on 256 knees × 10 plant steps, in
+  knee-steps/s, on one thread (serial kernel) and on every thread (``prange`` kernel).
 * ``single_env``: ``KneeExoEnv`` (unwrapped) and ``gym.make`` (with Gymnasium's
   ``OrderEnforcing``/``PassiveEnvChecker`` wrappers), reset when an episode ends, in steps/s and
   as a real-time factor (simulated seconds per wall second = steps/s / control_hz).
@@ -35,10 +35,10 @@ import gymnasium as gym
 import numba
 import numpy as np
 
-import plant
-from plant.envs.knee_exo import KneeExoEnv
-from plant.envs.knee_exo_vector import KneeExoVectorEnv
-from plant.knee import N_OUT, advance, initial_state, knee_preset
+from twinloop import plant
+from twinloop.plant.knee.env import KneeExoEnv
+from twinloop.plant.knee.env_vector import KneeExoVectorEnv
+from twinloop.plant.knee.model import N_OUT, advance, initial_state, knee_preset
 
 
 def best_rate(fn: Callable[[], int], repeats: int, min_sample_s: float) -> float:

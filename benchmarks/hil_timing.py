@@ -6,15 +6,16 @@ Prints one JSON object. Run it network-isolated (it starts servers on loopback):
     ../shared/bin/offline .venv/bin/python benchmarks/hil_timing.py --tcp-seconds 60
 
 * ``tcp_100hz``: the emulated pump served by ``twinloop emulate pump --tcp`` in its own process;
-  a :class:`hw_bridge.modbus_client.ModbusDevice` paced at 100 Hz by :mod:`hil.pacing`, each
-  tick reading the pump's status (heartbeat, alarm, delivered total, bolus remaining: one
-  request for the 13-register block) and writing its temp-basal rate (one request). Lateness
-  percentiles, jitter, overruns, ticks later than one period, the ten slowest ticks.
+  a :class:`twinloop.hw_bridge.modbus_client.ModbusDevice` paced at 100 Hz by
+  :mod:`twinloop.hil.pacing`, each tick reading the pump's status (heartbeat, alarm, delivered
+  total, bolus remaining: one request for the 13-register block) and writing its temp-basal rate
+  (one request). Lateness percentiles, jitter, overruns, ticks later than one period, the ten
+  slowest ticks.
 * ``rtu_115200``: the emulated pump on a pty at 115200 baud 8N2 with emulated wire time; for each
   request the rig makes (read the temp basal, read the 13-register status block, write the
   temp-basal duration, write its rate) the cycle of our client — the transaction plus the silent
   interval before the next request — against the theoretical wire time of its two frames plus
-  one silent interval after each (:func:`hw_bridge.wire.rtu_cycle_wire_time_s`);
+  one silent interval after each (:func:`twinloop.hw_bridge.wire.rtu_cycle_wire_time_s`);
   ``rtu_19200`` the same at 19200 baud.
 
 The fail-safe time after a pulled cable is measured by the end-to-end test
@@ -48,7 +49,7 @@ def _free_port() -> int:
 
 def _emulator(*args: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hil", "emulate", *args],
+        [sys.executable, "-m", "twinloop", "emulate", *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -74,9 +75,9 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 def tcp_100hz(seconds: float, spin_s: float) -> dict[str, Any]:
     """The 100 Hz loop over Modbus TCP on loopback."""
-    from hil.pacing import pace
-    from hw_bridge.modbus_client import ModbusDevice
-    from hw_bridge.profile import load_profile, shipped_profile
+    from twinloop.hil.pacing import pace
+    from twinloop.hw_bridge.modbus_client import ModbusDevice
+    from twinloop.hw_bridge.profile import load_profile, shipped_profile
 
     port = _free_port()
     proc = _emulator("pump", "--tcp", f"127.0.0.1:{port}")  # a pump on real time
@@ -135,11 +136,11 @@ def rtu_cycles(cycles: int, baudrate: int = 115200) -> dict[str, Any]:
 
     A cycle is one transaction followed by the silent interval a compliant master leaves
     before its next request; its theoretical time is both frames' character times plus a
-    silent interval after each (:func:`hw_bridge.wire.rtu_cycle_wire_time_s`).
+    silent interval after each (:func:`twinloop.hw_bridge.wire.rtu_cycle_wire_time_s`).
     """
-    from hw_bridge.modbus_client import ModbusDevice
-    from hw_bridge.profile import load_profile, shipped_profile
-    from hw_bridge.wire import precise_sleep, rtu_cycle_wire_time_s, rtu_silent_interval_s
+    from twinloop.hw_bridge.modbus_client import ModbusDevice
+    from twinloop.hw_bridge.profile import load_profile, shipped_profile
+    from twinloop.hw_bridge.wire import precise_sleep, rtu_cycle_wire_time_s, rtu_silent_interval_s
 
     link = os.path.join(tempfile.mkdtemp(prefix="twinloop-bench-"), "pump")
     proc = _emulator("pump", "--rtu-pty", link, "--baudrate", str(baudrate))  # real time, 8N2

@@ -13,16 +13,18 @@ atol 1e-12, inputs held over each minute). The inputs are read from the referenc
 
 Integrators:
 
-* ``rk4``: :func:`plant.uva_padova.simulate` (the compiled fixed-step RK4) with ``substeps`` 1,
-  2, 4 per minute and ``eating_substeps`` 1 (plain RK4) or 4 (the default: 4x the substeps
-  in minutes when the patient is swallowing), all 30 patients in one call on one core
+* ``rk4``: :func:`twinloop.plant.glucose.uva_padova.simulate` (the compiled fixed-step RK4) with
+  ``substeps`` 1, 2, 4 per minute and ``eating_substeps`` 1 (plain RK4) or 4 (the default: 4x the
+  substeps in minutes when the patient is swallowing), all 30 patients in one call on one core
   (``parallel=False``, ``numba.set_num_threads(1)``); best of ``--repeats`` samples, each
   repeating the call for at least ``--min-sample-s``.
 * ``solve_ivp``: :func:`scipy.integrate.solve_ivp` minute by minute (``DOP853`` and ``LSODA``
   with rtol 1e-6 / atol 1e-9; plus ``RK45``, i.e. dopri5, with the reference's rtol 1e-6 /
-  atol 1e-12) on the model's compiled right-hand side :func:`plant.uva_padova._rhs`, for 3
-  patients (``--ivp-patients``), with the eating process advanced before each minute by
-  :func:`plant.uva_padova._eat` exactly as :func:`plant.uva_padova.step_minute` does.
+  atol 1e-12) on the model's compiled right-hand side
+  :func:`twinloop.plant.glucose.uva_padova._rhs`, for 3 patients (``--ivp-patients``), with the
+  eating process advanced before each minute by
+  :func:`twinloop.plant.glucose.uva_padova._eat` exactly as
+  :func:`twinloop.plant.glucose.uva_padova.step_minute` does.
 
 For each: ``max_abs_bg_err_mg_dl`` (max over minutes and patients, with where it happens) and
 patient-days/s (wall time of the whole run, one core). The RK4 rows also give the error over
@@ -114,8 +116,8 @@ def run_rk4(
 ) -> list[dict[str, Any]]:
     import numba
 
-    from plant.patients import resolve_patients
-    from plant.uva_padova import simulate
+    from twinloop.plant.glucose.patients import resolve_patients
+    from twinloop.plant.glucose.uva_padova import simulate
 
     numba.set_num_threads(1)
     patients = resolve_patients(ref.names)
@@ -167,7 +169,7 @@ def _ivp_rhs(
     insulin_pmol_per_kg_min: float,
     dbar_mg: float,
 ) -> NDArray[np.float64]:
-    from plant.uva_padova import _rhs
+    from twinloop.plant.glucose.uva_padova import _rhs
 
     dx = np.empty(13)
     _rhs(np.ascontiguousarray(y), params, meal_mg_per_min, insulin_pmol_per_kg_min, dbar_mg, dx)
@@ -185,8 +187,14 @@ def ivp_day(
     """One patient-day minute by minute with ``solve_ivp``; return (BG per minute, RHS calls)."""
     from scipy.integrate import solve_ivp
 
-    from plant.patients import PMOL_PER_U, get_patient, parameter_matrix
-    from plant.uva_padova import M_EATEN_G, M_QSTO_AT_START_MG, MG_PER_G, N_MEAL_STATE, _eat
+    from twinloop.plant.glucose.patients import PMOL_PER_U, get_patient, parameter_matrix
+    from twinloop.plant.glucose.uva_padova import (
+        M_EATEN_G,
+        M_QSTO_AT_START_MG,
+        MG_PER_G,
+        N_MEAL_STATE,
+        _eat,
+    )
 
     p = get_patient(name)
     params = parameter_matrix([p])[0]
@@ -211,7 +219,7 @@ def ivp_day(
 
 
 def run_ivp(ref: Reference, rows: Sequence[int], repeats: int) -> list[dict[str, Any]]:
-    from plant.uva_padova import _eat, _rhs
+    from twinloop.plant.glucose.uva_padova import _eat, _rhs
 
     # compile the numba functions outside the timing
     _rhs(np.ones(13), np.ones(31), 0.0, 0.0, 0.0, np.empty(13))
@@ -255,8 +263,8 @@ def add_tight_errors(
     ref: Reference, ivp_rows: Sequence[int], result: dict[str, Any]
 ) -> dict[str, Any]:
     """Compare every integrator with a DOP853 rtol = atol = 1e-12 solution (see docstring)."""
-    from plant.patients import resolve_patients
-    from plant.uva_padova import simulate
+    from twinloop.plant.glucose.patients import resolve_patients
+    from twinloop.plant.glucose.uva_padova import simulate
 
     default = next(r for r in result["rk4"] if r["default"])
     rows = list(dict.fromkeys([*ivp_rows, ref.names.index(default["worst_patient"])]))

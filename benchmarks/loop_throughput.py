@@ -11,9 +11,9 @@ Prints one JSON object. Run it network-isolated (it starts Ray)::
   actuator) as
   Ray actors on the embedded Ray; after a warm-up, the mean wall time per control tick, and the
   overhead per tick = Ray tick time − inline tick time.
-* ``cohort_all_7_days``: :func:`agents.run.run_cohort` on all 30 patients for 7 days (210
-  patient-days), recording included, inline; ``..._ray``: the agents as five Ray actors shared
-  by the 30 patients driven in lockstep (what ``twinloop run --cohort all --days 7`` does);
+* ``cohort_all_7_days``: :func:`twinloop.agents.glucose.run.run_cohort` on all 30 patients for 7
+  days (210 patient-days), recording included, inline; ``..._ray``: the agents as five Ray actors
+  shared by the 30 patients driven in lockstep (what ``twinloop run --cohort all --days 7`` does);
   ``..._ray_patients``: each patient's loop in a Ray worker.
 """
 
@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from agents.loop import LoopConfig, PatientLoop
-from agents.run import run_cohort
-from plant.patients import get_patient
+from twinloop.agents.glucose.loop import LoopConfig, PatientLoop
+from twinloop.agents.glucose.run import run_cohort
+from twinloop.plant.glucose.patients import get_patient
 
 
 def _inline(days: int, repeats: int) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def _inline(days: int, repeats: int) -> dict[str, Any]:
 
 
 def _ray(ticks: int, inline_tick_ms: float) -> dict[str, Any]:
-    from agents.placement import RayPlacement, start_ray
+    from twinloop.agents.placement import RayPlacement, start_ray
 
     t0 = time.perf_counter()
     start_ray(num_cpus=2)
@@ -90,7 +90,12 @@ def _ray(ticks: int, inline_tick_ms: float) -> dict[str, Any]:
 
 
 def _cohort(days: int, placement_name: str) -> dict[str, Any]:
-    from agents.placement import InlinePlacement, Placement, RayPatientsPlacement, RayPlacement
+    from twinloop.agents.placement import (
+        InlinePlacement,
+        Placement,
+        RayPatientsPlacement,
+        RayPlacement,
+    )
 
     placement: Placement = {
         "inline": InlinePlacement,

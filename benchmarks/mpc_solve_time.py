@@ -5,10 +5,10 @@ Prints one JSON object::
     .venv/bin/python benchmarks/mpc_solve_time.py                  # 3 patients × 1 day
     .venv/bin/python benchmarks/mpc_solve_time.py --days 2 --iterations 1,2
 
-For each setting of :class:`policies.mpc.MPCController` (``iterations``: linearisations per tick),
-one day of the closed loop (random meals, ±30 % counting error, CGM noise, the twin estimator,
-the supervisor) per patient (an adult, an adolescent, a child), after a warm-up run that
-compiles the model. Each decision's wall time (the controller's own ``last_solve_s``: the
+For each setting of :class:`twinloop.policies.glucose.mpc.MPCController` (``iterations``:
+linearisations per tick), one day of the closed loop (random meals, ±30 % counting error, CGM noise,
+the twin estimator, the supervisor) per patient (an adult, an adolescent, a child), after a warm-up
+run that compiles the model. Each decision's wall time (the controller's own ``last_solve_s``: the
 simulations of the plan and its perturbations and the L-BFGS-B solve) gives p50, p99 and max,
 side by side with the whole loop's inline time per tick and the share of the 5-min control
 period the worst solve used.
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from agents.loop import LoopConfig, PatientLoop
-from plant.patients import get_patient
-from policies.mpc import MPCController
+from twinloop.agents.glucose.loop import LoopConfig, PatientLoop
+from twinloop.plant.glucose.patients import get_patient
+from twinloop.policies.glucose.mpc import MPCController
 
 PATIENTS = ("adult#001", "adolescent#001", "child#001")
 TICK_S = 300.0

@@ -10,8 +10,8 @@ Prints ONE JSON object to stdout (progress goes to stderr)::
 Measured (every figure is the best of ``--repeats`` samples after a warm-up call, timed with
 ``time.perf_counter``; a sample repeats the call until it lasts ``--min-sample-s``):
 
-* ``plant``: :func:`plant.uva_padova.simulate` of one day (1440 one-minute steps) of reference
-  scenario A (meals 45/70/80 g at 07:00/12:00/18:00 eaten at 5 g/min; insulin = basal
+* ``plant``: :func:`twinloop.plant.glucose.uva_padova.simulate` of one day (1440 one-minute steps)
+  of reference scenario A (meals 45/70/80 g at 07:00/12:00/18:00 eaten at 5 g/min; insulin = basal
   ``u2ss·BW/6000`` U/min every minute + a ``carbs/CR`` U bolus within each meal minute) for
   batches of 1 (adult#001), 30 (the cohort) and 1000 (the 30 tiled) patients, in patient-days/s,
   on one core (``one_core``: ``numba.set_num_threads(1)``, ``parallel=False``, the serial
@@ -19,10 +19,11 @@ Measured (every figure is the best of ``--repeats`` samples after a warm-up call
   on both cores (``both_cores``: ``numba.set_num_threads(2)``, ``parallel=True``). The targets
   use ``one_core`` (what ``simulate`` runs on one thread) and ``both_cores``.
   ``single_patient_day`` is the wall time of one ``simulate`` call for one patient-day
-  (validation and allocation included) and of the bare :func:`plant.uva_padova.advance` kernel.
-  ``two_days_1000`` is 1000 patients over two days of scenario A: the gastric-emptying ``tanh``
-  terms are skipped until a patient's first meal, so day 1 (7 fasting hours) is cheaper than
-  later days and this figure is closer to the cost of long runs.
+  (validation and allocation included) and of the bare
+  :func:`twinloop.plant.glucose.uva_padova.advance` kernel. ``two_days_1000`` is 1000 patients over
+  two days of scenario A: the gastric-emptying ``tanh`` terms are skipped until a patient's first
+  meal, so day 1 (7 fasting hours) is cheaper than later days and this figure is closer to the cost
+  of long runs.
 * ``env``: ``gymnasium.make("twinloop/T1D-v0")`` (default config: adult#001, random meals,
   5-min steps; with Gymnasium's ``OrderEnforcing``/``PassiveEnvChecker`` wrappers) stepped with
   the constant action = the patient's basal rate (U/h) and reset when an episode ends, in
@@ -201,8 +202,8 @@ def machine_info() -> dict[str, Any]:
 def bench_plant(repeats: int, min_sample_s: float, both_threads: int) -> dict[str, Any]:
     import numba
 
-    from plant.patients import parameter_matrix, resolve_patients
-    from plant.uva_padova import N_MEAL_STATE, advance, simulate
+    from twinloop.plant.glucose.patients import parameter_matrix, resolve_patients
+    from twinloop.plant.glucose.uva_padova import N_MEAL_STATE, advance, simulate
 
     cohort = resolve_patients(cohorts=["all"])
     adult1 = resolve_patients(["adult#001"])
@@ -299,8 +300,8 @@ def bench_plant(repeats: int, min_sample_s: float, both_threads: int) -> dict[st
 def bench_env(repeats: int, min_sample_s: float) -> dict[str, Any]:
     import gymnasium as gym
 
-    import plant
-    from plant.patients import get_patient
+    from twinloop import plant
+    from twinloop.plant.glucose.patients import get_patient
 
     env = gym.make(plant.T1D_ID)
     cfg = env.unwrapped.config  # type: ignore[attr-defined]
@@ -341,8 +342,8 @@ def bench_vector(repeats: int, both_threads: int) -> dict[str, Any]:
     import gymnasium as gym
     import numba
 
-    import plant
-    from plant.patients import get_patient
+    from twinloop import plant
+    from twinloop.plant.glucose.patients import get_patient
 
     venv = gym.make_vec(
         plant.T1D_ID,

@@ -2,8 +2,8 @@
 
     ../shared/bin/offline .venv/bin/python benchmarks/population_outcomes.py --n 1000
 
-Samples ``--n`` patients (``plant.population.sample_population``, seed ``--seed``) and runs
-each, and each of the 30 shipped patients, through the product's closed loop for ``--days``
+Samples ``--n`` patients (``twinloop.plant.glucose.population.sample_population``, seed ``--seed``)
+and runs each, and each of the 30 shipped patients, through the product's closed loop for ``--days``
 days with the basal-bolus controller (CGM sensor, supervisor, pump, random meals with
 carb-counting error; the twin estimator off, as it does not act on basal-bolus therapy), as Ray
 tasks of ``--chunk`` patients. Prints, per age group and overall, the distribution (min, 5th,
@@ -30,9 +30,9 @@ FIELDS = ("time_in_range_70_180_pct", "time_below_70_pct", "time_above_250_pct",
 
 def _outcomes(patients: list[Any], days: int, seed: int) -> list[dict[str, float]]:
     """Run each patient's loop inline; its metrics (plasma glucose, 1-min samples)."""
-    from agents.loop import LoopConfig, PatientLoop
-    from plant.metrics import glucose_metrics
-    from plant.patients import patient_key
+    from twinloop.agents.glucose.loop import LoopConfig, PatientLoop
+    from twinloop.plant.glucose.metrics import glucose_metrics
+    from twinloop.plant.glucose.patients import patient_key
 
     config = LoopConfig(patients=("adult#001",), days=days, seed=seed, twin=False)
     out = []
@@ -73,9 +73,9 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from agents.placement import start_ray
-    from plant.patients import cohort
-    from plant.population import sample_population
+    from twinloop.agents.placement import start_ray
+    from twinloop.plant.glucose.patients import cohort
+    from twinloop.plant.glucose.population import sample_population
 
     began = time.perf_counter()
     population, rejected = sample_population(args.n, seed=args.seed)

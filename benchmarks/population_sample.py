@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/population_sample.py [--n 1000] [--seed 7] [--repeats 3]
 
-Fits the per-group log-normal model to the 30 shipped patients (``plant.population``), then
-draws until ``--n`` patients pass every check (derived basal steady state, plausibility
-bounds, a basal-only day of the compiled model within 0.5 mg/dL of the basal glucose).
+Fits the per-group log-normal model to the 30 shipped patients
+(``twinloop.plant.glucose.population``), then draws until ``--n`` patients pass every check (derived
+basal steady state, plausibility bounds, a basal-only day of the compiled model within 0.5 mg/dL of
+the basal glucose).
 Reported: the fit time, each repeat's sampling time (the first includes numba's load of the
 compiled model), the rejections by reason. Target: 1,000 valid patients in at most 10 s.
 """
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from plant.population import fit_population, sample_population
+    from twinloop.plant.glucose.population import fit_population, sample_population
 
     began = time.perf_counter()
     model = fit_population()

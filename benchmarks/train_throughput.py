@@ -6,8 +6,8 @@ Prints one JSON object::
     .venv/bin/python benchmarks/train_throughput.py --envs 16,64,256 --steps 100000
 
 stable-baselines3's PPO (``MlpPolicy``, CPU torch) learns on ``twinloop/T1D-v0``'s native batched
-environment through :class:`policies.sb3_vec_env.SB3VecEnv`: collection (the compiled batch step
-and the policy's forward pass) and the gradient updates (``n_epochs`` passes over each rollout)
+environment through :class:`twinloop.policies.sb3_vec_env.SB3VecEnv`: collection (the compiled batch
+step and the policy's forward pass) and the gradient updates (``n_epochs`` passes over each rollout)
 are both in the wall time. For each number of environments: ``model.learn(total_timesteps)``
 timed after a short warm-up, env-steps per second, and the share of time spent stepping the
 environment alone (measured by timing the adapter's ``step_wait``).
@@ -29,8 +29,8 @@ def _one(num_envs: int, steps: int, n_steps: int, threads: int) -> dict[str, Any
     import torch
     from stable_baselines3 import PPO
 
-    import plant
-    from policies.sb3_vec_env import SB3VecEnv
+    from twinloop import plant
+    from twinloop.policies.sb3_vec_env import SB3VecEnv
 
     torch.set_num_threads(threads)
     venv = gym.make_vec(

@@ -3,9 +3,9 @@
 Scenario (per patient, one child seed each): RandomDailyProtocol meals with uniform ±30 %
 carbohydrate-counting error, basal-bolus therapy (the patient's basal u2ss·BW/6000 U/min every
 minute plus a bolus of announced/CR units within the meal's first minute), truth from
-``plant.uva_padova.simulate``, CGM readings every 5 min = clip(true G_s/V_g + cgm_errors) with
-the default CGMSpec. The estimator sees, minute by minute, the meal announcement and the
-delivery of minute m after its estimate at m, and the reading at m before its estimate at m.
+``twinloop.plant.glucose.uva_padova.simulate``, CGM readings every 5 min = clip(true G_s/V_g +
+cgm_errors) with the default CGMSpec. The estimator sees, minute by minute, the meal announcement
+and the delivery of minute m after its estimate at m, and the reading at m before its estimate at m.
 
 Forecasts are made at every reading time t >= warm-up (2 h) with t + h <= end, and compared
 with the true plasma glucose at t + h. Baselines, from the CGM readings only:
@@ -34,12 +34,12 @@ from typing import Any
 import numba
 import numpy as np
 
-from agents.messages import CgmReading, InsulinDelivery, MealAnnouncement
-from agents.twin import TwinConfig, TwinEstimator
-from plant.cgm import CGMSpec, cgm_errors, measure
-from plant.patients import PatientParameters, cohort
-from plant.scenarios import MIN_PER_DAY, CarbCountingError, RandomDailyProtocol
-from plant.uva_padova import simulate
+from twinloop.agents.glucose.estimator import TwinConfig, TwinEstimator
+from twinloop.agents.messages import CgmReading, InsulinDelivery, MealAnnouncement
+from twinloop.plant.glucose.cgm import CGMSpec, cgm_errors, measure
+from twinloop.plant.glucose.patients import PatientParameters, cohort
+from twinloop.plant.glucose.scenarios import MIN_PER_DAY, CarbCountingError, RandomDailyProtocol
+from twinloop.plant.glucose.uva_padova import simulate
 
 WARMUP_MIN = 120
 HORIZONS = (30, 60)

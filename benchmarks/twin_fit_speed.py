@@ -3,8 +3,8 @@
     ../shared/bin/offline .venv/bin/python benchmarks/twin_fit_speed.py [--patients 10]
         [--fit-days 7] [--workers 2] [--seed 11]
 
-Writes ``--patients`` synthetic logs of sampled adults (``hil.synthetic_logs``, 7 days each by
-default), then fits them (``hil.twin.fit_many``: import, therapy, MAP) twice: inline, one
+Writes ``--patients`` synthetic logs of sampled adults (``twinloop.twins.synthetic``, 7 days each by
+default), then fits them (``twinloop.twins.twin.fit_many``: import, therapy, MAP) twice: inline, one
 after another in this process, and as Ray tasks on the embedded Ray (loopback) with
 ``--workers`` workers. The Ray time is measured from the first submission (Ray's start-up and
 its workers' import of the compiled model are reported apart). Targets: one fit ≤ 60 s; the
@@ -36,10 +36,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args()
 
-    from hil.synthetic_logs import synthetic_log
-    from hil.twin import FitRequest, fit_many
-    from plant.population import sample_population
-    from plant.scenarios import CarbCountingError
+    from twinloop.plant.glucose.population import sample_population
+    from twinloop.plant.glucose.scenarios import CarbCountingError
+    from twinloop.twins.synthetic import synthetic_log
+    from twinloop.twins.twin import FitRequest, fit_many
 
     patients, _ = sample_population(args.patients, seed=args.seed, groups={"adults": 1.0})
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +61,7 @@ def main() -> None:
 
         import ray
 
-        from agents.placement import start_ray
+        from twinloop.agents.placement import start_ray
 
         began = time.perf_counter()
         start_ray(num_cpus=args.workers)
@@ -70,8 +70,8 @@ def main() -> None:
         @ray.remote(num_cpus=1)
         def warm() -> float:  # each worker imports the model and loads the compiled kernel
             t = time.perf_counter()
-            import plant.identify  # noqa: F401
-            from plant.uva_padova import simulate
+            import twinloop.twins.identify  # noqa: F401
+            from twinloop.plant.glucose.uva_padova import simulate
 
             simulate(list(patients[:1]), np.zeros(2), np.zeros(2))
             return time.perf_counter() - t

@@ -4,12 +4,12 @@
         [--carb-error 0.1] [--seed 11] [--days 14] [--fit-days 7] [--profile-blocks 0]
 
 For each of ``--patients`` virtual patients drawn from the population model
-(``plant.population.sample_population``, not the 30 shipped ones the prior is built from),
-``hil.synthetic_logs`` simulates ``--days`` days: random meals counted with a normal error of
-SD ``--carb-error``, optionally a daily sensitivity profile ``--true-profile``, basal-bolus
+(``twinloop.plant.glucose.population.sample_population``, not the 30 shipped ones the prior is built
+from), ``twinloop.twins.synthetic`` simulates ``--days`` days: random meals counted with a normal
+error of SD ``--carb-error``, optionally a daily sensitivity profile ``--true-profile``, basal-bolus
 therapy on the counted carbs, GuardianRT CGM errors, rescue carbohydrates. It writes the CSV
-log, which is read back with ``plant.logs.read_log`` like any log. The twin is fitted (MAP) on
-the first ``--fit-days`` days, then replays the *logged*
+log, which is read back with ``twinloop.twins.logs.read_log`` like any log. The twin is fitted (MAP)
+on the first ``--fit-days`` days, then replays the *logged*
 insulin and carbohydrates over all days; on the held-out days:
 
 * CGM RMSE: twin vs the logged CGM readings (target ≤ 15 mg/dL);
@@ -53,11 +53,11 @@ COMPARED = (
 
 def _oracle(true, syn, meals, profile):  # type: ignore[no-untyped-def]
     """The true patient (with its true daily profile) replaying the logged inputs."""
-    from hil.twin_replay import LoggedTherapy, closed_loop
-    from plant.patients import initial_states, parameter_matrix
+    from twinloop.plant.glucose.patients import initial_states, parameter_matrix
+    from twinloop.twins.replay import LoggedTherapy, closed_loop
 
     if profile is None:
-        from plant.uva_padova import simulate
+        from twinloop.plant.glucose.uva_padova import simulate
 
         return simulate([true], syn.trace.insulin_u_per_min[0], meals).gsub_mg_dl[0]
     blocks = np.asarray(profile)
@@ -95,13 +95,13 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from hil.synthetic_logs import synthetic_log
-    from hil.twin import FitRequest, fit_log
-    from plant.identify import MIN_PER_DAY, log_grid
-    from plant.logs import read_log
-    from plant.metrics import glucose_metrics
-    from plant.population import sample_population
-    from plant.scenarios import CarbCountingError
+    from twinloop.plant.glucose.metrics import glucose_metrics
+    from twinloop.plant.glucose.population import sample_population
+    from twinloop.plant.glucose.scenarios import CarbCountingError
+    from twinloop.twins.identify import MIN_PER_DAY, log_grid
+    from twinloop.twins.logs import read_log
+    from twinloop.twins.synthetic import synthetic_log
+    from twinloop.twins.twin import FitRequest, fit_log
 
     def tir(g: np.ndarray) -> float:
         return float(glucose_metrics(g, sample_period_min=1.0).time_in_range_70_180_pct)

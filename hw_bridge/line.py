@@ -19,8 +19,8 @@ The module has three layers:
   ``loop://``), non-blocking :meth:`LineTransport.poll`, :meth:`LineTransport.command` with
   timeout and retries, and reconnection with exponential backoff when the port disappears.
 
-:func:`hw_bridge.wire.char_time_s` gives the wire time of one character, which emulated devices
-use to pace their writes (a pty does not enforce the baud rate).
+:func:`twinloop.hw_bridge.wire.char_time_s` gives the wire time of one character, which emulated
+devices use to pace their writes (a pty does not enforce the baud rate).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any
 
 import serial
 
-from hw_bridge.errors import BridgeError, CommunicationError
+from twinloop.hw_bridge.errors import BridgeError, CommunicationError
 
 __all__ = [
     "GLUCOSE_MAX_MG_DL",

@@ -1,7 +1,7 @@
 """Profile-driven synchronous Modbus client (RTU, TCP, TLS): checked writes, retries, tracing.
 
 :class:`ModbusDevice` reads and writes registers *by name* through a
-:class:`~hw_bridge.profile.DeviceProfile`: it groups reads into as few requests as the map
+:class:`~twinloop.hw_bridge.profile.DeviceProfile`: it groups reads into as few requests as the map
 allows, scales and decodes values into engineering units, and refuses (before anything reaches
 the wire) every write the profile forbids. It is synchronous on purpose: the HIL rig calls it
 from its own real-time thread. One instance may be shared between threads (calls are
@@ -9,9 +9,10 @@ serialised by a lock).
 
 Errors follow pymodbus's split: a fault *reported by the device* (a Modbus exception code) is a
 value for writes (:meth:`ModbusDevice.write` returns the code) and a
-:class:`~hw_bridge.errors.DeviceException` for reads; a fault of the *transport* (timeout,
+:class:`~twinloop.hw_bridge.errors.DeviceException` for reads; a fault of the *transport* (timeout,
 disconnect, garbled or mismatched answer) is retried ``transport.retries`` times with an
-exponential reconnect back-off and then raised as :class:`~hw_bridge.errors.CommunicationError`.
+exponential reconnect back-off and then raised as
+:class:`~twinloop.hw_bridge.errors.CommunicationError`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,15 @@ from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from hw_bridge.errors import CommunicationError, DeviceException, ProfileError
-from hw_bridge.profile import DeviceProfile, Register, Transport, check_write, decode, encode
+from twinloop.hw_bridge.errors import CommunicationError, DeviceException, ProfileError
+from twinloop.hw_bridge.profile import (
+    DeviceProfile,
+    Register,
+    Transport,
+    check_write,
+    decode,
+    encode,
+)
 
 __all__ = [
     "MAX_READ_BITS",

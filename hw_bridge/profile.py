@@ -2,8 +2,8 @@
 
 A profile is validated once, when it is loaded, into frozen dataclasses; everything downstream
 (the Modbus client, the line-protocol reader, the emulators) trusts it. A profile that does not
-validate is refused with a :class:`~hw_bridge.errors.ProfileError` that names the field path
-(``registers[3].maximum``), the value found and what is allowed.
+validate is refused with a :class:`~twinloop.hw_bridge.errors.ProfileError` that names the field
+path (``registers[3].maximum``), the value found and what is allowed.
 
 YAML layout (every key is checked; unknown keys are refused)::
 
@@ -51,7 +51,7 @@ from typing import Any, Final, Literal, cast
 import yaml
 from pymodbus.client.mixin import ModbusClientMixin
 
-from hw_bridge.errors import ProfileError, WriteRefused
+from twinloop.hw_bridge.errors import ProfileError, WriteRefused
 
 __all__ = [
     "ACCESS_MODES",

@@ -2,8 +2,8 @@
 
 ``PtyPair`` starts ``socat pty,raw,echo=0,link=A pty,raw,echo=0,link=B``; bytes written to one
 end come out of the other. A pty does not enforce baud rate or parity: emulate wire time and
-parity faults in the device (see :mod:`hw_bridge.wire`). Closing the pair (or killing socat)
-is how a test pulls the cable.
+parity faults in the device (see :mod:`twinloop.hw_bridge.wire`). Closing the pair (or killing
+socat) is how a test pulls the cable.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from hw_bridge.errors import BridgeError
+from twinloop.hw_bridge.errors import BridgeError
 
 
 class PtyPair:

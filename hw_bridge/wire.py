@@ -233,7 +233,7 @@ def usable_parity(port: str, parity: str) -> str:
     framing. Real serial ports, and ptys that accept the setting, get ``parity`` back.
 
     Args:
-        port: serial device path (e.g. one end of :class:`hw_bridge.pty.PtyPair`).
+        port: serial device path (e.g. one end of :class:`twinloop.hw_bridge.pty.PtyPair`).
         parity: the requested pyserial parity letter.
 
     Returns:
@@ -345,8 +345,8 @@ class WireFaults:
         exception_code: when not ``None``, every request is answered with this Modbus exception
             code (1–255) and not executed.
         freeze: the device's registers stop changing (reads return the last values). Only a
-            device implements this (see :class:`hw_bridge.emulators.pump.PumpEmulator`); the
-            hooks ignore it.
+            device implements this (see :class:`twinloop.hw_bridge.emulators.pump.PumpEmulator`);
+            the hooks ignore it.
         duplicate_write: each write request is executed twice, as when a master's retry arrives
             after the first copy was executed, and answered with the second execution's
             response (e.g. ``06 BUSY`` for a duplicated bolus). Hook for duplicate-delivery

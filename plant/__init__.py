@@ -4,7 +4,7 @@ Importing :mod:`plant` registers ``twinloop/T1D-v0`` and ``twinloop/KneeExo-v0``
 (cheaply: the compiled models load only when an environment is made).
 """
 
-from plant.envs import KNEE_EXO_ID, T1D_ID, register_envs
+from twinloop.plant.envs import KNEE_EXO_ID, T1D_ID, register_envs
 
 register_envs()
 

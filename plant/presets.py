@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from plant.errors import ConfigError
+from twinloop.plant.errors import ConfigError
 
 SpecT = TypeVar("SpecT")
 

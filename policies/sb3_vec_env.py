@@ -17,7 +17,7 @@ from gymnasium.vector import AutoresetMode
 from numpy.typing import NDArray
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvObs, VecEnvStepReturn
 
-from policies.errors import PolicyConfigError
+from twinloop.policies.errors import PolicyConfigError
 
 
 class SB3VecEnv(VecEnv):

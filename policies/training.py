@@ -21,11 +21,12 @@ Each env id belongs to a task family (:data:`TASK_FAMILIES`) that parses its own
 the SB3 vector env and writes its part of ``policy.json``:
 
 * ``twinloop/T1D-v0`` — :class:`GlucoseTask` (``env``, ``observation``, ``action``,
-  ``reward``): insulin policies, loaded by :func:`policies.learned.load_policy_controller`;
+  ``reward``): insulin policies, loaded by
+  :func:`twinloop.policies.glucose.learned.load_policy_controller`;
 * ``twinloop/KneeExo-v0`` — :class:`KneeExoTask` (``env``: the fields of
-  :class:`~plant.envs.knee_exo_core.KneeExoConfig`): exoskeleton torque policies on the env's
-  own observation, action and reward, loaded by :func:`policies.exo_learned.load_exo_policy`.
-  The glucose keys are refused for it.
+  :class:`~twinloop.plant.knee.env_core.KneeExoConfig`): exoskeleton torque policies on the env's
+  own observation, action and reward, loaded by
+  :func:`twinloop.policies.knee.learned.load_exo_policy`. The glucose keys are refused for it.
 
 :func:`load_config` validates everything once and returns a :class:`TrainingConfig`;
 :func:`train` trains one policy per seed (in process, or as Ray tasks) and saves each in its
@@ -51,25 +52,25 @@ from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from tqdm import tqdm
 
-import plant
-from plant.envs.knee_exo_core import KneeExoConfig
-from plant.envs.t1d_core import T1DConfig
-from plant.errors import ConfigError, PlantError
-from plant.knee import PRESETS, KneeParams, knee_preset
-from plant.knee_sensors import EMGSpec, EncoderSpec, TorqueSensorSpec
-from plant.knee_tasks import TASKS, TaskSpec
-from plant.patients import expand_names
-from plant.pump import PumpSpec
-from plant.scenarios import SCENARIOS, CarbCountingError
-from policies.errors import PolicyConfigError
-from policies.features import (
+from twinloop import plant
+from twinloop.plant.errors import ConfigError, PlantError
+from twinloop.plant.glucose.env_core import T1DConfig
+from twinloop.plant.glucose.patients import expand_names
+from twinloop.plant.glucose.pump import PumpSpec
+from twinloop.plant.glucose.scenarios import SCENARIOS, CarbCountingError
+from twinloop.plant.knee.env_core import KneeExoConfig
+from twinloop.plant.knee.model import PRESETS, KneeParams, knee_preset
+from twinloop.plant.knee.sensors import EMGSpec, EncoderSpec, TorqueSensorSpec
+from twinloop.plant.knee.tasks import TASKS, TaskSpec
+from twinloop.policies.errors import PolicyConfigError
+from twinloop.policies.glucose.features import (
     ENV_LAYOUT_VERSION,
     ActionLayout,
     FeatureVecEnv,
     ObservationLayout,
 )
-from policies.learned import METADATA_FILE, METADATA_FORMAT, MODEL_FILE
-from policies.rewards import make_reward, parse_reward
+from twinloop.policies.glucose.learned import METADATA_FILE, METADATA_FORMAT, MODEL_FILE
+from twinloop.policies.glucose.rewards import make_reward, parse_reward
 
 #: Algorithms by name (stable-baselines3 classes, imported lazily).
 ALGORITHMS = ("ppo", "sac")
@@ -231,7 +232,7 @@ class GlucoseTask:
         env: the environment (``env`` section).
         observation: the features.
         action: the action mapping.
-        reward: reward name (:data:`policies.rewards.REWARDS`).
+        reward: reward name (:data:`twinloop.policies.glucose.rewards.REWARDS`).
         reward_params: the reward's parameters.
 
     """
@@ -283,8 +284,8 @@ class GlucoseTask:
         )
 
     def make_vec_env(self, n_envs: int) -> VecEnv:
-        """Native T1D vector env → :class:`~policies.sb3_vec_env.SB3VecEnv` → features."""
-        from policies.sb3_vec_env import SB3VecEnv
+        """Native T1D vector env → :class:`~twinloop.policies.sb3_vec_env.SB3VecEnv` → features."""
+        from twinloop.policies.sb3_vec_env import SB3VecEnv
 
         venv = gym.make_vec(
             plant.T1D_ID,
@@ -304,7 +305,7 @@ class GlucoseTask:
         return []
 
     def metadata(self) -> dict[str, Any]:
-        """The family's part of ``policy.json`` (read by :mod:`policies.learned`)."""
+        """The family's part of ``policy.json`` (read by :mod:`~.glucose.learned`)."""
         return {
             "env_layout_version": ENV_LAYOUT_VERSION,
             "control_period_min": self.t1d_config().control_period_min,
@@ -506,7 +507,8 @@ class KneeExoTask:
 
     The observation (7 sensor readings), the action (the exo torque) and the reward are the
     env's; the network sees the observation through
-    :class:`policies.exo_learned.KneeObservationScaler`, a fixed normalisation saved with it.
+    :class:`twinloop.policies.knee.learned.KneeObservationScaler`, a fixed normalisation saved with
+    it.
 
     Attributes:
         env: the environment's configuration.
@@ -524,8 +526,8 @@ class KneeExoTask:
         return cls(env=parse_knee_env(s.get("env")))
 
     def make_vec_env(self, n_envs: int) -> VecEnv:
-        """Native :class:`~plant.envs.knee_exo_vector.KneeExoVectorEnv` → SB3VecEnv."""
-        from policies.sb3_vec_env import SB3VecEnv
+        """Native :class:`~twinloop.plant.knee.env_vector.KneeExoVectorEnv` → SB3VecEnv."""
+        from twinloop.policies.sb3_vec_env import SB3VecEnv
 
         venv = gym.make_vec(
             plant.KNEE_EXO_ID,
@@ -538,7 +540,7 @@ class KneeExoTask:
 
     def policy_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The model's ``policy_kwargs``: the configured ones + the observation scaler."""
-        from policies.exo_learned import features_extractor_kwargs
+        from twinloop.policies.knee.learned import features_extractor_kwargs
 
         return {**kwargs, **features_extractor_kwargs()}
 
@@ -547,8 +549,8 @@ class KneeExoTask:
         return [_KneeRolloutCallback()]
 
     def metadata(self) -> dict[str, Any]:
-        """The family's part of ``policy.json`` (read by :mod:`policies.exo_learned`)."""
-        from policies.exo_learned import KNEE_LAYOUT_VERSION, describe_observation
+        """The family's part of ``policy.json`` (read by :mod:`twinloop.policies.knee.learned`)."""
+        from twinloop.policies.knee.learned import KNEE_LAYOUT_VERSION, describe_observation
 
         c = self.env
         return {
@@ -852,7 +854,7 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
         if taken:
             raise PolicyConfigError(
                 f"policy_kwargs.{taken[0]}: set by twinloop train for {env_id} (the fixed "
-                "observation normalisation policies.exo_learned.KneeObservationScaler)"
+                "observation normalisation twinloop.policies.knee.learned.KneeObservationScaler)"
             )
     return TrainingConfig(
         env_id=env_id,
@@ -923,7 +925,8 @@ class TrainResult:
 def make_training_env(config: TrainingConfig, n_envs: int | None = None) -> VecMonitor:
     """The SB3 vector env of ``config``: the family's native vector env → SB3VecEnv → monitor.
 
-    Glucose: T1D vector env → SB3VecEnv → features (:class:`~policies.features.FeatureVecEnv`);
+    Glucose: T1D vector env → SB3VecEnv → features
+    (:class:`~twinloop.policies.glucose.features.FeatureVecEnv`);
     knee: KneeExo vector env → SB3VecEnv (the env's own observation and action).
     :class:`~stable_baselines3.common.vec_env.VecMonitor` adds the episode returns and lengths
     that SB3 logs (``rollout/ep_rew_mean`` in TensorBoard).
@@ -932,7 +935,7 @@ def make_training_env(config: TrainingConfig, n_envs: int | None = None) -> VecM
 
 
 def policy_metadata(config: TrainingConfig, seed: int, timesteps: int) -> dict[str, Any]:
-    """The ``policy.json`` of a saved policy (read by ``policies.learned``/``exo_learned``)."""
+    """The ``policy.json`` of a saved policy (read by the therapies' ``learned`` modules)."""
     return {
         "format": METADATA_FORMAT,
         "twinloop_version": _version(),
@@ -1040,7 +1043,8 @@ def train(
         workers: run the seeds as Ray tasks (``num_cpus=1``, torch 1 thread each) on the
             Ray session of this process, started by the caller (``twinloop train`` starts an
             embedded one with this many CPUs, or connects to ``address``, with
-            :func:`agents.placement.start_ray`); ``None`` = one after another in this process.
+            :func:`twinloop.agents.placement.start_ray`); ``None`` = one after another in this
+            process.
         address: ``HOST:PORT`` of an existing Ray cluster (implies Ray; the caller connects).
         progress: show a tqdm progress bar (in-process runs).
 
@@ -1062,7 +1066,7 @@ def train(
     if not ray.is_initialized():
         raise PolicyConfigError(
             "workers/address: Ray is not started in this process; start it first "
-            "(agents.placement.start_ray, as twinloop train does)"
+            "(twinloop.agents.placement.start_ray, as twinloop train does)"
         )
     task = ray.remote(num_cpus=1)(_train_task)
     refs = [task.remote(config, s, str(_seed_dir(root.resolve(), s))) for s in config.seeds]

@@ -14,5 +14,5 @@ if ! .venv/bin/python -m pip install -c constraints.txt -e ".[test]" >"$log" 2>&
   echo "install.sh: pip install failed (full log: $log)" >&2
   exit 1
 fi
-.venv/bin/python -c "import plant, gymnasium, numba, ray, stable_baselines3" \
+.venv/bin/python -c "import twinloop.plant, gymnasium, numba, ray, stable_baselines3" \
   || { echo "install.sh: the install is incomplete (log: $log)" >&2; exit 1; }

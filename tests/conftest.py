@@ -50,7 +50,7 @@ def reference_a() -> Reference:
 def ray_started():
     """The embedded Ray of this test session (started on first use, loopback only)."""
     pytest.importorskip("ray")
-    from agents.placement import start_ray
+    from twinloop.agents.placement import start_ray
 
     start_ray(num_cpus=2)
     yield

@@ -1,17 +1,17 @@
 """Emulated CGM: a virtual patient's glucose through the CGM noise model, sent over serial.
 
 :class:`CgmEmulator` opens one end of a serial line (typically a pty of
-:class:`hw_bridge.pty.PtyPair`) with pyserial and speaks the CGM line protocol of
+:class:`twinloop.hw_bridge.pty.PtyPair`) with pyserial and speaks the CGM line protocol of
 ``hw_bridge/DEVICES.md``:
 
 * every sample period (``spec.sample_period_min`` simulated minutes, counted from the minute
   the emulator was started, the *insertion*) it writes one ``$TLCGM`` frame with the reading of
-  :class:`plant.cgm.CGMSensor` (seeded noise) of the patient's subcutaneous glucose plus the
-  calibration offset, clipped to 39-400 mg/dL and the sensor's range, one decimal;
+  :class:`twinloop.plant.glucose.cgm.CGMSensor` (seeded noise) of the patient's subcutaneous glucose
+  plus the calibration offset, clipped to 39-400 mg/dL and the sensor's range, one decimal;
 * a reader thread answers host commands: ``PING`` → ``ACK``; ``CAL,<mg_dl>`` sets the offset
   so that the latest reading would have read ``mg_dl`` → ``ACK``; a bad checksum, an unknown
-  command or bad arguments → ``NAK`` (see :class:`hw_bridge.line.NakReason`); lines that are not
-  frames are ignored. Nothing the host sends stops the device.
+  command or bad arguments → ``NAK`` (see :class:`twinloop.hw_bridge.line.NakReason`); lines that
+  are not frames are ignored. Nothing the host sends stops the device.
 
 Wire time is emulated: a pty moves bytes instantly, so a transmit thread writes one frame, then
 keeps the line busy for ``len(frame) · char_time_s(...)`` seconds before the next write. The
@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import serial
 
-from hw_bridge.errors import CommunicationError
-from hw_bridge.line import (
+from twinloop.hw_bridge.emulators.patient import PatientMinute, VirtualPatient
+from twinloop.hw_bridge.errors import CommunicationError
+from twinloop.hw_bridge.line import (
     GLUCOSE_MAX_MG_DL,
     GLUCOSE_MIN_MG_DL,
     MAX_COMMAND_NAME,
@@ -58,9 +59,8 @@ from hw_bridge.line import (
     check_serial_settings,
     checksum,
 )
-from hw_bridge.patient import PatientMinute, VirtualPatient
-from hw_bridge.wire import char_time_s
-from plant.cgm import CGMSensor, CGMSpec
+from twinloop.hw_bridge.wire import char_time_s
+from twinloop.plant.glucose.cgm import CGMSensor, CGMSpec
 
 __all__ = ["CgmEmulator", "CgmEmulatorStats", "CgmFaultState", "CgmFaults", "serve_cgm"]
 
@@ -204,7 +204,8 @@ class CgmEmulator:
         spec: the sensor (sample period, noise, range); default ``CGMSpec()`` (5 min).
         seed: seed of the sensor noise (the first child of ``SeedSequence(seed)``, so it does
             not replay the patient's meal draws for the same seed).
-        baudrate: bits per second (paces the writes, see :func:`hw_bridge.wire.char_time_s`).
+        baudrate: bits per second (paces the writes, see
+            :func:`twinloop.hw_bridge.wire.char_time_s`).
         bytesize: data bits (5-8).
         parity: ``N``, ``E``, ``O``, ``M`` or ``S``.
         stopbits: 1, 1.5 or 2.

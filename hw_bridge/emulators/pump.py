@@ -2,11 +2,11 @@
 
 :class:`PumpEmulator` is the pump's firmware: a state machine (basal, temp basal, bolus,
 suspend, reservoir, battery, alarms) driven by the simulated minutes of a
-:class:`hw_bridge.patient.VirtualPatient`, whose ``insulin_source`` it becomes. It speaks
-Modbus through pymodbus 3.16 servers built on ``SimDevice``/``SimData`` (four separate tables)
-whose ``action`` coroutine refreshes the registers from the state on every read and applies
+:class:`twinloop.hw_bridge.emulators.patient.VirtualPatient`, whose ``insulin_source`` it becomes.
+It speaks Modbus through pymodbus 3.16 servers built on ``SimDevice``/``SimData`` (four separate
+tables) whose ``action`` coroutine refreshes the registers from the state on every read and applies
 every write to the state: over RTU (:meth:`PumpEmulator.serve_rtu`, a serial port such as one
-end of :class:`hw_bridge.pty.PtyPair`, with wire-time emulation) and over Modbus TCP or TLS
+end of :class:`twinloop.hw_bridge.pty.PtyPair`, with wire-time emulation) and over Modbus TCP or TLS
 (:meth:`PumpEmulator.serve_tcp`). :meth:`PumpEmulator.start_in_thread` runs the servers in a
 background thread with its own event loop; :func:`run_pump` is the blocking command-line entry.
 
@@ -34,11 +34,12 @@ Input registers: ``delivered_total_u`` 0–1 int32 ×0.001 U, ``reservoir_u`` 2�
 Behaviour, in the order of a simulated minute (:meth:`PumpEmulator.deliver_minute`): the clock
 and heartbeat advance, the battery drains 0.01 %/min; unless suspended, occluded or empty the
 pump delivers ``rate/60`` U of basal (the temp basal while one runs, else the scheduled basal)
-plus ``min(1.5, left)`` U of bolus, through :func:`plant.pump.delivery_u_per_min` (pulses of
-``spec.pulse_u``), never more than the reservoir holds; a temp basal counts down whether or
-not insulin flows and the pump returns to its scheduled basal by itself. Rates and boluses are
-quantised (rounded down) with :func:`plant.pump.quantize_basal`/:func:`~plant.pump.quantize_bolus`
-when written.
+plus ``min(1.5, left)`` U of bolus, through :func:`twinloop.plant.glucose.pump.delivery_u_per_min`
+(pulses of ``spec.pulse_u``), never more than the reservoir holds; a temp basal counts down whether
+or not insulin flows and the pump returns to its scheduled basal by itself. Rates and boluses are
+quantised (rounded down) with
+:func:`~twinloop.plant.glucose.pump.quantize_basal` /
+:func:`~twinloop.plant.glucose.pump.quantize_bolus` when written.
 
 Interpretations where ``DEVICES.md`` is silent:
 
@@ -86,9 +87,9 @@ from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusBaseServer, ModbusTcpServer, ModbusTlsServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from hw_bridge.errors import BridgeError
-from hw_bridge.patient import InsulinSource, VirtualPatient
-from hw_bridge.wire import (
+from twinloop.hw_bridge.emulators.patient import InsulinSource, VirtualPatient
+from twinloop.hw_bridge.errors import BridgeError
+from twinloop.hw_bridge.wire import (
     Framing,
     RtuSerialServer,
     SerialLine,
@@ -97,7 +98,7 @@ from hw_bridge.wire import (
     refuse,
     usable_parity,
 )
-from plant.pump import PumpSpec, delivery_u_per_min, quantize_basal, quantize_bolus
+from twinloop.plant.glucose.pump import PumpSpec, delivery_u_per_min, quantize_basal, quantize_bolus
 
 _log = logging.getLogger(__name__)
 
@@ -711,10 +712,11 @@ class PumpEmulator:
             port: serial device (e.g. ``PtyPair().a``).
             baudrate: bit/s.
             parity: ``"N"``, ``"E"`` or ``"O"`` (a pty that refuses parity is opened with
-                ``"N"``; the timing keeps ``parity``, see :func:`hw_bridge.wire.usable_parity`).
+                ``"N"``; the timing keeps ``parity``, see
+                :func:`twinloop.hw_bridge.wire.usable_parity`).
             bytesize: data bits.
             stopbits: stop bits.
-            wire_time: emulate the wire time of frames (:mod:`hw_bridge.wire`).
+            wire_time: emulate the wire time of frames (:mod:`twinloop.hw_bridge.wire`).
 
         Raises:
             EmulatorError: the port cannot be opened.

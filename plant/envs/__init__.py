@@ -13,14 +13,14 @@ def register_envs() -> None:
     if T1D_ID not in gym.registry:
         gym.register(
             id=T1D_ID,
-            entry_point="plant.envs.t1d:T1DEnv",
-            vector_entry_point="plant.envs.t1d_vector:T1DVectorEnv",
+            entry_point="twinloop.plant.glucose.env:T1DEnv",
+            vector_entry_point="twinloop.plant.glucose.env_vector:T1DVectorEnv",
             disable_env_checker=False,
         )
     if KNEE_EXO_ID not in gym.registry:
         gym.register(
             id=KNEE_EXO_ID,
-            entry_point="plant.envs.knee_exo:KneeExoEnv",
-            vector_entry_point="plant.envs.knee_exo_vector:KneeExoVectorEnv",
+            entry_point="twinloop.plant.knee.env:KneeExoEnv",
+            vector_entry_point="twinloop.plant.knee.env_vector:KneeExoVectorEnv",
             disable_env_checker=False,
         )

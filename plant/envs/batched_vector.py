@@ -3,8 +3,8 @@
 A subclass holds a compiled batch (``self._batch``) with ``obs``, ``reward``, ``terminated``,
 ``truncated`` arrays and ``step(action, active=None)``, and provides ``_reset_envs(indices)``
 (draws from ``self._rngs``), ``_check_action(actions)`` and ``_info()``. This base class gives
-both :class:`~plant.envs.t1d_vector.T1DVectorEnv` and
-:class:`~plant.envs.knee_exo_vector.KneeExoVectorEnv` the same Gymnasium 1.x semantics:
+both :class:`~twinloop.plant.glucose.env_vector.T1DVectorEnv` and
+:class:`~twinloop.plant.knee.env_vector.KneeExoVectorEnv` the same Gymnasium 1.x semantics:
 
 * ``reset(seed=s)`` seeds sub-environment ``i`` with ``s + i`` (or one seed per env);
 * ``NEXT_STEP`` autoreset: the step after an episode ends resets that sub-environment,
@@ -24,7 +24,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 from numpy.typing import NDArray
 
-from plant.errors import ConfigError, ResetNeededError
+from twinloop.plant.errors import ConfigError, ResetNeededError
 
 
 def autoreset_mode_of(value: AutoresetMode | str) -> AutoresetMode:

@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from agents.loop import LoopConfig, PatientLoop
-from agents.placement import PlacementError, RayPlacement, start_ray
-from plant.patients import get_patient
+from twinloop.agents.glucose.loop import LoopConfig, PatientLoop
+from twinloop.agents.placement import PlacementError, RayPlacement, start_ray
+from twinloop.plant.glucose.patients import get_patient
 
 pytestmark = pytest.mark.ray
 
@@ -56,7 +56,7 @@ def test_run_on_an_existing_two_node_cluster(tmp_path, loopback_cluster):
     address, env = loopback_cluster
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "hil", "run", "--address", address, "--patient", "adult#001",
+        [sys.executable, "-m", "twinloop", "run", "--address", address, "--patient", "adult#001",
          "--out", str(out), "--no-progress"],
         env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
@@ -94,8 +94,8 @@ def test_a_killed_actor_is_restarted_and_the_loop_holds_the_safe_command(ray_sta
 @pytest.mark.parametrize("placement", ["ray", "ray-patients"])
 def test_a_cohort_on_ray_records_what_inline_records(ray_started, tmp_path, placement):
     """Patients in lockstep on shared agent actors (ray), or whole loops in workers."""
-    from agents.placement import RayPatientsPlacement
-    from agents.run import run_cohort
+    from twinloop.agents.glucose.run import run_cohort
+    from twinloop.agents.placement import RayPatientsPlacement
 
     cfg = LoopConfig(patients=("adult#001", "child#002", "adolescent#003"))
     inline_dir, inline_summary = run_cohort(cfg, tmp_path / "inline", progress=False)

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from agents.errors import LoopConfigError
-from agents.rls import RecursiveLeastSquares
+from twinloop.agents.errors import LoopConfigError
+from twinloop.agents.rls import RecursiveLeastSquares
 
 
 def test_recovers_constant_parameters_from_noisy_samples():

@@ -1,9 +1,9 @@
 """The exoskeleton loop end to end over Modbus TCP: the rig against the emulated CiA 402 drive.
 
-The drive (:class:`hw_bridge.emulators.drive.DriveEmulator`) runs in this process on 127.0.0.1
-(ephemeral port) with the knee plant behind it, stepped at 1 kHz in its own thread, its patient
-following the same task and seed as the rig (``knee_backend(..., task=...)``). The rig reaches
-it through the shipped profile ``exo_drive_tcp`` with a real pymodbus client. The tests wait
+The drive (:class:`twinloop.hw_bridge.emulators.drive.emulator.DriveEmulator`) runs in this process
+on 127.0.0.1 (ephemeral port) with the knee plant behind it, stepped at 1 kHz in its own thread, its
+patient following the same task and seed as the rig (``knee_backend(..., task=...)``). The rig
+reaches it through the shipped profile ``exo_drive_tcp`` with a real pymodbus client. The tests wait
 for outcomes; they never assert on timing (``benchmarks/exo_hil_timing.py`` measures it).
 
 Tracking-error bounds, from measurements (6 s of the cyclic task, seeds 0–3, drive in this
@@ -27,9 +27,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hil.cli import main
-from hil.exo_rig import ExoRig, ExoRigConfig, run_exo_session
-from hw_bridge.emulators.drive import DriveEmulator, DriveServerThread, DriveState, knee_backend
+from twinloop.cli.main import main
+from twinloop.hil.knee.rig import ExoRig, ExoRigConfig, run_exo_session
+from twinloop.hw_bridge.emulators.drive.emulator import (
+    DriveEmulator,
+    DriveServerThread,
+    DriveState,
+    knee_backend,
+)
 
 pytestmark = pytest.mark.hil
 
@@ -274,7 +279,7 @@ def test_bad_input_is_one_line_without_traceback(argv, needle, capsys, tmp_path)
 def test_the_exo_loop_on_a_drive_whose_firmware_runs_in_its_own_process(tmp_path):
     """The same session against ``DriveProcess``: its core runs the 1 kHz loop, as shipped by
     ``twinloop emulate drive``; the rig cannot tell, and the loop tracks as well."""
-    from hw_bridge.emulators.drive_process import DriveProcess, knee_factory
+    from twinloop.hw_bridge.emulators.drive.process import DriveProcess, knee_factory
 
     factory = knee_factory("moderate", seed=3, task="cyclic")
     with DriveProcess(factory) as drive, drive.start_tcp("127.0.0.1", 0) as server:

@@ -12,14 +12,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from hil.rig import Rig, RigConfig, pump_register_names
-from hw_bridge.emulators.cgm import CgmEmulator
-from hw_bridge.emulators.pump import PumpEmulator
-from hw_bridge.line import LineTransport
-from hw_bridge.modbus_client import ModbusDevice
-from hw_bridge.patient import VirtualPatient
-from hw_bridge.profile import DeviceProfile, load_profile, shipped_profile
-from hw_bridge.pty import PtyPair
+from twinloop.hil.glucose.rig import Rig, RigConfig, pump_register_names
+from twinloop.hw_bridge.emulators.cgm import CgmEmulator
+from twinloop.hw_bridge.emulators.patient import VirtualPatient
+from twinloop.hw_bridge.emulators.pump import PumpEmulator
+from twinloop.hw_bridge.line import LineTransport
+from twinloop.hw_bridge.modbus_client import ModbusDevice
+from twinloop.hw_bridge.profile import DeviceProfile, load_profile, shipped_profile
+from twinloop.hw_bridge.pty import PtyPair
 
 pytestmark = pytest.mark.hil
 

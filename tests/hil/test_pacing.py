@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from hil.pacing import PacedThread, PacingStats, pace
+from twinloop.hil.pacing import PacedThread, PacingStats, pace
 
 
 def test_pace_calls_every_tick_in_order_and_records_each():

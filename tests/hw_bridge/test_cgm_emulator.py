@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from hw_bridge.emulators.cgm import CgmEmulator, serve_cgm
-from hw_bridge.errors import CommunicationError
-from hw_bridge.line import (
+from twinloop.hw_bridge.emulators.cgm import CgmEmulator, serve_cgm
+from twinloop.hw_bridge.emulators.patient import PatientMinute, VirtualPatient
+from twinloop.hw_bridge.errors import CommunicationError
+from twinloop.hw_bridge.line import (
     Ack,
     CgmFrame,
     CgmStatus,
@@ -21,10 +22,9 @@ from hw_bridge.line import (
     Nak,
     NakReason,
 )
-from hw_bridge.patient import PatientMinute, VirtualPatient
-from hw_bridge.pty import PtyPair
-from hw_bridge.wire import char_time_s
-from plant.cgm import CGMSpec, cgm_errors
+from twinloop.hw_bridge.pty import PtyPair
+from twinloop.hw_bridge.wire import char_time_s
+from twinloop.plant.glucose.cgm import CGMSpec, cgm_errors
 
 pytestmark = pytest.mark.hil
 
@@ -160,7 +160,8 @@ def test_one_frame_per_sample_period_with_consecutive_seq(rig: Rig) -> None:
 def test_readings_track_gsub_within_noise(rig: Rig) -> None:
     frames = rig.take(40)
     gsub = np.array([rig.truth[f.t_min] for f in frames])
-    # The seeded Breton-Kovatchev error of plant.cgm, exactly (to the 0.1 mg/dL of the wire):
+    # The seeded Breton-Kovatchev error of twinloop.plant.glucose.cgm, exactly (to the 0.1 mg/dL of
+    # the wire):
     np.testing.assert_allclose(readings(frames), expected_readings(rig, frames), atol=0.051)
     # ... which is noise around the truth: not zero, not a bias, not wild.
     errors = readings(frames) - gsub

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from pymodbus.client import ModbusTcpClient
 
-from hw_bridge.emulators.drive import (
+from twinloop.hw_bridge.emulators.drive.emulator import (
     CST_MODE,
     ERROR_WATCHDOG,
     HR_CONTROLWORD,
@@ -47,9 +47,9 @@ from hw_bridge.emulators.drive import (
     PlantJointAdapter,
     Statusword,
 )
-from hw_bridge.errors import WriteRefused
-from hw_bridge.modbus_client import ModbusDevice
-from hw_bridge.profile import load_profile, shipped_profile
+from twinloop.hw_bridge.errors import WriteRefused
+from twinloop.hw_bridge.modbus_client import ModbusDevice
+from twinloop.hw_bridge.profile import load_profile, shipped_profile
 
 pytestmark = pytest.mark.hil
 
@@ -563,9 +563,9 @@ def test_adapter_hook_on_a_plant_object():
 
 
 def test_knee_plant_backend():
-    """The knee plant (plant/knee.py) behind the drive: flexion torque flexes the knee."""
-    pytest.importorskip("plant.knee")
-    from hw_bridge.emulators.drive import knee_backend
+    """The knee plant (plant/knee/model.py) behind the drive: flexion torque flexes the knee."""
+    pytest.importorskip("twinloop.plant.knee.model")
+    from twinloop.hw_bridge.emulators.drive.emulator import knee_backend
 
     angles = {}
     for torque_permille in (0, 250):
@@ -591,9 +591,13 @@ def test_knee_plant_backend():
 
 def test_knee_backend_following_a_task_starts_its_clock_at_each_enable():
     """The emulated patient follows the task row of (task, seed), timed from enable operation."""
-    pytest.importorskip("plant.knee")
-    from hw_bridge.emulators.drive import TaskFollowingJoint, knee_backend, knee_task_row
-    from plant.knee_tasks import reference
+    pytest.importorskip("twinloop.plant.knee.model")
+    from twinloop.hw_bridge.emulators.drive.emulator import (
+        TaskFollowingJoint,
+        knee_backend,
+        knee_task_row,
+    )
+    from twinloop.plant.knee.tasks import reference
 
     joint = knee_backend("moderate", seed=4, task="cyclic")
     assert isinstance(joint, TaskFollowingJoint)
@@ -621,7 +625,7 @@ def test_knee_backend_following_a_task_starts_its_clock_at_each_enable():
 
 
 def test_loop_timing_percentiles_ring_and_reset():
-    from hw_bridge.emulators.drive import LoopTiming
+    from twinloop.hw_bridge.emulators.drive.emulator import LoopTiming
 
     timing = LoopTiming(0.001, capacity=100)
     assert timing.summary() == {"ticks": 0, "period_ms": 1.0}
@@ -761,11 +765,11 @@ def test_mbpoll_reads_the_statusword(drive, client, server):
 
 
 def test_cli_emulate_drive_with_a_task_writes_its_joint_timing(tmp_path):
-    pytest.importorskip("plant.knee")
+    pytest.importorskip("twinloop.plant.knee.model")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     timing = tmp_path / "timing.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hil", "emulate", "drive", "--tcp", "127.0.0.1:0", "--joint",
+        [sys.executable, "-m", "twinloop", "emulate", "drive", "--tcp", "127.0.0.1:0", "--joint",
          "knee", "--patient", "severe", "--task", "sit_to_stand", "--seed", "3",
          "--timing-json", str(timing)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -788,7 +792,7 @@ def test_cli_emulate_drive_with_a_task_writes_its_joint_timing(tmp_path):
 
 
 def test_cli_emulate_drive_task_needs_the_knee(capsys):
-    from hil.cli import main
+    from twinloop.cli.main import main
 
     assert main(["emulate", "drive", "--tcp", "127.0.0.1:0", "--task", "cyclic"]) == 2
     err = capsys.readouterr().err
@@ -798,7 +802,7 @@ def test_cli_emulate_drive_task_needs_the_knee(capsys):
 def test_cli_emulate_drive():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hil", "emulate", "drive", "--tcp", "127.0.0.1:0"],
+        [sys.executable, "-m", "twinloop", "emulate", "drive", "--tcp", "127.0.0.1:0"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

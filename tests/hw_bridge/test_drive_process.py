@@ -15,18 +15,6 @@ import time
 import pytest
 from pymodbus.client import ModbusTcpClient
 
-from hw_bridge.emulators.drive import (
-    HR_CONTROLWORD,
-    HR_MAX_TORQUE,
-    HR_MODES_OF_OPERATION,
-    HR_TARGET_TORQUE,
-    IR_ERROR_CODE,
-    IR_STATUSWORD,
-    IR_TORQUE_DEMAND,
-    DriveState,
-)
-from hw_bridge.emulators.drive_process import DriveProcess, knee_factory
-from hw_bridge.emulators.pump import EmulatorError
 from tests.hw_bridge.test_drive import (
     COMMANDS,
     DEV,
@@ -50,6 +38,18 @@ from tests.hw_bridge.test_drive import (
     wait_for,
     write_int16,
 )
+from twinloop.hw_bridge.emulators.drive.emulator import (
+    HR_CONTROLWORD,
+    HR_MAX_TORQUE,
+    HR_MODES_OF_OPERATION,
+    HR_TARGET_TORQUE,
+    IR_ERROR_CODE,
+    IR_STATUSWORD,
+    IR_TORQUE_DEMAND,
+    DriveState,
+)
+from twinloop.hw_bridge.emulators.drive.process import DriveProcess, knee_factory
+from twinloop.hw_bridge.emulators.pump import EmulatorError
 
 HEARTBEAT = 9
 

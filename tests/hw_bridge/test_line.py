@@ -15,9 +15,10 @@ import serial
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hw_bridge.emulators.cgm import CgmEmulator
-from hw_bridge.errors import BridgeError, CommunicationError
-from hw_bridge.line import (
+from twinloop.hw_bridge.emulators.cgm import CgmEmulator
+from twinloop.hw_bridge.emulators.patient import VirtualPatient
+from twinloop.hw_bridge.errors import BridgeError, CommunicationError
+from twinloop.hw_bridge.line import (
     MAX_LINE_BYTES,
     Ack,
     CgmFrame,
@@ -37,8 +38,7 @@ from hw_bridge.line import (
     parse_message,
     parse_reply,
 )
-from hw_bridge.patient import VirtualPatient
-from hw_bridge.pty import PtyPair
+from twinloop.hw_bridge.pty import PtyPair
 
 GUARD_S = 10.0  # hang guard for loops that wait for something to arrive (not a speed check)
 

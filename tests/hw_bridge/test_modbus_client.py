@@ -31,10 +31,21 @@ from pymodbus.pdu import DecodePDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer, ModbusTlsServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from hw_bridge.errors import CommunicationError, DeviceException, ProfileError, WriteRefused
-from hw_bridge.modbus_client import MAX_READ_BITS, MAX_READ_WORDS, ModbusDevice, plan_reads
-from hw_bridge.profile import DeviceProfile, Register, load_profile, parse_profile, shipped_profile
-from hw_bridge.pty import PtyPair
+from twinloop.hw_bridge.errors import (
+    CommunicationError,
+    DeviceException,
+    ProfileError,
+    WriteRefused,
+)
+from twinloop.hw_bridge.modbus_client import MAX_READ_BITS, MAX_READ_WORDS, ModbusDevice, plan_reads
+from twinloop.hw_bridge.profile import (
+    DeviceProfile,
+    Register,
+    load_profile,
+    parse_profile,
+    shipped_profile,
+)
+from twinloop.hw_bridge.pty import PtyPair
 
 pytestmark = pytest.mark.hil
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hw_bridge.errors import ProfileError, WriteRefused
-from hw_bridge.profile import (
+from twinloop.hw_bridge.errors import ProfileError, WriteRefused
+from twinloop.hw_bridge.profile import (
     DTYPES,
     DeviceProfile,
     Register,

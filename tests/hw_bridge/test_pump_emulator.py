@@ -27,7 +27,8 @@ from pymodbus.client import ModbusSerialClient, ModbusTcpClient, ModbusTlsClient
 from pymodbus.exceptions import ConnectionException, ModbusIOException
 from pymodbus.framer import FramerRTU
 
-from hw_bridge.emulators.pump import (
+from twinloop.hw_bridge.emulators.patient import VirtualPatient
+from twinloop.hw_bridge.emulators.pump import (
     BOLUS_RATE_U_PER_MIN,
     HR_BOLUS_U,
     HR_COMMAND,
@@ -38,10 +39,9 @@ from hw_bridge.emulators.pump import (
     PumpEmulator,
     run_pump,
 )
-from hw_bridge.patient import VirtualPatient
-from hw_bridge.pty import PtyPair
-from hw_bridge.wire import rtu_frame_time_s, rtu_silent_interval_s, usable_parity
-from plant.pump import PumpSpec, quantize_basal
+from twinloop.hw_bridge.pty import PtyPair
+from twinloop.hw_bridge.wire import rtu_frame_time_s, rtu_silent_interval_s, usable_parity
+from twinloop.plant.glucose.pump import PumpSpec, quantize_basal
 
 pytestmark = pytest.mark.hil
 

@@ -10,7 +10,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ExceptionResponse
 from pymodbus.pdu.register_message import ReadHoldingRegistersRequest, WriteMultipleRegistersRequest
 
-from hw_bridge.wire import (
+from twinloop.hw_bridge.wire import (
     FIXED_SILENT_INTERVAL_S,
     SerialLine,
     WireFaults,

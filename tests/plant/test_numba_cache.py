@@ -1,4 +1,4 @@
-from plant.numba_cache import drop_stale_cache
+from twinloop.plant.numba_cache import drop_stale_cache
 
 
 def _layout(tmp_path):

@@ -4,10 +4,10 @@ import pytest
 from gymnasium.vector import AutoresetMode
 from stable_baselines3 import PPO
 
-import plant
-from plant.envs.t1d_vector import T1DVectorEnv
-from policies.errors import PolicyConfigError
-from policies.sb3_vec_env import SB3VecEnv
+from twinloop import plant
+from twinloop.plant.glucose.env_vector import T1DVectorEnv
+from twinloop.policies.errors import PolicyConfigError
+from twinloop.policies.sb3_vec_env import SB3VecEnv
 
 SHORT = {"episode_days": 1 / 24, "include_iob": True}  # 12 steps of 5 min
 

@@ -13,18 +13,18 @@ import yaml
 
 pytest.importorskip("stable_baselines3")
 
-import plant
-from agents.devices import PumpActuator
-from agents.messages import InsulinCommand
-from plant.insulin import IobTracker
-from plant.patients import get_patient
-from plant.pump import PumpSpec
-from policies.errors import PolicyConfigError
-from policies.features import ACTION_MODES, FEATURES
-from policies.interface import ControllerInput
-from policies.learned import LearnedPolicyController
-from policies.rewards import REWARDS
-from policies.training import (
+from twinloop import plant
+from twinloop.agents.glucose.devices import PumpActuator
+from twinloop.agents.messages import InsulinCommand
+from twinloop.plant.glucose.insulin import IobTracker
+from twinloop.plant.glucose.patients import get_patient
+from twinloop.plant.glucose.pump import PumpSpec
+from twinloop.policies.errors import PolicyConfigError
+from twinloop.policies.glucose.features import ACTION_MODES, FEATURES
+from twinloop.policies.glucose.interface import ControllerInput
+from twinloop.policies.glucose.learned import LearnedPolicyController
+from twinloop.policies.glucose.rewards import REWARDS
+from twinloop.policies.training import (
     ALGORITHMS,
     load_config,
     make_training_env,
@@ -331,7 +331,7 @@ def test_two_seeds_as_ray_tasks(tmp_path: Path) -> None:
 def test_cli_trains_and_prints_where_and_how(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from hil.cli import main
+    from twinloop.cli.main import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny(checkpoint_freq=0)))
@@ -365,7 +365,7 @@ def test_cli_trains_and_prints_where_and_how(
 def test_cli_errors_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: dict[str, Any], needle: str
 ) -> None:
-    from hil.cli import main
+    from twinloop.cli.main import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(copy.deepcopy(content)))

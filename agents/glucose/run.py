@@ -1,0 +1,191 @@
+"""Run a cohort's closed loops (in process, simulated time) into a recording with a summary."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from tqdm import tqdm
+
+from twinloop.agents.glucose.loop import LoopConfig, PatientLoop, run_together
+from twinloop.agents.placement import InlinePlacement, Placement, RayPatientsPlacement
+from twinloop.agents.recording import Columns, Recorder, column_listener
+from twinloop.plant.glucose.metrics import glucose_metrics
+from twinloop.plant.glucose.patients import PatientParameters, patient_key
+from twinloop.plant.glucose.scenarios import MIN_PER_DAY
+
+SUMMARY_FIELDS = (
+    "mean_mg_dl",
+    "time_in_range_70_180_pct",
+    "time_below_70_pct",
+    "time_below_54_pct",
+    "time_above_180_pct",
+    "time_above_250_pct",
+    "lbgi",
+    "hbgi",
+    "gri",
+)
+
+
+#: Plasma glucose below this (a patient the model has driven to 0 mg/dL or, by the integrator's
+#: last step, slightly below) enters the metrics at this value.
+METRICS_FLOOR_MG_DL = 1.0
+
+
+def summarize(patients: list[str], cohorts: list[str], bg_mg_dl: np.ndarray) -> dict[str, Any]:
+    """Metrics of plasma glucose ``(N, T)`` at 1-min samples, per patient and per cohort.
+
+    Values below :data:`METRICS_FLOOR_MG_DL` are counted at the floor, and each patient's
+    minutes below it are reported as ``minutes_at_floor``.
+    """
+    floored = bg_mg_dl < METRICS_FLOOR_MG_DL
+    m = glucose_metrics(np.maximum(bg_mg_dl, METRICS_FLOOR_MG_DL), sample_period_min=1.0)
+    per_patient = {
+        name: {f: float(np.asarray(getattr(m, f))[i]) for f in SUMMARY_FIELDS}
+        | {"minutes_at_floor": int(floored[i].sum())}
+        for i, name in enumerate(patients)
+    }
+    per_cohort = {}
+    for group in dict.fromkeys(cohorts):
+        sel = np.array([c == group for c in cohorts])
+        per_cohort[group] = {
+            f: float(np.asarray(getattr(m, f))[sel].mean()) for f in SUMMARY_FIELDS
+        }
+    return {"glucose": "plasma, 1-min samples", "patients": per_patient, "cohorts": per_cohort}
+
+
+def tick_lateness(lateness_ms: NDArray[np.float64]) -> dict[str, Any]:
+    """Statistics of the ticks' lateness in a wall-clock run (ms)."""
+    return {
+        "ticks": int(lateness_ms.size),
+        "p50": float(np.percentile(lateness_ms, 50)),
+        "p99": float(np.percentile(lateness_ms, 99)),
+        "max": float(lateness_ms.max()),
+    }
+
+
+def _patient_loop_columns(
+    config: LoopConfig, name: str, seed: np.random.SeedSequence
+) -> tuple[Columns, list[float]]:
+    """Run one patient's loop inline and return its recorded columns and plasma glucose."""
+    from twinloop.plant.glucose.patients import get_patient
+
+    config.patient_table()  # loads the run's population files in this worker
+    loop = PatientLoop(get_patient(name), config, np.random.default_rng(seed))
+    columns: Columns = {}
+    loop.listen(column_listener(columns, name))
+    loop.run()
+    return columns, columns["plant->sensor"]["bg_mg_dl"]
+
+
+def _run_patients_on_ray(
+    config: LoopConfig,
+    patients: tuple[PatientParameters, ...],
+    seeds: list[np.random.SeedSequence],
+    recorder: Recorder,
+    config_dict: dict[str, Any],
+    progress: bool,
+) -> tuple[Path, dict[str, Any]]:
+    import ray
+
+    remote = ray.remote(_patient_loop_columns).options(num_cpus=1)
+    refs = [remote.remote(config, p.name, s) for p, s in zip(patients, seeds, strict=True)]
+    bg = np.empty((len(patients), config.days * MIN_PER_DAY + 1))
+    complete = False
+    try:
+        for i, ref in enumerate(tqdm(refs, disable=not progress, desc="patients", leave=False)):
+            columns, trace = ray.get(ref)
+            recorder.merge(columns)  # in patient order: the recording is deterministic
+            bg[i] = trace
+        complete = True
+    finally:
+        summary: dict[str, Any] = {"complete": False}
+        if complete:
+            summary = summarize([p.name for p in patients], [p.cohort for p in patients], bg)
+        recorder.finish(config_dict, summary, complete=complete)
+    return recorder.run_dir, summary
+
+
+def run_cohort(
+    config: LoopConfig,
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    placement: Placement | None = None,
+    parallel_patients: int | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Run every patient's loop, record every channel, and return the directory and summary.
+
+    Each patient draws from ``SeedSequence(config.seed, spawn_key=(k,))`` where ``k`` is its
+    position in the full table of 30 patients, so a patient's trajectory does not depend on
+    which other patients run with it (nor on the placement, nor on ``parallel_patients``).
+
+    Args:
+        config: the run.
+        run_dir: where the recording goes.
+        progress: show a progress bar (simulated minutes).
+        placement: where agents run (default: inline).
+        parallel_patients: patient loops driven together in lockstep, each round of their
+            ticks one call per kind of agent (default: all of them).
+
+    """
+    patients = config.patient_table()
+    recorder = Recorder(run_dir)
+    seeds = [
+        np.random.SeedSequence(config.seed, spawn_key=(patient_key(p.name),)) for p in patients
+    ]
+    n_min = config.days * MIN_PER_DAY
+    bg = np.empty((len(patients), n_min + 1))
+    complete = False
+    config_dict = dataclasses.asdict(config)
+    placement = placement or InlinePlacement()
+    config_dict["placement"] = placement.name
+
+    if isinstance(placement, RayPatientsPlacement):
+        return _run_patients_on_ray(config, patients, seeds, recorder, config_dict, progress)
+
+    group = max(1, parallel_patients or len(patients))
+
+    def run_group(first: int, bar: tqdm) -> None:
+        loops, traces = [], []
+        for i in range(first, min(first + group, len(patients))):
+            loop = PatientLoop(patients[i], config, np.random.default_rng(seeds[i]))
+            loop.place(placement)
+            loop.listen(recorder.listener(patients[i].name))
+            trace: list[float] = []
+            loop.channels["plant->sensor"].listen(
+                lambda _, m, tr=trace: tr.append(m.bg_mg_dl)  # type: ignore[misc]
+            )
+            loops.append(loop)
+            traces.append(trace)
+        try:
+            run_together(loops, progress=bar.update)
+        finally:
+            for loop in loops:
+                loop.close()
+        for k, trace in enumerate(traces):
+            bg[first + k] = trace
+
+    try:
+        with tqdm(
+            total=len(patients) * n_min,
+            unit="sim-min",
+            disable=not progress,
+            desc="closed loop",
+            leave=False,
+        ) as bar:
+            for first in range(0, len(patients), group):
+                run_group(first, bar)
+        complete = True
+    finally:
+        summary: dict[str, Any] = {"complete": False}
+        if complete:
+            summary = summarize([p.name for p in patients], [p.cohort for p in patients], bg)
+            lateness = np.array(recorder.column("clock->ticks", "lateness_ms"), dtype=np.float64)
+            if lateness.size:
+                summary["tick_lateness_ms"] = tick_lateness(lateness)
+        recorder.finish(config_dict, summary, complete=complete)
+    return Path(run_dir), summary

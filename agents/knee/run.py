@@ -1,0 +1,213 @@
+"""Run knee-exoskeleton loops (in process or on Ray actors, simulated time) into a recording.
+
+The recording has the glucose run's layout (``channels/*.parquet``, ``manifest.json`` with
+``"therapy": "knee-exo"`` in its config, ``summary.json``); :mod:`twinloop.agents.knee.report` draws
+its plots and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from twinloop.agents.knee.loop import ExoLoop, ExoLoopConfig, reflex_torque_nm, run_exo_together
+from twinloop.agents.placement import InlinePlacement, Placement
+from twinloop.agents.recording import Columns, Recorder, column_listener
+from twinloop.plant.knee.metrics import exo_metrics
+from twinloop.plant.knee.model import PRESETS, knee_preset
+
+THERAPY = "knee-exo"
+
+SUMMARY_FIELDS = (
+    "rms_error_deg",
+    "max_error_deg",
+    "exo_work_fraction",
+    "exo_work_j",
+    "patient_work_j",
+    "patient_effort",
+    "spasticity_events",
+    "limit_violations",
+)
+
+#: A reflex torque above this counts as a reflex onset in the metrics, N·m.
+REFLEX_EVENT_NM = 2.0
+
+
+def _column(table: Mapping[str, Sequence[Any]], name: str, rows: np.ndarray) -> np.ndarray:
+    return np.asarray(table[name], dtype=np.float64)[rows]
+
+
+def summarize_exo(
+    config: Mapping[str, Any], tables: Mapping[str, Mapping[str, Sequence[Any]]]
+) -> dict[str, Any]:
+    """Per-patient metrics of a recorded exoskeleton run (tables: channel → field → values).
+
+    Computed from the true joint state at each control tick (``plant->sensor``), the
+    supervisor's overrides and the twin's last estimate (with the preset's true values).
+    """
+    sup = config["supervisor"]
+    joint = tables["plant->sensor"]
+    names = np.asarray(joint["patient"])
+    per_patient: dict[str, dict[str, Any]] = {}
+    dt_s = 1.0 / float(config["control_hz"])
+    for patient in dict.fromkeys(joint["patient"]):
+        rows = np.flatnonzero(names == patient)
+        ref = tables["task->controller"]
+        ref_rows = np.flatnonzero(np.asarray(ref["patient"]) == patient)
+        params = knee_preset(str(patient))
+        angle = _column(joint, "angle_rad", rows)
+        reference = _column(ref, "reference_rad", ref_rows)
+        n = min(angle.size, reference.size)
+        # the state at the end of tick k - 1 is judged against the reference read at tick k
+        angle, reference = angle[1:n], reference[1:n]
+        k = slice(1, n)
+        reflex = np.array(
+            [
+                reflex_torque_nm(params, q, h)
+                for q, h in zip(
+                    _column(joint, "quad_reflex", rows)[k],
+                    _column(joint, "ham_reflex", rows)[k],
+                    strict=True,
+                )
+            ]
+        )
+        # limits judged on the extremes within each period, not only its end
+        lo = _column(joint, "angle_min_rad", rows)[k]
+        hi = _column(joint, "angle_max_rad", rows)[k]
+        vmax = _column(joint, "velocity_abs_max_rad_s", rows)[k]
+        m = exo_metrics(
+            dt_s=dt_s,
+            angle_rad=angle,
+            reference_rad=reference,
+            velocity_rad_s=_column(joint, "velocity_rad_s", rows)[k],
+            exo_torque_nm=_column(joint, "exo_torque_nm", rows)[k],
+            muscle_torque_nm=_column(joint, "patient_torque_nm", rows)[k],
+            rom_rad=(float(sup["rom_min_rad"]), float(sup["rom_max_rad"])),
+            velocity_limit_rad_s=float(sup["velocity_limit_rad_s"]),
+            torque_limit_nm=float(sup["torque_limit_nm"]),
+            activations=(
+                _column(joint, "quad_activation", rows)[k],
+                _column(joint, "ham_activation", rows)[k],
+            ),
+            reflex_torque_nm=np.abs(reflex),
+            reflex_event_nm=REFLEX_EVENT_NM,
+        )
+        rom_out = int(np.sum((lo < float(sup["rom_min_rad"])) | (hi > float(sup["rom_max_rad"]))))
+        fast = int(np.sum(vmax > float(sup["velocity_limit_rad_s"])))
+        row: dict[str, Any] = {f: _scalar(getattr(m, f)) for f in SUMMARY_FIELDS}
+        row["limit_violations"] = int(m.torque_violations) + rom_out + fast
+        row["rom_violations"] = rom_out
+        row["velocity_violations"] = fast
+        row["torque_violations"] = int(m.torque_violations)
+        row["effort_unit"] = m.effort_unit
+        row["duration_s"] = float(m.duration_s)
+        ov = tables.get("supervisor->overrides", {})
+        rules = [
+            r
+            for p, r in zip(ov.get("patient", []), ov.get("rule", []), strict=True)
+            if p == patient
+        ]
+        row["overrides"] = {r: rules.count(r) for r in sorted(set(rules))}
+        est = tables.get("estimator->controller")
+        if est:
+            er = np.flatnonzero(np.asarray(est["patient"]) == patient)
+            if er.size:
+                last = int(er[-1])
+                row["twin"] = {
+                    "voluntary_capacity": float(est["voluntary_capacity"][last]),
+                    "voluntary_capacity_true": params.strength_fraction,
+                    "spasticity_gain_per_rad_s": float(est["spasticity_gain_per_rad_s"][last]),
+                    "spasticity_gain_true_per_rad_s": params.spasticity_gain_per_rad_s,
+                    "residual_rms_nm": float(est["residual_rms_nm"][last]),
+                    "voluntary_effort": float(est["voluntary_effort"][last]),
+                    "voluntary_effort_true": float(_column(joint, "voluntary_effort", rows)[-1]),
+                }
+        per_patient[str(patient)] = row
+    return {
+        "therapy": THERAPY,
+        "sampling": f"true joint state at each control tick ({config['control_hz']} Hz)",
+        "patients": per_patient,
+    }
+
+
+def _scalar(value: Any) -> float | int:
+    a = np.asarray(value)
+    return int(a) if np.issubdtype(a.dtype, np.integer) else float(a)
+
+
+def config_record(config: ExoLoopConfig, placement: Placement) -> dict[str, Any]:
+    """The run's configuration as recorded in the manifest."""
+    record = dataclasses.asdict(config)
+    record["therapy"] = THERAPY
+    record["placement"] = placement.name
+    return record
+
+
+def exo_loops(config: ExoLoopConfig, placement: Placement | None = None) -> list[ExoLoop]:
+    """One loop per patient of ``config``, hosted by ``placement`` (inline by default).
+
+    Patient ``p`` draws from ``SeedSequence(config.seed, spawn_key=(k,))`` with ``k`` its
+    position among the presets, so its trajectory does not depend on the other patients.
+    """
+    placement = placement or InlinePlacement()
+    presets = list(PRESETS)
+    loops = []
+    for name in config.patients:
+        seed = np.random.SeedSequence(config.seed, spawn_key=(presets.index(name),))
+        loop = ExoLoop(name, config, np.random.default_rng(seed))
+        loop.place(placement)
+        loops.append(loop)
+    return loops
+
+
+def run_in_memory(loops: Sequence[ExoLoop]) -> dict[str, Any]:
+    """Run ``loops`` to the end without writing a recording; return their summary."""
+    columns: Columns = {}
+    for loop in loops:
+        loop.listen(column_listener(columns, loop.patient))
+    try:
+        run_exo_together(loops)
+    finally:
+        for loop in loops:
+            loop.close()
+    return summarize_exo(config_record(loops[0].config, loops[0].placement), columns)
+
+
+def run_knee_exo(
+    config: ExoLoopConfig,
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    placement: Placement | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Run every patient's loop in lockstep, record every channel; return directory and summary.
+
+    Seeds as :func:`exo_loops`.
+    """
+    placement = placement or InlinePlacement()
+    recorder = Recorder(run_dir)
+    loops = exo_loops(config, placement)
+    for loop in loops:
+        loop.listen(recorder.listener(loop.patient))
+    record = config_record(config, placement)
+    summary: dict[str, Any] = {"complete": False}
+    complete = False
+    try:
+        total = sum(loop.n_ticks for loop in loops)
+        with tqdm(
+            total=total, unit="tick", disable=not progress, desc="exo loop", leave=False
+        ) as bar:
+            run_exo_together(loops, progress=bar.update)
+        complete = True
+    finally:
+        for loop in loops:
+            loop.close()
+        if complete:
+            summary = summarize_exo(record, recorder.tables())
+        recorder.finish(record, summary, complete=complete)
+    return Path(run_dir), summary

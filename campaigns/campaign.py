@@ -1,0 +1,451 @@
+"""Safety campaigns: every patient × scenario × seed of a spec, judged against its requirements.
+
+``twinloop campaign SPEC.yaml`` (:func:`run_campaign`):
+
+* **Runs.** One run = one patient's full closed loop (sensor, twin estimator, controller,
+  supervisor, actuator; every channel recorded in memory) for the spec's days (glucose) or
+  cycles (exoskeleton), with the scenario's faults attached to its channels
+  (:func:`twinloop.campaigns.faults.attach`). Its id is ``SCENARIO.PATIENT.sSEED`` (``#`` written
+  ``-``). The loop's generator is the one ``twinloop run`` gives that patient and seed, and the
+  faults' generator is ``SeedSequence([seed, crc32(scenario), crc32(patient)])``: a run depends on
+  nothing else, so it can be replayed alone (:func:`replay_run`) or on any worker.
+* **Execution.** Inline, or as Ray tasks (one CPU each) on the embedded Ray
+  (:func:`twinloop.agents.placement.start_ray`, loopback) or on a cluster (``address``), with a
+  progress bar and ETA. At most ``2 × workers`` runs are in flight.
+* **Persistence and resume.** Each finished run's result is written at once to
+  ``OUT/results/ID.json`` (a temporary file, fsync, then ``os.replace``: a file is there whole
+  or not at all) with its trace (``OUT/traces/ID.parquet``, written the same way, before the
+  result). Rerunning the same command skips the ids already there, so a campaign killed at any
+  point (even SIGKILL) resumes and ends with the same table. ``OUT/spec.json`` pins the spec:
+  resuming with another spec is refused.
+* **Errors.** A run that raises is recorded with ``status: "error"`` and its traceback; the
+  campaign goes on and the summary counts it. (It is run again on resume.)
+* **Verdicts.** :mod:`twinloop.campaigns.safety` labels each run's samples with hazards, times fault
+  onset to hazard, scores the supervisor's detections and judges each requirement; the summary
+  (``OUT/summary.json``) aggregates per fault type and per requirement, with the ids of the
+  runs that break it, and ``OUT/report.html`` shows it (:mod:`twinloop.campaigns.report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twinloop.campaigns.faults import CATALOGUE, ActiveFault, attach
+from twinloop.campaigns.spec import CampaignSpec, Scenario
+
+__all__ = ["RunKey", "expand_runs", "replay_run", "run_campaign", "run_one", "same_result"]
+
+RESULT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKey:
+    """One run of a campaign."""
+
+    scenario: str
+    patient: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        """``SCENARIO.PATIENT.sSEED``, safe in file names and URLs."""
+        return _safe(f"{self.scenario}.{self.patient}.s{self.seed}")
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)
+
+
+def expand_runs(spec: CampaignSpec) -> list[RunKey]:
+    """Every run of the spec, scenario-major (the order of the results table)."""
+    return [
+        RunKey(s.name, p, seed)
+        for s in spec.scenarios
+        for p in spec.patients
+        for seed in spec.seeds
+    ]
+
+
+def _fault_rng(key: RunKey) -> np.random.Generator:
+    seq = np.random.SeedSequence(
+        [key.seed, zlib.crc32(key.scenario.encode()), zlib.crc32(key.patient.encode())]
+    )
+    return np.random.default_rng(seq)
+
+
+def _actives(scenario: Scenario, key: RunKey) -> list[ActiveFault]:
+    rng = _fault_rng(key)
+    children = rng.spawn(max(len(scenario.faults), 1))
+    return [
+        ActiveFault(
+            CATALOGUE[f.fault], f.channel, f.start, f.end, dict(f.params), children[i], f.field
+        )
+        for i, f in enumerate(scenario.faults)
+    ]
+
+
+# -- one run ---------------------------------------------------------------------------------
+def _glucose_loop(spec: CampaignSpec, key: RunKey) -> Any:
+    from twinloop.agents.glucose.loop import LoopConfig, PatientLoop
+    from twinloop.plant.glucose.patients import expand_names, get_patient, patient_key
+
+    expand_names(spec.populations)  # a Ray worker loads the spec's population files
+    config = LoopConfig(
+        patients=(key.patient,),
+        days=spec.days,
+        seed=key.seed,
+        controller=spec.controller,
+        twin=spec.twin,
+    )
+    seq = np.random.SeedSequence(key.seed, spawn_key=(patient_key(key.patient),))
+    return PatientLoop(get_patient(key.patient), config, np.random.default_rng(seq))
+
+
+def _exo_loop(spec: CampaignSpec, key: RunKey) -> Any:
+    from twinloop.agents.knee.loop import ExoLoopConfig
+    from twinloop.agents.knee.run import exo_loops
+
+    config = ExoLoopConfig(
+        patients=(key.patient,),
+        cycles=spec.cycles,
+        seed=key.seed,
+        controller=spec.controller,
+        twin=spec.twin,
+    )
+    return exo_loops(config)[0]
+
+
+def build_loop(spec: CampaignSpec, key: RunKey) -> tuple[Any, list[ActiveFault]]:
+    """The run's loop with its scenario's faults attached (not yet run)."""
+    loop = _glucose_loop(spec, key) if spec.therapy == "glucose" else _exo_loop(spec, key)
+    actives = _actives(spec.scenario(key.scenario), key)
+    attach(loop, actives)
+    return loop, actives
+
+
+def _run_loop(spec: CampaignSpec, loop: Any) -> None:
+    if spec.therapy == "glucose":
+        loop.run()
+    else:
+        from twinloop.agents.knee.loop import run_exo_together
+
+        try:
+            run_exo_together([loop])
+        finally:
+            loop.close()
+
+
+def _record(
+    key: RunKey, scenario: Scenario, status: str, began: float, **fields: Any
+) -> dict[str, Any]:
+    """A run's result record: its key and faults, ``fields``, and the wall time since ``began``."""
+    return {
+        "version": RESULT_VERSION,
+        "id": key.id,
+        **dataclasses.asdict(key),
+        "faults": [f.fault for f in scenario.faults],
+        "status": status,
+        **fields,
+        "wall_s": time.perf_counter() - began,
+    }
+
+
+def _simulate(
+    spec: CampaignSpec, key: RunKey, listener: Any = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, int]]:
+    """Run ``key``'s loop and judge it: its verdict, trace and fault hits.
+
+    Every channel is recorded in memory, and sent to ``listener`` too when one is given.
+    """
+    from twinloop.agents.recording import Columns, column_listener
+    from twinloop.campaigns.safety import evaluate_exo, evaluate_glucose
+
+    loop, actives = build_loop(spec, key)
+    columns: Columns = {}
+    loop.listen(column_listener(columns, key.patient))
+    if listener is not None:
+        loop.listen(listener)
+    _run_loop(spec, loop)
+    evaluate = evaluate_glucose if spec.therapy == "glucose" else evaluate_exo
+    verdict, trace = evaluate(spec, spec.scenario(key.scenario), columns, loop)
+    return verdict, trace, {a.fault.name: a.hits for a in actives}
+
+
+def run_one(spec: CampaignSpec, key: RunKey) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Run ``key`` (full loop, in memory recording) and judge it: its result and trace.
+
+    Errors are not caught here (see :func:`_run_task`).
+    """
+    began = time.perf_counter()
+    scenario = spec.scenario(key.scenario)
+    if spec.hil is not None:
+        from twinloop.campaigns.hil import run_hil
+
+        verdict, trace = run_hil(spec, key)
+        hits = verdict.pop("wire_fault_hits")
+    else:
+        verdict, trace, hits = _simulate(spec, key)
+    return _record(key, scenario, "ok", began, fault_hits=hits, **verdict), trace
+
+
+def _run_task(spec: CampaignSpec, key: RunKey) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A run that never raises: an error becomes a result with its traceback."""
+    began = time.perf_counter()
+    try:
+        return run_one(spec, key)
+    except Exception:
+        scenario = spec.scenario(key.scenario)
+        return _record(key, scenario, "error", began, traceback=traceback.format_exc()), None
+
+
+# -- persistence -----------------------------------------------------------------------------
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via ``write(tmp)`` to a temporary file next to ``path``, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def _write_trace(path: Path, trace: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _atomic_write(path, lambda tmp: pq.write_table(pa.table(trace), tmp, compression="zstd"))
+
+
+def persist(out: Path, result: dict[str, Any], trace: dict[str, Any] | None) -> None:
+    """Persist one run: its trace first, then its result (the result marks the run done)."""
+    if trace is not None:
+        _write_trace(out / "traces" / f"{result['id']}.parquet", trace)
+    text = _dumps(result)
+    _atomic_write(out / "results" / f"{result['id']}.json", lambda tmp: _write_text(tmp, text))
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with NaN/inf floats as ``None`` and numpy scalars as Python (valid JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(_clean(value), indent=1, allow_nan=False)
+
+
+def finished_ids(out: Path) -> set[str]:
+    """Ids whose result is on disk and ok (an error is run again)."""
+    done = set()
+    for path in (out / "results").glob("*.json"):
+        try:
+            if json.loads(path.read_text()).get("status") == "ok":
+                done.add(path.stem)
+        except (OSError, ValueError):
+            continue
+    return done
+
+
+def load_results(out: Path, keys: list[RunKey]) -> list[dict[str, Any]]:
+    """The results of ``keys`` that are on disk, in ``keys``' order."""
+    results = []
+    for key in keys:
+        path = out / "results" / f"{key.id}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+    return results
+
+
+def _pin_spec(out: Path, spec: CampaignSpec) -> None:
+    """Write ``spec.json`` on the first run; refuse to resume with a different spec."""
+    pinned = out / "spec.json"
+    data = {"fingerprint": spec.fingerprint(), "spec": spec.as_dict(), "source": spec.source}
+    if pinned.exists():
+        old = json.loads(pinned.read_text())
+        if old.get("fingerprint") != data["fingerprint"]:
+            raise ValueError(
+                f"{out} holds results of another spec (fingerprint {old.get('fingerprint')}, "
+                f"this one {data['fingerprint']}): give another --out, or remove that directory"
+            )
+        return
+    _atomic_write(pinned, lambda tmp: _write_text(tmp, json.dumps(data, indent=1)))
+
+
+# -- execution ---------------------------------------------------------------------------------
+def _inline(spec: CampaignSpec, keys: list[RunKey]) -> Iterator[tuple[dict[str, Any], Any]]:
+    for key in keys:
+        yield _run_task(spec, key)
+
+
+def _on_ray(
+    spec: CampaignSpec, keys: list[RunKey], workers: int
+) -> Iterator[tuple[dict[str, Any], Any]]:
+    import ray
+
+    spec_ref = ray.put(spec)
+    remote = ray.remote(_run_task).options(num_cpus=1, max_retries=0)
+    pending = list(reversed(keys))
+    in_flight: list[Any] = []
+    window = max(2 * workers, 2)
+    while pending or in_flight:
+        while pending and len(in_flight) < window:
+            in_flight.append(remote.remote(spec_ref, pending.pop()))
+        ready, in_flight = ray.wait(in_flight, num_returns=1)
+        yield ray.get(ready[0])
+
+
+def run_campaign(
+    spec: CampaignSpec,
+    out: str | Path,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    inline: bool = False,
+    progress: bool = True,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the campaign into ``out``; return its summary.
+
+    Args:
+        spec: the checked spec.
+        out: the campaign directory (results, traces, summary, report).
+        address: a Ray cluster to run on (default: the embedded one).
+        workers: runs in parallel (default: the cluster's CPUs).
+        inline: run in this process, one after another (no Ray).
+        progress: show a progress bar with the ETA.
+        limit: stop after this many runs (tests of the resume; the summary is then partial).
+
+    """
+    from tqdm import tqdm
+
+    from twinloop.campaigns.safety import summarize_campaign
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _pin_spec(out, spec)
+    keys = expand_runs(spec)
+    done = finished_ids(out)
+    todo = [k for k in keys if k.id not in done]
+    if limit is not None:
+        todo = todo[:limit]
+    began = time.perf_counter()
+    errors = 0
+    if todo:
+        if inline:
+            stream = _inline(spec, todo)
+            n_workers = 1
+        else:
+            from twinloop.agents.placement import start_ray
+
+            start_ray(address)
+            import ray
+
+            n_workers = workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
+            stream = _on_ray(spec, todo, n_workers)
+        with tqdm(
+            total=len(todo),
+            unit="run",
+            disable=not progress,
+            desc=f"campaign {spec.name} ({len(done)} done before)",
+        ) as bar:
+            for result, trace in stream:
+                persist(out, result, trace)
+                errors += result["status"] != "ok"
+                bar.update(1)
+                if errors:
+                    bar.set_postfix(errors=errors)
+    wall_s = time.perf_counter() - began
+    results = load_results(out, keys)
+    summary = summarize_campaign(spec, keys, results)
+    summary["execution"] = {
+        "runs_this_invocation": len(todo),
+        "skipped_as_done": len(done),
+        "wall_s": wall_s,
+        "runs_per_s": len(todo) / wall_s if todo and wall_s > 0 else None,
+        "placement": "inline" if inline else ("ray:" + (address or "embedded")),
+    }
+    text = _dumps(summary)
+    _atomic_write(out / "summary.json", lambda tmp: _write_text(tmp, text))
+    if summary["runs"]["finished"] == summary["runs"]["total"]:
+        from twinloop.campaigns.report import write_report
+
+        write_report(out, spec, summary, results)
+    return summary
+
+
+def replay_run(spec: CampaignSpec, run_id: str, out: str | Path) -> dict[str, Any]:
+    """Run one campaign run again, exactly, with a full recording in ``out``.
+
+    Returns:
+        ``{"id", "result", "run_dir"}``: the new result (compare it with the stored one with
+        :func:`same_result`) and where the recording is.
+
+    Raises:
+        KeyError: no run of the spec has that id.
+        ValueError: the campaign runs HIL sessions (not exactly reproducible).
+
+    """
+    keys = {k.id: k for k in expand_runs(spec)}
+    key = keys.get(run_id)
+    if key is None:
+        raise KeyError(
+            f"no run {run_id!r} in campaign {spec.name!r} (ids look like {next(iter(keys))})"
+        )
+    if spec.hil is not None:
+        raise ValueError(
+            f"run {run_id!r} is a HIL session (wall-clock time, emulated devices): it cannot be "
+            "replayed exactly; run the campaign again instead"
+        )
+    from twinloop.agents.recording import Recorder
+
+    out = Path(out)
+    recorder = Recorder(out)
+    verdict, _, _ = _simulate(spec, key, recorder.listener(key.patient))
+    result = {"id": key.id, **dataclasses.asdict(key), **verdict}
+    recorder.finish(
+        {"campaign": spec.as_dict(), "run": dataclasses.asdict(key)},
+        {"verdict": verdict},
+        complete=True,
+    )
+    return {"id": key.id, "result": result, "run_dir": str(out)}
+
+
+#: The parts of a result a replay must reproduce exactly (not its wall time).
+JUDGED = ("metrics", "labels", "first_onset", "detection", "agent_faults", "requirements")
+
+
+def same_result(stored: dict[str, Any], replayed: dict[str, Any]) -> bool:
+    """Whether a replay reproduced a stored result (compared as persisted: JSON)."""
+    return all(
+        json.loads(_dumps(stored.get(k))) == json.loads(_dumps(replayed.get(k))) for k in JUDGED
+    )

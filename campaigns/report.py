@@ -1,0 +1,238 @@
+"""The campaign's HTML report: one self-contained page (tables, and plots as embedded PNG).
+
+Sections: the verdict per requirement (with the ids of the runs that break it), runs and
+errors, hazard rate per scenario (bar chart and table), the distribution of time in range (or
+of the RMS tracking error) per scenario, the supervisor's detection scores, and the traces of
+the worst runs. ``OUT/report.html`` opens in any browser without a server or network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twinloop.campaigns.spec import CampaignSpec
+
+__all__ = ["write_report"]
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return (
+        '<img alt="plot" src="data:image/png;base64,'
+        + base64.b64encode(buf.getvalue()).decode()
+        + '">'
+    )
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{c if isinstance(c, str) and c.startswith('<') else _fmt(c)}</td>" for c in row
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _hazard_plot(summary: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scen = list(summary["per_scenario"])
+    labels = summary["labels"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(scen) + 2), 3.6))
+    width = 0.8 / len(labels)
+    x = np.arange(len(scen))
+    for i, label in enumerate(labels):
+        rates = [summary["per_scenario"][s]["hazard_rate"][label] or 0.0 for s in scen]
+        ax.bar(x + i * width, rates, width, label=label)
+    ax.set_xticks(x + 0.4 - width / 2, scen, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("fraction of runs with the hazard")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=len(labels))
+    ax.set_title("Hazard rate by scenario (fault type)")
+    return _png(fig)
+
+
+def _distribution_plot(spec: CampaignSpec, results: list[dict[str, Any]]) -> str:
+    import matplotlib.pyplot as plt
+
+    glucose = spec.therapy == "glucose"
+    field = "time_in_range_70_180_pct" if glucose else "rms_error_deg"
+    scen = [s.name for s in spec.scenarios]
+    data = [
+        [r["metrics"][field] for r in results if r.get("status") == "ok" and r["scenario"] == s]
+        for s in scen
+    ]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(scen) + 2), 3.6))
+    ax.boxplot([d if d else [np.nan] for d in data], showfliers=True)
+    ax.set_xticks(np.arange(1, len(scen) + 1), scen, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("time in range 70–180 mg/dL, %" if glucose else "RMS tracking error, °")
+    ax.set_title("Distribution per scenario")
+    return _png(fig)
+
+
+def _trace_plot(out: Path, spec: CampaignSpec, run_id: str) -> str:
+    import matplotlib.pyplot as plt
+    import pyarrow.parquet as pq
+
+    path = out / "traces" / f"{run_id}.parquet"
+    if not path.exists():
+        return "<p>(no trace)</p>"
+    t = pq.read_table(path).to_pydict()
+    scenario = spec.scenario(run_id.split(".")[0]) if "." in run_id else None
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    if spec.therapy == "glucose":
+        hours = np.asarray(t["t_min"]) / 60.0
+        ax.plot(hours, t["bg_mg_dl"], label="plasma glucose (true)", lw=1.2)
+        ax.plot(hours, t["cgm_mg_dl"], ".", ms=2, label="CGM as received")
+        ax.axhspan(70, 180, color="green", alpha=0.08)
+        ax.axhline(54, color="red", lw=0.6, ls="--")
+        ax.set_ylabel("mg/dL")
+        ax.set_xlabel("hours")
+        ax2 = ax.twinx()
+        ax2.bar(hours, t["insulin_u"], width=1 / 60, color="grey", alpha=0.5, label="insulin U")
+        ax2.set_ylabel("insulin delivered, U/min")
+        scale = 60.0
+    else:
+        ts = np.asarray(t["t_s"])
+        ax.plot(ts, np.degrees(t["angle_rad"]), label="knee angle (true)")
+        ax.plot(ts, np.degrees(t["reference_rad"]), "--", label="reference")
+        ax.set_ylabel("deg")
+        ax.set_xlabel("s")
+        ax2 = ax.twinx()
+        ax2.plot(ts, t["exo_torque_nm"], color="grey", alpha=0.6, lw=0.8, label="exo torque")
+        ax2.set_ylabel("N·m")
+        scale = 1.0
+    if scenario is not None:
+        for f in scenario.faults:
+            end = f.end if np.isfinite(f.end) else f.start + 1e9
+            ax.axvspan(f.start / scale, min(end, 1e9) / scale, color="orange", alpha=0.15)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(run_id + " (fault windows shaded)")
+    return _png(fig)
+
+
+def write_report(
+    out: Path, spec: CampaignSpec, summary: dict[str, Any], results: list[dict[str, Any]]
+) -> Path:
+    """Write ``out/report.html``; return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    glucose = spec.therapy == "glucose"
+    runs = summary["runs"]
+    req_rows = [
+        [
+            r["id"],
+            r["text"],
+            f"<b>{r['verdict']}</b>",
+            r["runs_judged"],
+            r["runs_failing"],
+            html.escape(
+                ", ".join(r["failing_ids"][:12]) + (" …" if len(r["failing_ids"]) > 12 else "")
+            ),
+        ]
+        for r in summary["requirements"]
+    ]
+    unit = "minutes" if glucose else "seconds"
+    scen_rows = []
+    for name, e in summary["per_scenario"].items():
+        row = [name, ", ".join(e["faults"]) or "none", e["runs"]]
+        row += [e["hazard_rate"][label] for label in summary["labels"]]
+        row += [e["mean_hazard_" + unit][label] for label in summary["labels"]]
+        row += [e["median_onset_to_hazard"][label] for label in summary["labels"]]
+        row.append(e.get("time_in_range_pct", e.get("rms_error_deg")))
+        scen_rows.append(row)
+    scen_headers = ["scenario", "faults", "runs"]
+    scen_headers += [f"rate {label}" for label in summary["labels"]]
+    scen_headers += [f"mean {unit} {label}" for label in summary["labels"]]
+    scen_headers += [f"median onset→{label}" for label in summary["labels"]]
+    scen_headers.append("mean TIR %" if glucose else "mean RMS °")
+    d = summary["detection"]
+    errors = [r for r in results if r.get("status") == "error"]
+    error_html = "".join(
+        f"<details><summary>{html.escape(r['id'])}</summary><pre>{html.escape(r['traceback'])}</pre></details>"
+        for r in errors[:20]
+    )
+    traces = "".join(_trace_plot(out, spec, rid) for rid in summary["worst_runs"])
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>twinloop campaign {html.escape(spec.name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
+table {{ border-collapse: collapse; font-size: 13px; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 7px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+h1 .fail {{ color: #b00; }} h1 .pass {{ color: #070; }}
+pre {{ font-size: 11px; background: #f6f6f6; padding: 0.5em; }}
+</style></head><body>
+<h1>Campaign {html.escape(spec.name)} — <span class="{summary["verdict"]}">{
+        summary["verdict"].upper()
+    }</span></h1>
+<p>Therapy {html.escape(spec.therapy)}, controller {html.escape(spec.controller)},
+{len(spec.patients)} patients × {len(spec.scenarios)} scenarios × {len(spec.seeds)} seeds =
+{runs["total"]} runs; {runs["ok"]} ok, {runs["errors"]} errors. Spec fingerprint
+{summary["fingerprint"]}. Replay any run: <code>twinloop campaign {
+        html.escape(spec.source)
+    } --replay ID</code>.</p>
+<h2>Requirements</h2>
+{
+        _table(
+            ["id", "requirement", "verdict", "runs judged", "runs failing", "failing run ids"],
+            req_rows,
+        )
+    }
+<h2>Hazards by scenario</h2>
+{_hazard_plot(summary)}
+{_table(scen_headers, scen_rows)}
+<h2>Distribution</h2>
+{_distribution_plot(spec, results)}
+<h2>Supervisor detections</h2>
+<p>{html.escape(d["definition"])}</p>
+{
+        _table(
+            ["detections", "true detections", "precision", "hazard episodes", "detected", "recall"],
+            [
+                [
+                    d["detections"],
+                    d["true_detections"],
+                    d["precision"],
+                    d["episodes"],
+                    d["detected_episodes"],
+                    d["recall"],
+                ]
+            ],
+        )
+    }
+<h2>Worst runs</h2>
+{traces}
+<h2>Errors ({runs["errors"]})</h2>
+{error_html or "<p>none</p>"}
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,750 @@
+"""Campaign specifications: cohort × scenarios × seeds, fault scenarios and safety requirements.
+
+A campaign is one YAML file (``twinloop campaign SPEC.yaml``); every check happens here, before
+any run starts, and a refusal names the file, the line and what is allowed.
+
+.. code-block:: yaml
+
+    name: glucose-faults            # the campaign (its results directory by default)
+    therapy: glucose                # glucose | knee-exo
+    patients: [adults]              # glucose: patients/cohorts; knee-exo: presets
+    controller: basal-bolus         # any controller of the therapy
+    days: 1                         # glucose: simulated days; knee-exo: ``cycles`` instead
+    seeds: [0, 1, 2]
+    twin: true
+    defaults:                       # window of a fault that gives none (loop time unit)
+      start: 360                    # min (glucose) / s (knee-exo)
+      duration: 240
+    scenarios:                      # named scenarios, each a list of faults
+      - name: sensor-bias
+        faults:
+          - {fault: bias, channel: sensor->controller, start: 360, duration: 120,
+             params: {offset: 60}}
+    sweep: [bias, occlusion]        # one single-fault scenario per name, default window/params
+    random:                         # scenarios drawn by a seeded generator
+      count: 10
+      seed: 7
+      faults: [bias, drift, occlusion]
+      per_scenario: 2
+      intensity: 1.0                # 0..1 scales each parameter from its default to its bound
+      overlap: false
+    baseline: true                  # also run each patient/seed without faults
+    requirements:                   # see REQUIREMENT_RULES (or a path to a YAML list)
+      - {id: R1, rule: glucose_min, threshold_mg_dl: 54}
+
+Faults never sit on ``plant->sensor``: that channel is the truth hazards are judged on.
+Windows are in the loop's time unit: minutes for glucose, seconds for the exoskeleton. A
+scenario whose faults overlap in time on one channel is refused unless it says
+``overlap: true`` (the random generator draws non-overlapping windows unless asked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from twinloop.campaigns.faults import (
+    ANY_CHANNEL,
+    CATALOGUE,
+    FaultType,
+    channel_messages,
+    check_params,
+    numeric_fields,
+)
+from twinloop.plant.glucose.patients import POPULATION_PREFIX, population_token
+
+__all__ = [
+    "REQUIREMENT_RULES",
+    "CampaignSpec",
+    "FaultLine",
+    "Requirement",
+    "Scenario",
+    "SpecError",
+    "load_spec",
+]
+
+THERAPIES = ("glucose", "knee-exo")
+#: Where faults may sit besides the channels of :func:`twinloop.campaigns.faults.channel_messages`:
+# the
+#: glucose controller's own therapy parameters.
+PARAMETER_TARGETS = {"glucose": ("controller",), "knee-exo": ()}
+
+
+class SpecError(ValueError):
+    """A campaign specification refused before any run: where, and what is allowed."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+
+
+# -- YAML with line numbers ----------------------------------------------------------------
+class _LineLoader(yaml.SafeLoader):
+    """A safe loader whose mappings remember their line (``__line__``, 1-based)."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    mapping: dict[Any, Any] = loader.construct_mapping(node, deep=True)
+    mapping["__line__"] = node.start_mark.line + 1
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), f"cannot read: {exc.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_LineLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise SpecError(where, f"not valid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+class _Where:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, node: object, parent: object = None) -> str:
+        line = node.get("__line__") if isinstance(node, dict) else None
+        if line is None and isinstance(parent, dict):
+            line = parent.get("__line__")
+        return f"{self.path}:{line}" if line else str(self.path)
+
+
+def _keys(node: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in node.items() if k != "__line__"}
+
+
+def _only(node: dict[str, Any], allowed: tuple[str, ...], where: str, what: str) -> None:
+    for key in _keys(node):
+        if key not in allowed:
+            raise SpecError(where, f"unknown key {key!r} in {what} (allowed: {', '.join(allowed)})")
+
+
+# -- faults and scenarios --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FaultLine:
+    """One fault of a scenario: what, where, when (loop time unit) and its parameters."""
+
+    fault: str
+    channel: str
+    start: float
+    duration: float
+    params: tuple[tuple[str, float], ...]
+    field: str = ""
+
+    @property
+    def end(self) -> float:
+        """When the window closes (``inf`` for a permanent fault)."""
+        return self.start + self.duration
+
+    @property
+    def type(self) -> FaultType:
+        """The catalogue entry."""
+        return CATALOGUE[self.fault]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fault as data (``params`` a mapping)."""
+        out = dataclasses.asdict(self)
+        out["params"] = dict(self.params)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """A named list of faults (an empty list is the fault-free baseline)."""
+
+    name: str
+    faults: tuple[FaultLine, ...]
+
+    @property
+    def onsets(self) -> list[float]:
+        """The faults' onset times, sorted."""
+        return sorted(f.start for f in self.faults)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The scenario as data."""
+        return {"name": self.name, "faults": [f.as_dict() for f in self.faults]}
+
+
+def _fault_line(
+    node: object,
+    therapy: str,
+    defaults: tuple[float, float],
+    where: _Where,
+    parent: object,
+    hil: bool = False,
+) -> FaultLine:
+    here = where(node, parent)
+    if not isinstance(node, dict):
+        raise SpecError(here, f"a fault must be a mapping with 'fault:', got {node!r}")
+    _only(node, ("fault", "channel", "start", "duration", "params", "field"), here, "a fault")
+    name = node.get("fault")
+    fault = CATALOGUE.get(str(name))
+    if fault is None:
+        raise SpecError(here, f"unknown fault {name!r} (the catalogue: {', '.join(CATALOGUE)})")
+    if fault.category == "wire" and not hil:
+        raise SpecError(
+            here,
+            f"fault {name!r} acts on the wire of an emulated device: give the campaign a "
+            "'hil:' block to run it through the HIL rig",
+        )
+    if hil and fault.category != "wire":
+        raise SpecError(
+            here, f"fault {name!r} is not a wire fault: a HIL campaign injects wire faults only"
+        )
+    if hil and name == "bad_crc":
+        raise SpecError(here, "fault 'bad_crc' needs RTU framing; HIL campaigns use Modbus TCP")
+    if fault.therapy not in ("any", therapy):
+        raise SpecError(here, f"fault {name!r} is for the {fault.therapy} loop, not {therapy}")
+    channel = node.get("channel", fault.channels[0])
+    messages = channel_messages(therapy)
+    if hil:
+        if channel not in fault.channels:
+            raise SpecError(here, f"fault {name!r} sits on {fault.channels[0]!r}, not {channel!r}")
+    else:
+        targets = (*messages, *PARAMETER_TARGETS[therapy])
+        allowed = [c for c in fault.channels if c in targets]
+        if ANY_CHANNEL in fault.channels:
+            allowed = list(dict.fromkeys([*allowed, *messages]))
+        if channel not in allowed:
+            raise SpecError(
+                here, f"fault {name!r} cannot sit on channel {channel!r} (allowed: {allowed})"
+            )
+    start = node.get("start", defaults[0])
+    duration = node.get("duration", defaults[1])
+    for key, value in (("start", start), ("duration", duration)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise SpecError(here, f"{key}={value!r} is not allowed: a number >= 0 (or .inf)")
+    params_node = node.get("params") or {}
+    if not isinstance(params_node, dict):
+        raise SpecError(here, f"params must be a mapping, got {params_node!r}")
+    try:
+        params = check_params(fault, _keys(params_node))
+    except ValueError as exc:
+        raise SpecError(here, str(exc)) from None
+    field = node.get("field", "")
+    if not isinstance(field, str):
+        raise SpecError(here, f"field={field!r} is not a message field name")
+    if field and channel in messages:
+        fields = numeric_fields(messages[channel])
+        if field not in fields:
+            raise SpecError(
+                here,
+                f"field={field!r}: {channel} carries {messages[channel].__name__}, whose "
+                f"numeric fields are {', '.join(fields)}",
+            )
+    return FaultLine(
+        str(name), str(channel), float(start), float(duration), tuple(params.items()), field
+    )
+
+
+def _check_overlap(scenario: Scenario, where: str) -> None:
+    by_channel: dict[str, list[FaultLine]] = {}
+    for f in scenario.faults:
+        by_channel.setdefault(f.channel, []).append(f)
+    for channel, faults in by_channel.items():
+        faults.sort(key=lambda f: f.start)
+        for a, b in itertools.pairwise(faults):
+            if b.start < a.end:
+                raise SpecError(
+                    where,
+                    f"scenario {scenario.name!r}: {a.fault!r} and {b.fault!r} overlap on "
+                    f"{channel} ({a.start:g}–{a.end:g} and {b.start:g}–{b.end:g}); say "
+                    "'overlap: true' to allow it",
+                )
+
+
+def random_scenarios(
+    pool: list[str],
+    *,
+    count: int,
+    seed: int,
+    per_scenario: int,
+    intensity: float,
+    horizon: float,
+    defaults: tuple[float, float],
+    overlap: bool,
+) -> list[Scenario]:
+    """Scenarios drawn from ``pool``: ``per_scenario`` faults each, windows inside the horizon.
+
+    Each parameter is set to ``default + intensity × (bound − default)`` toward the bound on
+    the side the default leans to (the larger distance), so ``intensity`` 0 gives the
+    catalogue's defaults. Without ``overlap`` the windows of one scenario do not overlap at
+    all (they are drawn in disjoint slots of the horizon).
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    duration = defaults[1]
+    for k in range(count):
+        names = rng.choice(pool, size=per_scenario, replace=len(pool) < per_scenario)
+        slots = per_scenario if not overlap else 1
+        slot = horizon / slots
+        faults = []
+        for j, name in enumerate(names):
+            fault = CATALOGUE[str(name)]
+            span = min(duration, 0.9 * slot)
+            base = j * slot if not overlap else 0.0
+            start = base + float(rng.uniform(0.0, max(slot - span, 0.0)))
+            params = {}
+            for p in fault.params:
+                bound = p.high if (p.high - p.default) >= (p.default - p.low) else p.low
+                value = p.default + intensity * (bound - p.default)
+                if math.isfinite(value):
+                    params[p.name] = value
+            faults.append(
+                FaultLine(
+                    fault.name,
+                    fault.channels[0],
+                    round(start, 3),
+                    span,
+                    tuple(check_params(fault, params).items()),
+                )
+            )
+        out.append(Scenario(f"random-{k:03d}", tuple(faults)))
+    return out
+
+
+# -- requirements ------------------------------------------------------------------------------
+#: The vocabulary: rule → (therapy, parameters with their meaning, the sentence it checks).
+REQUIREMENT_RULES: dict[str, tuple[str, dict[str, str], str]] = {
+    "glucose_min": (
+        "glucose",
+        {"threshold_mg_dl": "mg/dL"},
+        "plasma glucose >= {threshold_mg_dl} mg/dL at every minute",
+    ),
+    "glucose_max": (
+        "glucose",
+        {"threshold_mg_dl": "mg/dL"},
+        "plasma glucose <= {threshold_mg_dl} mg/dL at every minute",
+    ),
+    "time_below_after_fault": (
+        "glucose",
+        {"threshold_mg_dl": "mg/dL", "max_min": "min", "window_min": "min"},
+        "time below {threshold_mg_dl} mg/dL <= {max_min} min within {window_min} min after "
+        "any fault onset",
+    ),
+    "time_above_after_fault": (
+        "glucose",
+        {"threshold_mg_dl": "mg/dL", "max_min": "min", "window_min": "min"},
+        "time above {threshold_mg_dl} mg/dL <= {max_min} min within {window_min} min after "
+        "any fault onset",
+    ),
+    "time_in_range_min": (
+        "glucose",
+        {"min_pct": "%"},
+        "time in 70–180 mg/dL >= {min_pct} % of the run",
+    ),
+    "safe_state_after_agent_fault": (
+        "any",
+        {"periods": "control periods"},
+        "after a discarded or failed controller decision, the safe command goes out within "
+        "{periods} control periods",
+    ),
+    "exo_torque_within": (
+        "knee-exo",
+        {"limit_nm": "N·m"},
+        "|exoskeleton torque applied| <= {limit_nm} N·m at every control tick",
+    ),
+    "safe_state_after_lost_communication": (
+        "any",
+        {"periods": "control periods"},
+        "HIL: after a fault that cuts the device's communication, the rig raises the device's "
+        "alarm and applies the safe state within {periods} control periods",
+    ),
+    "exo_no_limit_violation": (
+        "knee-exo",
+        {},
+        "no range-of-motion, velocity or torque limit violation",
+    ),
+    "exo_rms_error_max": (
+        "knee-exo",
+        {"max_deg": "deg"},
+        "RMS tracking error <= {max_deg}°",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """A safety requirement: an id, a rule of the vocabulary and its parameters."""
+
+    id: str
+    rule: str
+    params: tuple[tuple[str, float], ...]
+
+    @property
+    def text(self) -> str:
+        """The requirement as a sentence."""
+        return REQUIREMENT_RULES[self.rule][2].format(**dict(self.params))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The requirement as data, with its sentence."""
+        return {"id": self.id, "rule": self.rule, "params": dict(self.params), "text": self.text}
+
+
+def _requirement(node: object, therapy: str, where: _Where, parent: object) -> Requirement:
+    here = where(node, parent)
+    if not isinstance(node, dict):
+        raise SpecError(
+            here, f"a requirement must be a mapping with 'id:' and 'rule:', got {node!r}"
+        )
+    rule = node.get("rule")
+    if rule not in REQUIREMENT_RULES:
+        raise SpecError(
+            here,
+            f"rule {rule!r} is not in the vocabulary (rules: {', '.join(REQUIREMENT_RULES)}); "
+            "see campaigns/spec.py REQUIREMENT_RULES",
+        )
+    rule_therapy, names, _ = REQUIREMENT_RULES[rule]
+    if rule_therapy not in ("any", therapy):
+        raise SpecError(here, f"rule {rule!r} is for the {rule_therapy} loop, not {therapy}")
+    rid = node.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise SpecError(here, f"id={rid!r}: every requirement needs a non-empty string id")
+    params = {}
+    for key, value in _keys(node).items():
+        if key in ("id", "rule", "text"):
+            continue
+        if key not in names:
+            allowed = ", ".join(names) or "none"
+            raise SpecError(here, f"rule {rule!r} has no parameter {key!r} (allowed: {allowed})")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise SpecError(here, f"{key}={value!r} is not allowed: a number >= 0 ({names[key]})")
+        params[key] = float(value)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise SpecError(here, f"rule {rule!r} needs {', '.join(missing)}")
+    return Requirement(rid, str(rule), tuple(params.items()))
+
+
+# -- the campaign ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class HilSettings:
+    """A campaign run through the HIL rig on emulated devices (wire faults only).
+
+    Glucose: the emulated pump and CGM, the rig in accelerated time. Knee exoskeleton: the
+    emulated CiA 402 drive (knee behind it) and the exoskeleton rig at 100 Hz, in real time.
+
+    Attributes:
+        wall_s_per_sim_min: glucose: wall seconds per simulated minute (0.02: a 5-min period
+            is 0.1 s).
+        minutes: glucose: simulated minutes per session.
+        seconds: knee exoskeleton: seconds per session (after the drive is enabled).
+
+    """
+
+    wall_s_per_sim_min: float = 0.02
+    minutes: int = 240
+    seconds: float = 8.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CampaignSpec:
+    """A validated campaign (see the module docstring for the YAML)."""
+
+    name: str
+    therapy: str
+    patients: tuple[str, ...]
+    controller: str
+    seeds: tuple[int, ...]
+    scenarios: tuple[Scenario, ...]
+    requirements: tuple[Requirement, ...]
+    days: int = 1
+    cycles: int = 10
+    twin: bool = True
+    source: str = ""
+    hil: HilSettings | None = None
+    #: ``population:PATH`` tokens of ``patients`` (workers load them before a run).
+    populations: tuple[str, ...] = ()
+
+    @property
+    def horizon(self) -> float:
+        """The run's length in the loop's time unit (min for glucose)."""
+        return float(self.days * 1440) if self.therapy == "glucose" else math.inf
+
+    def scenario(self, name: str) -> Scenario:
+        """The scenario called ``name`` (KeyError if none)."""
+        for s in self.scenarios:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The spec as data (what a run's id and a result's provenance refer to)."""
+        return {
+            "name": self.name,
+            "therapy": self.therapy,
+            "patients": list(self.patients),
+            "controller": self.controller,
+            "seeds": list(self.seeds),
+            "days": self.days,
+            "cycles": self.cycles,
+            "twin": self.twin,
+            "hil": None if self.hil is None else dataclasses.asdict(self.hil),
+            "scenarios": [s.as_dict() for s in self.scenarios],
+            "requirements": [r.as_dict() for r in self.requirements],
+        }
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides the runs' results."""
+        import json
+
+        text = json.dumps(self.as_dict(), sort_keys=True)
+        return f"{zlib.crc32(text.encode()):08x}"
+
+
+SPEC_KEYS = (
+    "name",
+    "therapy",
+    "patients",
+    "controller",
+    "days",
+    "cycles",
+    "seeds",
+    "twin",
+    "defaults",
+    "scenarios",
+    "sweep",
+    "random",
+    "baseline",
+    "requirements",
+    "hil",
+)
+
+
+def load_spec(path: str | Path) -> CampaignSpec:
+    """Read and check a campaign YAML.
+
+    Raises:
+        SpecError: anything refused, with ``file:line`` and what is allowed.
+
+    """
+    path = Path(path)
+    where = _Where(path)
+    root = _load_yaml(path)
+    if not isinstance(root, dict):
+        raise SpecError(str(path), "a campaign is a mapping (name:, therapy:, patients:, ...)")
+    here = where(root)
+    _only(root, SPEC_KEYS, here, "a campaign")
+    therapy = root.get("therapy", "glucose")
+    if therapy not in THERAPIES:
+        raise SpecError(here, f"therapy={therapy!r} is not allowed: one of {', '.join(THERAPIES)}")
+    name = str(root.get("name", path.stem))
+    patients = root.get("patients", ["adults"] if therapy == "glucose" else ["moderate"])
+    if isinstance(patients, str):
+        patients = [patients]
+    if not (isinstance(patients, list) and patients and all(isinstance(p, str) for p in patients)):
+        raise SpecError(here, f"patients={patients!r}: a list of names")
+    patients = [
+        population_token(str((path.parent / n[len(POPULATION_PREFIX) :]).resolve()))
+        if n.startswith(POPULATION_PREFIX)
+        else n
+        for n in patients
+    ]
+    populations = tuple(n for n in patients if n.startswith(POPULATION_PREFIX))
+    patients = _check_patients(therapy, patients, here)
+    controller = root.get("controller", "basal-bolus" if therapy == "glucose" else "aan")
+    _check_controller(therapy, controller, here)
+    seeds = root.get("seeds", [0])
+    if not (
+        isinstance(seeds, list)
+        and seeds
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
+        raise SpecError(here, f"seeds={seeds!r}: a list of integers >= 0")
+    days = root.get("days", 1)
+    cycles = root.get("cycles", 10)
+    for key, value in (("days", days), ("cycles", cycles)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(here, f"{key}={value!r} is not allowed: an integer >= 1")
+    twin = root.get("twin", True)
+    if not isinstance(twin, bool):
+        raise SpecError(here, f"twin={twin!r} is not allowed: true or false")
+    hil = None
+    hil_node = root.get("hil")
+    if hil_node is not None:
+        hh = where(hil_node, root)
+        if not isinstance(hil_node, dict):
+            raise SpecError(
+                hh, "hil: a mapping (glucose: wall_s_per_sim_min, minutes; knee-exo: seconds)"
+            )
+        if therapy == "glucose":
+            _only(hil_node, ("wall_s_per_sim_min", "minutes"), hh, "hil (glucose)")
+            scale = hil_node.get("wall_s_per_sim_min", 0.02)
+            minutes = hil_node.get("minutes", 240)
+            if (
+                isinstance(scale, bool)
+                or not isinstance(scale, int | float)
+                or not (0.005 <= scale <= 60)
+            ):
+                raise SpecError(hh, f"wall_s_per_sim_min={scale!r} is not allowed: 0.005..60 s")
+            if (
+                isinstance(minutes, bool)
+                or not isinstance(minutes, int)
+                or not 10 <= minutes <= 1440
+            ):
+                raise SpecError(hh, f"minutes={minutes!r} is not allowed: an integer in 10..1440")
+            hil = HilSettings(float(scale), minutes)
+        else:
+            _only(hil_node, ("seconds",), hh, "hil (knee-exo)")
+            seconds = hil_node.get("seconds", 8.0)
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not (1 <= seconds <= 600)
+            ):
+                raise SpecError(hh, f"seconds={seconds!r} is not allowed: 1..600 s")
+            hil = HilSettings(seconds=float(seconds))
+    defaults_node = root.get("defaults") or {}
+    if not isinstance(defaults_node, dict):
+        raise SpecError(here, "defaults: a mapping with start: and duration:")
+    _only(defaults_node, ("start", "duration"), where(defaults_node, root), "defaults")
+    unit_default = (360.0, 240.0) if therapy == "glucose" else (5.0, 5.0)
+    defaults = (
+        float(defaults_node.get("start", unit_default[0])),
+        float(defaults_node.get("duration", unit_default[1])),
+    )
+    scenarios: list[Scenario] = []
+    if root.get("baseline", True):
+        scenarios.append(Scenario("baseline", ()))
+    for node in root.get("scenarios") or []:
+        sh = where(node, root)
+        if not isinstance(node, dict) or not isinstance(node.get("name"), str):
+            raise SpecError(sh, "a scenario is a mapping with name: and faults:")
+        _only(node, ("name", "faults", "overlap"), sh, "a scenario")
+        faults = node.get("faults") or []
+        if not isinstance(faults, list):
+            raise SpecError(sh, "faults: a list of faults")
+        scenario = Scenario(
+            node["name"],
+            tuple(_fault_line(f, therapy, defaults, where, node, hil is not None) for f in faults),
+        )
+        if not node.get("overlap", False):
+            _check_overlap(scenario, sh)
+        scenarios.append(scenario)
+    sweep = root.get("sweep") or []
+    if not isinstance(sweep, list):
+        raise SpecError(here, "sweep: a list of fault names")
+    for fault_name in sweep:
+        line = _fault_line(
+            {"fault": fault_name, "__line__": root["__line__"]},
+            therapy,
+            defaults,
+            where,
+            root,
+            hil is not None,
+        )
+        scenarios.append(Scenario(str(fault_name), (line,)))
+    rnd = root.get("random")
+    if rnd is not None:
+        rh = where(rnd, root)
+        if not isinstance(rnd, dict):
+            raise SpecError(rh, "random: a mapping (count, seed, faults, per_scenario, ...)")
+        _only(
+            rnd, ("count", "seed", "faults", "per_scenario", "intensity", "overlap"), rh, "random"
+        )
+        pool = rnd.get("faults") or []
+        for fname in pool:
+            _fault_line(
+                {"fault": fname, "__line__": rnd["__line__"]}, therapy, defaults, where, rnd
+            )
+        intensity = rnd.get("intensity", 0.5)
+        if not (isinstance(intensity, int | float) and 0 <= intensity <= 1):
+            raise SpecError(rh, f"intensity={intensity!r} is not allowed: 0..1")
+        if not pool:
+            raise SpecError(rh, "random: faults: a non-empty list of fault names")
+        horizon = float(days * 1440) if therapy == "glucose" else float(cycles) * 2.0
+        scenarios.extend(
+            random_scenarios(
+                [str(x) for x in pool],
+                count=int(rnd.get("count", 10)),
+                seed=int(rnd.get("seed", 0)),
+                per_scenario=int(rnd.get("per_scenario", 1)),
+                intensity=float(intensity),
+                horizon=horizon,
+                defaults=defaults,
+                overlap=bool(rnd.get("overlap", False)),
+            )
+        )
+    scenario_names = [s.name for s in scenarios]
+    dupes = sorted({n for n in scenario_names if scenario_names.count(n) > 1})
+    if dupes:
+        raise SpecError(here, f"scenario names must be unique: {dupes} repeat")
+    if not scenarios:
+        raise SpecError(here, "no scenario: give scenarios:, sweep:, random: or baseline: true")
+    req_node = root.get("requirements") or []
+    req_where = where
+    if isinstance(req_node, str):
+        req_path = (path.parent / req_node).resolve()
+        req_where = _Where(req_path)
+        req_node = _load_yaml(req_path) or []
+    if isinstance(req_node, dict) and "requirements" in req_node:
+        req_node = req_node["requirements"]
+    if not isinstance(req_node, list):
+        raise SpecError(here, "requirements: a list (or the path of a YAML list)")
+    requirements = tuple(_requirement(r, therapy, req_where, root) for r in req_node)
+    for r in requirements:
+        if r.rule == "safe_state_after_lost_communication" and hil is None:
+            raise SpecError(here, f"requirement {r.id}: {r.rule} needs a 'hil:' campaign")
+    ids = [r.id for r in requirements]
+    if len(set(ids)) != len(ids):
+        raise SpecError(here, f"requirement ids must be unique: {ids}")
+    return CampaignSpec(
+        name=name,
+        therapy=therapy,
+        patients=tuple(patients),
+        controller=str(controller),
+        seeds=tuple(seeds),
+        scenarios=tuple(scenarios),
+        requirements=requirements,
+        days=days,
+        cycles=cycles,
+        twin=twin,
+        source=str(path),
+        hil=hil,
+        populations=populations,
+    )
+
+
+def _check_patients(therapy: str, names: list[str], where: str) -> list[str]:
+    if therapy == "glucose":
+        from twinloop.plant.glucose.patients import expand_names
+
+        try:
+            return [p.name for p in expand_names(tuple(names))]
+        except (KeyError, ValueError) as exc:
+            raise SpecError(where, f"patients: {exc}") from None
+    from twinloop.plant.knee.model import PRESETS as KNEE_PRESETS
+
+    for n in names:
+        if n not in KNEE_PRESETS:
+            raise SpecError(
+                where, f"patients: {n!r} is not a knee preset ({', '.join(KNEE_PRESETS)})"
+            )
+    return names
+
+
+def _check_controller(therapy: str, name: object, where: str) -> None:
+    if therapy == "glucose":
+        from twinloop.policies.glucose.controllers import check_controller_name
+
+        allowed = check_controller_name(str(name))
+    else:
+        from twinloop.agents.knee.loop import check_exo_controller_name
+
+        allowed = check_exo_controller_name(name)
+    if allowed is not None:
+        raise SpecError(where, f"controller={name!r} is not allowed: {allowed}")

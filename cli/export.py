@@ -1,0 +1,107 @@
+"""``twinloop export fhir RUN_DIR --out bundle.json``: a run as a FHIR R4 Bundle.
+
+The mapping (codes, systems, units, basal merging) is documented in :mod:`twinloop.twins.fhir`.
+Errors print one line ``twinloop export: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from typing import Any
+
+#: Exit status of a command-line error.
+EXIT_USAGE = 2
+
+
+def add_parser(sub: Any) -> None:
+    """Add the ``export`` sub-command (with its format ``fhir``) to the ``twinloop`` parser."""
+    p = sub.add_parser(
+        "export",
+        help="export a recorded run for other systems (fhir: a FHIR R4 Bundle of CGM "
+        "Observations and insulin MedicationAdministrations)",
+        description="Export a run directory written by `twinloop run`.",
+    )
+    formats = p.add_subparsers(dest="export_format", required=True)
+    fhir = formats.add_parser(
+        "fhir",
+        help="FHIR R4 Bundle (JSON) of the run's CGM readings and insulin deliveries",
+        description="Write the run's CGM readings as Observations (LOINC 2339-0, mg/dL) and "
+        "the insulin that reached each patient as MedicationAdministrations (boluses one by "
+        "one, basal merged into periods at a constant rate; units [iU]), with one Patient per "
+        "virtual patient, as a FHIR R4 Bundle of type collection (twins/fhir.py "
+        "documents the mapping).",
+    )
+    fhir.add_argument("run_dir", help="a run directory written by `twinloop run`")
+    fhir.add_argument("--out", required=True, help="the bundle's JSON file")
+    fhir.add_argument(
+        "--start",
+        help="wall-clock time of the run's minute 0, ISO 8601 with an offset, e.g. "
+        "2026-01-01T08:00:00+01:00 (default: when the run was recorded)",
+    )
+    fhir.add_argument(
+        "--patient-reference",
+        action="append",
+        default=[],
+        metavar="[NAME=]REF",
+        help="reference an existing Patient (e.g. adult#001=Patient/123) instead of exporting "
+        "one; REF alone for a one-patient run (repeatable)",
+    )
+    fhir.add_argument(
+        "--allow-incomplete", action="store_true", help="also export an interrupted run"
+    )
+
+
+def _error(text: object) -> int:
+    print(f"twinloop export: error: {text}".splitlines()[0], file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _start(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"--start {text!r} is not an ISO 8601 date-time (e.g. 2026-01-01T08:00:00+01:00)"
+        ) from None
+
+
+def _references(items: list[str]) -> str | dict[str, str] | None:
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, ref = item.partition("=")
+        if not sep or not name or not ref:
+            raise ValueError(f"--patient-reference {item!r}: expected NAME=REF")
+        out[name] = ref
+    return out
+
+
+def main_export(args: argparse.Namespace) -> int:
+    """Run ``twinloop export``; errors print one line and return 2."""
+    from twinloop.twins.fhir import FhirExportError, write_bundle
+
+    try:
+        start = _start(args.start)
+        if start is not None and start.utcoffset() is None:
+            return _error(
+                f"--start {args.start!r} has no UTC offset; give one, e.g. "
+                f"{args.start}+00:00 or {args.start}Z"
+            )
+        export = write_bundle(
+            args.run_dir,
+            args.out,
+            start=start,
+            patient_reference=_references(args.patient_reference),
+            allow_incomplete=args.allow_incomplete,
+        )
+    except (FhirExportError, ValueError, OSError) as exc:
+        return _error(exc)
+    print(f"fhir: {export.summary()} -> {args.out}")
+    return 0

@@ -1,0 +1,455 @@
+"""``twinloop emulate`` (plant-backed devices on real byte streams) and ``twinloop hil`` (the rig).
+
+A HIL session against the emulated devices is two commands::
+
+    twinloop emulate pump --rtu-pty /tmp/tl-pump --cgm-pty /tmp/tl-cgm --time-scale 0.05 &
+    twinloop hil --port /tmp/tl-pump --cgm-port /tmp/tl-cgm --time-scale 0.05 --minutes 240
+
+and for the knee exoskeleton (the drive's patient follows the same task and seed as the rig)::
+
+    twinloop emulate drive --tcp 127.0.0.1:5021 --joint knee --patient moderate --task cyclic &
+    twinloop hil --therapy knee-exo --profile hw_bridge/profiles/exo_drive_tcp.yaml \
+        --controller aan --patient moderate --task cyclic --seconds 20 --out runs/exo
+
+The first makes two pty pairs (the devices' ends stay inside the emulator, the other ends are
+linked at the given paths, like the ``/dev/ttyUSB*`` of real devices) and serves the pump over
+Modbus RTU and the CGM over its line protocol, both backed by one virtual patient; the second
+runs the rig against them through the shipped profiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import ssl
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
+    """Add the ``emulate`` and ``hil`` sub-commands to the ``twinloop`` parser."""
+    emu = sub.add_parser(
+        "emulate",
+        help="serve a plant-backed emulated device (pump over Modbus, CGM over serial, "
+        "exoskeleton drive over Modbus TCP)",
+        description="Serve emulated devices backed by one virtual patient (UVA/Padova), "
+        "speaking the real protocols (see hw_bridge/DEVICES.md). Runs until interrupted.",
+    )
+    emu.add_argument("device", choices=["pump", "cgm", "drive"], help="the device to serve")
+    emu.add_argument("--rtu", help="pump: serve Modbus RTU on this serial port / pty end")
+    emu.add_argument(
+        "--rtu-pty", help="pump: make a pty pair and link the client's end at this path"
+    )
+    emu.add_argument("--tcp", help="pump, drive: serve Modbus TCP on HOST:PORT or PORT")
+    emu.add_argument(
+        "--joint",
+        choices=["pendulum", "knee"],
+        default="pendulum",
+        help="drive: the joint it moves (a rigid pendulum, or the knee plant: --patient preset)",
+    )
+    emu.add_argument(
+        "--task",
+        help="drive --joint knee: the patient follows this rehabilitation task (cyclic, "
+        "sit_to_stand, hold) drawn with --seed, its clock started at each enable operation; "
+        "give the rig the same --task and --seed (default: the patient holds 90°)",
+    )
+    emu.add_argument(
+        "--timing-json",
+        help="drive: at exit, write the 1 kHz joint loop's lateness/duration summary here",
+    )
+    emu.add_argument(
+        "--joint-thread",
+        action="store_true",
+        help="drive: run the 1 kHz firmware in a thread of the server's process (default: a "
+        "process of its own, so Modbus traffic cannot delay it)",
+    )
+    emu.add_argument(
+        "--tls",
+        nargs=3,
+        metavar=("CERT", "KEY", "CA"),
+        help="pump: Modbus/TLS on --tcp with this certificate and key, requiring client "
+        "certificates signed by CA",
+    )
+    emu.add_argument("--serial", help="cgm: serve the line protocol on this serial port")
+    emu.add_argument("--cgm-pty", help="also serve the CGM; link the client's end here")
+    emu.add_argument("--cgm-serial", help="also serve the CGM on this serial port")
+    emu.add_argument("--bind", default="127.0.0.1", help="TCP bind address (127.0.0.1)")
+    emu.add_argument(
+        "--patient",
+        help="virtual patient (pump, cgm: adult#001) or knee preset (drive --joint knee: "
+        "moderate; healthy, mild, moderate, severe)",
+    )
+    emu.add_argument("--seed", type=seed, default=0, help="seed of meals and sensor noise")
+    emu.add_argument(
+        "--time-scale",
+        type=positive,
+        default=60.0,
+        help="wall seconds per simulated minute (60 = real time)",
+    )
+    emu.add_argument("--baudrate", type=int, help="serial baud rate (pump 115200, CGM 9600)")
+
+    hil = sub.add_parser(
+        "hil",
+        help="run the insulin loop against a pump and a CGM through device profiles",
+        description="The HIL rig: the controller and the safety supervisor on the wall clock, "
+        "the pump over Modbus and the CGM over its line protocol through device profiles, a "
+        "watchdog with fail-safe, everything recorded.",
+    )
+    hil.add_argument(
+        "--therapy",
+        choices=["insulin", "knee-exo"],
+        default="insulin",
+        help="insulin (pump + CGM, default) or knee-exo (the exoskeleton drive over Modbus TCP)",
+    )
+    hil.add_argument(
+        "--profile",
+        help="device profile: a YAML file or a shipped name (insulin: insulin_pump_rtu "
+        "(default), insulin_pump_tcp; knee-exo: exo_drive_tcp (default))",
+    )
+    hil.add_argument("--port", help="the pump's serial port (overrides the profile)")
+    hil.add_argument("--tcp", help="the pump's HOST:PORT (overrides the profile)")
+    hil.add_argument("--cgm-profile", default="cgm_line", help="CGM profile (cgm_line)")
+    hil.add_argument("--cgm-port", help="the CGM's serial port (insulin: required)")
+    hil.add_argument(
+        "--patient",
+        help="clinical profile for the therapy (insulin: adult#001; knee-exo: the knee preset, "
+        "moderate)",
+    )
+    hil.add_argument(
+        "--controller",
+        help="controller (insulin: pid (default), oref0; knee-exo: aan (default), impedance, none)",
+    )
+    hil.add_argument(
+        "--time-scale", type=positive, default=60.0, help="wall seconds per simulated minute"
+    )
+    hil.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (240)")
+    hil.add_argument("--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS)")
+    hil.add_argument(
+        "--task", default="cyclic", help="knee-exo: cyclic (default), sit_to_stand, hold"
+    )
+    hil.add_argument(
+        "--seed", type=seed, default=0, help="knee-exo: seed of the task (as the emulator's)"
+    )
+    hil.add_argument(
+        "--seconds", type=positive, help="knee-exo: session length, s (default: the task's)"
+    )
+    hil.add_argument("--control-hz", type=int, default=100, help="knee-exo: control rate (100)")
+    hil.add_argument(
+        "--watchdog-ms", type=int, default=100, help="knee-exo: the drive's watchdog, ms (100)"
+    )
+    hil.add_argument(
+        "--realtime",
+        action="store_true",
+        help="pace the rig under SCHED_FIFO (needs CAP_SYS_NICE; says so when refused)",
+    )
+
+
+def _profile_path(name: str) -> Path:
+    from twinloop.hw_bridge.profile import shipped_profile
+
+    path = Path(name)
+    return path if path.suffix in (".yaml", ".yml") or path.exists() else shipped_profile(name)
+
+
+def server_tls_context(certfile: str, keyfile: str, cafile: str) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2+) that requires client certificates from ``cafile``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    context.load_verify_locations(cafile=cafile)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def emulate(args: argparse.Namespace) -> int:
+    """Serve the emulated devices until SIGINT/SIGTERM."""
+    from twinloop.hw_bridge.emulators.cgm import CgmEmulator
+    from twinloop.hw_bridge.emulators.patient import VirtualPatient
+    from twinloop.hw_bridge.emulators.pump import PumpEmulator
+    from twinloop.hw_bridge.pty import PtyPair
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if args.device == "drive":
+        return _emulate_drive(args, stop)
+    args.patient = args.patient or "adult#001"
+    patient = VirtualPatient(args.patient, seed=args.seed, wall_s_per_sim_min=args.time_scale)
+    closers: list[Any] = []
+    lines: list[str] = []
+    try:
+        if args.device == "pump":
+            if not (args.rtu or args.rtu_pty or args.tcp):
+                raise ValueError("emulate pump: give --rtu PORT, --rtu-pty LINK or --tcp HOST:PORT")
+            pump = PumpEmulator(patient)
+            if args.rtu or args.rtu_pty:
+                port = args.rtu
+                if args.rtu_pty:
+                    pair = PtyPair(links=(args.rtu_pty, None))
+                    closers.append(pair)
+                    port = pair.b
+                baud = args.baudrate or 115200
+                closers.append(pump.start_rtu(port, baudrate=baud, parity="N", stopbits=2))
+                lines.append(f"pump: Modbus RTU on {args.rtu_pty or args.rtu}")
+            if args.tcp:
+                host, _, port_text = args.tcp.rpartition(":")
+                tls = server_tls_context(*args.tls) if args.tls else None
+                closers.append(pump.start_tcp(host or args.bind, int(port_text), tls=tls))
+                kind = "Modbus/TLS (client certificates required)" if tls else "Modbus TCP"
+                lines.append(f"pump: {kind} on {host or args.bind}:{port_text}")
+        cgm_port = args.serial if args.device == "cgm" else args.cgm_serial
+        if args.device == "cgm" and not (args.serial or args.cgm_pty):
+            raise ValueError("emulate cgm: give --serial PORT or --cgm-pty LINK")
+        if args.cgm_pty:
+            pair = PtyPair(links=(args.cgm_pty, None))
+            closers.append(pair)
+            cgm_port = pair.b
+        if cgm_port:
+            cgm = CgmEmulator(patient, cgm_port, seed=args.seed, baudrate=args.baudrate or 9600)
+            cgm.start()
+            closers.append(cgm)
+            lines.append(f"cgm: line protocol on {args.cgm_pty or cgm_port}")
+        patient.start()
+        print(
+            f"twinloop emulate: {args.patient}, {args.time_scale:g} s per simulated minute; "
+            + "; ".join(lines),
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+    finally:
+        patient.stop()
+        for closer in reversed(closers):
+            stopper = getattr(closer, "stop", None) or closer.close
+            stopper()
+    return 0
+
+
+def _emulate_drive(args: argparse.Namespace, stop: threading.Event) -> int:
+    """Serve the emulated exoskeleton drive on Modbus TCP until ``stop`` is set or Ctrl-C."""
+    from twinloop.hw_bridge.emulators.drive.emulator import PendulumJoint, run_drive
+    from twinloop.hw_bridge.emulators.drive.process import knee_factory
+
+    if not args.tcp:
+        raise ValueError("emulate drive: give --tcp HOST:PORT (or PORT)")
+    host, _, port_text = args.tcp.rpartition(":")
+    if not port_text.isdigit():
+        raise ValueError(f"emulate drive: --tcp {args.tcp!r} is not HOST:PORT or PORT")
+    if args.joint == "knee":
+        factory: Any = knee_factory(args.patient or "moderate", seed=args.seed, task=args.task)
+    elif args.task:
+        raise ValueError("emulate drive: --task needs --joint knee")
+    else:
+        factory = PendulumJoint
+    task = f", task {args.task} (seed {args.seed})" if args.task else ""
+
+    def ready(server: Any) -> None:
+        bound_host, bound_port = server.tcp_address
+        print(
+            f"twinloop emulate: drive ({args.joint}{task}, CiA 402 style, 1 kHz): Modbus TCP "
+            f"on {bound_host}:{bound_port}",
+            flush=True,
+        )
+
+    timing = run_drive(
+        host=host or args.bind,
+        port=int(port_text),
+        backend_factory=factory,
+        joint_process=not args.joint_thread,
+        stop_event=stop,
+        on_ready=ready,
+    )
+    if args.timing_json:
+        Path(args.timing_json).write_text(json.dumps(timing, indent=1))
+    late = timing.get("lateness_ms")
+    if late:
+        print(
+            f"drive joint loop: {timing['ticks']} ticks at 1 kHz, lateness p50 "
+            f"{late['p50']:.3f} ms, p99 {late['p99']:.3f} ms, max {late['max']:.3f} ms",
+            flush=True,
+        )
+    return 0
+
+
+def hil(args: argparse.Namespace) -> int:
+    """Run the rig and print its timing, alarms and CGM summary."""
+    if args.therapy == "knee-exo":
+        return hil_exo(args)
+    args.profile = args.profile or "insulin_pump_rtu"
+    args.patient = args.patient or "adult#001"
+    args.controller = args.controller or "pid"
+    if not args.cgm_port:
+        raise ValueError("hil: give --cgm-port PORT (the CGM's serial port)")
+    from twinloop.agents.recording import Recorder
+    from twinloop.hil.glucose.rig import Rig, RigConfig, pump_register_names, summarize_rig
+    from twinloop.hw_bridge.line import LineTransport
+    from twinloop.hw_bridge.modbus_client import ModbusDevice
+    from twinloop.hw_bridge.profile import load_profile
+
+    config = RigConfig(
+        patient=args.patient,
+        controller=args.controller,
+        wall_s_per_sim_min=args.time_scale,
+        minutes=args.minutes,
+        realtime=args.realtime,
+    )
+    profile = load_profile(_profile_path(args.profile))
+    if args.port or args.tcp:
+        profile = profile.with_overrides(port=args.port, tcp=args.tcp)
+    cgm_profile = load_profile(_profile_path(args.cgm_profile))
+    t = cgm_profile.transport
+    out = Path(args.out or time.strftime("runs/hil-%Y%m%d-%H%M%S"))
+    recorder = Recorder(out)
+    with (
+        ModbusDevice(profile) as pump,
+        LineTransport(
+            args.cgm_port,
+            baudrate=t.baudrate,
+            parity=t.parity,
+            bytesize=t.bytesize,
+            stopbits=t.stopbits,
+        ) as cgm,
+    ):
+        rig = Rig(config, pump=pump, cgm=cgm, pump_registers=pump_register_names(profile))
+        rig.listen(recorder.listener("rig"))
+        steps = args.minutes // config.control_period_min * config.watchdog_steps
+        print(
+            f"twinloop hil: {profile.name} + {cgm_profile.name}, {args.minutes} simulated min "
+            f"at {args.time_scale:g} s/min ({steps} watchdog steps of "
+            f"{config.step_s * 1000:.0f} ms)",
+            flush=True,
+        )
+        complete = False
+        try:
+            stats = rig.run(steps=steps)
+            complete = True
+        finally:
+            summary: dict[str, Any] = summarize_rig(rig, stats) if complete else {"complete": False}
+            recorder.finish(
+                {"rig": vars(args) | {"profile": str(profile.source)}}, summary, complete=complete
+            )
+    if args.realtime:
+        refused = getattr(rig, "realtime_refused", None)
+        print(f"real-time scheduling: {refused or 'SCHED_FIFO granted'}")
+    timing = summary["timing"]
+    late = timing["lateness_ms"]
+    print(
+        f"timing: {timing['ticks']} steps, lateness p50 {late['p50']:.2f} ms, p99 "
+        f"{late['p99']:.2f} ms, max {late['max']:.2f} ms; overruns {timing['overruns']}"
+    )
+    for alarm in summary["alarms"]:
+        state = "RAISED" if alarm["active"] else "cleared"
+        print(
+            f"alarm {state} at {alarm['t_min']:.0f} min: {alarm['source']} {alarm['condition']}"
+            f" — {alarm['action']}"
+        )
+    if "cgm" in summary:
+        c = summary["cgm"]
+        print(
+            f"CGM: {summary['cgm_readings']} readings, mean {c['mean_mg_dl']:.1f} mg/dL, "
+            f"TIR {c['time_in_range_70_180_pct']:.1f} %, <70 {c['time_below_70_pct']:.1f} %"
+        )
+    print(f"recording: {out}")
+    return 0
+
+
+def hil_exo(args: argparse.Namespace) -> int:
+    """Run the exoskeleton rig against a drive and print its summary (1 if an alarm ended it)."""
+    from twinloop.hil.knee.rig import ExoRigConfig, ExoRigError, run_exo_session
+
+    if args.cgm_port or args.port:
+        raise ValueError("hil --therapy knee-exo: the drive is on Modbus TCP (--tcp HOST:PORT)")
+    config = ExoRigConfig(
+        profile=args.profile or "exo_drive_tcp",
+        tcp=args.tcp,
+        controller=args.controller or "aan",
+        patient=args.patient or "moderate",
+        task=args.task,
+        seed=args.seed,
+        control_hz=args.control_hz,
+        seconds=args.seconds,
+        watchdog_ms=args.watchdog_ms,
+        realtime=args.realtime,
+    )
+    out = Path(args.out or time.strftime("runs/hil-exo-%Y%m%d-%H%M%S"))
+    print(
+        f"twinloop hil: knee-exo, controller {config.controller}, task {config.task} (seed "
+        f"{config.seed}), patient {config.patient}, "
+        + (f"{config.seconds:g} s" if config.seconds else "the task's duration")
+        + f" at {config.control_hz} Hz",
+        flush=True,
+    )
+    try:
+        session = run_exo_session(config, out=out)
+    except ExoRigError as exc:
+        return main_error("hil", exc)
+    print_exo_summary(
+        session.summary,
+        realtime_refused=session.rig.realtime_refused if args.realtime else None,
+        realtime=args.realtime,
+    )
+    print(f"recording: {out}")
+    return 0 if session.rig.ended_by == "completed" else 1
+
+
+def print_exo_summary(
+    summary: dict[str, Any], *, realtime: bool = False, realtime_refused: str | None = None
+) -> None:
+    """Print an exoskeleton session's summary (``twinloop.hil.knee.rig.summarize_exo_rig``)."""
+    drive = summary["drive"]
+    states = " → ".join(dict.fromkeys(step["state"] for step in drive["startup"]))
+    print(f"drive: {'enabled' if drive['enabled'] else 'NOT enabled'} ({states})")
+    exo = summary.get("exo")
+    if exo:
+        share = exo["exo_work_fraction"]
+        print(
+            f"tracking: RMS error {exo['rms_error_deg']:.2f}°, max {exo['max_error_deg']:.2f}° "
+            f"over {exo['duration_s']:.1f} s; exo positive work {exo['exo_work_j']:.2f} J, work "
+            + (
+                "share n/a (patient torque not observable through the drive)"
+                if share is None
+                else f"share {100 * share:.0f} %"
+            )
+        )
+        print(
+            f"limit violations: {exo['limit_violations']} (range of motion "
+            f"{exo['rom_violations']}, velocity {exo['velocity_violations']}, torque "
+            f"{exo['torque_violations']})"
+        )
+    tq = summary.get("commanded_torque_nm") or {}
+    if tq:
+        print(
+            f"torque commanded: mean |τ| {tq['mean_abs']:.2f} N·m, max |τ| {tq['max_abs']:.2f} "
+            f"N·m (profile limit ±{summary['torque_limit_nm']:g}); refused by the profile: "
+            f"{summary['refused_writes']}"
+        )
+    overrides = summary.get("overrides") or {}
+    print(
+        "supervisor overrides: "
+        + (", ".join(f"{rule} {n}" for rule, n in overrides.items()) or "none")
+    )
+    if realtime:
+        print(f"real-time scheduling: {realtime_refused or 'SCHED_FIFO granted'}")
+    timing = summary["timing"]
+    late = timing.get("lateness_ms")
+    if late:
+        print(
+            f"timing: {timing['ticks']} ticks of {timing['period_ms']:g} ms, lateness p50 "
+            f"{late['p50']:.3f} ms, p99 {late['p99']:.3f} ms, max {late['max']:.3f} ms; "
+            f"overruns {timing['overruns']}"
+        )
+    for alarm in summary["alarms"]:
+        print(
+            f"alarm RAISED at {alarm['t_s']:.2f} s: {alarm['source']} {alarm['condition']}"
+            f" — {alarm['action']}"
+        )
+    print(f"ended: {summary['ended_by']}")
+
+
+def main_error(command: str, exc: Exception) -> int:
+    """One line on stderr for an error of these commands."""
+    print(f"twinloop {command}: error: {exc}", file=sys.stderr)
+    return 2

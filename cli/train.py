@@ -1,0 +1,88 @@
+"""``twinloop train CONFIG.yaml``: train insulin or knee-exoskeleton policies (SB3 PPO/SAC)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from typing import Any
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(float(text)) if re.fullmatch(r"\d+(\.\d*)?(e\d+)?", text) else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def add_parser(sub: Any, seed: Any) -> None:
+    """Add the ``train`` sub-command to the ``twinloop`` parser (``seed``: the seed type)."""
+    p = sub.add_parser(
+        "train",
+        help="train insulin or knee-exoskeleton policies (PPO/SAC) from a YAML config; saved "
+        "policies load as --controller policy:DIR",
+        description="Train one policy per seed on twinloop/T1D-v0 or twinloop/KneeExo-v0 (the "
+        "config's top-level key) with stable-baselines3, from a YAML configuration in the style "
+        "of RL Baselines3 Zoo (docs/training.md; shipped: policies/configs/t1d_ppo.yaml, "
+        "t1d_sac.yaml, knee_sac.yaml). Each seed is saved in OUT/seed_<s>/ with model.zip, "
+        "policy.json, checkpoints and TensorBoard logs.",
+    )
+    p.add_argument("config", help="training configuration (YAML)")
+    p.add_argument("--out", help="output directory (default: the config's output_dir)")
+    p.add_argument(
+        "--seed",
+        type=seed,
+        action="append",
+        help="train this seed (repeatable; replaces the config's seeds)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_count,
+        help="train the seeds in parallel as Ray tasks on an embedded Ray with N CPUs",
+    )
+    p.add_argument("--address", help="train the seeds on an existing Ray cluster (HOST:PORT)")
+    p.add_argument("--timesteps", type=_count, help="environment steps per seed (overrides)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main_train(args: argparse.Namespace) -> int:
+    """Run ``twinloop train``; errors print one line and return 2."""
+    from twinloop.policies.errors import PolicyError
+    from twinloop.policies.training import load_config, train
+
+    try:
+        config = load_config(args.config)
+        if args.workers is not None or args.address is not None:
+            from twinloop.agents.placement import start_ray
+
+            start_ray(args.address, num_cpus=args.workers if args.address is None else None)
+        results = train(
+            config,
+            args.out,
+            seeds=args.seed,
+            timesteps=args.timesteps,
+            workers=args.workers,
+            address=args.address,
+            progress=not args.no_progress,
+        )
+    except (PolicyError, OSError) as exc:
+        print(f"twinloop train: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # Ray/SB3 failures: one line, never a traceback
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        print(f"twinloop train: error: {msg}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(f"seed {r.seed}: {r.timesteps} steps in {r.seconds:.0f} s -> {r.directory}")
+    first = shlex.quote(results[0].directory)
+    if config.family == "knee_exo":
+        patient = next((p for p in config.knee_config().patients if isinstance(p, str)), "moderate")
+        command = f"twinloop run --therapy knee-exo --patient {patient} --controller policy:{first}"
+    else:
+        command = f"twinloop run --cohort adults --days 7 --controller policy:{first}"
+    print(f"run a policy in the loop (behind the safety supervisor):\n  {command}")
+    return 0

@@ -1,0 +1,447 @@
+"""``twinloop twin fit | replay | synth``: twins of real people from their logs.
+
+* ``twinloop twin fit LOGS... --out twin.yaml`` — import the log (CSV, Nightscout, a twinloop
+  run; :mod:`twinloop.twins.logs`), print its import report, fit the twin
+  (:mod:`twinloop.twins.identify`) and write it; ``--validate-days N`` keeps the last N days out and
+  reports the twin's fidelity on them; ``--each`` fits every LOG as a different person, in parallel
+  on Ray.
+* ``twinloop twin replay twin.yaml LOGS... --controller NAME`` (or ``--basal-scale``,
+  ``--basal-u-per-h``, ``--cr``, ``--cf``) — the logged days on the twin under the logged therapy
+  and the alternative, with rescue carbohydrates, over posterior draws (:mod:`twinloop.twins.twin`).
+* ``twinloop twin synth --patient NAME --days 14 --out log.csv`` — a synthetic log of a known
+  virtual patient (:mod:`twinloop.twins.synthetic`), to test the pipeline against ground truth.
+
+Errors print one line ``twinloop twin: error: ...`` (with the import report when a log is
+refused) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+#: Exit status of a command-line error.
+EXIT_USAGE = 2
+
+
+def add_parser(sub: Any) -> None:
+    """Add the ``twin`` sub-command to the ``twinloop`` parser."""
+    p = sub.add_parser(
+        "twin",
+        help="fit a person's twin to their logs, replay alternative therapies on it",
+        description="Twins of real people: fit a personalised UVA/Padova model to logged CGM, "
+        "insulin and meals (twins/identify.py), replay the logged days under another therapy "
+        "(twins/twin.py), or write a synthetic log of a known virtual patient.",
+    )
+    action = p.add_subparsers(dest="twin_command", required=True)
+
+    f = action.add_parser(
+        "fit",
+        help="fit a twin to a log (MAP, optionally a Laplace posterior)",
+        description="Import the log, print its import report, fit the twin and write it as YAML.",
+    )
+    f.add_argument("logs", nargs="+", help="log files or directories (merged: one person)")
+    f.add_argument("--out", required=True, help="the twin's YAML (a directory with --each)")
+    f.add_argument("--name", help="the twin's name (default: the first log's name)")
+    f.add_argument(
+        "--group",
+        default="adults",
+        choices=("children", "adolescents", "adults"),
+        help="age group of the prior (default adults)",
+    )
+    f.add_argument("--fit-days", type=float, help="fit only the first D days")
+    f.add_argument(
+        "--validate-days",
+        type=float,
+        default=0.0,
+        help="keep the last D days out of the fit and report the twin's fidelity on them",
+    )
+    f.add_argument(
+        "--profile-blocks",
+        type=int,
+        default=0,
+        help="fit a daily insulin-sensitivity profile of B equal blocks (e.g. 4; default none)",
+    )
+    f.add_argument("--posterior", action="store_true", help="also compute the Laplace posterior")
+    f.add_argument("--tz", help="IANA time zone of naive times in the log (e.g. Europe/Berlin)")
+    f.add_argument("--body-weight-kg", type=float, help="body weight (default: group mean)")
+    f.add_argument(
+        "--basal-u-per-h", type=float, help="scheduled basal (default: the logged median)"
+    )
+    f.add_argument("--cr", type=float, help="carb ratio, g/U (default: from the log)")
+    f.add_argument("--cf", type=float, help="correction factor, mg/dL/U (default: 1800/TDI)")
+    f.add_argument(
+        "--each",
+        action="store_true",
+        help="every LOG is a different person: fit them in parallel (Ray) into the --out directory",
+    )
+    f.add_argument("--workers", type=int, help="parallel fits with --each (default: CPUs)")
+    f.add_argument("--inline", action="store_true", help="with --each: no Ray, one by one")
+    f.add_argument("--address", help="with --each: a Ray cluster (default: embedded, loopback)")
+
+    r = action.add_parser(
+        "replay",
+        help="replay logged days on a twin under another therapy",
+        description="Re-run the log's days on the twin with the logged meals, under the logged "
+        "therapy and under the alternative (a controller, or a changed basal, CR or CF), with "
+        "rescue carbohydrates (10 g every 15 min below 70 mg/dL, as ReplayBG), over posterior "
+        "draws when the twin has a posterior.",
+    )
+    r.add_argument("twin", help="a twin written by `twinloop twin fit`")
+    r.add_argument("logs", nargs="+", help="the log files or directories to replay")
+    r.add_argument("--controller", help="basal-bolus, pid, oref0, mpc or policy:PATH")
+    r.add_argument("--basal-scale", type=float, default=1.0, help="factor on the logged basal")
+    r.add_argument("--basal-u-per-h", type=float, help="a flat basal replacing the logged one")
+    r.add_argument("--cr", type=float, help="a new carb ratio, g/U (meal boluses recomputed)")
+    r.add_argument("--cf", type=float, help="a new correction factor, mg/dL/U")
+    r.add_argument("--from-day", type=float, default=0.0, help="start at day D of the log")
+    r.add_argument("--days", type=float, help="replay D days (default: to the end)")
+    r.add_argument("--draws", type=int, default=50, help="posterior draws (default 50)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    r.add_argument("--no-rescue", action="store_true", help="no rescue carbohydrates")
+    r.add_argument("--tz", help="IANA time zone of naive times in the log")
+    r.add_argument("--out", help="directory for replay.json and replay.png")
+    r.add_argument(
+        "--fhir",
+        help="also write the twin's predicted days under the alternative therapy (the MAP "
+        "draw: CGM every 5 min, insulin delivered) as a FHIR R4 Bundle to this JSON file",
+    )
+
+    s = action.add_parser(
+        "synth",
+        help="write a synthetic log of a known virtual patient (ground truth for fits)",
+        description="Simulate D days of a virtual patient on basal-bolus therapy with random "
+        "meals, carb-counting error, CGM error and rescue carbohydrates, and write the log in "
+        "the documented CSV layout (twins/synthetic.py).",
+    )
+    s.add_argument("--patient", required=True, help="a patient's name (adult#001, adult#p7-0042)")
+    s.add_argument(
+        "--population", help="a population file (twinloop population sample) holding --patient"
+    )
+    s.add_argument("--days", type=int, default=14, help="days (default 14)")
+    s.add_argument("--seed", type=int, default=0, help="seed")
+    s.add_argument("--out", required=True, help="the CSV log")
+    s.add_argument(
+        "--carb-error", type=float, default=0.1, help="carb-counting error SD, fraction (0.1)"
+    )
+    s.add_argument("--cgm", default="GuardianRT", help="CGM error model (default GuardianRT)")
+
+
+def _error(text: object, report: Any = None) -> int:
+    if report is not None:
+        print(report.to_text(), file=sys.stderr)
+    print(f"twinloop twin: error: {text}".splitlines()[0], file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, float]:
+    out = {}
+    for arg, key in (
+        ("body_weight_kg", "body_weight_kg"),
+        ("basal_u_per_h", "basal_u_per_h"),
+        ("cr", "carb_ratio_g_per_u"),
+        ("cf", "correction_factor_mg_dl_per_u"),
+    ):
+        v = getattr(args, arg)
+        if v is not None:
+            out[key] = float(v)
+    return out
+
+
+def _fit_text(result: dict[str, Any]) -> str:
+    fit = result["fit"]
+    lines = [
+        f"twin {fit.model.name} ({fit.model.group} prior): fitted {fit.fit['minutes'] / 1440:.2f} "
+        f"days, {fit.fit['cgm_readings']} CGM readings, RMSE {fit.fit['rmse_mg_dl']:.1f} mg/dL, "
+        f"{fit.fit['seconds']:.1f} s",
+        f"  therapy: basal {fit.model.basal_u_per_h:.3g} U/h, CR "
+        f"{fit.model.base['carb_ratio_g_per_u']:.3g} g/U, CF "
+        f"{fit.model.base['correction_factor_mg_dl_per_u']:.3g} mg/dL/U",
+    ]
+    for name, row in fit.parameters().items():
+        ci = f"  [{row['ci95_low']:.4g}, {row['ci95_high']:.4g}]" if "ci95_low" in row else ""
+        lines.append(f"  {name:28s} {row['map']:.4g}{ci}")
+    checked = result.get("validation")
+    if checked:
+        t, c = checked["twin"], checked["logged_cgm"]
+        lines.append(
+            f"  held out {checked['held_out_days']:.2f} days: CGM RMSE {checked['rmse_mg_dl']:.1f}"
+            f" mg/dL (bias {checked['bias_mg_dl']:+.1f}); TIR twin "
+            f"{t['time_in_range_70_180_pct']:.1f} % vs CGM {c['time_in_range_70_180_pct']:.1f} %"
+            f"; <70 {t['time_below_70_pct']:.1f} vs {c['time_below_70_pct']:.1f} %"
+        )
+    return "\n".join(lines)
+
+
+def _write(result: dict[str, Any], path: Path) -> None:
+    from twinloop.twins.identify import write_twin
+
+    write_twin(
+        result["fit"],
+        path,
+        extra={
+            "logs": result["paths"],
+            "validation": result.get("validation"),
+            "import_report": result["report"]["counts"],
+        },
+    )
+
+
+def _main_fit(args: argparse.Namespace) -> int:
+    from twinloop.twins.logs import LogError
+    from twinloop.twins.twin import FitRequest, fit_many
+
+    overrides = _overrides(args)
+
+    def request(paths: tuple[str, ...], name: str | None) -> FitRequest:
+        return FitRequest(
+            paths=paths,
+            name=name,
+            group=args.group,
+            fit_days=args.fit_days,
+            validate_days=args.validate_days,
+            profile_blocks=args.profile_blocks,
+            posterior=args.posterior,
+            tz=args.tz,
+            overrides=overrides,
+        )
+
+    if not args.each:
+        from twinloop.twins.twin import fit_log
+
+        try:
+            fit, log, checked = fit_log(request(tuple(args.logs), args.name))
+        except LogError as exc:
+            return _error(exc, exc.report)
+        print(log.report.to_text(max_per_category=5))
+        result = {
+            "fit": fit,
+            "paths": list(args.logs),
+            "report": log.report.as_dict(),
+            "validation": checked,
+        }
+        _write(result, Path(args.out))
+        print(_fit_text(result))
+        print(f"-> {args.out}")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    requests = [request((p,), None) for p in args.logs]
+    from tqdm import tqdm
+
+    began = time.perf_counter()
+    failed = 0
+    for result in tqdm(
+        fit_many(requests, inline=args.inline, address=args.address, workers=args.workers),
+        total=len(requests),
+        unit="fit",
+        desc="twins",
+        disable=not sys.stderr.isatty(),
+    ):
+        if "error" in result:
+            failed += 1
+            print(f"{result['paths'][0]}: error: {result['error']}", file=sys.stderr)
+            continue
+        path = out / f"{result['name']}.yaml"
+        _write(result, path)
+        print(_fit_text(result) + f"\n-> {path}")
+    print(
+        f"twins: {len(requests) - failed} fitted, {failed} failed, in "
+        f"{time.perf_counter() - began:.1f} s"
+    )
+    return 1 if failed else 0
+
+
+_LABELS = {
+    "time_in_range_70_180_pct": "TIR 70-180 %",
+    "time_below_70_pct": "<70 %",
+    "time_below_54_pct": "<54 %",
+    "time_above_180_pct": ">180 %",
+    "time_above_250_pct": ">250 %",
+    "mean_mg_dl": "mean mg/dL",
+    "insulin_u_per_day": "insulin U/day",
+    "rescues_per_day": "rescues/day",
+}
+
+
+def replay_table(result: dict[str, Any]) -> str:
+    """The replay's metrics as a text table: median [5–95 %] over the draws."""
+
+    def cell(s: dict[str, float], signed: bool = False) -> str:
+        fmt = "{:+.1f}" if signed else "{:.1f}"
+        if result["draws"] == 1:
+            return fmt.format(s["median"])
+        return f"{fmt.format(s['median'])} [{fmt.format(s['p5'])}, {fmt.format(s['p95'])}]"
+
+    a, b = result["therapies"]
+    head = ["metric", a["therapy"], b["therapy"], "difference"]
+    rows = [
+        [label, cell(a["metrics"][k]), cell(b["metrics"][k]), cell(result["difference"][k], True)]
+        for k, label in _LABELS.items()
+    ]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for trace, row, colour in zip(
+        result["traces"], result["therapies"], ("tab:grey", "tab:blue"), strict=True
+    ):
+        g = trace.gsub_mg_dl
+        hours = np.arange(g.shape[1]) / 60.0
+        lo, mid, hi = np.percentile(g, [5, 50, 95], axis=0)
+        ax.fill_between(hours, lo, hi, color=colour, alpha=0.25, linewidth=0)
+        ax.plot(hours, mid, color=colour, linewidth=0.8, label=row["therapy"])
+    ax.axhspan(70, 180, color="tab:green", alpha=0.08)
+    ax.set_xlabel("hours from the start of the replay")
+    ax.set_ylabel("twin CGM, mg/dL")
+    ax.set_title(f"twin {result['twin']}: median and 5–95 % over {result['draws']} draw(s)")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fhir(result: dict[str, Any], name: str, start: Any, twin_path: str) -> Any:
+    """The MAP draw's predicted days under the alternative therapy as a FHIR export."""
+    import hashlib
+
+    import numpy as np
+
+    from twinloop.twins.fhir import export_tables
+
+    trace = result["traces"][1]
+    n = trace.basal_u_per_h.shape[1]
+    t_cgm = np.arange(0, n + 1, 5, dtype=np.float64)
+    key = hashlib.sha256(
+        Path(twin_path).read_bytes()
+        + str(result["therapies"][1]["therapy"]).encode()
+        + start.isoformat().encode()
+    ).hexdigest()
+    return export_tables(
+        {
+            "patient": np.full(t_cgm.size, name),
+            "t_min": t_cgm,
+            "glucose_mg_dl": np.round(trace.gsub_mg_dl[0, ::5], 1),
+        },
+        {
+            "patient": np.full(n, name),
+            "t_min": np.arange(n, dtype=np.float64),
+            "basal_u": trace.basal_u_per_h[0] / 60.0,
+            "bolus_u": trace.bolus_u[0],
+        },
+        start=start,
+        key=key,
+        source="the replay's insulin",
+    )
+
+
+def _main_replay(args: argparse.Namespace) -> int:
+    from twinloop.twins.identify import MIN_PER_DAY, log_grid, read_twin
+    from twinloop.twins.logs import LogError, read_log
+    from twinloop.twins.replay import RescueRule
+    from twinloop.twins.twin import ReplayTherapy, replay
+
+    therapy = ReplayTherapy(
+        controller=args.controller,
+        basal_scale=args.basal_scale,
+        basal_u_per_h=args.basal_u_per_h,
+        carb_ratio_g_per_u=args.cr,
+        correction_factor_mg_dl_per_u=args.cf,
+    )
+    if args.draws < 1:
+        return _error(f"--draws {args.draws} is not allowed: an integer >= 1")
+    fit = read_twin(args.twin)
+    try:
+        grid = log_grid(read_log(list(args.logs), tz=args.tz))
+    except LogError as exc:
+        return _error(exc, exc.report)
+    first = round(args.from_day * MIN_PER_DAY)
+    last = grid.minutes if args.days is None else first + round(args.days * MIN_PER_DAY)
+    if not 0 <= first < last <= grid.minutes:
+        return _error(
+            f"--from-day {args.from_day:g} --days {args.days} is not inside the log's "
+            f"{grid.days:.2f} days"
+        )
+    result = replay(
+        fit,
+        grid.window(first, last),
+        therapy,
+        draws=args.draws,
+        seed=args.seed,
+        rescue=None if args.no_rescue else RescueRule(),
+    )
+    print(
+        f"twin {result['twin']}: {result['days']:.2f} days replayed, {result['draws']} draw(s)"
+        f"{' of the Laplace posterior' if result['posterior'] else ' (MAP; no posterior)'}, "
+        f"rescue {'off' if args.no_rescue else '10 g below 70 mg/dL every 15 min'}"
+    )
+    print(replay_table(result))
+    if args.fhir:
+        export = _fhir(result, fit.model.name, grid.window(first, last).start, args.twin)
+        print(f"FHIR: {export.summary()} -> {args.fhir}")
+        Path(args.fhir).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.fhir).write_text(json.dumps(export.bundle, indent=1), encoding="utf-8")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {k: v for k, v in result.items() if k != "traces"}
+        (out / "replay.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        _plot(result, out / "replay.png")
+        print(f"-> {out / 'replay.json'}, {out / 'replay.png'}")
+    return 0
+
+
+def _main_synth(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from twinloop.plant.glucose.patients import get_patient, load_population, population_token
+    from twinloop.plant.glucose.scenarios import CarbCountingError
+    from twinloop.twins.synthetic import synthetic_log
+
+    if args.population:
+        load_population(population_token(args.population))
+    patient = get_patient(args.patient)
+    log = synthetic_log(
+        patient,
+        days=args.days,
+        seed=args.seed,
+        cgm=args.cgm,
+        carb_error=CarbCountingError("normal", args.carb_error)
+        if args.carb_error > 0
+        else CarbCountingError(),
+    )
+    log.write(args.out)
+    print(
+        f"synthetic log of {patient.name}: {args.days} days, "
+        f"{int(np.count_nonzero(~np.isnan(log.cgm_mg_dl)))} CGM readings -> {args.out}"
+    )
+    return 0
+
+
+def main_twin(args: argparse.Namespace) -> int:
+    """Run ``twinloop twin``; errors print one line and return 2."""
+    from twinloop.plant.errors import PlantError
+    from twinloop.policies.errors import PolicyError
+
+    try:
+        if args.twin_command == "fit":
+            return _main_fit(args)
+        if args.twin_command == "replay":
+            return _main_replay(args)
+        return _main_synth(args)
+    except (PlantError, PolicyError, OSError, ValueError) as exc:
+        return _error(exc)

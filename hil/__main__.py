@@ -1,7 +1,0 @@
-"""``python -m hil``: the twinloop command line."""
-
-import sys
-
-from hil.cli import main
-
-sys.exit(main())

@@ -1,0 +1,1 @@
+"""hw_bridge/emulators/drive."""

@@ -1,0 +1,162 @@
+"""The rig's logic against in-memory devices (the byte-stream tests are in tests/e2e)."""
+
+import dataclasses
+import threading
+
+import pytest
+
+from twinloop.agents.messages import Alarm
+from twinloop.hil.glucose.rig import PUMP_CHANNELS, Rig, RigConfig, RigConfigError, summarize_rig
+
+REGS = {c: c for c in PUMP_CHANNELS}
+
+
+@dataclasses.dataclass
+class Frame:
+    glucose_mg_dl: float | None
+    status: int = 0
+
+
+class FakeCgm:
+    def __init__(self, glucose=180.0):
+        self.glucose = glucose
+        self.cut = threading.Event()
+        self.connected = True
+
+    def poll(self):
+        return [] if self.cut.is_set() else [Frame(self.glucose)]
+
+
+class FakePump:
+    def __init__(self):
+        self.writes = []
+        self.writes_during_alarm = []
+        self.alarm_active = lambda: False
+        self.safe_states = 0
+        self.down = threading.Event()
+        self.total = 0.0
+
+    def read_many(self, names):
+        if self.down.is_set():
+            raise ConnectionError("no answer")
+        self.total += 0.01
+        return {n: self.total if n == "delivered_total_u" else 0 for n in names}
+
+    def write(self, name, value, *, retry=True):
+        if self.down.is_set():
+            raise ConnectionError("no answer")
+        self.writes.append((name, value))
+        if self.alarm_active():
+            self.writes_during_alarm.append((name, value))
+        return None
+
+    def apply_safe_state(self):
+        if self.down.is_set():
+            raise ConnectionError("no answer")
+        self.safe_states += 1
+        return [("command", None), ("temp_basal_duration_min", None)]
+
+
+def _rig(pump, cgm, **kw):
+    kw.setdefault("cgm_stale_min", 6.0)
+    cfg = RigConfig(wall_s_per_sim_min=0.004, minutes=None, **kw)  # 20 ms periods, 4 ms steps
+    return Rig(cfg, pump=pump, cgm=cgm, pump_registers=REGS)
+
+
+def _run_until(rig, condition, max_steps=2000):
+    def on_step(k):
+        if condition(k):
+            rig.stop()
+
+    return rig.run(steps=max_steps, on_step=on_step)
+
+
+def test_commands_reach_the_pump_through_the_supervisor_with_a_short_temp_duration():
+    pump, cgm = FakePump(), FakeCgm(glucose=250.0)
+    rig = _rig(pump, cgm)
+    _run_until(rig, lambda k: k >= 40)
+    names = [n for n, _ in pump.writes]
+    assert "basal_u_per_h" in names
+    durations = {v for n, v in pump.writes if n == "temp_basal_duration_min"}
+    assert durations == {10}  # two control periods of 5 min
+    cap = rig.supervisor.config.max_temp_basal_u_per_h
+    assert all(v <= cap + 1e-9 for n, v in pump.writes if n == "basal_u_per_h")
+    assert not rig.alarm_log
+
+
+def test_stale_cgm_raises_an_alarm_applies_the_safe_state_and_recovers():
+    pump, cgm = FakePump(), FakeCgm()
+    rig = _rig(pump, cgm)
+    pump.alarm_active = lambda: any(a.active for a in rig.alarms.values())
+    phase = {"cut_at": None, "back_at": None}
+
+    def condition(k):
+        if k == 30:
+            cgm.cut.set()
+            phase["cut_at"] = k
+        if k == 80:
+            cgm.cut.clear()
+            phase["back_at"] = k
+        return k >= 120
+
+    _run_until(rig, condition)
+    raised = [a for a in rig.alarm_log if a.active]
+    cleared = [a for a in rig.alarm_log if not a.active]
+    assert raised and raised[0].source == "cgm" and raised[0].condition == "stale data"
+    assert "safe state written" in raised[0].action
+    assert cleared and cleared[0].source == "cgm" and "control resumed" in cleared[0].action
+    assert pump.safe_states >= 2  # on the alarm, and again before resuming
+    assert pump.writes_during_alarm == []  # only the safe state while the alarm was active
+    assert any(n == "basal_u_per_h" for n, _ in pump.writes)  # and control resumed after it
+    t_raise = raised[0].t_min
+    steps_per_min = rig.config.watchdog_steps / rig.config.control_period_min
+    assert 30 / steps_per_min < t_raise <= (30 + 2 * rig.config.watchdog_steps) / steps_per_min
+
+
+def test_lost_pump_communication_raises_an_alarm_and_recovers_with_the_safe_state_first():
+    pump, cgm = FakePump(), FakeCgm()
+    rig = _rig(pump, cgm)
+
+    def condition(k):
+        if k == 30:
+            pump.down.set()
+        if k == 60:
+            pump.down.clear()
+        return k >= 90
+
+    _run_until(rig, condition)
+    pump_alarms = [a for a in rig.alarm_log if a.source == "pump"]
+    assert [a.active for a in pump_alarms] == [True, False]
+    assert "not written" in pump_alarms[0].action  # unreachable: the pump's temp expires alone
+    assert "safe state written" in pump_alarms[1].action
+    assert isinstance(pump_alarms[0], Alarm)
+
+
+def test_summary_has_timing_alarms_and_cgm_metrics():
+    pump, cgm = FakePump(), FakeCgm(glucose=120.0)
+    rig = _rig(pump, cgm)
+    stats = _run_until(rig, lambda k: k >= 25)
+    summary = summarize_rig(rig, stats)
+    assert summary["timing"]["ticks"] == stats.ticks
+    assert summary["cgm"]["time_in_range_70_180_pct"] == 100.0
+    assert summary["alarms"] == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("controller", "magic"),
+        ("controller", "mpc"),  # plans on the twin, which the rig does not run
+        ("wall_s_per_sim_min", 0),
+        ("watchdog_steps", 0),
+        ("minutes", 0),
+    ],
+)
+def test_bad_rig_settings_name_the_field(field, value):
+    with pytest.raises(RigConfigError, match=field):
+        RigConfig(**{field: value})
+
+
+def test_a_pump_profile_without_the_needed_channels_is_refused():
+    with pytest.raises(RigConfigError, match="bolus_u"):
+        Rig(RigConfig(), pump=FakePump(), cgm=FakeCgm(), pump_registers={"basal_u_per_h": "x"})

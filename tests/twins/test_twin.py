@@ -1,0 +1,302 @@
+"""Twins from logs: the closed-loop replay, therapies, rescues, synthetic logs, the CLI, Ray."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from twinloop.plant.errors import ConfigError
+from twinloop.plant.glucose.patients import get_patient, initial_states, parameter_matrix
+from twinloop.plant.glucose.scenarios import CarbCountingError
+from twinloop.plant.glucose.uva_padova import simulate
+from twinloop.policies.glucose.interface import ControllerInput
+from twinloop.twins.identify import log_grid
+from twinloop.twins.logs import read_log
+from twinloop.twins.replay import LoggedTherapy, RescueRule, closed_loop
+from twinloop.twins.synthetic import synthetic_log
+from twinloop.twins.twin import (
+    FitRequest,
+    ReplayTherapy,
+    fit_log,
+    fit_many,
+    replay,
+    therapy_from_log,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def adult_log(tmp_path_factory):
+    """Four days of adult#003 on basal-bolus therapy, and the CSV log of them."""
+    syn = synthetic_log(get_patient("adult#003"), days=4, seed=5)
+    path = syn.write(tmp_path_factory.mktemp("logs") / "adult003.csv")
+    return syn, path
+
+
+@pytest.fixture(scope="module")
+def twin(adult_log):
+    _, path = adult_log
+    fit, _, checked = fit_log(
+        FitRequest((str(path),), name="a3", fit_days=3, validate_days=1, posterior=True)
+    )
+    return fit, checked
+
+
+def _obs(t: float, g: float = 150.0, iob: float = 0.0, carbs: float = 0.0) -> ControllerInput:
+    return ControllerInput(t, g, 0.0, iob, carbs)
+
+
+def test_the_logged_therapy_in_closed_loop_is_the_open_loop_replay_of_the_log():
+    p = get_patient("adult#001")
+    k = 600
+    basal = np.repeat(np.array([1.0, 1.5, 0.5, 1.2]), k // 4)
+    bolus = np.zeros(k)
+    carbs = np.zeros(k)
+    bolus[[60, 300]] = [4.0, 2.0]
+    carbs[[60, 300]] = [50.0, 20.0]
+    therapy = LoggedTherapy(
+        basal, bolus, carbs, carb_ratio_g_per_u=10.0, correction_factor_mg_dl_per_u=40.0
+    )
+    trace = closed_loop(
+        parameter_matrix([p]), initial_states([p]), [therapy], meal_g=carbs, announced_g=carbs,
+        scheduled_basal_u_per_h=np.array([1.0]),
+    )  # fmt: skip
+    direct = simulate([p], basal / 60 + bolus, carbs)
+    np.testing.assert_allclose(trace.gsub_mg_dl[0], direct.gsub_mg_dl[0], rtol=1e-12)
+    np.testing.assert_allclose(trace.bg_mg_dl[0], direct.bg_mg_dl[0], rtol=1e-12)
+    assert trace.rescues.tolist() == [0]
+
+
+def test_changed_settings_recompute_meal_boluses_and_scale_corrections():
+    k = 120
+    basal = np.full(k, 1.0)
+    bolus = np.zeros(k)
+    carbs = np.zeros(k)
+    carbs[10], bolus[10] = 60.0, 6.0  # meal bolus at CR 10
+    bolus[70] = 2.0  # a correction
+    kept = LoggedTherapy(
+        basal, bolus, carbs, carb_ratio_g_per_u=10, correction_factor_mg_dl_per_u=40
+    )
+    assert kept.decide(_obs(10)).bolus_u == 6.0
+    assert kept.decide(_obs(70)).bolus_u == 2.0
+    new = LoggedTherapy(
+        basal, bolus, carbs, carb_ratio_g_per_u=10, correction_factor_mg_dl_per_u=40,
+        new_carb_ratio_g_per_u=12.0, new_correction_factor_mg_dl_per_u=50.0, basal_scale=0.8,
+    )  # fmt: skip
+    # 60/12 + (150 − 120)/50 − IOB 0.2
+    assert new.decide(_obs(10, g=150.0, iob=0.2)).bolus_u == pytest.approx(5.0 + 0.6 - 0.2)
+    assert new.decide(_obs(10, g=100.0)).bolus_u == pytest.approx(5.0)  # no negative correction
+    assert new.decide(_obs(70)).bolus_u == pytest.approx(2.0 * 40 / 50)
+    assert new.decide(_obs(30)).basal_u_per_h == pytest.approx(0.8)
+    flat = LoggedTherapy(
+        basal, bolus, carbs, carb_ratio_g_per_u=10, correction_factor_mg_dl_per_u=40,
+        flat_basal_u_per_h=0.3,
+    )  # fmt: skip
+    assert flat.decide(_obs(30)).basal_u_per_h == 0.3
+
+
+def test_rescue_carbohydrates_follow_the_rule_and_lift_the_low():
+    p = get_patient("adult#001")
+    k = 720
+    overdose = LoggedTherapy(
+        np.full(k, 6.0), np.zeros(k), np.zeros(k), carb_ratio_g_per_u=10,
+        correction_factor_mg_dl_per_u=40,
+    )  # fmt: skip
+    args = dict(
+        meal_g=np.zeros(k), announced_g=np.zeros(k), scheduled_basal_u_per_h=np.array([1.0])
+    )
+    bare = closed_loop(parameter_matrix([p]), initial_states([p]), [overdose], **args)
+    rule = RescueRule(grams=10.0, below_mg_dl=70.0, interval_min=15.0)
+    rescued = closed_loop(
+        parameter_matrix([p]), initial_states([p]), [overdose], rescue=rule, **args
+    )
+    assert bare.rescues[0] == 0 and bare.gsub_mg_dl.min() < 70
+    times = np.flatnonzero(rescued.rescue_g[0])
+    assert times.size > 0
+    assert set(rescued.rescue_g[0][times].tolist()) == {10.0}
+    assert np.diff(times).min() >= 15
+    # every rescue came when the patient was below 70
+    assert np.all(rescued.gsub_mg_dl[0, times] < 70)
+    assert rescued.gsub_mg_dl.min() > bare.gsub_mg_dl.min()
+
+
+def test_synthetic_logs_import_cleanly_and_repeat_with_their_seed(adult_log, tmp_path):
+    syn, path = adult_log
+    log = read_log(path)
+    assert log.report.issues == ()
+    grid = log_grid(log)
+    assert grid.minutes == 4 * 1440
+    # the log carries the counted carbohydrates (and the rescues), not the eaten ones
+    np.testing.assert_allclose(
+        grid.carbs_g.sum(), np.round(syn.announced_g + syn.trace.rescue_g[0]).sum()
+    )
+    assert not np.allclose(syn.announced_g, syn.meal_g)
+    assert synthetic_log(get_patient("adult#003"), days=4, seed=5).csv_text == syn.csv_text
+    other = synthetic_log(get_patient("adult#003"), days=4, seed=6).csv_text
+    assert other != syn.csv_text
+    exact = synthetic_log(get_patient("adult#003"), days=1, seed=5, carb_error=CarbCountingError())
+    np.testing.assert_array_equal(exact.announced_g, exact.meal_g)
+
+
+def test_the_therapy_read_from_the_log_is_the_one_the_person_used(adult_log):
+    _, path = adult_log
+    p = get_patient("adult#003")
+    settings = therapy_from_log(log_grid(read_log(path)))
+    # meal boluses are counted carbs / CR (+ corrections, rarely): the median ratio is CR
+    assert settings["carb_ratio_g_per_u"] == pytest.approx(p.carb_ratio_g_per_u, rel=0.05)
+    assert settings["correction_factor_mg_dl_per_u"] == pytest.approx(
+        1800 / settings["total_daily_insulin_u"]
+    )
+
+
+def test_the_fitted_twin_predicts_held_out_days_better_than_the_prior(twin, adult_log):
+    fit, checked = twin
+    _, path = adult_log
+    grid = log_grid(read_log(path))
+    held = np.arange(grid.minutes + 1) >= 3 * 1440
+    obs = held & ~np.isnan(grid.cgm_mg_dl)
+    prior = fit.model.simulate(np.zeros((1, len(fit.z_map))), grid)[0]
+    prior_rmse = float(np.sqrt(np.mean((prior[obs] - grid.cgm_mg_dl[obs]) ** 2)))
+    assert checked["rmse_mg_dl"] < prior_rmse
+    assert checked["held_out_days"] == pytest.approx(1.0, abs=0.01)
+    assert set(checked["twin"]) == set(checked["logged_cgm"])
+
+
+def test_a_replay_reports_both_therapies_over_posterior_draws(twin, adult_log):
+    fit, _ = twin
+    _, path = adult_log
+    grid = log_grid(read_log(path)).window(1440, 3 * 1440)
+    same = replay(fit, grid, ReplayTherapy(), draws=6, seed=1)
+    assert same["draws"] == 6 and same["posterior"]
+    for s in same["difference"].values():
+        assert s == {"median": 0.0, "p5": 0.0, "p95": 0.0}
+    for row in same["therapies"]:
+        for s in row["metrics"].values():
+            assert s["p5"] <= s["median"] <= s["p95"]
+    less = replay(fit, grid, ReplayTherapy(basal_scale=0.5), draws=6, seed=1)
+    assert less["therapies"][1]["therapy"] == "logged with basal_scale=0.5"
+    assert less["difference"]["mean_mg_dl"]["p5"] > 0  # every draw runs higher
+    assert less["difference"]["insulin_u_per_day"]["median"] < 0
+    pid = replay(fit, grid, ReplayTherapy(controller="pid"), draws=3, seed=1)
+    assert pid["therapies"][1]["therapy"] == "pid"
+    assert math.isfinite(pid["therapies"][1]["metrics"]["time_in_range_70_180_pct"]["median"])
+
+
+def test_replay_options_are_refused_by_name():
+    with pytest.raises(ConfigError, match="controller"):
+        ReplayTherapy(controller="magic")
+    with pytest.raises(ConfigError, match="controller"):
+        ReplayTherapy(controller="pid", carb_ratio_g_per_u=10)
+    with pytest.raises(ConfigError, match="basal_scale"):
+        ReplayTherapy(basal_scale=-1)
+    with pytest.raises(ConfigError, match="basal_scale"):
+        ReplayTherapy(basal_scale=0.5, basal_u_per_h=1.0)
+    with pytest.raises(ConfigError, match="fit_days"):
+        FitRequest(("x.csv",), fit_days=0.5)
+
+
+def _twinloop(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "twinloop", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+
+
+def test_the_cli_fits_and_replays_a_synthetic_log(tmp_path):
+    log = tmp_path / "a.csv"
+    r = _twinloop(
+        "twin", "synth", "--patient", "adult#002", "--days", "3", "--out", str(log), cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    r = _twinloop(
+        "twin", "fit", str(log), "--out", str(tmp_path / "twin.yaml"), "--validate-days", "1",
+        "--posterior", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "Import report" in r.stdout and "held out 1.00 days: CGM RMSE" in r.stdout
+    r = _twinloop(
+        "twin", "replay", str(tmp_path / "twin.yaml"), str(log), "--controller", "basal-bolus",
+        "--from-day", "1", "--draws", "4", "--out", str(tmp_path / "rep"), "--fhir",
+        str(tmp_path / "bundle.json"), cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "TIR 70-180 %" in r.stdout and "basal-bolus" in r.stdout
+    doc = json.loads((tmp_path / "rep" / "replay.json").read_text())
+    assert doc["draws"] == 4 and doc["therapies"][1]["therapy"] == "basal-bolus"
+    assert (tmp_path / "rep" / "replay.png").stat().st_size > 0
+    # the twin's predicted days as FHIR, validated by a maintained FHIR model library
+    from fhir.resources.R4B.bundle import Bundle
+    from fhir.resources.R4B.medicationadministration import MedicationAdministration
+    from fhir.resources.R4B.observation import Observation
+    from fhir.resources.R4B.patient import Patient
+
+    bundle = json.loads((tmp_path / "bundle.json").read_text())
+    Bundle.model_validate(bundle)
+    models = {m.__name__: m for m in (Patient, Observation, MedicationAdministration)}
+    for entry in bundle["entry"]:
+        models[entry["resource"]["resourceType"]].model_validate(entry["resource"])
+    kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
+    assert kinds.count("Patient") == 1
+    assert kinds.count("Observation") == 2 * 288 + 1  # days 2–3, a reading every 5 min
+    assert "MedicationAdministration" in kinds
+    glucose = [
+        e["resource"]["valueQuantity"] for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "Observation"
+    ]  # fmt: skip
+    assert {g["code"] for g in glucose} == {"mg/dL"}
+
+
+def test_the_cli_refuses_bad_logs_with_a_report_naming_rows(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "time,cgm_mg_dl,basal_u_per_h,bolus_u\n"
+        "2026-03-02T08:00:00+01:00,120,1.0,\n"
+        "2026-03-02T08:05:00+01:00,0,,\n"
+        "2026-03-02T08:10:00+01:00,2000,,-1\n"
+        "2026-03-02T08:02:00+01:00,125,,\n"
+        "2026-03-02T09:10:00+02:00,130,,\n"
+    )
+    r = _twinloop("twin", "fit", str(bad), "--out", str(tmp_path / "t.yaml"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "too little CGM data to fit" in r.stderr and "are needed" in r.stderr
+    for finding in ("row 3", "row 4", "out_of_order", "mixed_time_zones"):
+        assert finding in r.stderr, finding
+    assert not (tmp_path / "t.yaml").exists()
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("time,cgm_mg_dl,insulin_units\n2026-03-02T08:00:00Z,120,1\n")
+    r = _twinloop("twin", "fit", str(unknown), "--out", str(tmp_path / "t.yaml"), cwd=tmp_path)
+    assert r.returncode == 2 and "insulin_units" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.ray
+def test_fits_on_ray_give_the_twins_fitted_inline(ray_started, tmp_path):
+    requests = []
+    for i, name in enumerate(("adult#004", "adult#005")):
+        syn = synthetic_log(get_patient(name), days=2, seed=i)
+        requests.append(FitRequest((str(syn.write(tmp_path / f"{i}.csv")),), name=name))
+    inline = {r["name"]: r for r in fit_many(requests, inline=True)}
+    on_ray = {r["name"]: r for r in fit_many(requests, workers=2)}
+    assert set(inline) == set(on_ray) == {"adult#004", "adult#005"}
+    for name in inline:
+        np.testing.assert_array_equal(inline[name]["fit"].z_map, on_ray[name]["fit"].z_map)
+
+
+def test_the_cli_fits_each_log_as_its_own_person(tmp_path):
+    logs = []
+    for name in ("adult#007", "adult#008"):
+        path = tmp_path / f"{name.replace('#', '_')}.csv"
+        synthetic_log(get_patient(name), days=2, seed=3).write(path)
+        logs.append(str(path))
+    r = _twinloop("twin", "fit", *logs, "--each", "--inline", "--out", "twins", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "twins: 2 fitted, 0 failed" in r.stdout
+    written = sorted(p.name for p in (tmp_path / "twins").iterdir())
+    assert written == ["adult_007.yaml", "adult_008.yaml"]

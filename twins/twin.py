@@ -1,0 +1,434 @@
+"""Twins of real people from their logs: fit (one or many, on Ray), validate, replay therapies.
+
+* :func:`fit_log` — import a log (:func:`twinloop.twins.logs.read_log`), put it on a minute grid,
+  take the person's therapy from it (:func:`therapy_from_log`) and fit a twin
+  (:func:`twinloop.twins.identify. fit_twin`), optionally keeping the last days out to validate it
+  (:func:`validate`).
+* :func:`fit_many` — one fit per log, as Ray tasks on the embedded (loopback) Ray or a cluster,
+  or inline.
+* :func:`replay` — re-run a log's days on a twin under the logged therapy and an alternative
+  (a controller, or changed basal/CR/CF; :mod:`twinloop.twins.replay`), with rescue carbohydrates,
+  over posterior draws when the twin has a posterior; reports both therapies' metrics and their
+  paired difference, median and 5–95 % over the draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from twinloop.plant.errors import ConfigError
+from twinloop.plant.glucose.metrics import glucose_metrics
+from twinloop.policies.glucose.controllers import check_controller_name, make_controller
+from twinloop.policies.glucose.interface import Controller
+from twinloop.twins.identify import MIN_PER_DAY, LogGrid, TwinFit, fit_twin, log_grid
+from twinloop.twins.logs import TherapyLog, read_log
+from twinloop.twins.replay import LoggedTherapy, LoopTrace, RescueRule, closed_loop
+
+__all__ = [
+    "FitRequest",
+    "ReplayTherapy",
+    "fit_log",
+    "fit_many",
+    "replay",
+    "therapy_from_log",
+    "validate",
+]
+
+#: ReplayBG's default hypotreatment rule.
+DEFAULT_RESCUE = RescueRule()
+#: The least a fit needs: days of CGM (at 70 % coverage of the 5-min slots).
+MIN_FIT_DAYS = 1.0
+#: Minutes within which a bolus counts as a meal's bolus when estimating the carb ratio.
+MEAL_WINDOW_MIN = 15
+#: Metrics reported by :func:`validate` and :func:`replay` (GlucoseMetrics fields).
+METRICS = (
+    "time_in_range_70_180_pct",
+    "time_below_70_pct",
+    "time_below_54_pct",
+    "time_above_180_pct",
+    "time_above_250_pct",
+    "mean_mg_dl",
+)
+
+
+def therapy_from_log(grid: LogGrid) -> dict[str, float]:
+    """The person's therapy settings as the log shows them.
+
+    * total daily insulin ``TDI`` = all insulin / days;
+    * carb ratio ``CR`` = median of ``carbs / bolus`` over logged carbohydrates (≥ 10 g) with a
+      bolus within 15 min; without any, the "500 rule" ``500 / TDI``;
+    * correction factor ``CF`` = the "1800 rule" ``1800 / TDI`` (mg/dL per U).
+
+    Raises:
+        ConfigError: no insulin in the log.
+
+    """
+    tdi = float(grid.insulin_u_per_min.sum() / grid.days)
+    if not tdi > 0:
+        raise ConfigError("insulin", 0.0, "a log with insulin (basal or boluses)")
+    ratios = []
+    meal_minutes = np.flatnonzero(grid.carbs_g >= 10.0)
+    for t in meal_minutes:
+        bolus = grid.bolus_u[max(t - MEAL_WINDOW_MIN, 0) : t + MEAL_WINDOW_MIN + 1].sum()
+        if bolus > 0:
+            ratios.append(grid.carbs_g[t] / bolus)
+    cr = float(np.median(ratios)) if ratios else 500.0 / tdi
+    return {
+        "total_daily_insulin_u": tdi,
+        "carb_ratio_g_per_u": cr,
+        "correction_factor_mg_dl_per_u": 1800.0 / tdi,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class FitRequest:
+    """One person's fit: where the log is and how to fit it.
+
+    Attributes:
+        paths: the log's files or directories (merged, :func:`twinloop.twins.logs.read_log`).
+        name: the twin's name (default: the first path's stem).
+        group: the prior's age group.
+        fit_days: fit only the first this many days (default: all but ``validate_days``).
+        validate_days: keep the last this many days out and report the twin's fidelity on them.
+        profile_blocks: daily insulin-sensitivity blocks (0: none).
+        posterior: also compute the Laplace posterior.
+        tz: IANA zone of naive times.
+        overrides: base values (body weight, basal, CR, CF, …; see
+            :meth:`twinloop.twins.identify.TwinModel.for_group`), and ``basal_u_per_h``.
+
+    """
+
+    paths: tuple[str, ...]
+    name: str | None = None
+    group: str = "adults"
+    fit_days: float | None = None
+    validate_days: float = 0.0
+    profile_blocks: int = 0
+    posterior: bool = False
+    tz: str | None = None
+    overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            raise ConfigError("paths", self.paths, "at least one log file or directory")
+        for field in ("fit_days", "validate_days"):
+            v = getattr(self, field)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ConfigError(field, v, "days >= 0")
+        if self.fit_days is not None and self.fit_days < 1:
+            raise ConfigError("fit_days", self.fit_days, "at least 1 day")
+
+
+def fit_log(request: FitRequest) -> tuple[TwinFit, TherapyLog, dict[str, Any] | None]:
+    """Import, fit and (with ``validate_days``) validate one person's twin.
+
+    Returns:
+        The fit, the imported log (its report included) and the validation (or ``None``).
+
+    Raises:
+        LogError: the log cannot be read or is too short (says how much is needed).
+        ConfigError: a bad option.
+
+    """
+    log = read_log(
+        list(request.paths),
+        tz=request.tz,
+        patient=request.name,
+        min_days=MIN_FIT_DAYS + request.validate_days,
+    )
+    grid = log_grid(log)
+    total = grid.minutes
+    held = round(request.validate_days * MIN_PER_DAY)
+    end = total - held
+    if request.fit_days is not None:
+        end = min(end, round(request.fit_days * MIN_PER_DAY))
+    if end < MIN_FIT_DAYS * MIN_PER_DAY:
+        raise ConfigError(
+            "fit_days/validate_days",
+            f"{end / MIN_PER_DAY:.2f} days left to fit",
+            f"at least 1 day to fit (the log spans {grid.days:.2f} days)",
+        )
+    overrides = dict(request.overrides)
+    basal = overrides.pop("basal_u_per_h", None)
+    settings = therapy_from_log(grid.window(0, end))
+    settings.update(overrides)
+    name = request.name or Path(request.paths[0]).stem
+    fit = fit_twin(
+        grid.window(0, end),
+        name=name,
+        group=request.group,
+        basal_u_per_h=basal,
+        profile_blocks=request.profile_blocks,
+        posterior=request.posterior,
+        overrides=settings,
+    )
+    checked = validate(fit, grid, end) if held > 0 else None
+    return fit, log, checked
+
+
+def validate(fit: TwinFit, grid: LogGrid, first_min: int) -> dict[str, Any]:
+    """The twin's fidelity on minutes ``≥ first_min`` of ``grid`` (held out of the fit).
+
+    The twin replays the *logged* insulin and meals over the whole grid (from the fit's start,
+    so its state at the held-out days is its own); the held-out minutes are scored: CGM RMSE at
+    the readings, and the metrics of the twin's glucose against those of the logged CGM.
+    """
+    sim = fit.model.simulate(fit.z_map[None, :], grid)[0]
+    mask = np.arange(grid.minutes + 1) >= first_min
+    obs = mask & ~np.isnan(grid.cgm_mg_dl)
+    if not obs.any():
+        raise ConfigError("validate_days", "no CGM", "held-out days with CGM readings")
+    err = sim[obs] - grid.cgm_mg_dl[obs]
+    twin = glucose_metrics(sim[obs], sample_period_min=5.0)
+    logged = glucose_metrics(grid.cgm_mg_dl[obs], sample_period_min=5.0)
+    return {
+        "held_out_days": (grid.minutes - first_min) / MIN_PER_DAY,
+        "cgm_readings": int(obs.sum()),
+        "rmse_mg_dl": float(np.sqrt(np.mean(err**2))),
+        "bias_mg_dl": float(np.mean(err)),
+        "twin": {k: float(getattr(twin, k)) for k in METRICS},
+        "logged_cgm": {k: float(getattr(logged, k)) for k in METRICS},
+    }
+
+
+def _fit_task(request: FitRequest) -> dict[str, Any]:
+    """A fit as a picklable result (for Ray): the twin's file content, or the error."""
+    began = time.perf_counter()
+    try:
+        fit, log, checked = fit_log(request)
+    except (ConfigError, ValueError, OSError) as exc:
+        return {"name": request.name, "paths": list(request.paths), "error": str(exc)}
+    return {
+        "name": fit.model.name,
+        "paths": list(request.paths),
+        "fit": fit,
+        "report": log.report.as_dict(),
+        "validation": checked,
+        "seconds": time.perf_counter() - began,
+    }
+
+
+def fit_many(
+    requests: Sequence[FitRequest],
+    *,
+    inline: bool = False,
+    address: str | None = None,
+    workers: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Fit many people's twins: Ray tasks (embedded loopback Ray, or ``address``), or inline.
+
+    Yields each result as it finishes (see :func:`_fit_task`; an ``error`` key when it failed).
+    """
+    if inline:
+        for r in requests:
+            yield _fit_task(r)
+        return
+    import ray
+
+    from twinloop.agents.placement import start_ray
+
+    start_ray(address)
+    n = workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    remote = ray.remote(_fit_task).options(num_cpus=1, max_retries=0)
+    pending = list(reversed(requests))
+    in_flight: list[Any] = []
+    while pending or in_flight:
+        while pending and len(in_flight) < n:
+            in_flight.append(remote.remote(pending.pop()))
+        ready, in_flight = ray.wait(in_flight, num_returns=1)
+        yield ray.get(ready[0])
+
+
+# --------------------------------------------------------------------------------------------
+# replay
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayTherapy:
+    """The alternative therapy of a replay: a controller, or changes to the logged therapy.
+
+    Attributes:
+        controller: a controller name
+            (:func:`twinloop.policies.glucose.controllers.make_controller`), or ``None`` for the
+            logged therapy with the changes below.
+        basal_scale: factor on the logged basal.
+        basal_u_per_h: a flat basal replacing the logged one.
+        carb_ratio_g_per_u: a new CR (meal boluses recomputed).
+        correction_factor_mg_dl_per_u: a new CF.
+
+    """
+
+    controller: str | None = None
+    basal_scale: float = 1.0
+    basal_u_per_h: float | None = None
+    carb_ratio_g_per_u: float | None = None
+    correction_factor_mg_dl_per_u: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.controller is not None:
+            allowed = check_controller_name(self.controller)
+            if allowed is not None:
+                raise ConfigError("controller", self.controller, allowed)
+            if self.changes():
+                raise ConfigError(
+                    "controller", self.controller, "either a controller or changed settings"
+                )
+        for field in ("basal_scale", "basal_u_per_h", "carb_ratio_g_per_u"):
+            v = getattr(self, field)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(field, v, "a number > 0")
+        cf = self.correction_factor_mg_dl_per_u
+        if cf is not None and not (math.isfinite(cf) and cf > 0):
+            raise ConfigError("correction_factor_mg_dl_per_u", cf, "a number > 0")
+        if self.basal_u_per_h is not None and self.basal_scale != 1.0:
+            raise ConfigError("basal_scale", self.basal_scale, "1 when basal_u_per_h is given")
+
+    def changes(self) -> dict[str, float]:
+        """The changed settings."""
+        out = {}
+        if self.basal_scale != 1.0:
+            out["basal_scale"] = self.basal_scale
+        for field in ("basal_u_per_h", "carb_ratio_g_per_u", "correction_factor_mg_dl_per_u"):
+            v = getattr(self, field)
+            if v is not None:
+                out[field] = v
+        return out
+
+    def label(self) -> str:
+        """A short name for tables."""
+        if self.controller is not None:
+            return self.controller
+        changes = self.changes()
+        if not changes:
+            return "logged"
+        return "logged with " + ", ".join(f"{k}={v:g}" for k, v in changes.items())
+
+
+def _controllers(
+    fit: TwinFit, zs: NDArray[np.float64], grid: LogGrid, therapy: ReplayTherapy
+) -> list[Controller]:
+    base = fit.model.base
+    out: list[Controller] = []
+    for z in zs:
+        if therapy.controller is not None:
+            out.append(make_controller(therapy.controller, fit.model.patient(z)))
+            continue
+        out.append(
+            LoggedTherapy(
+                grid.basal_u_per_h,
+                grid.bolus_u,
+                grid.carbs_g,
+                carb_ratio_g_per_u=base["carb_ratio_g_per_u"],
+                correction_factor_mg_dl_per_u=base["correction_factor_mg_dl_per_u"],
+                basal_scale=therapy.basal_scale,
+                flat_basal_u_per_h=therapy.basal_u_per_h,
+                new_carb_ratio_g_per_u=therapy.carb_ratio_g_per_u,
+                new_correction_factor_mg_dl_per_u=therapy.correction_factor_mg_dl_per_u,
+            )
+        )
+    return out
+
+
+def run_therapy(
+    fit: TwinFit,
+    grid: LogGrid,
+    therapy: ReplayTherapy,
+    zs: NDArray[np.float64],
+    *,
+    rescue: RescueRule | None,
+) -> LoopTrace:
+    """The twin's draws ``zs`` in closed loop over the grid's days under ``therapy``."""
+    params, x0 = fit.model.states(zs, grid)
+    segments = fit.model.segments(zs, grid)
+    starts = np.array([a for a, _, _ in segments])
+
+    def sensitivity(t: int) -> NDArray[np.float64] | None:
+        seg = segments[int(np.searchsorted(starts, t, side="right")) - 1]
+        return seg[2]
+
+    return closed_loop(
+        params,
+        x0,
+        _controllers(fit, zs, grid, therapy),
+        meal_g=grid.carbs_g,
+        announced_g=grid.carbs_g,
+        scheduled_basal_u_per_h=np.full(zs.shape[0], fit.model.basal_u_per_h),
+        sensitivity=sensitivity if fit.model.profile_blocks else None,
+        rescue=rescue,
+    )
+
+
+def _summary(values: NDArray[np.float64]) -> dict[str, float]:
+    p5, p50, p95 = np.percentile(values, [5, 50, 95])
+    return {"median": float(p50), "p5": float(p5), "p95": float(p95)}
+
+
+def _metrics(trace: LoopTrace, first: int, days: float) -> dict[str, NDArray[np.float64]]:
+    m = glucose_metrics(trace.gsub_mg_dl[:, first:], sample_period_min=1.0)
+    out = {k: np.atleast_1d(np.asarray(getattr(m, k), dtype=np.float64)) for k in METRICS}
+    out["insulin_u_per_day"] = trace.insulin_u_per_min[:, first:].sum(axis=1) / days
+    out["rescues_per_day"] = (trace.rescue_g[:, first:] > 0).sum(axis=1) / days
+    return out
+
+
+def replay(
+    fit: TwinFit,
+    grid: LogGrid,
+    therapy: ReplayTherapy,
+    *,
+    draws: int = 50,
+    seed: int = 0,
+    rescue: RescueRule | None = DEFAULT_RESCUE,
+    burn_in_min: int = 180,
+) -> dict[str, Any]:
+    """Replay ``grid``'s days on the twin under the logged therapy and under ``therapy``.
+
+    With a posterior, ``draws`` draws of the twin (the MAP first) run together; without, the
+    MAP alone. The first ``burn_in_min`` minutes are not scored (the twin starts at basal).
+
+    Returns:
+        ``{"therapies": [logged, alternative], "difference": …, "draws": M, …}``: each
+        therapy's metrics (median, p5, p95 over draws), and the paired difference
+        alternative − logged.
+
+    """
+    if not 0 <= burn_in_min < grid.minutes:
+        raise ConfigError("burn_in_min", burn_in_min, f"minutes in [0, {grid.minutes})")
+    zs = fit.draws(draws, seed)
+    days = (grid.minutes + 1 - burn_in_min) / MIN_PER_DAY
+    logged = ReplayTherapy()
+    results = []
+    metrics = []
+    traces = []
+    for t in (logged, therapy):
+        began = time.perf_counter()
+        trace = run_therapy(fit, grid, t, zs, rescue=rescue)
+        m = _metrics(trace, burn_in_min, days)
+        metrics.append(m)
+        traces.append(trace)
+        results.append(
+            {
+                "therapy": t.label(),
+                "metrics": {k: _summary(v) for k, v in m.items()},
+                "seconds": time.perf_counter() - began,
+            }
+        )
+    diff = {k: _summary(metrics[1][k] - metrics[0][k]) for k in metrics[0]}
+    return {
+        "twin": fit.model.name,
+        "days": days,
+        "draws": int(zs.shape[0]),
+        "posterior": fit.cov_z is not None,
+        "rescue": None if rescue is None else dataclasses.asdict(rescue),
+        "therapies": results,
+        "difference": diff,
+        "traces": traces,
+    }
