@@ -33,6 +33,7 @@ from collections.abc import Generator, Sequence
 from typing import Any, Protocol
 
 from twinloop.agents.errors import AgentError, LoopConfigError
+from twinloop.extras import require
 
 #: Seconds a remote call may take before it counts as failed (per request of the round).
 CALL_TIMEOUT_S = 30.0
@@ -223,8 +224,13 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Start the embedded Ray (loopback only, no usage stats) or connect to ``address``."""
-    import ray
+    """Start the embedded Ray (loopback only, no usage stats) or connect to ``address``.
+
+    Raises:
+        twinloop.extras.MissingExtraError: Ray is not installed (``twinloop[ray]``).
+
+    """
+    ray = require("ray", extra="ray", what="running agents on Ray")
 
     if ray.is_initialized():
         return
@@ -335,3 +341,30 @@ class RayPlacement:
         for actor in self._actors.values():
             ray.kill(actor)
         self._actors.clear()
+
+
+#: Every placement by name (a therapy's agents part says which of them its loop supports).
+PLACEMENTS = ("inline", "ray", "ray-patients")
+
+
+def make_placement(name: str, address: str | None = None) -> Placement:
+    """The placement called ``name``; the Ray ones start the embedded Ray or join ``address``.
+
+    Release it with :func:`release_placement` (which stops a Ray this call started).
+    """
+    if name not in PLACEMENTS:
+        raise LoopConfigError("placement", name, f"one of {', '.join(PLACEMENTS)}")
+    if name == "inline":
+        if address is not None:
+            raise LoopConfigError("address", address, "only with a Ray placement")
+        return InlinePlacement()
+    start_ray(address)
+    return RayPatientsPlacement() if name == "ray-patients" else RayPlacement()
+
+
+def release_placement(placement: Placement) -> None:
+    """Stop the Ray that :func:`make_placement` started for ``placement`` (if any)."""
+    if placement.name.startswith("ray"):
+        import ray
+
+        ray.shutdown()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--markdown", action="store_true", help="with --faults: as Markdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=main_campaign)
 
 
 DOC_HEADER = """# Fault catalogue and safety-requirement vocabulary
@@ -102,7 +102,7 @@ def _catalogue() -> int:
 def main_campaign(args: argparse.Namespace) -> int:
     """Run ``twinloop campaign``; errors print one line and return 2."""
     from twinloop.campaigns.campaign import replay_run, run_campaign, same_result
-    from twinloop.campaigns.spec import SpecError, load_spec
+    from twinloop.campaigns.spec import load_spec
 
     if args.faults:
         if args.markdown:
@@ -110,35 +110,27 @@ def main_campaign(args: argparse.Namespace) -> int:
             return 0
         return _catalogue()
     if not args.spec:
-        print("twinloop campaign: error: give SPEC.yaml (or --faults)", file=sys.stderr)
-        return 2
-    try:
-        spec = load_spec(args.spec)
-        out = Path(args.out) if args.out else Path("runs") / "campaigns" / spec.name
-        if args.replay:
-            target = out / "replays" / args.replay
-            replayed = replay_run(spec, args.replay, target)
-            print(f"replayed {args.replay}: full recording in {target}")
-            stored = out / "results" / f"{args.replay}.json"
-            if stored.exists():
-                same = same_result(json.loads(stored.read_text()), replayed["result"])
-                print(
-                    "identical to the stored result" if same else "DIFFERENT from the stored result"
-                )
-                return 0 if same else 1
-            return 0
-        summary = run_campaign(
-            spec,
-            out,
-            address=args.address,
-            workers=args.workers,
-            inline=args.inline,
-            progress=not args.no_progress,
-        )
-    except (SpecError, ValueError, KeyError, OSError) as exc:
-        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"twinloop campaign: error: {text}", file=sys.stderr)
-        return 2
+        raise ValueError("give SPEC.yaml (or --faults)")
+    spec = load_spec(args.spec)
+    out = Path(args.out) if args.out else Path("runs") / "campaigns" / spec.name
+    if args.replay:
+        target = out / "replays" / args.replay
+        replayed = replay_run(spec, args.replay, target)
+        print(f"replayed {args.replay}: full recording in {target}")
+        stored = out / "results" / f"{args.replay}.json"
+        if stored.exists():
+            same = same_result(json.loads(stored.read_text()), replayed["result"])
+            print("identical to the stored result" if same else "DIFFERENT from the stored result")
+            return 0 if same else 1
+        return 0
+    summary = run_campaign(
+        spec,
+        out,
+        address=args.address,
+        workers=args.workers,
+        inline=args.inline,
+        progress=not args.no_progress,
+    )
     runs = summary["runs"]
     ex = summary["execution"]
     rate = f", {ex['runs_per_s']:.1f} runs/s" if ex["runs_per_s"] else ""

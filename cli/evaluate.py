@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import time
 from typing import Any
 
-from twinloop.agents.errors import AgentError
 from twinloop.evaluation.evaluate import (
     DEFAULT_PROTOCOL,
     EvaluationConfigError,
-    EvaluationError,
     check_controllers,
     check_doc,
     evaluate,
     load_protocol,
     update_doc,
 )
-from twinloop.plant.errors import PlantError
-from twinloop.policies.errors import PolicyError
 
 #: Exit status of a command-line error.
 EXIT_USAGE = 2
@@ -78,6 +73,7 @@ def add_parser(sub: Any) -> None:
         help="also write the table and this command between the evaluation markers of this "
         "Markdown file (e.g. docs/evaluation.md)",
     )
+    ev.set_defaults(handler=main_evaluate)
 
 
 def _ints(option: str, text: str, *, minimum: int) -> list[int]:
@@ -164,8 +160,4 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def main_evaluate(args: argparse.Namespace) -> int:
     """Run ``twinloop evaluate``; errors print one line and return 2 (no traceback)."""
-    try:
-        return _evaluate(args)
-    except (EvaluationError, PlantError, AgentError, PolicyError, OSError) as exc:
-        print(f"twinloop evaluate: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return _evaluate(args)

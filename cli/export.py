@@ -51,6 +51,7 @@ def add_parser(sub: Any) -> None:
     fhir.add_argument(
         "--allow-incomplete", action="store_true", help="also export an interrupted run"
     )
+    p.set_defaults(handler=main_export)
 
 
 def _error(text: object) -> int:
@@ -85,23 +86,20 @@ def _references(items: list[str]) -> str | dict[str, str] | None:
 
 def main_export(args: argparse.Namespace) -> int:
     """Run ``twinloop export``; errors print one line and return 2."""
-    from twinloop.twins.fhir import FhirExportError, write_bundle
+    from twinloop.twins.fhir import write_bundle
 
-    try:
-        start = _start(args.start)
-        if start is not None and start.utcoffset() is None:
-            return _error(
-                f"--start {args.start!r} has no UTC offset; give one, e.g. "
-                f"{args.start}+00:00 or {args.start}Z"
-            )
-        export = write_bundle(
-            args.run_dir,
-            args.out,
-            start=start,
-            patient_reference=_references(args.patient_reference),
-            allow_incomplete=args.allow_incomplete,
+    start = _start(args.start)
+    if start is not None and start.utcoffset() is None:
+        return _error(
+            f"--start {args.start!r} has no UTC offset; give one, e.g. "
+            f"{args.start}+00:00 or {args.start}Z"
         )
-    except (FhirExportError, ValueError, OSError) as exc:
-        return _error(exc)
+    export = write_bundle(
+        args.run_dir,
+        args.out,
+        start=start,
+        patient_reference=_references(args.patient_reference),
+        allow_incomplete=args.allow_incomplete,
+    )
     print(f"fhir: {export.summary()} -> {args.out}")
     return 0

@@ -23,15 +23,16 @@ import argparse
 import json
 import signal
 import ssl
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 
-def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
+def add_parser(sub: Any) -> None:
     """Add the ``emulate`` and ``hil`` sub-commands to the ``twinloop`` parser."""
+    from twinloop.cli.options import positive, seed
+
     emu = sub.add_parser(
         "emulate",
         help="serve a plant-backed emulated device (pump over Modbus, CGM over serial, "
@@ -92,6 +93,7 @@ def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
     )
     emu.add_argument("--baudrate", type=int, help="serial baud rate (pump 115200, CGM 9600)")
 
+    emu.set_defaults(handler=emulate)
     hil = sub.add_parser(
         "hil",
         help="run the insulin loop against a pump and a CGM through device profiles",
@@ -146,6 +148,7 @@ def add_parsers(sub: Any, positive: Any, seed: Any) -> None:
         action="store_true",
         help="pace the rig under SCHED_FIFO (needs CAP_SYS_NICE; says so when refused)",
     )
+    hil.set_defaults(handler=hil_command)
 
 
 def _profile_path(name: str) -> Path:
@@ -385,7 +388,7 @@ def hil_exo(args: argparse.Namespace) -> int:
     try:
         session = run_exo_session(config, out=out)
     except ExoRigError as exc:
-        return main_error("hil", exc)
+        raise ValueError(str(exc)) from exc
     print_exo_summary(
         session.summary,
         realtime_refused=session.rig.realtime_refused if args.realtime else None,
@@ -449,7 +452,6 @@ def print_exo_summary(
     print(f"ended: {summary['ended_by']}")
 
 
-def main_error(command: str, exc: Exception) -> int:
-    """One line on stderr for an error of these commands."""
-    print(f"twinloop {command}: error: {exc}", file=sys.stderr)
-    return 2
+def hil_command(args: argparse.Namespace) -> int:
+    """``twinloop hil``: the rig of the therapy asked for."""
+    return hil(args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import sys
 from typing import Any
 
 
@@ -19,8 +18,10 @@ def _count(text: str) -> int:
     return value
 
 
-def add_parser(sub: Any, seed: Any) -> None:
-    """Add the ``train`` sub-command to the ``twinloop`` parser (``seed``: the seed type)."""
+def add_parser(sub: Any) -> None:
+    """Add the ``train`` sub-command to the ``twinloop`` parser."""
+    from twinloop.cli.options import seed
+
     p = sub.add_parser(
         "train",
         help="train insulin or knee-exoskeleton policies (PPO/SAC) from a YAML config; saved "
@@ -47,6 +48,7 @@ def add_parser(sub: Any, seed: Any) -> None:
     p.add_argument("--address", help="train the seeds on an existing Ray cluster (HOST:PORT)")
     p.add_argument("--timesteps", type=_count, help="environment steps per seed (overrides)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=main_train)
 
 
 def main_train(args: argparse.Namespace) -> int:
@@ -69,13 +71,10 @@ def main_train(args: argparse.Namespace) -> int:
             address=args.address,
             progress=not args.no_progress,
         )
-    except (PolicyError, OSError) as exc:
-        print(f"twinloop train: error: {exc}", file=sys.stderr)
-        return 2
+    except (PolicyError, OSError):
+        raise
     except Exception as exc:  # Ray/SB3 failures: one line, never a traceback
-        msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        print(f"twinloop train: error: {msg}", file=sys.stderr)
-        return 2
+        raise PolicyError(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
     for r in results:
         print(f"seed {r.seed}: {r.timesteps} steps in {r.seconds:.0f} s -> {r.directory}")
     first = shlex.quote(results[0].directory)

@@ -129,6 +129,7 @@ def add_parser(sub: Any) -> None:
         "--carb-error", type=float, default=0.1, help="carb-counting error SD, fraction (0.1)"
     )
     s.add_argument("--cgm", default="GuardianRT", help="CGM error model (default GuardianRT)")
+    p.set_defaults(handler=main_twin)
 
 
 def _error(text: object, report: Any = None) -> int:
@@ -434,14 +435,8 @@ def _main_synth(args: argparse.Namespace) -> int:
 
 def main_twin(args: argparse.Namespace) -> int:
     """Run ``twinloop twin``; errors print one line and return 2."""
-    from twinloop.plant.errors import PlantError
-    from twinloop.policies.errors import PolicyError
-
-    try:
-        if args.twin_command == "fit":
-            return _main_fit(args)
-        if args.twin_command == "replay":
-            return _main_replay(args)
-        return _main_synth(args)
-    except (PlantError, PolicyError, OSError, ValueError) as exc:
-        return _error(exc)
+    if args.twin_command == "fit":
+        return _main_fit(args)
+    if args.twin_command == "replay":
+        return _main_replay(args)
+    return _main_synth(args)

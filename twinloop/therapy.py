@@ -164,9 +164,7 @@ def _discover() -> dict[str, Therapy]:
         try:
             therapy = entry.load()
         except Exception as exc:  # a broken plug-in must not break twinloop
-            warnings.warn(
-                f"therapy entry point {entry.name!r} does not load: {exc}", stacklevel=2
-            )
+            warnings.warn(f"therapy entry point {entry.name!r} does not load: {exc}", stacklevel=2)
             continue
         if isinstance(therapy, Therapy) and therapy.name not in found:
             found[therapy.name] = therapy

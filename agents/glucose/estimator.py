@@ -11,9 +11,8 @@ Filter state (15 values)
 ======  ==================================================================  ===========
 index   meaning                                                             unit
 ======  ==================================================================  ===========
-0-12    the model's states, in :class:`twinloop.plant.glucose.patients.PatientParameters`     as
-there
-        order (``q_sto1`` … ``g_s``)
+0-12    the model's states, in :class:`~twinloop.plant.glucose.patients.        as there
+        PatientParameters` order (``q_sto1`` … ``g_s``)
 13      ``θ = ln s``: log of the insulin-sensitivity scale ``s``, which      -
         multiplies ``Vmx`` (insulin-dependent utilisation) and ``kp3``
         (insulin action on the liver); a random walk

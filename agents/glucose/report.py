@@ -1,15 +1,15 @@
 """Report of a recorded run: summary metrics, plots and a Markdown page, from the recording only.
 
-:func:`build_report` reads a run directory written by :func:`twinloop.agents.glucose.run.run_cohort`
-(layout in
-:mod:`twinloop.agents.recording`) and never re-runs anything. It writes into that directory::
+:func:`build_report` reads a run directory written by
+:func:`twinloop.agents.glucose.run.run_cohort` (layout in :mod:`twinloop.agents.recording`) and
+never re-runs anything. It writes into that directory::
 
     RUN_DIR/
-      summary.json                 rebuilt from ``plant->sensor`` with
-      twinloop.agents.glucose.run.summarize report.md                    run description, summary
-      table, interventions, plots plots/trace_<patient>.png    glucose, meals, insulin and
-      supervisor interventions plots/agp_<patient>.png      ambulatory glucose profile (runs of 2
-      days or more) plots/agp_cohort_<name>.png  the same, pooled over the patients of a cohort
+      summary.json                 rebuilt from ``plant->sensor`` (agents.glucose.run.summarize)
+      report.md                    run description, summary table, interventions, plots
+      plots/trace_<patient>.png    glucose, meals, insulin and supervisor interventions
+      plots/agp_<patient>.png      ambulatory glucose profile (runs of 2 days or more)
+      plots/agp_cohort_<name>.png  the same, pooled over the patients of a cohort
 
 Conventions: minute 0 of a run is midnight (the loop samples its meals with ``start_min=0``),
 so ``t_min % 1440`` is the minute of the day. Glucose is plasma glucose (``bg_mg_dl``, one
@@ -42,9 +42,16 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MultipleLocator
 from numpy.typing import ArrayLike, NDArray
 
-from twinloop.agents.errors import AgentError
 from twinloop.agents.glucose.run import summarize, tick_lateness
-from twinloop.agents.recording import INCOMPLETE_MARKER, channel_file
+from twinloop.agents.recording import channel_file
+from twinloop.agents.report import (
+    MANIFEST_FILE,
+    CorruptRecordingError,
+    IncompleteRunError,
+    MissingRecordingFileError,
+    ReportError,
+    check_complete,
+)
 from twinloop.plant.errors import UnknownPatientError
 from twinloop.plant.glucose.metrics import HIGH_MG_DL, LOW_MG_DL
 from twinloop.plant.glucose.patients import expand_names, get_patient
@@ -70,8 +77,6 @@ __all__ = [
 PLOTS_DIR = "plots"
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
-MANIFEST_FILE = "manifest.json"
-
 #: Width of the time-of-day bins of the ambulatory glucose profile, minutes.
 AGP_BIN_MIN = 15
 #: Runs shorter than this many days get no ambulatory glucose profile.
@@ -113,58 +118,6 @@ _BAND = "#2ca02c"
 _MEAL = "#a0522d"
 _BASAL = "#1f77b4"
 _BOLUS = "#d62728"
-
-
-class ReportError(AgentError):
-    """Base class of the errors raised while reporting a recorded run."""
-
-
-class IncompleteRunError(ReportError, RuntimeError):
-    """The run was interrupted or is still being written; its recording may end early.
-
-    Attributes:
-        run_dir: the run directory.
-        why: what marks it incomplete.
-
-    """
-
-    def __init__(self, run_dir: Path, why: str) -> None:
-        self.run_dir = run_dir
-        self.why = why
-        super().__init__(
-            f"{run_dir}: the run is incomplete ({why}); its recording may stop early. "
-            "Report it anyway with allow_incomplete=True (CLI: --allow-incomplete)"
-        )
-
-
-class MissingRecordingFileError(ReportError, FileNotFoundError):
-    """A file the report needs is not in the run directory.
-
-    Attributes:
-        path: the missing file (or directory).
-        what: what that file holds.
-
-    """
-
-    def __init__(self, path: Path, what: str) -> None:
-        self.path = path
-        self.what = what
-        super().__init__(f"{path}: missing ({what})")
-
-
-class CorruptRecordingError(ReportError, ValueError):
-    """A file of the recording cannot be read or does not hold what a recording holds.
-
-    Attributes:
-        path: the file.
-        problem: what is wrong with it.
-
-    """
-
-    def __init__(self, path: Path, problem: str) -> None:
-        self.path = path
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
 
 
 class ReportSettingError(ReportError, ValueError):
@@ -400,18 +353,6 @@ class _Channel:
     def of(self, i: int, name: str) -> NDArray[Any]:
         """Column ``name`` of patient ``i``, by time."""
         return self.columns[name][self.rows(i)]
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise MissingRecordingFileError(path, what)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptRecordingError(path, f"not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CorruptRecordingError(path, f"expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def _read_table(run_dir: Path, channel: str, *, required: bool) -> _Table:
@@ -865,27 +806,6 @@ def _markdown(
 
 # --------------------------------------------------------------------------------------------
 # The report
-
-
-def check_complete(run_dir: Path, *, allow_incomplete: bool) -> tuple[dict[str, Any] | None, bool]:
-    """The manifest (``None`` if an interrupted run has none) and whether the run is complete."""
-    if not run_dir.is_dir():
-        raise MissingRecordingFileError(run_dir, "run directory")
-    marker = (run_dir / INCOMPLETE_MARKER).exists()
-    manifest_path = run_dir / MANIFEST_FILE
-    why: list[str] = []
-    manifest: dict[str, Any] | None = None
-    if manifest_path.is_file() or not marker:
-        manifest = _read_json(manifest_path, "manifest of the run")
-        if manifest.get("complete") is not True:
-            why.append(f"{MANIFEST_FILE} says complete={manifest.get('complete')!r}")
-    else:
-        why.append(f"no {MANIFEST_FILE}")
-    if marker:
-        why.append(f"the {INCOMPLETE_MARKER} marker is present")
-    if why and not allow_incomplete:
-        raise IncompleteRunError(run_dir, "; ".join(why))
-    return manifest, not why
 
 
 def build_report(run_dir: str | Path, *, allow_incomplete: bool = False) -> ReportResult:

@@ -17,6 +17,9 @@ from twinloop.plant.glucose.metrics import glucose_metrics
 from twinloop.plant.glucose.patients import PatientParameters, patient_key
 from twinloop.plant.glucose.scenarios import MIN_PER_DAY
 
+#: The therapy's name in recordings' manifests.
+THERAPY = "glucose"
+
 SUMMARY_FIELDS = (
     "mean_mg_dl",
     "time_in_range_70_180_pct",
@@ -140,7 +143,7 @@ def run_cohort(
     n_min = config.days * MIN_PER_DAY
     bg = np.empty((len(patients), n_min + 1))
     complete = False
-    config_dict = dataclasses.asdict(config)
+    config_dict = {"therapy": THERAPY, **dataclasses.asdict(config)}
     placement = placement or InlinePlacement()
     config_dict["placement"] = placement.name
 

@@ -25,13 +25,13 @@ import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from twinloop.agents.glucose.report import (
+from twinloop.agents.knee.run import THERAPY, summarize_exo
+from twinloop.agents.recording import channel_file
+from twinloop.agents.report import (
     CorruptRecordingError,
     MissingRecordingFileError,
     check_complete,
 )
-from twinloop.agents.knee.run import THERAPY, summarize_exo
-from twinloop.agents.recording import channel_file
 from twinloop.plant.knee.model import knee_preset
 
 DEG = 180.0 / math.pi

@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow.parquet as pq
 
-from twinloop.agents.glucose.report import CorruptRecordingError, check_complete
 from twinloop.agents.recording import channel_file
+from twinloop.agents.report import CorruptRecordingError, check_complete
 from twinloop.hil.pacing import PacingStats
 from twinloop.plant.glucose.metrics import glucose_metrics
 

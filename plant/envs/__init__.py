@@ -1,4 +1,9 @@
-"""Gymnasium environments of the plants, registered at import of :mod:`plant`."""
+"""Gymnasium environments of every therapy's plant, registered at import of ``twinloop.plant``.
+
+Each therapy's plant part lists its environments (:class:`~twinloop.plant.interface.
+EnvRegistration`); :func:`register_envs` registers them all (cheaply: a compiled model loads
+only when its environment is made).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,15 @@ KNEE_EXO_ID = "twinloop/KneeExo-v0"
 
 
 def register_envs() -> None:
-    """Register the environments (idempotent; the compiled models load only at ``make``)."""
-    if T1D_ID not in gym.registry:
-        gym.register(
-            id=T1D_ID,
-            entry_point="twinloop.plant.glucose.env:T1DEnv",
-            vector_entry_point="twinloop.plant.glucose.env_vector:T1DVectorEnv",
-            disable_env_checker=False,
-        )
-    if KNEE_EXO_ID not in gym.registry:
-        gym.register(
-            id=KNEE_EXO_ID,
-            entry_point="twinloop.plant.knee.env:KneeExoEnv",
-            vector_entry_point="twinloop.plant.knee.env_vector:KneeExoVectorEnv",
-            disable_env_checker=False,
-        )
+    """Register every therapy's environments with Gymnasium (idempotent)."""
+    from twinloop.therapy import therapies
+
+    for therapy in therapies():
+        for env in therapy.part("plant").envs:
+            if env.id not in gym.registry:
+                gym.register(
+                    id=env.id,
+                    entry_point=env.entry_point,
+                    vector_entry_point=env.vector_entry_point,
+                    disable_env_checker=False,
+                )

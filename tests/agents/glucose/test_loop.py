@@ -193,7 +193,7 @@ def test_a_failing_supervisor_or_pump_falls_back_to_the_scheduled_basal():
 def test_cli_run_reads_a_yaml_config_and_command_line_options_win(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
-        "patients: [child#001]\ndays: 1\ncontroller: pid\nplacement: inline\nseed: 3\n"
+        "patient: [child#001]\ndays: 1\ncontroller: pid\nplacement: inline\nseed: 3\n"
         f"out: {tmp_path / 'from_yaml'}\n"
     )
     assert main(["run", "--config", str(cfg), "--controller", "basal-bolus", "--no-progress"]) == 0
@@ -208,7 +208,7 @@ def test_cli_run_reads_a_yaml_config_and_command_line_options_win(tmp_path, caps
     assert "unknown key 'speed'" in err and "controller" in err and "Traceback" not in err
     cfg.write_text("days: two\n")
     assert main(["run", "--config", str(cfg), "--no-progress"]) == 2
-    assert "days='two' has the wrong type" in capsys.readouterr().err
+    assert "--days='two' is not allowed: an integer >= 1" in capsys.readouterr().err
 
 
 def test_a_controller_overrunning_its_deadline_is_treated_as_missing():

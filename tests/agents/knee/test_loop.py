@@ -200,7 +200,7 @@ def test_cli_run_knee_exo_then_report(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--patient", "adult#001"], "patients"),
+        (["--patient", "adult#001"], "patient"),
         (["--days", "2"], "--days"),
         (["--cohort", "adults"], "--cohort"),
         (["--controller", "pid"], "controller"),

@@ -1,0 +1,160 @@
+"""The glucose therapy's agents part: its loop's options, run, summary table and report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from twinloop.agents.glucose.loop import LoopConfig
+from twinloop.agents.interface import RunOption
+from twinloop.agents.messages import (
+    CgmReading,
+    InsulinCommand,
+    InsulinDelivery,
+    MealAnnouncement,
+    TwinEstimate,
+)
+from twinloop.agents.placement import Placement
+from twinloop.plant.glucose.scenarios import SCENARIOS
+
+
+def _positive_int(text: Any) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if isinstance(text, bool) or value < 1 or isinstance(text, float):
+        raise ValueError("an integer >= 1")
+    return value
+
+
+def _scenario(text: Any) -> str:
+    if text not in SCENARIOS:
+        raise ValueError(f"one of {', '.join(SCENARIOS)}")
+    return str(text)
+
+
+def _clock(text: Any) -> str:
+    if text not in ("sim", "wall"):
+        raise ValueError("sim or wall")
+    return str(text)
+
+
+def _positive(text: Any) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(text, bool) or not value > 0:
+        raise ValueError("a number > 0")
+    return value
+
+
+class GlucoseLoop:
+    """Sensor → twin estimator → controller → supervisor → pump around UVA/Padova patients."""
+
+    run_options = (
+        RunOption("days", _positive_int, 1, "simulated days (default 1)"),
+        RunOption("scenario", _scenario, "random", "meal scenario: random (default) or A"),
+        RunOption("clock", _clock, "sim", "sim (default: as fast as the CPU allows) or wall"),
+        RunOption(
+            "time_scale",
+            _positive,
+            0.01,
+            "wall-clock seconds per simulated minute with --clock wall (default 0.01)",
+        ),
+        RunOption(
+            "parallel_patients",
+            _positive_int,
+            None,
+            "patient loops driven together in lockstep, one call per kind of agent and round "
+            "(default: all)",
+        ),
+    )
+    placements = ("ray", "inline", "ray-patients")
+    channel_messages: Mapping[str, type] = {
+        "sensor->controller": CgmReading,
+        "meal->controller": MealAnnouncement,
+        "controller->supervisor": InsulinCommand,
+        "supervisor->actuator": InsulinCommand,
+        "actuator->plant": InsulinDelivery,
+        "estimator->controller": TwinEstimate,
+    }
+    default_out = "runs/run-%Y%m%d-%H%M%S"
+
+    def make_config(
+        self, *, patients: Sequence[str], seed: int, controller: str, options: Mapping[str, Any]
+    ) -> tuple[LoopConfig, int | None]:
+        """The :class:`LoopConfig` and the lockstep group size."""
+        config = LoopConfig(
+            patients=tuple(patients),
+            days=options["days"],
+            seed=seed,
+            controller=controller,
+            scenario=options["scenario"],
+            clock=options["clock"],
+            wall_s_per_sim_min=options["time_scale"],
+        )
+        return config, options.get("parallel_patients")
+
+    def run(
+        self,
+        config: tuple[LoopConfig, int | None],
+        out: str | Path,
+        *,
+        placement: Placement,
+        progress: bool,
+    ) -> tuple[Path, dict[str, Any]]:
+        """:func:`twinloop.agents.glucose.run.run_cohort`."""
+        from twinloop.agents.glucose.run import run_cohort
+
+        loop_config, parallel = config
+        return run_cohort(
+            loop_config, out, progress=progress, placement=placement, parallel_patients=parallel
+        )
+
+    def summary_lines(
+        self,
+        config: tuple[LoopConfig, int | None],
+        summary: Mapping[str, Any],
+        *,
+        placement: str,
+        elapsed_s: float,
+    ) -> list[str]:
+        """Plasma-glucose metrics per patient and cohort, then the totals."""
+        cfg = config[0]
+        cols = (
+            ("mean", "mean_mg_dl"),
+            ("TIR%", "time_in_range_70_180_pct"),
+            ("<70%", "time_below_70_pct"),
+            ("<54%", "time_below_54_pct"),
+            (">180%", "time_above_180_pct"),
+        )
+        header = f"{'patient':<16}" + "".join(f"{c:>8}" for c, _ in cols)
+        lines = [
+            f"twinloop run: {len(summary['patients'])} patients × {cfg.days} day(s), controller "
+            f"{cfg.controller} under the safety supervisor, seed {cfg.seed}, agents "
+            f"{placement}; plasma glucose mg/dL",
+            header,
+            "-" * len(header),
+        ]
+        for name, row in [*summary["patients"].items(), *summary["cohorts"].items()]:
+            lines.append(f"{name:<16}" + "".join(f"{row[f]:8.1f}" for _, f in cols))
+        lines.append(f"{len(summary['patients']) * cfg.days} patient-day(s) in {elapsed_s:.1f} s")
+        if "tick_lateness_ms" in summary:
+            late = summary["tick_lateness_ms"]
+            lines.append(
+                f"wall clock: {late['ticks']} ticks, lateness p50 {late['p50']:.2f} ms, "
+                f"p99 {late['p99']:.2f} ms, max {late['max']:.2f} ms"
+            )
+        return lines
+
+    def report(self, run_dir: str | Path, *, allow_incomplete: bool) -> Any:
+        """:func:`twinloop.agents.glucose.report.build_report`."""
+        from twinloop.agents.glucose.report import build_report
+
+        return build_report(run_dir, allow_incomplete=allow_incomplete)
+
+
+PART = GlucoseLoop()

@@ -1,0 +1,137 @@
+"""The knee-exo therapy's agents part: its loop's options, run, summary table and report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from twinloop.agents.interface import RunOption
+from twinloop.agents.knee.loop import ExoLoopConfig
+from twinloop.agents.knee.messages import (
+    ExoSensorReading,
+    ExoTorqueCommand,
+    KneeTwinEstimate,
+    TaskReference,
+)
+from twinloop.agents.placement import Placement
+from twinloop.plant.knee.tasks import TASKS
+
+
+def _task(text: Any) -> str:
+    if text not in TASKS:
+        raise ValueError(f"one of {', '.join(TASKS)}")
+    return str(text)
+
+
+def _int(text: Any) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError("an integer") from None
+    if isinstance(text, bool | float):
+        raise ValueError("an integer")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+class KneeLoop:
+    """Encoder, torque sensor, EMG → knee twin → controller → exo supervisor → drive."""
+
+    run_options = (
+        RunOption(
+            "task", _task, "cyclic", "cyclic (default, flexion-extension), sit_to_stand, hold"
+        ),
+        RunOption("cycles", _int, 10, "cycles of the cyclic task (default 10)"),
+        RunOption("control_hz", _int, 100, "control rate, Hz (default 100; 100-500 dividing 1000)"),
+        RunOption("twin", _bool, True, "run the knee twin estimator (default: on)", flag=True),
+    )
+    placements = ("inline", "ray")
+    channel_messages: Mapping[str, type] = {
+        "sensor->controller": ExoSensorReading,
+        "task->controller": TaskReference,
+        "estimator->controller": KneeTwinEstimate,
+        "controller->supervisor": ExoTorqueCommand,
+        "supervisor->actuator": ExoTorqueCommand,
+    }
+    default_out = "runs/exo-%Y%m%d-%H%M%S"
+
+    def make_config(
+        self, *, patients: Sequence[str], seed: int, controller: str, options: Mapping[str, Any]
+    ) -> ExoLoopConfig:
+        """The :class:`ExoLoopConfig` (validated)."""
+        return ExoLoopConfig(
+            patients=tuple(patients),
+            task=options["task"],
+            cycles=options["cycles"],
+            seed=seed,
+            controller=controller,
+            control_hz=options["control_hz"],
+            twin=options["twin"],
+        )
+
+    def run(
+        self, config: ExoLoopConfig, out: str | Path, *, placement: Placement, progress: bool
+    ) -> tuple[Path, dict[str, Any]]:
+        """:func:`twinloop.agents.knee.run.run_knee_exo`, then its report."""
+        from twinloop.agents.knee.report import build_exo_report
+        from twinloop.agents.knee.run import run_knee_exo
+
+        run_dir, summary = run_knee_exo(config, out, progress=progress, placement=placement)
+        build_exo_report(run_dir)
+        return run_dir, summary
+
+    def summary_lines(
+        self, config: ExoLoopConfig, summary: Mapping[str, Any], *, placement: str, elapsed_s: float
+    ) -> list[str]:
+        """Tracking, assistance and safety per patient, the twin's estimates, the totals."""
+        cols = (
+            ("RMS err°", "rms_error_deg", "8.2f"),
+            ("max err°", "max_error_deg", "8.2f"),
+            ("exo work", "exo_work_fraction", "8.0%"),
+            ("effort", "patient_effort", "8.3f"),
+            ("spastic", "spasticity_events", "8d"),
+            ("limits", "limit_violations", "8d"),
+        )
+        header = f"{'patient':<10}" + "".join(f"{c:>9}" for c, _, _ in cols) + "  overrides"
+        seconds = sum(row["duration_s"] for row in summary["patients"].values())
+        lines = [
+            f"twinloop run: knee exoskeleton, {len(config.patients)} patient(s), task "
+            f"{config.task}, controller {config.controller} under the exoskeleton supervisor, "
+            f"{config.control_hz} Hz, twin {'on' if config.twin else 'off'}, seed {config.seed}, "
+            f"agents {placement}",
+            header,
+            "-" * len(header),
+        ]
+        for name, row in summary["patients"].items():
+            overrides = ", ".join(f"{k} {v}" for k, v in row["overrides"].items()) or "none"
+            cells = "".join(f" {row[f]:{fmt}}" for _, f, fmt in cols)
+            lines.append(f"{name:<10}{cells}  {overrides}")
+            if "twin" in row:
+                tw = row["twin"]
+                lines.append(
+                    f"{'':<10} twin: voluntary capacity {tw['voluntary_capacity']:.2f} (true "
+                    f"{tw['voluntary_capacity_true']:.2f}), effort {tw['voluntary_effort']:.2f} "
+                    f"(true {tw['voluntary_effort_true']:.2f}), spasticity gain "
+                    f"{tw['spasticity_gain_per_rad_s']:.3f} (true "
+                    f"{tw['spasticity_gain_true_per_rad_s']:.3f}) /(rad/s)"
+                )
+        lines.append(
+            f"{seconds:.1f} s of task simulated in {elapsed_s:.1f} s "
+            f"({seconds / max(elapsed_s, 1e-9):.0f}× real time)"
+        )
+        return lines
+
+    def report(self, run_dir: str | Path, *, allow_incomplete: bool) -> Any:
+        """:func:`twinloop.agents.knee.report.build_exo_report`."""
+        from twinloop.agents.knee.report import build_exo_report
+
+        return build_exo_report(run_dir, allow_incomplete=allow_incomplete)
+
+
+PART = KneeLoop()

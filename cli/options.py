@@ -1,0 +1,159 @@
+"""Option types and option groups shared by every ``twinloop`` command, and ``--config`` files.
+
+One vocabulary: ``--therapy``, ``--patient`` and ``--cohort`` (repeatable), ``--controller``,
+``--seed``, ``--out``, ``--config``, ``--placement``, ``--address`` mean the same in every
+command that has them. A ``--config`` YAML file's keys are the long options' names in snake case
+(``time_scale:`` for ``--time-scale``); values given on the command line win over the file's,
+which win over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def seed(text: str) -> int:
+    """A seed: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def positive(text: str) -> float:
+    """A number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def clock_time(text: str) -> int:
+    """A clock time ``HH:MM`` as minutes after midnight."""
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a clock time HH:MM (00:00-23:59)")
+    return int(m.group(1)) * 60 + int(m.group(2))
+
+
+def add_therapy(parser: argparse.ArgumentParser, *, default: str | None = None) -> None:
+    """``--therapy NAME`` (a name of the therapy registry)."""
+    from twinloop.therapy import therapies
+
+    names = ", ".join(f"{t.name} ({t.title})" for t in therapies())
+    parser.add_argument(
+        "--therapy",
+        default=default,
+        help=f"the therapy: {names}" + (f"; default {default}" if default else ""),
+    )
+
+
+def add_patients(parser: argparse.ArgumentParser) -> None:
+    """``--patient`` and ``--cohort`` (each repeatable)."""
+    parser.add_argument(
+        "--patient",
+        action="append",
+        default=[],
+        help="a patient of the therapy (repeatable): a glucose patient (adult#001) or a knee "
+        "preset (healthy|mild|moderate|severe)",
+    )
+    parser.add_argument(
+        "--cohort",
+        action="append",
+        default=[],
+        help="a cohort (repeatable): adolescents|adults|children|all, or population:PATH",
+    )
+
+
+def therapy_of(name: str) -> Any:
+    """The therapy called ``name``; a former spelling works with a one-line notice."""
+    from twinloop.therapy import get_therapy
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        therapy = get_therapy(name)
+    for w in caught:
+        import sys
+
+        print(f"twinloop: warning: {w.message}; use --therapy {therapy.name}", file=sys.stderr)
+    return therapy
+
+
+class ConfigFileError(ValueError):
+    """A ``--config`` file that cannot be read or holds a key or value that is not allowed."""
+
+
+#: Keys of former config files, still read, with the key they stand for.
+DEPRECATED_KEYS = {"patients": "patient", "cohorts": "cohort", "controllers": "controller"}
+
+
+def read_config(path: str | None) -> dict[str, Any]:
+    """The mapping in a ``--config`` YAML file (empty without a file)."""
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigFileError(f"--config {path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        raise ConfigFileError(f"--config {path}: not valid YAML: {first}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigFileError(f"--config {path}: expected a mapping of option names to values")
+    out: dict[str, Any] = {}
+    for key, value in loaded.items():
+        key = str(key).replace("-", "_")
+        if key in DEPRECATED_KEYS:
+            import sys
+
+            new = DEPRECATED_KEYS[key]
+            print(
+                f"twinloop: warning: --config {path}: key {key!r} is now {new!r}", file=sys.stderr
+            )
+            key = new
+        out[key] = value
+    return out
+
+
+def check_keys(path: str, given: Iterable[str], allowed: Iterable[str]) -> None:
+    """Refuse keys of a config file that the command does not have, listing the allowed ones."""
+    allowed = list(allowed)
+    for key in given:
+        if key not in allowed:
+            raise ConfigFileError(
+                f"--config {path}: unknown key {key!r}; allowed: {', '.join(allowed)}"
+            )
+
+
+def as_list(value: Any) -> list[str]:
+    """A YAML scalar or list as a list of strings."""
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def merged(
+    defaults: Mapping[str, Any], config: Mapping[str, Any], given: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Defaults, overridden by the file's values, overridden by the command line's (not None)."""
+    out = dict(defaults)
+    out.update(config)
+    out.update({k: v for k, v in given.items() if v is not None and v != []})
+    return out

@@ -1,0 +1,157 @@
+"""``twinloop run``: any therapy's closed loop, recorded, with its summary printed.
+
+The therapy (``--therapy``, default ``glucose``) is asked for everything that is its own: the
+patients it knows, its controllers, the options of its loop (``--days`` for glucose, ``--task``
+for the knee, ...), the placements it supports, how to run, print and report it. An option of
+another therapy's loop is refused naming the therapy that has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from twinloop.cli import options
+
+#: Options every therapy's ``run`` has, with their defaults (None: the therapy's default).
+COMMON: dict[str, Any] = {
+    "therapy": "glucose",
+    "patient": [],
+    "cohort": [],
+    "controller": None,
+    "seed": 0,
+    "out": None,
+    "placement": None,
+    "address": None,
+    "progress": True,
+}
+
+
+def _run_options() -> dict[str, list[tuple[str, Any]]]:
+    """Each therapy-specific run option's name → the (therapy, RunOption) that declare it."""
+    from twinloop.therapy import therapies
+
+    found: dict[str, list[tuple[str, Any]]] = {}
+    for therapy in therapies():
+        if therapy.has("agents"):
+            for opt in therapy.part("agents").run_options:
+                found.setdefault(opt.name, []).append((therapy.name, opt))
+    return found
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``run`` to the ``twinloop`` parser."""
+    run = sub.add_parser(
+        "run",
+        help="run a therapy's closed loop (sensor, twin, controller, supervisor, actuator)",
+        description="Run the closed loop of a therapy on its patients, in simulated time (or "
+        "wall clock), each agent in process or as a Ray actor; record every channel to Parquet "
+        "with a manifest and a summary; print the summary.",
+    )
+    options.add_therapy(run, default=None)
+    options.add_patients(run)
+    run.add_argument("--controller", help="a controller of the therapy, or policy:PATH")
+    run.add_argument("--seed", type=options.seed, help="seed of the run (default 0)")
+    run.add_argument("--out", help="run directory (default runs/run-YYYYmmdd-HHMMSS)")
+    run.add_argument("--config", help="YAML file setting any of these options (snake_case keys)")
+    run.add_argument(
+        "--placement",
+        help="where agents run: ray (each kind of agent a Ray actor), inline (in process) or "
+        "ray-patients (each patient's whole loop in a Ray worker); the therapy's default: "
+        "glucose ray, knee-exo inline",
+    )
+    run.add_argument(
+        "--address", help="HOST:PORT of an existing Ray cluster (default: an embedded Ray)"
+    )
+    run.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None,
+        help="hide the progress bar",
+    )  # fmt: skip
+    for name, owners in _run_options().items():
+        flag = "--" + name.replace("_", "-")
+        which = ", ".join(t for t, _ in owners)
+        opt = owners[0][1]
+        if opt.flag:
+            run.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                help=f"{which}: {opt.help}",
+            )  # fmt: skip
+        else:
+            run.add_argument(flag, dest=name, default=None, help=f"{which}: {opt.help}")
+    run.set_defaults(handler=main_run)
+
+
+def main_run(args: argparse.Namespace) -> int:
+    """Run the loop; print its summary and the path of its recording."""
+    from twinloop.agents.placement import make_placement, release_placement
+
+    config = options.read_config(args.config)
+    name = args.therapy or config.get("therapy") or COMMON["therapy"]
+    therapy = options.therapy_of(str(name))
+    agents = therapy.part("agents")
+    own = {o.name: o for o in agents.run_options}
+    others = _run_options()
+    # options of another therapy's loop, on the command line or in the file
+    for key in [*(k for k in others if getattr(args, k, None) is not None), *config]:
+        if key in others and key not in own:
+            owners = ", ".join(t for t, _ in others[key])
+            raise ValueError(
+                f"--{key.replace('_', '-')} is an option of the {owners} loop, not of "
+                f"{therapy.name}; its options: "
+                + ", ".join("--" + k.replace("_", "-") for k in own)
+            )
+    if args.config:
+        options.check_keys(args.config, config, [*COMMON, *own])
+    given = {k: getattr(args, k, None) for k in [*COMMON, *own]}
+    settings = options.merged({**COMMON, **{k: o.default for k, o in own.items()}}, config, given)
+    parsed: dict[str, Any] = {}
+    for key, opt in own.items():
+        value = settings[key]
+        try:
+            parsed[key] = value if value is None else opt.parse(value)
+        except ValueError as exc:
+            raise ValueError(f"--{key.replace('_', '-')}={value!r} is not allowed: {exc}") from None
+    plant = therapy.part("plant")
+    if options.as_list(settings["cohort"]) and not plant.cohorts:
+        raise ValueError(
+            f"--cohort: the {therapy.name} therapy has no cohorts; name its patients with "
+            f"--patient ({plant.patients_help})"
+        )
+    names = [*options.as_list(settings["cohort"]), *options.as_list(settings["patient"])]
+    plant.patient_names(names or plant.default_patients)  # unknown names: one error line
+    controller = settings["controller"] or therapy.part("policies").default_controller
+    allowed = therapy.part("policies").check_controller(controller)
+    if allowed is not None:
+        raise ValueError(f"--controller={controller!r} is not allowed: {allowed}")
+    loop_config = agents.make_config(
+        patients=names or plant.default_patients,
+        seed=int(settings["seed"]),
+        controller=str(controller),
+        options=parsed,
+    )
+    placement_name = settings["placement"] or (
+        "ray" if settings["address"] and "ray" in agents.placements else agents.placements[0]
+    )
+    if placement_name not in agents.placements:
+        raise ValueError(
+            f"--placement={placement_name!r} is not allowed for {therapy.name}: one of "
+            + ", ".join(agents.placements)
+        )
+    out = settings["out"] or time.strftime(agents.default_out)
+    placement = make_placement(placement_name, settings["address"])
+    t0 = time.perf_counter()
+    try:
+        run_dir, summary = agents.run(
+            loop_config, out, placement=placement, progress=bool(settings["progress"])
+        )
+    finally:
+        release_placement(placement)
+    for line in agents.summary_lines(
+        loop_config, summary, placement=placement.name, elapsed_s=time.perf_counter() - t0
+    ):
+        print(line)
+    report = Path(run_dir) / "report.md"
+    print(f"recording: {run_dir}" + (f"; report: {report}" if report.is_file() else ""))
+    return 0

@@ -1,0 +1,26 @@
+"""The knee-exo therapy's policies part: its controllers."""
+
+from __future__ import annotations
+
+from twinloop.policies.interface import POLICY_PREFIX
+from twinloop.policies.knee.controllers import EXO_CONTROLLERS
+
+
+class KneePolicies:
+    """No assistance, impedance, assist-as-needed and saved RL policies."""
+
+    controllers = tuple(EXO_CONTROLLERS)
+    default_controller = "aan"
+
+    def check_controller(self, name: object) -> str | None:
+        """``None`` for an exoskeleton controller, else what is allowed."""
+        ok = isinstance(name, str) and (
+            name in EXO_CONTROLLERS
+            or (name.startswith(POLICY_PREFIX) and len(name) > len(POLICY_PREFIX))
+        )
+        if ok:
+            return None
+        return f"one of {', '.join(EXO_CONTROLLERS)} or policy:PATH (a policy saved by train)"
+
+
+PART = KneePolicies()
