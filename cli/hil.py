@@ -24,7 +24,6 @@ import json
 import signal
 import ssl
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +102,8 @@ def add_parser(sub: Any) -> None:
     )
     hil.add_argument(
         "--therapy",
-        choices=["insulin", "knee-exo"],
-        default="insulin",
-        help="insulin (pump + CGM, default) or knee-exo (the exoskeleton drive over Modbus TCP)",
+        default="glucose",
+        help="glucose (pump + CGM, default) or knee-exo (the exoskeleton drive over Modbus TCP)",
     )
     hil.add_argument(
         "--profile",
@@ -123,7 +121,8 @@ def add_parser(sub: Any) -> None:
     )
     hil.add_argument(
         "--controller",
-        help="controller (insulin: pid (default), oref0; knee-exo: aan (default), impedance, none)",
+        help="controller (glucose: pid (default: no meal announcements reach a rig), oref0, "
+        "basal-bolus; knee-exo: aan (default), impedance, none)",
     )
     hil.add_argument(
         "--time-scale", type=positive, default=60.0, help="wall seconds per simulated minute"
@@ -277,181 +276,11 @@ def _emulate_drive(args: argparse.Namespace, stop: threading.Event) -> int:
     return 0
 
 
-def hil(args: argparse.Namespace) -> int:
-    """Run the rig and print its timing, alarms and CGM summary."""
-    if args.therapy == "knee-exo":
-        return hil_exo(args)
-    args.profile = args.profile or "insulin_pump_rtu"
-    args.patient = args.patient or "adult#001"
-    args.controller = args.controller or "pid"
-    if not args.cgm_port:
-        raise ValueError("hil: give --cgm-port PORT (the CGM's serial port)")
-    from twinloop.agents.recording import Recorder
-    from twinloop.hil.glucose.rig import Rig, RigConfig, pump_register_names, summarize_rig
-    from twinloop.hw_bridge.line import LineTransport
-    from twinloop.hw_bridge.modbus_client import ModbusDevice
-    from twinloop.hw_bridge.profile import load_profile
-
-    config = RigConfig(
-        patient=args.patient,
-        controller=args.controller,
-        wall_s_per_sim_min=args.time_scale,
-        minutes=args.minutes,
-        realtime=args.realtime,
-    )
-    profile = load_profile(_profile_path(args.profile))
-    if args.port or args.tcp:
-        profile = profile.with_overrides(port=args.port, tcp=args.tcp)
-    cgm_profile = load_profile(_profile_path(args.cgm_profile))
-    t = cgm_profile.transport
-    out = Path(args.out or time.strftime("runs/hil-%Y%m%d-%H%M%S"))
-    recorder = Recorder(out)
-    with (
-        ModbusDevice(profile) as pump,
-        LineTransport(
-            args.cgm_port,
-            baudrate=t.baudrate,
-            parity=t.parity,
-            bytesize=t.bytesize,
-            stopbits=t.stopbits,
-        ) as cgm,
-    ):
-        rig = Rig(config, pump=pump, cgm=cgm, pump_registers=pump_register_names(profile))
-        rig.listen(recorder.listener("rig"))
-        steps = args.minutes // config.control_period_min * config.watchdog_steps
-        print(
-            f"twinloop hil: {profile.name} + {cgm_profile.name}, {args.minutes} simulated min "
-            f"at {args.time_scale:g} s/min ({steps} watchdog steps of "
-            f"{config.step_s * 1000:.0f} ms)",
-            flush=True,
-        )
-        complete = False
-        try:
-            stats = rig.run(steps=steps)
-            complete = True
-        finally:
-            summary: dict[str, Any] = summarize_rig(rig, stats) if complete else {"complete": False}
-            recorder.finish(
-                {"rig": vars(args) | {"profile": str(profile.source)}}, summary, complete=complete
-            )
-    if args.realtime:
-        refused = getattr(rig, "realtime_refused", None)
-        print(f"real-time scheduling: {refused or 'SCHED_FIFO granted'}")
-    timing = summary["timing"]
-    late = timing["lateness_ms"]
-    print(
-        f"timing: {timing['ticks']} steps, lateness p50 {late['p50']:.2f} ms, p99 "
-        f"{late['p99']:.2f} ms, max {late['max']:.2f} ms; overruns {timing['overruns']}"
-    )
-    for alarm in summary["alarms"]:
-        state = "RAISED" if alarm["active"] else "cleared"
-        print(
-            f"alarm {state} at {alarm['t_min']:.0f} min: {alarm['source']} {alarm['condition']}"
-            f" — {alarm['action']}"
-        )
-    if "cgm" in summary:
-        c = summary["cgm"]
-        print(
-            f"CGM: {summary['cgm_readings']} readings, mean {c['mean_mg_dl']:.1f} mg/dL, "
-            f"TIR {c['time_in_range_70_180_pct']:.1f} %, <70 {c['time_below_70_pct']:.1f} %"
-        )
-    print(f"recording: {out}")
-    return 0
-
-
-def hil_exo(args: argparse.Namespace) -> int:
-    """Run the exoskeleton rig against a drive and print its summary (1 if an alarm ended it)."""
-    from twinloop.hil.knee.rig import ExoRigConfig, ExoRigError, run_exo_session
-
-    if args.cgm_port or args.port:
-        raise ValueError("hil --therapy knee-exo: the drive is on Modbus TCP (--tcp HOST:PORT)")
-    config = ExoRigConfig(
-        profile=args.profile or "exo_drive_tcp",
-        tcp=args.tcp,
-        controller=args.controller or "aan",
-        patient=args.patient or "moderate",
-        task=args.task,
-        seed=args.seed,
-        control_hz=args.control_hz,
-        seconds=args.seconds,
-        watchdog_ms=args.watchdog_ms,
-        realtime=args.realtime,
-    )
-    out = Path(args.out or time.strftime("runs/hil-exo-%Y%m%d-%H%M%S"))
-    print(
-        f"twinloop hil: knee-exo, controller {config.controller}, task {config.task} (seed "
-        f"{config.seed}), patient {config.patient}, "
-        + (f"{config.seconds:g} s" if config.seconds else "the task's duration")
-        + f" at {config.control_hz} Hz",
-        flush=True,
-    )
-    try:
-        session = run_exo_session(config, out=out)
-    except ExoRigError as exc:
-        raise ValueError(str(exc)) from exc
-    print_exo_summary(
-        session.summary,
-        realtime_refused=session.rig.realtime_refused if args.realtime else None,
-        realtime=args.realtime,
-    )
-    print(f"recording: {out}")
-    return 0 if session.rig.ended_by == "completed" else 1
-
-
-def print_exo_summary(
-    summary: dict[str, Any], *, realtime: bool = False, realtime_refused: str | None = None
-) -> None:
-    """Print an exoskeleton session's summary (``twinloop.hil.knee.rig.summarize_exo_rig``)."""
-    drive = summary["drive"]
-    states = " → ".join(dict.fromkeys(step["state"] for step in drive["startup"]))
-    print(f"drive: {'enabled' if drive['enabled'] else 'NOT enabled'} ({states})")
-    exo = summary.get("exo")
-    if exo:
-        share = exo["exo_work_fraction"]
-        print(
-            f"tracking: RMS error {exo['rms_error_deg']:.2f}°, max {exo['max_error_deg']:.2f}° "
-            f"over {exo['duration_s']:.1f} s; exo positive work {exo['exo_work_j']:.2f} J, work "
-            + (
-                "share n/a (patient torque not observable through the drive)"
-                if share is None
-                else f"share {100 * share:.0f} %"
-            )
-        )
-        print(
-            f"limit violations: {exo['limit_violations']} (range of motion "
-            f"{exo['rom_violations']}, velocity {exo['velocity_violations']}, torque "
-            f"{exo['torque_violations']})"
-        )
-    tq = summary.get("commanded_torque_nm") or {}
-    if tq:
-        print(
-            f"torque commanded: mean |τ| {tq['mean_abs']:.2f} N·m, max |τ| {tq['max_abs']:.2f} "
-            f"N·m (profile limit ±{summary['torque_limit_nm']:g}); refused by the profile: "
-            f"{summary['refused_writes']}"
-        )
-    overrides = summary.get("overrides") or {}
-    print(
-        "supervisor overrides: "
-        + (", ".join(f"{rule} {n}" for rule, n in overrides.items()) or "none")
-    )
-    if realtime:
-        print(f"real-time scheduling: {realtime_refused or 'SCHED_FIFO granted'}")
-    timing = summary["timing"]
-    late = timing.get("lateness_ms")
-    if late:
-        print(
-            f"timing: {timing['ticks']} ticks of {timing['period_ms']:g} ms, lateness p50 "
-            f"{late['p50']:.3f} ms, p99 {late['p99']:.3f} ms, max {late['max']:.3f} ms; "
-            f"overruns {timing['overruns']}"
-        )
-    for alarm in summary["alarms"]:
-        print(
-            f"alarm RAISED at {alarm['t_s']:.2f} s: {alarm['source']} {alarm['condition']}"
-            f" — {alarm['action']}"
-        )
-    print(f"ended: {summary['ended_by']}")
-
-
 def hil_command(args: argparse.Namespace) -> int:
-    """``twinloop hil``: the rig of the therapy asked for."""
-    return hil(args)
+    """``twinloop hil``: the session of the therapy's rig (its HIL part)."""
+    from twinloop.cli.options import therapy_of
+
+    therapy = therapy_of(args.therapy)
+    if not therapy.has("hil") or not hasattr(therapy.part("hil"), "run_session"):
+        raise ValueError(f"the {therapy.name} therapy has no HIL rig")
+    return int(therapy.part("hil").run_session(args))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,12 @@ class GlucoseRig:
         from twinloop.hil.glucose.report import build_hil_report
 
         return build_hil_report(run_dir, allow_incomplete=allow_incomplete)
+
+    def run_session(self, args: argparse.Namespace) -> int:
+        """:func:`twinloop.hil.glucose.session.run_session`."""
+        from twinloop.hil.glucose.session import run_session
+
+        return run_session(args)
 
 
 PART = GlucoseRig()

@@ -263,7 +263,7 @@ def test_the_command_line_session(tmp_path, capsys):
         (["hil", "--therapy", "knee-exo", "--profile", "insulin_pump_tcp"], "a drive profile"),
         (["hil", "--therapy", "knee-exo", "--tcp", "127.0.0.1:1", "--seconds", "1"], "connect"),
         (
-            ["hil", "--cgm-port", "/x", "--therapy", "insulin", "--controller", "magic"],
+            ["hil", "--cgm-port", "/x", "--therapy", "glucose", "--controller", "magic"],
             "controller",
         ),
         (["hil"], "--cgm-port"),
