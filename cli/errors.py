@@ -8,6 +8,10 @@ traceback. A verdict is not an error: commands return their own exit codes for t
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from twinloop.extras import MissingExtraError
 
 #: Exit code of a refused command (bad input, missing file, a refusal of the system).
 EXIT_USAGE = 2
@@ -37,6 +41,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
         OSError,
         KeyError,
     )
+
+
+def missing_extra(exc: ModuleNotFoundError) -> MissingExtraError | None:
+    """The extra that would have installed the module ``exc`` did not find, if it is one's."""
+    from twinloop.extras import EXTRAS, MissingExtraError
+
+    top = (exc.name or "").split(".")[0]
+    for extra, modules in EXTRAS.items():
+        if top in modules:
+            return MissingExtraError(f"this command ({top} is not installed)", extra)
+    return None
 
 
 def message(exc: BaseException) -> str:

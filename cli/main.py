@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from twinloop.cli.errors import EXIT_INTERRUPTED, fail, user_errors
+from twinloop.cli.errors import EXIT_INTERRUPTED, fail, missing_extra, user_errors
 
 #: The modules of the commands, in the order of ``twinloop --help``.
 COMMANDS = (
@@ -49,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
+    except ModuleNotFoundError as exc:
+        missing = missing_extra(exc)
+        if missing is None:
+            raise
+        return fail(args.command, missing)
     except user_errors() as exc:
         return fail(args.command, exc)
     except KeyboardInterrupt:
