@@ -1,11 +1,14 @@
 """``twinloop evaluate``: controllers × cohorts × seeds of a protocol on Ray, ranked and plotted.
 
+The therapy (``--therapy``, default glucose) is asked for its protocols and its evaluation.
 One command re-runs the documented comparison and updates its table in the docs::
 
-    twinloop evaluate --controllers basal-bolus,pid,oref0 --out docs/eval-t1d-standard
-        --no-recordings --doc docs/evaluation.md    (one line)
+    twinloop evaluate --controller basal-bolus --controller pid --controller oref0
+        --out docs/eval-t1d-standard --no-recordings --doc docs/evaluation.md    (one line)
 
-Errors print one line ``twinloop evaluate: error: ...`` and exit with status 2.
+``--controller``, ``--cohort`` and ``--seed`` are repeatable (a value may also be a
+comma-separated list); the former ``--controllers``, ``--cohorts`` and ``--seeds`` still work,
+with a warning. Errors print one line ``twinloop evaluate: error: ...`` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -15,50 +18,52 @@ import shlex
 import time
 from typing import Any
 
-from twinloop.evaluation.evaluate import (
-    DEFAULT_PROTOCOL,
-    EvaluationConfigError,
-    check_controllers,
-    check_doc,
-    evaluate,
-    load_protocol,
-    update_doc,
-)
-
-#: Exit status of a command-line error.
-EXIT_USAGE = 2
+#: Former option → its name now (the values are merged, with a warning).
+DEPRECATED = {"controllers": "controller", "cohorts": "cohort", "seeds": "seed"}
 
 
 def add_parser(sub: Any) -> None:
     """Add the ``evaluate`` sub-command to the ``twinloop`` parser."""
+    from twinloop.cli.options import add_therapy
+
     ev = sub.add_parser(
         "evaluate",
         help="compare controllers on an evaluation protocol (cohorts × seeds, on Ray)",
         description="Run every controller on every cohort and seed of an evaluation protocol "
-        f"(default: the shipped {DEFAULT_PROTOCOL}: 30 patients, 7 days, random meals with "
+        "(glucose default: the shipped t1d-standard: 30 patients, 7 days, random meals with "
         "±30 % carb-counting error, noisy CGM, seeds 0-2), in parallel on Ray, and write "
         "per-patient and comparison CSVs, a ranked Markdown table, plots and a manifest.",
     )
+    add_therapy(ev, default="glucose")
     ev.add_argument(
-        "--controllers",
-        required=True,
-        help="comma-separated: basal-bolus, pid, oref0, mpc, policy:PATH (a policy saved by "
-        "twinloop train)",
+        "--controller",
+        action="append",
+        default=[],
+        help="a controller to evaluate (repeatable; or comma-separated): glucose basal-bolus, "
+        "pid, oref0, mpc, policy:PATH (a policy saved by twinloop train)",
     )
     ev.add_argument(
         "--protocol",
-        help=f"a protocol YAML file or a shipped protocol's name (default {DEFAULT_PROTOCOL})",
+        help="a protocol YAML file or a shipped protocol's name (default: the therapy's, "
+        "glucose t1d-standard)",
     )
     ev.add_argument("--out", help="output directory (default runs/eval-YYYYmmdd-HHMMSS)")
     ev.add_argument("--workers", help="runs at once (default: all CPUs)")
     ev.add_argument(
         "--address", help="HOST:PORT of an existing Ray cluster (default: an embedded Ray)"
     )
-    ev.add_argument("--seeds", help="override the protocol's seeds, e.g. 0,1,2")
+    ev.add_argument(
+        "--seed", action="append", default=[], help="override the protocol's seeds (repeatable)"
+    )
     ev.add_argument("--days", help="override the protocol's days")
     ev.add_argument(
-        "--cohorts", help="override the protocol's cohorts (or patient names), e.g. adults"
+        "--cohort",
+        action="append",
+        default=[],
+        help="override the protocol's cohorts (repeatable; cohort or patient names), e.g. adults",
     )
+    for old in DEPRECATED:
+        ev.add_argument(f"--{old}", action="append", default=[], help=argparse.SUPPRESS)
     ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ev.add_argument(
         "--no-recordings",
@@ -82,11 +87,9 @@ def _ints(option: str, text: str, *, minimum: int) -> list[int]:
         try:
             value = int(part.strip())
         except ValueError:
-            raise EvaluationConfigError(
-                option, text, f"integers >= {minimum}, comma-separated"
-            ) from None
+            raise ValueError(f"{option}={text!r} is not allowed: integers >= {minimum}") from None
         if value < minimum:
-            raise EvaluationConfigError(option, text, f"integers >= {minimum}, comma-separated")
+            raise ValueError(f"{option}={text!r} is not allowed: integers >= {minimum}")
         values.append(value)
     return values
 
@@ -95,23 +98,42 @@ def _int(option: str, text: str, *, minimum: int) -> int:
     try:
         value = int(text.strip())
     except ValueError:
-        raise EvaluationConfigError(option, text, f"an integer >= {minimum}") from None
+        raise ValueError(f"{option}={text!r} is not allowed: an integer >= {minimum}") from None
     if value < minimum:
-        raise EvaluationConfigError(option, text, f"an integer >= {minimum}")
+        raise ValueError(f"{option}={text!r} is not allowed: an integer >= {minimum}")
     return value
 
 
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+def _merge_deprecated(args: argparse.Namespace) -> None:
+    """Fold ``--controllers``/``--cohorts``/``--seeds`` into their new options, with a warning."""
+    import sys
+
+    for old, new in DEPRECATED.items():
+        values = getattr(args, old, None) or []
+        if values:
+            print(
+                f"twinloop evaluate: warning: --{old} is deprecated; use --{new} (repeatable)",
+                file=sys.stderr,
+            )
+            setattr(args, new, [*getattr(args, new), *values])
+
+
+def _listed(values: list[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The ``twinloop evaluate`` command that reproduces ``args`` (for the manifest and docs)."""
-    words = ["twinloop", "evaluate", "--controllers", args.controllers]
-    for option in ("protocol", "out", "workers", "address", "seeds", "days", "cohorts", "doc"):
-        value = getattr(args, option, None)
-        if value is not None:
-            words += [f"--{option}", str(value)]
+    words = ["twinloop", "evaluate"]
+    if args.therapy != "glucose":
+        words += ["--therapy", args.therapy]
+    for option in ("controller", "cohort", "seed"):
+        for value in _listed(getattr(args, option, [])):
+            words += [f"--{option}", value]
+    for option in ("protocol", "out", "workers", "address", "days", "doc"):
+        given = getattr(args, option, None)
+        if given is not None:
+            words += [f"--{option}", str(given)]
     for flag in ("no_progress", "no_recordings", "inline"):
         if getattr(args, flag, False):
             words.append("--" + flag.replace("_", "-"))
@@ -119,19 +141,29 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    controllers = _names(args.controllers)
-    check_controllers(controllers)
+    from twinloop.cli.options import therapy_of
+
+    _merge_deprecated(args)
+    therapy = therapy_of(args.therapy)
+    if not therapy.has("evaluation"):
+        raise ValueError(f"the {therapy.name} therapy has no evaluation protocol")
+    part = therapy.part("evaluation")
+    controllers = _listed(args.controller)
+    if not controllers:
+        raise ValueError("name the controllers to compare: --controller NAME (repeatable)")
+    part.check_controllers(controllers)
     if args.doc:
-        check_doc(args.doc)  # before the runs, not after
+        part.check_doc(args.doc)  # before the runs, not after
     workers = None if args.workers is None else _int("--workers", args.workers, minimum=1)
-    protocol = load_protocol(args.protocol).with_overrides(
-        cohorts=_names(args.cohorts) if args.cohorts is not None else None,
+    seeds = ",".join(_listed(args.seed))
+    protocol = part.load_protocol(args.protocol).with_overrides(
+        cohorts=_listed(args.cohort) or None,
         days=_int("--days", args.days, minimum=1) if args.days is not None else None,
-        seeds=_ints("--seeds", args.seeds, minimum=0) if args.seeds is not None else None,
+        seeds=_ints("--seed", seeds, minimum=0) if seeds else None,
     )
     out = args.out or time.strftime("runs/eval-%Y%m%d-%H%M%S")
     command = command_line(args)
-    result = evaluate(
+    result = part.evaluate(
         controllers,
         protocol,
         out,
@@ -152,7 +184,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     print()
     print(result.table)
     if args.doc:
-        update_doc(args.doc, result.table, command=command, wall_time_s=result.wall_time_s)
+        part.update_doc(args.doc, result.table, command=command, wall_time_s=result.wall_time_s)
         print(f"table written into {args.doc}")
     print(f"results: {result.out_dir} (per_patient.csv, comparison.csv, results.md, plots/)")
     return 0

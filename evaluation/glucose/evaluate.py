@@ -1,7 +1,7 @@
 """Evaluate therapy controllers on a declared protocol: controllers × cohorts × seeds on Ray.
 
 A protocol (:class:`EvaluationProtocol`, a YAML file; the shipped one is
-``evaluation/protocols/t1d-standard.yaml``) fixes the cohorts, days, seeds, meal scenario,
+``evaluation/glucose/protocols/t1d-standard.yaml``) fixes the cohorts, days, seeds, meal scenario,
 carbohydrate-counting error, CGM and control period. :func:`evaluate` runs one closed loop per
 (controller, cohort, seed) — a *run*, the loop of each patient inline in one Ray task
 (:func:`run_one`) — and writes into ``OUT_DIR``::
@@ -190,7 +190,7 @@ _PROTOCOL_KEYS = (
 
 
 class EvaluationError(Exception):
-    """Base class of the errors raised by :mod:`twinloop.evaluation.evaluate`."""
+    """Base class of the errors raised by :mod:`twinloop.evaluation.glucose.evaluate`."""
 
 
 class EvaluationConfigError(EvaluationError, ValueError):
@@ -363,11 +363,11 @@ class EvaluationProtocol:
 
 
 def _protocol_dir() -> Any:
-    return importlib.resources.files("twinloop.evaluation") / "protocols"
+    return importlib.resources.files("twinloop.evaluation.glucose") / "protocols"
 
 
 def shipped_protocols() -> tuple[str, ...]:
-    """Names of the protocols shipped in ``evaluation/protocols`` (file names without ``.yaml``)."""
+    """Names of the protocols shipped in ``evaluation/glucose/protocols`` (files less ``.yaml``)."""
     return tuple(
         sorted(
             p.name[: -len(".yaml")] for p in _protocol_dir().iterdir() if p.name.endswith(".yaml")

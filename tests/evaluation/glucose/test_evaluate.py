@@ -9,7 +9,7 @@ import pytest
 
 from twinloop.agents.glucose.run import METRICS_FLOOR_MG_DL
 from twinloop.cli.main import main
-from twinloop.evaluation.evaluate import (
+from twinloop.evaluation.glucose.evaluate import (
     DOC_BEGIN,
     DOC_END,
     NUMERIC_FIELDS,
@@ -346,15 +346,17 @@ def test_shipped_protocol_one_day_one_seed_on_ray(tmp_path, ray_started):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--controllers", "basal-bolus,nope"], "basal-bolus, pid, oref0"),
-        (["--controllers", "pid,pid"], "distinct names"),
-        (["--controllers", ","], "at least one controller"),
-        (["--controllers", "pid", "--seeds", "0,x"], "--seeds='0,x'"),
-        (["--controllers", "pid", "--days", "0"], "--days='0'"),
-        (["--controllers", "pid", "--workers", "0"], "--workers='0'"),
-        (["--controllers", "pid", "--cohorts", "martians"], "cohorts='martians'"),
-        (["--controllers", "pid", "--protocol", "/nonexistent.yaml"], "a readable YAML file"),
-        (["--controllers", "policy:/nonexistent.zip"], "existing file"),
+        (["--controller", "basal-bolus,nope"], "basal-bolus, pid, oref0"),
+        (["--controller", "pid", "--controller", "pid"], "distinct names"),
+        (["--controller", ","], "--controller NAME"),
+        ([], "--controller NAME"),
+        (["--controller", "pid", "--seed", "0", "--seed", "x"], "--seed='0,x'"),
+        (["--controller", "pid", "--days", "0"], "--days='0'"),
+        (["--controller", "pid", "--workers", "0"], "--workers='0'"),
+        (["--controller", "pid", "--cohort", "martians"], "cohorts='martians'"),
+        (["--controller", "pid", "--protocol", "/nonexistent.yaml"], "a readable YAML file"),
+        (["--controller", "policy:/nonexistent.zip"], "existing file"),
+        (["--controller", "pid", "--therapy", "knee-exo"], "knee-exo therapy has no evaluation"),
     ],
 )
 def test_cli_errors_are_one_line_exit_2(capsys, args, expected):
@@ -371,8 +373,8 @@ def test_cli_runs_prints_the_table_and_updates_the_doc(tmp_path, capsys):
     doc = tmp_path / "evaluation.md"
     doc.write_text(f"# Results\n\nbefore\n\n{DOC_BEGIN}\nold table\n{DOC_END}\n\nafter\n")
     out = tmp_path / "eval"
-    args = ["evaluate", "--controllers", "basal-bolus", "--cohorts", "adult#001", "--days", "1"]
-    args += ["--seeds", "3", "--out", str(out), "--inline", "--no-progress", "--doc", str(doc)]
+    args = ["evaluate", "--controller", "basal-bolus", "--cohort", "adult#001", "--days", "1"]
+    args += ["--seed", "3", "--out", str(out), "--inline", "--no-progress", "--doc", str(doc)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     table = (out / "results.md").read_text()
@@ -381,19 +383,19 @@ def test_cli_runs_prints_the_table_and_updates_the_doc(tmp_path, capsys):
     text = doc.read_text()
     assert "old table" not in text and text.startswith("# Results\n\nbefore")
     assert text.endswith(f"{DOC_END}\n\nafter\n")
-    assert "twinloop evaluate --controllers basal-bolus --out" in text
-    assert "--seeds 3 --days 1 --cohorts 'adult#001'" in text
+    assert "twinloop evaluate --controller basal-bolus --cohort 'adult#001' --seed 3 --out" in text
+    assert "--days 1" in text
     assert table.split("\n\n", 1)[1].strip() in text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["protocol"]["seeds"] == [3] and manifest["protocol"]["days"] == 1
-    assert manifest["command"].startswith("twinloop evaluate --controllers basal-bolus")
+    assert manifest["command"].startswith("twinloop evaluate --controller basal-bolus")
 
 
 def test_cli_doc_without_markers_is_an_error(tmp_path, capsys):
     doc = tmp_path / "plain.md"
     doc.write_text("# no markers\n")
-    args = ["evaluate", "--controllers", "basal-bolus", "--cohorts", "adult#001", "--days", "1"]
-    args += ["--seeds", "0", "--out", str(tmp_path / "o"), "--inline", "--no-progress"]
+    args = ["evaluate", "--controller", "basal-bolus", "--cohort", "adult#001", "--days", "1"]
+    args += ["--seed", "0", "--out", str(tmp_path / "o"), "--inline", "--no-progress"]
     assert main([*args, "--doc", str(doc)]) == 2
     assert DOC_BEGIN in capsys.readouterr().err
     assert doc.read_text() == "# no markers\n"
@@ -409,3 +411,16 @@ def test_the_protocols_deadline_reaches_the_loop():
     config = dataclasses.replace(TINY, controller_deadline_s=7.5).loop_config("pid", "adults", 0)
     assert config.controller_deadline_s == 7.5
     assert load_protocol("t1d-standard").controller_deadline_s == 60.0
+
+
+def test_cli_former_plural_options_still_work_with_a_warning(tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--controllers", "basal-bolus", "--cohorts", "adult#001", "--days", "1"]
+    args += ["--seeds", "2", "--out", str(out), "--inline", "--no-progress", "--no-recordings"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    for old, new in (("controllers", "controller"), ("cohorts", "cohort"), ("seeds", "seed")):
+        assert f"--{old} is deprecated; use --{new}" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["protocol"]["seeds"] == [2]
+    assert manifest["command"].startswith("twinloop evaluate --controller basal-bolus --cohort")

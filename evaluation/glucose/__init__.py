@@ -1,0 +1,1 @@
+"""The glucose therapy's controller evaluation: protocols of cohorts × days × seeds."""
