@@ -1,6 +1,9 @@
-"""``twinloop simulate`` (open-loop cohort days) and ``twinloop replay`` (per-minute inputs).
+"""``twinloop simulate``: the glucose plant alone, open loop (a meal scenario, or given inputs).
 
-Both drive the glucose plant alone (UVA/Padova 2008), without the loop's agents.
+``twinloop simulate`` runs whole days of a meal scenario under basal-bolus therapy;
+``twinloop simulate --inputs CSV`` drives the patients with given per-minute inputs (formerly
+``twinloop replay``, still accepted with a warning). The default patients are the glucose
+therapy's (the adults), as for ``twinloop run``.
 """
 
 from __future__ import annotations
@@ -17,50 +20,91 @@ from twinloop.plant.errors import InvalidInputError
 from twinloop.plant.glucose.uva_padova import DEFAULT_EAT_RATE_G_PER_MIN
 
 
-def add_parser(sub: Any) -> None:
-    """Add ``simulate`` and ``replay`` to the ``twinloop`` parser."""
-    sim = sub.add_parser(
-        "simulate",
-        help="simulate a cohort under basal-bolus therapy and print clinical metrics",
-        description="Simulate virtual patients (UVA/Padova 2008) for whole days under open-loop "
-        "basal-bolus therapy (basal rate + carbs/CR bolus at each announced meal) and print "
-        "their clinical metrics.",
+def _inputs_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--inputs",
+        required=required,
+        help="drive the patients with the per-minute inputs of this CSV (columns minute, "
+        "insulin_u_per_min, meal_g and an optional patient) instead of a meal scenario",
     )
-    sim.add_argument("--patient", action="append", default=[], help="patient name (repeatable)")
-    sim.add_argument(
-        "--cohort", action="append", default=[], help="adolescents|adults|children|all"
+    parser.add_argument(
+        "--start", type=clock_time, default=0, help="--inputs: clock time of minute 0 (HH:MM)"
     )
-    sim.add_argument("--scenario", default="random", help="meal scenario: random (default) or A")
-    sim.add_argument("--days", type=int, default=1, help="days to simulate (default 1)")
-    sim.add_argument("--seed", type=seed, default=0, help="seed of meals and counting errors")
-    sim.add_argument(
-        "--carb-error", type=float, default=0.0, help="uniform carb-counting error, e.g. 0.3"
-    )
-    sim.add_argument("--out", help="also write the per-minute trajectories to this CSV")
-
-    sim.set_defaults(handler=_simulate)
-
-    rep = sub.add_parser(
-        "replay",
-        help="drive patients with per-minute insulin and meal inputs from a CSV",
-        description="Replay per-minute inputs (columns minute,insulin_u_per_min,meal_g and an "
-        "optional patient) on virtual patients from their default initial state; write "
-        "patient,minute,clock,bg_mg_dl,gsub_mg_dl,insulin_u_per_min,carbs_g.",
-    )
-    rep.add_argument("--patient", action="append", default=[], help="patient name (repeatable)")
-    rep.add_argument(
-        "--cohort", action="append", default=[], help="adolescents|adults|children|all"
-    )
-    rep.add_argument("--inputs", required=True, help="inputs CSV")
-    rep.add_argument("--out", required=True, help="output trajectory CSV")
-    rep.add_argument("--start", type=clock_time, default=0, help="clock time of minute 0 (HH:MM)")
-    rep.add_argument(
+    parser.add_argument(
         "--eat-rate",
         type=positive,
         default=DEFAULT_EAT_RATE_G_PER_MIN,
-        help="eating speed in g/min (default 5)",
+        help="--inputs: eating speed in g/min (default 5)",
     )
-    rep.set_defaults(handler=_replay)
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``simulate`` (and its former spelling ``replay``) to the ``twinloop`` parser."""
+    from twinloop.cli.options import add_patients
+
+    sim = sub.add_parser(
+        "simulate",
+        help="simulate glucose patients open loop: a meal scenario under basal-bolus therapy, "
+        "or per-minute inputs from a CSV",
+        description="Simulate virtual patients (UVA/Padova 2008) open loop, without the "
+        "loop's agents. With a meal scenario (default): whole days under basal-bolus therapy "
+        "(basal rate + carbs/CR bolus at each announced meal), printing their clinical "
+        "metrics. With --inputs CSV: the per-minute insulin and meals of the file, from the "
+        "patients' default initial state, writing patient,minute,clock,bg_mg_dl,gsub_mg_dl,"
+        "insulin_u_per_min,carbs_g to --out.",
+    )
+    add_patients(sim)
+    sim.add_argument("--scenario", help="meal scenario: random (default) or A")
+    sim.add_argument("--days", type=int, help="days to simulate (default 1)")
+    sim.add_argument("--seed", type=seed, help="seed of meals and counting errors (default 0)")
+    sim.add_argument(
+        "--carb-error", type=float, help="uniform carb-counting error, e.g. 0.3 (default 0)"
+    )
+    sim.add_argument("--out", help="write the per-minute trajectories to this CSV")
+    _inputs_options(sim, required=False)
+    sim.set_defaults(handler=_simulate_command)
+
+    rep = sub.add_parser(
+        "replay",
+        help="(former name of simulate --inputs)",
+        description="Deprecated: use twinloop simulate --inputs CSV --out CSV.",
+    )
+    add_patients(rep)
+    rep.add_argument("--out", required=True, help="output trajectory CSV")
+    _inputs_options(rep, required=True)
+    rep.set_defaults(handler=_replay_command)
+
+
+#: Options of the scenario mode, refused with --inputs.
+SCENARIO_ONLY = ("scenario", "days", "seed", "carb_error")
+
+
+def _simulate_command(args: argparse.Namespace) -> int:
+    if args.inputs:
+        given = [k for k in SCENARIO_ONLY if getattr(args, k) is not None]
+        if given:
+            raise InvalidInputError(
+                f"--{given[0].replace('_', '-')} is for a meal scenario; --inputs gives the "
+                "meals and insulin itself"
+            )
+        if not args.out:
+            raise InvalidInputError("--inputs needs --out CSV (the trajectories)")
+        return _replay(args)
+    if args.start != 0 or args.eat_rate != DEFAULT_EAT_RATE_G_PER_MIN:
+        raise InvalidInputError("--start and --eat-rate go with --inputs")
+    args.scenario = args.scenario or "random"
+    args.days = 1 if args.days is None else args.days
+    args.seed = 0 if args.seed is None else args.seed
+    args.carb_error = 0.0 if args.carb_error is None else args.carb_error
+    return _simulate(args)
+
+
+def _replay_command(args: argparse.Namespace) -> int:
+    print(
+        "twinloop replay: warning: replay is now twinloop simulate --inputs; this name will go",
+        file=sys.stderr,
+    )
+    return _replay(args)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -120,7 +164,7 @@ def _simulate(args: argparse.Namespace) -> int:
         )
     if args.days < 1:
         raise InvalidInputError(f"--days: {args.days} must be >= 1")
-    patients = resolve_patients(args.patient, args.cohort or ([] if args.patient else ["all"]))
+    patients = resolve_patients(args.patient, args.cohort or ([] if args.patient else ["adults"]))
     error = (
         CarbCountingError(kind="uniform", magnitude=args.carb_error)
         if args.carb_error

@@ -38,7 +38,7 @@ def test_replay_meets_the_accuracy_bar_for_all_30_patients(tmp_path, reference_a
     inputs = tmp_path / "inputs.csv"
     _write_inputs(inputs, reference_a, patients=list(reference_a.patients))
     out = tmp_path / "traj.csv"
-    assert main(["replay", "--cohort", "all", "--inputs", str(inputs), "--out", str(out)]) == 0
+    assert main(["simulate", "--cohort", "all", "--inputs", str(inputs), "--out", str(out)]) == 0
     rows, bg = _read_out(out)
     assert set(rows[0]) >= {"patient", "minute", "bg_mg_dl", "gsub_mg_dl"}
     assert len(bg) == 30
@@ -77,7 +77,15 @@ def test_malformed_inputs_name_row_and_column(tmp_path, capsys, content, needle)
     inputs = tmp_path / "inputs.csv"
     inputs.write_text(content)
     code = main(
-        ["replay", "--patient", "adult#001", "--inputs", str(inputs), "--out", str(tmp_path / "o")]
+        [
+            "simulate",
+            "--patient",
+            "adult#001",
+            "--inputs",
+            str(inputs),
+            "--out",
+            str(tmp_path / "o"),
+        ]
     )
     err = capsys.readouterr().err
     assert code != 0
@@ -89,7 +97,7 @@ def test_unknown_patient_lists_valid_names_without_traceback(tmp_path):
     inputs = tmp_path / "inputs.csv"
     inputs.write_text("minute,insulin_u_per_min,meal_g\n0,0.1,0\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "twinloop", "replay", "--patient", "adult#042", "--inputs",
+        [sys.executable, "-m", "twinloop", "simulate", "--patient", "adult#042", "--inputs",
          str(inputs),
          "--out", str(tmp_path / "o.csv")],
         capture_output=True, text=True, check=False,
@@ -133,7 +141,7 @@ def _replay(tmp_path, content: bytes, out=None):
     inputs = tmp_path / "inputs.csv"
     inputs.write_bytes(content)
     out = out or tmp_path / "o.csv"
-    return main(["replay", "--patient", "adult#001", "--inputs", str(inputs), "--out", str(out)])
+    return main(["simulate", "--patient", "adult#001", "--inputs", str(inputs), "--out", str(out)])
 
 
 def test_rows_are_file_lines_even_after_blank_lines(tmp_path, capsys):
@@ -166,3 +174,33 @@ def test_unwritable_output_and_bad_seed_fail_cleanly(tmp_path, capsys):
         main(["simulate", "--seed", "-1"])
     assert info.value.code != 0
     assert "must be >= 0" in capsys.readouterr().err
+
+
+def test_replay_is_a_former_name_of_simulate_inputs(tmp_path, capsys):
+    inputs = tmp_path / "inputs.csv"
+    inputs.write_text("minute,insulin_u_per_min,meal_g\n0,0.02,0\n1,0.02,0\n")
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert (
+        main(["simulate", "--patient", "adult#001", "--inputs", str(inputs), "--out", str(a)]) == 0
+    )
+    assert main(["replay", "--patient", "adult#001", "--inputs", str(inputs), "--out", str(b)]) == 0
+    assert "replay is now twinloop simulate --inputs" in capsys.readouterr().err
+    assert a.read_text() == b.read_text() and len(a.read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--days", "2"], "--days is for a meal scenario"),
+        (["--scenario", "A"], "--scenario is for a meal scenario"),
+    ],
+)
+def test_simulate_inputs_refuses_scenario_options(tmp_path, capsys, extra, needle):
+    inputs = tmp_path / "inputs.csv"
+    inputs.write_text("minute,insulin_u_per_min,meal_g\n0,0.02,0\n")
+    argv = ["simulate", "--patient", "adult#001", "--inputs", str(inputs), "--out", "o.csv"]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert main(["simulate", "--start", "07:00"]) == 2
+    assert "--start and --eat-rate go with --inputs" in capsys.readouterr().err
