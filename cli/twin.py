@@ -44,7 +44,12 @@ def add_parser(sub: Any) -> None:
         help="fit a twin to a log (MAP, optionally a Laplace posterior)",
         description="Import the log, print its import report, fit the twin and write it as YAML.",
     )
-    f.add_argument("logs", nargs="+", help="log files or directories (merged: one person)")
+    f.add_argument(
+        "logs",
+        nargs="+",
+        help="log files or directories (merged: one person), or a shipped example's name "
+        "(synthetic_adult006_14d, pump_export, nightscout)",
+    )
     f.add_argument("--out", required=True, help="the twin's YAML (a directory with --each)")
     f.add_argument("--name", help="the twin's name (default: the first log's name)")
     f.add_argument(
@@ -92,7 +97,9 @@ def add_parser(sub: Any) -> None:
         "draws when the twin has a posterior.",
     )
     r.add_argument("twin", help="a twin written by `twinloop twin fit`")
-    r.add_argument("logs", nargs="+", help="the log files or directories to replay")
+    r.add_argument(
+        "logs", nargs="+", help="the log files or directories to replay (or an example's name)"
+    )
     r.add_argument("--controller", help="basal-bolus, pid, oref0, mpc or policy:PATH")
     r.add_argument("--basal-scale", type=float, default=1.0, help="factor on the logged basal")
     r.add_argument("--basal-u-per-h", type=float, help="a flat basal replacing the logged one")
@@ -193,7 +200,7 @@ def _write(result: dict[str, Any], path: Path) -> None:
 
 
 def _main_fit(args: argparse.Namespace) -> int:
-    from twinloop.twins.logs import LogError
+    from twinloop.twins.logs import LogError, resolve_log_path
     from twinloop.twins.twin import FitRequest, fit_many
 
     overrides = _overrides(args)
@@ -215,7 +222,9 @@ def _main_fit(args: argparse.Namespace) -> int:
         from twinloop.twins.twin import fit_log
 
         try:
-            fit, log, checked = fit_log(request(tuple(args.logs), args.name))
+            fit, log, checked = fit_log(
+                request(tuple(map(str, map(resolve_log_path, args.logs))), args.name)
+            )
         except LogError as exc:
             return _error(exc, exc.report)
         print(log.report.to_text(max_per_category=5))
@@ -231,7 +240,7 @@ def _main_fit(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    requests = [request((p,), None) for p in args.logs]
+    requests = [request((str(resolve_log_path(p)),), None) for p in args.logs]
     from tqdm import tqdm
 
     began = time.perf_counter()
@@ -352,7 +361,7 @@ def _fhir(result: dict[str, Any], name: str, start: Any, twin_path: str) -> Any:
 
 def _main_replay(args: argparse.Namespace) -> int:
     from twinloop.twins.identify import MIN_PER_DAY, log_grid, read_twin
-    from twinloop.twins.logs import LogError, read_log
+    from twinloop.twins.logs import LogError, read_log, resolve_log_path
     from twinloop.twins.replay import RescueRule
     from twinloop.twins.twin import ReplayTherapy, replay
 
@@ -367,7 +376,7 @@ def _main_replay(args: argparse.Namespace) -> int:
         return _error(f"--draws {args.draws} is not allowed: an integer >= 1")
     fit = read_twin(args.twin)
     try:
-        grid = log_grid(read_log(list(args.logs), tz=args.tz))
+        grid = log_grid(read_log([resolve_log_path(p) for p in args.logs], tz=args.tz))
     except LogError as exc:
         return _error(exc, exc.report)
     first = round(args.from_day * MIN_PER_DAY)

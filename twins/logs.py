@@ -1545,6 +1545,24 @@ def _range_check(
     return keep
 
 
+def shipped_examples() -> dict[str, Path]:
+    """The example logs shipped with twinloop, by name (``synthetic_adult006_14d``, ...)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("twinloop.twins").joinpath("data", "example_logs")))
+    found = {p.stem: p for p in sorted(folder.glob("*.csv"))}
+    found.update({p.name: p for p in sorted(folder.iterdir()) if p.is_dir()})
+    return found
+
+
+def resolve_log_path(text: str | os.PathLike[str]) -> Path:
+    """``text`` as a path, or the shipped example log of that name when no such file exists."""
+    path = Path(text)
+    if path.exists():
+        return path
+    return shipped_examples().get(str(text), path)
+
+
 def read_log(
     path_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,

@@ -619,3 +619,17 @@ def test_format_detection_and_errors(tmp_path, nightscout_dir):
     blob = tmp_path / "dump"
     blob.write_text((nightscout_dir / "treatments.json").read_text())
     assert read_log(blob).report.events["bolus_u"] == 2
+
+
+def test_shipped_examples_are_found_by_name(tmp_path):
+    from twinloop.twins.logs import resolve_log_path, shipped_examples
+
+    examples = shipped_examples()
+    assert {"synthetic_adult006_14d", "pump_export", "nightscout"} <= set(examples)
+    log = read_log(resolve_log_path("synthetic_adult006_14d"))
+    assert log.table.num_rows > 1000
+    assert resolve_log_path("nightscout").is_dir()
+    mine = tmp_path / "synthetic_adult006_14d"
+    mine.write_text("x")
+    assert resolve_log_path(mine) == mine  # an existing path wins over a name
+    assert resolve_log_path("no_such_log") == Path("no_such_log")
