@@ -34,7 +34,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from twinloop.agents.glucose.estimator import TwinConfig, TwinEstimator
+from twinloop.agents.glucose.estimator import EstimatorConfig, TwinEstimator
 from twinloop.agents.messages import CgmReading, InsulinDelivery, MealAnnouncement
 from twinloop.plant.glucose.cgm import CGMSpec, cgm_errors, measure
 from twinloop.plant.glucose.patients import PatientParameters, cohort
@@ -99,7 +99,7 @@ def make_scenario(
     return Scenario(traj.bg_mg_dl, readings, np.array(announced), b, bo, days)
 
 
-def feed(model: tuple[PatientParameters, ...], sc: Scenario, config: TwinConfig) -> Case:
+def feed(model: tuple[PatientParameters, ...], sc: Scenario, config: EstimatorConfig) -> Case:
     """Run one estimator per patient over the scenario, as the loop would feed it."""
     k = sc.days * MIN_PER_DAY
     n, n_read = sc.readings.shape
@@ -209,7 +209,7 @@ def sensitivity_case(
     *,
     days: int,
     seed: int,
-    config: TwinConfig,
+    config: EstimatorConfig,
     titrate: bool,
 ) -> dict[str, Any]:
     truth = tuple(scaled(p, factor) for p in patients)
@@ -252,7 +252,7 @@ def main() -> None:
     if args.quick:
         patients, days = patients[:2], 1
     numba.set_num_threads(1)
-    config = TwinConfig()
+    config = EstimatorConfig()
     # warm-up: numba compilation (cached on disk) and first-call costs
     feed(patients[:1], make_scenario(patients[:1], patients[:1], days=1, seed=1), config)
 

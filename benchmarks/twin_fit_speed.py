@@ -4,8 +4,8 @@
         [--fit-days 7] [--workers 2] [--seed 11]
 
 Writes ``--patients`` synthetic logs of sampled adults (``twinloop.twins.synthetic``, 7 days each by
-default), then fits them (``twinloop.twins.twin.fit_many``: import, therapy, MAP) twice: inline, one
-after another in this process, and as Ray tasks on the embedded Ray (loopback) with
+default), then fits them (``twinloop.twins.person.fit_many``: import, therapy, MAP) twice: inline,
+one after another in this process, and as Ray tasks on the embedded Ray (loopback) with
 ``--workers`` workers. The Ray time is measured from the first submission (Ray's start-up and
 its workers' import of the compiled model are reported apart). Targets: one fit ≤ 60 s; the
 parallel fits ≥ 1.6× faster than one after another.
@@ -38,8 +38,8 @@ def main() -> None:
 
     from twinloop.plant.glucose.population import sample_population
     from twinloop.plant.glucose.scenarios import CarbCountingError
+    from twinloop.twins.person import FitRequest, fit_many
     from twinloop.twins.synthetic import synthetic_log
-    from twinloop.twins.twin import FitRequest, fit_many
 
     patients, _ = sample_population(args.patients, seed=args.seed, groups={"adults": 1.0})
     with tempfile.TemporaryDirectory() as tmp:

@@ -100,8 +100,8 @@ def main() -> None:
     from twinloop.plant.glucose.scenarios import CarbCountingError
     from twinloop.twins.identify import MIN_PER_DAY, log_grid
     from twinloop.twins.logs import read_log
+    from twinloop.twins.person import FitRequest, fit_log
     from twinloop.twins.synthetic import synthetic_log
-    from twinloop.twins.twin import FitRequest, fit_log
 
     def tir(g: np.ndarray) -> float:
         return float(glucose_metrics(g, sample_period_min=1.0).time_in_range_70_180_pct)

@@ -7,7 +7,8 @@
   on Ray.
 * ``twinloop twin replay twin.yaml LOGS... --controller NAME`` (or ``--basal-scale``,
   ``--basal-u-per-h``, ``--cr``, ``--cf``) — the logged days on the twin under the logged therapy
-  and the alternative, with rescue carbohydrates, over posterior draws (:mod:`twinloop.twins.twin`).
+  and the alternative, with rescue carbohydrates, over posterior draws
+  (:mod:`twinloop.twins.person`).
 * ``twinloop twin synth --patient NAME --days 14 --out log.csv`` — a synthetic log of a known
   virtual patient (:mod:`twinloop.twins.synthetic`), to test the pipeline against ground truth.
 
@@ -35,7 +36,7 @@ def add_parser(sub: Any) -> None:
         help="fit a person's twin to their logs, replay alternative therapies on it",
         description="Twins of real people: fit a personalised UVA/Padova model to logged CGM, "
         "insulin and meals (twins/identify.py), replay the logged days under another therapy "
-        "(twins/twin.py), or write a synthetic log of a known virtual patient.",
+        "(twins/person.py), or write a synthetic log of a known virtual patient.",
     )
     action = p.add_subparsers(dest="twin_command", required=True)
 
@@ -201,7 +202,7 @@ def _write(result: dict[str, Any], path: Path) -> None:
 
 def _main_fit(args: argparse.Namespace) -> int:
     from twinloop.twins.logs import LogError, resolve_log_path
-    from twinloop.twins.twin import FitRequest, fit_many
+    from twinloop.twins.person import FitRequest, fit_many
 
     overrides = _overrides(args)
 
@@ -219,7 +220,7 @@ def _main_fit(args: argparse.Namespace) -> int:
         )
 
     if not args.each:
-        from twinloop.twins.twin import fit_log
+        from twinloop.twins.person import fit_log
 
         try:
             fit, log, checked = fit_log(
@@ -362,8 +363,8 @@ def _fhir(result: dict[str, Any], name: str, start: Any, twin_path: str) -> Any:
 def _main_replay(args: argparse.Namespace) -> int:
     from twinloop.twins.identify import MIN_PER_DAY, log_grid, read_twin
     from twinloop.twins.logs import LogError, read_log, resolve_log_path
+    from twinloop.twins.person import ReplayTherapy, replay
     from twinloop.twins.replay import RescueRule
-    from twinloop.twins.twin import ReplayTherapy, replay
 
     therapy = ReplayTherapy(
         controller=args.controller,

@@ -28,7 +28,7 @@ reading interval (``K`` minutes, inputs held per minute), each with its own ``Vm
 The two sigma points that differ from the mean only in the CGM error ``e`` have the mean's model
 trajectory, so 29 rows are integrated. ``e`` decays by ``φ^K`` with
 ``φ = correlation^(1/lag)`` per minute. Process noise is added per minute (see
-:class:`TwinConfig`): a random walk on plasma glucose, relative noise on the gut and the
+:class:`EstimatorConfig`): a random walk on plasma glucose, relative noise on the gut and the
 subcutaneous insulin depots, the random walk of ``θ`` and the exact AR(1) noise of ``e``.
 
 Inputs: insulin delivered in minute ``m`` (``observe_delivery``) is held over ``[m, m+1)``. A
@@ -135,7 +135,7 @@ _EAT_RATE_G_PER_MIN = 5.0
 _ALPHA, _BETA, _KAPPA = 1.0, 2.0, 0.0
 
 
-class TwinInputError(AgentError, ValueError):
+class EstimatorInputError(AgentError, ValueError):
     """A call the estimator cannot serve (e.g. an estimate for a time before the filter's)."""
 
 
@@ -151,7 +151,7 @@ def _number(field: str, value: object, lo: float, hi: float, *, lo_open: bool = 
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class TwinConfig:
+class EstimatorConfig:
     """Noise model, adaptation and forecasts of the twin estimator (validated once).
 
     Noise figures are standard deviations; "per √min" figures are those of a random walk (the
@@ -286,7 +286,7 @@ def _whole_minute(field: str, t_min: float) -> int:
     """Round a message time to the model's minute grid (tolerance 1e-6 min)."""
     m = round(t_min)
     if abs(t_min - m) > 1e-6:
-        raise TwinInputError(f"{field}={t_min!r}: the twin runs on whole minutes")
+        raise EstimatorInputError(f"{field}={t_min!r}: the twin runs on whole minutes")
     return int(m)
 
 
@@ -478,21 +478,21 @@ class TwinEstimator:
 
     Raises:
         LoopConfigError: ``scheduled_basal_u_per_h`` is negative or not finite.
-        TwinInputError: ``t0_min`` is not a whole minute.
+        EstimatorInputError: ``t0_min`` is not a whole minute.
 
     """
 
     def __init__(
         self,
         patient: PatientParameters,
-        config: TwinConfig | None = None,
+        config: EstimatorConfig | None = None,
         *,
         t0_min: float = 0.0,
         scheduled_basal_u_per_h: float | None = None,
     ) -> None:
-        cfg = TwinConfig() if config is None else config
-        if not isinstance(cfg, TwinConfig):
-            raise LoopConfigError("config", cfg, "a TwinConfig or None")
+        cfg = EstimatorConfig() if config is None else config
+        if not isinstance(cfg, EstimatorConfig):
+            raise LoopConfigError("config", cfg, "a EstimatorConfig or None")
         self.patient = patient
         self.config = cfg
         basal_u_per_h = patient.basal_u_per_h if scheduled_basal_u_per_h is None else (
@@ -588,7 +588,7 @@ class TwinEstimator:
             (late), or its units are negative or not finite.
 
         Raises:
-            TwinInputError: ``delivery.t_min`` is not a whole minute.
+            EstimatorInputError: ``delivery.t_min`` is not a whole minute.
 
         """
         m = _whole_minute("delivery.t_min", delivery.t_min)
@@ -611,7 +611,7 @@ class TwinEstimator:
             ``False`` when ignored: grams negative or not finite.
 
         Raises:
-            TwinInputError: ``meal.t_min`` is not a whole minute.
+            EstimatorInputError: ``meal.t_min`` is not a whole minute.
 
         """
         m = _whole_minute("meal.t_min", meal.t_min)
@@ -632,7 +632,7 @@ class TwinEstimator:
             filter, not finite, or at a clipping limit the prediction is already beyond).
 
         Raises:
-            TwinInputError: ``reading.t_min`` is not a whole minute.
+            EstimatorInputError: ``reading.t_min`` is not a whole minute.
 
         """
         z = float(reading.glucose_mg_dl)
@@ -658,7 +658,7 @@ class TwinEstimator:
         """The twin's view at ``t_min`` (>= the filter's time): glucose, IOB, COB, forecasts.
 
         Raises:
-            TwinInputError: ``t_min`` is before the filter's time or not a whole minute.
+            EstimatorInputError: ``t_min`` is before the filter's time or not a whole minute.
 
         """
         x, meal_state, bg = self._mean_trajectory(t_min, 60)
@@ -701,7 +701,7 @@ class TwinEstimator:
         announced late, for a minute the filter has passed, starts at once).
 
         Raises:
-            TwinInputError: ``t_min`` is before the filter's time or not a whole minute.
+            EstimatorInputError: ``t_min`` is before the filter's time or not a whole minute.
 
         """
         x, meal_state, _ = self._mean_trajectory(t_min, 0)
@@ -735,7 +735,7 @@ class TwinEstimator:
         """Plasma glucose at ``t_min`` + each configured forecast horizon, mg/dL by minutes.
 
         Raises:
-            TwinInputError: ``t_min`` is before the filter's time or not a whole minute.
+            EstimatorInputError: ``t_min`` is before the filter's time or not a whole minute.
 
         """
         bg = self.forecast(t_min)
@@ -752,12 +752,12 @@ class TwinEstimator:
             Shape ``(horizon_min + 1,)``.
 
         Raises:
-            TwinInputError: ``t_min`` before the filter's time, or a bad horizon.
+            EstimatorInputError: ``t_min`` before the filter's time, or a bad horizon.
 
         """
         h = self.config.forecast_horizons_min[-1] if horizon_min is None else horizon_min
         if isinstance(h, bool) or not isinstance(h, int | np.integer) or not 0 <= h <= 10_080:
-            raise TwinInputError(
+            raise EstimatorInputError(
                 f"horizon_min={horizon_min!r}: must be whole minutes in [0, 10080]"
             )
         return self._mean_trajectory(t_min, int(h))[2]
@@ -926,7 +926,7 @@ class TwinEstimator:
         """
         m = _whole_minute("t_min", t_min)
         if m < self._t:
-            raise TwinInputError(
+            raise EstimatorInputError(
                 f"t_min={t_min!r}: before the filter's time {self._t} min; the twin does not "
                 "look back"
             )

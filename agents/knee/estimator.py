@@ -25,13 +25,13 @@ Equations (one control sample ``k``, period ``Δ``; everything is evaluated at t
    (``τ_pass`` = :func:`twinloop.plant.knee.model.passive_joint_moment`, range-of-motion moment and
    damping; τ_p includes the muscles' passive elastic moment ``τ_PE(θ)``, which is known and
    subtracted before the regression: ``y = τ_p − τ_PE``).
-3. Voluntary regressors, one per strength hypothesis ``s_j`` (:attr:`KneeTwinConfig.capacity_grid`):
-   the nominal intent ``τ_int = Kp(θ_ref − θ) + Kd(ω_ref − ω) − g_c·mgd·cos θ`` gives the
-   full-effort excitations ``u_q = max(0, −τ_int)/(F_q r_q)``, ``u_h = max(0, τ_int)/(F_h
-   r_h)``. The patient puts an unknown, slowly varying *effort* ε ∈ (0, 1] into the intent
-   (slacking, Emken et al. 2007) and the excitation saturates at the residual strength:
-   ``min(s_j, ε·u_m)``. Activation dynamics are first-order and linear, and the up/down rate
-   choice ``u > a`` is scale invariant, so ``act[ε·w] = ε·act[w]`` for any ε > 0, hence
+3. Voluntary regressors, one per strength hypothesis ``s_j``
+   (:attr:`KneeEstimatorConfig.capacity_grid`): the nominal intent ``τ_int = Kp(θ_ref − θ) +
+   Kd(ω_ref − ω) − g_c·mgd·cos θ`` gives the full-effort excitations ``u_q = max(0, −τ_int)/(F_q
+   r_q)``, ``u_h = max(0, τ_int)/(F_h r_h)``. The patient puts an unknown, slowly varying *effort* ε
+   ∈ (0, 1] into the intent (slacking, Emken et al. 2007) and the excitation saturates at the
+   residual strength: ``min(s_j, ε·u_m)``. Activation dynamics are first-order and linear, and the
+   up/down rate choice ``u > a`` is scale invariant, so ``act[ε·w] = ε·act[w]`` for any ε > 0, hence
    ``act[min(s_j, ε·u)] = ε·act[min(s_j/ε, u)]``. With each hypothesis' current effort
    estimate ``ε̂_j`` (its coefficient below, clipped to ``[EFFORT_FLOOR, 1]``) the regressor is
    ``v_j = −A_q·act[min(s_j/ε̂_j, u_q)] + A_h·act[min(s_j/ε̂_j, u_h)]`` (nominal activation
@@ -40,8 +40,8 @@ Equations (one control sample ``k``, period ``Δ``; everything is evaluated at t
    saturated ``A·act[s_j]`` (ε̂_j ≈ ε_j), whatever the effort.
 4. Reflex regressors, a hinge basis over the stretch velocity (the threshold is unknown):
    ``r_i = −A_q·act[max(0, ω(t−D) − c_i)] + A_h·act[max(0, −ω(t−D) − c_i)]`` for the knots
-   ``c_i`` (:attr:`KneeTwinConfig.reflex_knots_rad_s`), ``D`` the nominal reflex delay. A reflex
-   ``G·max(0, ω − v_th)`` is ``Σ_i g_i·max(0, ω − c_i)`` with ``Σ g_i = G`` above the knots.
+   ``c_i`` (:attr:`KneeEstimatorConfig.reflex_knots_rad_s`), ``D`` the nominal reflex delay. A
+   reflex ``G·max(0, ω − v_th)`` is ``Σ_i g_i·max(0, ω − c_i)`` with ``Σ g_i = G`` above the knots.
 5. Every channel (τ_p, τ_PE, v_j, r_i) goes through the same second-order Butterworth
    low-pass ``F`` (``filter_cutoff_hz``): the model is linear in the unknowns, so
    ``F[y] = ε_j·F[v_j] + Σ_i g_{j,i}·F[r_i]`` still holds for the filtered signals (ε varying
@@ -180,7 +180,7 @@ DEFAULT_CAPACITY_GRID: tuple[float, ...] = (
 
 
 @dataclasses.dataclass(frozen=True)
-class KneeTwinConfig:
+class KneeEstimatorConfig:
     """Settings of :class:`KneeTwinEstimator` (validated; units in the names).
 
     Attributes:
@@ -342,9 +342,9 @@ class KneeTwinEstimator:
     """
 
     def __init__(
-        self, limb: KneeParams, config: KneeTwinConfig | None = None, control_hz: int = 100
+        self, limb: KneeParams, config: KneeEstimatorConfig | None = None, control_hz: int = 100
     ) -> None:
-        cfg = config if config is not None else KneeTwinConfig()
+        cfg = config if config is not None else KneeEstimatorConfig()
         if isinstance(control_hz, bool) or not isinstance(control_hz, int) or control_hz < 1:
             raise LoopConfigError("control_hz", control_hz, "an integer >= 1")
         if not cfg.filter_cutoff_hz < 0.4 * control_hz:

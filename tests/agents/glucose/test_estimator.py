@@ -8,9 +8,9 @@ from twinloop.agents.errors import LoopConfigError
 from twinloop.agents.glucose.estimator import (
     I_THETA,
     N_AUG,
-    TwinConfig,
+    EstimatorConfig,
+    EstimatorInputError,
     TwinEstimator,
-    TwinInputError,
 )
 from twinloop.agents.messages import CgmReading, InsulinDelivery, MealAnnouncement, TwinEstimate
 from twinloop.plant.glucose.cgm import CGMSpec, cgm_errors, measure
@@ -47,7 +47,7 @@ def _run(
     truth: PatientParameters = PATIENT,
     dose_scale: float = 1.0,
     x0_glucose_factor: float = 1.0,
-    config: TwinConfig | None = None,
+    config: EstimatorConfig | None = None,
     check=None,
 ) -> Run:
     """Basal-bolus day for PATIENT, truth from the plant, the twin fed as the loop would."""
@@ -201,13 +201,13 @@ BAD_CONFIG = [
 @pytest.mark.parametrize(("field", "value"), BAD_CONFIG, ids=[f"{f}={v!r}" for f, v in BAD_CONFIG])
 def test_bad_config_raises_naming_the_field(field, value):
     with pytest.raises(LoopConfigError) as info:
-        TwinConfig(**{field: value})
+        EstimatorConfig(**{field: value})
     assert info.value.field == field
     assert field in str(info.value)
 
 
 def test_good_config_is_normalised():
-    cfg = TwinConfig(forecast_horizons_min=[15, 30.0, 60, 120], cgm_error_sd_mg_dl=10)
+    cfg = EstimatorConfig(forecast_horizons_min=[15, 30.0, 60, 120], cgm_error_sd_mg_dl=10)
     assert cfg.forecast_horizons_min == (15, 30, 60, 120)
     assert isinstance(cfg.cgm_error_sd_mg_dl, float)
     assert cfg.cgm_error_phi_per_min == pytest.approx(0.7 ** (1 / 15))
@@ -250,9 +250,9 @@ def test_stale_late_and_non_finite_messages_are_ignored_and_counted():
     assert not est.observe_meal(MealAnnouncement(12.0, -20.0))
     assert est.ignored == {"reading": 2, "delivery": 3, "meal": 1}
     assert np.array_equal(est.state_mean, before)
-    with pytest.raises(TwinInputError):
+    with pytest.raises(EstimatorInputError):
         est.estimate(5.0)  # the twin does not look back
-    with pytest.raises(TwinInputError):
+    with pytest.raises(EstimatorInputError):
         est.update(CgmReading(12.5, 140.0))  # off the minute grid
 
 
@@ -280,7 +280,7 @@ def test_iob_and_cob_follow_the_inputs():
 def test_held_versus_scheduled_insulin_in_forecasts():
     results = {}
     for mode in ("held", "scheduled"):
-        est = TwinEstimator(PATIENT, TwinConfig(forecast_insulin=mode))
+        est = TwinEstimator(PATIENT, EstimatorConfig(forecast_insulin=mode))
         for m in range(30):
             est.observe_delivery(InsulinDelivery(float(m), 0.0, 0.0))  # suspended
         results[mode] = est.forecast(30.0, 240)
@@ -291,7 +291,7 @@ def test_held_versus_scheduled_insulin_in_forecasts():
 
 
 def test_sensitivity_state_is_clipped_to_its_range():
-    cfg = TwinConfig(sensitivity_min_scale=0.95, sensitivity_max_scale=1.05)
+    cfg = EstimatorConfig(sensitivity_min_scale=0.95, sensitivity_max_scale=1.05)
     seen = []
 
     def check(est: TwinEstimator, e: TwinEstimate) -> None:
@@ -323,5 +323,5 @@ def test_plan_state_is_the_estimates_mean_with_the_pending_meals():
     later = est.plan_state(40.0)
     assert later.pending_meals == ((2, 60.0),)
     assert later.meal_state[0] + later.meal_state[2] == pytest.approx(20.0)
-    with pytest.raises(TwinInputError):
+    with pytest.raises(EstimatorInputError):
         est.plan_state(10.0)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from twinloop.agents.errors import LoopConfigError
-from twinloop.agents.knee.estimator import KneeTwinConfig, KneeTwinEstimator
+from twinloop.agents.knee.estimator import KneeEstimatorConfig, KneeTwinEstimator
 from twinloop.agents.knee.messages import ExoSensorReading, TaskReference
 from twinloop.plant.knee.model import X_EFFORT, KneePlant, knee_preset
 from twinloop.plant.knee.tasks import CyclicFlexionExtension, reference_series
@@ -180,7 +180,8 @@ def test_the_prior_is_reported_until_there_is_evidence(assistive):
     assert math.isnan(run.estimates[0].patient_torque_nm)
     assert math.isnan(run.estimates[0].residual_rms_nm)
     twin = KneeTwinEstimator(
-        NOMINAL, KneeTwinConfig(prior_voluntary_capacity=0.4, prior_spasticity_gain_per_rad_s=0.1)
+        NOMINAL,
+        KneeEstimatorConfig(prior_voluntary_capacity=0.4, prior_spasticity_gain_per_rad_s=0.1),
     )
     est = twin.step(*run.inputs[0])
     assert (est.voluntary_capacity, est.spasticity_gain_per_rad_s) == (0.4, 0.1)
@@ -213,7 +214,7 @@ def test_the_twin_never_reads_the_patients_strength_or_spasticity(assistive):
 
 
 def test_torque_sensor_source_gives_the_same_answer_within_its_bias(assistive):
-    twin = KneeTwinEstimator(NOMINAL, KneeTwinConfig(exo_torque_source="sensor"))
+    twin = KneeTwinEstimator(NOMINAL, KneeEstimatorConfig(exo_torque_source="sensor"))
     est = _replay(twin, assistive["severe"].inputs)[-1]
     assert est.spasticity_gain_per_rad_s == pytest.approx(TRUE_GAIN["severe"], rel=0.1)
     assert est.voluntary_capacity == pytest.approx(TRUE_STRENGTH["severe"], abs=0.015)
@@ -334,7 +335,7 @@ def test_without_slacking_the_effort_is_one():
 )
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(LoopConfigError, match=field) as info:
-        KneeTwinConfig(**kwargs)
+        KneeEstimatorConfig(**kwargs)
     assert info.value.field == field
 
 
@@ -342,8 +343,8 @@ def test_bad_estimator_settings_name_the_field():
     with pytest.raises(LoopConfigError, match="control_hz"):
         KneeTwinEstimator(NOMINAL, control_hz=0)
     with pytest.raises(LoopConfigError, match="filter_cutoff_hz"):
-        KneeTwinEstimator(NOMINAL, KneeTwinConfig(filter_cutoff_hz=20.0), control_hz=40)
+        KneeTwinEstimator(NOMINAL, KneeEstimatorConfig(filter_cutoff_hz=20.0), control_hz=40)
     sea = knee_preset("healthy", exo_series_stiffness_nm_per_rad=300.0)
     with pytest.raises(LoopConfigError, match="exo_torque_source"):
         KneeTwinEstimator(sea)
-    KneeTwinEstimator(sea, KneeTwinConfig(exo_torque_source="sensor"))
+    KneeTwinEstimator(sea, KneeEstimatorConfig(exo_torque_source="sensor"))

@@ -18,9 +18,7 @@ from twinloop.plant.glucose.uva_padova import simulate
 from twinloop.policies.glucose.interface import ControllerInput
 from twinloop.twins.identify import log_grid
 from twinloop.twins.logs import read_log
-from twinloop.twins.replay import LoggedTherapy, RescueRule, closed_loop
-from twinloop.twins.synthetic import synthetic_log
-from twinloop.twins.twin import (
+from twinloop.twins.person import (
     FitRequest,
     ReplayTherapy,
     fit_log,
@@ -28,6 +26,8 @@ from twinloop.twins.twin import (
     replay,
     therapy_from_log,
 )
+from twinloop.twins.replay import LoggedTherapy, RescueRule, closed_loop
+from twinloop.twins.synthetic import synthetic_log
 
 ROOT = Path(__file__).resolve().parents[2]
 
