@@ -71,7 +71,8 @@ def _drive_process(
         refused = request_realtime()
     if switch_s is not None:
         sys.setswitchinterval(switch_s)
-    from twinloop.hw_bridge.emulators.drive.emulator import DriveEmulator, DriveModbus, knee_backend
+    from twinloop.hw_bridge.emulators.drive.emulator import DriveEmulator, knee_backend
+    from twinloop.hw_bridge.emulators.drive.modbus import DriveModbus
     from twinloop.hw_bridge.emulators.drive.process import DriveProcess, knee_factory
 
     drive: DriveModbus

@@ -100,18 +100,21 @@ def _actives(scenario: Scenario, key: RunKey) -> list[ActiveFault]:
 # -- one run ---------------------------------------------------------------------------------
 def _glucose_loop(spec: CampaignSpec, key: RunKey) -> Any:
     from twinloop.agents.glucose.loop import LoopConfig, PatientLoop
-    from twinloop.plant.glucose.patients import expand_names, get_patient, patient_key
+    from twinloop.plant.glucose.cohorts import find_patient
+    from twinloop.plant.glucose.patients import patient_key
 
-    expand_names(spec.populations)  # a Ray worker loads the spec's population files
+    # a population member's name resolves with its file named beside it (spec.populations is
+    # empty without population files; the loop itself runs only ``patient``)
     config = LoopConfig(
-        patients=(key.patient,),
+        patients=(*spec.populations, key.patient),
         days=spec.days,
         seed=key.seed,
         controller=spec.controller,
         twin=spec.twin,
     )
     seq = np.random.SeedSequence(key.seed, spawn_key=(patient_key(key.patient),))
-    return PatientLoop(get_patient(key.patient), config, np.random.default_rng(seq))
+    patient = find_patient(key.patient, spec.populations)  # from the spec's population files
+    return PatientLoop(patient, config, np.random.default_rng(seq))
 
 
 def _exo_loop(spec: CampaignSpec, key: RunKey) -> Any:

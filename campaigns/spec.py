@@ -58,7 +58,7 @@ from twinloop.campaigns.faults import (
     check_params,
     numeric_fields,
 )
-from twinloop.plant.glucose.patients import POPULATION_PREFIX, population_token
+from twinloop.plant.glucose.cohorts import POPULATION_PREFIX, expand_names, population_token
 
 __all__ = [
     "REQUIREMENT_RULES",
@@ -721,8 +721,6 @@ def load_spec(path: str | Path) -> CampaignSpec:
 
 def _check_patients(therapy: str, names: list[str], where: str) -> list[str]:
     if therapy == "glucose":
-        from twinloop.plant.glucose.patients import expand_names
-
         try:
             return [p.name for p in expand_names(tuple(names))]
         except (KeyError, ValueError) as exc:

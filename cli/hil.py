@@ -232,8 +232,8 @@ def emulate(args: argparse.Namespace) -> int:
 
 def _emulate_drive(args: argparse.Namespace, stop: threading.Event) -> int:
     """Serve the emulated exoskeleton drive on Modbus TCP until ``stop`` is set or Ctrl-C."""
-    from twinloop.hw_bridge.emulators.drive.emulator import PendulumJoint, run_drive
-    from twinloop.hw_bridge.emulators.drive.process import knee_factory
+    from twinloop.hw_bridge.emulators.drive.emulator import PendulumJoint
+    from twinloop.hw_bridge.emulators.drive.process import knee_factory, run_drive
 
     if not args.tcp:
         raise ValueError("emulate drive: give --tcp HOST:PORT (or PORT)")

@@ -419,13 +419,12 @@ def _main_replay(args: argparse.Namespace) -> int:
 def _main_synth(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from twinloop.plant.glucose.patients import get_patient, load_population, population_token
+    from twinloop.plant.glucose.cohorts import find_patient, population_token
     from twinloop.plant.glucose.scenarios import CarbCountingError
     from twinloop.twins.synthetic import synthetic_log
 
-    if args.population:
-        load_population(population_token(args.population))
-    patient = get_patient(args.patient)
+    populations = [population_token(args.population)] if args.population else []
+    patient = find_patient(args.patient, populations)
     log = synthetic_log(
         patient,
         days=args.days,

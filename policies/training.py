@@ -42,7 +42,6 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,8 +53,8 @@ from tqdm import tqdm
 
 from twinloop import plant
 from twinloop.plant.errors import ConfigError, PlantError
+from twinloop.plant.glucose.cohorts import expand_names
 from twinloop.plant.glucose.env_core import T1DConfig
-from twinloop.plant.glucose.patients import expand_names
 from twinloop.plant.glucose.pump import PumpSpec
 from twinloop.plant.glucose.scenarios import SCENARIOS, CarbCountingError
 from twinloop.plant.knee.env_core import KneeExoConfig
@@ -69,11 +68,20 @@ from twinloop.policies.glucose.features import (
     FeatureVecEnv,
     ObservationLayout,
 )
-from twinloop.policies.glucose.learned import METADATA_FILE, METADATA_FORMAT, MODEL_FILE
 from twinloop.policies.glucose.rewards import make_reward, parse_reward
+from twinloop.policies.knee.learned import (
+    KNEE_LAYOUT_VERSION,
+    describe_observation,
+    features_extractor_kwargs,
+)
+from twinloop.policies.saved import (
+    METADATA_FILE,
+    METADATA_FORMAT,
+    MODEL_FILE,
+    algorithm_class,
+    twinloop_version,
+)
 
-#: Algorithms by name (stable-baselines3 classes, imported lazily).
-ALGORITHMS = ("ppo", "sac")
 #: Policies a flat feature vector can feed.
 POLICIES = ("MlpPolicy",)
 #: Keys of a config that are twinloop's, not the algorithm's, in every task family.
@@ -110,25 +118,6 @@ RESERVED_HYPERPARAMETERS = (
 ENV_KEYS = ("patients", "sample_patient", "episode_days", "scenario", "carb_error")
 #: Activation functions ``policy_kwargs.activation_fn`` may name.
 ACTIVATIONS = ("tanh", "relu", "elu", "leaky_relu", "silu")
-
-
-def algorithm_class(name: str) -> type[Any]:
-    """The stable-baselines3 class of ``name`` (``ppo`` or ``sac``)."""
-    from stable_baselines3 import PPO, SAC
-
-    classes: dict[str, type[Any]] = {"ppo": PPO, "sac": SAC}
-    if name not in classes:
-        raise PolicyConfigError(
-            f"algorithm: unknown algorithm {name!r}; algorithms are {', '.join(ALGORITHMS)}"
-        )
-    return classes[name]
-
-
-def _version() -> str:
-    try:
-        return importlib_metadata.version("twinloop")
-    except importlib_metadata.PackageNotFoundError:
-        return "unknown"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -540,8 +529,6 @@ class KneeExoTask:
 
     def policy_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The model's ``policy_kwargs``: the configured ones + the observation scaler."""
-        from twinloop.policies.knee.learned import features_extractor_kwargs
-
         return {**kwargs, **features_extractor_kwargs()}
 
     def callbacks(self) -> list[BaseCallback]:
@@ -550,8 +537,6 @@ class KneeExoTask:
 
     def metadata(self) -> dict[str, Any]:
         """The family's part of ``policy.json`` (read by :mod:`twinloop.policies.knee.learned`)."""
-        from twinloop.policies.knee.learned import KNEE_LAYOUT_VERSION, describe_observation
-
         c = self.env
         return {
             "env_layout_version": KNEE_LAYOUT_VERSION,
@@ -938,7 +923,7 @@ def policy_metadata(config: TrainingConfig, seed: int, timesteps: int) -> dict[s
     """The ``policy.json`` of a saved policy (read by the therapies' ``learned`` modules)."""
     return {
         "format": METADATA_FORMAT,
-        "twinloop_version": _version(),
+        "twinloop_version": twinloop_version(),
         "env_id": config.env_id,
         "task_family": config.family,
         **config.task.metadata(),

@@ -8,4 +8,5 @@ sh scripts/install-system.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+.venv/bin/lint-imports
 exec sh scripts/offline.sh .venv/bin/python -m pytest "$@"

@@ -1313,12 +1313,14 @@ def _read_twinloop(
 
 def _twinloop_schedule(manifest: dict[str, Any], patient: str, zone: tzinfo) -> _Schedule | None:
     """The pump's scheduled basal of a run's patient (the patient's basal, quantized)."""
-    from twinloop.plant.glucose.patients import get_patient
+    from twinloop.plant.glucose.cohorts import find_patient
     from twinloop.plant.glucose.pump import PumpSpec, quantize_basal
 
     try:
-        pump = PumpSpec(**manifest.get("config", {}).get("pump", {}))
-        rate = float(quantize_basal(pump, get_patient(patient).basal_u_per_h))
+        config = manifest.get("config", {})
+        pump = PumpSpec(**config.get("pump", {}))
+        populations = config.get("patients") or ()
+        rate = float(quantize_basal(pump, find_patient(patient, populations).basal_u_per_h))
     except (KeyError, TypeError, ValueError):
         return None
     return _Schedule("manifest.json", 0, zone, ((0, rate),))

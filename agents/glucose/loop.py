@@ -56,15 +56,9 @@ from twinloop.agents.messages import (
 )
 from twinloop.agents.placement import InlinePlacement, Outcome, Placement, Request, Steps, drive
 from twinloop.plant.glucose.cgm import CGMSpec
+from twinloop.plant.glucose.cohorts import POPULATION_PREFIX, expand_names, population_token
 from twinloop.plant.glucose.insulin import IobTracker
-from twinloop.plant.glucose.patients import (
-    N_STATES,
-    POPULATION_PREFIX,
-    PatientParameters,
-    expand_names,
-    parameter_matrix,
-    population_token,
-)
+from twinloop.plant.glucose.patients import N_STATES, PatientParameters, parameter_matrix
 from twinloop.plant.glucose.pump import PumpSpec
 from twinloop.plant.glucose.scenarios import MIN_PER_DAY, SCENARIOS, CarbCountingError, MealPlan
 from twinloop.plant.glucose.uva_padova import (

@@ -53,8 +53,8 @@ from twinloop.agents.report import (
     check_complete,
 )
 from twinloop.plant.errors import UnknownPatientError
+from twinloop.plant.glucose.cohorts import expand_names, find_patient, population_tokens
 from twinloop.plant.glucose.metrics import HIGH_MG_DL, LOW_MG_DL
-from twinloop.plant.glucose.patients import expand_names, get_patient
 from twinloop.plant.glucose.scenarios import MIN_PER_DAY
 from twinloop.plant.units import MIN_PER_H
 
@@ -439,9 +439,9 @@ def _plasma_matrix(plant: _Channel, n_patients: int) -> NDArray[np.float64]:
     return bg
 
 
-def _cohort_of(name: str, path: Path) -> str:
+def _cohort_of(name: str, path: Path, populations: tuple[str, ...]) -> str:
     try:
-        return get_patient(name).cohort
+        return find_patient(name, populations).cohort
     except UnknownPatientError:
         raise CorruptRecordingError(path, f"unknown patient {name!r}") from None
 
@@ -846,7 +846,9 @@ def build_report(run_dir: str | Path, *, allow_incomplete: bool = False) -> Repo
         if name != "plant->sensor"
     }
     bg = _plasma_matrix(plant, len(patients))
-    cohorts = [_cohort_of(name, plant.path) for name in patients]
+    configured = ((manifest or {}).get("config") or {}).get("patients")
+    populations = population_tokens(configured) if isinstance(configured, list) else ()
+    cohorts = [_cohort_of(name, plant.path, populations) for name in patients]
 
     # (1) Summary, exactly as the run writes it.
     summary = summarize(patients, cohorts, bg)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from twinloop.agents.glucose.loop import LoopConfig, PatientLoop, run_together
 from twinloop.agents.placement import InlinePlacement, Placement, RayPatientsPlacement
 from twinloop.agents.recording import Columns, Recorder, column_listener
+from twinloop.plant.glucose.cohorts import find_patient
 from twinloop.plant.glucose.metrics import glucose_metrics
 from twinloop.plant.glucose.patients import PatientParameters, patient_key
 from twinloop.plant.glucose.scenarios import MIN_PER_DAY
@@ -74,10 +75,8 @@ def _patient_loop_columns(
     config: LoopConfig, name: str, seed: np.random.SeedSequence
 ) -> tuple[Columns, list[float]]:
     """Run one patient's loop inline and return its recorded columns and plasma glucose."""
-    from twinloop.plant.glucose.patients import get_patient
-
-    config.patient_table()  # loads the run's population files in this worker
-    loop = PatientLoop(get_patient(name), config, np.random.default_rng(seed))
+    patient = find_patient(name, config.patients)  # a population member: from the run's files
+    loop = PatientLoop(patient, config, np.random.default_rng(seed))
     columns: Columns = {}
     loop.listen(column_listener(columns, name))
     loop.run()

@@ -66,8 +66,9 @@ from twinloop.agents.glucose.run import METRICS_FLOOR_MG_DL, run_cohort
 from twinloop.agents.recording import channel_file, git_output
 from twinloop.plant.errors import PlantError
 from twinloop.plant.glucose.cgm import CGMSpec
+from twinloop.plant.glucose.cohorts import expand_names
 from twinloop.plant.glucose.metrics import GlucoseMetrics, glucose_metrics
-from twinloop.plant.glucose.patients import COHORTS, expand_names, patient_names
+from twinloop.plant.glucose.patients import COHORTS, patient_names
 from twinloop.plant.glucose.scenarios import MIN_PER_DAY, SCENARIOS, CarbCountingError
 from twinloop.policies.glucose.controllers import POLICY_PREFIX, check_controller_name
 

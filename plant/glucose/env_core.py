@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 import twinloop.plant.glucose.uva_padova
 from twinloop.plant.errors import ConfigError, InvalidInputError
 from twinloop.plant.glucose.cgm import CGMSpec, cgm_errors_batch
+from twinloop.plant.glucose.cohorts import expand_names
 from twinloop.plant.glucose.insulin import DEFAULT_DIA_MIN, DEFAULT_PEAK_MIN, iob_kernel
 from twinloop.plant.glucose.metrics import (
     KOVATCHEV_ALPHA,
@@ -32,7 +33,6 @@ from twinloop.plant.glucose.patients import (
     N_PARAMS,
     N_STATES,
     PatientParameters,
-    expand_names,
     initial_states,
     parameter_matrix,
 )

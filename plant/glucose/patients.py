@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from importlib import resources
+from types import MappingProxyType
 
 import numpy as np
 from numpy.typing import NDArray
@@ -182,54 +184,29 @@ def patient_names() -> tuple[str, ...]:
     return tuple(_table())
 
 
-#: Prefix of a population file among patient and cohort names: ``population:PATH``.
-POPULATION_PREFIX = "population:"
-#: Patients of the population files loaded in this process (name → parameters).
-_POPULATION: dict[str, PatientParameters] = {}
-
-
-def population_token(path: str) -> str:
-    """``population:ABSOLUTE_PATH`` (workers started elsewhere resolve it the same way)."""
-    import os
-
-    return POPULATION_PREFIX + os.path.abspath(path)
-
-
-def load_population(token: str) -> tuple[PatientParameters, ...]:
-    """The members of ``population:PATH``, registered so :func:`get_patient` finds them."""
-    from twinloop.plant.glucose.population import read_population
-
-    path = token[len(POPULATION_PREFIX) :]
-    try:
-        members = read_population(path)
-    except OSError as exc:
-        raise UnknownPatientError("population", token, ["an existing population file"]) from exc
-    for p in members:
-        _POPULATION.setdefault(p.name, p)
-    return tuple(members)
+def shipped_patients() -> Mapping[str, PatientParameters]:
+    """The shipped patients by name, in table order (read-only)."""
+    return MappingProxyType(_table())
 
 
 def get_patient(name: str) -> PatientParameters:
-    """Return one patient's parameters (a shipped one, or a loaded population's member).
+    """Return one shipped patient's parameters.
+
+    Members of population files are found by
+    :func:`twinloop.plant.glucose.cohorts.find_patient`, given the files they come from.
 
     Raises:
-        UnknownPatientError: ``name`` is not one of :func:`patient_names` nor of a population
-            loaded in this process (:func:`load_population`).
+        UnknownPatientError: ``name`` is not one of :func:`patient_names`.
 
     """
     try:
         return _table()[name]
     except KeyError:
-        member = _POPULATION.get(name)
-        if member is not None:
-            return member
         raise UnknownPatientError("patient", name, patient_names()) from None
 
 
 def patient_key(name: str) -> int:
     """A stable integer per patient for seeding: the table index, or a hash of the name."""
-    import zlib
-
     names = patient_names()
     if name in names:
         return names.index(name)
@@ -260,34 +237,6 @@ def resolve_patients(
     for name in patients:
         p = get_patient(name)
         chosen.setdefault(p.name, p)
-    return tuple(chosen.values())
-
-
-def expand_names(names: Iterable[str], *, field: str = "patients") -> tuple[PatientParameters, ...]:
-    """Patient and cohort names mixed, expanded in the order given, without repeats.
-
-    ``population:PATH`` stands for every member of a population file
-    (``twinloop population sample``); its members are then known by name in this process.
-
-    Raises:
-        UnknownPatientError: a name is neither a patient nor a cohort (lists both kinds).
-
-    """
-    chosen: dict[str, PatientParameters] = {}
-    table = _table()
-    for name in names:
-        if name in COHORTS:
-            group = cohort(name)
-        elif name in table:
-            group = (table[name],)
-        elif name.startswith(POPULATION_PREFIX):
-            group = load_population(name)
-        elif name in _POPULATION:
-            group = (_POPULATION[name],)
-        else:
-            raise UnknownPatientError(field, name, (*COHORTS, "population:PATH", *table))
-        for p in group:
-            chosen.setdefault(p.name, p)
     return tuple(chosen.values())
 
 

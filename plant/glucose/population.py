@@ -47,6 +47,7 @@ from numpy.typing import NDArray
 
 from twinloop.plant.errors import ConfigError
 from twinloop.plant.glucose.patients import N_STATES, PatientParameters, cohort
+from twinloop.plant.glucose.uva_padova import simulate
 
 __all__ = [
     "DERIVED",
@@ -259,8 +260,6 @@ def standard_day(
     :data:`STANDARD_MEALS`, a bolus of ``carbs / CR`` — the patient's own therapy parameters
     on an ordinary day.
     """
-    from twinloop.plant.glucose.uva_padova import simulate
-
     minutes = 1440
     insulin = np.repeat(np.array([[p.basal_u_per_min for p in patients]]).T, minutes, axis=1)
     meals = np.zeros((len(patients), minutes))
@@ -274,8 +273,6 @@ def standard_day(
 
 def _steady(patients: list[PatientParameters]) -> NDArray[np.bool_]:
     """Whether a basal-only day of each patient stays within the tolerance of ``Gb``."""
-    from twinloop.plant.glucose.uva_padova import simulate
-
     minutes = 1440
     insulin = np.repeat(np.array([[p.basal_u_per_min for p in patients]]).T, minutes, axis=1)
     bg = simulate(patients, insulin, np.zeros(minutes)).bg_mg_dl

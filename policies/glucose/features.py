@@ -48,8 +48,9 @@ from stable_baselines3.common.vec_env.base_vec_env import (
     VecEnvWrapper,
 )
 
+from twinloop.plant.glucose.cohorts import find_patient
 from twinloop.plant.glucose.insulin import DEFAULT_DIA_MIN, DEFAULT_PEAK_MIN, iob_fraction
-from twinloop.plant.glucose.patients import PatientParameters, get_patient
+from twinloop.plant.glucose.patients import PatientParameters
 from twinloop.plant.glucose.pump import PumpSpec, quantize_basal, quantize_bolus
 from twinloop.plant.glucose.scenarios import MIN_PER_DAY
 from twinloop.plant.units import MIN_PER_H
@@ -502,10 +503,12 @@ class FeatureVecEnv(VecEnvWrapper):
         self._period = int(config.control_period_min)
         self._start_clock = float(config.start_clock_min)
         self._hist_len = int(config.history_len)
-        self._names = [p.name for p in config.patient_table()]
+        table = config.patient_table()
+        self._names = [p.name for p in table]
+        self._by_name = {p.name: p for p in table}
         n = self.num_envs
         self._patients: list[str] = [self._names[i % len(self._names)] for i in range(n)]
-        self.profile = PatientProfile.of([get_patient(name) for name in self._patients])
+        self.profile = PatientProfile.of([self._patient(name) for name in self._patients])
         self.iob = NetIobBatch(
             self.profile.basal_u_per_h,
             peak_min=observation.iob_peak_min,
@@ -523,7 +526,14 @@ class FeatureVecEnv(VecEnvWrapper):
                 self._patients[i] = str(name)
                 changed = True
         if changed:
-            self.profile = PatientProfile.of([get_patient(name) for name in self._patients])
+            self.profile = PatientProfile.of([self._patient(name) for name in self._patients])
+
+    def _patient(self, name: str) -> PatientParameters:
+        """A patient of the env's table (else a shipped one or a member of its populations)."""
+        member = self._by_name.get(name)
+        if member is not None:
+            return member
+        return find_patient(name, self.t1d_config.patients)
 
     def _features(
         self, raw: NDArray[Any], rows: NDArray[np.intp] | None = None

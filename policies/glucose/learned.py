@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import zipfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,30 +38,13 @@ from twinloop.policies.glucose.features import (
     observation_features,
 )
 from twinloop.policies.glucose.interface import ControllerInput, Dose
-
-METADATA_FILE = "policy.json"
-MODEL_FILE = "model.zip"
-METADATA_FORMAT = "twinloop-policy"
-
-#: Loaded models by (resolved path, modification time): a cohort shares one model.
-_MODELS: dict[tuple[str, float], Any] = {}
-
-
-def ships_model_path_getstate(self: Any) -> dict[str, Any]:
-    """``__getstate__`` of a learned controller: ship the model's path, not the torch module."""
-    state = dict(self.__dict__)
-    if self.model_path is not None:
-        state["model"] = None
-    return state
-
-
-def reloads_model_setstate(self: Any, state: dict[str, Any]) -> None:
-    """``__setstate__`` of a learned controller: reload the model from its path, warm it up."""
-    self.__dict__.update(state)
-    if self.model is None and self.model_path is not None:
-        algorithm = str(self.metadata.get("algorithm"))
-        self.model = _load_model(algorithm, Path(self.model_path), self.model_path)
-        self.warm_up()
+from twinloop.policies.saved import (
+    load_model,
+    policy_paths,
+    read_metadata_file,
+    reloads_model_setstate,
+    ships_model_path_getstate,
+)
 
 
 class LearnedPolicyController:
@@ -152,18 +133,6 @@ class LearnedPolicyController:
         return Dose(float(basal[0]), float(bolus[0]))
 
 
-def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    p = Path(path)
-    if p.is_dir():
-        return p / METADATA_FILE, p / MODEL_FILE
-    if p.suffix == ".zip" or p.is_file():
-        return p.parent / METADATA_FILE, p
-    raise PolicyConfigError(
-        f"policy {path}: no such file or directory (a directory written by twinloop train, "
-        f"holding {MODEL_FILE} and {METADATA_FILE}, or its {MODEL_FILE})"
-    )
-
-
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The metadata of the saved policy at ``path`` (its directory or its model zip), checked.
 
@@ -174,30 +143,6 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     meta = read_metadata_file(path)
     check_compatible(meta, str(path))
-    return meta
-
-
-def read_metadata_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``policy.json`` of the saved policy at ``path``, of any task family, unchecked.
-
-    Raises:
-        PolicyConfigError: the file is missing, not JSON, or not a twinloop policy file.
-
-    """
-    meta_path, _ = _paths(path)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except OSError as exc:
-        raise PolicyConfigError(
-            f"policy {path}: cannot read {meta_path} ({exc.strerror or exc})"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PolicyConfigError(f"policy {path}: {meta_path} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
-        raise PolicyConfigError(
-            f"policy {path}: {meta_path} is not a twinloop policy metadata file "
-            f"(format {METADATA_FORMAT!r} expected)"
-        )
     return meta
 
 
@@ -250,36 +195,6 @@ def check_compatible(meta: dict[str, Any], label: str) -> tuple[ObservationLayou
     return observation, action
 
 
-def _load_model(
-    algorithm: str,
-    model_path: Path,
-    label: str,
-    custom_objects: dict[str, Any] | None = None,
-) -> Any:
-    """The SB3 model in ``model_path`` (cached by path and mtime).
-
-    ``custom_objects`` replaces entries of the saved model's data instead of unpickling them
-    (SB3's ``load(custom_objects=...)``): a therapy rebuilds what it can from ``policy.json``,
-    so a model saved before a class moved still loads.
-    """
-    from twinloop.policies.training import algorithm_class
-
-    if not model_path.is_file():
-        raise PolicyConfigError(f"policy {label}: {model_path} is missing")
-    key = (str(model_path.resolve()), model_path.stat().st_mtime)
-    if key not in _MODELS:
-        cls = algorithm_class(algorithm)
-        try:
-            if not zipfile.is_zipfile(model_path):
-                raise ValueError("not a zip archive")
-            _MODELS[key] = cls.load(str(model_path), device="cpu", custom_objects=custom_objects)
-        except Exception as exc:  # SB3/torch raise many kinds on a corrupt archive
-            raise PolicyConfigError(
-                f"policy {label}: cannot load {model_path} ({type(exc).__name__}: {exc})"
-            ) from None
-    return _MODELS[key]
-
-
 def load_policy_controller(
     path: str | os.PathLike[str], patient: PatientParameters
 ) -> LearnedPolicyController:
@@ -292,8 +207,8 @@ def load_policy_controller(
     """
     meta = read_metadata(path)
     observation, action = check_compatible(meta, str(path))
-    _, model_path = _paths(path)
-    model = _load_model(str(meta.get("algorithm")), model_path, str(path))
+    _, model_path = policy_paths(path)
+    model = load_model(str(meta.get("algorithm")), model_path, str(path))
     obs_shape = getattr(model.observation_space, "shape", None)
     act_shape = getattr(model.action_space, "shape", None)
     if obs_shape != (observation.size,) or act_shape != (action.size,):

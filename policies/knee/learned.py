@@ -1,7 +1,7 @@
 """A knee-exoskeleton policy saved by ``twinloop train``, loaded as an exo controller.
 
 A policy trained on ``twinloop/KneeExo-v0`` (``policies/configs/knee_sac.yaml``) is saved like
-an insulin policy (``model.zip`` + ``policy.json``, see :mod:`twinloop.policies.glucose.learned`);
+an insulin policy (``model.zip`` + ``policy.json``, see :mod:`twinloop.policies.saved`);
 its metadata records the env id, :data:`KNEE_LAYOUT_VERSION`, the observation layout (names, units,
 clipping bounds, the fixed normalisation), the action (normalised or N·m, the torque limit) and the
 control rate. :func:`load_exo_policy` returns an :class:`ExoPolicyController` whose
@@ -45,14 +45,14 @@ from twinloop.plant.knee.env_core import (
     OBS_VELOCITY_MAX_RAD_S,
 )
 from twinloop.policies.errors import PolicyConfigError, PolicyError
-from twinloop.policies.glucose.learned import (
-    _load_model,
-    _paths,
+from twinloop.policies.knee.controllers import ExoInput
+from twinloop.policies.saved import (
+    load_model,
+    policy_paths,
     read_metadata_file,
     reloads_model_setstate,
     ships_model_path_getstate,
 )
-from twinloop.policies.knee.controllers import ExoInput
 
 #: Version of the knee policies' observation/action layout; bump it whenever the meaning of the
 #: observation (order, units, clipping, normalisation) or of the action changes.
@@ -339,8 +339,8 @@ def load_exo_policy(
             f"policy {path}: trained at control_hz={meta['control_hz']}; this loop runs at "
             f"{control_hz} Hz (the observed velocity and the dynamics per step differ)"
         )
-    _, model_path = _paths(path)
-    model = _load_model(
+    _, model_path = policy_paths(path)
+    model = load_model(
         str(meta.get("algorithm")), model_path, str(path), {"policy_kwargs": _policy_kwargs(meta)}
     )
     obs_shape = getattr(model.observation_space, "shape", None)

@@ -29,12 +29,8 @@ import pytest
 
 from twinloop.cli.main import main
 from twinloop.hil.knee.rig import ExoRig, ExoRigConfig, run_exo_session
-from twinloop.hw_bridge.emulators.drive.emulator import (
-    DriveEmulator,
-    DriveServerThread,
-    DriveState,
-    knee_backend,
-)
+from twinloop.hw_bridge.emulators.drive.emulator import DriveEmulator, knee_backend
+from twinloop.hw_bridge.emulators.drive.modbus import DriveServerThread, DriveState
 
 pytestmark = pytest.mark.hil
 

@@ -25,6 +25,12 @@ import pytest
 from pymodbus.client import ModbusTcpClient
 
 from twinloop.hw_bridge.emulators.drive.emulator import (
+    DriveEmulator,
+    JointBackend,
+    PendulumJoint,
+    PlantJointAdapter,
+)
+from twinloop.hw_bridge.emulators.drive.modbus import (
     CST_MODE,
     ERROR_WATCHDOG,
     HR_CONTROLWORD,
@@ -40,11 +46,7 @@ from twinloop.hw_bridge.emulators.drive.emulator import (
     IR_TORQUE_DEMAND,
     IR_VELOCITY_ACTUAL,
     SELF_TEST_TICKS,
-    DriveEmulator,
     DriveState,
-    JointBackend,
-    PendulumJoint,
-    PlantJointAdapter,
     Statusword,
 )
 from twinloop.hw_bridge.errors import WriteRefused

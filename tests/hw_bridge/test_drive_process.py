@@ -38,7 +38,7 @@ from tests.hw_bridge.test_drive import (
     wait_for,
     write_int16,
 )
-from twinloop.hw_bridge.emulators.drive.emulator import (
+from twinloop.hw_bridge.emulators.drive.modbus import (
     HR_CONTROLWORD,
     HR_MAX_TORQUE,
     HR_MODES_OF_OPERATION,
@@ -49,7 +49,7 @@ from twinloop.hw_bridge.emulators.drive.emulator import (
     DriveState,
 )
 from twinloop.hw_bridge.emulators.drive.process import DriveProcess, knee_factory
-from twinloop.hw_bridge.emulators.pump import EmulatorError
+from twinloop.hw_bridge.emulators.modbus_server import EmulatorError
 
 HEARTBEAT = 9
 

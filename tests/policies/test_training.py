@@ -24,8 +24,8 @@ from twinloop.policies.glucose.features import ACTION_MODES, FEATURES
 from twinloop.policies.glucose.interface import ControllerInput
 from twinloop.policies.glucose.learned import LearnedPolicyController
 from twinloop.policies.glucose.rewards import REWARDS
+from twinloop.policies.saved import ALGORITHMS
 from twinloop.policies.training import (
-    ALGORITHMS,
     load_config,
     make_training_env,
     parse_config,

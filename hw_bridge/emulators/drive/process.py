@@ -41,20 +41,24 @@ from typing import Any
 from pymodbus.constants import ExcCodes
 
 from twinloop.hw_bridge.emulators.drive.emulator import (
-    HR_COUNT,
-    IR_COUNT,
     DriveEmulator,
-    DriveModbus,
-    DriveState,
-    DriveStatus,
     JointBackend,
     PendulumJoint,
+    knee_backend,
+)
+from twinloop.hw_bridge.emulators.drive.modbus import (
+    HR_COUNT,
+    IR_COUNT,
+    DriveModbus,
+    DriveServerThread,
+    DriveState,
+    DriveStatus,
     check_holding_write,
 )
-from twinloop.hw_bridge.emulators.pump import EmulatorError
+from twinloop.hw_bridge.emulators.modbus_server import EmulatorError
 from twinloop.hw_bridge.wire import WireFaults
 
-__all__ = ["DriveProcess", "knee_factory"]
+__all__ = ["DriveProcess", "knee_factory", "run_drive"]
 
 _log = logging.getLogger(__name__)
 
@@ -425,6 +429,54 @@ def knee_factory(
     preset: str = "moderate", *, seed: int = 0, task: str | None = None
 ) -> Callable[[], JointBackend]:
     """A picklable builder of :func:`~.emulator.knee_backend` for the core."""
-    from twinloop.hw_bridge.emulators.drive.emulator import knee_backend
-
     return functools.partial(knee_backend, preset, seed=seed, task=task)
+
+
+def run_drive(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 5021,
+    backend_factory: Callable[[], JointBackend] | None = None,
+    joint_process: bool = True,
+    stop_event: threading.Event | None = None,
+    on_ready: Callable[[DriveServerThread], None] | None = None,
+) -> dict[str, Any]:
+    """Serve an emulated drive on Modbus TCP until ``stop_event`` is set (or Ctrl-C).
+
+    Args:
+        host: address to bind.
+        port: TCP port (0 picks one; see ``on_ready``).
+        backend_factory: builds the joint (a :class:`PendulumJoint` if ``None``); picklable
+            when ``joint_process``.
+        joint_process: run the firmware and its 1 kHz loop in a process of its own
+            (:class:`DriveProcess`, the default), or in
+            a thread of this one (:class:`~.emulator.DriveEmulator`).
+        stop_event: set it from another thread to stop; ``None`` runs until interrupted.
+        on_ready: called with the running server once it listens.
+
+    Returns:
+        The 1 kHz joint loop's timing over the session (:meth:`~.emulator.LoopTiming.summary`).
+
+    Raises:
+        ValueError: the joint refused its arguments.
+        EmulatorError: the server could not start, or its thread ended unexpectedly.
+
+    """
+    factory = backend_factory if backend_factory is not None else PendulumJoint
+    drive: DriveModbus = DriveProcess(factory) if joint_process else DriveEmulator(factory())
+    stop = stop_event if stop_event is not None else threading.Event()
+    try:
+        with drive.start_tcp(host, port) as server:
+            if on_ready is not None:
+                on_ready(server)
+            try:
+                while not stop.wait(0.5):
+                    if not server.alive:
+                        raise EmulatorError("drive server thread ended unexpectedly")
+            except KeyboardInterrupt:
+                pass
+            return drive.timing.summary()
+    finally:
+        close = getattr(drive, "close", None)
+        if close is not None:
+            close()

@@ -156,14 +156,18 @@ def test_a_population_file_is_accepted_wherever_a_cohort_is(tmp_path):
     from twinloop.campaigns.campaign import run_campaign
     from twinloop.campaigns.spec import load_spec
     from twinloop.plant.errors import UnknownPatientError
-    from twinloop.plant.glucose.patients import expand_names, get_patient
+    from twinloop.plant.glucose.cohorts import expand_names, find_patient
+    from twinloop.plant.glucose.patients import get_patient
     from twinloop.plant.glucose.population import write_population
 
     members, _ = sample_population(3, seed=11)
     write_population(str(tmp_path / "pop.parquet"), members)
     token = f"population:{tmp_path / 'pop.parquet'}"
     assert list(expand_names([token, "adult#001"])) == [*members, get_patient("adult#001")]
-    assert get_patient(members[0].name) == members[0]
+    assert find_patient(members[0].name, [token]) == members[0]
+    assert list(expand_names([members[1].name, token])) == [members[1], *members[::2]]
+    with pytest.raises(UnknownPatientError, match="patient"):
+        find_patient(members[0].name)
     with pytest.raises(UnknownPatientError, match="population"):
         expand_names([f"population:{tmp_path / 'missing.parquet'}"])
     # the closed loop
