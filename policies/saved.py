@@ -49,6 +49,11 @@ ALGORITHMS = ("ppo", "sac")
 _MODELS: dict[tuple[str, float], Any] = {}
 
 
+def clear_model_cache() -> None:
+    """Forget the models loaded in this process (the next load reads the archive again)."""
+    _MODELS.clear()
+
+
 def algorithm_class(name: str) -> type[Any]:
     """The stable-baselines3 class of ``name`` (``ppo`` or ``sac``)."""
     from stable_baselines3 import PPO, SAC
@@ -153,9 +158,15 @@ def ships_model_path_getstate(self: Any) -> dict[str, Any]:
 
 
 def reloads_model_setstate(self: Any, state: dict[str, Any]) -> None:
-    """``__setstate__`` of a learned controller: reload the model from its path, warm it up."""
+    """``__setstate__`` of a learned controller: reload the model from its path, warm it up.
+
+    A controller whose model needs entries rebuilt instead of unpickled (see
+    :func:`load_model`) provides them from a ``model_custom_objects()`` method.
+    """
     self.__dict__.update(state)
     if self.model is None and self.model_path is not None:
         algorithm = str(self.metadata.get("algorithm"))
-        self.model = load_model(algorithm, Path(self.model_path), self.model_path)
+        custom = getattr(self, "model_custom_objects", None)
+        objects = custom() if callable(custom) else None
+        self.model = load_model(algorithm, Path(self.model_path), self.model_path, objects)
         self.warm_up()

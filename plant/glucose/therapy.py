@@ -35,7 +35,7 @@ class GlucosePlant:
 
     def patient_names(self, names: Sequence[str]) -> tuple[str, ...]:
         """Patient, cohort and population names expanded into patients, without repeats."""
-        from twinloop.plant.glucose.patients import expand_names
+        from twinloop.plant.glucose.cohorts import expand_names
 
         return tuple(p.name for p in expand_names(names))
 

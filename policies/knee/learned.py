@@ -193,6 +193,10 @@ class ExoPolicyController:
     __getstate__ = ships_model_path_getstate
     __setstate__ = reloads_model_setstate
 
+    def model_custom_objects(self) -> dict[str, Any]:
+        """What the model's archive must not unpickle (its ``policy_kwargs``), rebuilt."""
+        return {"policy_kwargs": _policy_kwargs(self.metadata)}
+
     def warm_up(self) -> None:
         """One throw-away prediction: torch's first call in a process is slow (~1 s)."""
         self.model.predict(np.zeros(N_OBS, np.float32), deterministic=True)

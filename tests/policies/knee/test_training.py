@@ -437,3 +437,23 @@ def test_the_committed_knee_policy_loads_and_tracks_better_than_impedance() -> N
         impedance = _episode(preset, ImpedanceController(), seed=3)
         aan = _episode(preset, None, seed=3)
         assert policy < 0.7 * min(impedance, aan), (preset, policy, impedance, aan)
+
+
+def test_the_committed_knee_policy_survives_pickling_into_another_process() -> None:
+    """Its archive pickles a class path from before the move (policies.exo_learned): a copy sent
+    to a Ray actor reloads it with the policy_kwargs rebuilt from policy.json, and acts the same."""
+    import pickle
+
+    from twinloop.policies.knee.controllers import ExoInput
+    from twinloop.policies.saved import clear_model_cache
+
+    ctrl = load_exo_policy(COMMITTED, control_hz=100)
+    state = pickle.dumps(ctrl)
+    clear_model_cache()  # as in a fresh process: the archive is read again
+    copy = pickle.loads(state)
+    assert copy.model is not ctrl.model
+    obs = ExoInput(
+        t_s=0.5, angle_rad=0.6, velocity_rad_s=0.2, torque_sensor_nm=1.0, emg_quad=0.1,
+        emg_ham=0.05, reference_rad=0.7, reference_velocity_rad_s=0.3,
+    )  # fmt: skip
+    assert copy.torque(obs) == ctrl.torque(obs)
