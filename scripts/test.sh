@@ -8,4 +8,4 @@ sh scripts/install-system.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec sh scripts/offline.sh .venv/bin/python -m pytest "$@"
+exec sh scripts/offline.sh .venv/bin/python -m pytest --durations=25 "$@"
