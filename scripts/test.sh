@@ -9,4 +9,4 @@ sh scripts/install-system.sh
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/lint-imports
-exec sh scripts/offline.sh .venv/bin/python -m pytest "$@"
+exec sh scripts/offline.sh .venv/bin/python -m pytest --durations=25 "$@"

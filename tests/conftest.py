@@ -1,10 +1,15 @@
-"""Shared fixtures: the simglucose scenario-A reference trajectories from ../shared."""
+"""Shared fixtures: the simglucose scenario-A reference trajectories from ../shared, the
+embedded Ray session, and the thread/process-leak check every test runs under."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import multiprocessing
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,61 @@ class Reference:
     meal_g: np.ndarray  # (30, 1440) meal sizes at their start minute
     bg_mg_dl: np.ndarray  # (30, 1441)
     gsub_mg_dl: np.ndarray  # (30, 1441)
+
+
+# -- the leak check ---------------------------------------------------------------------------
+LEAK_GRACE_S = 2.0  # how long a test's threads and child processes get to end after it
+# Threads that may legitimately outlive the test that started them (matched on the name's start):
+SESSION_THREAD_PREFIXES = (
+    # Ray's driver threads: the Ray session is shared by the whole test run (``ray_started``,
+    # or product code calling start_ray) and only ends with ray.shutdown() or the process.
+    "ray_",  # ray_listen_error_messages (and ray_print_logs, ray_import_thread if enabled)
+    "PythonGCThread",  # Ray's periodic gc.collect() thread in the driver
+    # tqdm's TMonitor: one per process, started with the first progress bar shown, never
+    # stopped by tqdm (4.70) even when every bar is closed.
+    "tqdm_monitor",
+    # pytest-timeout's timer (timeout_method = thread): started before the test, cancelled after.
+    "pytest_timeout ",
+)
+
+
+def _session_thread(thread: threading.Thread) -> bool:
+    return thread.name.startswith(SESSION_THREAD_PREFIXES)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads_or_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves threads or child processes (multiprocessing) behind.
+
+    Whatever ran before the test (module or session fixtures, the Ray session) is ignored; what
+    the test started gets ``LEAK_GRACE_S`` after its teardown to end. Ray's own processes are not
+    multiprocessing children and are not seen here. ``@pytest.mark.known_leak(ThreadClass,
+    reason=...)`` excuses threads of that class for one test: a product bug, reported, not hidden.
+    """
+    marker = request.node.get_closest_marker("known_leak")
+    excused = tuple(marker.args) if marker else ()
+    threads_before = set(threading.enumerate())
+    children_before = set(multiprocessing.active_children())
+    yield
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while True:
+        threads = [
+            t
+            for t in threading.enumerate()
+            if t not in threads_before
+            and t.is_alive()
+            and not _session_thread(t)
+            and type(t).__name__ not in excused
+        ]
+        children = [p for p in multiprocessing.active_children() if p not in children_before]
+        if not (threads or children) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    if threads or children:
+        left = [f"thread {t.name!r} ({type(t).__name__})" for t in threads] + [
+            f"process {p.name!r} (pid {p.pid})" for p in children
+        ]
+        pytest.fail(f"left running {LEAK_GRACE_S:g} s after the test: {', '.join(left)}")
 
 
 @pytest.fixture(scope="session")

@@ -702,6 +702,7 @@ def test_encoder_glitch_with_probability_one_moves_every_angle_by_the_magnitude(
             continue
         steps.append(o.angle_rad - m.angle_rad)
         assert dataclasses.replace(o, angle_rad=m.angle_rad) == m
+    assert len(steps) == 50  # the readings at 0-49 s, inside the window
     assert np.allclose(np.abs(steps), 0.3)
     assert min(steps) < 0 < max(steps)  # both directions
 

@@ -34,20 +34,6 @@ GUARD_S = 10.0  # hang guard for waits (not a speed check)
 SEED = 3
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    """Fail a test that leaves threads behind (emulator, patient)."""
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 5.0
-    while True:
-        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not leaked or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert not leaked, f"threads left behind: {leaked}"
-
-
 @pytest.fixture(scope="module", autouse=True)
 def compiled_plant() -> None:
     """Load the compiled plant once, so the first simulated minute is not late."""

@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -58,7 +57,6 @@ pytestmark = pytest.mark.hil
 DEV = 1
 TIMEOUT_S = 1.0
 MBPOLL = shutil.which("mbpoll") or "/usr/bin/mbpoll"
-THREADS = ("drive-server", "drive-joint")
 I32 = ModbusTcpClient.DATATYPE.INT32
 I16 = ModbusTcpClient.DATATYPE.INT16
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,22 +144,6 @@ EXPECTED = {
 
 
 # -- fixtures ------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _no_thread_left():
-    """Fail a test that leaves a drive thread running."""
-    before = {t.ident for t in threading.enumerate()}
-    yield
-    deadline = time.monotonic() + 3.0
-    while True:
-        left = [
-            t.name for t in threading.enumerate() if t.ident not in before and t.name in THREADS
-        ]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    assert not left, f"threads left running: {left}"
-
-
 @pytest.fixture
 def pendulum():
     return PendulumJoint()

@@ -43,20 +43,6 @@ from twinloop.hw_bridge.pty import PtyPair
 GUARD_S = 10.0  # hang guard for loops that wait for something to arrive (not a speed check)
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    """Fail a test that leaves threads behind (emulator, patient)."""
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 5.0
-    while True:
-        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not leaked or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert not leaked, f"threads left behind: {leaked}"
-
-
 def lines(data: bytes) -> list[Frame | FrameError]:
     return FrameParser().feed(data)
 

@@ -151,18 +151,6 @@ class ServerThread:
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_threads() -> Iterator[None]:
-    """Fail a test that leaves threads behind (servers must be stopped by their fixture)."""
-    before = set(threading.enumerate())
-    yield
-    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    for t in left:
-        t.join(2)
-    left = [t for t in left if t.is_alive()]
-    assert not left, f"threads left behind: {left}"
-
-
-@pytest.fixture(autouse=True)
 def quiet_pymodbus() -> Iterator[None]:
     logger = logging.getLogger("pymodbus")
     level = logger.level

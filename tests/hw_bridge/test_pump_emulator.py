@@ -51,28 +51,9 @@ TIMEOUT_S = 0.5
 F32 = ModbusTcpClient.DATATYPE.FLOAT32
 I32 = ModbusTcpClient.DATATYPE.INT32
 MBPOLL = shutil.which("mbpoll") or "/usr/bin/mbpoll"
-SERVER_THREADS = ("pump-server", "virtual-patient")
 
 
 # -- fixtures --------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _no_server_thread_left():
-    """Fail a test that leaves a server or patient thread running."""
-    before = {t.ident for t in threading.enumerate()}
-    yield
-    deadline = time.monotonic() + 3.0
-    while True:
-        left = [
-            t.name
-            for t in threading.enumerate()
-            if t.ident not in before and t.name in SERVER_THREADS
-        ]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    assert not left, f"threads left running: {left}"
-
-
 @pytest.fixture
 def patient():
     return VirtualPatient(PATIENT, seed=0, wall_s_per_sim_min=3600.0)  # stepped by hand

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 from pymodbus.constants import ExcCodes
@@ -103,9 +104,15 @@ def test_serial_line_agrees_with_the_functions():
 
 
 def test_precise_sleep_returns_for_zero_and_negative():
-    precise_sleep(0.0)
-    precise_sleep(-1.0)
+    # Sanity bounds only, generous for a loaded machine: non-positive durations return at once
+    # (well under 50 ms; -1 s must not be read as 1 s), a positive one waits at least its time.
+    for seconds in (0.0, -1.0):
+        start = time.perf_counter()
+        precise_sleep(seconds)
+        assert time.perf_counter() - start < 0.05, seconds
+    start = time.perf_counter()
     precise_sleep(1e-4)
+    assert time.perf_counter() - start >= 1e-4
 
 
 def test_fault_switches_validate_and_clear():

@@ -175,6 +175,8 @@ def test_a_replay_reports_both_therapies_over_posterior_draws(twin, adult_log):
     grid = log_grid(read_log(path)).window(1440, 3 * 1440)
     same = replay(fit, grid, ReplayTherapy(), draws=6, seed=1)
     assert same["draws"] == 6 and same["posterior"]
+    assert "mean_mg_dl" in same["difference"] and len(same["therapies"]) == 2
+    assert all(row["metrics"] for row in same["therapies"])
     for s in same["difference"].values():
         assert s == {"median": 0.0, "p5": 0.0, "p95": 0.0}
     for row in same["therapies"]:

@@ -103,7 +103,9 @@ def test_a_wall_clock_run_recorded_out_of_order_gets_the_same_summary(tmp_path):
     written = (run_dir / "summary.json").read_text()
     assert "tick_lateness_ms" in summary
     rng = np.random.default_rng(0)
-    for path in (run_dir / "channels").glob("*.parquet"):
+    channels = sorted((run_dir / "channels").glob("*.parquet"))
+    assert channels, f"no recorded channels in {run_dir}"
+    for path in channels:
         table = pq.read_table(path)
         shuffled = table.take(rng.permutation(table.num_rows))
         second_first = np.argsort(

@@ -36,7 +36,9 @@ def _free(p):
 
 
 def test_the_steady_state_equations_reproduce_the_shipped_table():
-    for p in cohort("all"):
+    patients = cohort("all")
+    assert len(patients) == 30
+    for p in patients:
         d = derive(_free(p), p.name)
         for name in DERIVED:
             assert getattr(d, name) == pytest.approx(getattr(p, name), rel=1e-9), (p.name, name)

@@ -134,7 +134,12 @@ def test_vector_env_next_step_and_same_step_autoreset():
 def test_sb3_trains_on_the_vector_env_through_the_adapter():
     venv = KneeExoVectorEnv(4, autoreset_mode="same_step", normalized_action=True)
     model = PPO("MlpPolicy", SB3VecEnv(venv), n_steps=16, batch_size=32, n_epochs=1, seed=0)
+    before = [p.detach().clone() for p in model.policy.parameters()]
     model.learn(64)
+    assert model.num_timesteps == 64  # one rollout: 16 steps of the 4 sub-environments
+    after = [p.detach().numpy() for p in model.policy.parameters()]
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(after, before, strict=True))
+    assert all(np.isfinite(a).all() for a in after)
 
 
 def test_assistance_improves_tracking_of_a_severe_patient():
