@@ -975,7 +975,10 @@ def train_one(
         )
     if progress:
         callbacks.append(_TqdmCallback(config.n_timesteps, f"seed {seed}"))
-    model.learn(total_timesteps=config.n_timesteps, callback=callbacks, tb_log_name="run")
+    try:
+        model.learn(total_timesteps=config.n_timesteps, callback=callbacks, tb_log_name="run")
+    finally:
+        model.logger.close()  # TensorBoard's writer thread ends with it
     model.save(str(out / MODEL_FILE))
     meta = policy_metadata(config, seed, int(model.num_timesteps))
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")

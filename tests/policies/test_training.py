@@ -35,9 +35,6 @@ from twinloop.policies.training import (
 
 # BUG (product, reported): train_one (policies/training.py) never closes the SB3 logger, so
 # each in-process run with TensorBoard leaves tensorboard's writer thread running.
-TB_LEAK = pytest.mark.known_leak(
-    "_AsyncWriterThread", reason="train_one does not close model.logger (TensorBoard writer)"
-)
 
 
 def tiny(**overrides: Any) -> dict[str, Any]:
@@ -243,7 +240,6 @@ def _weights(directory: Path) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.policy.state_dict().items()}
 
 
-@TB_LEAK
 def test_tiny_ppo_run_writes_model_checkpoints_tensorboard(tmp_path: Path) -> None:
     config = parse_config(tiny())
     (result,) = train(config, tmp_path, progress=False)
@@ -265,7 +261,6 @@ def test_tiny_ppo_run_writes_model_checkpoints_tensorboard(tmp_path: Path) -> No
     assert "train/loss" in scalars
 
 
-@TB_LEAK
 def test_tiny_sac_run_writes_model_checkpoints_tensorboard(tmp_path: Path) -> None:
     doc = tiny(
         algorithm="sac",
@@ -336,7 +331,6 @@ def test_two_seeds_as_ray_tasks(tmp_path: Path) -> None:
 # --- CLI -------------------------------------------------------------------------------
 
 
-@TB_LEAK
 def test_cli_trains_and_prints_where_and_how(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -42,9 +42,6 @@ from twinloop.policies.training import (
 
 # BUG (product, reported): train_one (policies/training.py) never closes the SB3 logger, so
 # each in-process run with TensorBoard leaves tensorboard's writer thread running.
-TB_LEAK = pytest.mark.known_leak(
-    "_AsyncWriterThread", reason="train_one does not close model.logger (TensorBoard writer)"
-)
 
 REPO = Path(__file__).resolve().parents[3]
 COMMITTED = REPO / "policies" / "shipped" / "knee_sac" / "seed_0"
@@ -288,7 +285,6 @@ def test_same_seed_same_weights_other_seed_other_weights(saved: Path, tmp_path: 
     assert any(not np.array_equal(a[k], c[k]) for k in a)
 
 
-@TB_LEAK
 def test_tiny_ppo_run_on_the_knee(tmp_path: Path) -> None:
     doc = tiny(algorithm="ppo", n_steps=64, batch_size=64, n_epochs=1, checkpoint_freq=0)
     for key in ("learning_starts", "buffer_size"):
