@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 from typing import Any
 
 
@@ -77,11 +76,6 @@ def main_train(args: argparse.Namespace) -> int:
         raise PolicyError(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
     for r in results:
         print(f"seed {r.seed}: {r.timesteps} steps in {r.seconds:.0f} s -> {r.directory}")
-    first = shlex.quote(results[0].directory)
-    if config.family == "knee_exo":
-        patient = next((p for p in config.knee_config().patients if isinstance(p, str)), "moderate")
-        command = f"twinloop run --therapy knee-exo --patient {patient} --controller policy:{first}"
-    else:
-        command = f"twinloop run --cohort adults --days 7 --controller policy:{first}"
+    command = config.task.run_command(results[0].directory)
     print(f"run a policy in the loop (behind the safety supervisor):\n  {command}")
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twinloop.policies.glucose.controllers import CONTROLLERS, check_controller_name
 
 
@@ -10,6 +12,13 @@ class GlucosePolicies:
 
     controllers = tuple(CONTROLLERS)
     default_controller = "basal-bolus"
+
+    @property
+    def training_family(self) -> Any:
+        """Its RL task family (:class:`~.training.GlucoseTask`; needs the ``rl`` extra)."""
+        from twinloop.policies.glucose.training import GlucoseTask
+
+        return GlucoseTask
 
     def check_controller(self, name: object) -> str | None:
         """``None`` for a glucose controller, else what is allowed."""

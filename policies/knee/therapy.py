@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twinloop.policies.interface import POLICY_PREFIX
 from twinloop.policies.knee.controllers import EXO_CONTROLLERS
 
@@ -11,6 +13,13 @@ class KneePolicies:
 
     controllers = tuple(EXO_CONTROLLERS)
     default_controller = "aan"
+
+    @property
+    def training_family(self) -> Any:
+        """Its RL task family (:class:`~.training.KneeExoTask`; needs the ``rl`` extra)."""
+        from twinloop.policies.knee.training import KneeExoTask
+
+        return KneeExoTask
 
     def check_controller(self, name: object) -> str | None:
         """``None`` for an exoskeleton controller, else what is allowed."""

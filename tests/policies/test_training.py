@@ -33,9 +33,6 @@ from twinloop.policies.training import (
     train,
 )
 
-# BUG (product, reported): train_one (policies/training.py) never closes the SB3 logger, so
-# each in-process run with TensorBoard leaves tensorboard's writer thread running.
-
 
 def tiny(**overrides: Any) -> dict[str, Any]:
     section: dict[str, Any] = {
