@@ -74,21 +74,49 @@ def twinloop_version() -> str:
         return "unknown"
 
 
+def shipped_policies() -> dict[str, Path]:
+    """The policies shipped with twinloop by name (``t1d_ppo``, ``knee_sac``; ``NAME/seed_S``).
+
+    A bare name is its ``seed_0``.
+    """
+    from importlib import resources
+
+    root = Path(str(resources.files("twinloop.policies").joinpath("shipped")))
+    found: dict[str, Path] = {}
+    for policy in sorted(p for p in root.iterdir() if p.is_dir()):
+        for seed in sorted(s for s in policy.iterdir() if (s / METADATA_FILE).is_file()):
+            found[f"{policy.name}/{seed.name}"] = seed
+        if (policy / "seed_0" / METADATA_FILE).is_file():
+            found[policy.name] = policy / "seed_0"
+    return found
+
+
+def resolve_policy(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself when it exists, else the shipped policy of that name (else ``path``)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    return shipped_policies().get(str(path), p)
+
+
 def policy_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """``(policy.json, model.zip)`` of the saved policy at ``path`` (its directory or zip).
+
+    ``path`` may also name a shipped policy (:func:`shipped_policies`: ``knee_sac``).
 
     Raises:
         PolicyConfigError: ``path`` does not exist.
 
     """
-    p = Path(path)
+    p = resolve_policy(path)
     if p.is_dir():
         return p / METADATA_FILE, p / MODEL_FILE
     if p.suffix == ".zip" or p.is_file():
         return p.parent / METADATA_FILE, p
     raise PolicyConfigError(
         f"policy {path}: no such file or directory (a directory written by twinloop train, "
-        f"holding {MODEL_FILE} and {METADATA_FILE}, or its {MODEL_FILE})"
+        f"holding {MODEL_FILE} and {METADATA_FILE}, or its {MODEL_FILE}) nor a shipped "
+        f"policy ({', '.join(n for n in shipped_policies() if '/' not in n)})"
     )
 
 
