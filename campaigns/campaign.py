@@ -3,15 +3,19 @@
 ``twinloop campaign SPEC.yaml`` (:func:`run_campaign`):
 
 * **Runs.** One run = one patient's full closed loop (sensor, twin estimator, controller,
-  supervisor, actuator; every channel recorded in memory) for the spec's days (glucose) or
-  cycles (exoskeleton), with the scenario's faults attached to its channels
+  supervisor, actuator; every channel recorded in memory), built, run and judged by the
+  therapy's campaigns part (:class:`twinloop.campaigns.interface.CampaignPart`; for the spec's
+  days with glucose, its cycles with the exoskeleton), with the scenario's faults attached to
+  its channels
   (:func:`twinloop.campaigns.faults.attach`). Its id is ``SCENARIO.PATIENT.sSEED`` (``#`` written
   ``-``). The loop's generator is the one ``twinloop run`` gives that patient and seed, and the
   faults' generator is ``SeedSequence([seed, crc32(scenario), crc32(patient)])``: a run depends on
   nothing else, so it can be replayed alone (:func:`replay_run`) or on any worker.
 * **Execution.** Inline, or as Ray tasks (one CPU each) on the embedded Ray
   (:func:`twinloop.agents.placement.start_ray`, loopback) or on a cluster (``address``), with a
-  progress bar and ETA. At most ``2 × workers`` runs are in flight.
+  progress bar and ETA. At most ``2 × workers`` runs are in flight. Each task receives the
+  :class:`~twinloop.therapy.Therapy` (a frozen dataclass) and registers it in its worker when
+  the worker's registry lacks it (a therapy registered only in the driver, as a test's).
 * **Persistence and resume.** Each finished run's result is written at once to
   ``OUT/results/ID.json`` (a temporary file, fsync, then ``os.replace``: a file is there whole
   or not at all) with its trace (``OUT/traces/ID.parquet``, written the same way, before the
@@ -45,6 +49,7 @@ import numpy as np
 
 from twinloop.campaigns.faults import CATALOGUE, ActiveFault, attach
 from twinloop.campaigns.spec import CampaignSpec, Scenario
+from twinloop.therapy import Therapy, get_therapy, register_therapy, therapy_names
 
 __all__ = ["RunKey", "expand_runs", "replay_run", "run_campaign", "run_one", "same_result"]
 
@@ -98,57 +103,23 @@ def _actives(scenario: Scenario, key: RunKey) -> list[ActiveFault]:
 
 
 # -- one run ---------------------------------------------------------------------------------
-def _glucose_loop(spec: CampaignSpec, key: RunKey) -> Any:
-    from twinloop.agents.glucose.loop import LoopConfig, PatientLoop
-    from twinloop.plant.glucose.cohorts import find_patient
-    from twinloop.plant.glucose.patients import patient_key
-
-    # a population member's name resolves with its file named beside it (spec.populations is
-    # empty without population files; the loop itself runs only ``patient``)
-    config = LoopConfig(
-        patients=(*spec.populations, key.patient),
-        days=spec.days,
-        seed=key.seed,
-        controller=spec.controller,
-        twin=spec.twin,
-    )
-    seq = np.random.SeedSequence(key.seed, spawn_key=(patient_key(key.patient),))
-    patient = find_patient(key.patient, spec.populations)  # from the spec's population files
-    return PatientLoop(patient, config, np.random.default_rng(seq))
-
-
-def _exo_loop(spec: CampaignSpec, key: RunKey) -> Any:
-    from twinloop.agents.knee.loop import ExoLoopConfig
-    from twinloop.agents.knee.run import exo_loops
-
-    config = ExoLoopConfig(
-        patients=(key.patient,),
-        cycles=spec.cycles,
-        seed=key.seed,
-        controller=spec.controller,
-        twin=spec.twin,
-    )
-    return exo_loops(config)[0]
+def _part(spec: CampaignSpec) -> Any:
+    """The campaigns part of the spec's therapy."""
+    return get_therapy(spec.therapy).part("campaigns")
 
 
 def build_loop(spec: CampaignSpec, key: RunKey) -> tuple[Any, list[ActiveFault]]:
     """The run's loop with its scenario's faults attached (not yet run)."""
-    loop = _glucose_loop(spec, key) if spec.therapy == "glucose" else _exo_loop(spec, key)
+    loop = _part(spec).build_loop(spec, key)
     actives = _actives(spec.scenario(key.scenario), key)
     attach(loop, actives)
     return loop, actives
 
 
-def _run_loop(spec: CampaignSpec, loop: Any) -> None:
-    if spec.therapy == "glucose":
-        loop.run()
-    else:
-        from twinloop.agents.knee.loop import run_exo_together
-
-        try:
-            run_exo_together([loop])
-        finally:
-            loop.close()
+def ensure_therapy(therapy: Therapy) -> None:
+    """Register ``therapy`` in this process if its registry lacks it (a Ray worker's)."""
+    if therapy.name not in therapy_names():
+        register_therapy(therapy)
 
 
 def _record(
@@ -174,16 +145,15 @@ def _simulate(
     Every channel is recorded in memory, and sent to ``listener`` too when one is given.
     """
     from twinloop.agents.recording import Columns, column_listener
-    from twinloop.campaigns.safety import evaluate_exo, evaluate_glucose
 
+    part = _part(spec)
     loop, actives = build_loop(spec, key)
     columns: Columns = {}
     loop.listen(column_listener(columns, key.patient))
     if listener is not None:
         loop.listen(listener)
-    _run_loop(spec, loop)
-    evaluate = evaluate_glucose if spec.therapy == "glucose" else evaluate_exo
-    verdict, trace = evaluate(spec, spec.scenario(key.scenario), columns, loop)
+    part.run_loop(loop)
+    verdict, trace = part.evaluate(spec, spec.scenario(key.scenario), columns, loop)
     return verdict, trace, {a.fault.name: a.hits for a in actives}
 
 
@@ -204,10 +174,17 @@ def run_one(spec: CampaignSpec, key: RunKey) -> tuple[dict[str, Any], dict[str, 
     return _record(key, scenario, "ok", began, fault_hits=hits, **verdict), trace
 
 
-def _run_task(spec: CampaignSpec, key: RunKey) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """A run that never raises: an error becomes a result with its traceback."""
+def _run_task(
+    spec: CampaignSpec, key: RunKey, therapy: Therapy | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A run that never raises: an error becomes a result with its traceback.
+
+    ``therapy``: the spec's therapy, registered here first if this process lacks it.
+    """
     began = time.perf_counter()
     try:
+        if therapy is not None:
+            ensure_therapy(therapy)
         return run_one(spec, key)
     except Exception:
         scenario = spec.scenario(key.scenario)
@@ -316,13 +293,14 @@ def _on_ray(
     import ray
 
     spec_ref = ray.put(spec)
+    therapy = get_therapy(spec.therapy)
     remote = ray.remote(_run_task).options(num_cpus=1, max_retries=0)
     pending = list(reversed(keys))
     in_flight: list[Any] = []
     window = max(2 * workers, 2)
     while pending or in_flight:
         while pending and len(in_flight) < window:
-            in_flight.append(remote.remote(spec_ref, pending.pop()))
+            in_flight.append(remote.remote(spec_ref, pending.pop(), therapy))
         ready, in_flight = ray.wait(in_flight, num_returns=1)
         yield ray.get(ready[0])
 

@@ -1,9 +1,10 @@
 """The campaign's HTML report: one self-contained page (tables, and plots as embedded PNG).
 
 Sections: the verdict per requirement (with the ids of the runs that break it), runs and
-errors, hazard rate per scenario (bar chart and table), the distribution of time in range (or
-of the RMS tracking error) per scenario, the supervisor's detection scores, and the traces of
-the worst runs. ``OUT/report.html`` opens in any browser without a server or network.
+errors, hazard rate per scenario (bar chart and table), the distribution of the therapy's
+headline metric per scenario (time in range, the RMS tracking error, ...), the supervisor's
+detection scores, and the traces of the worst runs (drawn by the therapy's campaigns part).
+``OUT/report.html`` opens in any browser without a server or network.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from twinloop.campaigns.spec import CampaignSpec
+from twinloop.therapy import get_therapy
 
 __all__ = ["write_report"]
 
@@ -77,11 +79,10 @@ def _hazard_plot(summary: dict[str, Any]) -> str:
     return _png(fig)
 
 
-def _distribution_plot(spec: CampaignSpec, results: list[dict[str, Any]]) -> str:
+def _distribution_plot(spec: CampaignSpec, results: list[dict[str, Any]], part: Any) -> str:
     import matplotlib.pyplot as plt
 
-    glucose = spec.therapy == "glucose"
-    field = "time_in_range_70_180_pct" if glucose else "rms_error_deg"
+    field = part.headline.metric
     scen = [s.name for s in spec.scenarios]
     data = [
         [r["metrics"][field] for r in results if r.get("status") == "ok" and r["scenario"] == s]
@@ -90,12 +91,12 @@ def _distribution_plot(spec: CampaignSpec, results: list[dict[str, Any]]) -> str
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(scen) + 2), 3.6))
     ax.boxplot([d if d else [np.nan] for d in data], showfliers=True)
     ax.set_xticks(np.arange(1, len(scen) + 1), scen, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("time in range 70–180 mg/dL, %" if glucose else "RMS tracking error, °")
+    ax.set_ylabel(part.headline.axis_label)
     ax.set_title("Distribution per scenario")
     return _png(fig)
 
 
-def _trace_plot(out: Path, spec: CampaignSpec, run_id: str) -> str:
+def _trace_plot(out: Path, spec: CampaignSpec, run_id: str, part: Any) -> str:
     import matplotlib.pyplot as plt
     import pyarrow.parquet as pq
 
@@ -105,28 +106,7 @@ def _trace_plot(out: Path, spec: CampaignSpec, run_id: str) -> str:
     t = pq.read_table(path).to_pydict()
     scenario = spec.scenario(run_id.split(".")[0]) if "." in run_id else None
     fig, ax = plt.subplots(figsize=(9, 3.2))
-    if spec.therapy == "glucose":
-        hours = np.asarray(t["t_min"]) / 60.0
-        ax.plot(hours, t["bg_mg_dl"], label="plasma glucose (true)", lw=1.2)
-        ax.plot(hours, t["cgm_mg_dl"], ".", ms=2, label="CGM as received")
-        ax.axhspan(70, 180, color="green", alpha=0.08)
-        ax.axhline(54, color="red", lw=0.6, ls="--")
-        ax.set_ylabel("mg/dL")
-        ax.set_xlabel("hours")
-        ax2 = ax.twinx()
-        ax2.bar(hours, t["insulin_u"], width=1 / 60, color="grey", alpha=0.5, label="insulin U")
-        ax2.set_ylabel("insulin delivered, U/min")
-        scale = 60.0
-    else:
-        ts = np.asarray(t["t_s"])
-        ax.plot(ts, np.degrees(t["angle_rad"]), label="knee angle (true)")
-        ax.plot(ts, np.degrees(t["reference_rad"]), "--", label="reference")
-        ax.set_ylabel("deg")
-        ax.set_xlabel("s")
-        ax2 = ax.twinx()
-        ax2.plot(ts, t["exo_torque_nm"], color="grey", alpha=0.6, lw=0.8, label="exo torque")
-        ax2.set_ylabel("N·m")
-        scale = 1.0
+    scale = part.plot_trace(ax, t)
     if scenario is not None:
         for f in scenario.faults:
             end = f.end if np.isfinite(f.end) else f.start + 1e9
@@ -143,7 +123,7 @@ def write_report(
     import matplotlib
 
     matplotlib.use("Agg")
-    glucose = spec.therapy == "glucose"
+    part = get_therapy(spec.therapy).part("campaigns")
     runs = summary["runs"]
     req_rows = [
         [
@@ -158,27 +138,27 @@ def write_report(
         ]
         for r in summary["requirements"]
     ]
-    unit = "minutes" if glucose else "seconds"
+    unit = part.label_unit
     scen_rows = []
     for name, e in summary["per_scenario"].items():
         row = [name, ", ".join(e["faults"]) or "none", e["runs"]]
         row += [e["hazard_rate"][label] for label in summary["labels"]]
         row += [e["mean_hazard_" + unit][label] for label in summary["labels"]]
         row += [e["median_onset_to_hazard"][label] for label in summary["labels"]]
-        row.append(e.get("time_in_range_pct", e.get("rms_error_deg")))
+        row.append(e.get(part.headline.summary_key))
         scen_rows.append(row)
     scen_headers = ["scenario", "faults", "runs"]
     scen_headers += [f"rate {label}" for label in summary["labels"]]
     scen_headers += [f"mean {unit} {label}" for label in summary["labels"]]
     scen_headers += [f"median onset→{label}" for label in summary["labels"]]
-    scen_headers.append("mean TIR %" if glucose else "mean RMS °")
+    scen_headers.append(part.headline.column)
     d = summary["detection"]
     errors = [r for r in results if r.get("status") == "error"]
     error_html = "".join(
         f"<details><summary>{html.escape(r['id'])}</summary><pre>{html.escape(r['traceback'])}</pre></details>"
         for r in errors[:20]
     )
-    traces = "".join(_trace_plot(out, spec, rid) for rid in summary["worst_runs"])
+    traces = "".join(_trace_plot(out, spec, rid, part) for rid in summary["worst_runs"])
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>twinloop campaign {html.escape(spec.name)}</title>
 <style>
@@ -209,7 +189,7 @@ pre {{ font-size: 11px; background: #f6f6f6; padding: 0.5em; }}
 {_hazard_plot(summary)}
 {_table(scen_headers, scen_rows)}
 <h2>Distribution</h2>
-{_distribution_plot(spec, results)}
+{_distribution_plot(spec, results, part)}
 <h2>Supervisor detections</h2>
 <p>{html.escape(d["definition"])}</p>
 {

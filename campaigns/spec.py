@@ -6,14 +6,14 @@ any run starts, and a refusal names the file, the line and what is allowed.
 .. code-block:: yaml
 
     name: glucose-faults            # the campaign (its results directory by default)
-    therapy: glucose                # glucose | knee-exo
-    patients: [adults]              # glucose: patients/cohorts; knee-exo: presets
-    controller: basal-bolus         # any controller of the therapy
-    days: 1                         # glucose: simulated days; knee-exo: ``cycles`` instead
+    therapy: glucose                # a therapy of the registry (``twinloop therapies``)
+    patients: [adults]              # the therapy's patients (default: its plant's default)
+    controller: basal-bolus         # any controller of the therapy (default: its default)
+    days: 1                         # the therapy's own keys: glucose ``days``, knee ``cycles``
     seeds: [0, 1, 2]
     twin: true
-    defaults:                       # window of a fault that gives none (loop time unit)
-      start: 360                    # min (glucose) / s (knee-exo)
+    defaults:                       # window of a fault that gives none (loop time unit;
+      start: 360                    # default: the therapy's own, glucose 360 + 240 min)
       duration: 240
     scenarios:                      # named scenarios, each a list of faults
       - name: sensor-bias
@@ -29,8 +29,15 @@ any run starts, and a refusal names the file, the line and what is allowed.
       intensity: 1.0                # 0..1 scales each parameter from its default to its bound
       overlap: false
     baseline: true                  # also run each patient/seed without faults
-    requirements:                   # see REQUIREMENT_RULES (or a path to a YAML list)
+    requirements:                   # see requirement_rules() (or a path to a YAML list)
       - {id: R1, rule: glucose_min, threshold_mg_dl: 54}
+    hil: {minutes: 60}              # HIL sessions instead: the therapy's ``hil_keys``
+
+What is the therapy's own comes from its parts in the registry (:mod:`twinloop.therapy`): the
+patients (plant), controllers (policies), channels and their messages (agents), and its fault
+types, parameter targets, requirement rules, spec keys, default fault window and HIL keys
+(campaigns, :class:`twinloop.campaigns.interface.CampaignPart`). A former spelling of a
+therapy (``insulin``) is read as its name, with a warning.
 
 Faults never sit on ``plant->sensor``: that channel is the truth hazards are judged on.
 Windows are in the loop's time unit: minutes for glucose, seconds for the exoskeleton. A
@@ -43,7 +50,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import sys
+import warnings
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,25 +66,25 @@ from twinloop.campaigns.faults import (
     FaultType,
     channel_messages,
     check_params,
+    fault_types,
     numeric_fields,
 )
-from twinloop.plant.glucose.cohorts import POPULATION_PREFIX, expand_names, population_token
+from twinloop.campaigns.interface import RequirementRule, SpecKey
+from twinloop.therapy import Therapy, TherapyError, get_therapy, therapies
 
 __all__ = [
-    "REQUIREMENT_RULES",
+    "SHARED_RULES",
     "CampaignSpec",
     "FaultLine",
     "Requirement",
     "Scenario",
     "SpecError",
     "load_spec",
+    "requirement_rules",
 ]
 
-THERAPIES = ("glucose", "knee-exo")
-#: Where faults may sit besides the channels of :func:`twinloop.campaigns.faults.channel_messages`:
-# the
-#: glucose controller's own therapy parameters.
-PARAMETER_TARGETS = {"glucose": ("controller",), "knee-exo": ()}
+#: The therapy of a spec that names none (the registry's spelling).
+DEFAULT_THERAPY = "glucose"
 
 
 class SpecError(ValueError):
@@ -179,9 +189,19 @@ class Scenario:
         return {"name": self.name, "faults": [f.as_dict() for f in self.faults]}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Loop:
+    """What a spec's faults are checked against: the therapy's faults, channels and targets."""
+
+    therapy: str
+    faults: Mapping[str, FaultType]
+    messages: Mapping[str, type]
+    parameter_targets: tuple[str, ...]
+
+
 def _fault_line(
     node: object,
-    therapy: str,
+    loop: _Loop,
     defaults: tuple[float, float],
     where: _Where,
     parent: object,
@@ -207,15 +227,15 @@ def _fault_line(
         )
     if hil and name == "bad_crc":
         raise SpecError(here, "fault 'bad_crc' needs RTU framing; HIL campaigns use Modbus TCP")
-    if fault.therapy not in ("any", therapy):
-        raise SpecError(here, f"fault {name!r} is for the {fault.therapy} loop, not {therapy}")
+    if str(name) not in loop.faults:
+        raise SpecError(here, f"fault {name!r} is for the {fault.therapy} loop, not {loop.therapy}")
     channel = node.get("channel", fault.channels[0])
-    messages = channel_messages(therapy)
+    messages = loop.messages
     if hil:
         if channel not in fault.channels:
             raise SpecError(here, f"fault {name!r} sits on {fault.channels[0]!r}, not {channel!r}")
     else:
-        targets = (*messages, *PARAMETER_TARGETS[therapy])
+        targets = (*messages, *loop.parameter_targets)
         allowed = [c for c in fault.channels if c in targets]
         if ANY_CHANNEL in fault.channels:
             allowed = list(dict.fromkeys([*allowed, *messages]))
@@ -318,63 +338,41 @@ def random_scenarios(
 
 
 # -- requirements ------------------------------------------------------------------------------
-#: The vocabulary: rule → (therapy, parameters with their meaning, the sentence it checks).
-REQUIREMENT_RULES: dict[str, tuple[str, dict[str, str], str]] = {
-    "glucose_min": (
-        "glucose",
-        {"threshold_mg_dl": "mg/dL"},
-        "plasma glucose >= {threshold_mg_dl} mg/dL at every minute",
-    ),
-    "glucose_max": (
-        "glucose",
-        {"threshold_mg_dl": "mg/dL"},
-        "plasma glucose <= {threshold_mg_dl} mg/dL at every minute",
-    ),
-    "time_below_after_fault": (
-        "glucose",
-        {"threshold_mg_dl": "mg/dL", "max_min": "min", "window_min": "min"},
-        "time below {threshold_mg_dl} mg/dL <= {max_min} min within {window_min} min after "
-        "any fault onset",
-    ),
-    "time_above_after_fault": (
-        "glucose",
-        {"threshold_mg_dl": "mg/dL", "max_min": "min", "window_min": "min"},
-        "time above {threshold_mg_dl} mg/dL <= {max_min} min within {window_min} min after "
-        "any fault onset",
-    ),
-    "time_in_range_min": (
-        "glucose",
-        {"min_pct": "%"},
-        "time in 70–180 mg/dL >= {min_pct} % of the run",
-    ),
-    "safe_state_after_agent_fault": (
-        "any",
+#: The rules every therapy's requirements may use (each therapy's part adds its own; its
+#: ``evaluate`` and ``run_hil`` judge both).
+SHARED_RULES: tuple[RequirementRule, ...] = (
+    RequirementRule(
+        "safe_state_after_agent_fault",
         {"periods": "control periods"},
         "after a discarded or failed controller decision, the safe command goes out within "
         "{periods} control periods",
     ),
-    "exo_torque_within": (
-        "knee-exo",
-        {"limit_nm": "N·m"},
-        "|exoskeleton torque applied| <= {limit_nm} N·m at every control tick",
-    ),
-    "safe_state_after_lost_communication": (
-        "any",
+    RequirementRule(
+        "safe_state_after_lost_communication",
         {"periods": "control periods"},
         "HIL: after a fault that cuts the device's communication, the rig raises the device's "
         "alarm and applies the safe state within {periods} control periods",
+        hil_only=True,
     ),
-    "exo_no_limit_violation": (
-        "knee-exo",
-        {},
-        "no range-of-motion, velocity or torque limit violation",
-    ),
-    "exo_rms_error_max": (
-        "knee-exo",
-        {"max_deg": "deg"},
-        "RMS tracking error <= {max_deg}°",
-    ),
-}
+)
+
+
+def requirement_rules(therapy: str | Therapy | None = None) -> dict[str, RequirementRule]:
+    """The requirement vocabulary: rule name → rule (its ``therapy`` says whose).
+
+    Args:
+        therapy: a therapy (name or :class:`~twinloop.therapy.Therapy`): the shared rules and
+            its own; ``None``: the shared rules and every registered therapy's.
+
+    """
+    rules = {r.name: r for r in SHARED_RULES}
+    chosen = therapies() if therapy is None else (get_therapy(therapy),)
+    for t in chosen:
+        if not t.has("campaigns"):
+            continue
+        for rule in t.part("campaigns").requirement_rules:
+            rules.setdefault(rule.name, dataclasses.replace(rule, therapy=t.name))
+    return rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,33 +382,44 @@ class Requirement:
     id: str
     rule: str
     params: tuple[tuple[str, float], ...]
+    #: The rule's sentence template (:attr:`RequirementRule.text`).
+    template: str = ""
 
     @property
     def text(self) -> str:
         """The requirement as a sentence."""
-        return REQUIREMENT_RULES[self.rule][2].format(**dict(self.params))
+        return self.template.format(**dict(self.params))
 
     def as_dict(self) -> dict[str, Any]:
         """The requirement as data, with its sentence."""
         return {"id": self.id, "rule": self.rule, "params": dict(self.params), "text": self.text}
 
 
-def _requirement(node: object, therapy: str, where: _Where, parent: object) -> Requirement:
+def _requirement(
+    node: object,
+    therapy: Therapy,
+    rules: Mapping[str, RequirementRule],
+    where: _Where,
+    parent: object,
+) -> Requirement:
     here = where(node, parent)
     if not isinstance(node, dict):
         raise SpecError(
             here, f"a requirement must be a mapping with 'id:' and 'rule:', got {node!r}"
         )
     rule = node.get("rule")
-    if rule not in REQUIREMENT_RULES:
+    if rule not in rules:
+        other = requirement_rules().get(str(rule))
+        if other is not None:
+            raise SpecError(
+                here, f"rule {rule!r} is for the {other.therapy} loop, not {therapy.name}"
+            )
         raise SpecError(
             here,
-            f"rule {rule!r} is not in the vocabulary (rules: {', '.join(REQUIREMENT_RULES)}); "
-            "see campaigns/spec.py REQUIREMENT_RULES",
+            f"rule {rule!r} is not in the vocabulary of the {therapy.name} loop (rules: "
+            f"{', '.join(rules)}); see docs/faults.md",
         )
-    rule_therapy, names, _ = REQUIREMENT_RULES[rule]
-    if rule_therapy not in ("any", therapy):
-        raise SpecError(here, f"rule {rule!r} is for the {rule_therapy} loop, not {therapy}")
+    names = rules[str(rule)].params
     rid = node.get("id")
     if not isinstance(rid, str) or not rid:
         raise SpecError(here, f"id={rid!r}: every requirement needs a non-empty string id")
@@ -427,33 +436,23 @@ def _requirement(node: object, therapy: str, where: _Where, parent: object) -> R
     missing = [n for n in names if n not in params]
     if missing:
         raise SpecError(here, f"rule {rule!r} needs {', '.join(missing)}")
-    return Requirement(rid, str(rule), tuple(params.items()))
+    return Requirement(rid, str(rule), tuple(params.items()), rules[str(rule)].text)
 
 
 # -- the campaign ----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class HilSettings:
-    """A campaign run through the HIL rig on emulated devices (wire faults only).
-
-    Glucose: the emulated pump and CGM, the rig in accelerated time. Knee exoskeleton: the
-    emulated CiA 402 drive (knee behind it) and the exoskeleton rig at 100 Hz, in real time.
+class CampaignSpec:
+    """A validated campaign (see the module docstring for the YAML).
 
     Attributes:
-        wall_s_per_sim_min: glucose: wall seconds per simulated minute (0.02: a 5-min period
-            is 0.1 s).
-        minutes: glucose: simulated minutes per session.
-        seconds: knee exoskeleton: seconds per session (after the drive is enabled).
+        therapy: the therapy's name in the registry (a former spelling is resolved).
+        settings: the therapy's own spec keys (``spec_keys`` of its campaigns part) and their
+            values: glucose ``days``, knee ``cycles``.
+        hil: the ``hil:`` block's keys and values (the part's ``hil_keys``), or ``None`` for a
+            simulated campaign.
+        populations: tokens a worker loads before a run (glucose ``population:PATH``).
 
     """
-
-    wall_s_per_sim_min: float = 0.02
-    minutes: int = 240
-    seconds: float = 8.0
-
-
-@dataclasses.dataclass(frozen=True)
-class CampaignSpec:
-    """A validated campaign (see the module docstring for the YAML)."""
 
     name: str
     therapy: str
@@ -462,18 +461,20 @@ class CampaignSpec:
     seeds: tuple[int, ...]
     scenarios: tuple[Scenario, ...]
     requirements: tuple[Requirement, ...]
-    days: int = 1
-    cycles: int = 10
+    settings: tuple[tuple[str, Any], ...] = ()
     twin: bool = True
     source: str = ""
-    hil: HilSettings | None = None
-    #: ``population:PATH`` tokens of ``patients`` (workers load them before a run).
+    hil: tuple[tuple[str, Any], ...] | None = None
+    #: Tokens of ``patients`` a worker loads before a run (glucose ``population:PATH``).
     populations: tuple[str, ...] = ()
 
-    @property
-    def horizon(self) -> float:
-        """The run's length in the loop's time unit (min for glucose)."""
-        return float(self.days * 1440) if self.therapy == "glucose" else math.inf
+    def setting(self, name: str) -> Any:
+        """The value of one of the therapy's spec keys (KeyError if the therapy has none)."""
+        return dict(self.settings)[name]
+
+    def hil_setting(self, name: str) -> Any:
+        """The value of one key of the ``hil:`` block (KeyError without one)."""
+        return dict(self.hil or ())[name]
 
     def scenario(self, name: str) -> Scenario:
         """The scenario called ``name`` (KeyError if none)."""
@@ -490,10 +491,9 @@ class CampaignSpec:
             "patients": list(self.patients),
             "controller": self.controller,
             "seeds": list(self.seeds),
-            "days": self.days,
-            "cycles": self.cycles,
+            **dict(self.settings),
             "twin": self.twin,
-            "hil": None if self.hil is None else dataclasses.asdict(self.hil),
+            "hil": None if self.hil is None else dict(self.hil),
             "scenarios": [s.as_dict() for s in self.scenarios],
             "requirements": [r.as_dict() for r in self.requirements],
         }
@@ -506,13 +506,12 @@ class CampaignSpec:
         return f"{zlib.crc32(text.encode()):08x}"
 
 
+#: The keys every campaign has (the therapy's ``spec_keys`` come besides them).
 SPEC_KEYS = (
     "name",
     "therapy",
     "patients",
     "controller",
-    "days",
-    "cycles",
     "seeds",
     "twin",
     "defaults",
@@ -525,6 +524,43 @@ SPEC_KEYS = (
 )
 
 
+def _therapy(value: object, where: str, path: Path) -> Therapy:
+    """The spec's therapy from the registry (a former spelling with a warning on stderr)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        try:
+            therapy = get_therapy(str(value))
+        except TherapyError:
+            names = ", ".join(t.name for t in therapies())
+            raise SpecError(where, f"therapy={value!r} is not allowed: one of {names}") from None
+    for w in caught:
+        print(
+            f"twinloop: warning: {path}: {w.message}; write therapy: {therapy.name}",
+            file=sys.stderr,
+        )
+    if not therapy.has("campaigns"):
+        raise SpecError(where, f"therapy={value!r}: the {therapy.name} therapy has no campaigns")
+    return therapy
+
+
+def _settings(
+    node: dict[str, Any], keys: tuple[SpecKey, ...], where: str
+) -> tuple[tuple[str, Any], ...]:
+    """The values of ``keys`` in ``node`` (defaults filled in), each checked."""
+    out = []
+    for key in keys:
+        value = node.get(key.name, key.default)
+        try:
+            out.append((key.name, key.check(value)))
+        except (TypeError, ValueError) as exc:
+            raise SpecError(where, f"{key.name}={value!r} is not allowed: {exc}") from None
+    return tuple(out)
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
 def load_spec(path: str | Path) -> CampaignSpec:
     """Read and check a campaign YAML.
 
@@ -532,32 +568,47 @@ def load_spec(path: str | Path) -> CampaignSpec:
         SpecError: anything refused, with ``file:line`` and what is allowed.
 
     """
+    from twinloop.plant.errors import PlantError
+
     path = Path(path)
     where = _Where(path)
     root = _load_yaml(path)
     if not isinstance(root, dict):
         raise SpecError(str(path), "a campaign is a mapping (name:, therapy:, patients:, ...)")
     here = where(root)
-    _only(root, SPEC_KEYS, here, "a campaign")
-    therapy = root.get("therapy", "glucose")
-    if therapy not in THERAPIES:
-        raise SpecError(here, f"therapy={therapy!r} is not allowed: one of {', '.join(THERAPIES)}")
+    therapy = _therapy(root.get("therapy", DEFAULT_THERAPY), here, path)
+    part = therapy.part("campaigns")
+    own_keys = tuple(k.name for k in part.spec_keys)
+    if any(key not in (*SPEC_KEYS, *own_keys) for key in _keys(root)):
+        others = {
+            k.name: t.name
+            for t in therapies()
+            if t.has("campaigns")
+            for k in t.part("campaigns").spec_keys
+        }
+        for key in _keys(root):
+            if key in others and key not in (*SPEC_KEYS, *own_keys):
+                raise SpecError(
+                    here,
+                    f"{key!r} is a key of {others[key]} campaigns, not of {therapy.name} "
+                    f"(its own: {', '.join(own_keys) or 'none'})",
+                )
+    _only(root, (*SPEC_KEYS, *own_keys), here, "a campaign")
     name = str(root.get("name", path.stem))
-    patients = root.get("patients", ["adults"] if therapy == "glucose" else ["moderate"])
+    plant = therapy.part("plant")
+    patients = root.get("patients", list(plant.default_patients))
     if isinstance(patients, str):
         patients = [patients]
     if not (isinstance(patients, list) and patients and all(isinstance(p, str) for p in patients)):
         raise SpecError(here, f"patients={patients!r}: a list of names")
-    patients = [
-        population_token(str((path.parent / n[len(POPULATION_PREFIX) :]).resolve()))
-        if n.startswith(POPULATION_PREFIX)
-        else n
-        for n in patients
-    ]
-    populations = tuple(n for n in patients if n.startswith(POPULATION_PREFIX))
-    patients = _check_patients(therapy, patients, here)
-    controller = root.get("controller", "basal-bolus" if therapy == "glucose" else "aan")
-    _check_controller(therapy, controller, here)
+    try:
+        expanded = part.patients(patients, path.parent)
+    except (PlantError, KeyError, ValueError) as exc:
+        raise SpecError(here, f"patients: {_error_text(exc)}") from None
+    controller = root.get("controller", therapy.part("policies").default_controller)
+    allowed = therapy.part("policies").check_controller(controller)
+    if allowed is not None:
+        raise SpecError(here, f"controller={controller!r} is not allowed: {allowed}")
     seeds = root.get("seeds", [0])
     if not (
         isinstance(seeds, list)
@@ -565,11 +616,7 @@ def load_spec(path: str | Path) -> CampaignSpec:
         and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
     ):
         raise SpecError(here, f"seeds={seeds!r}: a list of integers >= 0")
-    days = root.get("days", 1)
-    cycles = root.get("cycles", 10)
-    for key, value in (("days", days), ("cycles", cycles)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SpecError(here, f"{key}={value!r} is not allowed: an integer >= 1")
+    settings = _settings(root, part.spec_keys, here)
     twin = root.get("twin", True)
     if not isinstance(twin, bool):
         raise SpecError(here, f"twin={twin!r} is not allowed: true or false")
@@ -577,42 +624,24 @@ def load_spec(path: str | Path) -> CampaignSpec:
     hil_node = root.get("hil")
     if hil_node is not None:
         hh = where(hil_node, root)
+        hil_names = tuple(k.name for k in part.hil_keys)
+        if not hil_names:
+            raise SpecError(hh, f"hil: the {therapy.name} therapy has no HIL sessions")
         if not isinstance(hil_node, dict):
-            raise SpecError(
-                hh, "hil: a mapping (glucose: wall_s_per_sim_min, minutes; knee-exo: seconds)"
-            )
-        if therapy == "glucose":
-            _only(hil_node, ("wall_s_per_sim_min", "minutes"), hh, "hil (glucose)")
-            scale = hil_node.get("wall_s_per_sim_min", 0.02)
-            minutes = hil_node.get("minutes", 240)
-            if (
-                isinstance(scale, bool)
-                or not isinstance(scale, int | float)
-                or not (0.005 <= scale <= 60)
-            ):
-                raise SpecError(hh, f"wall_s_per_sim_min={scale!r} is not allowed: 0.005..60 s")
-            if (
-                isinstance(minutes, bool)
-                or not isinstance(minutes, int)
-                or not 10 <= minutes <= 1440
-            ):
-                raise SpecError(hh, f"minutes={minutes!r} is not allowed: an integer in 10..1440")
-            hil = HilSettings(float(scale), minutes)
-        else:
-            _only(hil_node, ("seconds",), hh, "hil (knee-exo)")
-            seconds = hil_node.get("seconds", 8.0)
-            if (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, int | float)
-                or not (1 <= seconds <= 600)
-            ):
-                raise SpecError(hh, f"seconds={seconds!r} is not allowed: 1..600 s")
-            hil = HilSettings(seconds=float(seconds))
+            raise SpecError(hh, f"hil: a mapping ({therapy.name}: {', '.join(hil_names)})")
+        _only(hil_node, hil_names, hh, f"hil ({therapy.name})")
+        hil = _settings(hil_node, part.hil_keys, hh)
+    loop = _Loop(
+        therapy.name,
+        fault_types(therapy),
+        channel_messages(therapy),
+        tuple(part.parameter_targets),
+    )
     defaults_node = root.get("defaults") or {}
     if not isinstance(defaults_node, dict):
         raise SpecError(here, "defaults: a mapping with start: and duration:")
     _only(defaults_node, ("start", "duration"), where(defaults_node, root), "defaults")
-    unit_default = (360.0, 240.0) if therapy == "glucose" else (5.0, 5.0)
+    unit_default = part.default_window
     defaults = (
         float(defaults_node.get("start", unit_default[0])),
         float(defaults_node.get("duration", unit_default[1])),
@@ -630,7 +659,7 @@ def load_spec(path: str | Path) -> CampaignSpec:
             raise SpecError(sh, "faults: a list of faults")
         scenario = Scenario(
             node["name"],
-            tuple(_fault_line(f, therapy, defaults, where, node, hil is not None) for f in faults),
+            tuple(_fault_line(f, loop, defaults, where, node, hil is not None) for f in faults),
         )
         if not node.get("overlap", False):
             _check_overlap(scenario, sh)
@@ -641,7 +670,7 @@ def load_spec(path: str | Path) -> CampaignSpec:
     for fault_name in sweep:
         line = _fault_line(
             {"fault": fault_name, "__line__": root["__line__"]},
-            therapy,
+            loop,
             defaults,
             where,
             root,
@@ -658,15 +687,13 @@ def load_spec(path: str | Path) -> CampaignSpec:
         )
         pool = rnd.get("faults") or []
         for fname in pool:
-            _fault_line(
-                {"fault": fname, "__line__": rnd["__line__"]}, therapy, defaults, where, rnd
-            )
+            _fault_line({"fault": fname, "__line__": rnd["__line__"]}, loop, defaults, where, rnd)
         intensity = rnd.get("intensity", 0.5)
         if not (isinstance(intensity, int | float) and 0 <= intensity <= 1):
             raise SpecError(rh, f"intensity={intensity!r} is not allowed: 0..1")
         if not pool:
             raise SpecError(rh, "random: faults: a non-empty list of fault names")
-        horizon = float(days * 1440) if therapy == "glucose" else float(cycles) * 2.0
+        horizon = float(part.horizon(settings))
         scenarios.extend(
             random_scenarios(
                 [str(x) for x in pool],
@@ -695,54 +722,25 @@ def load_spec(path: str | Path) -> CampaignSpec:
         req_node = req_node["requirements"]
     if not isinstance(req_node, list):
         raise SpecError(here, "requirements: a list (or the path of a YAML list)")
-    requirements = tuple(_requirement(r, therapy, req_where, root) for r in req_node)
+    rules = requirement_rules(therapy)
+    requirements = tuple(_requirement(r, therapy, rules, req_where, root) for r in req_node)
     for r in requirements:
-        if r.rule == "safe_state_after_lost_communication" and hil is None:
+        if rules[r.rule].hil_only and hil is None:
             raise SpecError(here, f"requirement {r.id}: {r.rule} needs a 'hil:' campaign")
     ids = [r.id for r in requirements]
     if len(set(ids)) != len(ids):
         raise SpecError(here, f"requirement ids must be unique: {ids}")
     return CampaignSpec(
         name=name,
-        therapy=therapy,
-        patients=tuple(patients),
+        therapy=therapy.name,
+        patients=tuple(expanded.names),
         controller=str(controller),
         seeds=tuple(seeds),
         scenarios=tuple(scenarios),
         requirements=requirements,
-        days=days,
-        cycles=cycles,
+        settings=settings,
         twin=twin,
         source=str(path),
         hil=hil,
-        populations=populations,
+        populations=tuple(expanded.preload),
     )
-
-
-def _check_patients(therapy: str, names: list[str], where: str) -> list[str]:
-    if therapy == "glucose":
-        try:
-            return [p.name for p in expand_names(tuple(names))]
-        except (KeyError, ValueError) as exc:
-            raise SpecError(where, f"patients: {exc}") from None
-    from twinloop.plant.knee.model import PRESETS as KNEE_PRESETS
-
-    for n in names:
-        if n not in KNEE_PRESETS:
-            raise SpecError(
-                where, f"patients: {n!r} is not a knee preset ({', '.join(KNEE_PRESETS)})"
-            )
-    return names
-
-
-def _check_controller(therapy: str, name: object, where: str) -> None:
-    if therapy == "glucose":
-        from twinloop.policies.glucose.controllers import check_controller_name
-
-        allowed = check_controller_name(str(name))
-    else:
-        from twinloop.agents.knee.loop import check_exo_controller_name
-
-        allowed = check_exo_controller_name(name)
-    if allowed is not None:
-        raise SpecError(where, f"controller={name!r} is not allowed: {allowed}")

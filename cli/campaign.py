@@ -35,9 +35,11 @@ def add_parser(sub: Any) -> None:
 
 DOC_HEADER = """# Fault catalogue and safety-requirement vocabulary
 
-Generated from `campaigns/faults.py` and `campaigns/spec.py` (`twinloop campaign --faults
---markdown > docs/faults.md`; a test keeps it in sync). How faults sit on the loop's channels,
-and what each category means: the docstring of `campaigns/faults.py`. The campaign format:
+Generated from the catalogue (`twinloop campaign --faults --markdown > docs/faults.md`; a test
+keeps it in sync): the generic faults of `campaigns/faults.py` and the shared rules of
+`campaigns/spec.py`, then each therapy's own, from its campaigns part
+(`campaigns/<therapy>/therapy.py`; column *loop*). How faults sit on the loop's channels, and
+what each category means: the docstring of `campaigns/faults.py`. The campaign format:
 `campaigns/spec.py`; examples: `campaigns/specs/`.
 
 Windows (`start`, `duration`) are in the loop's time unit: minutes for the glucose loop,
@@ -52,10 +54,13 @@ exoskeleton rig at 100 Hz in real time; examples `campaigns/specs/pump_wire_hil.
 def catalogue_markdown() -> str:
     """The fault catalogue and the requirement vocabulary as Markdown (docs/faults.md)."""
     from twinloop.campaigns.faults import CATALOGUE, PUBLISHED_PATTERNS
-    from twinloop.campaigns.spec import REQUIREMENT_RULES
+    from twinloop.campaigns.spec import requirement_rules
 
     lines = [DOC_HEADER]
-    for category in ("sensor", "actuator", "data", "timing", "exo", "wire"):
+    # categories in the catalogue's order, the wire (HIL only) last
+    categories = dict.fromkeys(f.category for f in CATALOGUE.values() if f.make is not None)
+    categories.update(dict.fromkeys(f.category for f in CATALOGUE.values()))
+    for category in categories:
         lines.append(f"## {category}\n")
         lines.append(
             "| fault | loop | channels | parameters (default, range, unit) | what it does |"
@@ -81,9 +86,9 @@ def catalogue_markdown() -> str:
     lines.append("## Safety requirements: the vocabulary\n")
     lines.append("| rule | loop | parameters | checks |")
     lines.append("|---|---|---|---|")
-    for rule, (therapy, rule_params, text) in REQUIREMENT_RULES.items():
-        ps = ", ".join(f"`{k}` ({u})" for k, u in rule_params.items()) or "—"
-        lines.append(f"| `{rule}` | {therapy} | {ps} | {text} |")
+    for rule in requirement_rules().values():
+        ps = ", ".join(f"`{k}` ({u})" for k, u in rule.params.items()) or "—"
+        lines.append(f"| `{rule.name}` | {rule.therapy} | {ps} | {rule.text} |")
     lines.append("")
     return "\n".join(lines)
 

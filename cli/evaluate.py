@@ -18,6 +18,8 @@ import shlex
 import time
 from typing import Any
 
+#: The therapy evaluated when ``--therapy`` is not given.
+DEFAULT_THERAPY = "glucose"
 #: Former option → its name now (the values are merged, with a warning).
 DEPRECATED = {"controllers": "controller", "cohorts": "cohort", "seeds": "seed"}
 
@@ -34,7 +36,7 @@ def add_parser(sub: Any) -> None:
         "±30 % carb-counting error, noisy CGM, seeds 0-2), in parallel on Ray, and write "
         "per-patient and comparison CSVs, a ranked Markdown table, plots and a manifest.",
     )
-    add_therapy(ev, default="glucose")
+    add_therapy(ev)
     ev.add_argument(
         "--controller",
         action="append",
@@ -125,7 +127,7 @@ def _listed(values: list[str]) -> list[str]:
 def command_line(args: argparse.Namespace) -> str:
     """The ``twinloop evaluate`` command that reproduces ``args`` (for the manifest and docs)."""
     words = ["twinloop", "evaluate"]
-    if args.therapy != "glucose":
+    if args.therapy is not None:
         words += ["--therapy", args.therapy]
     for option in ("controller", "cohort", "seed"):
         for value in _listed(getattr(args, option, [])):
@@ -144,7 +146,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from twinloop.cli.options import therapy_of
 
     _merge_deprecated(args)
-    therapy = therapy_of(args.therapy)
+    therapy = therapy_of(args.therapy or DEFAULT_THERAPY)
     if not therapy.has("evaluation"):
         raise ValueError(f"the {therapy.name} therapy has no evaluation protocol")
     part = therapy.part("evaluation")

@@ -54,7 +54,7 @@ def add_therapy(parser: argparse.ArgumentParser, *, default: str | None = None) 
     parser.add_argument(
         "--therapy",
         default=default,
-        help=f"the therapy: {names}" + (f"; default {default}" if default else ""),
+        help=f"the therapy: {names}; default glucose",
     )
 
 

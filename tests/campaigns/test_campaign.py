@@ -183,9 +183,19 @@ def test_other_refusals_name_the_field(tmp_path):
     assert "wire" in refused(tmp_path, BASE + "sweep: [bad_crc]\n")
     assert "knee-exo loop" in refused(tmp_path, BASE + "sweep: [sign_flip]\n")
     assert "unknown key 'seed'" in refused(tmp_path, BASE + "seed: 3\n")
-    assert "therapy='insulin'" in refused(tmp_path, "therapy: insulin\n")
+    assert "therapy='ventilator'" in refused(tmp_path, "therapy: ventilator\n")
     assert "controller=" in refused(tmp_path, BASE + "controller: magic\n")
     assert "not valid YAML" in refused(tmp_path, BASE + "sweep: [a\n")
+
+
+def test_a_former_spelling_of_the_therapy_is_the_registry_s(tmp_path, capsys):
+    """``therapy: insulin`` (a former spelling) is read as ``glucose``, with a warning."""
+    path = tmp_path / "old.yaml"
+    path.write_text("name: t\ntherapy: insulin\npatients: [adult#001]\n")
+    spec = load_spec(path)
+    assert spec.therapy == "glucose" and spec.setting("days") == 1
+    assert "deprecated spelling" in capsys.readouterr().err
+    assert "'cycles' is a key of knee-exo campaigns" in refused(tmp_path, BASE + "cycles: 3\n")
 
 
 def test_the_shipped_campaigns_load():
@@ -521,7 +531,7 @@ def test_wire_faults_on_the_exoskeleton_drive_end_in_the_safe_state(tmp_path):
 
 
 def test_the_lost_communication_verdict():
-    from twinloop.campaigns.hil import _lost_communication
+    from twinloop.campaigns.hil import lost_communication_verdict as _lost_communication
     from twinloop.campaigns.spec import FaultLine, Scenario
 
     cut = Scenario("s", (FaultLine("timeout", "wire:drop_response", 60.0, 30.0, ()),))

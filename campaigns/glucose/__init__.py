@@ -1,0 +1,1 @@
+"""The glucose therapy's campaigns part: its faults, requirements, verdicts, report and HIL."""

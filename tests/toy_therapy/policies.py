@@ -1,0 +1,40 @@
+"""The toy policies part: one proportional controller with feed-forward."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class ProportionalController:
+    """``valve = setpoint + gain × (setpoint − level)`` (all in %).
+
+    Attributes:
+        setpoint_pct: the level to hold, %.
+        gain: the proportional gain, % valve per % level error.
+
+    """
+
+    setpoint_pct: float = 50.0
+    gain: float = 4.0
+
+    def decide(self, level_pct: float) -> float:
+        """The valve command, %, for a sensed level, %."""
+        return self.setpoint_pct + self.gain * (self.setpoint_pct - level_pct)
+
+
+CONTROLLERS = {"p": ProportionalController}
+
+
+class ToyPolicies:
+    """The toy policies part."""
+
+    controllers = tuple(CONTROLLERS)
+    default_controller = "p"
+
+    def check_controller(self, name: object) -> str | None:
+        """``None`` for ``p``, else what is allowed."""
+        return None if name in CONTROLLERS else f"one of {', '.join(CONTROLLERS)}"
+
+
+PART = ToyPolicies()
