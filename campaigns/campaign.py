@@ -10,7 +10,7 @@
   (:func:`twinloop.campaigns.faults.attach`). Its id is ``SCENARIO.PATIENT.sSEED`` (``#`` written
   ``-``). The loop's generator is the one ``twinloop run`` gives that patient and seed, and the
   faults' generator is ``SeedSequence([seed, crc32(scenario), crc32(patient)])``: a run depends on
-  nothing else, so it can be replayed alone (:func:`replay_run`) or on any worker.
+  nothing else, so it can be run again alone (:func:`rerun`) or on any worker.
 * **Execution.** Inline, or as Ray tasks (one CPU each) on the embedded Ray
   (:func:`twinloop.agents.placement.start_ray`, loopback) or on a cluster (``address``), with a
   progress bar and ETA. At most ``2 × workers`` runs are in flight. Each task receives the
@@ -51,7 +51,7 @@ from twinloop.campaigns.faults import CATALOGUE, ActiveFault, attach
 from twinloop.campaigns.spec import CampaignSpec, Scenario
 from twinloop.therapy import Therapy, get_therapy, register_therapy, therapy_names
 
-__all__ = ["RunKey", "expand_runs", "replay_run", "run_campaign", "run_one", "same_result"]
+__all__ = ["RunKey", "expand_runs", "rerun", "run_campaign", "run_one", "same_result"]
 
 RESULT_VERSION = 1
 
@@ -384,7 +384,7 @@ def run_campaign(
     return summary
 
 
-def replay_run(spec: CampaignSpec, run_id: str, out: str | Path) -> dict[str, Any]:
+def rerun(spec: CampaignSpec, run_id: str, out: str | Path) -> dict[str, Any]:
     """Run one campaign run again, exactly, with a full recording in ``out``.
 
     Returns:

@@ -177,7 +177,7 @@ pre {{ font-size: 11px; background: #f6f6f6; padding: 0.5em; }}
 {runs["total"]} runs; {runs["ok"]} ok, {runs["errors"]} errors. Spec fingerprint
 {summary["fingerprint"]}. Replay any run: <code>twinloop campaign {
         html.escape(spec.source)
-    } --replay ID</code>.</p>
+    } --rerun ID</code>.</p>
 <h2>Requirements</h2>
 {
         _table(

@@ -561,8 +561,16 @@ def _error_text(exc: BaseException) -> str:
     return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
+def shipped_specs() -> dict[str, Path]:
+    """The campaign specs shipped with twinloop, by name (``glucose_smoke``, ...)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("twinloop.campaigns").joinpath("specs")))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml")) if "requirements" not in p.stem}
+
+
 def load_spec(path: str | Path) -> CampaignSpec:
-    """Read and check a campaign YAML.
+    """Read and check a campaign YAML: a file, or a shipped spec's name (:func:`shipped_specs`).
 
     Raises:
         SpecError: anything refused, with ``file:line`` and what is allowed.
@@ -571,6 +579,13 @@ def load_spec(path: str | Path) -> CampaignSpec:
     from twinloop.plant.errors import PlantError
 
     path = Path(path)
+    if not path.exists():
+        shipped = shipped_specs()
+        if str(path) not in shipped:
+            raise SpecError(
+                str(path), f"no such file, nor a shipped campaign ({', '.join(shipped)})"
+            )
+        path = shipped[str(path)]
     where = _Where(path)
     root = _load_yaml(path)
     if not isinstance(root, dict):

@@ -1,9 +1,13 @@
-"""``twinloop campaign SPEC.yaml``: fault-injection campaigns (``--replay ID``, ``--faults``)."""
+"""``twinloop campaign SPEC``: fault-injection campaigns (``--rerun ID``, ``--faults``).
+
+SPEC is a campaign YAML file or a shipped campaign's name (``glucose_smoke``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--address", help="run on an existing Ray cluster (HOST:PORT)")
     p.add_argument("--workers", type=int, help="runs in parallel (default: the cluster's CPUs)")
     p.add_argument("--inline", action="store_true", help="run in this process, without Ray")
-    p.add_argument("--replay", metavar="ID", help="run one run again with a full recording")
+    p.add_argument("--rerun", metavar="ID", help="run one run again with a full recording")
+    p.add_argument("--replay", metavar="ID", help=argparse.SUPPRESS)  # the former --rerun
     p.add_argument(
         "--faults", action="store_true", help="list the fault catalogue and exit (no SPEC needed)"
     )
@@ -106,7 +111,7 @@ def _catalogue() -> int:
 
 def main_campaign(args: argparse.Namespace) -> int:
     """Run ``twinloop campaign``; errors print one line and return 2."""
-    from twinloop.campaigns.campaign import replay_run, run_campaign, same_result
+    from twinloop.campaigns.campaign import rerun, run_campaign, same_result
     from twinloop.campaigns.spec import load_spec
 
     if args.faults:
@@ -119,12 +124,15 @@ def main_campaign(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path("runs") / "campaigns" / spec.name
     if args.replay:
-        target = out / "replays" / args.replay
-        replayed = replay_run(spec, args.replay, target)
-        print(f"replayed {args.replay}: full recording in {target}")
-        stored = out / "results" / f"{args.replay}.json"
+        print("twinloop campaign: warning: --replay is now --rerun", file=sys.stderr)
+        args.rerun = args.rerun or args.replay
+    if args.rerun:
+        target = out / "reruns" / args.rerun
+        again = rerun(spec, args.rerun, target)
+        print(f"ran {args.rerun} again: full recording in {target}")
+        stored = out / "results" / f"{args.rerun}.json"
         if stored.exists():
-            same = same_result(json.loads(stored.read_text()), replayed["result"])
+            same = same_result(json.loads(stored.read_text()), again["result"])
             print("identical to the stored result" if same else "DIFFERENT from the stored result")
             return 0 if same else 1
         return 0

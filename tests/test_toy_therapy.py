@@ -164,10 +164,10 @@ def test_a_toy_campaign_judges_a_fault_against_its_requirement(toy_campaign):
 
 def test_a_toy_run_replays_exactly(toy_campaign, capsys):
     tmp, out = toy_campaign
-    rc = main(["campaign", str(tmp / "toy.yaml"), "--out", str(out), "--replay",
+    rc = main(["campaign", str(tmp / "toy.yaml"), "--out", str(out), "--rerun",
                "sensor-low.slow.s1"])  # fmt: skip
     assert rc == 0 and "identical to the stored result" in capsys.readouterr().out
-    replay = out / "replays" / "sensor-low.slow.s1" / "channels" / "sensor__controller.parquet"
+    replay = out / "reruns" / "sensor-low.slow.s1" / "channels" / "sensor__controller.parquet"
     assert pq.read_table(replay).num_rows == 120
 
 

@@ -18,7 +18,7 @@ from twinloop.campaigns.campaign import (
     JUDGED,
     RunKey,
     expand_runs,
-    replay_run,
+    rerun,
     run_campaign,
     run_one,
     same_result,
@@ -207,6 +207,9 @@ def test_the_shipped_campaigns_load():
     for path in paths:
         spec = load_spec(path)
         assert spec.requirements and len(expand_runs(spec)) > 1
+        assert load_spec(path.stem).fingerprint() == spec.fingerprint()  # found by name
+    with pytest.raises(SpecError, match="nor a shipped campaign \\(drive_wire_hil, glucose_smoke"):
+        load_spec("no_such_campaign")
 
 
 def test_the_random_generator_is_seeded_and_non_overlapping(tmp_path):
@@ -281,7 +284,7 @@ def test_a_run_is_deterministic_and_replays_exactly(small_campaign, tmp_path):
     again, _ = run_one(spec, key)
     stored = json.loads((out / "results" / f"{key.id}.json").read_text())
     assert same_result(stored, again)
-    replay = replay_run(spec, key.id, tmp_path / "replay")
+    replay = rerun(spec, key.id, tmp_path / "replay")
     assert same_result(stored, replay["result"])
     assert (tmp_path / "replay" / "manifest.json").exists()
     assert (tmp_path / "replay" / "channels" / "actuator__plant.parquet").exists()
@@ -291,12 +294,16 @@ def test_a_run_is_deterministic_and_replays_exactly(small_campaign, tmp_path):
 
 def test_replay_from_the_command_line(small_campaign, capsys, tmp_path):
     spec, out, _ = small_campaign
-    rc = main(["campaign", spec.source, "--out", str(out), "--replay", "overdose.adult-003.s0"])
+    rc = main(["campaign", spec.source, "--out", str(out), "--rerun", "overdose.adult-003.s0"])
     assert rc == 0
     assert "identical to the stored result" in capsys.readouterr().out
-    rc = main(["campaign", spec.source, "--out", str(out), "--replay", "nope.adult-003.s0"])
+    rc = main(["campaign", spec.source, "--out", str(out), "--rerun", "nope.adult-003.s0"])
     assert rc == 2
     assert "no run 'nope.adult-003.s0'" in capsys.readouterr().err
+    rc = main(["campaign", spec.source, "--out", str(out), "--replay", "overdose.adult-003.s0"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "--replay is now --rerun" in captured.err
+    assert (out / "reruns" / "overdose.adult-003.s0" / "manifest.json").exists()
 
 
 def test_a_run_that_raises_is_recorded_and_the_campaign_goes_on(tmp_path, monkeypatch):
