@@ -40,7 +40,7 @@ PACKAGE_DATA = (
     "twinloop/plant/glucose/data/uva_padova_2008/sensor_params.csv",
     "twinloop/plant/glucose/data/uva_padova_2008/LICENSE_simglucose_MIT.txt",
     "twinloop/campaigns/specs/glucose_smoke.yaml",
-    "twinloop/evaluation/protocols/t1d-standard.yaml",
+    "twinloop/evaluation/glucose/protocols/t1d-standard.yaml",
     "twinloop/hw_bridge/profiles/insulin_pump_tcp.yaml",
     "twinloop/twins/data/example_logs/pump_export.csv",
     "twinloop/twins/data/example_logs/nightscout/entries.json",
@@ -54,7 +54,7 @@ PACKAGE_DATA = (
 DATA_FOLDERS = (
     "plant/glucose/data",
     "campaigns/specs",
-    "evaluation/protocols",
+    "evaluation/glucose/protocols",
     "hw_bridge/profiles",
     "twins/data",
     "policies/configs",
