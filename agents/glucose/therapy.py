@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twinloop.agents.glucose.loop import LoopConfig
 from twinloop.agents.interface import RunOption
 from twinloop.agents.messages import (
     CgmReading,
@@ -17,6 +16,9 @@ from twinloop.agents.messages import (
 )
 from twinloop.agents.placement import Placement
 from twinloop.plant.glucose.scenarios import SCENARIOS
+
+if TYPE_CHECKING:
+    from twinloop.agents.glucose.loop import LoopConfig
 
 
 def _positive_int(text: Any) -> int:
@@ -87,6 +89,8 @@ class GlucoseLoop:
         self, *, patients: Sequence[str], seed: int, controller: str, options: Mapping[str, Any]
     ) -> tuple[LoopConfig, int | None]:
         """The :class:`LoopConfig` and the lockstep group size."""
+        from twinloop.agents.glucose.loop import LoopConfig
+
         config = LoopConfig(
             patients=tuple(patients),
             days=options["days"],

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twinloop.agents.interface import RunOption
-from twinloop.agents.knee.loop import ExoLoopConfig
 from twinloop.agents.knee.messages import (
     ExoSensorReading,
     ExoTorqueCommand,
@@ -16,6 +15,9 @@ from twinloop.agents.knee.messages import (
 )
 from twinloop.agents.placement import Placement
 from twinloop.plant.knee.tasks import TASKS
+
+if TYPE_CHECKING:
+    from twinloop.agents.knee.loop import ExoLoopConfig
 
 
 def _task(text: Any) -> str:
@@ -65,6 +67,8 @@ class KneeLoop:
         self, *, patients: Sequence[str], seed: int, controller: str, options: Mapping[str, Any]
     ) -> ExoLoopConfig:
         """The :class:`ExoLoopConfig` (validated)."""
+        from twinloop.agents.knee.loop import ExoLoopConfig
+
         return ExoLoopConfig(
             patients=tuple(patients),
             task=options["task"],
