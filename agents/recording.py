@@ -156,3 +156,21 @@ class Recorder:
         if complete:
             (self.run_dir / INCOMPLETE_MARKER).unlink(missing_ok=True)
         return self.run_dir
+
+
+def new_run_dir(pattern: str) -> str:
+    """A directory named by ``time.strftime(pattern)`` that no other run has taken.
+
+    The directory is created here (atomically), so two runs started in the same second get
+    ``…-HHMMSS`` and ``…-HHMMSS-2`` instead of writing into one another.
+    """
+    base = time.strftime(pattern)
+    Path(base).parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        name = base if k == 1 else f"{base}-{k}"
+        try:
+            Path(name).mkdir()
+        except FileExistsError:
+            continue
+        return name
+    raise OSError(f"{base}: 999 runs already started this second; give --out")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import time
 from typing import Any
 
 #: The therapy evaluated when ``--therapy`` is not given.
@@ -143,6 +142,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from twinloop.agents.recording import new_run_dir
     from twinloop.cli.options import therapy_of
 
     _merge_deprecated(args)
@@ -163,7 +163,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         days=_int("--days", args.days, minimum=1) if args.days is not None else None,
         seeds=_ints("--seed", seeds, minimum=0) if seeds else None,
     )
-    out = args.out or time.strftime("runs/eval-%Y%m%d-%H%M%S")
+    out = args.out or new_run_dir("runs/eval-%Y%m%d-%H%M%S")
     command = command_line(args)
     result = part.evaluate(
         controllers,

@@ -95,7 +95,8 @@ def add_parser(sub: Any) -> None:
     emu.set_defaults(handler=emulate)
     hil = sub.add_parser(
         "hil",
-        help="run the insulin loop against a pump and a CGM through device profiles",
+        help="run a therapy's loop against real or emulated devices through device profiles "
+        "(glucose: a pump and a CGM; knee-exo: an exoskeleton drive)",
         description="The HIL rig: the controller and the safety supervisor on the wall clock, "
         "the pump over Modbus and the CGM over its line protocol through device profiles, a "
         "watchdog with fail-safe, everything recorded.",
@@ -107,16 +108,16 @@ def add_parser(sub: Any) -> None:
     )
     hil.add_argument(
         "--profile",
-        help="device profile: a YAML file or a shipped name (insulin: insulin_pump_rtu "
+        help="device profile: a YAML file or a shipped name (glucose: insulin_pump_rtu "
         "(default), insulin_pump_tcp; knee-exo: exo_drive_tcp (default))",
     )
     hil.add_argument("--port", help="the pump's serial port (overrides the profile)")
     hil.add_argument("--tcp", help="the pump's HOST:PORT (overrides the profile)")
     hil.add_argument("--cgm-profile", default="cgm_line", help="CGM profile (cgm_line)")
-    hil.add_argument("--cgm-port", help="the CGM's serial port (insulin: required)")
+    hil.add_argument("--cgm-port", help="the CGM's serial port (glucose: required)")
     hil.add_argument(
         "--patient",
-        help="clinical profile for the therapy (insulin: adult#001; knee-exo: the knee preset, "
+        help="clinical profile for the therapy (glucose: adult#001; knee-exo: the knee preset, "
         "moderate)",
     )
     hil.add_argument(

@@ -86,6 +86,7 @@ def add_parser(sub: Any) -> None:
 def main_run(args: argparse.Namespace) -> int:
     """Run the loop; print its summary and the path of its recording."""
     from twinloop.agents.placement import make_placement, release_placement
+    from twinloop.agents.recording import new_run_dir
 
     config = options.read_config(args.config)
     name = args.therapy or config.get("therapy") or COMMON["therapy"]
@@ -102,6 +103,8 @@ def main_run(args: argparse.Namespace) -> int:
                 f"{therapy.name}; its options: "
                 + ", ".join("--" + k.replace("_", "-") for k in own)
             )
+    if "no_progress" in config:  # the file's spelling of --no-progress
+        config["progress"] = not config.pop("no_progress")
     if args.config:
         options.check_keys(args.config, config, [*COMMON, *own])
     given = {k: getattr(args, k, None) for k in [*COMMON, *own]}
@@ -139,7 +142,7 @@ def main_run(args: argparse.Namespace) -> int:
             f"--placement={placement_name!r} is not allowed for {therapy.name}: one of "
             + ", ".join(agents.placements)
         )
-    out = settings["out"] or time.strftime(agents.default_out)
+    out = settings["out"] or new_run_dir(agents.default_out)
     placement = make_placement(placement_name, settings["address"])
     t0 = time.perf_counter()
     try:

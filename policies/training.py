@@ -360,13 +360,23 @@ def _family_hint(env_id: str) -> str:
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainingConfig:
-    """Read and validate a training configuration file (YAML).
+    """Read and validate a training configuration file (YAML), or a shipped one by name.
+
+    ``path`` may name a configuration of ``policies/configs/`` (``t1d_ppo``, ``knee_sac``) when
+    no such file exists.
 
     Raises:
         PolicyConfigError: the file is missing, not YAML, or its content is not allowed.
 
     """
     p = Path(path)
+    if not p.exists():
+        shipped = shipped_config(f"{path}.yaml")
+        if shipped.is_file():
+            p = shipped
+        else:
+            names = ", ".join(sorted(c.stem for c in shipped.parent.glob("*.yaml")))
+            raise PolicyConfigError(f"{path}: no such config file, nor a shipped config ({names})")
     try:
         text = p.read_text()
     except OSError as exc:

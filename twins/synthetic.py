@@ -153,7 +153,7 @@ def _csv(
         | basal_rows
     )
     lines = [
-        "# synthetic log of a virtual patient (twinloop twinloop.twins.synthetic)",
+        "# synthetic log of a virtual patient (twinloop twin synth)",
         "time,cgm_mg_dl,basal_u_per_h,bolus_u,carbs_g",
     ]
     for t in minutes:

@@ -71,6 +71,7 @@ from twinloop.plant.glucose.metrics import GlucoseMetrics, glucose_metrics
 from twinloop.plant.glucose.patients import COHORTS, patient_names
 from twinloop.plant.glucose.scenarios import MIN_PER_DAY, SCENARIOS, CarbCountingError
 from twinloop.policies.glucose.controllers import POLICY_PREFIX, check_controller_name
+from twinloop.policies.saved import resolve_policy
 
 __all__ = [
     "DEFAULT_PROTOCOL",
@@ -1145,15 +1146,20 @@ def check_controllers(controllers: Sequence[str]) -> None:
 
     """
     if not controllers:
-        raise EvaluationConfigError("controllers", list(controllers), "at least one controller")
+        raise EvaluationConfigError("controller", list(controllers), "at least one controller")
     for name in controllers:
         allowed = check_controller_name(name)
         if allowed is not None:
-            raise EvaluationConfigError("controllers", name, allowed)
-        if name.startswith(POLICY_PREFIX) and not Path(name[len(POLICY_PREFIX) :]).exists():
-            raise EvaluationConfigError("controllers", name, "policy:PATH of an existing file")
+            raise EvaluationConfigError("controller", name, allowed)
+        if (
+            name.startswith(POLICY_PREFIX)
+            and not resolve_policy(name[len(POLICY_PREFIX) :]).exists()
+        ):
+            raise EvaluationConfigError(
+                "controller", name, "policy:PATH of an existing file, or a shipped policy's name"
+            )
     if len(set(controllers)) != len(controllers):
-        raise EvaluationConfigError("controllers", list(controllers), "distinct names")
+        raise EvaluationConfigError("controller", list(controllers), "distinct names")
 
 
 def _execute(

@@ -9,10 +9,10 @@ records it and prints its summary; it returns the exit code.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
+from twinloop.agents.recording import new_run_dir
 from twinloop.hw_bridge.profile import shipped_profile
 
 #: The controller of a session when none is named. Not the loop's basal-bolus: no meal
@@ -51,7 +51,7 @@ def run_session(args: argparse.Namespace) -> int:
         profile = profile.with_overrides(port=args.port, tcp=args.tcp)
     cgm_profile = load_profile(_profile_path(args.cgm_profile))
     t = cgm_profile.transport
-    out = Path(args.out or time.strftime("runs/hil-%Y%m%d-%H%M%S"))
+    out = Path(args.out or new_run_dir("runs/hil-%Y%m%d-%H%M%S"))
     recorder = Recorder(out)
     with (
         ModbusDevice(profile) as pump,

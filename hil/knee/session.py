@@ -9,9 +9,10 @@ its summary; it returns 0, or 1 when an alarm ended the session.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
+
+from twinloop.agents.recording import new_run_dir
 
 
 def run_session(args: argparse.Namespace) -> int:
@@ -32,7 +33,7 @@ def run_session(args: argparse.Namespace) -> int:
         watchdog_ms=args.watchdog_ms,
         realtime=args.realtime,
     )
-    out = Path(args.out or time.strftime("runs/hil-exo-%Y%m%d-%H%M%S"))
+    out = Path(args.out or new_run_dir("runs/hil-exo-%Y%m%d-%H%M%S"))
     print(
         f"twinloop hil: knee-exo, controller {config.controller}, task {config.task} (seed "
         f"{config.seed}), patient {config.patient}, "

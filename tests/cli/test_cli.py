@@ -1,6 +1,7 @@
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,19 @@ def test_simulate_inputs_refuses_scenario_options(tmp_path, capsys, extra, needl
     assert needle in err and len(err.strip().splitlines()) == 1
     assert main(["simulate", "--start", "07:00"]) == 2
     assert "--start and --eat-rate go with --inputs" in capsys.readouterr().err
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    from twinloop.agents.recording import new_run_dir
+
+    pattern = str(tmp_path / "runs" / "run-fixed")  # no strftime field: the same name each time
+    first, second, third = (new_run_dir(pattern) for _ in range(3))
+    assert [first, second, third] == [pattern, f"{pattern}-2", f"{pattern}-3"]
+    assert all(Path(d).is_dir() for d in (first, second, third))
+
+
+def test_a_config_file_may_say_no_progress(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"therapy: knee-exo\ncycles: 1\nno_progress: true\nout: {tmp_path / 'r'}\n")
+    assert main(["run", "--config", str(cfg)]) == 0
+    assert (tmp_path / "r" / "manifest.json").is_file()

@@ -375,3 +375,12 @@ def test_cli_errors_are_one_line(
     assert err.startswith("twinloop train: error: ") and err.count("\n") == 1
     assert needle in err
     assert "Traceback" not in err
+
+
+def test_shipped_configs_are_found_by_name():
+    assert load_config("knee_sac").env_id == "twinloop/KneeExo-v0"
+    assert load_config("t1d_ppo") == load_config(shipped_config("t1d_ppo.yaml"))
+    with pytest.raises(
+        PolicyConfigError, match="nor a shipped config \\(knee_sac, t1d_ppo, t1d_sac\\)"
+    ):
+        load_config("no_such_config")
