@@ -137,7 +137,7 @@ class GlucoseLoop:
         )
         header = f"{'patient':<16}" + "".join(f"{c:>8}" for c, _ in cols)
         lines = [
-            f"twinloop run: {len(summary['patients'])} patients × {cfg.days} day(s), controller "
+            f"twinloop run: {len(summary['patients'])} patient(s) × {cfg.days} day(s), controller "
             f"{cfg.controller} under the safety supervisor, seed {cfg.seed}, agents "
             f"{placement}; plasma glucose mg/dL",
             header,

@@ -127,7 +127,7 @@ class KneeLoop:
                 )
         lines.append(
             f"{seconds:.1f} s of task simulated in {elapsed_s:.1f} s "
-            f"({seconds / max(elapsed_s, 1e-9):.0f}× real time)"
+            f"({seconds / max(elapsed_s, 1e-9):.1f}× real time)"
         )
         return lines
 
