@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 from twinloop.cli.errors import EXIT_INTERRUPTED, fail, missing_extra, user_errors
+
+#: Exit code when standard output was closed by its reader (Python's convention).
+EXIT_BROKEN_PIPE = 1
 
 #: The modules of the commands, in the order of ``twinloop --help``.
 COMMANDS = (
@@ -49,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
+    except BrokenPipeError:  # the reader went away (``twinloop campaign --faults | head``)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error while Python flushes stdout
+        return EXIT_BROKEN_PIPE
     except ModuleNotFoundError as exc:
         missing = missing_extra(exc)
         if missing is None:

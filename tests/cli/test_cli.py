@@ -221,3 +221,18 @@ def test_a_config_file_may_say_no_progress(tmp_path, capsys):
     cfg.write_text(f"therapy: knee-exo\ncycles: 1\nno_progress: true\nout: {tmp_path / 'r'}\n")
     assert main(["run", "--config", str(cfg)]) == 0
     assert (tmp_path / "r" / "manifest.json").is_file()
+
+
+def test_a_reader_that_stops_early_gets_no_error_line(monkeypatch, capsys):
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `twinloop campaign --faults | head -1` once head has exited
+    closed = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", closed)
+    try:
+        assert main(["campaign", "--faults"]) == 1
+    finally:
+        monkeypatch.undo()
+        closed.close()
+    assert capsys.readouterr().err == ""
