@@ -370,13 +370,12 @@ def load_config(path: str | os.PathLike[str]) -> TrainingConfig:
 
     """
     p = Path(path)
-    if not p.exists():
-        shipped = shipped_config(f"{path}.yaml")
-        if shipped.is_file():
-            p = shipped
-        else:
+    if not p.exists() and p.name == str(path) and not p.suffix:  # a bare name: a shipped config
+        shipped = shipped_config(f"{p.name}.yaml")
+        if not shipped.is_file():
             names = ", ".join(sorted(c.stem for c in shipped.parent.glob("*.yaml")))
             raise PolicyConfigError(f"{path}: no such config file, nor a shipped config ({names})")
+        p = shipped
     try:
         text = p.read_text()
     except OSError as exc:
