@@ -37,12 +37,18 @@ class RunOption:
     flag: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
-class ReportResult:
-    """What a report wrote: the Markdown report and the plots."""
+class ReportResult(Protocol):
+    """What a report wrote (each therapy's report returns its own result with these)."""
 
-    report_path: Path
-    plots: tuple[Path, ...]
+    @property
+    def report_path(self) -> Path:
+        """The Markdown report."""
+        ...
+
+    @property
+    def plots(self) -> tuple[Path, ...]:
+        """The plots it drew."""
+        ...
 
 
 class LoopPart(Protocol):

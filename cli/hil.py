@@ -151,13 +151,6 @@ def add_parser(sub: Any) -> None:
     hil.set_defaults(handler=hil_command)
 
 
-def _profile_path(name: str) -> Path:
-    from twinloop.hw_bridge.profile import shipped_profile
-
-    path = Path(name)
-    return path if path.suffix in (".yaml", ".yml") or path.exists() else shipped_profile(name)
-
-
 def server_tls_context(certfile: str, keyfile: str, cafile: str) -> ssl.SSLContext:
     """A server-side TLS context (TLS 1.2+) that requires client certificates from ``cafile``."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

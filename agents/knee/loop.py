@@ -85,7 +85,11 @@ from twinloop.plant.knee.tasks import (
     TASKS,
     CyclicFlexionExtension,
 )
-from twinloop.policies.knee.controllers import EXO_CONTROLLERS, ExoInput, make_exo_controller
+from twinloop.policies.knee.controllers import (
+    ExoInput,
+    check_controller_name,
+    make_exo_controller,
+)
 
 EXO_CHANNELS = (
     "plant->sensor",
@@ -101,16 +105,6 @@ EXO_CHANNELS = (
 #: The limb the twin knows: the patient's segment and drive, with a healthy knee's muscles and
 #: no spasticity as its prior (what it identifies is the impairment).
 TWIN_PRIOR_PRESET = "healthy"
-
-
-def check_exo_controller_name(name: object) -> str | None:
-    """None when ``name`` is an exoskeleton controller, else what is allowed."""
-    allowed = f"one of {', '.join(EXO_CONTROLLERS)} or policy:PATH (a policy saved by train)"
-    if not isinstance(name, str):
-        return allowed
-    if name in EXO_CONTROLLERS or (name.startswith("policy:") and len(name) > len("policy:")):
-        return None
-    return allowed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +158,7 @@ class ExoLoopConfig:
             raise LoopConfigError("cycles", self.cycles, "an integer in 1..1000")
         if isinstance(self.seed, bool) or not (isinstance(self.seed, int) and self.seed >= 0):
             raise LoopConfigError("seed", self.seed, "an integer >= 0")
-        allowed = check_exo_controller_name(self.controller)
+        allowed = check_controller_name(self.controller)
         if allowed is not None:
             raise LoopConfigError("controller", self.controller, allowed)
         if not (

@@ -17,6 +17,7 @@ from twinloop.plant.glucose.patients import PatientParameters
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.glucose.interface import Controller, ControllerInput, Dose, TwinPlanState
 from twinloop.policies.glucose.mpc import MPCController
+from twinloop.policies.interface import POLICY_PREFIX
 
 __all__ = [
     "CONTROLLERS",
@@ -264,11 +265,6 @@ CONTROLLERS: dict[str, Callable[..., Controller]] = {
     "oref0": Oref0Controller.for_patient,
     "mpc": MPCController.for_patient,
 }
-
-
-#: Prefix of a saved, learned policy in a controller name: ``policy:PATH`` (see
-#: :mod:`twinloop.policies.glucose.learned`).
-POLICY_PREFIX = "policy:"
 
 
 def check_controller_name(name: str) -> str | None:

@@ -41,6 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from twinloop.policies.errors import PolicyConfigError
+from twinloop.policies.interface import POLICY_PREFIX
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -231,6 +232,16 @@ class ZeroTorqueController:
 
 #: Names :func:`make_exo_controller` accepts.
 EXO_CONTROLLERS: tuple[str, ...] = ("none", "impedance", "aan")
+
+
+def check_controller_name(name: object) -> str | None:
+    """``None`` for an exoskeleton controller or ``policy:PATH``, else what is allowed."""
+    if isinstance(name, str) and (
+        name in EXO_CONTROLLERS
+        or (name.startswith(POLICY_PREFIX) and len(name) > len(POLICY_PREFIX))
+    ):
+        return None
+    return f"one of {', '.join(EXO_CONTROLLERS)} or policy:PATH (a policy saved by train)"
 
 
 def make_exo_controller(name: str, *, period_s: float, torque_limit_nm: float) -> ExoController:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twinloop.policies.interface import POLICY_PREFIX
-from twinloop.policies.knee.controllers import EXO_CONTROLLERS
+from twinloop.policies.knee.controllers import EXO_CONTROLLERS, check_controller_name
 
 
 class KneePolicies:
@@ -23,13 +22,7 @@ class KneePolicies:
 
     def check_controller(self, name: object) -> str | None:
         """``None`` for an exoskeleton controller, else what is allowed."""
-        ok = isinstance(name, str) and (
-            name in EXO_CONTROLLERS
-            or (name.startswith(POLICY_PREFIX) and len(name) > len(POLICY_PREFIX))
-        )
-        if ok:
-            return None
-        return f"one of {', '.join(EXO_CONTROLLERS)} or policy:PATH (a policy saved by train)"
+        return check_controller_name(name)
 
 
 PART = KneePolicies()
