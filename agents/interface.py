@@ -7,11 +7,60 @@ summarises and reports a therapy's closed loop without knowing which therapy it 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from twinloop.agents.placement import Placement
+
+
+def integer(minimum: int | None = None) -> Callable[[Any], int]:
+    """A :attr:`RunOption.parse` for an integer (``>= minimum`` when given)."""
+    allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+
+    def parse(value: Any) -> int:
+        if isinstance(value, bool | float):
+            raise ValueError(allowed)
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ValueError(allowed) from None
+        if minimum is not None and number < minimum:
+            raise ValueError(allowed)
+        return number
+
+    return parse
+
+
+def positive_number(value: Any) -> float:
+    """A :attr:`RunOption.parse` for a number > 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not number > 0:
+        raise ValueError("a number > 0")
+    return number
+
+
+def one_of(choices: Iterable[str]) -> Callable[[Any], str]:
+    """A :attr:`RunOption.parse` for one of ``choices``."""
+    names = tuple(choices)
+
+    def parse(value: Any) -> str:
+        if value not in names:
+            raise ValueError(f"one of {', '.join(names)}")
+        return str(value)
+
+    return parse
+
+
+def boolean(value: Any) -> bool:
+    """A :attr:`RunOption.parse` for true or false (a flag's value)."""
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +86,15 @@ class RunOption:
     flag: bool = False
 
 
-class ReportResult(Protocol):
-    """What a report wrote (each therapy's report returns its own result with these)."""
+@dataclasses.dataclass(frozen=True)
+class ReportResult:
+    """What a report wrote: the Markdown report and the plots.
 
-    @property
-    def report_path(self) -> Path:
-        """The Markdown report."""
-        ...
+    A part may return its own result type with these two attributes.
+    """
 
-    @property
-    def plots(self) -> tuple[Path, ...]:
-        """The plots it drew."""
-        ...
+    report_path: Path
+    plots: tuple[Path, ...]
 
 
 class LoopPart(Protocol):

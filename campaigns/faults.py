@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterator, Mapping, ValuesView
 from typing import Any
 
 import numpy as np
@@ -665,6 +665,12 @@ class _Catalogue(Mapping[str, FaultType]):
 
     def __len__(self) -> int:
         return len(self._all())
+
+    def values(self) -> ValuesView[FaultType]:  # one registry walk, not one per item
+        return self._all().values()
+
+    def items(self) -> ItemsView[str, FaultType]:
+        return self._all().items()
 
 
 #: Every fault type by name (the generic ones and every therapy's).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -83,8 +84,6 @@ def therapy_of(name: str) -> Any:
         warnings.simplefilter("always", DeprecationWarning)
         therapy = get_therapy(name)
     for w in caught:
-        import sys
-
         print(f"twinloop: warning: {w.message}; use --therapy {therapy.name}", file=sys.stderr)
     return therapy
 
@@ -119,8 +118,6 @@ def read_config(path: str | None) -> dict[str, Any]:
     for key, value in loaded.items():
         key = str(key).replace("-", "_")
         if key in DEPRECATED_KEYS:
-            import sys
-
             new = DEPRECATED_KEYS[key]
             print(
                 f"twinloop: warning: --config {path}: key {key!r} is now {new!r}", file=sys.stderr

@@ -186,7 +186,8 @@ class TrainingConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _int_field(name: str, value: object, minimum: int) -> int:
+def int_field(name: str, value: object, minimum: int) -> int:
+    """``value`` as an integer >= ``minimum`` (YAML ``1e6`` too), or a refusal naming it."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # 1e6 in YAML
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -317,7 +318,7 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
         seeds_value = [seeds_value]
     if not isinstance(seeds_value, list) or not seeds_value:
         raise PolicyConfigError(f"seeds: {seeds_value!r} is not allowed: a list of integers >= 0")
-    seeds = tuple(_int_field("seeds", v, 0) for v in seeds_value)
+    seeds = tuple(int_field("seeds", v, 0) for v in seeds_value)
     if len(set(seeds)) != len(seeds):
         raise PolicyConfigError(f"seeds: {seeds_value!r} is not allowed: each seed once")
     task = family.parse(s)
@@ -338,16 +339,16 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
         env_id=env_id,
         algorithm=algorithm,
         policy=str(policy),
-        n_envs=_int_field("n_envs", s.get("n_envs", 16), 1),
-        n_timesteps=_int_field("n_timesteps", s.get("n_timesteps", 100_000), 1),
+        n_envs=int_field("n_envs", s.get("n_envs", 16), 1),
+        n_timesteps=int_field("n_timesteps", s.get("n_timesteps", 100_000), 1),
         hyperparameters=hyper,
         policy_kwargs=policy_kwargs,
         task=task,
         seeds=seeds,
-        checkpoint_freq=_int_field("checkpoint_freq", s.get("checkpoint_freq", 0), 0),
+        checkpoint_freq=int_field("checkpoint_freq", s.get("checkpoint_freq", 0), 0),
         tensorboard=tb,
         output_dir=out,
-        torch_threads=_int_field("torch_threads", s.get("torch_threads", 1), 1),
+        torch_threads=int_field("torch_threads", s.get("torch_threads", 1), 1),
         source=json.loads(json.dumps(s, default=str)),
     )
 
@@ -544,11 +545,11 @@ def train(
 
     """
     if seeds is not None:
-        config = config.replace(seeds=tuple(_int_field("seed", s, 0) for s in seeds))
+        config = config.replace(seeds=tuple(int_field("seed", s, 0) for s in seeds))
     if timesteps is not None:
-        config = config.replace(n_timesteps=_int_field("timesteps", timesteps, 1))
+        config = config.replace(n_timesteps=int_field("timesteps", timesteps, 1))
     if workers is not None:
-        _int_field("workers", workers, 1)
+        int_field("workers", workers, 1)
     root = Path(out_dir if out_dir is not None else config.output_dir)
     if workers is None and address is None:
         return [train_one(config, s, _seed_dir(root, s), progress=progress) for s in config.seeds]

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twinloop.agents.interface import RunOption
+from twinloop.agents.interface import RunOption, integer, one_of, positive_number
 from twinloop.agents.messages import (
     CgmReading,
     InsulinCommand,
@@ -21,54 +21,27 @@ if TYPE_CHECKING:
     from twinloop.agents.glucose.loop import LoopConfig
 
 
-def _positive_int(text: Any) -> int:
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        value = 0
-    if isinstance(text, bool) or value < 1 or isinstance(text, float):
-        raise ValueError("an integer >= 1")
-    return value
-
-
-def _scenario(text: Any) -> str:
-    if text not in SCENARIOS:
-        raise ValueError(f"one of {', '.join(SCENARIOS)}")
-    return str(text)
-
-
-def _clock(text: Any) -> str:
-    if text not in ("sim", "wall"):
-        raise ValueError("sim or wall")
-    return str(text)
-
-
-def _positive(text: Any) -> float:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(text, bool) or not value > 0:
-        raise ValueError("a number > 0")
-    return value
-
-
 class GlucoseLoop:
     """Sensor → twin estimator → controller → supervisor → pump around UVA/Padova patients."""
 
     run_options = (
-        RunOption("days", _positive_int, 1, "simulated days (default 1)"),
-        RunOption("scenario", _scenario, "random", "meal scenario: random (default) or A"),
-        RunOption("clock", _clock, "sim", "sim (default: as fast as the CPU allows) or wall"),
+        RunOption("days", integer(1), 1, "simulated days (default 1)"),
+        RunOption("scenario", one_of(SCENARIOS), "random", "meal scenario: random (default) or A"),
+        RunOption(
+            "clock",
+            one_of(("sim", "wall")),
+            "sim",
+            "sim (default: as fast as the CPU allows) or wall",
+        ),
         RunOption(
             "time_scale",
-            _positive,
+            positive_number,
             0.01,
             "wall-clock seconds per simulated minute with --clock wall (default 0.01)",
         ),
         RunOption(
             "parallel_patients",
-            _positive_int,
+            integer(1),
             None,
             "patient loops driven together in lockstep, one call per kind of agent and round "
             "(default: all)",

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twinloop.agents.interface import RunOption
+from twinloop.agents.interface import RunOption, boolean, integer, one_of
 from twinloop.agents.knee.messages import (
     ExoSensorReading,
     ExoTorqueCommand,
@@ -20,38 +20,21 @@ if TYPE_CHECKING:
     from twinloop.agents.knee.loop import ExoLoopConfig
 
 
-def _task(text: Any) -> str:
-    if text not in TASKS:
-        raise ValueError(f"one of {', '.join(TASKS)}")
-    return str(text)
-
-
-def _int(text: Any) -> int:
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise ValueError("an integer") from None
-    if isinstance(text, bool | float):
-        raise ValueError("an integer")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("true or false")
-    return value
-
-
 class KneeLoop:
     """Encoder, torque sensor, EMG → knee twin → controller → exo supervisor → drive."""
 
     run_options = (
         RunOption(
-            "task", _task, "cyclic", "cyclic (default, flexion-extension), sit_to_stand, hold"
+            "task",
+            one_of(TASKS),
+            "cyclic",
+            "cyclic (default, flexion-extension), sit_to_stand, hold",
         ),
-        RunOption("cycles", _int, 10, "cycles of the cyclic task (default 10)"),
-        RunOption("control_hz", _int, 100, "control rate, Hz (default 100; 100-500 dividing 1000)"),
-        RunOption("twin", _bool, True, "run the knee twin estimator (default: on)", flag=True),
+        RunOption("cycles", integer(), 10, "cycles of the cyclic task (default 10)"),
+        RunOption(
+            "control_hz", integer(), 100, "control rate, Hz (default 100; 100-500 dividing 1000)"
+        ),
+        RunOption("twin", boolean, True, "run the knee twin estimator (default: on)", flag=True),
     )
     placements = ("inline", "ray")
     channel_messages: Mapping[str, type] = {

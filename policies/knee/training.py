@@ -31,17 +31,10 @@ from twinloop.policies.knee.learned import (
     describe_observation,
     features_extractor_kwargs,
 )
+from twinloop.policies.training import int_field
 
 #: The knee-exoskeleton family's own keys (``twinloop/KneeExo-v0``).
 KNEE_KEYS = ("env",)
-
-
-def _int_field(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PolicyConfigError(f"{name}: {value!r} is not allowed: an integer >= {minimum}")
-    return value
 
 
 #: Keys of the knee ``env`` section: the fields of :class:`KneeExoConfig`.
@@ -185,7 +178,7 @@ def parse_knee_env(value: object) -> KneeExoConfig:
                 raise PolicyConfigError(f"env.{name}: {v!r} is not allowed: true or false")
             kwargs[name] = v
         elif name == "control_hz":
-            kwargs[name] = _int_field("env.control_hz", v, 1)
+            kwargs[name] = int_field("env.control_hz", v, 1)
         elif name == "max_torque_nm":
             kwargs[name] = None if v is None else _number("env.max_torque_nm", v)
         elif name in _KNEE_SPECS:
