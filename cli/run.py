@@ -83,6 +83,19 @@ def add_parser(sub: Any) -> None:
     run.set_defaults(handler=main_run)
 
 
+def _check_common(settings: dict[str, Any]) -> None:
+    """Refuse a common setting of the wrong kind (a ``--config`` file can hold anything)."""
+    seed = settings["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} is not allowed: an integer >= 0")
+    if not isinstance(settings["progress"], bool):
+        raise ValueError(f"progress={settings['progress']!r} is not allowed: true or false")
+    for key in ("therapy", "controller", "out", "placement", "address"):
+        value = settings[key]
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{key}={value!r} is not allowed: a name or a path (text)")
+
+
 def main_run(args: argparse.Namespace) -> int:
     """Run the loop; print its summary and the path of its recording."""
     from twinloop.agents.placement import make_placement, release_placement
@@ -109,6 +122,7 @@ def main_run(args: argparse.Namespace) -> int:
         options.check_keys(args.config, config, [*COMMON, *own])
     given = {k: getattr(args, k, None) for k in [*COMMON, *own]}
     settings = options.merged({**COMMON, **{k: o.default for k, o in own.items()}}, config, given)
+    _check_common(settings)
     parsed: dict[str, Any] = {}
     for key, opt in own.items():
         value = settings[key]
@@ -130,7 +144,7 @@ def main_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--controller={controller!r} is not allowed: {allowed}")
     loop_config = agents.make_config(
         patients=names or plant.default_patients,
-        seed=int(settings["seed"]),
+        seed=settings["seed"],
         controller=str(controller),
         options=parsed,
     )

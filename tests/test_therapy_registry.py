@@ -125,3 +125,22 @@ def test_config_keys_are_the_option_names_and_former_keys_still_work(tmp_path, c
     assert main(["run", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'speed'" in err and "cycles" in err and "patient" in err
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("seed: abc", "seed='abc' is not allowed: an integer >= 0"),
+        ("seed: true", "seed=True is not allowed"),
+        ("progress: 'no'", "progress='no' is not allowed: true or false"),
+        ("out: [a, b]", "out=['a', 'b'] is not allowed"),
+    ],
+)
+def test_a_config_files_common_keys_are_checked(tmp_path, capsys, monkeypatch, line, needle):
+    monkeypatch.chdir(tmp_path)  # where a default run directory would go
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"therapy: knee-exo\ncycles: 1\n{line}\n")
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
