@@ -58,6 +58,12 @@ def add_parser(sub: Any) -> None:
     )
     ev.add_argument("--days", help="override the protocol's days")
     ev.add_argument(
+        "--model",
+        help="override the protocol's model, what the twin and the MPC plan on: population "
+        "(default), population:sample, twin:DIR, fit (fit each patient's twin first) or oracle; "
+        "a controller NAME@MODEL (mpc@oracle) plans on MODEL",
+    )
+    ev.add_argument(
         "--cohort",
         action="append",
         default=[],
@@ -131,7 +137,7 @@ def command_line(args: argparse.Namespace) -> str:
     for option in ("controller", "cohort", "seed"):
         for value in _listed(getattr(args, option, [])):
             words += [f"--{option}", value]
-    for option in ("protocol", "out", "workers", "address", "days", "doc"):
+    for option in ("protocol", "model", "out", "workers", "address", "days", "doc"):
         given = getattr(args, option, None)
         if given is not None:
             words += [f"--{option}", str(given)]
@@ -162,6 +168,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         cohorts=_listed(args.cohort) or None,
         days=_int("--days", args.days, minimum=1) if args.days is not None else None,
         seeds=_ints("--seed", seeds, minimum=0) if seeds else None,
+        **({} if args.model is None else {"model": args.model}),
     )
     out = args.out or new_run_dir("runs/eval-%Y%m%d-%H%M%S")
     command = command_line(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,24 @@ def _check_common(settings: dict[str, Any]) -> None:
             raise ValueError(f"{key}={value!r} is not allowed: a name or a path (text)")
 
 
+def _fit_twins(names: Sequence[str], out: str | Path, settings: Mapping[str, Any]) -> str:
+    """``--model fit``: each patient's twin fitted from a synthesized log, as ``twin:DIR``."""
+    from twinloop.twins.individualize import individualize
+
+    from twinloop.plant.glucose.models import FIT_LOG_DAYS, FIT_LOG_SEED
+
+    result = individualize(
+        list(names),
+        Path(out) / "twins",
+        days=FIT_LOG_DAYS,
+        seed=FIT_LOG_SEED,
+        address=settings["address"],
+        inline=settings["placement"] == "inline",
+        progress=bool(settings["progress"]),
+    )
+    return f"twin:{Path(result.out_dir).resolve()}"
+
+
 def main_run(args: argparse.Namespace) -> int:
     """Run the loop; print its summary and the path of its recording."""
     from twinloop.agents.placement import make_placement, release_placement
@@ -142,6 +161,9 @@ def main_run(args: argparse.Namespace) -> int:
     allowed = therapy.part("policies").check_controller(controller)
     if allowed is not None:
         raise ValueError(f"--controller={controller!r} is not allowed: {allowed}")
+    out = settings["out"] or new_run_dir(agents.default_out)
+    if parsed.get("model") == "fit":  # individualize first: the loop plans on fitted twins
+        parsed["model"] = _fit_twins(names or plant.default_patients, out, settings)
     loop_config = agents.make_config(
         patients=names or plant.default_patients,
         seed=settings["seed"],
@@ -156,7 +178,6 @@ def main_run(args: argparse.Namespace) -> int:
             f"--placement={placement_name!r} is not allowed for {therapy.name}: one of "
             + ", ".join(agents.placements)
         )
-    out = settings["out"] or new_run_dir(agents.default_out)
     placement = make_placement(placement_name, settings["address"])
     t0 = time.perf_counter()
     try:

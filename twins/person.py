@@ -26,9 +26,10 @@ from numpy.typing import NDArray
 
 from twinloop.plant.errors import ConfigError
 from twinloop.plant.glucose.metrics import glucose_metrics
+from twinloop.plant.glucose.twin_model import MIN_PER_DAY, LogGrid, TwinFit
 from twinloop.policies.glucose.controllers import check_controller_name, make_controller
 from twinloop.policies.glucose.interface import Controller
-from twinloop.twins.identify import MIN_PER_DAY, LogGrid, TwinFit, fit_twin, log_grid
+from twinloop.twins.identify import fit_twin, log_grid
 from twinloop.twins.logs import TherapyLog, read_log
 from twinloop.twins.replay import LoggedTherapy, LoopTrace, RescueRule, closed_loop
 
@@ -102,7 +103,7 @@ class FitRequest:
         posterior: also compute the Laplace posterior.
         tz: IANA zone of naive times.
         overrides: base values (body weight, basal, CR, CF, …; see
-            :meth:`twinloop.twins.identify.TwinModel.for_group`), and ``basal_u_per_h``.
+            :meth:`twinloop.plant.glucose.twin_model.TwinModel.for_group`), and ``basal_u_per_h``.
 
     """
 

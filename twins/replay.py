@@ -36,6 +36,7 @@ from numpy.typing import NDArray
 
 from twinloop.plant.glucose.insulin import IobBatch
 from twinloop.plant.glucose.patients import N_STATES
+from twinloop.plant.glucose.twin_model import scale_sensitivity
 from twinloop.plant.glucose.uva_padova import (
     DEFAULT_EAT_RATE_G_PER_MIN,
     N_MEAL_STATE,
@@ -44,7 +45,6 @@ from twinloop.plant.glucose.uva_padova import (
 )
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.glucose.interface import Controller, ControllerInput, Dose, TwinPlanState
-from twinloop.twins.identify import scale_sensitivity
 
 __all__ = ["LoggedTherapy", "LoopTrace", "RescueRule", "closed_loop"]
 

@@ -35,6 +35,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -58,6 +59,7 @@ from twinloop.agents.placement import InlinePlacement, Outcome, Placement, Reque
 from twinloop.plant.glucose.cgm import CGMSpec
 from twinloop.plant.glucose.cohorts import POPULATION_PREFIX, expand_names, population_token
 from twinloop.plant.glucose.insulin import IobTracker
+from twinloop.plant.glucose.models import DEFAULT_MODEL, MODEL_HELP, loop_model, parse_model
 from twinloop.plant.glucose.patients import N_STATES, PatientParameters, parameter_matrix
 from twinloop.plant.glucose.pump import PumpSpec
 from twinloop.plant.glucose.scenarios import MIN_PER_DAY, SCENARIOS, CarbCountingError, MealPlan
@@ -105,6 +107,12 @@ class LoopConfig:
         control_period_min: minutes between controller decisions.
         cgm: the sensor; its sample period may not exceed the control period.
         pump: the pump.
+        twin: run the twin estimator.
+        model: where the twin estimator's and the planning controllers' model comes from
+            (:mod:`twinloop.plant.glucose.models`): ``population`` (default), ``population:sample``,
+            ``twin:PATH`` or ``oracle``; the plant, the pump and the supervisor's limits are
+            always the patient's own. (``fit`` is resolved into ``twin:DIR`` before a loop is
+            configured: :mod:`twinloop.twins.individualize`.)
 
     """
 
@@ -123,6 +131,7 @@ class LoopConfig:
     controller_deadline_s: float = 1.0
     clock: str = "sim"
     wall_s_per_sim_min: float = 0.01
+    model: str = DEFAULT_MODEL
 
     def __post_init__(self) -> None:
         if not (
@@ -163,7 +172,26 @@ class LoopConfig:
                 f">= the CGM sample period ({self.cgm.sample_period_min} min): a controller "
                 "cannot run faster than its sensor",
             )
+        choice = parse_model(self.model)
+        if choice.kind == "fit":
+            raise LoopConfigError(
+                "model",
+                self.model,
+                f"{MODEL_HELP}; fit is resolved before the loop: fit the twins "
+                "(`twinloop twin individualize`) and give model=twin:DIR",
+            )
+        object.__setattr__(self, "model", choice.spec)
         self.patient_table()
+        if choice.kind == "twin" and not Path(str(choice.path)).expanduser().exists():
+            raise LoopConfigError(
+                "model", self.model, "twin:PATH of a twin.yaml or a directory of <patient>.yaml"
+            )
+
+    def model_of(self, patient: PatientParameters) -> PatientParameters:
+        """The model the loop of ``patient`` plans on (see ``model``)."""
+        choice = parse_model(self.model)
+        n = len(self.patient_table()) if choice.kind == "twin" else 1
+        return loop_model(choice, patient, n_patients=n)
 
     def patient_table(self) -> tuple[PatientParameters, ...]:
         """The patients of the run, in order."""
@@ -178,6 +206,8 @@ class PatientLoop:
         config: the run.
         rng: this patient's generator (meals and sensor noise draw from its children).
         controller: overrides the configured controller (e.g. a learned policy).
+        model: the model the twin and a planning controller use (default: the configured
+            ``model`` of ``patient``, :meth:`LoopConfig.model_of`).
 
     """
 
@@ -187,20 +217,29 @@ class PatientLoop:
         config: LoopConfig,
         rng: np.random.Generator,
         controller: Controller | None = None,
+        model: PatientParameters | None = None,
     ) -> None:
         self.patient = patient
         self.config = config
+        #: what the twin estimator and a planning controller believe the patient is
+        self.model = config.model_of(patient) if model is None else model
         meal_rng, noise_rng = rng.spawn(2)
         scenario = SCENARIOS[config.scenario](carb_error=config.carb_error)
         self.meals: MealPlan = scenario.sample(meal_rng, days=config.days)
         self.sensor = SensorAgent(config.cgm, noise_rng)
-        self.controller = controller or make_controller(config.controller, patient)
+        self.controller = controller or make_controller(
+            config.controller, patient, model=self.model
+        )
         self.supervisor = SafetySupervisor(SupervisorConfig.for_patient(patient))
         self.actuator = PumpActuator(config.pump, patient.basal_u_per_h)
         #: What the pump delivers on its own when no valid command reaches it (U/h).
         self.actuator_fallback_u_per_h = self.actuator.scheduled_basal_u_per_h
         self.iob = IobTracker(patient.basal_u_per_h)
-        self.twin = TwinEstimator(patient) if config.twin else None
+        self.twin = (
+            TwinEstimator(self.model, scheduled_basal_u_per_h=patient.basal_u_per_h)
+            if config.twin
+            else None
+        )
         #: the controller plans on the twin's model (it gets ``ControllerInput.twin``)
         self._plans_on_twin = bool(getattr(self.controller, "needs_twin", False))
         self.channels: dict[str, Channel[Message]] = {name: Channel(name) for name in CHANNELS}

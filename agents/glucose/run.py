@@ -135,6 +135,7 @@ def run_cohort(
 
     """
     patients = config.patient_table()
+    models = [config.model_of(p) for p in patients]  # every model readable before the run
     recorder = Recorder(run_dir)
     seeds = [
         np.random.SeedSequence(config.seed, spawn_key=(patient_key(p.name),)) for p in patients
@@ -154,7 +155,9 @@ def run_cohort(
     def run_group(first: int, bar: tqdm) -> None:
         loops, traces = [], []
         for i in range(first, min(first + group, len(patients))):
-            loop = PatientLoop(patients[i], config, np.random.default_rng(seeds[i]))
+            loop = PatientLoop(
+                patients[i], config, np.random.default_rng(seeds[i]), model=models[i]
+            )
             loop.place(placement)
             loop.listen(recorder.listener(patients[i].name))
             trace: list[float] = []

@@ -15,10 +15,20 @@ from twinloop.agents.messages import (
     TwinEstimate,
 )
 from twinloop.agents.placement import Placement
+from twinloop.plant.errors import ConfigError
+from twinloop.plant.glucose.models import DEFAULT_MODEL, MODEL_HELP, parse_model
 from twinloop.plant.glucose.scenarios import SCENARIOS
 
 if TYPE_CHECKING:
     from twinloop.agents.glucose.loop import LoopConfig
+
+
+def model_spec(value: Any) -> str:
+    """A :attr:`RunOption.parse` for the loop's model (:mod:`twinloop.plant.glucose.models`)."""
+    try:
+        return parse_model(value).spec
+    except ConfigError:
+        raise ValueError(MODEL_HELP) from None
 
 
 class GlucoseLoop:
@@ -27,6 +37,15 @@ class GlucoseLoop:
     run_options = (
         RunOption("days", integer(1), 1, "simulated days (default 1)"),
         RunOption("scenario", one_of(SCENARIOS), "random", "meal scenario: random (default) or A"),
+        RunOption(
+            "model",
+            model_spec,
+            DEFAULT_MODEL,
+            "what the twin and the MPC plan on: population (default: the age group's mean at "
+            "the person's settings), population:sample, twin:PATH (a twin.yaml or a directory "
+            "of <patient>.yaml), fit (fit each patient's twin from a synthesized 7-day log "
+            "first) or oracle (the true patient: an upper bound)",
+        ),
         RunOption(
             "clock",
             one_of(("sim", "wall")),
@@ -70,6 +89,7 @@ class GlucoseLoop:
             seed=seed,
             controller=controller,
             scenario=options["scenario"],
+            model=options["model"],
             clock=options["clock"],
             wall_s_per_sim_min=options["time_scale"],
         )
@@ -111,8 +131,8 @@ class GlucoseLoop:
         header = f"{'patient':<16}" + "".join(f"{c:>8}" for c, _ in cols)
         lines = [
             f"twinloop run: {len(summary['patients'])} patient(s) × {cfg.days} day(s), controller "
-            f"{cfg.controller} under the safety supervisor, seed {cfg.seed}, agents "
-            f"{placement}; plasma glucose mg/dL",
+            f"{cfg.controller} under the safety supervisor, model {cfg.model}, seed "
+            f"{cfg.seed}, agents {placement}; plasma glucose mg/dL",
             header,
             "-" * len(header),
         ]

@@ -31,6 +31,22 @@ def _minutes(value: Any) -> int:
     return value
 
 
+def _model(value: Any) -> str:
+    from twinloop.plant.errors import ConfigError
+    from twinloop.plant.glucose.models import MODEL_HELP, parse_model
+
+    try:
+        choice = parse_model(value)
+    except ConfigError:
+        raise ValueError(MODEL_HELP) from None
+    if choice.kind == "fit":
+        raise ValueError(
+            "population, population:sample, twin:DIR or oracle (fit the twins first with "
+            "`twinloop twin individualize`, then give twin:DIR)"
+        )
+    return choice.spec
+
+
 class GlucoseCampaigns:
     """Campaigns on the UVA/Padova patients' closed insulin loop (time unit: min)."""
 
@@ -54,7 +70,15 @@ class GlucoseCampaigns:
         axis_label="time in range 70–180 mg/dL, %",
         column="mean TIR %",
     )
-    spec_keys = (SpecKey("days", 1, _days, "simulated days per run"),)
+    spec_keys = (
+        SpecKey("days", 1, _days, "simulated days per run"),
+        SpecKey(
+            "model",
+            "population",
+            _model,
+            "what the twin and the MPC plan on: population, population:sample, twin:DIR, oracle",
+        ),
+    )
     default_window = (360.0, 240.0)
     hil_keys = (
         SpecKey(
@@ -92,6 +116,7 @@ class GlucoseCampaigns:
         """The patient's :class:`~twinloop.agents.glucose.loop.PatientLoop` (the run's seed)."""
         from twinloop.agents.glucose.loop import LoopConfig, PatientLoop
         from twinloop.plant.glucose.cohorts import find_patient
+        from twinloop.plant.glucose.models import loop_model, parse_model
         from twinloop.plant.glucose.patients import patient_key
 
         # a population member's name resolves with its file named beside it (spec.populations
@@ -102,10 +127,12 @@ class GlucoseCampaigns:
             seed=key.seed,
             controller=spec.controller,
             twin=spec.twin,
+            model=spec.setting("model"),
         )
         seq = np.random.SeedSequence(key.seed, spawn_key=(patient_key(key.patient),))
         patient = find_patient(key.patient, spec.populations)  # from the spec's population files
-        return PatientLoop(patient, config, np.random.default_rng(seq))
+        model = loop_model(parse_model(config.model), patient)  # this run's patient only
+        return PatientLoop(patient, config, np.random.default_rng(seq), model=model)
 
     def run_loop(self, loop: Any) -> None:
         """Run the patient's loop for its days."""

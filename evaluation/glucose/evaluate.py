@@ -64,10 +64,16 @@ from tqdm import tqdm
 from twinloop.agents.glucose.loop import LoopConfig
 from twinloop.agents.glucose.run import METRICS_FLOOR_MG_DL, run_cohort
 from twinloop.agents.recording import channel_file, git_output
-from twinloop.plant.errors import PlantError
+from twinloop.plant.errors import ConfigError, PlantError
 from twinloop.plant.glucose.cgm import CGMSpec
 from twinloop.plant.glucose.cohorts import expand_names
 from twinloop.plant.glucose.metrics import GlucoseMetrics, glucose_metrics
+from twinloop.plant.glucose.models import (
+    DEFAULT_MODEL,
+    FIT_LOG_SEED,
+    MODEL_HELP,
+    parse_model,
+)
 from twinloop.plant.glucose.patients import COHORTS, patient_names
 from twinloop.plant.glucose.scenarios import MIN_PER_DAY, SCENARIOS, CarbCountingError
 from twinloop.policies.glucose.controllers import POLICY_PREFIX, check_controller_name
@@ -177,6 +183,9 @@ TABLE_COLUMNS: tuple[tuple[str, str, int], ...] = (
 #: Decimals of TIR and of time below 70 % at which the ranking compares them (ties below).
 RANK_DECIMALS = 1
 
+#: Where ``model: fit`` writes the fitted twins (under the evaluation's directory).
+TWINS_DIR = "twins"
+
 _PROTOCOL_KEYS = (
     "name",
     "description",
@@ -188,6 +197,8 @@ _PROTOCOL_KEYS = (
     "cgm",
     "control_period_min",
     "controller_deadline_s",
+    "model",
+    "fit_days",
 )
 
 
@@ -243,6 +254,14 @@ class EvaluationProtocol:
             one and the supervisor's safe command applies). 60 s by default: the real budget
             of a therapy decision is the 5-min period, and a short deadline would make
             simulated results depend on the machine's load.
+        model: what the twin estimator and the planning controllers (MPC) plan on
+            (:mod:`twinloop.plant.glucose.models`): ``population`` (default: the age group's
+            mean at each person's clinical settings), ``population:sample``, ``twin:DIR``,
+            ``fit`` (each patient's twin fitted from a synthesized log of their usual therapy
+            before the runs: :func:`twinloop.twins.individualize.individualize`) or ``oracle``
+            (the patients' true parameters: the upper bound). A controller named
+            ``NAME@MODEL`` (``mpc@oracle``) plans on ``MODEL`` instead.
+        fit_days: days of each patient's log when ``model`` is ``fit``.
         description: free text.
 
     Raises:
@@ -263,8 +282,16 @@ class EvaluationProtocol:
     control_period_min: int = 5
     controller_deadline_s: float = 60.0
     description: str = ""
+    model: str = DEFAULT_MODEL
+    fit_days: int = 7
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "model", parse_model(self.model).spec)
+        except ConfigError:
+            raise ProtocolError("model", self.model, MODEL_HELP) from None
+        if not (_is_int(self.fit_days) and 1 <= self.fit_days <= 90):
+            raise ProtocolError("fit_days", self.fit_days, "an integer of days in 1..90")
         if not (isinstance(self.name, str) and self.name.strip()):
             raise ProtocolError("name", self.name, "a non-empty string")
         if not isinstance(self.description, str):
@@ -317,13 +344,27 @@ class EvaluationProtocol:
                 "controller_deadline_s", deadline, "seconds > 0 and <= the control period"
             )
 
-    def loop_config(self, controller: str, cohort: str, seed: int) -> LoopConfig:
-        """The closed loop of one run: ``controller`` on ``cohort`` with ``seed``."""
+    def loop_config(
+        self, controller: str, cohort: str, seed: int, *, fitted: str | None = None
+    ) -> LoopConfig:
+        """The closed loop of one run: ``controller`` (``NAME`` or ``NAME@MODEL``) on ``cohort``.
+
+        ``fitted`` is the ``twin:DIR`` that ``fit`` resolved to.
+        """
+        name, model = split_model(controller)
+        model = model or self.model
+        if model == "fit":
+            if fitted is None:
+                raise EvaluationConfigError(
+                    "model", "fit", "twins fitted before the runs (evaluate() does it)"
+                )
+            model = fitted
         return LoopConfig(
             patients=(cohort,),
             days=self.days,
             seed=seed,
-            controller=controller,
+            controller=name,
+            model=model,
             scenario=self.scenario,
             carb_error=self.carb_error,
             control_period_min=self.control_period_min,
@@ -344,6 +385,8 @@ class EvaluationProtocol:
             "cgm": dataclasses.asdict(self.cgm),
             "control_period_min": self.control_period_min,
             "controller_deadline_s": self.controller_deadline_s,
+            "model": self.model,
+            "fit_days": self.fit_days,
         }
 
     def with_overrides(
@@ -352,9 +395,12 @@ class EvaluationProtocol:
         cohorts: Sequence[str] | None = None,
         days: int | None = None,
         seeds: Sequence[int] | None = None,
+        model: str | None = None,
     ) -> EvaluationProtocol:
         """A copy with some fields replaced (validated again); ``None`` keeps a field."""
         changes: dict[str, Any] = {}
+        if model is not None:
+            changes["model"] = model
         if cohorts is not None:
             changes["cohorts"] = tuple(cohorts)
         if days is not None:
@@ -438,6 +484,8 @@ def protocol_from_mapping(data: object, *, source: str = "") -> EvaluationProtoc
             cgm=_sub_spec(CGMSpec, data.get("cgm"), "cgm", source, default.cgm),
             control_period_min=data.get("control_period_min", default.control_period_min),
             controller_deadline_s=data.get("controller_deadline_s", default.controller_deadline_s),
+            model=data.get("model", default.model),
+            fit_days=data.get("fit_days", default.fit_days),
         )
     except ProtocolError as exc:
         if source and not exc.source:
@@ -1138,6 +1186,41 @@ class EvaluationResult:
         return tuple(r for r in self.results if r.error is not None)
 
 
+def fit_twins(
+    protocol: EvaluationProtocol,
+    out_dir: Path,
+    *,
+    address: str | None,
+    workers: int | None,
+    progress: bool,
+    use_ray: bool,
+) -> str:
+    """Fit the twin of every patient of the protocol's cohorts (``model: fit``): ``twin:DIR``.
+
+    Each patient's log is :attr:`EvaluationProtocol.fit_days` days of their usual therapy
+    (basal-bolus), synthesized with seeds of their own, apart from the runs' seeds
+    (:func:`twinloop.twins.individualize.individualize`); the twins go to ``out_dir``.
+    """
+    from twinloop.twins.individualize import individualize
+
+    result = individualize(
+        list(protocol.cohorts), out_dir, days=protocol.fit_days, seed=FIT_LOG_SEED,
+        address=address, inline=not use_ray, workers=workers, progress=progress,
+    )  # fmt: skip
+    return f"twin:{Path(result.out_dir).resolve()}"
+
+
+def split_model(controller: str) -> tuple[str, str | None]:
+    """``NAME@MODEL`` → ``(NAME, MODEL)``; without a valid model suffix ``(name, None)``."""
+    name, at, model = controller.rpartition("@")
+    if at and name:
+        try:
+            return name, parse_model(model).spec
+        except ConfigError:
+            pass
+    return controller, None
+
+
 def check_controllers(controllers: Sequence[str]) -> None:
     """Validate the controller names (known, distinct; policy files exist).
 
@@ -1147,10 +1230,11 @@ def check_controllers(controllers: Sequence[str]) -> None:
     """
     if not controllers:
         raise EvaluationConfigError("controller", list(controllers), "at least one controller")
-    for name in controllers:
+    for full in controllers:
+        name, _ = split_model(full)
         allowed = check_controller_name(name)
         if allowed is not None:
-            raise EvaluationConfigError("controller", name, allowed)
+            raise EvaluationConfigError("controller", full, f"{allowed}; optionally @MODEL")
         if (
             name.startswith(POLICY_PREFIX)
             and not resolve_policy(name[len(POLICY_PREFIX) :]).exists()
@@ -1277,12 +1361,18 @@ def evaluate(
         protocol = load_protocol(protocol)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    fitted = None
+    if "fit" in (protocol.model, *(split_model(c)[1] for c in controllers)):
+        fitted = fit_twins(
+            protocol, out / TWINS_DIR, address=address, workers=workers, progress=progress,
+            use_ray=use_ray,
+        )  # fmt: skip
     specs = [
         RunSpec(
             controller,
             cohort,
             seed,
-            protocol.loop_config(controller, cohort, seed),
+            protocol.loop_config(controller, cohort, seed, fitted=fitted),
             str((out / RUNS_DIR / _slug(controller) / _slug(cohort) / f"seed-{seed}").resolve())
             if recordings
             else None,

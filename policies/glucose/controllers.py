@@ -266,6 +266,9 @@ CONTROLLERS: dict[str, Callable[..., Controller]] = {
     "mpc": MPCController.for_patient,
 }
 
+#: Controllers that plan on the loop's model of the patient (they get the twin's state).
+PLANNING_CONTROLLERS = frozenset({"mpc"})
+
 
 def check_controller_name(name: str) -> str | None:
     """``None`` when ``name`` names a controller, else what is allowed (for config errors).
@@ -281,12 +284,17 @@ def check_controller_name(name: str) -> str | None:
     )
 
 
-def make_controller(name: str, patient: PatientParameters) -> Controller:
+def make_controller(
+    name: str, patient: PatientParameters, *, model: PatientParameters | None = None
+) -> Controller:
     """A controller by name, parametrised for ``patient``.
 
     ``name`` is a key of :data:`CONTROLLERS` (``basal-bolus``, ``pid``, ``oref0``, ``mpc``) or
     ``policy:PATH``: a policy saved by ``twinloop train``, loaded by
-    :func:`twinloop.policies.glucose.learned.load_policy_controller`.
+    :func:`twinloop.policies.glucose.learned.load_policy_controller`. A controller that plans on
+    a model (``needs_twin``: the MPC) is built on ``model`` (the loop's model of the patient,
+    :mod:`twinloop.plant.glucose.models`; default ``patient``); the others use only the
+    clinical profile, which is the patient's.
 
     Raises:
         PolicyConfigError: unknown name (lists the valid ones), or a policy file that cannot
@@ -300,4 +308,6 @@ def make_controller(name: str, patient: PatientParameters) -> Controller:
         from twinloop.policies.glucose.learned import load_policy_controller
 
         return load_policy_controller(name[len(POLICY_PREFIX) :], patient)
+    if name in PLANNING_CONTROLLERS and model is not None:
+        return CONTROLLERS[name](model)
     return CONTROLLERS[name](patient)

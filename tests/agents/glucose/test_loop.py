@@ -116,8 +116,8 @@ def test_an_interrupted_run_is_marked_incomplete(tmp_path):
 
     original = run_module.PatientLoop
 
-    def patched(patient, config, rng):
-        return original(patient, config, rng, Interrupting())
+    def patched(patient, config, rng, **kw):
+        return original(patient, config, rng, Interrupting(), **kw)
 
     run_module.PatientLoop = patched  # type: ignore[assignment]
     try:
