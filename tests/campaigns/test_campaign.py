@@ -550,3 +550,11 @@ def test_the_lost_communication_verdict():
     }  # fmt: skip
     slow = Scenario("s", (FaultLine("delayed_response", "wire:delay_s", 60.0, 30.0, ()),))
     assert _lost_communication("W", slow, [], 10.0)["pass"] is None
+
+
+def test_the_loops_model_is_a_spec_key_and_fit_is_refused_with_the_way_to_fit(tmp_path):
+    spec = load_spec(write_spec(tmp_path, {**SMALL, "model": "oracle"}))
+    assert spec.setting("model") == "oracle"
+    assert load_spec(write_spec(tmp_path, SMALL, "b.yaml")).setting("model") == "population"
+    msg = refused(tmp_path, BASE + "model: fit\n")
+    assert "model" in msg and "twinloop twin individualize" in msg

@@ -17,11 +17,13 @@ from twinloop.evaluation.glucose.evaluate import (
     EvaluationProtocol,
     ProtocolError,
     RunResult,
+    check_controllers,
     comparison_rows,
     evaluate,
     load_protocol,
     markdown_table,
     shipped_protocols,
+    split_model,
 )
 from twinloop.plant.glucose.cgm import CGMSpec
 from twinloop.plant.glucose.metrics import glucose_metrics
@@ -124,6 +126,8 @@ def test_protocol_errors_name_field_value_and_allowed(
         ({"name": ""}, "name", "non-empty"),
         ({"controller_deadline_s": 0}, "controller_deadline_s", "seconds > 0"),
         ({"controller_deadline_s": 301}, "controller_deadline_s", "<= the control period"),
+        ({"model": "truth"}, "model", "population (default), population:sample, twin:PATH"),
+        ({"fit_days": 0}, "fit_days", "1..90"),
     ],
 )
 def test_protocol_validation(changes, field, allowed_text):
@@ -424,3 +428,32 @@ def test_cli_former_plural_options_still_work_with_a_warning(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["protocol"]["seeds"] == [2]
     assert manifest["command"].startswith("twinloop evaluate --controller basal-bolus --cohort")
+
+
+def test_the_protocols_model_and_a_controllers_own_model_reach_the_loop(tmp_path):
+    assert load_protocol("t1d-standard").model == "population"
+    protocol = dataclasses.replace(TINY, model="population:sample")
+    assert protocol.loop_config("mpc", "adults", 0).model == "population:sample"
+    assert protocol.loop_config("mpc@oracle", "adults", 0).model == "oracle"
+    assert protocol.loop_config("mpc@oracle", "adults", 0).controller == "mpc"
+    assert split_model("policy:t1d_ppo@population") == ("policy:t1d_ppo", "population")
+    assert split_model("policy:/a/b@c") == ("policy:/a/b@c", None)  # not a model: the name
+    fitted = dataclasses.replace(TINY, model="fit")
+    with pytest.raises(EvaluationConfigError, match="fitted before the runs"):
+        fitted.loop_config("mpc", "adults", 0)
+    config = fitted.loop_config("mpc", "adults", 0, fitted=f"twin:{tmp_path}")
+    assert config.model == f"twin:{tmp_path}"
+    check_controllers(["mpc", "mpc@oracle"])
+    with pytest.raises(EvaluationConfigError, match="optionally @MODEL"):
+        check_controllers(["mpcc@oracle"])
+
+
+def test_a_model_yaml_key_loads_and_the_cli_overrides_it(tmp_path, capsys):
+    protocol = load_protocol(_yaml(tmp_path, "model: oracle\n"))
+    assert protocol.model == "oracle" and protocol.to_dict()["model"] == "oracle"
+    code = main(
+        ["evaluate", "--controller", "mpc", "--protocol", str(_yaml(tmp_path, "")), "--inline",
+         "--model", "twin:/nowhere", "--out", str(tmp_path / "o"), "--no-progress"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "twin:/nowhere" in err and len(err.strip().splitlines()) == 1
