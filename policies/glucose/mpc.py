@@ -67,7 +67,16 @@ from numpy.typing import NDArray
 from scipy.optimize import minimize
 
 from twinloop.plant.glucose.patients import N_STATES, PatientParameters, parameter_matrix
-from twinloop.plant.glucose.uva_padova import M_PLANNED_G, N_MEAL_STATE, P_KP3, P_VG, P_VMX, advance
+from twinloop.plant.glucose.uva_padova import (
+    M_PLANNED_G,
+    MG_PER_G,
+    N_MEAL_STATE,
+    P_KP1,
+    P_KP3,
+    P_VG,
+    P_VMX,
+    advance,
+)
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.glucose.interface import ControllerInput, Dose, TwinPlanState
 
@@ -319,12 +328,17 @@ class MPCController:
         x, meal_state, params, insulin, meal, eat, carbs, gp, gs = buf
         keep = 1.0 - self.carb_uncertainty
         x[:] = state.x
-        x[rows:, _GUT_STATES] *= keep
+        # the fewer-carbohydrates scenario: the detected (unannounced) grams do not come at
+        # all, the announced ones are counted too high by carb_uncertainty
+        gut = float(np.sum(x[0, _GUT_STATES]))
+        detected = min(max(state.unannounced_carbs_g * MG_PER_G, 0.0), gut)
+        x[rows:, _GUT_STATES] *= keep * (1.0 - detected / gut) if gut > 0.0 else keep
         meal_state[:] = state.meal_state
         meal_state[rows:, M_PLANNED_G] *= keep
         params[:] = self._params
         params[:, P_VMX] *= state.sensitivity_scale
         params[:, P_KP3] *= state.sensitivity_scale
+        params[:, P_KP1] *= state.egp_scale
         n = self.n_blocks
         insulin[:rows] = np.repeat(plans[:, :n] / 60.0, self._block, axis=1)
         if with_bolus:
