@@ -3,10 +3,12 @@
 The twin is an estimator, not a copy (see ``DESIGN.md``): it keeps the 13 states of the
 patient's UVA/Padova 2008 model (:mod:`twinloop.plant.glucose.uva_padova`, same parameters as the
 plant's patient) in sync with the CGM, fed with the insulin the pump actually delivered and the
-meals the patient announced, adapts the patient's insulin sensitivity slowly, and forecasts plasma
-glucose.
+meals the patient announced, adapts the patient's insulin sensitivity and endogenous glucose
+production slowly, detects carbohydrates nobody announced, and forecasts plasma glucose. Its
+model need not be the patient's own: a population model at the person's clinical settings is
+what the two scales and the meal disturbance make up for.
 
-Filter state (15 values)
+Filter state (16 values)
 ------------------------
 ======  ==================================================================  ===========
 index   meaning                                                             unit
@@ -16,20 +18,35 @@ index   meaning                                                             unit
 13      ``θ = ln s``: log of the insulin-sensitivity scale ``s``, which      -
         multiplies ``Vmx`` (insulin-dependent utilisation) and ``kp3``
         (insulin action on the liver); a random walk
-14      ``e``: the correlated part of the CGM error, an AR(1) process        mg/dL
+14      ``η = ln r``: log of the endogenous-glucose-production scale ``r``,  -
+        which multiplies ``kp1`` (the liver's production at zero glucose
+        and insulin, so the glucose the model settles at on a basal); a
+        random walk
+15      ``e``: the correlated part of the CGM error, an AR(1) process        mg/dL
 ======  ==================================================================  ===========
 
 Prediction (the unscented part)
 -------------------------------
-Between two readings the ``2·15 + 1`` sigma points (``α = 1, β = 2, κ = 0``: ``±√15`` standard
+Between two readings the ``2·16 + 1`` sigma points (``α = 1, β = 2, κ = 0``: ``±√16`` standard
 deviations along the columns of the Cholesky factor of the covariance) are propagated with the
 compiled model, all of them in one :func:`twinloop.plant.glucose.uva_padova.advance` call per
-reading interval (``K`` minutes, inputs held per minute), each with its own ``Vmx·s`` and ``kp3·s``.
-The two sigma points that differ from the mean only in the CGM error ``e`` have the mean's model
-trajectory, so 29 rows are integrated. ``e`` decays by ``φ^K`` with
+reading interval (``K`` minutes, inputs held per minute), each with its own ``Vmx·s``, ``kp3·s``
+and ``kp1·r``. The two sigma points that differ from the mean only in the CGM error ``e`` have
+the mean's model trajectory, so 31 rows are integrated. ``e`` decays by ``φ^K`` with
 ``φ = correlation^(1/lag)`` per minute. Process noise is added per minute (see
 :class:`EstimatorConfig`): a random walk on plasma glucose, relative noise on the gut and the
-subcutaneous insulin depots, the random walk of ``θ`` and the exact AR(1) noise of ``e``.
+subcutaneous insulin depots, the random walks of ``θ`` and ``η`` and the exact AR(1) noise of
+``e``.
+
+Unannounced meals: the *meal gate* watches how much the updates had to raise plasma glucose
+(``G_p/V_g`` after minus before the update, smoothed as ``g ← memory·g + correction``); while
+``g`` exceeds ``meal_gate_threshold_mg_dl`` (an unexplained rise; never during the first 12
+readings, the start's transient) an absolute variance of ``unannounced_meal_sd_g_per_sqrt_min²
+· K`` enters ``q_sto2`` and ``q_gut`` at the start of each reading interval, so the sigma points
+carry a possible meal through the model and the next readings decide how much carbohydrate
+arrived. What the updates put into the stomach and gut is counted as carbohydrate beyond the
+announcements (``unannounced_carbs_g``, kept between 0 and the gut's content, absorbed in
+proportion with the rest of the gut; ``detected_carbs_g`` the running total).
 
 Inputs: insulin delivered in minute ``m`` (``observe_delivery``) is held over ``[m, m+1)``. A
 minute with no delivery observed gets the *held* rate, the basal part of the newest delivery
@@ -42,21 +59,22 @@ contents (a fully correlated scale error on what was swallowed), so the CGM deci
 the meal really was.
 
 Sigma points are clipped at 0 in the model states that must stay non-negative (all but the
-insulin action ``X``); ``θ`` is not clipped in the sigma points (``exp(θ) > 0`` anyway).
+insulin action ``X``); ``θ`` and ``η`` are not clipped in the sigma points (``exp > 0`` anyway).
 
 Update
 ------
 The measurement is ``CGM = G_s/V_g + e + v`` with white ``v`` (``cgm_white_noise_sd_mg_dl``).
 It is linear in the state, so the update is the exact Kalman update, in Joseph form, then
 symmetrised; the mean is clipped at 0 where the model requires it and its ``θ`` to the
-configured sensitivity range (after the prediction and after the update). Readings at the
+configured sensitivity range and its ``η`` to the EGP range (after the prediction and after the
+update). Readings at the
 device's clipping limits are censored: fused only when the prediction lies inside the range.
 Stale (older than the filter), late and non-finite messages are ignored and counted in
 :attr:`TwinEstimator.ignored`, so a faulty channel cannot crash the estimator.
 
 Outputs
 -------
-:meth:`TwinEstimator.estimate` propagates the mean (the model with the mean sensitivity scale)
+:meth:`TwinEstimator.estimate` propagates the mean (the model with the mean scales)
 from the newest reading to the requested time and on over the forecast horizons, with the
 insulin delivered where known and afterwards the held basal rate or the scheduled basal
 (``forecast_insulin``), no further bolus, and no meals beyond those announced (announced meals
@@ -71,6 +89,8 @@ that have not started yet are included):
 * ``cob_g``: carbohydrates in the stomach and gut (``q_sto1 + q_sto2 + q_gut``) plus the grams
   of the current meal not yet swallowed;
 * ``insulin_sensitivity_scale``: ``exp(θ)`` (the median of the log-normal estimate);
+* ``egp_scale``: ``exp(η)``;
+* ``unannounced_carbs_g``: the detected carbohydrates on board beyond the announced;
 * ``forecast_30_mg_dl`` / ``forecast_60_mg_dl``: plasma glucose 30 and 60 minutes ahead.
 """
 
@@ -188,6 +208,18 @@ class EstimatorConfig:
             per √day; 0 freezes the scale after the prior.
         sensitivity_min_scale: lowest insulin-sensitivity scale ``s`` the filter may reach.
         sensitivity_max_scale: highest scale; ``min < 1 < max``.
+        egp_prior_sd: initial SD of ``η = ln r``, the EGP scale on ``kp1`` (log units; 0.1 ≈
+            ±10 % of ``kp1``, about ±20 % of the basal production); 0 with a rate of 0 freezes it.
+        egp_rate_per_sqrt_day: random walk of ``η``, log units per √day.
+        egp_min_scale: lowest EGP scale ``r``, in (0, 1).
+        egp_max_scale: highest EGP scale, > 1.
+        meal_detection: whether the filter estimates carbohydrates nobody announced (the meal
+            gate and disturbance of the module docstring).
+        unannounced_meal_sd_g_per_sqrt_min: while the meal gate is open, the absolute random
+            walk on ``q_sto2`` and on ``q_gut``, grams per √min.
+        meal_gate_memory: smoothing of the gate's signal per reading, in ``[0, 0.99]``.
+        meal_gate_threshold_mg_dl: the gate opens above this smoothed upward correction of
+            plasma glucose, mg/dL.
         forecast_horizons_min: forecast horizons, whole minutes in ``[1, 1440]``, increasing;
             must include 30 and 60 (the fields of :class:`~twinloop.agents.messages.TwinEstimate`).
         forecast_insulin: insulin assumed after the newest delivery seen: ``"held"`` (its
@@ -316,7 +348,7 @@ def _whole_minute(field: str, t_min: float) -> int:
     return int(m)
 
 
-# --- compiled kernels of the filter (small dense linear algebra on the 15-state filter) -------
+# --- compiled kernels of the filter (small dense linear algebra on the 16-state filter) -------
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -610,12 +642,12 @@ class TwinEstimator:
 
     @property
     def state_mean(self) -> NDArray[np.float64]:
-        """A copy of the filter's mean, shape ``(15,)`` (see the module docstring)."""
+        """A copy of the filter's mean, shape ``(16,)`` (see the module docstring)."""
         return self._x.copy()
 
     @property
     def covariance(self) -> NDArray[np.float64]:
-        """A copy of the filter's covariance, shape ``(15, 15)``."""
+        """A copy of the filter's covariance, shape ``(16, 16)``."""
         return self._p.copy()
 
     @property

@@ -2,10 +2,11 @@
 
 At each control tick the controller receives the twin's current view of the patient
 (:class:`TwinPlanState`: the 13 model states, the eating process, the adapted insulin
-sensitivity and the announced meals that have not started) and plans the insulin of the next
-``horizon_min`` minutes on that model (:mod:`twinloop.plant.glucose.uva_padova`, the patient's own
-parameters with ``Vmx`` and ``kp3`` scaled by the twin's sensitivity estimate, exactly as the twin
-predicts).
+sensitivity and endogenous glucose production, the carbohydrates it detected beyond the
+announced, and the announced meals that have not started) and plans the insulin of the next
+``horizon_min`` minutes on that model (:mod:`twinloop.plant.glucose.uva_padova`, the twin's
+model's parameters with ``Vmx`` and ``kp3`` scaled by the twin's sensitivity estimate and
+``kp1`` by its EGP scale, exactly as the twin predicts).
 
 Decision variables
 ------------------
@@ -21,7 +22,8 @@ Cost
 Over the predicted plasma glucose of minutes ``k = 1 … H`` in two scenarios — ``G_k``, the
 twin's, and ``Ǧ_k``, the same with the carbohydrates still to be absorbed (stomach, gut, the
 meal being eaten, the announced meals) scaled by ``1 − carb_uncertainty`` (a meal counted too
-high, the usual cause of a post-meal low)::
+high, the usual cause of a post-meal low) after leaving out the grams the twin detected but
+nobody announced (``TwinPlanState.unannounced_carbs_g``: they may not come)::
 
     J = (1/H) Σ_k [ (G_k − target)² + low_weight · (max(0, low − G_k)² + max(0, low − Ǧ_k)²) ]
         + effort_weight · (1/n_blocks) Σ_j ((u_j − basal)/basal)²
