@@ -90,7 +90,12 @@ class InsulinDelivery(Message):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TwinEstimate(Message):
-    """The twin estimator's view of the patient (estimator → controller, supervisor)."""
+    """The twin estimator's view of the patient (estimator → controller, supervisor).
+
+    ``egp_scale`` is the twin's scale of endogenous glucose production and
+    ``unannounced_carbs_g`` the carbohydrates on board it detected beyond those announced
+    (both with defaults: older recordings and other producers have neither).
+    """
 
     bg_mg_dl: float
     iob_u: float
@@ -98,6 +103,8 @@ class TwinEstimate(Message):
     insulin_sensitivity_scale: float
     forecast_30_mg_dl: float
     forecast_60_mg_dl: float
+    egp_scale: float = 1.0
+    unannounced_carbs_g: float = 0.0
     kind: ClassVar[str] = "twin_estimate"
 
 

@@ -3,10 +3,12 @@
 The twin is an estimator, not a copy (see ``DESIGN.md``): it keeps the 13 states of the
 patient's UVA/Padova 2008 model (:mod:`twinloop.plant.glucose.uva_padova`, same parameters as the
 plant's patient) in sync with the CGM, fed with the insulin the pump actually delivered and the
-meals the patient announced, adapts the patient's insulin sensitivity slowly, and forecasts plasma
-glucose.
+meals the patient announced, adapts the patient's insulin sensitivity and endogenous glucose
+production slowly, detects carbohydrates nobody announced, and forecasts plasma glucose. Its
+model need not be the patient's own: a population model at the person's clinical settings is
+what the two scales and the meal disturbance make up for.
 
-Filter state (15 values)
+Filter state (16 values)
 ------------------------
 ======  ==================================================================  ===========
 index   meaning                                                             unit
@@ -16,20 +18,35 @@ index   meaning                                                             unit
 13      ``θ = ln s``: log of the insulin-sensitivity scale ``s``, which      -
         multiplies ``Vmx`` (insulin-dependent utilisation) and ``kp3``
         (insulin action on the liver); a random walk
-14      ``e``: the correlated part of the CGM error, an AR(1) process        mg/dL
+14      ``η = ln r``: log of the endogenous-glucose-production scale ``r``,  -
+        which multiplies ``kp1`` (the liver's production at zero glucose
+        and insulin, so the glucose the model settles at on a basal); a
+        random walk
+15      ``e``: the correlated part of the CGM error, an AR(1) process        mg/dL
 ======  ==================================================================  ===========
 
 Prediction (the unscented part)
 -------------------------------
-Between two readings the ``2·15 + 1`` sigma points (``α = 1, β = 2, κ = 0``: ``±√15`` standard
+Between two readings the ``2·16 + 1`` sigma points (``α = 1, β = 2, κ = 0``: ``±√16`` standard
 deviations along the columns of the Cholesky factor of the covariance) are propagated with the
 compiled model, all of them in one :func:`twinloop.plant.glucose.uva_padova.advance` call per
-reading interval (``K`` minutes, inputs held per minute), each with its own ``Vmx·s`` and ``kp3·s``.
-The two sigma points that differ from the mean only in the CGM error ``e`` have the mean's model
-trajectory, so 29 rows are integrated. ``e`` decays by ``φ^K`` with
+reading interval (``K`` minutes, inputs held per minute), each with its own ``Vmx·s``, ``kp3·s``
+and ``kp1·r``. The two sigma points that differ from the mean only in the CGM error ``e`` have
+the mean's model trajectory, so 31 rows are integrated. ``e`` decays by ``φ^K`` with
 ``φ = correlation^(1/lag)`` per minute. Process noise is added per minute (see
 :class:`EstimatorConfig`): a random walk on plasma glucose, relative noise on the gut and the
-subcutaneous insulin depots, the random walk of ``θ`` and the exact AR(1) noise of ``e``.
+subcutaneous insulin depots, the random walks of ``θ`` and ``η`` and the exact AR(1) noise of
+``e``.
+
+Unannounced meals: the *meal gate* watches how much the updates had to raise plasma glucose
+(``G_p/V_g`` after minus before the update, smoothed as ``g ← memory·g + correction``); while
+``g`` exceeds ``meal_gate_threshold_mg_dl`` (an unexplained rise; never during the first 12
+readings, the start's transient) an absolute variance of ``unannounced_meal_sd_g_per_sqrt_min²
+· K`` enters ``q_sto2`` and ``q_gut`` at the start of each reading interval, so the sigma points
+carry a possible meal through the model and the next readings decide how much carbohydrate
+arrived. What the updates put into the stomach and gut is counted as carbohydrate beyond the
+announcements (``unannounced_carbs_g``, kept between 0 and the gut's content, absorbed in
+proportion with the rest of the gut; ``detected_carbs_g`` the running total).
 
 Inputs: insulin delivered in minute ``m`` (``observe_delivery``) is held over ``[m, m+1)``. A
 minute with no delivery observed gets the *held* rate, the basal part of the newest delivery
@@ -42,21 +59,22 @@ contents (a fully correlated scale error on what was swallowed), so the CGM deci
 the meal really was.
 
 Sigma points are clipped at 0 in the model states that must stay non-negative (all but the
-insulin action ``X``); ``θ`` is not clipped in the sigma points (``exp(θ) > 0`` anyway).
+insulin action ``X``); ``θ`` and ``η`` are not clipped in the sigma points (``exp > 0`` anyway).
 
 Update
 ------
 The measurement is ``CGM = G_s/V_g + e + v`` with white ``v`` (``cgm_white_noise_sd_mg_dl``).
 It is linear in the state, so the update is the exact Kalman update, in Joseph form, then
 symmetrised; the mean is clipped at 0 where the model requires it and its ``θ`` to the
-configured sensitivity range (after the prediction and after the update). Readings at the
+configured sensitivity range and its ``η`` to the EGP range (after the prediction and after the
+update). Readings at the
 device's clipping limits are censored: fused only when the prediction lies inside the range.
 Stale (older than the filter), late and non-finite messages are ignored and counted in
 :attr:`TwinEstimator.ignored`, so a faulty channel cannot crash the estimator.
 
 Outputs
 -------
-:meth:`TwinEstimator.estimate` propagates the mean (the model with the mean sensitivity scale)
+:meth:`TwinEstimator.estimate` propagates the mean (the model with the mean scales)
 from the newest reading to the requested time and on over the forecast horizons, with the
 insulin delivered where known and afterwards the held basal rate or the scheduled basal
 (``forecast_insulin``), no further bolus, and no meals beyond those announced (announced meals
@@ -71,6 +89,8 @@ that have not started yet are included):
 * ``cob_g``: carbohydrates in the stomach and gut (``q_sto1 + q_sto2 + q_gut``) plus the grams
   of the current meal not yet swallowed;
 * ``insulin_sensitivity_scale``: ``exp(θ)`` (the median of the log-normal estimate);
+* ``egp_scale``: ``exp(η)``;
+* ``unannounced_carbs_g``: the detected carbohydrates on board beyond the announced;
 * ``forecast_30_mg_dl`` / ``forecast_60_mg_dl``: plasma glucose 30 and 60 minutes ahead.
 """
 
@@ -101,6 +121,7 @@ from twinloop.plant.glucose.uva_padova import (
     P_KA1,
     P_KA2,
     P_KD,
+    P_KP1,
     P_KP3,
     P_M1,
     P_M2,
@@ -120,15 +141,19 @@ ForecastInsulin = Literal["held", "scheduled"]
 
 #: Index of ``θ = ln(insulin-sensitivity scale)`` in the filter state.
 I_THETA = N_STATES
+#: Index of ``η = ln(EGP scale)`` (the scale of ``kp1``) in the filter state.
+I_EGP = N_STATES + 1
 #: Index of the correlated CGM error ``e`` (mg/dL) in the filter state.
-I_CGM_ERR = N_STATES + 1
+I_CGM_ERR = N_STATES + 2
 #: Length of the filter state.
-N_AUG = N_STATES + 2
+N_AUG = N_STATES + 3
 
 # Model state indices used here (see twinloop.plant.glucose.patients.PatientParameters).
 _Q_STO1, _Q_STO2, _Q_GUT, _G_P, _G_T, _I_P, _X, _I_1, _I_D, _I_L, _I_SC1, _I_SC2, _G_S = range(13)
 
 _EAT_RATE_G_PER_MIN = 5.0
+#: readings fused before the meal gate may open (the start's transient is not a meal)
+_GATE_WARMUP_READINGS = 12
 
 # Unscented transform: alpha = 1, beta = 2, kappa = 0 (sigma points at ±√n standard deviations,
 # zero weight of the centre point in the mean, non-negative covariance weights).
@@ -183,6 +208,18 @@ class EstimatorConfig:
             per √day; 0 freezes the scale after the prior.
         sensitivity_min_scale: lowest insulin-sensitivity scale ``s`` the filter may reach.
         sensitivity_max_scale: highest scale; ``min < 1 < max``.
+        egp_prior_sd: initial SD of ``η = ln r``, the EGP scale on ``kp1`` (log units; 0.1 ≈
+            ±10 % of ``kp1``, about ±20 % of the basal production); 0 with a rate of 0 freezes it.
+        egp_rate_per_sqrt_day: random walk of ``η``, log units per √day.
+        egp_min_scale: lowest EGP scale ``r``, in (0, 1).
+        egp_max_scale: highest EGP scale, > 1.
+        meal_detection: whether the filter estimates carbohydrates nobody announced (the meal
+            gate and disturbance of the module docstring).
+        unannounced_meal_sd_g_per_sqrt_min: while the meal gate is open, the absolute random
+            walk on ``q_sto2`` and on ``q_gut``, grams per √min.
+        meal_gate_memory: smoothing of the gate's signal per reading, in ``[0, 0.99]``.
+        meal_gate_threshold_mg_dl: the gate opens above this smoothed upward correction of
+            plasma glucose, mg/dL.
         forecast_horizons_min: forecast horizons, whole minutes in ``[1, 1440]``, increasing;
             must include 30 and 60 (the fields of :class:`~twinloop.agents.messages.TwinEstimate`).
         forecast_insulin: insulin assumed after the newest delivery seen: ``"held"`` (its
@@ -209,6 +246,14 @@ class EstimatorConfig:
     sensitivity_rate_per_sqrt_day: float = 0.1
     sensitivity_min_scale: float = 0.25
     sensitivity_max_scale: float = 4.0
+    egp_prior_sd: float = 0.1
+    egp_rate_per_sqrt_day: float = 0.05
+    egp_min_scale: float = 0.6
+    egp_max_scale: float = 1.6
+    meal_detection: bool = True
+    unannounced_meal_sd_g_per_sqrt_min: float = 15.0
+    meal_gate_memory: float = 0.8
+    meal_gate_threshold_mg_dl: float = 8.0
     forecast_horizons_min: tuple[int, ...] = (30, 60)
     forecast_insulin: ForecastInsulin = "held"
 
@@ -230,6 +275,13 @@ class EstimatorConfig:
             "sensitivity_rate_per_sqrt_day": (0.0, 2.0, False),
             "sensitivity_min_scale": (0.0, 1.0, True),
             "sensitivity_max_scale": (1.0, 100.0, False),
+            "egp_prior_sd": (0.0, 2.0, False),
+            "egp_rate_per_sqrt_day": (0.0, 2.0, False),
+            "egp_min_scale": (0.0, 1.0, True),
+            "egp_max_scale": (1.0, 100.0, False),
+            "unannounced_meal_sd_g_per_sqrt_min": (0.0, 100.0, False),
+            "meal_gate_memory": (0.0, 0.99, False),
+            "meal_gate_threshold_mg_dl": (0.0, 200.0, False),
         }
         for name, (lo, hi, lo_open) in ranges.items():
             object.__setattr__(
@@ -245,6 +297,12 @@ class EstimatorConfig:
             raise LoopConfigError(
                 "sensitivity_max_scale", self.sensitivity_max_scale, "in (1, 100]"
             )
+        if not self.egp_min_scale < 1.0:
+            raise LoopConfigError("egp_min_scale", self.egp_min_scale, "in (0, 1)")
+        if not self.egp_max_scale > 1.0:
+            raise LoopConfigError("egp_max_scale", self.egp_max_scale, "in (1, 100]")
+        if not isinstance(self.meal_detection, bool):
+            raise LoopConfigError("meal_detection", self.meal_detection, "true or false")
         self._check_horizons()
         if self.forecast_insulin not in ("held", "scheduled"):
             raise LoopConfigError(
@@ -290,16 +348,20 @@ def _whole_minute(field: str, t_min: float) -> int:
     return int(m)
 
 
-# --- compiled kernels of the filter (small dense linear algebra on the 15-state filter) -------
+# --- compiled kernels of the filter (small dense linear algebra on the 16-state filter) -------
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _clip_state(x: NDArray[np.float64], theta_lo: float, theta_hi: float) -> None:
-    """Clip one filter state in place: model non-negativity (all but ``X``), θ range."""
+def _clip_state(x: NDArray[np.float64], bounds: NDArray[np.float64]) -> None:
+    """Clip one filter state in place: model non-negativity (all but ``X``), θ and η ranges.
+
+    ``bounds`` is ``(θ_lo, θ_hi, η_lo, η_hi)``.
+    """
     for j in range(N_STATES):
         if j != _X and x[j] < 0.0:
             x[j] = 0.0
-    x[I_THETA] = min(max(x[I_THETA], theta_lo), theta_hi)
+    x[I_THETA] = min(max(x[I_THETA], bounds[0]), bounds[1])
+    x[I_EGP] = min(max(x[I_EGP], bounds[2]), bounds[3])
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -332,6 +394,7 @@ def _sigma_points(
     rows: NDArray[np.int64],
     vmx: float,
     kp3: float,
+    kp1: float,
     meal_state: NDArray[np.float64],
     pts: NDArray[np.float64],
     xs: NDArray[np.float64],
@@ -341,8 +404,8 @@ def _sigma_points(
     """Sigma points ``x, x ± spread·L[:, j]`` (clipped) into ``pts`` ``(2n+1, n)``.
 
     Also gathers the model rows ``rows`` for :func:`twinloop.plant.glucose.uva_padova.advance`:
-    their model states into ``xs``, their ``Vmx·s`` and ``kp3·s`` into ``params`` and the meal state
-    into ``meal_rows``.
+    their model states into ``xs``, their ``Vmx·s``, ``kp3·s`` and ``kp1·exp(η)`` into
+    ``params`` and the meal state into ``meal_rows``.
     """
     n = x.shape[0]
     for i in range(2 * n + 1):
@@ -352,7 +415,7 @@ def _sigma_points(
             d = spread * chol[i, j]
             pts[1 + j, i] += d
             pts[1 + n + j, i] -= d
-    for i in range(2 * n + 1):  # model non-negativity only: θ spreads freely (exp(θ) > 0)
+    for i in range(2 * n + 1):  # model non-negativity only: θ, η spread freely (exp > 0)
         for j in range(N_STATES):
             if j != _X and pts[i, j] < 0.0:
                 pts[i, j] = 0.0
@@ -362,6 +425,7 @@ def _sigma_points(
         s = math.exp(pts[src, I_THETA])
         params[r, P_VMX] = vmx * s
         params[r, P_KP3] = kp3 * s
+        params[r, P_KP1] = kp1 * math.exp(pts[src, I_EGP])
         meal_rows[r, :] = meal_state
 
 
@@ -505,8 +569,15 @@ class TwinEstimator:
         self._bw = float(p[P_BW])
         self._vmx = float(p[P_VMX])
         self._kp3 = float(p[P_KP3])
-        self._theta_lo = math.log(cfg.sensitivity_min_scale)
-        self._theta_hi = math.log(cfg.sensitivity_max_scale)
+        self._kp1 = float(p[P_KP1])
+        self._bounds = np.log(
+            [
+                cfg.sensitivity_min_scale,
+                cfg.sensitivity_max_scale,
+                cfg.egp_min_scale,
+                cfg.egp_max_scale,
+            ]
+        )
         self._phi = cfg.cgm_error_phi_per_min
         self._insulin_ss_pmol_kg = self._steady_insulin(self._scheduled_u_per_min)
 
@@ -551,6 +622,10 @@ class TwinEstimator:
         self._held_u_per_min = self._scheduled_u_per_min
         self._held_from = self._t - 1  # minute of the newest delivery seen
         self._meal_var_mg2 = 0.0  # counting-error variance of meals still being swallowed
+        self._gate_mg_dl = 0.0  # smoothed innovation (an unexplained rise when positive)
+        self._meal_gate_open = False
+        self._unannounced_mg = 0.0  # carbohydrate the filter added to the gut, not yet absorbed
+        self._detected_g = 0.0  # carbohydrate the filter added to the gut so far (net)
         #: Messages ignored so far, by kind (stale, late, censored or not finite).
         self.ignored: dict[str, int] = {"reading": 0, "delivery": 0, "meal": 0}
         #: Readings fused so far.
@@ -567,18 +642,45 @@ class TwinEstimator:
 
     @property
     def state_mean(self) -> NDArray[np.float64]:
-        """A copy of the filter's mean, shape ``(15,)`` (see the module docstring)."""
+        """A copy of the filter's mean, shape ``(16,)`` (see the module docstring)."""
         return self._x.copy()
 
     @property
     def covariance(self) -> NDArray[np.float64]:
-        """A copy of the filter's covariance, shape ``(15, 15)``."""
+        """A copy of the filter's covariance, shape ``(16, 16)``."""
         return self._p.copy()
 
     @property
     def sensitivity_scale(self) -> float:
         """Estimated insulin-sensitivity scale ``exp(θ)`` (1 = the table patient)."""
         return math.exp(self._x[I_THETA])
+
+    @property
+    def egp_scale(self) -> float:
+        """Estimated scale of endogenous glucose production ``exp(η)`` on ``kp1`` (1 = model)."""
+        return math.exp(self._x[I_EGP])
+
+    @property
+    def unannounced_carbs_g(self) -> float:
+        """Carbohydrates on board beyond those announced, g.
+
+        What the filter put into the stomach and gut (an unannounced or under-counted meal)
+        and the model has not yet absorbed.
+        """
+        return self._unannounced_mg / MG_PER_G
+
+    @property
+    def detected_carbs_g(self) -> float:
+        """Carbohydrates beyond those announced the filter has put into the gut so far, g.
+
+        Net of what it took out again; the grams since absorbed are included.
+        """
+        return self._detected_g
+
+    @property
+    def meal_gate_open(self) -> bool:
+        """Whether the unannounced-meal disturbance is active (see :class:`EstimatorConfig`)."""
+        return self._meal_gate_open
 
     def observe_delivery(self, delivery: InsulinDelivery) -> bool:
         """Account the insulin delivered over ``[t_min, t_min + 1)``.
@@ -649,9 +751,23 @@ class TwinEstimator:
         ):
             self.ignored["reading"] += 1  # censored: "beyond the limit", as predicted
             return False
-        _joseph_update(x, self._p, self._h, z - zhat, self._r, self._work)
-        _clip_state(x, self._theta_lo, self._theta_hi)
+        innovation = z - zhat
+        gut_before = float(x[_Q_STO1] + x[_Q_STO2] + x[_Q_GUT])
+        gp_before = float(x[_G_P])
+        _joseph_update(x, self._p, self._h, innovation, self._r, self._work)
+        _clip_state(x, self._bounds)
         self.readings_fused += 1
+        if cfg.meal_detection:
+            gut = float(x[_Q_STO1] + x[_Q_STO2] + x[_Q_GUT])
+            before = self._unannounced_mg
+            self._unannounced_mg = min(max(before + gut - gut_before, 0.0), gut)
+            self._detected_g += (self._unannounced_mg - before) / MG_PER_G
+            lam = cfg.meal_gate_memory
+            self._gate_mg_dl = lam * self._gate_mg_dl + (x[_G_P] - gp_before) / self._vg
+            self._meal_gate_open = (
+                self.readings_fused > _GATE_WARMUP_READINGS
+                and self._gate_mg_dl > cfg.meal_gate_threshold_mg_dl
+            )
         return True
 
     def estimate(self, t_min: float) -> TwinEstimate:
@@ -670,6 +786,8 @@ class TwinEstimator:
             insulin_sensitivity_scale=self.sensitivity_scale,
             forecast_30_mg_dl=float(bg[30]),
             forecast_60_mg_dl=float(bg[60]),
+            egp_scale=self.egp_scale,
+            unannounced_carbs_g=self.unannounced_carbs_g,
         )
 
     def step(
@@ -718,6 +836,8 @@ class TwinEstimator:
             tuple(float(v) for v in meal_state.ravel()),
             self.sensitivity_scale,
             tuple(pending),
+            egp_scale=self.egp_scale,
+            unannounced_carbs_g=self.unannounced_carbs_g,
         )
 
     def step_for_planning(
@@ -789,13 +909,14 @@ class TwinEstimator:
         q[_G_P] = sd_g**2
         q[_G_T] = q[_G_S] = (0.1 * sd_g) ** 2
         q[I_THETA] = cfg.sensitivity_rate_per_sqrt_day**2 / MIN_PER_DAY
+        q[I_EGP] = cfg.egp_rate_per_sqrt_day**2 / MIN_PER_DAY
         # a floor keeps every direction positive: 1 mg in the stomach and gut, 1e-3 of the
         # basal insulin levels, 0.01 mg/dL of glucose, 1e-5 of θ, per √min
         floor = np.zeros(N_AUG)
         floor[[_Q_STO1, _Q_STO2, _Q_GUT]] = 1.0
         floor[_I_P:_G_S] = 1e-3 * np.maximum(np.abs(x0[_I_P:_G_S]), 1.0)
         floor[[_G_P, _G_T, _G_S]] = 0.01 * self._vg
-        floor[I_THETA] = 1e-5
+        floor[I_THETA] = floor[I_EGP] = 1e-5
         q += floor**2
         rel = np.zeros(N_AUG)
         rel[[_Q_STO2, _Q_GUT]] = cfg.gut_process_rel_sd_per_sqrt_min
@@ -819,6 +940,7 @@ class TwinEstimator:
         scale[ins == _X] = x0[_I_1]  # X is 0 at steady state: use the insulin level's scale
         p[ins, ins] += (cfg.initial_insulin_rel_sd * scale) ** 2
         p[I_THETA, I_THETA] += cfg.sensitivity_prior_sd**2
+        p[I_EGP, I_EGP] += cfg.egp_prior_sd**2
         p[I_CGM_ERR, I_CGM_ERR] = cfg.cgm_error_sd_mg_dl**2
         return p
 
@@ -867,14 +989,22 @@ class TwinEstimator:
         k = t_to - self._t
         if k <= 0:
             return
+        if self._meal_gate_open:
+            # an unexplained rise: carbohydrate may be arriving that nobody announced. The
+            # disturbance enters the stomach's second compartment and the gut at the start of
+            # the interval, so the sigma points carry it through the model to the glucose.
+            var = (self.config.unannounced_meal_sd_g_per_sqrt_min * MG_PER_G) ** 2 * k
+            self._p[_Q_STO2, _Q_STO2] += var
+            self._p[_Q_GUT, _Q_GUT] += var
+        gut_before = float(self._x[_Q_STO1] + self._x[_Q_STO2] + self._x[_Q_GUT])
         if not _cholesky_lower(self._p, self._chol):
             self._repair_covariance()
             if not _cholesky_lower(self._p, self._chol):  # pragma: no cover - NaN state
                 raise AgentError("twin covariance is not finite; the filter diverged")
         xs, params, meal_rows = self._xs, self._row_params, self._row_meal_state
         _sigma_points(
-            self._x, self._chol, self._spread, self._rows,
-            self._vmx, self._kp3, self._meal_state, self._pts, xs, params, meal_rows,
+            self._x, self._chol, self._spread, self._rows, self._vmx, self._kp3, self._kp1,
+            self._meal_state, self._pts, xs, params, meal_rows,
         )  # fmt: skip
         insulin, meal, carbs = self._inputs(self._t, k, xs.shape[0])
         started_g = float(meal[0].sum())
@@ -907,7 +1037,13 @@ class TwinEstimator:
                 u = gut / total
                 p[_Q_STO1 : _Q_GUT + 1, _Q_STO1 : _Q_GUT + 1] += self._meal_var_mg2 * np.outer(u, u)
             self._meal_var_mg2 = 0.0
-        _clip_state(x, self._theta_lo, self._theta_hi)
+        _clip_state(x, self._bounds)
+        if self._unannounced_mg > 0.0:  # absorbed in proportion with the rest of the gut
+            swallowed = float(carbs[0].sum()) * MG_PER_G
+            gut_now = float(x[_Q_STO1] + x[_Q_STO2] + x[_Q_GUT])
+            into = gut_before + swallowed
+            share = min(gut_now / into, 1.0) if into > 0.0 else 0.0
+            self._unannounced_mg = min(self._unannounced_mg * share, gut_now)
         if self._deliveries:
             self._deliveries = {m: u for m, u in self._deliveries.items() if m >= t_to}
         if self._meals:
@@ -936,6 +1072,7 @@ class TwinEstimator:
         scale = self.sensitivity_scale
         params[0, P_VMX] = self._vmx * scale
         params[0, P_KP3] = self._kp3 * scale
+        params[0, P_KP1] = self._kp1 * self.egp_scale
         if m > self._t:  # up to t_min with the known (or assumed) inputs
             insulin, meal, carbs = self._inputs(self._t, m - self._t, 1)
             advance(

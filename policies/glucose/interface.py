@@ -27,6 +27,10 @@ class TwinPlanState:
         sensitivity_scale: the twin's insulin-sensitivity scale (multiplies ``Vmx`` and ``kp3``).
         pending_meals: announced meals that start at or after ``t_min``: ``(minutes after
             t_min, grams)``.
+        egp_scale: the twin's scale of endogenous glucose production (multiplies ``kp1``).
+        unannounced_carbs_g: of the carbohydrates in the stomach and gut (``x[0:3]``), the
+            grams the twin detected beyond those announced (uncertain: a planner should not
+            count on them to prevent a low).
 
     """
 
@@ -35,6 +39,8 @@ class TwinPlanState:
     meal_state: tuple[float, ...]
     sensitivity_scale: float
     pending_meals: tuple[tuple[int, float], ...] = ()
+    egp_scale: float = 1.0
+    unannounced_carbs_g: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.x) != N_STATES or len(self.meal_state) != N_MEAL_STATE:

@@ -2,10 +2,11 @@
 
 At each control tick the controller receives the twin's current view of the patient
 (:class:`TwinPlanState`: the 13 model states, the eating process, the adapted insulin
-sensitivity and the announced meals that have not started) and plans the insulin of the next
-``horizon_min`` minutes on that model (:mod:`twinloop.plant.glucose.uva_padova`, the patient's own
-parameters with ``Vmx`` and ``kp3`` scaled by the twin's sensitivity estimate, exactly as the twin
-predicts).
+sensitivity and endogenous glucose production, the carbohydrates it detected beyond the
+announced, and the announced meals that have not started) and plans the insulin of the next
+``horizon_min`` minutes on that model (:mod:`twinloop.plant.glucose.uva_padova`, the twin's
+model's parameters with ``Vmx`` and ``kp3`` scaled by the twin's sensitivity estimate and
+``kp1`` by its EGP scale, exactly as the twin predicts).
 
 Decision variables
 ------------------
@@ -21,7 +22,8 @@ Cost
 Over the predicted plasma glucose of minutes ``k = 1 … H`` in two scenarios — ``G_k``, the
 twin's, and ``Ǧ_k``, the same with the carbohydrates still to be absorbed (stomach, gut, the
 meal being eaten, the announced meals) scaled by ``1 − carb_uncertainty`` (a meal counted too
-high, the usual cause of a post-meal low)::
+high, the usual cause of a post-meal low) after leaving out the grams the twin detected but
+nobody announced (``TwinPlanState.unannounced_carbs_g``: they may not come)::
 
     J = (1/H) Σ_k [ (G_k − target)² + low_weight · (max(0, low − G_k)² + max(0, low − Ǧ_k)²) ]
         + effort_weight · (1/n_blocks) Σ_j ((u_j − basal)/basal)²
@@ -67,7 +69,16 @@ from numpy.typing import NDArray
 from scipy.optimize import minimize
 
 from twinloop.plant.glucose.patients import N_STATES, PatientParameters, parameter_matrix
-from twinloop.plant.glucose.uva_padova import M_PLANNED_G, N_MEAL_STATE, P_KP3, P_VG, P_VMX, advance
+from twinloop.plant.glucose.uva_padova import (
+    M_PLANNED_G,
+    MG_PER_G,
+    N_MEAL_STATE,
+    P_KP1,
+    P_KP3,
+    P_VG,
+    P_VMX,
+    advance,
+)
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.glucose.interface import ControllerInput, Dose, TwinPlanState
 
@@ -319,12 +330,17 @@ class MPCController:
         x, meal_state, params, insulin, meal, eat, carbs, gp, gs = buf
         keep = 1.0 - self.carb_uncertainty
         x[:] = state.x
-        x[rows:, _GUT_STATES] *= keep
+        # the fewer-carbohydrates scenario: the detected (unannounced) grams do not come at
+        # all, the announced ones are counted too high by carb_uncertainty
+        gut = float(np.sum(x[0, _GUT_STATES]))
+        detected = min(max(state.unannounced_carbs_g * MG_PER_G, 0.0), gut)
+        x[rows:, _GUT_STATES] *= keep * (1.0 - detected / gut) if gut > 0.0 else keep
         meal_state[:] = state.meal_state
         meal_state[rows:, M_PLANNED_G] *= keep
         params[:] = self._params
         params[:, P_VMX] *= state.sensitivity_scale
         params[:, P_KP3] *= state.sensitivity_scale
+        params[:, P_KP1] *= state.egp_scale
         n = self.n_blocks
         insulin[:rows] = np.repeat(plans[:, :n] / 60.0, self._block, axis=1)
         if with_bolus:

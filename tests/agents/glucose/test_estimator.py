@@ -6,6 +6,8 @@ import pytest
 
 from twinloop.agents.errors import LoopConfigError
 from twinloop.agents.glucose.estimator import (
+    I_CGM_ERR,
+    I_EGP,
     I_THETA,
     N_AUG,
     EstimatorConfig,
@@ -49,6 +51,7 @@ def _run(
     x0_glucose_factor: float = 1.0,
     config: EstimatorConfig | None = None,
     check=None,
+    model: PatientParameters = PATIENT,
 ) -> Run:
     """Basal-bolus day for PATIENT, truth from the plant, the twin fed as the loop would."""
     meals = {420: (50.0, 50.0), 720: (70.0, 70.0), 1080: (80.0, 80.0)} if meals is None else meals
@@ -69,7 +72,7 @@ def _run(
     else:
         spec = CGMSpec()
         readings = measure(gsub, cgm_errors(spec, np.random.default_rng(noise_seed), t.size), spec)
-    est = TwinEstimator(PATIENT, config)
+    est = TwinEstimator(model, config)
     est_bg, f30, scale = (np.empty(t.size) for _ in range(3))
     for m in range(minutes + 1):
         if m % 5 == 0:
@@ -190,6 +193,14 @@ BAD_CONFIG = [
     ("sensitivity_min_scale", 1.0),
     ("sensitivity_max_scale", 0.5),
     ("sensitivity_max_scale", 1.0),
+    ("egp_prior_sd", -0.1),
+    ("egp_rate_per_sqrt_day", math.nan),
+    ("egp_min_scale", 1.0),
+    ("egp_max_scale", 0.9),
+    ("meal_detection", "yes"),
+    ("unannounced_meal_sd_g_per_sqrt_min", -1.0),
+    ("meal_gate_memory", 1.0),
+    ("meal_gate_threshold_mg_dl", math.inf),
     ("forecast_horizons_min", (30,)),
     ("forecast_horizons_min", (60, 30)),
     ("forecast_horizons_min", (30, 45.5, 60)),
@@ -325,3 +336,106 @@ def test_plan_state_is_the_estimates_mean_with_the_pending_meals():
     assert later.meal_state[0] + later.meal_state[2] == pytest.approx(20.0)
     with pytest.raises(EstimatorInputError):
         est.plan_state(10.0)
+
+
+def test_the_filter_state_layout():
+    """13 model states, the two log-scales, then the CGM error (the last, skipped rows)."""
+    assert (N_AUG, I_THETA, I_EGP, I_CGM_ERR) == (16, 13, 14, 15)
+    est = TwinEstimator(PATIENT)
+    assert est.state_mean.shape == (16,)
+    assert est.covariance.shape == (16, 16)
+    assert est.sensitivity_scale == 1.0
+    assert est.egp_scale == 1.0
+
+
+def _egp_scaled(p: PatientParameters, factor: float) -> PatientParameters:
+    return dataclasses.replace(p, kp1_mg_per_kg_min=p.kp1_mg_per_kg_min * factor)
+
+
+@pytest.mark.parametrize(("factor", "expect"), [(1.08, "higher"), (0.93, "lower")])
+def test_egp_scale_moves_toward_the_truth_when_the_basal_glucose_is_wrong(factor, expect):
+    # the truth produces more (less) glucose: on the same basal it settles higher (lower)
+    # than the twin's model would; the sensitivity is right
+    truth = _egp_scaled(PATIENT, factor)
+    run = _run(truth=truth, noise_seed=4, meals={})
+    settled = run.bg[-1]
+    assert abs(settled - run.bg[0]) > 15.0  # the truth really drifts away from the model's
+    final = run.estimator.egp_scale
+    if expect == "higher":
+        assert final > 1.03
+    else:
+        assert final < 0.98
+    # in a day without meals, at least a third of the way there
+    assert abs(math.log(final / factor)) < 2 * abs(math.log(factor)) / 3
+    assert 0.8 < run.estimator.sensitivity_scale < 1.25  # not mistaken for a sensitivity
+
+
+def test_egp_scale_stays_near_one_for_the_table_patient():
+    run = _run(noise_seed=2)
+    assert 0.97 < run.estimator.egp_scale < 1.03
+
+
+def test_frozen_egp_scale_stays_at_one():
+    cfg = EstimatorConfig(egp_prior_sd=0.0, egp_rate_per_sqrt_day=0.0)
+    run = _run(truth=_egp_scaled(PATIENT, 1.08), noise_seed=4, meals={}, config=cfg)
+    assert run.estimator.egp_scale == pytest.approx(1.0, abs=2e-3)
+
+
+def test_egp_state_is_clipped_to_its_range():
+    cfg = EstimatorConfig(egp_min_scale=0.99, egp_max_scale=1.01)
+    seen = []
+
+    def check(est: TwinEstimator, e: TwinEstimate) -> None:
+        seen.append(e.egp_scale)
+        assert math.log(0.99) - 1e-12 <= est.state_mean[I_EGP] <= math.log(1.01) + 1e-12
+
+    _run(truth=_egp_scaled(PATIENT, 1.1), noise_seed=4, meals={}, config=cfg, check=check)
+    assert max(seen) == pytest.approx(1.01)
+
+
+def _detected(run: Run) -> tuple[float, float]:
+    est = run.estimator
+    return est.detected_carbs_g, est.unannounced_carbs_g
+
+
+def test_an_unannounced_meal_is_detected_and_no_meal_is_not():
+    """A 70 g meal nobody announced: the filter puts carbohydrate into the gut; on the same
+    day without the meal it does not."""
+    seen: list[float] = []
+
+    def check(est: TwinEstimator, e: TwinEstimate) -> None:
+        seen.append(est.detected_carbs_g)
+        assert e.unannounced_carbs_g == est.unannounced_carbs_g >= 0.0
+
+    child = get_patient("child#003")
+    meal = _run(minutes=600, meals={240: (70.0, 0.0)}, noise_seed=3, truth=child, model=child,
+                check=check)  # fmt: skip
+    quiet = _run(minutes=600, meals={}, noise_seed=3, truth=child, model=child)
+    assert max(seen) > 15.0
+    assert quiet.estimator.detected_carbs_g < 5.0
+    assert max(seen) > 4.0 * max(quiet.estimator.detected_carbs_g, 1.0)
+    # the grams are on board while the meal is absorbed, and gone after
+    assert _detected(meal)[1] < 5.0
+
+
+def test_without_meal_detection_nothing_is_detected():
+    child = get_patient("child#003")
+    cfg = EstimatorConfig(meal_detection=False)
+    run = _run(minutes=600, meals={240: (70.0, 0.0)}, noise_seed=3, truth=child, model=child,
+               config=cfg)  # fmt: skip
+    assert _detected(run) == (0.0, 0.0)
+    assert not run.estimator.meal_gate_open
+
+
+def test_detected_carbohydrates_raise_the_forecast():
+    """The detection is what the forecast (and a planner) uses: the twin with detection
+    forecasts the meal's rise better than without it."""
+    child = get_patient("child#003")
+    errs = {}
+    for on in (True, False):
+        cfg = EstimatorConfig(meal_detection=on)
+        run = _run(minutes=600, meals={240: (70.0, 0.0)}, noise_seed=3, truth=child,
+                   model=child, config=cfg)  # fmt: skip
+        rise = (run.t >= 240) & (run.t <= 330)
+        errs[on] = float(np.mean(run.bg[run.t[rise] + 30] - run.f30[rise]))
+    assert errs[True] < errs[False]  # less under-forecast

@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import math
 
@@ -187,3 +188,44 @@ def test_in_the_loop_the_mpc_plans_on_the_twin(twin):
     else:
         assert mpc.fallbacks == 288
     assert all(math.isfinite(g) for g in bg)
+
+
+def test_the_plan_model_applies_the_egp_scale_as_the_twin_does():
+    """``egp_scale`` multiplies ``kp1`` in the planning model: the prediction is the plant
+    model's with that ``kp1``, and a higher EGP gets more insulin."""
+    p = get_patient("adult#002")
+    mpc = MPCController(p, carb_uncertainty=0.0)
+    x = np.array(p.x0, dtype=float)
+    state = TwinPlanState(0.0, tuple(x), (0.0,) * 4, 1.0, (), egp_scale=1.1)
+    plan = np.full((1, mpc.n_blocks), p.basal_u_per_h)
+    predicted = mpc._simulate(state, plan, False)[0, 0]
+    truth_p = dataclasses.replace(p, kp1_mg_per_kg_min=1.1 * p.kp1_mg_per_kg_min)
+    insulin = np.full(mpc.horizon_min, p.basal_u_per_h / 60.0)
+    truth = simulate([truth_p], insulin, np.zeros(mpc.horizon_min), x0=x[None, :])
+    np.testing.assert_allclose(predicted, truth.bg_mg_dl[0], rtol=1e-9)
+    rates = {}
+    for scale in (1.0, 1.1):
+        s = TwinPlanState(0.0, tuple(x), (0.0,) * 4, 1.0, (), egp_scale=scale)
+        rates[scale] = MPCController(p).plan(s)[0]
+    assert rates[1.1][0] > rates[1.0][0] + 0.05 * p.basal_u_per_h
+
+
+def test_the_fewer_carbs_scenario_drops_the_detected_grams():
+    """Detected (unannounced) grams may not come: the low-glucose scenario leaves them out,
+    the nominal one keeps them."""
+    p = get_patient("adult#004")
+    mpc = MPCController(p, carb_uncertainty=0.3)
+    x = np.array(p.x0, dtype=float)
+    x[2] = 40_000.0  # 40 g in the gut, 30 g of it detected
+    plan = np.full((1, mpc.n_blocks), p.basal_u_per_h)
+    announced = TwinPlanState(0.0, tuple(x), (0.0,) * 4, 1.0)
+    detected = TwinPlanState(0.0, tuple(x), (0.0,) * 4, 1.0, unannounced_carbs_g=30.0)
+    g_ann = mpc._simulate(announced, plan, False)[:, 0]
+    g_det = mpc._simulate(detected, plan, False)[:, 0]
+    np.testing.assert_array_equal(g_ann[0], g_det[0])  # the nominal scenario is the same
+    lean_x = x.copy()
+    lean_x[2] = 0.7 * 10_000.0  # the 10 g announced, counted 30 % too high; no detected
+    lean = TwinPlanState(0.0, tuple(lean_x), (0.0,) * 4, 1.0)
+    lean_g = MPCController(p, carb_uncertainty=0.0)._simulate(lean, plan, False)[0, 0]
+    np.testing.assert_allclose(g_det[1], lean_g, rtol=1e-9)
+    assert g_det[1].max() < g_ann[1].max()
