@@ -11,6 +11,9 @@
   (:mod:`twinloop.twins.person`).
 * ``twinloop twin synth --patient NAME --days 14 --out log.csv`` — a synthetic log of a known
   virtual patient (:mod:`twinloop.twins.synthetic`), to test the pipeline against ground truth.
+* ``twinloop twin individualize --cohort adults --days 7 --out DIR`` — one twin per patient,
+  fitted from a synthetic log of the patient's life (or a log of ``--logs DIR``), written as
+  ``DIR/<patient>.yaml`` for a loop's ``twin:DIR`` (:mod:`twinloop.twins.individualize`).
 
 Errors print one line ``twinloop twin: error: ...`` (with the import report when a log is
 refused) and exit with status 2.
@@ -137,6 +140,46 @@ def add_parser(sub: Any) -> None:
         "--carb-error", type=float, default=0.1, help="carb-counting error SD, fraction (0.1)"
     )
     s.add_argument("--cgm", default="GuardianRT", help="CGM error model (default GuardianRT)")
+
+    i = action.add_parser(
+        "individualize",
+        help="fit one twin per patient of a cohort (DIR/<patient>.yaml, for twin:DIR)",
+        description="For each patient: simulate D days of their life under their usual "
+        "basal-bolus therapy with a CGM (or take their log from --logs), fit their twin (the "
+        "prior of their age group; body weight, age, basal, CR and CF as a clinic knows them) "
+        "and write DIR/<patient>.yaml, DIR/logs/<patient>.csv and DIR/individualize.json (fit "
+        "RMSE, time, and for synthetic logs the fitted vs true parameters). Fits run in parallel "
+        "on Ray. Twins already in DIR for the same log and settings are reused, not refitted.",
+    )
+    i.add_argument(
+        "--patient",
+        action="append",
+        default=[],
+        help="a glucose patient (repeatable): adult#001, or a member of a --cohort population",
+    )
+    i.add_argument(
+        "--cohort",
+        action="append",
+        default=[],
+        help="a cohort (repeatable): adolescents|adults|children|all, or population:PATH",
+    )
+    i.add_argument("--days", type=int, default=7, help="days of each synthetic log (default 7)")
+    i.add_argument(
+        "--seed", type=int, default=0, help="seed of the synthetic logs (default 0; per patient)"
+    )
+    i.add_argument("--out", required=True, help="the directory of twins (created)")
+    i.add_argument(
+        "--logs",
+        help="a directory of real logs named <patient>.csv (adult#001.csv), one per patient, "
+        "fitted instead of synthetic logs",
+    )
+    i.add_argument("--tz", help="IANA time zone of naive times in --logs")
+    i.add_argument("--inline", action="store_true", help="fit in this process, one by one (no Ray)")
+    i.add_argument("--workers", type=int, help="parallel fits on Ray (default: CPUs)")
+    i.add_argument("--address", help="a Ray cluster (default: embedded Ray, loopback only)")
+    i.add_argument(
+        "--force", action="store_true", help="refit every twin, even those that could be reused"
+    )
     p.set_defaults(handler=main_twin)
 
 
@@ -442,8 +485,55 @@ def _main_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _main_individualize(args: argparse.Namespace) -> int:
+    from twinloop.plant.errors import ConfigError
+    from twinloop.twins.individualize import individualize
+
+    names = [*args.cohort, *args.patient]
+    if not names:
+        raise ValueError("--patient/--cohort: none given; at least one (adult#001, adults, all)")
+    logs = None
+    if args.logs is not None:
+        from twinloop.plant.glucose.cohorts import expand_names
+
+        folder = Path(args.logs)
+        if not folder.is_dir():
+            raise ConfigError("--logs", args.logs, "a directory of logs named <patient>.csv")
+        logs = {}
+        for patient in expand_names(names, field="patients"):
+            path = folder / f"{patient.name}.csv"
+            if not path.is_file():
+                raise ConfigError("--logs", args.logs, f"a directory holding {path.name}")
+            logs[patient.name] = path
+    result = individualize(
+        names,
+        args.out,
+        days=args.days,
+        seed=args.seed,
+        logs=logs,
+        tz=args.tz,
+        address=args.address,
+        inline=args.inline,
+        workers=args.workers,
+        force=args.force,
+        progress=sys.stderr.isatty(),
+    )
+    print(result.table())
+    fitted, reused = len(result.fitted), len(result.reused)
+    what = f"{fitted} fitted" + (
+        f", {reused} reused (already in {args.out} for the same logs and settings)"
+        if reused
+        else ""
+    )
+    print(f"twins: {what}, in {result.stages['total']:.1f} s -> {result.out_dir}")
+    print(f"manifest: {result.manifest}")
+    return 0
+
+
 def main_twin(args: argparse.Namespace) -> int:
     """Run ``twinloop twin``; errors print one line and return 2."""
+    if args.twin_command == "individualize":
+        return _main_individualize(args)
     if args.twin_command == "fit":
         return _main_fit(args)
     if args.twin_command == "replay":
