@@ -44,7 +44,7 @@ from twinloop.plant.glucose.cohorts import (
     population_tokens,
 )
 from twinloop.plant.glucose.patients import COHORTS, PatientParameters, cohort, patient_key
-from twinloop.twins.identify import TWIN_FORMAT, TwinFit, write_twin
+from twinloop.plant.glucose.twin_model import TWIN_FORMAT, TwinFit, write_twin
 from twinloop.twins.person import FitRequest, fit_many
 from twinloop.twins.synthetic import synthetic_log
 
