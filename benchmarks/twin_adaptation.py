@@ -3,21 +3,22 @@
     .venv/bin/python benchmarks/twin_adaptation.py                       # everything (~30 min)
     .venv/bin/python benchmarks/twin_adaptation.py --cohort adults --days 2 --parts loop
 
-The twin estimator and the MPC are built from the age group's population-mean model at the
-person's own clinical settings (basal, carb ratio, correction factor, total daily insulin, body
-weight: :meth:`twinloop.twins.identify.TwinModel.for_group` at ``z = 0``), never from the plant's
-true parameters; the MPC on the true parameters (the oracle) is the upper bound.
+The twin estimator and the MPC plan on the loop's model (``LoopConfig.model``,
+:mod:`twinloop.plant.glucose.models`): ``population`` (the age group's mean at the person's own
+clinical settings, its sensitivity calibrated to the person's correction factor), ``fit`` (each
+patient's twin fitted from a synthesized 7-day log of their usual therapy), or ``oracle`` (the
+plant's true parameters: the upper bound). A controller is ``NAME[@MODEL][/sensitivity-only]``.
 
 Parts:
 
 * ``loop``: closed loops (random meals, ±30 % counting error, CGM noise, the supervisor) per
   cohort of 10, seeded as ``twinloop run`` seeds them (``SeedSequence(seed, spawn_key=(k,))``):
-  ``basal-bolus``; ``mpc-population`` (the estimator adapting the insulin-sensitivity and EGP
-  scales and estimating unannounced carbohydrates); ``mpc-population-sensitivity-only`` (the
-  estimator as it was: sensitivity only, no meal disturbance); ``mpc-oracle``. TIR / < 70 / < 54
-  of plasma glucose (1-min samples), pooled over the cohort.
-* ``forecast``: the twin's 30-min forecast RMSE of plasma glucose against persistence (the last
-  CGM reading), in the ``mpc-population`` loops and the oracle loops, readings after 2 h.
+  ``basal-bolus``; ``mpc@population`` (the estimator adapting the insulin-sensitivity and EGP
+  scales and estimating unannounced carbohydrates); ``mpc@population/sensitivity-only`` (the
+  estimator as it was: sensitivity only, no meal disturbance); ``mpc@fit``; ``mpc@oracle``.
+  TIR / < 70 / < 54 of plasma glucose (1-min samples), pooled over the cohort; for each MPC the
+  twin's 30-min forecast RMSE of plasma glucose against persistence (the last CGM reading),
+  readings after 2 h.
 * ``unannounced`` (adults): 20 % of the meals not announced (drawn per patient from a separate
   stream) and the announced ones under-counted by a third (``announced_g`` × 2/3) — the same
   controllers.
@@ -49,32 +50,18 @@ from twinloop.plant.glucose.metrics import glucose_metrics
 from twinloop.plant.glucose.patients import PatientParameters, cohort, patient_key
 from twinloop.plant.glucose.scenarios import MealPlan
 from twinloop.policies.glucose.mpc import MPCController
-from twinloop.twins.identify import TwinModel
 
 GROUP = {"adult": "adults", "adolescent": "adolescents", "child": "children"}
 WARMUP_MIN = 120
 CONTROLLERS = (
     "basal-bolus",
-    "mpc-population",
-    "mpc-population-sensitivity-only",
-    "mpc-oracle",
+    "mpc@population",
+    "mpc@population/sensitivity-only",
+    "mpc@fit",
+    "mpc@oracle",
 )
 #: the estimator as it was before EGP adaptation and meal detection
 SENSITIVITY_ONLY = {"egp_prior_sd": 0.0, "egp_rate_per_sqrt_day": 0.0, "meal_detection": False}
-
-
-def population_model(true: PatientParameters) -> PatientParameters:
-    """The group's mean model at ``true``'s clinical settings (no true parameter)."""
-    tm = TwinModel.for_group(
-        true.name,
-        GROUP[true.name.split("#")[0]],
-        true.basal_u_per_h,
-        body_weight_kg=true.body_weight_kg,
-        carb_ratio_g_per_u=true.carb_ratio_g_per_u,
-        correction_factor_mg_dl_per_u=true.correction_factor_mg_dl_per_u,
-        total_daily_insulin_u=true.total_daily_insulin_u,
-    )
-    return tm.patient(np.zeros(len(tm.names)))
 
 
 def hide_meals(plan: MealPlan, rng: np.random.Generator, hidden: float, kept: float) -> MealPlan:
@@ -105,27 +92,28 @@ def run_one(
     seed: int,
     unannounced: float = 0.0,
     undercount: float = 0.0,
+    twins: str | None = None,
 ) -> Trace:
-    """One closed loop of ``true`` with ``controller`` (see the module docstring)."""
+    """One closed loop of ``true`` with ``controller`` (see the module docstring).
+
+    ``controller`` is ``NAME[@MODEL][/sensitivity-only]``: the loop's controller, the model the
+    twin and the MPC plan on (``LoopConfig.model``; ``fit`` = the twins in ``twins``), and the
+    estimator as it was before EGP adaptation and meal detection.
+    """
+    spec, _, variant = controller.partition("/")
+    name, _, model = spec.partition("@")
+    if model == "fit":
+        model = f"twin:{twins}"
     cfg = LoopConfig(
-        patients=(true.name,),
-        days=days,
-        seed=seed,
-        controller="basal-bolus" if controller == "basal-bolus" else "mpc",
+        patients=(true.name,), days=days, seed=seed, controller=name, model=model or "population"
     )
     ss = np.random.SeedSequence(seed, spawn_key=(patient_key(true.name),))
     rng = np.random.default_rng(ss)
-    mpc = None
-    if controller == "basal-bolus":
-        loop = PatientLoop(true, cfg, rng)
-    else:
-        model = true if controller == "mpc-oracle" else population_model(true)
-        est_cfg = EstimatorConfig()
-        if controller.endswith("sensitivity-only"):
-            est_cfg = dataclasses.replace(est_cfg, **SENSITIVITY_ONLY)
-        mpc = MPCController.for_patient(model)
-        loop = PatientLoop(true, cfg, rng, controller=mpc)
-        loop.twin = TwinEstimator(model, est_cfg)
+    loop = PatientLoop(true, cfg, rng)
+    mpc = loop.controller if isinstance(loop.controller, MPCController) else None
+    if variant == "sensitivity-only" and loop.twin is not None:
+        est_cfg = dataclasses.replace(EstimatorConfig(), **SENSITIVITY_ONLY)
+        loop.twin = TwinEstimator(loop.model, est_cfg, scheduled_basal_u_per_h=true.basal_u_per_h)
         loop.place(InlinePlacement())
     if unannounced or undercount:
         key = (patient_key(true.name), 99)  # a stream of its own: the meals stay the same
@@ -207,6 +195,7 @@ def run_cohort(
     days: int,
     seed: int,
     workers: int,
+    twins: str,
     **meal_errors: float,
 ) -> dict[str, dict[str, Any]]:
     patients = cohort(name)
@@ -214,7 +203,7 @@ def run_cohort(
     for controller in controllers:
         began = time.perf_counter()
         one = functools.partial(
-            _run_named, controller=controller, days=days, seed=seed, **meal_errors
+            _run_named, controller=controller, days=days, seed=seed, twins=twins, **meal_errors
         )
         names = [p.name for p in patients]
         if workers > 1:
@@ -223,7 +212,7 @@ def run_cohort(
         else:
             traces = [one(n) for n in names]
         entry = outcome(traces)
-        if controller != "basal-bolus":
+        if controller.startswith("mpc"):
             entry["forecast_30_min"] = forecast_rmse(traces)
             entry["final_scales_sensitivity_egp"] = [
                 [round(v, 3) for v in t.scales] for t in traces
@@ -254,10 +243,19 @@ def main() -> None:
     ap.add_argument("--controller", action="append", help=f"default: {', '.join(CONTROLLERS)}")
     ap.add_argument("--parts", default="loop,unannounced", help="loop, unannounced")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    ap.add_argument("--twins", default="runs/bench-twins", help="where mpc@fit's twins go")
     args = ap.parse_args()
     cohorts = tuple(args.cohort or ("adults", "adolescents", "children"))
     controllers = tuple(args.controller or CONTROLLERS)
     parts = set(args.parts.split(","))
+    if any("@fit" in c for c in controllers):  # each patient's twin, fitted from a 7-day log
+        from twinloop.plant.glucose.models import FIT_LOG_DAYS, FIT_LOG_SEED
+        from twinloop.twins.individualize import individualize
+
+        individualize(
+            list(cohorts), args.twins, days=FIT_LOG_DAYS, seed=FIT_LOG_SEED, inline=True,
+            progress=False,
+        )  # fmt: skip
     numba.set_num_threads(1)
     result: dict[str, Any] = {
         "benchmark": "twin_adaptation",
@@ -267,7 +265,14 @@ def main() -> None:
     }
     if "loop" in parts:
         result["loop"] = {
-            c: run_cohort(c, controllers, days=args.days, seed=args.seed, workers=args.workers)
+            c: run_cohort(
+                c,
+                controllers,
+                days=args.days,
+                seed=args.seed,
+                workers=args.workers,
+                twins=args.twins,
+            )
             for c in cohorts
         }
     if "unannounced" in parts:
@@ -279,6 +284,7 @@ def main() -> None:
                 days=args.days,
                 seed=args.seed,
                 workers=args.workers,
+                twins=args.twins,
                 unannounced=0.2,
                 undercount=1.0 / 3.0,
             ),

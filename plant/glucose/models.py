@@ -30,14 +30,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 from twinloop.plant.errors import ConfigError, InvalidInputError
-from twinloop.plant.glucose.patients import PatientParameters
+from twinloop.plant.glucose.patients import (
+    PatientParameters,
+    cohort,
+    initial_states,
+    parameter_matrix,
+)
 from twinloop.plant.glucose.twin_model import TwinModel, read_twin
+from twinloop.plant.glucose.uva_padova import N_MEAL_STATE, P_VG, advance
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -61,6 +70,10 @@ MODEL_HELP = "population (default), population:sample, twin:PATH, fit, or oracle
 FIT_LOG_SEED = 1_000_003
 #: Days of each log synthesized for ``fit``.
 FIT_LOG_DAYS = 7
+#: Minutes over which a correction bolus's glucose drop is measured (its action's duration).
+CORRECTION_WINDOW_MIN = 360
+#: Sensitivity scales tried when calibrating to the correction factor (log-spaced).
+_CALIBRATION_SCALES = np.exp(np.linspace(math.log(0.2), math.log(5.0), 49))
 #: Draws of the prior tried for ``population:sample`` before giving up.
 _SAMPLE_TRIES = 100
 
@@ -114,13 +127,45 @@ def _seed(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
-def population_model(patient: PatientParameters, *, sample: bool = False) -> PatientParameters:
-    """The group's mean model (or a sampled member) at ``patient``'s clinical settings.
+def correction_drop_mg_dl(models: Sequence[PatientParameters]) -> NDArray[np.float64]:
+    """Each model's largest plasma-glucose drop after 1 U on top of its basal steady state.
 
-    Keeps the patient's name; its basal, carb ratio, correction factor, total daily insulin and
-    body weight are the patient's.
+    The model's own correction factor: the drop over :data:`CORRECTION_WINDOW_MIN` minutes,
+    no meal, the scheduled basal going on (mg/dL per U).
     """
-    structure = TwinModel.for_group(
+    m, k = len(models), CORRECTION_WINDOW_MIN
+    params = parameter_matrix(list(models))
+    basal = np.array([p.basal_u_per_h / 60.0 for p in models])
+    insulin = np.repeat(basal[:, None], k, axis=1)
+    insulin[:, 0] += 1.0
+    gp = np.empty((m, k + 1))
+    advance(
+        initial_states(list(models)), np.zeros((m, N_MEAL_STATE)), params, insulin,
+        np.zeros((m, k)), np.full(m, 5.0), carbs_out=np.empty((m, k)), gp_out=gp,
+        gs_out=np.empty_like(gp), parallel=False, check=False,
+    )  # fmt: skip
+    g = gp / params[:, P_VG : P_VG + 1]
+    drop: NDArray[np.float64] = g[:, 0] - g.min(axis=1)
+    return drop
+
+
+@lru_cache(maxsize=8)
+def drop_per_correction_factor(group: str) -> float:
+    """The group's median of (a patient's 1-U drop ÷ their correction factor).
+
+    How the group's clinical correction factors relate to its patients' modelled response
+    (≈ 1.1 for adults, 1.3 for adolescents, 1.8 for children: the table's children's CFs are
+    conservative). A population-level constant, like the group's mean parameters.
+    """
+    patients = cohort(group)
+    ratios = correction_drop_mg_dl(patients) / np.array(
+        [p.correction_factor_mg_dl_per_u for p in patients]
+    )
+    return float(np.median(ratios))
+
+
+def _structure(patient: PatientParameters) -> TwinModel:
+    return TwinModel.for_group(
         patient.name,
         _group(patient),
         patient.basal_u_per_h,
@@ -129,18 +174,60 @@ def population_model(patient: PatientParameters, *, sample: bool = False) -> Pat
         correction_factor_mg_dl_per_u=patient.correction_factor_mg_dl_per_u,
         total_daily_insulin_u=patient.total_daily_insulin_u,
     )
-    p = len(structure.names)
-    if not sample:
-        return structure.patient(np.zeros(p))
-    rng = np.random.default_rng(_seed(patient.name))
-    for _ in range(_SAMPLE_TRIES):
-        z = structure.clip(np.clip(rng.standard_normal(p), -2.0, 2.0))
-        z[list(structure.names).index("body_weight_kg")] = 0.0  # the weight is known
+
+
+def _calibrated(
+    structure: TwinModel, z: NDArray[np.float64], target_mg_dl: float
+) -> PatientParameters:
+    """``z`` with ``Vmx`` and ``kp3`` scaled together so that 1 U drops glucose by the target."""
+    names = list(structure.names)
+    j_vmx = names.index("vmx_mg_per_kg_min_per_pmol_l")
+    j_kp3 = names.index("kp3_mg_per_kg_min_per_pmol_l")
+    candidates: list[PatientParameters] = []
+    scales: list[float] = []
+    for scale in _CALIBRATION_SCALES:
+        zc = z.copy()
+        zc[j_vmx] += math.log(scale) / structure.prior_sd[j_vmx]
+        zc[j_kp3] += math.log(scale) / structure.prior_sd[j_kp3]
         try:
-            return structure.patient(z)
+            candidates.append(structure.patient(structure.clip(zc)))
         except ConfigError:
             continue
-    raise ConfigError("model", "population:sample", "a prior draw with a basal steady state")
+        scales.append(float(scale))
+    drops = correction_drop_mg_dl(candidates)
+    return candidates[int(np.argmin(np.abs(np.log(drops / target_mg_dl))))]
+
+
+def population_model(
+    patient: PatientParameters, *, sample: bool = False, calibrate: bool = True
+) -> PatientParameters:
+    """The group's mean model (or a sampled member) at ``patient``'s clinical settings.
+
+    Keeps the patient's name; its basal, carb ratio, correction factor, total daily insulin and
+    body weight are the patient's. With ``calibrate`` (default) the model's insulin sensitivity
+    (``Vmx`` and ``kp3`` together) is scaled so that a 1-U correction drops its glucose by the
+    person's correction factor × the group's :func:`drop_per_correction_factor` — the
+    information about sensitivity that the person's settings carry.
+    """
+    structure = _structure(patient)
+    p = len(structure.names)
+    z = np.zeros(p)
+    if sample:
+        rng = np.random.default_rng(_seed(patient.name))
+        for _ in range(_SAMPLE_TRIES):
+            z = structure.clip(np.clip(rng.standard_normal(p), -2.0, 2.0))
+            z[list(structure.names).index("body_weight_kg")] = 0.0  # the weight is known
+            try:
+                structure.patient(z)
+                break
+            except ConfigError:
+                continue
+        else:
+            raise ConfigError("model", "population:sample", "a prior draw with a steady state")
+    if not calibrate:
+        return structure.patient(z)
+    target = patient.correction_factor_mg_dl_per_u * drop_per_correction_factor(_group(patient))
+    return _calibrated(structure, z, target)
 
 
 def twin_path(path: str, patient: PatientParameters, n_patients: int) -> Path:
