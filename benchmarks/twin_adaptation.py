@@ -149,7 +149,7 @@ def run_one(
 
 def outcome(traces: list[Trace]) -> dict[str, Any]:
     """Pooled TIR / < 70 / < 54 (%) and the lowest glucose of each patient."""
-    bg = np.concatenate([t.bg for t in traces])
+    bg = np.maximum(np.concatenate([t.bg for t in traces]), 1.0)  # a collapse counts at 1
     m = glucose_metrics(bg, sample_period_min=1.0)
     return {
         "tir_pct": round(m.time_in_range_70_180_pct, 2),

@@ -833,7 +833,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], protocol: EvaluationProtoc
         f"{protocol.scenario} meals with {protocol.carb_error.kind} ±"
         f"{100 * protocol.carb_error.magnitude:g} % carb-counting error, CGM "
         f"{'with' if protocol.cgm.noise else 'without'} noise, control every "
-        f"{protocol.control_period_min} min. Each cell: mean over seeds and patients of plasma "
+        f"{protocol.control_period_min} min; the twin and the MPC plan on the model "
+        f"`{protocol.model}` (`NAME@MODEL`: on `MODEL`). Each cell: mean over seeds and "
+        "patients of plasma "
         "glucose metrics (1-min samples) ± standard deviation across seeds of the cohort mean. "
         "Ranked per cohort by TIR, ties broken by less time <70 mg/dL; ★ best.",
         "",

@@ -1,6 +1,7 @@
 """Where the loop's model comes from: oracle, the group's mean, a sampled member, a twin."""
 
 import dataclasses
+import math
 import json
 
 import numpy as np
@@ -59,9 +60,15 @@ def test_population_model_keeps_the_persons_clinical_settings_not_their_physiolo
     # the physiology is the group's, not the person's
     assert model.vmx_mg_per_kg_min_per_pmol_l != pytest.approx(true.vmx_mg_per_kg_min_per_pmol_l)
     assert model.glucose_basal_mg_dl != pytest.approx(true.glucose_basal_mg_dl)
-    # two adults get the same physiology (only their settings differ)
+    # two adults get the group's physiology; only their insulin sensitivity is calibrated to
+    # their own correction factor
     other = population_model(get_patient("adult#007"))
-    assert other.vmx_mg_per_kg_min_per_pmol_l == pytest.approx(model.vmx_mg_per_kg_min_per_pmol_l)
+    assert other.kabs_per_min == pytest.approx(model.kabs_per_min)
+    assert other.vmx_mg_per_kg_min_per_pmol_l != pytest.approx(model.vmx_mg_per_kg_min_per_pmol_l)
+    uncalibrated = population_model(get_patient("adult#007"), calibrate=False)
+    assert uncalibrated.vmx_mg_per_kg_min_per_pmol_l == pytest.approx(
+        population_model(true, calibrate=False).vmx_mg_per_kg_min_per_pmol_l
+    )
 
 
 def test_a_sampled_member_is_seeded_by_the_patient_and_differs_from_the_mean():
@@ -163,3 +170,20 @@ def test_run_takes_model_on_the_command_line_and_in_its_config(tmp_path, capsys)
     code = main(["run", "--config", str(config), "--placement", "inline"])
     err = capsys.readouterr().err
     assert code == 2 and "--model='twin' is not allowed" in err
+
+
+def test_the_population_model_is_calibrated_to_the_persons_correction_factor():
+    from twinloop.plant.glucose.models import correction_drop_mg_dl, drop_per_correction_factor
+
+    ratio = drop_per_correction_factor("adults")
+    assert 0.8 < ratio < 1.5  # the adults' modelled 1-U drop is about their CF
+    for name in ("adult#004", "adult#009"):  # the least and one of the most sensitive
+        true = get_patient(name)
+        target = true.correction_factor_mg_dl_per_u * ratio
+        calibrated = population_model(true)
+        mean = population_model(true, calibrate=False)
+        (drop,) = correction_drop_mg_dl([calibrated])
+        (mean_drop,) = correction_drop_mg_dl([mean])
+        assert abs(math.log(drop / target)) < 0.1  # within 10 %
+        assert abs(math.log(mean_drop / target)) > 0.3  # the uncalibrated mean was far off
+        assert calibrated.basal_u_per_h == pytest.approx(true.basal_u_per_h)
