@@ -109,6 +109,27 @@ class TwinEstimate(Message):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ModelSwap(Message):
+    """The loop's model was replaced by a twin re-fitted from the loop's own recording.
+
+    The twin estimator (and a controller that plans on a model) run on the new model from
+    ``t_min``. The fit started at ``fit_started_min`` on the CGM, the reported insulin and the
+    announced meals of ``[window_start_min, fit_started_min)``; ``cgm_readings`` were scored,
+    with a residual RMSE of ``fit_rmse_mg_dl``, in ``fit_seconds`` of wall time.
+    ``correction_drop_mg_dl_per_u`` is the new model's glucose drop after a 1-U correction
+    (:func:`twinloop.plant.glucose.models.correction_drop_mg_dl`).
+    """
+
+    fit_started_min: float
+    window_start_min: float
+    cgm_readings: int
+    fit_rmse_mg_dl: float
+    fit_seconds: float
+    correction_drop_mg_dl_per_u: float
+    kind: ClassVar[str] = "model_swap"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Override(Message):
     """The supervisor changed a command: what was asked, what goes to the pump, and why."""
 

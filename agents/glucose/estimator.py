@@ -128,6 +128,7 @@ from twinloop.plant.glucose.uva_padova import (
     P_M4,
     P_M30,
     P_VG,
+    P_VI,
     P_VMX,
     advance,
 )
@@ -563,13 +564,7 @@ class TwinEstimator:
             _number("scheduled_basal_u_per_h", scheduled_basal_u_per_h, 0.0, 1000.0)
         )  # fmt: skip
         self._scheduled_u_per_min = basal_u_per_h / 60.0
-        self._params = parameter_matrix([patient])
-        p = self._params[0]
-        self._vg = float(p[P_VG])
-        self._bw = float(p[P_BW])
-        self._vmx = float(p[P_VMX])
-        self._kp3 = float(p[P_KP3])
-        self._kp1 = float(p[P_KP1])
+        self._bind_model(patient)
         self._bounds = np.log(
             [
                 cfg.sensitivity_min_scale,
@@ -579,7 +574,6 @@ class TwinEstimator:
             ]
         )
         self._phi = cfg.cgm_error_phi_per_min
-        self._insulin_ss_pmol_kg = self._steady_insulin(self._scheduled_u_per_min)
 
         # Unscented weights; the sigma points that need the model are all but the two that
         # differ from the mean only in the CGM error (the last state: its Cholesky column
@@ -598,18 +592,13 @@ class TwinEstimator:
         self._pts = np.empty((2 * n + 1, n))
         self._chol = np.zeros((n, n))
         self._xs = np.empty((n_rows, N_STATES))
-        self._row_params = np.repeat(self._params, n_rows, axis=0)
         self._row_meal_state = np.empty((n_rows, N_MEAL_STATE))
         self._row_rate = np.full(n_rows, _EAT_RATE_G_PER_MIN)
         self._one_rate = np.full(1, _EAT_RATE_G_PER_MIN)
-        self._mean_params = self._params.copy()
         self._buffers: dict[tuple[int, int], tuple[NDArray[np.float64], ...]] = {}
         self._work = np.empty((n + 2, n))
-        self._h = np.zeros(n)
-        self._h[_G_S] = 1.0 / self._vg
-        self._h[I_CGM_ERR] = 1.0
         self._r = cfg.cgm_white_noise_sd_mg_dl**2
-        self._q_abs, self._q_rel = self._process_noise_parts()
+        self._bind_arrays()
 
         self._t = _whole_minute("t0_min", t0_min)
         x = np.zeros(n)
@@ -882,7 +871,77 @@ class TwinEstimator:
             )
         return self._mean_trajectory(t_min, int(h))[2]
 
+    def swap_model(self, patient: PatientParameters) -> None:
+        """Run the filter on ``patient``'s model from now on, continuing the current estimate.
+
+        For a model re-fitted while the loop runs (:mod:`twinloop.agents.glucose.loop`,
+        ``refit_every_days``). The mean and covariance are mapped state by state (a linear map
+        ``x ← c + a·x``, ``P ← diag(a) P diag(a)``), so the glucose estimate does not jump:
+
+        * glucose: the concentrations are kept (``G_p``, ``G_s`` × ``Vg_new / Vg_old``; ``G_t``
+          keeps its ratio to ``G_p`` relative to each model's basal steady state);
+        * the stomach and gut (mg, not per kg) and the eating process are kept;
+        * insulin: the excess over each model's basal steady state is kept as an amount (the
+          per-kg masses ``I_p``, ``I_l``, ``I_sc1``, ``I_sc2`` × ``BW_old / BW_new``) and as a
+          plasma concentration (``I_1``, ``I_d`` and the action ``X`` × ``Vi_old·BW_old /
+          (Vi_new·BW_new)``), so the insulin on board is unchanged;
+        * the CGM error ``e`` is kept;
+        * the sensitivity and EGP scales restart at 1 (the new model is the fit) with their
+          prior variance and no correlation with the rest.
+
+        The inputs already observed (deliveries, meals), the meal gate and the detected
+        carbohydrates are kept.
+        """
+        old = self._params[0].copy()
+        x_old = np.asarray(self.patient.x0, dtype=np.float64)
+        self._bind_model(patient)
+        new = self._params[0]
+        x_new = np.asarray(patient.x0, dtype=np.float64)
+        a = np.ones(N_AUG)
+        c = np.zeros(N_AUG)
+        a[[_G_P, _G_S]] = new[P_VG] / old[P_VG]
+        a[_G_T] = (x_new[_G_T] / x_new[_G_P]) / (x_old[_G_T] / x_old[_G_P]) * a[_G_P]
+        mass = old[P_BW] / new[P_BW]
+        conc = old[P_VI] * old[P_BW] / (new[P_VI] * new[P_BW])
+        for j, factor in ((_I_P, mass), (_I_L, mass), (_I_SC1, mass), (_I_SC2, mass),
+                          (_I_1, conc), (_I_D, conc), (_X, conc)):  # fmt: skip
+            a[j] = factor
+            c[j] = x_new[j] - factor * x_old[j]
+        cfg = self.config
+        x = c + a * self._x
+        x[I_THETA] = x[I_EGP] = 0.0
+        p = self._p * np.outer(a, a)
+        for j, sd in ((I_THETA, cfg.sensitivity_prior_sd), (I_EGP, cfg.egp_prior_sd)):
+            p[j, :] = 0.0
+            p[:, j] = 0.0
+            p[j, j] = sd**2 + self._q_abs[j]
+        self._x = x
+        self._bind_arrays()
+        _clip_state(self._x, self._bounds)
+        self._p = 0.5 * (p + p.T)
+
     # --- internals -------------------------------------------------------------------------
+
+    def _bind_model(self, patient: PatientParameters) -> None:
+        """Set the model's parameters (``patient``) and what follows from them alone."""
+        self.patient = patient
+        self._params = parameter_matrix([patient])
+        p = self._params[0]
+        self._vg = float(p[P_VG])
+        self._bw = float(p[P_BW])
+        self._vmx = float(p[P_VMX])
+        self._kp3 = float(p[P_KP3])
+        self._kp1 = float(p[P_KP1])
+        self._insulin_ss_pmol_kg = self._steady_insulin(self._scheduled_u_per_min)
+
+    def _bind_arrays(self) -> None:
+        """The model's rows of the sigma points, the measurement vector and the process noise."""
+        self._row_params = np.repeat(self._params, self._rows.shape[0], axis=0)
+        self._mean_params = self._params.copy()
+        self._h = np.zeros(N_AUG)
+        self._h[_G_S] = 1.0 / self._vg
+        self._h[I_CGM_ERR] = 1.0
+        self._q_abs, self._q_rel = self._process_noise_parts()
 
     def _steady_insulin(self, u_per_min: float) -> float:
         """``I_sc1 + I_sc2 + I_p + I_l`` (pmol/kg) in the steady state of a basal (U/min)."""

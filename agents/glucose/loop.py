@@ -27,6 +27,20 @@ sensor, no command for the controller (the supervisor then sends its safe comman
 scheduled basal without bolus for the supervisor and for the actuator (a pump's own fallback).
 A restarted actor starts again from the agent's initial state. Messages on every channel go to
 the listeners (the recorder).
+
+Re-fitting the model (``refit_every_days``): every so many simulated days, at the first tick of
+the day, the loop fits a new twin to the last ``refit_window_days`` of what its twin saw — the
+CGM readings delivered, the insulin the pump reported and the meals announced
+(:mod:`twinloop.agents.glucose.refit`) — in a background worker (a Ray task on the ``ray``
+placement, else a worker process), so the tick never runs the fit. The new model is swapped in
+at the start of a tick, the twin first (:meth:`TwinEstimator.swap_model`: the estimate goes on
+from where it was), then a controller that plans on a model (``swap_model``), and the swap is
+recorded on ``estimator->models`` (:class:`~twinloop.agents.messages.ModelSwap`). When: in
+simulated time at the first tick ``refit_delay_min`` after the fit started (waiting for the
+fit there if it has not finished: simulated time is not wall time, so a seed gives one
+trajectory whatever the machine); on the wall clock at the first tick after the fit finished
+(never waiting; a fit still running when the next is due is not started again). A fit that fails
+is recorded on ``runtime->faults`` (agent ``refit``) and the loop keeps its model.
 """
 
 from __future__ import annotations
@@ -43,6 +57,7 @@ from twinloop.agents.channels import Channel, Listener
 from twinloop.agents.errors import LoopConfigError
 from twinloop.agents.glucose.devices import PumpActuator, SensorAgent
 from twinloop.agents.glucose.estimator import TwinEstimator
+from twinloop.agents.glucose.refit import LoopLog, Pending, RefitJob, RefitResult, release, submit
 from twinloop.agents.glucose.supervisor import SafetySupervisor, SupervisorConfig
 from twinloop.agents.messages import (
     AgentFault,
@@ -51,6 +66,7 @@ from twinloop.agents.messages import (
     InsulinDelivery,
     MealAnnouncement,
     Message,
+    ModelSwap,
     PlantGlucose,
     TickTiming,
     TwinEstimate,
@@ -87,6 +103,7 @@ CHANNELS = (
     "clock->ticks",
     "runtime->faults",
     "estimator->controller",
+    "estimator->models",
 )
 
 #: Below this many seconds to wait, the wall clock spins instead of sleeping.
@@ -113,6 +130,13 @@ class LoopConfig:
             ``twin:PATH`` or ``oracle``; the plant, the pump and the supervisor's limits are
             always the patient's own. (``fit`` is resolved into ``twin:DIR`` before a loop is
             configured: :mod:`twinloop.twins.individualize`.)
+        refit_every_days: re-fit the loop's model from its own recording every this many
+            simulated days (0: never; needs the twin); see the module docstring.
+        refit_window_days: days of recording each re-fit uses (the last ones), 1..30.
+        refit_max_iter: L-BFGS-B iterations per pass of a re-fit
+            (:func:`twinloop.plant.glucose.identification.fit_twin`'s ``max_iter``).
+        refit_delay_min: in simulated time, minutes between a re-fit's start and the swap of
+            its model, 1..1440 (the wall clock swaps when the fit is done).
 
     """
 
@@ -132,6 +156,10 @@ class LoopConfig:
     clock: str = "sim"
     wall_s_per_sim_min: float = 0.01
     model: str = DEFAULT_MODEL
+    refit_every_days: int = 0
+    refit_window_days: int = 7
+    refit_max_iter: int = 200
+    refit_delay_min: int = 60
 
     def __post_init__(self) -> None:
         if not (
@@ -181,11 +209,31 @@ class LoopConfig:
                 "(`twinloop twin individualize`) and give model=twin:DIR",
             )
         object.__setattr__(self, "model", choice.spec)
+        self._check_refit()
         self.patient_table()
         if choice.kind == "twin" and not Path(str(choice.path)).expanduser().exists():
             raise LoopConfigError(
                 "model", self.model, "twin:PATH of a twin.yaml or a directory of <patient>.yaml"
             )
+
+    def _check_refit(self) -> None:
+        def whole(value: object, lo: int, hi: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+        if not whole(self.refit_every_days, 0, 366):
+            raise LoopConfigError(
+                "refit_every_days", self.refit_every_days, "whole days 0..366 (0: never)"
+            )
+        if self.refit_every_days and not self.twin:
+            raise LoopConfigError(
+                "refit_every_days", self.refit_every_days, "0 without the twin (twin=false)"
+            )
+        if not whole(self.refit_window_days, 1, 30):
+            raise LoopConfigError("refit_window_days", self.refit_window_days, "whole days 1..30")
+        if not whole(self.refit_max_iter, 1, 1000):
+            raise LoopConfigError("refit_max_iter", self.refit_max_iter, "an integer 1..1000")
+        if not whole(self.refit_delay_min, 1, MIN_PER_DAY):
+            raise LoopConfigError("refit_delay_min", self.refit_delay_min, "whole minutes 1..1440")
 
     def model_of(self, patient: PatientParameters) -> PatientParameters:
         """The model the loop of ``patient`` plans on (see ``model``)."""
@@ -258,6 +306,11 @@ class PatientLoop:
         self._eat_rate = np.array([DEFAULT_EAT_RATE_G_PER_MIN])
         self._new_readings: list[CgmReading] = []
         self._last_deliveries: list[InsulinDelivery] = []
+        #: what the twin saw, for re-fits (None: no re-fit)
+        self.log = LoopLog(config.days * MIN_PER_DAY) if config.refit_every_days else None
+        self._next_refit_min = config.refit_every_days * MIN_PER_DAY
+        self._refit: tuple[int, int, Pending] | None = None  # (started, window start, fit)
+        self._pool_fits = 0  # fits submitted to the shared worker process
         self.place(InlinePlacement())
 
     def listen(self, listener: Listener) -> None:
@@ -275,7 +328,13 @@ class PatientLoop:
         self._twin = None if self.twin is None else placement.host(self.twin, label="twin")
 
     def close(self) -> None:
-        """Stop hosting the agents (their copies in Ray actors)."""
+        """Stop hosting the agents (their copies in Ray actors); drop a re-fit under way."""
+        if self._refit is not None:
+            self._refit[2].cancel()
+            self._refit = None
+        if self._pool_fits:
+            release(self._pool_fits)
+            self._pool_fits = 0
         refs = [self._sensor, self._controller, self._supervisor, self._actuator]
         self.placement.release(refs if self._twin is None else [*refs, self._twin])
 
@@ -301,6 +360,8 @@ class PatientLoop:
             delivered = self.channels["sensor->controller"].send(reading)
             if isinstance(delivered, CgmReading):
                 self._new_readings.append(delivered)
+                if self.log is not None:
+                    self.log.reading(delivered)
 
     def _announce(
         self, t0: int, t1: int
@@ -369,7 +430,12 @@ class PatientLoop:
         if t0 == 0:
             x = self._x[0]
             yield from self._sense([self._truth(0.0, x[3], x[12])])
+        if self.log is not None:
+            yield from self._refit_steps(t0)
         announced, starts, meal_messages = self._announce(t0, t0 + period)
+        if self.log is not None:
+            for message in meal_messages:
+                self.log.meal(message)
         readings, self._new_readings = self._new_readings, []
         deliveries, self._last_deliveries = self._last_deliveries, []
         step_args = (float(t0), deliveries, meal_messages, readings)
@@ -424,6 +490,8 @@ class PatientLoop:
             # the pump's own report, which a silent actuator fault (an occlusion) leaves as is
             sent = self.channels["actuator->plant"].send(delivery)
             self._last_deliveries.append(delivery)
+            if self.log is not None:
+                self.log.delivery(delivery)
             self.iob.record(delivery.total_u)  # the controller's insulin on board: reported
             insulin[0, k] = sent.total_u if isinstance(sent, InsulinDelivery) else 0.0
         advance(
@@ -444,6 +512,62 @@ class PatientLoop:
                 self._truth(float(t0 + k), self._gp[0, k], self._gs[0, k])
                 for k in range(1, period + 1)
             ]
+        )
+
+    def _refit_steps(self, t0: int) -> Steps:
+        """Swap in a finished re-fit's model when due; start a re-fit when one is due."""
+        cfg = self.config
+        if self._refit is not None:
+            started, first, pending = self._refit
+            due = t0 >= started + cfg.refit_delay_min if cfg.clock == "sim" else pending.ready()
+            if due:
+                self._refit = None
+                try:
+                    result = pending.result()  # in sim time: waits if the fit is not done
+                except Exception as exc:  # a fit that fails leaves the loop as it was
+                    self._fault("refit", exc, "keeps its model")
+                else:
+                    yield from self._swap(t0, started, first, result)
+        if t0 >= self._next_refit_min and t0 > 0:
+            self._next_refit_min += cfg.refit_every_days * MIN_PER_DAY
+            if self._refit is not None:  # wall clock: the previous fit is still running
+                busy = RuntimeError("the previous re-fit is still running")
+                self._fault("refit", busy, "no new re-fit")
+                return
+            assert self.log is not None
+            first = max(0, t0 - cfg.refit_window_days * MIN_PER_DAY)
+            job = RefitJob.for_patient(self.patient, self.log.grid(first, t0), cfg.refit_max_iter)
+            try:
+                on_ray = self.placement.name == "ray"
+                pending = submit(job, on_ray=on_ray)
+            except Exception as exc:  # no worker: the loop goes on with its model
+                self._fault("refit", exc, "keeps its model")
+                return
+            self._pool_fits += int(not on_ray)
+            self._refit = (t0, first, pending)
+
+    def _swap(self, t0: int, started: int, first: int, result: RefitResult) -> Steps:
+        """Swap the twin's model, then the planning controller's; record it."""
+        assert self._twin is not None
+        (outcome,) = yield [Request(self._twin, "swap_model", (result.model,))]
+        if outcome.error is not None:
+            self._fault("twin", outcome.error, "keeps its model")
+            return
+        if callable(getattr(self.controller, "swap_model", None)):
+            (outcome,) = yield [Request(self._controller, "swap_model", (result.model,))]
+            if outcome.error is not None:  # the twin's state is of the new model already
+                self._fault("controller", outcome.error, "plans on its previous model")
+        self.model = result.model
+        self.channels["estimator->models"].send(
+            ModelSwap(
+                float(t0),
+                float(started),
+                float(first),
+                result.cgm_readings,
+                result.rmse_mg_dl,
+                result.seconds,
+                result.correction_drop_mg_dl_per_u,
+            )
         )
 
     def run(self, progress: Callable[[int], None] | None = None) -> None:

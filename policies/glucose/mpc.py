@@ -182,6 +182,17 @@ class MPCController:
         """The controller of ``patient`` (basal, carb ratio and model from its profile)."""
         return cls(patient, **overrides)
 
+    def swap_model(self, patient: PatientParameters) -> None:
+        """Plan on ``patient``'s model from the next tick (a re-fitted twin's; see the loop).
+
+        Only the model changes: the clinical settings (scheduled basal, carb ratio, maximum
+        rate) stay the person's, and the previous plan stays the warm start. The twin's plan
+        state must be of the same model (the loop swaps the twin's model first).
+        """
+        self.patient = patient
+        self._params = parameter_matrix([patient])[0]
+        self._vg = float(self._params[P_VG])
+
     # --- the decision --------------------------------------------------------------------
 
     def decide(self, obs: ControllerInput) -> Dose:
