@@ -99,9 +99,8 @@ def _check_common(settings: dict[str, Any]) -> None:
 
 def _fit_twins(names: Sequence[str], out: str | Path, settings: Mapping[str, Any]) -> str:
     """``--model fit``: each patient's twin fitted from a synthesized log, as ``twin:DIR``."""
-    from twinloop.twins.individualize import individualize
-
     from twinloop.plant.glucose.models import FIT_LOG_DAYS, FIT_LOG_SEED
+    from twinloop.twins.individualize import individualize
 
     result = individualize(
         list(names),

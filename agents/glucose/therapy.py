@@ -12,6 +12,7 @@ from twinloop.agents.messages import (
     InsulinCommand,
     InsulinDelivery,
     MealAnnouncement,
+    ModelSwap,
     TwinEstimate,
 )
 from twinloop.agents.placement import Placement
@@ -47,6 +48,13 @@ class GlucoseLoop:
             "first) or oracle (the true patient: an upper bound)",
         ),
         RunOption(
+            "refit_every_days",
+            integer(0),
+            0,
+            "re-fit the twin from the loop's own recording every N simulated days (the last 7 "
+            "days, off the tick; default 0: off)",
+        ),
+        RunOption(
             "clock",
             one_of(("sim", "wall")),
             "sim",
@@ -74,6 +82,7 @@ class GlucoseLoop:
         "supervisor->actuator": InsulinCommand,
         "actuator->plant": InsulinDelivery,
         "estimator->controller": TwinEstimate,
+        "estimator->models": ModelSwap,
     }
     default_out = "runs/run-%Y%m%d-%H%M%S"
 
@@ -90,6 +99,7 @@ class GlucoseLoop:
             controller=controller,
             scenario=options["scenario"],
             model=options["model"],
+            refit_every_days=options["refit_every_days"],
             clock=options["clock"],
             wall_s_per_sim_min=options["time_scale"],
         )

@@ -1,8 +1,8 @@
 """Where the loop's model comes from: oracle, the group's mean, a sampled member, a twin."""
 
 import dataclasses
-import math
 import json
+import math
 
 import numpy as np
 import pytest
