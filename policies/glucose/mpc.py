@@ -112,6 +112,11 @@ class MPCController:
         carb_uncertainty: relative error of the carbohydrates the twin believes are still to
             be absorbed, guarded against in the low-glucose penalty (the counting error of the
             announced grams: ±30 % in the evaluation protocol).
+        low_scenario_sensitivity: insulin sensitivity of the fewer-carbohydrates scenario
+            relative to the twin's (``Vmx`` and ``kp3`` × this; 1 = the twin's): a margin for a
+            model whose sensitivity may be off. 1.3 removed adult#009's lows under unannounced
+            meals on its fitted twin but cost about 2 TIR points over four hard patients, so
+            the default stays 1.
         iterations: linearisations per tick (1 = one convex solve).
 
     Tuning (cohorts of 10, 3 days, random meals with ±30 % counting error, seed 0; TIR / time
@@ -138,6 +143,7 @@ class MPCController:
     max_rate_factor: float = 4.0
     max_meal_bolus_fraction: float = 1.3
     carb_uncertainty: float = 0.3
+    low_scenario_sensitivity: float = 1.0
     iterations: int = 1
     #: ticks without a twin state (scheduled basal and carb-ratio bolus given instead)
     fallbacks: int = dataclasses.field(default=0, init=False)
@@ -162,7 +168,13 @@ class MPCController:
             raise PolicyConfigError(f"carb_uncertainty={cu!r} is not allowed: 0 <= value < 1")
         if isinstance(self.iterations, bool) or self.iterations not in range(1, 6):
             raise PolicyConfigError(f"iterations={self.iterations!r} is not allowed: 1..5")
-        for name in ("target_mg_dl", "low_mg_dl", "max_rate_factor", "max_meal_bolus_fraction"):
+        for name in (
+            "target_mg_dl",
+            "low_mg_dl",
+            "max_rate_factor",
+            "max_meal_bolus_fraction",
+            "low_scenario_sensitivity",
+        ):
             _positive(name, getattr(self, name))
         for name in ("low_weight", "effort_weight", "bolus_weight"):
             value = getattr(self, name)
@@ -352,6 +364,9 @@ class MPCController:
         params[:, P_VMX] *= state.sensitivity_scale
         params[:, P_KP3] *= state.sensitivity_scale
         params[:, P_KP1] *= state.egp_scale
+        # the fewer-carbohydrates scenario also has insulin more effective than the twin says
+        params[rows:, P_VMX] *= self.low_scenario_sensitivity
+        params[rows:, P_KP3] *= self.low_scenario_sensitivity
         n = self.n_blocks
         insulin[:rows] = np.repeat(plans[:, :n] / 60.0, self._block, axis=1)
         if with_bolus:

@@ -187,3 +187,23 @@ def test_the_population_model_is_calibrated_to_the_persons_correction_factor():
         assert abs(math.log(drop / target)) < 0.1  # within 10 %
         assert abs(math.log(mean_drop / target)) > 0.3  # the uncalibrated mean was far off
         assert calibrated.basal_u_per_h == pytest.approx(true.basal_u_per_h)
+
+
+def test_run_with_model_fit_fits_the_twin_first_and_plans_on_it(tmp_path, monkeypatch, capsys):
+    from twinloop.cli.main import main
+    from twinloop.plant.glucose import models
+
+    monkeypatch.setattr(models, "FIT_LOG_DAYS", 2)  # a short log keeps the test fast
+    out = tmp_path / "run"
+    code = main(
+        ["run", "--patient", "adult#002", "--placement", "inline", "--controller", "mpc",
+         "--model", "fit", "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    twin = out / "twins" / "adult#002.yaml"
+    assert twin.is_file() and (out / "twins" / "individualize.json").is_file()
+    model = json.loads((out / "manifest.json").read_text())["config"]["model"]
+    assert model == f"twin:{(out / 'twins').resolve()}"
+    # the loop planned on that twin: its model is the fitted one, not the population mean
+    fitted = loop_model(parse_model(model), get_patient("adult#002"))
+    assert fitted != population_model(get_patient("adult#002"))

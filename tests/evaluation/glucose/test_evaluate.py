@@ -457,3 +457,17 @@ def test_a_model_yaml_key_loads_and_the_cli_overrides_it(tmp_path, capsys):
     )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "twin:/nowhere" in err and len(err.strip().splitlines()) == 1
+
+
+def test_model_fit_fits_each_patients_twin_before_the_runs(tmp_path):
+    protocol = dataclasses.replace(
+        TINY, cohorts=("adult#003",), days=1, seeds=(0,), model="fit", fit_days=2
+    )
+    result = evaluate(["mpc", "mpc@oracle"], protocol, tmp_path, use_ray=False, progress=False)
+    assert (tmp_path / "twins" / "adult#003.yaml").is_file()
+    rows = {r["controller"]: r for r in result.comparison}
+    assert set(rows) == {"mpc", "mpc@oracle"} and not result.failed
+    # the fitted twin and the oracle are different models: different trajectories
+    assert rows["mpc"]["mean_mg_dl"] != pytest.approx(rows["mpc@oracle"]["mean_mg_dl"], abs=1e-9)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["protocol"]["model"] == "fit"

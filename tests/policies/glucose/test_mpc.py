@@ -229,3 +229,17 @@ def test_the_fewer_carbs_scenario_drops_the_detected_grams():
     lean_g = MPCController(p, carb_uncertainty=0.0)._simulate(lean, plan, False)[0, 0]
     np.testing.assert_allclose(g_det[1], lean_g, rtol=1e-9)
     assert g_det[1].max() < g_ann[1].max()
+
+
+def test_the_low_scenario_can_assume_insulin_more_effective_than_the_twin_says():
+    p = get_patient("adult#002")
+    state = _state(p, 1.2)
+    plan = np.full((1, 12), 2.0 * p.basal_u_per_h)
+    plain = MPCController(p, carb_uncertainty=0.0)._simulate(state, plan, False)[:, 0]
+    margin = MPCController(p, carb_uncertainty=0.0, low_scenario_sensitivity=1.3)
+    g = margin._simulate(state, plan, False)[:, 0]
+    np.testing.assert_allclose(g[0], plain[0], rtol=1e-12)  # the nominal scenario unchanged
+    np.testing.assert_allclose(plain[1], plain[0], rtol=1e-12)
+    assert g[1, -1] < g[0, -1] - 5.0  # more insulin effect: lower at the horizon's end
+    with pytest.raises(PolicyConfigError, match="low_scenario_sensitivity"):
+        MPCController(p, low_scenario_sensitivity=0.0)
