@@ -211,7 +211,11 @@ class EstimatorConfig:
         sensitivity_max_scale: highest scale; ``min < 1 < max``.
         egp_prior_sd: initial SD of ``η = ln r``, the EGP scale on ``kp1`` (log units; 0.1 ≈
             ±10 % of ``kp1``, about ±20 % of the basal production); 0 with a rate of 0 freezes it.
-        egp_rate_per_sqrt_day: random walk of ``η``, log units per √day.
+        egp_rate_per_sqrt_day: random walk of ``η``, log units per √day. 0 by default: the
+            EGP scale is estimated from its prior in the first hours and then held. A
+            drifting EGP scale (0.05/√day) absorbed unannounced meals as production and the
+            MPC stacked insulin on it: on fitted twins with 20 % of meals unannounced, adult#009
+            went below 54 mg/dL in 2 of 30 adult runs; held, none (TIR 91.1 → 90.5 %).
         egp_min_scale: lowest EGP scale ``r``, in (0, 1).
         egp_max_scale: highest EGP scale, > 1.
         meal_detection: whether the filter estimates carbohydrates nobody announced (the meal
@@ -248,7 +252,7 @@ class EstimatorConfig:
     sensitivity_min_scale: float = 0.25
     sensitivity_max_scale: float = 4.0
     egp_prior_sd: float = 0.1
-    egp_rate_per_sqrt_day: float = 0.05
+    egp_rate_per_sqrt_day: float = 0.0
     egp_min_scale: float = 0.6
     egp_max_scale: float = 1.6
     meal_detection: bool = True
