@@ -249,13 +249,9 @@ def main() -> None:
     controllers = tuple(args.controller or CONTROLLERS)
     parts = set(args.parts.split(","))
     if any("@fit" in c for c in controllers):  # each patient's twin, fitted from a 7-day log
-        from twinloop.plant.glucose.models import FIT_LOG_DAYS, FIT_LOG_SEED
-        from twinloop.twins.individualize import individualize
+        from twinloop.twins.individualize import fitted_model
 
-        individualize(
-            list(cohorts), args.twins, days=FIT_LOG_DAYS, seed=FIT_LOG_SEED, inline=True,
-            progress=False,
-        )  # fmt: skip
+        fitted_model(list(cohorts), args.twins, inline=True, progress=False)
     numba.set_num_threads(1)
     result: dict[str, Any] = {
         "benchmark": "twin_adaptation",

@@ -34,7 +34,6 @@ def main() -> int:
 
     from twinloop.campaigns.campaign import run_campaign
     from twinloop.campaigns.spec import load_spec, shipped_specs
-    from twinloop.plant.glucose.models import FIT_LOG_DAYS, FIT_LOG_SEED
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,13 +41,9 @@ def main() -> int:
     model = args.model
     fit_s = 0.0
     if model == "fit":
-        from twinloop.twins.individualize import individualize
+        from twinloop.twins.individualize import fitted_model
 
-        result = individualize(
-            args.patients, out / "twins", days=FIT_LOG_DAYS, seed=FIT_LOG_SEED,
-            inline=args.inline, progress=False,
-        )  # fmt: skip
-        model = f"twin:{result.out_dir.resolve()}"
+        model = fitted_model(args.patients, out / "twins", inline=args.inline, progress=False)
         fit_s = time.perf_counter() - t0
     base = yaml.safe_load(Path(shipped_specs()["glucose_unannounced"]).read_text())
     minutes = args.days * 1440

@@ -99,19 +99,15 @@ def _check_common(settings: dict[str, Any]) -> None:
 
 def _fit_twins(names: Sequence[str], out: str | Path, settings: Mapping[str, Any]) -> str:
     """``--model fit``: each patient's twin fitted from a synthesized log, as ``twin:DIR``."""
-    from twinloop.plant.glucose.models import FIT_LOG_DAYS, FIT_LOG_SEED
-    from twinloop.twins.individualize import individualize
+    from twinloop.twins.individualize import fitted_model
 
-    result = individualize(
+    return fitted_model(
         list(names),
         Path(out) / "twins",
-        days=FIT_LOG_DAYS,
-        seed=FIT_LOG_SEED,
         address=settings["address"],
         inline=settings["placement"] == "inline",
         progress=bool(settings["progress"]),
     )
-    return f"twin:{Path(result.out_dir).resolve()}"
 
 
 def main_run(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from twinloop.plant.glucose.cohorts import (
     load_population,
     population_tokens,
 )
+from twinloop.plant.glucose.models import FIT_LOG_DAYS, FIT_LOG_SEED
 from twinloop.plant.glucose.patients import COHORTS, PatientParameters, cohort, patient_key
 from twinloop.plant.glucose.twin_model import TWIN_FORMAT, TwinFit, write_twin
 from twinloop.twins.person import FitRequest, fit_many
@@ -54,6 +55,7 @@ __all__ = [
     "MANIFEST",
     "IndividualizeResult",
     "PatientTwin",
+    "fitted_model",
     "individualize",
     "log_seed",
     "twin_path",
@@ -587,3 +589,20 @@ def individualize(
         patients=tuple(_result(n, entries[n], out, n in reused) for n in names),
         stages=dict(stages),
     )
+
+
+def fitted_model(
+    patients: Sequence[PatientParameters | str],
+    out_dir: str | Path,
+    *,
+    days: int = FIT_LOG_DAYS,
+    **options: Any,
+) -> str:
+    """A loop's ``model: fit`` resolved: each patient's twin fitted into ``out_dir``.
+
+    :func:`individualize` with the logs' own seed (:data:`twinloop.plant.glucose.models.
+    FIT_LOG_SEED`, apart from any run's seed); ``options`` are its other keywords. Returns the
+    ``twin:DIR`` spec the loop plans on.
+    """
+    result = individualize(patients, out_dir, days=days, seed=FIT_LOG_SEED, **options)
+    return f"twin:{Path(result.out_dir).resolve()}"

@@ -26,20 +26,11 @@ import numpy as np
 
 from twinloop.agents.messages import CgmReading, InsulinDelivery, MealAnnouncement
 from twinloop.plant.glucose.identification import fit_twin
-from twinloop.plant.glucose.models import correction_drop_mg_dl
+from twinloop.plant.glucose.models import clinical_settings, correction_drop_mg_dl
 from twinloop.plant.glucose.patients import PatientParameters
 from twinloop.plant.glucose.twin_model import LogGrid
 from twinloop.plant.units import MIN_PER_DAY
 
-#: The person's settings a clinic knows, given to the fit as the prior's base values (the
-#: scheduled basal is given on its own).
-CLINICAL_SETTINGS = (
-    "body_weight_kg",
-    "age_years",
-    "carb_ratio_g_per_u",
-    "correction_factor_mg_dl_per_u",
-    "total_daily_insulin_u",
-)
 #: UTC instant of the loop's minute 0 in the grids it fits (a midnight: the loop's days start
 #: at midnight, so the grid's clock minute is the loop's minute of the day).
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -109,8 +100,8 @@ class RefitJob:
     @classmethod
     def for_patient(cls, patient: PatientParameters, grid: LogGrid, max_iter: int) -> RefitJob:
         """The fit of ``patient``'s twin: their age group's prior and clinical settings."""
-        overrides = {k: float(getattr(patient, k)) for k in CLINICAL_SETTINGS}
-        return cls(grid, patient.name, patient.cohort, patient.basal_u_per_h, overrides, max_iter)
+        settings = clinical_settings(patient)
+        return cls(grid, patient.name, patient.cohort, patient.basal_u_per_h, settings, max_iter)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,12 +68,7 @@ from twinloop.plant.errors import ConfigError, PlantError
 from twinloop.plant.glucose.cgm import CGMSpec
 from twinloop.plant.glucose.cohorts import expand_names
 from twinloop.plant.glucose.metrics import GlucoseMetrics, glucose_metrics
-from twinloop.plant.glucose.models import (
-    DEFAULT_MODEL,
-    FIT_LOG_SEED,
-    MODEL_HELP,
-    parse_model,
-)
+from twinloop.plant.glucose.models import DEFAULT_MODEL, MODEL_HELP, parse_model
 from twinloop.plant.glucose.patients import COHORTS, patient_names
 from twinloop.plant.glucose.scenarios import MIN_PER_DAY, SCENARIOS, CarbCountingError
 from twinloop.policies.glucose.controllers import POLICY_PREFIX, check_controller_name
@@ -1188,30 +1183,6 @@ class EvaluationResult:
         return tuple(r for r in self.results if r.error is not None)
 
 
-def fit_twins(
-    protocol: EvaluationProtocol,
-    out_dir: Path,
-    *,
-    address: str | None,
-    workers: int | None,
-    progress: bool,
-    use_ray: bool,
-) -> str:
-    """Fit the twin of every patient of the protocol's cohorts (``model: fit``): ``twin:DIR``.
-
-    Each patient's log is :attr:`EvaluationProtocol.fit_days` days of their usual therapy
-    (basal-bolus), synthesized with seeds of their own, apart from the runs' seeds
-    (:func:`twinloop.twins.individualize.individualize`); the twins go to ``out_dir``.
-    """
-    from twinloop.twins.individualize import individualize
-
-    result = individualize(
-        list(protocol.cohorts), out_dir, days=protocol.fit_days, seed=FIT_LOG_SEED,
-        address=address, inline=not use_ray, workers=workers, progress=progress,
-    )  # fmt: skip
-    return f"twin:{Path(result.out_dir).resolve()}"
-
-
 def split_model(controller: str) -> tuple[str, str | None]:
     """``NAME@MODEL`` → ``(NAME, MODEL)``; without a valid model suffix ``(name, None)``."""
     name, at, model = controller.rpartition("@")
@@ -1365,9 +1336,12 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     fitted = None
     if "fit" in (protocol.model, *(split_model(c)[1] for c in controllers)):
-        fitted = fit_twins(
-            protocol, out / TWINS_DIR, address=address, workers=workers, progress=progress,
-            use_ray=use_ray,
+        from twinloop.twins.individualize import fitted_model
+
+        # each patient's twin, from fit_days of a synthesized log of their usual therapy
+        fitted = fitted_model(
+            list(protocol.cohorts), out / TWINS_DIR, days=protocol.fit_days, address=address,
+            inline=not use_ray, workers=workers, progress=progress,
         )  # fmt: skip
     specs = [
         RunSpec(

@@ -46,16 +46,22 @@ from twinloop.plant.glucose.patients import (
     parameter_matrix,
 )
 from twinloop.plant.glucose.twin_model import TwinModel, read_twin
-from twinloop.plant.glucose.uva_padova import N_MEAL_STATE, P_VG, advance
+from twinloop.plant.glucose.uva_padova import (
+    DEFAULT_EAT_RATE_G_PER_MIN,
+    N_MEAL_STATE,
+    P_VG,
+    advance,
+)
 
 __all__ = [
+    "CLINICAL_SETTINGS",
     "DEFAULT_MODEL",
     "FIT_LOG_DAYS",
     "FIT_LOG_SEED",
     "MODEL_HELP",
     "ModelChoice",
+    "clinical_settings",
     "loop_model",
-    "loop_models",
     "parse_model",
     "population_model",
     "twin_path",
@@ -74,6 +80,15 @@ FIT_LOG_DAYS = 7
 CORRECTION_WINDOW_MIN = 360
 #: Sensitivity scales tried when calibrating to the correction factor (log-spaced).
 _CALIBRATION_SCALES = np.exp(np.linspace(math.log(0.2), math.log(5.0), 49))
+#: What a clinic knows of a person (their chart and pump settings), beside the scheduled basal:
+#: every model of them keeps these (the population model, a re-fit's prior).
+CLINICAL_SETTINGS = (
+    "body_weight_kg",
+    "age_years",
+    "carb_ratio_g_per_u",
+    "correction_factor_mg_dl_per_u",
+    "total_daily_insulin_u",
+)
 #: Draws of the prior tried for ``population:sample`` before giving up.
 _SAMPLE_TRIES = 100
 
@@ -119,10 +134,6 @@ def parse_model(spec: object, *, field: str = "model") -> ModelChoice:
     raise ConfigError(field, spec, MODEL_HELP)
 
 
-def _group(patient: PatientParameters) -> str:
-    return patient.cohort
-
-
 def _seed(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
@@ -139,10 +150,11 @@ def correction_drop_mg_dl(models: Sequence[PatientParameters]) -> NDArray[np.flo
     insulin = np.repeat(basal[:, None], k, axis=1)
     insulin[:, 0] += 1.0
     gp = np.empty((m, k + 1))
+    eat = np.full(m, DEFAULT_EAT_RATE_G_PER_MIN)
     advance(
         initial_states(list(models)), np.zeros((m, N_MEAL_STATE)), params, insulin,
-        np.zeros((m, k)), np.full(m, 5.0), carbs_out=np.empty((m, k)), gp_out=gp,
-        gs_out=np.empty_like(gp), parallel=False, check=False,
+        np.zeros((m, k)), eat, carbs_out=np.empty((m, k)), gp_out=gp, gs_out=np.empty_like(gp),
+        parallel=False, check=False,
     )  # fmt: skip
     g = gp / params[:, P_VG : P_VG + 1]
     drop: NDArray[np.float64] = g[:, 0] - g.min(axis=1)
@@ -164,15 +176,18 @@ def drop_per_correction_factor(group: str) -> float:
     return float(np.median(ratios))
 
 
+def clinical_settings(patient: PatientParameters) -> dict[str, float]:
+    """``patient``'s :data:`CLINICAL_SETTINGS`, as base values of a :class:`TwinModel`."""
+    return {k: float(getattr(patient, k)) for k in CLINICAL_SETTINGS}
+
+
 def _structure(patient: PatientParameters) -> TwinModel:
     return TwinModel.for_group(
         patient.name,
-        _group(patient),
+        patient.cohort,
         patient.basal_u_per_h,
-        body_weight_kg=patient.body_weight_kg,
-        carb_ratio_g_per_u=patient.carb_ratio_g_per_u,
-        correction_factor_mg_dl_per_u=patient.correction_factor_mg_dl_per_u,
-        total_daily_insulin_u=patient.total_daily_insulin_u,
+        profile_blocks=0,
+        **clinical_settings(patient),
     )
 
 
@@ -184,7 +199,6 @@ def _calibrated(
     j_vmx = names.index("vmx_mg_per_kg_min_per_pmol_l")
     j_kp3 = names.index("kp3_mg_per_kg_min_per_pmol_l")
     candidates: list[PatientParameters] = []
-    scales: list[float] = []
     for scale in _CALIBRATION_SCALES:
         zc = z.copy()
         zc[j_vmx] += math.log(scale) / structure.prior_sd[j_vmx]
@@ -193,7 +207,6 @@ def _calibrated(
             candidates.append(structure.patient(structure.clip(zc)))
         except ConfigError:
             continue
-        scales.append(float(scale))
     drops = correction_drop_mg_dl(candidates)
     return candidates[int(np.argmin(np.abs(np.log(drops / target_mg_dl))))]
 
@@ -226,7 +239,7 @@ def population_model(
             raise ConfigError("model", "population:sample", "a prior draw with a steady state")
     if not calibrate:
         return structure.patient(z)
-    target = patient.correction_factor_mg_dl_per_u * drop_per_correction_factor(_group(patient))
+    target = patient.correction_factor_mg_dl_per_u * drop_per_correction_factor(patient.cohort)
     return _calibrated(structure, z, target)
 
 
@@ -283,10 +296,3 @@ def loop_model(
         "resolved before the loop starts: fit the twins with `twinloop twin individualize` "
         "(or twinloop.twins.individualize) and run with model=twin:DIR",
     )
-
-
-def loop_models(
-    choice: ModelChoice, patients: Sequence[PatientParameters]
-) -> tuple[PatientParameters, ...]:
-    """:func:`loop_model` of each patient."""
-    return tuple(loop_model(choice, p, n_patients=len(patients)) for p in patients)
