@@ -241,6 +241,11 @@ class LoopConfig:
         n = len(self.patient_table()) if choice.kind == "twin" else 1
         return loop_model(choice, patient, n_patients=n)
 
+    def model_table(self) -> tuple[PatientParameters, ...]:
+        """The model of each patient of :meth:`patient_table`, in order (read once)."""
+        choice, patients = parse_model(self.model), self.patient_table()
+        return tuple(loop_model(choice, p, n_patients=len(patients)) for p in patients)
+
     def patient_table(self) -> tuple[PatientParameters, ...]:
         """The patients of the run, in order."""
         return expand_names(self.patients)

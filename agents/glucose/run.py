@@ -135,7 +135,7 @@ def run_cohort(
 
     """
     patients = config.patient_table()
-    models = [config.model_of(p) for p in patients]  # every model readable before the run
+    models = config.model_table()  # every model readable before the run
     recorder = Recorder(run_dir)
     seeds = [
         np.random.SeedSequence(config.seed, spawn_key=(patient_key(p.name),)) for p in patients
