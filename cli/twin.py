@@ -105,6 +105,13 @@ def add_parser(sub: Any) -> None:
         "logs", nargs="+", help="the log files or directories to replay (or an example's name)"
     )
     r.add_argument("--controller", help="basal-bolus, pid, oref0, mpc or policy:PATH")
+    r.add_argument(
+        "--model",
+        default="fit",
+        help="what a planning controller (mpc) plans on, through a twin estimator: fit (default: "
+        "this twin's MAP), oracle (each posterior draw's own parameters), population, "
+        "population:sample or twin:PATH; the plant is always this twin's posterior draws",
+    )
     r.add_argument("--basal-scale", type=float, default=1.0, help="factor on the logged basal")
     r.add_argument("--basal-u-per-h", type=float, help="a flat basal replacing the logged one")
     r.add_argument("--cr", type=float, help="a new carb ratio, g/U (meal boluses recomputed)")
@@ -116,6 +123,7 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--no-rescue", action="store_true", help="no rescue carbohydrates")
     r.add_argument("--tz", help="IANA time zone of naive times in the log")
     r.add_argument("--out", help="directory for replay.json and replay.png")
+    r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     r.add_argument(
         "--fhir",
         help="also write the twin's predicted days under the alternative therapy (the MAP "
@@ -415,6 +423,7 @@ def _main_replay(args: argparse.Namespace) -> int:
         basal_u_per_h=args.basal_u_per_h,
         carb_ratio_g_per_u=args.cr,
         correction_factor_mg_dl_per_u=args.cf,
+        model=args.model,
     )
     if args.draws < 1:
         return _error(f"--draws {args.draws} is not allowed: an integer >= 1")
@@ -437,6 +446,7 @@ def _main_replay(args: argparse.Namespace) -> int:
         draws=args.draws,
         seed=args.seed,
         rescue=None if args.no_rescue else RescueRule(),
+        progress=not args.no_progress and sys.stderr.isatty(),
     )
     print(
         f"twin {result['twin']}: {result['days']:.2f} days replayed, {result['draws']} draw(s)"

@@ -9,7 +9,9 @@
 * :func:`replay` — re-run a log's days on a twin under the logged therapy and an alternative
   (a controller, or changed basal/CR/CF; :mod:`twinloop.twins.replay`), with rescue carbohydrates,
   over posterior draws when the twin has a posterior; reports both therapies' metrics and their
-  paired difference, median and 5–95 % over the draws.
+  paired difference, median and 5–95 % over the draws. A controller that plans (the MPC) plans
+  through a twin estimator on the replay's model (:data:`REPLAY_MODEL_HELP`), as the loop does:
+  by default the replayed twin's MAP, while the plant is the twin's posterior draws.
 """
 
 from __future__ import annotations
@@ -17,23 +19,32 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from tqdm import tqdm
 
+from twinloop.agents.glucose.estimator import TwinEstimator
 from twinloop.plant.errors import ConfigError
 from twinloop.plant.glucose.metrics import glucose_metrics
+from twinloop.plant.glucose.models import loop_model, parse_model, population_model
+from twinloop.plant.glucose.patients import PatientParameters
 from twinloop.plant.glucose.twin_model import MIN_PER_DAY, LogGrid, TwinFit
-from twinloop.policies.glucose.controllers import check_controller_name, make_controller
+from twinloop.policies.glucose.controllers import (
+    PLANNING_CONTROLLERS,
+    check_controller_name,
+    make_controller,
+)
 from twinloop.policies.glucose.interface import Controller
 from twinloop.twins.identify import fit_twin, log_grid
 from twinloop.twins.logs import TherapyLog, read_log
 from twinloop.twins.replay import LoggedTherapy, LoopTrace, RescueRule, closed_loop
 
 __all__ = [
+    "REPLAY_MODEL_HELP",
     "FitRequest",
     "ReplayTherapy",
     "fit_log",
@@ -43,6 +54,13 @@ __all__ = [
     "validate",
 ]
 
+#: The models a replay's planning controller may plan on (``--model`` of ``twin replay``).
+REPLAY_MODEL_HELP = (
+    "fit (default: the replayed twin's MAP, fitted from the log), oracle (each posterior "
+    "draw's own parameters: an upper bound), population, population:sample or twin:PATH"
+)
+#: The replay's default model: the twin being replayed.
+DEFAULT_REPLAY_MODEL = "fit"
 #: ReplayBG's default hypotreatment rule.
 DEFAULT_RESCUE = RescueRule()
 #: The least a fit needs: days of CGM (at 70 % coverage of the 5-min slots).
@@ -264,6 +282,8 @@ class ReplayTherapy:
         basal_u_per_h: a flat basal replacing the logged one.
         carb_ratio_g_per_u: a new CR (meal boluses recomputed).
         correction_factor_mg_dl_per_u: a new CF.
+        model: what a planning controller (the MPC) plans on, through a twin estimator
+            (:data:`REPLAY_MODEL_HELP`); the plant is always the twin's draws.
 
     """
 
@@ -272,8 +292,13 @@ class ReplayTherapy:
     basal_u_per_h: float | None = None
     carb_ratio_g_per_u: float | None = None
     correction_factor_mg_dl_per_u: float | None = None
+    model: str = DEFAULT_REPLAY_MODEL
 
     def __post_init__(self) -> None:
+        try:
+            parse_model(self.model)
+        except ConfigError:
+            raise ConfigError("model", self.model, REPLAY_MODEL_HELP) from None
         if self.controller is not None:
             allowed = check_controller_name(self.controller)
             if allowed is not None:
@@ -303,9 +328,16 @@ class ReplayTherapy:
                 out[field] = v
         return out
 
+    @property
+    def plans(self) -> bool:
+        """Whether the controller plans on a model (and so uses :attr:`model`)."""
+        return self.controller in PLANNING_CONTROLLERS
+
     def label(self) -> str:
         """A short name for tables."""
         if self.controller is not None:
+            if self.plans:
+                return f"{self.controller}@{self.model}"
             return self.controller
         changes = self.changes()
         if not changes:
@@ -313,14 +345,42 @@ class ReplayTherapy:
         return "logged with " + ", ".join(f"{k}={v:g}" for k, v in changes.items())
 
 
+def replay_models(fit: TwinFit, zs: NDArray[np.float64], spec: str) -> list[PatientParameters]:
+    """The model each draw's planning controller plans on (see :data:`REPLAY_MODEL_HELP`).
+
+    Raises:
+        ConfigError: not a replay model.
+        InvalidInputError: a ``twin:PATH`` that cannot be read.
+
+    """
+    try:
+        choice = parse_model(spec)
+    except ConfigError:
+        raise ConfigError("model", spec, REPLAY_MODEL_HELP) from None
+    if choice.kind == "oracle":
+        return [fit.model.patient(z) for z in zs]
+    twin = fit.patient
+    if choice.kind == "fit":
+        return [twin] * zs.shape[0]
+    if choice.kind == "population":  # the person's name need not tell their age group
+        model = population_model(twin, sample=choice.sample, group=fit.model.group)
+        return [model] * zs.shape[0]
+    return [loop_model(choice, twin)] * zs.shape[0]
+
+
 def _controllers(
-    fit: TwinFit, zs: NDArray[np.float64], grid: LogGrid, therapy: ReplayTherapy
+    fit: TwinFit,
+    zs: NDArray[np.float64],
+    grid: LogGrid,
+    therapy: ReplayTherapy,
+    models: list[PatientParameters] | None,
 ) -> list[Controller]:
     base = fit.model.base
     out: list[Controller] = []
-    for z in zs:
+    for i, z in enumerate(zs):
         if therapy.controller is not None:
-            out.append(make_controller(therapy.controller, fit.model.patient(z)))
+            model = None if models is None else models[i]
+            out.append(make_controller(therapy.controller, fit.model.patient(z), model=model))
             continue
         out.append(
             LoggedTherapy(
@@ -345,6 +405,7 @@ def run_therapy(
     zs: NDArray[np.float64],
     *,
     rescue: RescueRule | None,
+    progress: Callable[[int], object] | None = None,
 ) -> LoopTrace:
     """The twin's draws ``zs`` in closed loop over the grid's days under ``therapy``."""
     params, x0 = fit.model.states(zs, grid)
@@ -355,15 +416,22 @@ def run_therapy(
         seg = segments[int(np.searchsorted(starts, t, side="right")) - 1]
         return seg[2]
 
+    models = replay_models(fit, zs, therapy.model) if therapy.plans else None
+    estimators = None
+    if models is not None:
+        basal = fit.model.basal_u_per_h
+        estimators = [TwinEstimator(m, scheduled_basal_u_per_h=basal) for m in models]
     return closed_loop(
         params,
         x0,
-        _controllers(fit, zs, grid, therapy),
+        _controllers(fit, zs, grid, therapy, models),
         meal_g=grid.carbs_g,
         announced_g=grid.carbs_g,
         scheduled_basal_u_per_h=np.full(zs.shape[0], fit.model.basal_u_per_h),
         sensitivity=sensitivity if fit.model.profile_blocks else None,
         rescue=rescue,
+        estimators=estimators,
+        progress=progress,
     )
 
 
@@ -389,11 +457,13 @@ def replay(
     seed: int = 0,
     rescue: RescueRule | None = DEFAULT_RESCUE,
     burn_in_min: int = 180,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Replay ``grid``'s days on the twin under the logged therapy and under ``therapy``.
 
     With a posterior, ``draws`` draws of the twin (the MAP first) run together; without, the
     MAP alone. The first ``burn_in_min`` minutes are not scored (the twin starts at basal).
+    ``progress`` shows a progress bar per therapy (on stderr).
 
     Returns:
         ``{"therapies": [logged, alternative], "difference": …, "draws": M, …}``: each
@@ -411,13 +481,17 @@ def replay(
     traces = []
     for t in (logged, therapy):
         began = time.perf_counter()
-        trace = run_therapy(fit, grid, t, zs, rescue=rescue)
+        with tqdm(
+            total=grid.minutes, desc=t.label(), unit="min", disable=not progress, leave=False
+        ) as bar:
+            trace = run_therapy(fit, grid, t, zs, rescue=rescue, progress=bar.update)
         m = _metrics(trace, burn_in_min, days)
         metrics.append(m)
         traces.append(trace)
         results.append(
             {
                 "therapy": t.label(),
+                "model": t.model if t.plans else None,
                 "metrics": {k: _summary(v) for k, v in m.items()},
                 "seconds": time.perf_counter() - began,
             }

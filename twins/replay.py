@@ -21,8 +21,15 @@ counted and reported: a therapy that needs many of them would go low without the
   carbs) is recomputed by the standard bolus calculator, ``carbs/CR + max(0, (G − 120)/CF −
   IOB)`` on the member's glucose; stand-alone corrections are scaled by ``CF_old/CF_new``.
 * any controller of :func:`twinloop.policies.glucose.controllers.make_controller` (``basal-bolus``,
-  ``pid``, ``oref0``, ``mpc``, ``policy:PATH``), parametrised with the twin's therapy; ``mpc`` is
-  given the member's own state as its twin.
+  ``pid``, ``oref0``, ``mpc``, ``policy:PATH``), parametrised with the twin's therapy.
+
+**A controller that plans** (``needs_twin``: the MPC) plans on what a twin estimator believes
+when ``estimators`` are given: each member's
+:class:`~twinloop.agents.glucose.estimator.TwinEstimator` (built on the loop's model, which need
+not be the member's) fuses the glucose the controller sees
+(clipped to the CGM's range) at every tick, the insulin delivered and the meals announced, as in
+:class:`~twinloop.agents.glucose.loop.PatientLoop`. Without an estimator it plans on the member's
+exact state: an upper bound no real loop reaches.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from twinloop.agents.glucose.estimator import TwinEstimator
+from twinloop.agents.messages import CgmReading, InsulinDelivery, MealAnnouncement
 from twinloop.plant.glucose.insulin import IobBatch
 from twinloop.plant.glucose.patients import N_STATES
 from twinloop.plant.glucose.twin_model import scale_sensitivity
@@ -173,6 +182,30 @@ class LoggedTherapy:
         return Dose(basal, bolus)
 
 
+def _plan_on_estimator(
+    estimator: TwinEstimator,
+    t: int,
+    glucose_mg_dl: float,
+    announced_g: NDArray[np.float64],
+    basal_u_per_h: NDArray[np.float64],
+    bolus_u: NDArray[np.float64],
+) -> TwinPlanState:
+    """Tell the estimator the last period's insulin, this tick's meals and reading; its plan."""
+    first = t - basal_u_per_h.shape[0]
+    deliveries = [
+        InsulinDelivery(float(first + j), float(basal_u_per_h[j]) / 60.0, float(bolus_u[j]))
+        for j in range(basal_u_per_h.shape[0])
+    ]
+    meals = [
+        MealAnnouncement(float(t + j), float(announced_g[j])) for j in np.flatnonzero(announced_g)
+    ]
+    cfg = estimator.config
+    reading = min(max(glucose_mg_dl, cfg.cgm_min_mg_dl), cfg.cgm_max_mg_dl)
+    readings = [CgmReading(float(t), reading)] if math.isfinite(glucose_mg_dl) else []
+    _, plan = estimator.step_for_planning(float(t), deliveries, meals, readings)
+    return plan
+
+
 def closed_loop(
     params: NDArray[np.float64],
     x0: NDArray[np.float64],
@@ -185,6 +218,8 @@ def closed_loop(
     sensor_error_mg_dl: NDArray[np.float64] | None = None,
     rescue: RescueRule | None = None,
     period_min: int = 5,
+    estimators: Sequence[TwinEstimator | None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> LoopTrace:
     """Run M members in closed loop for ``K`` minutes (see the module).
 
@@ -200,12 +235,18 @@ def closed_loop(
         sensor_error_mg_dl: ``(M, K+1)`` added to the glucose the controllers see.
         rescue: the rescue rule, or ``None`` for none.
         period_min: minutes between decisions.
+        estimators: one per member (or ``None``): the twin estimator a planning controller
+            plans on; without one it plans on the member's exact state.
+        progress: called with the minutes just simulated, after every period (a progress bar).
 
     """
     m = params.shape[0]
     k = int(np.shape(meal_g)[-1])
     if x0.shape != (m, N_STATES) or len(controllers) != m:
         raise PolicyConfigError(f"{m} members need x0 ({m}, {N_STATES}) and {m} controllers")
+    twins = [None] * m if estimators is None else list(estimators)
+    if len(twins) != m:
+        raise PolicyConfigError(f"{m} members need {m} estimators (or None), not {len(twins)}")
     meals = np.array(np.broadcast_to(meal_g, (m, k)), dtype=np.float64)
     announced = np.broadcast_to(announced_g, (m, k))
     x = np.array(x0, dtype=np.float64, order="C")
@@ -231,7 +272,13 @@ def closed_loop(
         net_activity = iob.net_activity_u_per_min
         for i, ctrl in enumerate(controllers):
             twin = None
-            if needs_twin[i]:
+            estimator = twins[i]
+            if needs_twin[i] and estimator is not None:
+                twin = _plan_on_estimator(
+                    estimator, t, float(g_seen[i]), announced[i, t:b],
+                    basal[i, max(t - period_min, 0) : t], bolus[i, max(t - period_min, 0) : t],
+                )  # fmt: skip
+            elif needs_twin[i]:
                 pending = tuple(
                     (int(j), float(announced[i, t + j])) for j in np.flatnonzero(announced[i, t:b])
                 )
@@ -266,6 +313,8 @@ def closed_loop(
         states[:, t + 1 : b + 1] = seg[:, 1:]
         for j in range(b - t):
             iob.record(ins[:, j])
+        if progress is not None:
+            progress(b - t)
     return LoopTrace(
         gsub_mg_dl=states[:, :, 12] / vg[:, None],
         bg_mg_dl=states[:, :, 3] / vg[:, None],

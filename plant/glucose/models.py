@@ -181,10 +181,10 @@ def clinical_settings(patient: PatientParameters) -> dict[str, float]:
     return {k: float(getattr(patient, k)) for k in CLINICAL_SETTINGS}
 
 
-def _structure(patient: PatientParameters) -> TwinModel:
+def _structure(patient: PatientParameters, group: str) -> TwinModel:
     return TwinModel.for_group(
         patient.name,
-        patient.cohort,
+        group,
         patient.basal_u_per_h,
         profile_blocks=0,
         **clinical_settings(patient),
@@ -212,7 +212,11 @@ def _calibrated(
 
 
 def population_model(
-    patient: PatientParameters, *, sample: bool = False, calibrate: bool = True
+    patient: PatientParameters,
+    *,
+    sample: bool = False,
+    calibrate: bool = True,
+    group: str | None = None,
 ) -> PatientParameters:
     """The group's mean model (or a sampled member) at ``patient``'s clinical settings.
 
@@ -220,9 +224,11 @@ def population_model(
     body weight are the patient's. With ``calibrate`` (default) the model's insulin sensitivity
     (``Vmx`` and ``kp3`` together) is scaled so that a 1-U correction drops its glucose by the
     person's correction factor × the group's :func:`drop_per_correction_factor` — the
-    information about sensitivity that the person's settings carry.
+    information about sensitivity that the person's settings carry. ``group`` is the age group
+    (default: the patient's cohort, from its name), for a person whose name does not tell it.
     """
-    structure = _structure(patient)
+    cohort = patient.cohort if group is None else group
+    structure = _structure(patient, cohort)
     p = len(structure.names)
     z = np.zeros(p)
     if sample:
@@ -239,7 +245,7 @@ def population_model(
             raise ConfigError("model", "population:sample", "a prior draw with a steady state")
     if not calibrate:
         return structure.patient(z)
-    target = patient.correction_factor_mg_dl_per_u * drop_per_correction_factor(patient.cohort)
+    target = patient.correction_factor_mg_dl_per_u * drop_per_correction_factor(cohort)
     return _calibrated(structure, z, target)
 
 

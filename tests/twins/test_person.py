@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from twinloop.agents.glucose.estimator import TwinEstimator
 from twinloop.plant.errors import ConfigError
 from twinloop.plant.glucose.patients import get_patient, initial_states, parameter_matrix
 from twinloop.plant.glucose.scenarios import CarbCountingError
+from twinloop.plant.glucose.twin_model import write_twin
 from twinloop.plant.glucose.uva_padova import simulate
-from twinloop.policies.glucose.interface import ControllerInput
+from twinloop.policies.glucose.interface import ControllerInput, Dose, TwinPlanState
 from twinloop.twins.identify import log_grid
 from twinloop.twins.logs import read_log
 from twinloop.twins.person import (
@@ -24,6 +26,7 @@ from twinloop.twins.person import (
     fit_log,
     fit_many,
     replay,
+    run_therapy,
     therapy_from_log,
 )
 from twinloop.twins.replay import LoggedTherapy, RescueRule, closed_loop
@@ -191,7 +194,81 @@ def test_a_replay_reports_both_therapies_over_posterior_draws(twin, adult_log):
     assert math.isfinite(pid["therapies"][1]["metrics"]["time_in_range_70_180_pct"]["median"])
 
 
+class _PlanSpy:
+    """A planning controller that records the twin it is given: 2 U at minute 60."""
+
+    needs_twin = True
+
+    def __init__(self, basal_u_per_h: float) -> None:
+        self.basal = basal_u_per_h
+        self.twins: list[TwinPlanState | None] = []
+
+    def decide(self, obs: ControllerInput) -> Dose:
+        self.twins.append(obs.twin)
+        return Dose(self.basal, 2.0 if obs.t_min == 60 else 0.0)
+
+
+def test_a_planning_controller_in_the_closed_loop_plans_on_its_twin_estimator():
+    p = get_patient("adult#001")
+    k = 240
+    meals = np.zeros(k)
+    meals[100] = 40.0
+    spy = _PlanSpy(p.basal_u_per_h)
+    estimator = TwinEstimator(p, scheduled_basal_u_per_h=p.basal_u_per_h)
+    trace = closed_loop(
+        parameter_matrix([p]), initial_states([p]), [spy], meal_g=meals, announced_g=meals,
+        scheduled_basal_u_per_h=np.array([p.basal_u_per_h]), estimators=[estimator],
+    )  # fmt: skip
+    twins = [t for t in spy.twins if t is not None]
+    assert len(twins) == k // 5 and estimator.readings_fused == k // 5  # a reading every tick
+    assert [t.t_min for t in twins] == list(range(0, k, 5))
+    # the bolus delivered at minute 60 reaches the estimator's subcutaneous insulin
+    bw = p.body_weight_kg
+    assert twins[13].x[10] - twins[12].x[10] > 0.8 * 2.0 * 6000.0 / bw
+    # the meal announced for minute 100 is pending in the plan at the tick of 100
+    assert twins[20].pending_meals == ((0, 40.0),)
+    # the estimate follows the plant it sees (exact readings, its own model)
+    gp_est = twins[-1].x[3] / p.vg_dl_per_kg
+    assert gp_est == pytest.approx(trace.bg_mg_dl[0, k - 5], abs=5.0)
+
+
+def test_a_replayed_mpc_plans_on_the_chosen_model_through_an_estimator(twin, adult_log, tmp_path):
+    fit, _ = twin
+    _, path = adult_log
+    grid = log_grid(read_log(path)).window(1440, 1440 + 600)
+    zs = fit.draws(3, 1)
+
+    def run(model: str) -> np.ndarray:
+        therapy = ReplayTherapy(controller="mpc", model=model)
+        trace = run_therapy(fit, grid, therapy, zs, rescue=None)
+        return np.concatenate([trace.basal_u_per_h, trace.bolus_u], axis=1)
+
+    planned_on_fit = run("fit")
+    oracle = run("oracle")
+    # under oracle each draw plans on its own parameters; under fit, every draw on the MAP: the
+    # MAP draw (the first) plans on the same model under both, the others do not
+    np.testing.assert_array_equal(planned_on_fit[0], oracle[0])
+    assert not np.array_equal(planned_on_fit[1:], oracle[1:])
+    # the twin's own file is the same model as fit; the population's mean is another
+    write_twin(fit, tmp_path / "a3.yaml")
+    np.testing.assert_array_equal(run(f"twin:{tmp_path / 'a3.yaml'}"), planned_on_fit)
+    assert not np.array_equal(run("population"), planned_on_fit)
+
+
+def test_a_replay_names_the_model_a_planning_controller_used(twin, adult_log):
+    fit, _ = twin
+    _, path = adult_log
+    grid = log_grid(read_log(path)).window(1440, 1440 + 360)
+    r = replay(fit, grid, ReplayTherapy(controller="mpc", model="population"), draws=2, seed=1)
+    assert r["therapies"][1]["therapy"] == "mpc@population"
+    assert r["therapies"][1]["model"] == "population" and r["therapies"][0]["model"] is None
+    pid = replay(fit, grid, ReplayTherapy(controller="pid", model="oracle"), draws=1, seed=1)
+    assert pid["therapies"][1]["therapy"] == "pid" and pid["therapies"][1]["model"] is None
+
+
 def test_replay_options_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"model='magic'.*population"):
+        ReplayTherapy(controller="mpc", model="magic")
     with pytest.raises(ConfigError, match="controller"):
         ReplayTherapy(controller="magic")
     with pytest.raises(ConfigError, match="controller"):
@@ -232,6 +309,17 @@ def test_the_cli_fits_and_replays_a_synthetic_log(tmp_path):
     assert "TIR 70-180 %" in r.stdout and "basal-bolus" in r.stdout
     doc = json.loads((tmp_path / "rep" / "replay.json").read_text())
     assert doc["draws"] == 4 and doc["therapies"][1]["therapy"] == "basal-bolus"
+    r = _twinloop(
+        "twin", "replay", str(tmp_path / "twin.yaml"), str(log), "--controller", "mpc",
+        "--model", "population", "--from-day", "1", "--days", "0.4", "--draws", "2", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "mpc@population" in r.stdout
+    r = _twinloop(
+        "twin", "replay", str(tmp_path / "twin.yaml"), str(log), "--controller", "mpc",
+        "--model", "magic", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model='magic'" in r.stderr
     assert (tmp_path / "rep" / "replay.png").stat().st_size > 0
     # the twin's predicted days as FHIR, validated by a maintained FHIR model library
     from fhir.resources.R4B.bundle import Bundle
