@@ -19,7 +19,7 @@ the caller.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -90,8 +90,14 @@ def synthetic_log(
     carb_error: CarbCountingError | None = None,
     start: datetime = DEFAULT_START,
     sensitivity_profile: Sequence[float] | None = None,
+    settings: Mapping[str, float] | None = None,
 ) -> SyntheticLog:
-    """Simulate ``days`` days of a person's life and the log of them (see the module)."""
+    """Simulate ``days`` days of a person's life and the log of them (see the module).
+
+    ``settings`` replaces the person's own therapy settings (``scheduled_basal_u_per_h``,
+    ``carb_ratio_g_per_u``, ``correction_factor_mg_dl_per_u``: the pump's, not the physiology's);
+    e.g. a carb ratio 25 % below the patient's makes a person prone to hypoglycaemia.
+    """
     if not isinstance(days, int) or days < 1:
         raise ValueError(f"days={days!r}: an integer >= 1")
     if start.tzinfo is None:
@@ -114,7 +120,16 @@ def synthetic_log(
         def sensitivity(t: int) -> NDArray[np.float64]:
             return np.array([blocks[((start_min + t) % MIN_PER_DAY) // width]])
 
-    controller = BasalBolusController.for_patient(patient)
+    allowed = {"scheduled_basal_u_per_h", "carb_ratio_g_per_u", "correction_factor_mg_dl_per_u"}
+    for key, value in (settings or {}).items():
+        if key not in allowed or not (isinstance(value, int | float) and value > 0):
+            raise ValueError(f"settings[{key!r}]={value!r}: one of {sorted(allowed)}, > 0")
+    own = {
+        "scheduled_basal_u_per_h": patient.basal_u_per_h,
+        "carb_ratio_g_per_u": patient.carb_ratio_g_per_u,
+        "correction_factor_mg_dl_per_u": patient.correction_factor_mg_dl_per_u,
+    }
+    controller = BasalBolusController(**(own | dict(settings or {})))
     trace = closed_loop(
         parameter_matrix([patient]),
         initial_states([patient]),

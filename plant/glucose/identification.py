@@ -28,7 +28,14 @@ from twinloop.plant.glucose.twin_model import (
     TwinModel,
 )
 
-__all__ = ["InsufficientDataError", "fit_twin"]
+__all__ = ["InsufficientDataError", "censored_residuals", "effective_sample_size", "fit_twin"]
+
+#: Longest lag of the residuals' autocorrelation summed for the effective sample size, minutes.
+MAX_ACF_LAG_MIN = 1440
+#: The CGM's reporting range: readings at its limits are censored (as the online twin's).
+CGM_RANGE_MG_DL = (40.0, 400.0)
+#: L-BFGS-B's relative tolerance on the objective (≈ 1e-4 on a log-posterior of ~100).
+FTOL = 1e-6
 
 
 class InsufficientDataError(InvalidInputError):
@@ -51,6 +58,72 @@ def _lag1(r: NDArray[np.float64], idx: NDArray[np.int64]) -> float:
     return float(np.clip(np.dot(a - a.mean(), b - b.mean()) / den, 0.0, 0.99)) if den else 0.0
 
 
+def effective_sample_size(
+    r: NDArray[np.float64], idx: NDArray[np.int64], *, max_lag_min: int = MAX_ACF_LAG_MIN
+) -> float:
+    """The number of independent readings the residuals ``r`` at minutes ``idx`` are worth.
+
+    ``n / τ``, with ``τ = 1 + 2 Σ ρ_k`` the integrated autocorrelation time (in readings) of the
+    residual series at the log's sampling step, its autocorrelations ``ρ_k`` estimated over the
+    pairs of readings ``k`` steps apart (gaps skipped) and summed by Geyer's initial positive
+    sequence (pairs ``ρ_{2m} + ρ_{2m+1}`` while positive and not increasing; Geyer 1992, Stat.
+    Sci. 7:473) up to ``max_lag_min``. It depends on the time the residuals stay correlated, not
+    on how often the CGM samples: a 1-, 3- or 5-min log of the same days is worth about the same.
+    """
+    n = idx.size
+    if n < 3:
+        return float(n)
+    d = np.diff(idx)
+    step = max(int(np.median(d)), 1)
+    on_grid = (idx - idx[0]) % step == 0
+    pos = (idx[on_grid] - idx[0]) // step
+    series = np.full(int(pos[-1]) + 1, np.nan)
+    series[pos] = r[on_grid] - r[on_grid].mean()
+    valid = ~np.isnan(series)
+    x = np.where(valid, series, 0.0)
+    var = float(np.dot(x, x) / valid.sum())
+    if not var > 0:
+        return float(n)
+    max_lag = min(max_lag_min // step, series.size // 4)
+    rho = np.ones(max_lag + 1)
+    for k in range(1, max_lag + 1):
+        pairs = int(np.count_nonzero(valid[:-k] & valid[k:]))
+        rho[k] = float(np.dot(x[:-k], x[k:])) / pairs / var if pairs > 10 else 0.0
+    tau = -1.0
+    previous = math.inf
+    for m in range(max_lag // 2 + 1):
+        if 2 * m + 1 > max_lag:
+            break
+        gamma = min(rho[2 * m] + rho[2 * m + 1], previous)
+        if gamma <= 0:
+            break
+        tau += 2.0 * gamma
+        previous = gamma
+    return float(n / max(tau, 1.0))
+
+
+def censored_residuals(
+    prediction_mg_dl: NDArray[np.float64],
+    readings_mg_dl: NDArray[np.float64],
+    low_mg_dl: float,
+    high_mg_dl: float,
+) -> NDArray[np.float64]:
+    """Residuals ``prediction − reading``, with readings at the device's limits censored.
+
+    A reading at or below ``low_mg_dl`` says only "at or below the limit": a prediction below
+    it costs nothing, one above costs its distance to the limit (and likewise at or above
+    ``high_mg_dl``) — as the online twin fuses such readings
+    (:meth:`twinloop.agents.glucose.estimator.TwinEstimator.update`).
+    """
+    r = prediction_mg_dl - readings_mg_dl
+    low = readings_mg_dl <= low_mg_dl
+    high = readings_mg_dl >= high_mg_dl
+    if low.any() or high.any():
+        r = np.where(low, np.maximum(prediction_mg_dl - low_mg_dl, 0.0), r)
+        r = np.where(high, np.minimum(prediction_mg_dl - high_mg_dl, 0.0), r)
+    return r
+
+
 def fit_twin(
     grid: LogGrid,
     *,
@@ -65,6 +138,7 @@ def fit_twin(
     starts: int = 1,
     seed: int = 0,
     overrides: Mapping[str, float] | None = None,
+    cgm_range_mg_dl: tuple[float, float] = CGM_RANGE_MG_DL,
 ) -> TwinFit:
     """Fit a twin to a log on a minute grid (MAP, and optionally the Laplace posterior).
 
@@ -83,6 +157,8 @@ def fit_twin(
             seeded by ``seed``); the best is refined.
         seed: seed of the extra starts.
         overrides: base values (:meth:`TwinModel.for_group`).
+        cgm_range_mg_dl: the CGM's reporting limits: readings at or beyond them are censored
+            (:func:`censored_residuals`).
 
     Raises:
         InsufficientDataError: too little CGM to fit (says how much is needed and how much
@@ -110,15 +186,19 @@ def fit_twin(
             f"burn-in; at least {max(needed, 12)} are needed ({min_days:g} day(s) at 5-min "
             "readings, 70 % coverage)"
         )
+    low, high = cgm_range_mg_dl
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
+        raise ConfigError("cgm_range_mg_dl", cgm_range_mg_dl, "(low, high) with 0 <= low < high")
     y = grid.cgm_mg_dl[idx]
     n = idx.size
     p = len(model.names)
     eye = np.eye(p) * FD_STEP
 
     def residuals(zs: NDArray[np.float64]) -> NDArray[np.float64]:
-        return model.simulate(zs, grid)[:, idx] - y
+        return censored_residuals(model.simulate(zs, grid)[:, idx], y, low, high)
 
-    state = {"n_eff": n / 10.0, "evals": 0}
+    step = float(np.median(np.diff(idx))) if n > 1 else 5.0
+    state = {"n_eff": n * step / 50.0, "evals": 0}  # one reading in 50 min, until estimated
 
     def objective(z: NDArray[np.float64]) -> tuple[float, NDArray[np.float64]]:
         zs = np.vstack([z, z + eye])
@@ -139,7 +219,7 @@ def fit_twin(
         z0 = model.clip(np.zeros(p) if k == 0 else np.clip(rng.standard_normal(p), -2.0, 2.0))
         res = minimize(
             objective, z0, jac=True, method="L-BFGS-B", bounds=bounds,
-            options={"maxiter": max_iter},
+            options={"maxiter": max_iter, "ftol": FTOL},
         )  # fmt: skip
         iterations += int(res.nit)
         if best is None or res.fun < best.fun:
@@ -150,10 +230,10 @@ def fit_twin(
     for _ in range(REFINE_PASSES):
         r0 = residuals(z[None, :])[0]
         rho = _lag1(r0, idx)
-        state["n_eff"] = max(n * (1.0 - rho) / (1.0 + rho), n / 100.0)
+        state["n_eff"] = effective_sample_size(r0, idx)
         res = minimize(
             objective, z, jac=True, method="L-BFGS-B", bounds=bounds,
-            options={"maxiter": max_iter},
+            options={"maxiter": max_iter, "ftol": FTOL},
         )  # fmt: skip
         z = np.asarray(res.x, dtype=np.float64)
         iterations += int(res.nit)
@@ -170,6 +250,7 @@ def fit_twin(
         "minutes": grid.minutes,
         "burn_in_min": burn_in_min,
         "cgm_readings": n,
+        "censored_readings": int(np.count_nonzero((y <= low) | (y >= high))),
         "rmse_mg_dl": math.sqrt(ssr / n),
         "lag1_autocorrelation": rho,
         "n_eff": state["n_eff"],

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from twinloop.plant.errors import ConfigError, InvalidInputError
+from twinloop.plant.glucose.identification import censored_residuals, effective_sample_size
 from twinloop.twins.identify import (
     FITTED,
     LogGrid,
@@ -252,3 +253,69 @@ def test_a_window_is_the_same_log_from_a_later_start():
     assert w.start == grid.start + timedelta(days=1)
     np.testing.assert_array_equal(w.carbs_g, grid.carbs_g[1440:])
     assert w.cgm_mg_dl.shape == (1441,)
+
+
+def _ar1(minutes: int, phi_per_min: float, seed: int) -> np.ndarray:
+    """A stationary AR(1) process every minute, unit variance."""
+    rng = np.random.default_rng(seed)
+    e = rng.standard_normal(minutes) * np.sqrt(1.0 - phi_per_min**2)
+    x = np.empty(minutes)
+    x[0] = rng.standard_normal()
+    for t in range(1, minutes):
+        x[t] = phi_per_min * x[t - 1] + e[t]
+    return x
+
+
+def test_the_effective_sample_size_depends_on_time_not_on_the_sampling_period():
+    minutes = 60_000
+    phi = 0.97  # τ = (1 + φ)/(1 − φ) ≈ 66 min
+    x = _ar1(minutes, phi, seed=4)
+    expected = minutes * (1 - phi) / (1 + phi)
+    sizes = {}
+    for step in (1, 3, 5):
+        idx = np.arange(0, minutes, step)
+        sizes[step] = effective_sample_size(x[idx], idx)
+        assert sizes[step] == pytest.approx(expected, rel=0.35), step
+    assert max(sizes.values()) / min(sizes.values()) < 1.4
+    # independent readings are each worth one; gaps in the log do not inflate the count
+    white = np.random.default_rng(5).standard_normal(5000)
+    idx = np.arange(5000) * 5
+    assert effective_sample_size(white, idx) == pytest.approx(5000, rel=0.15)
+    keep = (idx // 1440) % 2 == 0  # every other day missing
+    assert effective_sample_size(x[idx[keep]], idx[keep]) < effective_sample_size(
+        x[idx], idx
+    )
+
+
+def test_readings_at_the_cgm_limits_are_censored():
+    pred = np.array([30.0, 60.0, 450.0, 380.0, 120.0])
+    seen = np.array([40.0, 40.0, 400.0, 400.0, 100.0])
+    np.testing.assert_array_equal(
+        censored_residuals(pred, seen, 40.0, 400.0), [0.0, 20.0, 0.0, -20.0, 20.0]
+    )
+
+
+def test_a_fit_counts_and_censors_readings_at_the_floor():
+    model = _model()
+    truth = _z(vmx_mg_per_kg_min_per_pmol_l=0.8)
+    grid = _observed(model, truth, _grid(2.0), noise_mg_dl=2.0)
+    floor = float(np.nanpercentile(grid.cgm_mg_dl, 10))  # a sensor reading no lower than this
+    cgm = np.where(grid.cgm_mg_dl < floor, floor, grid.cgm_mg_dl)
+    clipped = LogGrid(
+        grid.start, grid.insulin_u_per_min, grid.basal_u_per_h, grid.bolus_u, grid.carbs_g,
+        cgm, grid.minute_of_day,
+    )  # fmt: skip
+    censored = fit_twin(clipped, burn_in_min=0, cgm_range_mg_dl=(floor, 400.0))
+    assert censored.fit["censored_readings"] == int(np.sum(cgm <= floor))
+    as_values = fit_twin(clipped, burn_in_min=0, cgm_range_mg_dl=(1.0, 400.0))
+    assert as_values.fit["censored_readings"] == 0
+    # read as "at or below the floor", the clipped lows do not pull the twin up to the floor
+    obs = ~np.isnan(grid.cgm_mg_dl)
+    low = obs & (grid.cgm_mg_dl < floor)
+    sim_c = censored.model.simulate(censored.z_map[None, :], clipped)[0]
+    sim_v = as_values.model.simulate(as_values.z_map[None, :], clipped)[0]
+    err_c = np.sqrt(np.mean((sim_c[low] - grid.cgm_mg_dl[low]) ** 2))
+    err_v = np.sqrt(np.mean((sim_v[low] - grid.cgm_mg_dl[low]) ** 2))
+    assert err_c < err_v
+    with pytest.raises(ConfigError, match="cgm_range_mg_dl"):
+        fit_twin(clipped, cgm_range_mg_dl=(300.0, 100.0))

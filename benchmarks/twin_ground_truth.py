@@ -1,0 +1,203 @@
+"""Twins of logs against the truth only a simulator knows: held-out glucose, TIR, time below 70.
+
+    .venv/bin/python benchmarks/twin_ground_truth.py [--adults 10] [--adolescents 5]
+        [--children 5] [--hypo-every 3] [--dexcom-every 2] [--days 14] [--fit-days 7]
+        [--draws 50] [--seed 18] [--workers 1]
+
+Virtual people are drawn from the population model (``sample_population``: not the 30 shipped
+patients the prior is built from); every ``--hypo-every``-th of them is **prone to
+hypoglycaemia**: their pump's carb ratio is 30 % below what their physiology needs and their
+correction factor 20 % below (they over-bolus); every ``--dexcom-every``-th wears a 3-min CGM
+(the Dexcom preset), the others a 5-min one (GuardianRT). Each lives ``--days`` days under
+basal-bolus therapy (``twinloop.twins.synthetic``: random meals counted with 10 % SD error, the
+CGM's noise and its 40–400 mg/dL range, 15 g rescues below 70 mg/dL that are logged as
+carbohydrates). The CSV log is read back like any log, the twin fitted with its Laplace
+posterior on the first ``--fit-days`` days, and scored on the rest against the truth:
+
+* ``rmse_from_day1_mg_dl`` — the MAP twin's plasma glucose, replaying the logged insulin and
+  carbohydrates from minute 0, against the true plasma glucose on the held-out days;
+* ``rmse_from_state_mg_dl`` — the same, the twin started at ``--fit-days`` from the state the
+  replay gives it there (``twinloop twin replay --from-day``);
+* ``tir_error_pts`` / ``below70_error_pts`` — the MAP twin's time in range and below 70 (its
+  subcutaneous glucose every minute, logged therapy, no rescue rule) minus the person's true ones;
+* ``tir_in_band`` — the true TIR inside the 5–95 % range of the posterior draws' TIR;
+* ``fit_s`` — the fit's wall time (one core).
+
+Targets (issue 18): RMSE ≤ 10 mg/dL for every person from the log's state; TIR within 3 points
+and time below 70 within 1.5 for every person; the truth in the 90 % band for ≥ 9 of 10; a
+7-day fit ≤ 10 s. Prints one JSON document: per person, then the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGET_RMSE_MG_DL = 10.0
+TARGET_TIR_PTS = 3.0
+TARGET_BELOW70_PTS = 1.5
+TARGET_FIT_S = 10.0
+#: A hypo-prone person's pump settings, as factors on what their physiology needs.
+HYPO_SETTINGS = {"carb_ratio_g_per_u": 0.7, "correction_factor_mg_dl_per_u": 0.8}
+
+
+def _tir(g: np.ndarray) -> tuple[float, float]:
+    from twinloop.plant.glucose.metrics import glucose_metrics
+
+    m = glucose_metrics(g, sample_period_min=1.0)
+    return float(m.time_in_range_70_180_pct), float(m.time_below_70_pct)
+
+
+def _one(job: dict[str, Any]) -> dict[str, Any]:
+    from twinloop.plant.glucose.scenarios import CarbCountingError
+    from twinloop.twins.identify import MIN_PER_DAY, log_grid
+    from twinloop.twins.logs import read_log
+    from twinloop.twins.person import FitRequest, ReplayTherapy, fit_log, run_therapy
+    from twinloop.twins.synthetic import synthetic_log
+
+    true = job["patient"]
+    hypo = job["hypo"]
+    settings = {k: f * getattr(true, k) for k, f in HYPO_SETTINGS.items()} if hypo else None
+    syn = synthetic_log(
+        true, days=job["days"], seed=job["seed"], settings=settings, cgm=job["cgm"],
+        carb_error=CarbCountingError("normal", 0.1),
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = syn.write(Path(tmp) / "log.csv")
+        fit, _, _ = fit_log(
+            FitRequest((str(path),), name=true.name, group=job["group"],
+                       fit_days=job["fit_days"], posterior=True)
+        )  # fmt: skip
+        grid = log_grid(read_log(path))
+    first = job["fit_days"] * MIN_PER_DAY
+    last = grid.minutes
+    zs = fit.draws(job["draws"], job["seed"])
+    logged = ReplayTherapy()
+    whole = run_therapy(fit, grid, logged, zs, rescue=None)
+    true_bg = syn.trace.bg_mg_dl[0, first : last + 1]
+    true_gs = syn.trace.gsub_mg_dl[0, first : last + 1]
+    rmse_day1 = float(np.sqrt(np.mean((whole.bg_mg_dl[0, first:] - true_bg) ** 2)))
+    window = grid.window(first, last)
+    from_state = run_therapy(fit, window, logged, zs[:1], rescue=None)
+    rmse_state = float(np.sqrt(np.mean((from_state.bg_mg_dl[0] - true_bg) ** 2)))
+    tir_true, below_true = _tir(true_gs)
+    tir_twin, below_twin = _tir(whole.gsub_mg_dl[0, first:])
+    draws = np.array([_tir(g) for g in whole.gsub_mg_dl[:, first:]])
+    lo, hi = np.percentile(draws[:, 0], [5, 95])
+    lo70, hi70 = np.percentile(draws[:, 1], [5, 95])
+    return {
+        "patient": true.name,
+        "group": job["group"],
+        "hypo_prone": hypo,
+        "cgm": job["cgm"],
+        "censored_readings": fit.fit.get("censored_readings", 0),
+        "fit_s": fit.fit["seconds"],
+        "n_eff": fit.fit["n_eff"],
+        "rmse_from_day1_mg_dl": rmse_day1,
+        "rmse_from_state_mg_dl": rmse_state,
+        "tir_true_pct": tir_true,
+        "tir_error_pts": tir_twin - tir_true,
+        "below70_true_pct": below_true,
+        "below70_error_pts": below_twin - below_true,
+        "tir_band_pct": [float(lo), float(hi)],
+        "tir_in_band": bool(lo <= tir_true <= hi),
+        "below70_band_pct": [float(lo70), float(hi70)],
+        "below70_in_band": bool(lo70 <= below_true <= hi70),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adults", type=int, default=10)
+    parser.add_argument("--adolescents", type=int, default=5)
+    parser.add_argument("--children", type=int, default=5)
+    parser.add_argument("--hypo-every", type=int, default=3)
+    parser.add_argument("--dexcom-every", type=int, default=2)
+    parser.add_argument("--days", type=int, default=14)
+    parser.add_argument("--fit-days", type=int, default=7)
+    parser.add_argument("--draws", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=18)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+
+    from tqdm import tqdm
+
+    from twinloop.plant.glucose.population import sample_population
+
+    jobs = []
+    for g, group in enumerate(("adults", "adolescents", "children")):
+        n = getattr(args, group)
+        if not n:
+            continue
+        people, _ = sample_population(n, seed=args.seed + g, groups={group: 1.0})
+        for p in people:
+            i = len(jobs)
+            hypo = i % args.hypo_every == args.hypo_every - 1
+            dexcom = i % args.dexcom_every == args.dexcom_every - 1
+            jobs.append(
+                {
+                    "patient": p, "group": group, "hypo": hypo, "seed": 1000 + i,
+                    "days": args.days, "fit_days": args.fit_days, "draws": args.draws,
+                    "cgm": "Dexcom" if dexcom else "GuardianRT",
+                }
+            )  # fmt: skip
+    began = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        rows = list(tqdm(pool.imap(_one, jobs), total=len(jobs), desc="twins", unit="person"))
+
+    def col(key: str) -> np.ndarray:
+        return np.array([r[key] for r in rows], dtype=float)
+
+    rm = col("rmse_from_state_mg_dl")
+    tir_err, b70_err = np.abs(col("tir_error_pts")), np.abs(col("below70_error_pts"))
+    summary = {
+        "people": len(rows),
+        "hypo_prone": int(col("hypo_prone").sum()),
+        "rmse_from_state_mg_dl": {"mean": rm.mean(), "max": rm.max()},
+        "rmse_from_day1_mg_dl": {
+            "mean": col("rmse_from_day1_mg_dl").mean(), "max": col("rmse_from_day1_mg_dl").max()
+        },
+        "tir_abs_error_pts": {"mean": tir_err.mean(), "max": tir_err.max()},
+        "below70_abs_error_pts": {"mean": b70_err.mean(), "max": b70_err.max()},
+        "meeting_rmse": int((rm <= TARGET_RMSE_MG_DL).sum()),
+        "meeting_tir": int((tir_err <= TARGET_TIR_PTS).sum()),
+        "meeting_below70": int((b70_err <= TARGET_BELOW70_PTS).sum()),
+        "tir_in_band": int(col("tir_in_band").sum()),
+        "below70_in_band": int(col("below70_in_band").sum()),
+        "fit_s": {"mean": col("fit_s").mean(), "max": col("fit_s").max()},
+        "wall_s": time.perf_counter() - began,
+    }  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "twin_ground_truth",
+                "config": vars(args),
+                "targets": {
+                    "rmse_mg_dl": TARGET_RMSE_MG_DL,
+                    "tir_pts": TARGET_TIR_PTS,
+                    "below70_pts": TARGET_BELOW70_PTS,
+                    "fit_s": TARGET_FIT_S,
+                    "tir_in_band": "9 of 10",
+                },
+                "summary": summary,
+                "per_person": rows,
+                "unix_time": time.time(),
+            },
+            indent=1,
+            default=float,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
