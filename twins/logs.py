@@ -17,22 +17,42 @@ column         meaning
 ============== ====================================================================================
 time           required: ISO 8601 with a UTC offset, e.g. ``2026-03-01T08:05:00+01:00`` (or
                ``…Z``). Naive times are refused unless the row's ``timezone`` or ``tz=`` names an
-               IANA zone (``Europe/Berlin``).
-cgm_mg_dl      CGM reading, mg/dL.
-basal_u_per_h  basal rate, U/h, that starts at ``time`` and holds until the next basal row.
-bolus_u        bolus, U, given at ``time``.
-carbs_g        carbohydrates, g, eaten at ``time``.
+               IANA zone (``Europe/Berlin``); see *Times without a zone* below.
+cgm_mg_dl      CGM reading, mg/dL, at any sampling period (1-, 3- and 5-min CGMs alike).
+basal_u_per_h  basal rate, U/h, that starts at ``time`` and holds until the next basal row; 0 is
+               a rate (a suspend, a zero temp basal) and is imported as one.
+bolus_u        bolus, U, given at ``time``; 0 is no bolus (no event).
+carbs_g        carbohydrates, g, eaten at ``time``; 0 is no meal (no event).
 note           free text (not imported).
 timezone       optional IANA zone of the row's time (``Europe/Berlin``).
 ============== ====================================================================================
 
 Every value column is optional per row; a row with several values gives several events (same
-``time``, same ``source_row``). Any other column refuses the file (:class:`LogError` names it and
-the allowed ones).
+``time``, same ``source_row``). Exports of other tools carry columns of their own: any other
+column is **ignored** and listed in the report (:attr:`ImportReport.ignored_columns`, the line
+``ignored columns: …`` of its text, and an ``unknown_columns`` issue each). A file the layout
+cannot read is still refused (:class:`LogError`): no ``time`` column, no value column, a column
+of the layout given twice. The zeros many exports write in every row are no events: a bolus or
+carbohydrates of 0 is not imported (one note per column counts them), while a basal of 0 U/h is
+a rate and is kept.
+
+**Times without a zone** are refused — a local time cannot be put on the UTC axis without its
+zone, and guessing one would shift every meal and bolus against the CGM. The one-line error
+names the field, the rows and the fix: ``--tz ZONE`` on the command line (``twinloop twin fit
+LOG --tz Europe/Rome``), ``tz="Europe/Rome"`` in Python (:func:`read_log`), or a ``timezone``
+column. This holds for CSV times and for Nightscout entries whose only time is a naive
+``dateString``; Nightscout treatments' naive ``created_at`` is UTC, as Nightscout stores it.
+
+**Sampling.** The CGM's sampling period is told from the readings: the largest of 1, 3 and 5 min
+that divides the most common interval between consecutive readings (5 min with fewer than two
+readings). Coverage and the days spanned are counted in slots of that period, so a 1-min log is
+held to 70 % of its 1-min slots; a log of readings every 10 or 15 min is read as a 5-min CGM
+with readings missing. Gaps are reported above 15 min whatever the period.
 
 What the import checks (each finding is an :class:`Issue` of the :class:`ImportReport`, naming the
 source and row; nothing is dropped without one):
 
+* ``unknown_columns`` — CSV columns outside the layout: ignored, not imported;
 * ``invalid`` — unreadable times or values, missing readings: dropped;
 * ``out_of_range`` — see :data:`RANGES`: CGM outside 20–600 mg/dL (0 and 2,000 included) and
   negative insulin or carbohydrates are impossible and dropped; insulin or carbohydrates above
@@ -51,8 +71,8 @@ source and row; nothing is dropped without one):
   scheduled rate is unknown, inferred scheduled-basal rows, …).
 
 ``read_log(..., min_days=D)`` refuses (:class:`LogError`) when what is left spans less than D days
-of CGM or covers less than 70 % of its 5-min slots, saying how much is needed and how much is
-there. ``docs/logs.md`` documents the formats and the fields read in full.
+of CGM or covers less than 70 % of the slots of its sampling period, saying how much is needed
+and how much is there. ``docs/logs.md`` documents the formats and the fields read in full.
 """
 
 from __future__ import annotations
@@ -142,7 +162,7 @@ RANGES: Final[Mapping[str, tuple[float, float]]] = {
     "carbs_g": (0.0, 250.0),
 }
 
-#: Columns of the CSV layout (case-insensitive); any other column refuses the file.
+#: Columns of the CSV layout (case-insensitive); any other column is ignored and reported.
 CSV_COLUMNS: Final = ("time", *VALUE_COLUMNS, "note", "timezone")
 
 #: The formats :func:`read_log` reads.
@@ -165,8 +185,10 @@ DEFAULT_TWINLOOP_START: Final = datetime(2026, 1, 1, tzinfo=UTC)
 
 #: CGM gaps longer than this are reported, minutes.
 GAP_MIN: Final = 15.0
-#: CGM slot, minutes (coverage is the fraction of these slots holding a reading).
-SLOT_MIN: Final = 5.0
+#: CGM sampling period, minutes, assumed when the readings cannot tell (fewer than two).
+DEFAULT_CGM_PERIOD_MIN: Final = 5
+#: Interval, minutes, of the boluses an extended (combo) bolus is split into.
+EXTENDED_BOLUS_STEP_MIN: Final = 5.0
 #: Least CGM coverage :func:`read_log` accepts when ``min_days > 0``.
 MIN_COVERAGE: Final = 0.70
 
@@ -224,7 +246,7 @@ class ImportReport:
     Attributes:
         rows_read: rows (CSV) or records (JSON, Parquet) read per source.
         events: rows of the table per value column.
-        unknown_columns: CSV columns outside the layout (the import refuses them).
+        unknown_columns: CSV columns outside the layout (ignored; :attr:`ignored_columns`).
         invalid: unreadable times or values and missing readings (dropped).
         out_of_range: values outside :data:`RANGES` (impossible ones dropped, others kept).
         duplicates: rows of the same kind at the same instant as an earlier one (merged/dropped).
@@ -232,8 +254,10 @@ class ImportReport:
         mixed_time_zones: rows whose UTC offset differs within a source (kept).
         notes: everything else worth knowing (ignored records, inferred rows, …).
         gaps: CGM gaps longer than 15 min, as (last reading before, first reading after), UTC.
-        cgm_days: time spanned by the CGM readings, days (the last reading's 5-min slot counted).
-        cgm_coverage: fraction of the 5-min slots of that span holding a reading.
+        cgm_days: time spanned by the CGM readings, days (the last reading's slot counted).
+        cgm_coverage: fraction of the slots of that span (one per sampling period) holding a
+            reading.
+        cgm_period_min: the CGM's sampling period told from the readings, minutes (1, 3 or 5).
 
     """
 
@@ -249,6 +273,12 @@ class ImportReport:
     gaps: tuple[tuple[datetime, datetime], ...] = ()
     cgm_days: float = 0.0
     cgm_coverage: float = 0.0
+    cgm_period_min: int = DEFAULT_CGM_PERIOD_MIN
+
+    @property
+    def ignored_columns(self) -> tuple[str, ...]:
+        """Names of the CSV columns outside the layout, which were not imported (once each)."""
+        return tuple(dict.fromkeys(issue.column for issue in self.unknown_columns))
 
     @property
     def issues(self) -> tuple[Issue, ...]:
@@ -278,9 +308,12 @@ class ImportReport:
             "events: "
             + ", ".join(f"{self.events.get(c, 0)} {c} ({_UNITS[c]})" for c in VALUE_COLUMNS)
         )
+        if self.ignored_columns:
+            lines.append(f"ignored columns: {', '.join(self.ignored_columns)}")
         lines.append(
-            f"CGM: {self.cgm_days:.2f} day(s), {100 * self.cgm_coverage:.1f} % of 5-min slots"
-            f" covered, {len(self.gaps)} gap(s) > {GAP_MIN:g} min"
+            f"CGM: {self.cgm_days:.2f} day(s), a reading every {self.cgm_period_min} min,"
+            f" {100 * self.cgm_coverage:.1f} % of {self.cgm_period_min}-min slots covered,"
+            f" {len(self.gaps)} gap(s) > {GAP_MIN:g} min"
         )
         for category in CATEGORIES:
             issues: tuple[Issue, ...] = getattr(self, category)
@@ -311,6 +344,8 @@ class ImportReport:
             "events": dict(self.events),
             "cgm_days": self.cgm_days,
             "cgm_coverage": self.cgm_coverage,
+            "cgm_period_min": self.cgm_period_min,
+            "ignored_columns": list(self.ignored_columns),
             "counts": self.counts,
             "gaps": [
                 {
@@ -344,13 +379,18 @@ class TherapyLog:
 
     @property
     def days(self) -> float:
-        """Time spanned by the CGM readings, days (first reading to 5 min after the last)."""
+        """Time spanned by the CGM readings, days (first reading to one period after the last)."""
         return _cgm_span_coverage(self._cgm_times_us())[0]
 
     @property
     def cgm_coverage(self) -> float:
-        """Fraction of the 5-min slots of the CGM span that hold a reading (0 without CGM)."""
+        """Fraction of the CGM span's slots (one per sampling period) holding a reading."""
         return _cgm_span_coverage(self._cgm_times_us())[1]
+
+    @property
+    def cgm_period_min(self) -> int:
+        """The CGM's sampling period told from the readings, minutes (1, 3 or 5)."""
+        return _cgm_period_min(self._cgm_times_us())
 
     def series(self, column: str) -> tuple[NDArray[np.datetime64], NDArray[np.float64]]:
         """The times (``datetime64[us]``, UTC) and values of one value column's rows."""
@@ -611,18 +651,36 @@ def _check_zones(
                     "time",
                     _iso_local(t, offset),
                     f"UTC offset {_fmt_offset(offset)} differs from the source's usual"
-                    f" {_fmt_offset(usual)} ({counts[usual]} of {len(plain)} rows); pass tz= if"
-                    " this is a daylight-saving change",
+                    f" {_fmt_offset(usual)} ({counts[usual]} of {len(plain)} rows); give the"
+                    " zone with --tz ZONE (tz=) if this is a daylight-saving change",
                     "kept: converted to UTC with its own offset",
                 )
 
 
+def _cgm_period_min(t_us: NDArray[np.int64]) -> int:
+    """The sampling period of CGM reading times, minutes (1, 3 or 5).
+
+    The largest of the CGM periods twinloop models that divides the most common interval
+    between consecutive readings (rounded to whole minutes); 5 with fewer than two readings.
+    """
+    from twinloop.plant.glucose.cgm import SAMPLE_PERIODS_MIN
+
+    times = np.unique(np.asarray(t_us, dtype=np.int64))
+    steps = np.round((times[1:] - times[:-1]) / _US_PER_MIN).astype(np.int64)
+    steps = steps[steps > 0]
+    if steps.size == 0:
+        return DEFAULT_CGM_PERIOD_MIN
+    values, counts = np.unique(steps, return_counts=True)
+    common = int(values[np.argmax(counts)])  # the shortest of the most common
+    return max(p for p in SAMPLE_PERIODS_MIN if common % p == 0)
+
+
 def _cgm_span_coverage(t_us: NDArray[np.int64]) -> tuple[float, float]:
-    """(days spanned, fraction of 5-min slots with a reading) of CGM reading times."""
+    """(days spanned, fraction of the sampling period's slots with a reading) of CGM times."""
     if t_us.size == 0:
         return 0.0, 0.0
     t = np.sort(t_us)
-    slot_us = SLOT_MIN * _US_PER_MIN
+    slot_us = _cgm_period_min(t) * _US_PER_MIN
     slots = np.round((t - t[0]) / slot_us).astype(np.int64)
     n_slots = int(slots[-1]) + 1
     days = ((t[-1] - t[0]) + slot_us) / (1440 * _US_PER_MIN)
@@ -659,6 +717,7 @@ def _read_csv(path: Path, name: str, tz: tzinfo | None, events: _Events, issues:
     times: list[int] = []
     offsets: list[int] = []
     row_zones: list[tzinfo | None] = []
+    zeros: dict[str, list[int]] = {"bolus_u": [], "carbs_g": []}  # rows: no event
 
     for line, cells in records:
         if len(cells) > len(header) and any(cell.strip() for cell in cells[len(header) :]):
@@ -722,6 +781,7 @@ def _read_csv(path: Path, name: str, tz: tzinfo | None, events: _Events, issues:
         row_zones.append(zone)
         n_values = 0
         n_bad = 0
+        n_zero = 0
         for kind, column, i in value_columns:
             cell = cells[i].strip()
             if cell == "":
@@ -742,9 +802,13 @@ def _read_csv(path: Path, name: str, tz: tzinfo | None, events: _Events, issues:
                     "dropped: no value",
                 )
                 continue
+            if value == 0 and column in zeros:
+                zeros[column].append(line)
+                n_zero += 1
+                continue
             events.add(t_us, offset, kind, value, name, line)
             n_values += 1
-        if n_values == 0 and n_bad == 0:
+        if n_values == 0 and n_bad == 0 and n_zero == 0:
             note = cells[index["note"]].strip() if "note" in index else ""
             issues.add(
                 "notes",
@@ -757,21 +821,46 @@ def _read_csv(path: Path, name: str, tz: tzinfo | None, events: _Events, issues:
             )
 
     if naive_rows:
-        shown = ", ".join(f"{line} ({text!r})" for line, text in naive_rows[:5])
-        more = f" and {len(naive_rows) - 5} more" if len(naive_rows) > 5 else ""
-        raise LogError(
-            f"{name}: row(s) {shown}{more} have times without a UTC offset; write times with"
-            " an offset (2026-03-01T08:05:00+01:00 or …Z), add a 'timezone' column, or pass"
-            " tz='Europe/Berlin' (an IANA zone) to read them as local times of that zone"
+        raise _naive_times_error(
+            name, "time", "row", naive_rows, "an offset in the time or a 'timezone' column"
         )
+    for zero_column, lines in zeros.items():
+        if lines:
+            issues.add(
+                "notes",
+                name,
+                lines[0],
+                zero_column,
+                "0",
+                f"{len(lines)} row(s) with {zero_column} = 0 (the first here)",
+                f"not imported: 0 {_UNITS[zero_column]} is no event",
+            )
     _check_order(name, rows, times, issues)
     _check_zones(name, rows, times, offsets, row_zones, issues)
     return len(records)
 
 
+def _naive_times_error(
+    name: str, field: str, unit: str, naive: Sequence[tuple[int, object]], other_ways: str
+) -> LogError:
+    """The refusal of times without a UTC offset, naming the field, the rows and ``--tz``."""
+    shown = ", ".join(str(row) for row, _ in naive[:5])
+    more = f" ({len(naive)} in all)" if len(naive) > 5 else ""
+    return LogError(
+        f"{name}: {field}={naive[0][1]!r} ({unit}(s) {shown}{more}) has no UTC offset and no"
+        f" time zone; allowed: {other_ways}, or the zone of these local times given with"
+        " --tz ZONE (e.g. --tz Europe/Rome; in Python read_log(..., tz='Europe/Rome'))"
+    )
+
+
 def _check_header(name: str, line: int, header: list[str], issues: _Issues) -> None:
-    unknown = [column for column in header if column not in CSV_COLUMNS]
-    for column in unknown:
+    """Refuse a header the layout cannot read; report the columns outside it as ignored."""
+    unknown = [
+        column or f"(unnamed column {i + 1})"
+        for i, column in enumerate(header)
+        if column not in CSV_COLUMNS
+    ]
+    for column in dict.fromkeys(unknown):
         issues.add(
             "unknown_columns",
             name,
@@ -779,22 +868,24 @@ def _check_header(name: str, line: int, header: list[str], issues: _Issues) -> N
             column,
             "",
             "not a column of the layout",
-            "refused",
+            "ignored: not imported",
         )
-    if unknown:
-        hint = " (the layout is comma-separated)" if any(";" in c for c in unknown) else ""
-        raise LogError(
-            f"{name}: unknown column(s) {', '.join(repr(c) for c in unknown)}{hint}; the"
-            f" layout allows {', '.join(CSV_COLUMNS)} (see docs/logs.md)",
-            _report(issues, {name: 0}, {}, (), 0.0, 0.0),
-        )
-    repeated = sorted({column for column in header if header.count(column) > 1})
+    repeated = sorted({c for c in header if c in CSV_COLUMNS and header.count(c) > 1})
     if repeated:
         raise LogError(f"{name}: column(s) {', '.join(repeated)} appear more than once")
+    missing = ""
     if "time" not in header:
-        raise LogError(f"{name}: no 'time' column; the layout allows {', '.join(CSV_COLUMNS)}")
-    if not any(column in header for column in VALUE_COLUMNS):
-        raise LogError(f"{name}: no value column; give at least one of {', '.join(VALUE_COLUMNS)}")
+        missing = "no 'time' column"
+    elif not any(column in header for column in VALUE_COLUMNS):
+        missing = f"no value column (one of {', '.join(VALUE_COLUMNS)})"
+    if missing:
+        hint = " (the layout is comma-separated)" if any(";" in c for c in header) else ""
+        found = f"; not of the layout: {', '.join(repr(c) for c in unknown)}" if unknown else ""
+        raise LogError(
+            f"{name}: {missing}{found}{hint}; the layout allows {', '.join(CSV_COLUMNS)}"
+            " (see docs/logs.md)",
+            _report(issues, {name: 0}, {}, (), 0.0, 0.0),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -894,6 +985,8 @@ def _read_entries(
     rows: list[int] = []
     times: list[int] = []
     offsets: list[int] = []
+    naive: list[tuple[int, object]] = []
+    naive_field = "dateString"
     for row, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             issues.add("invalid", name, row, "(record)", record, "not a JSON object", "dropped")
@@ -913,15 +1006,8 @@ def _read_entries(
         when, field, raw = _ns_time(record, ("date", "mills", "dateString"), naive_utc=False)
         if when is not None and when.tzinfo is None:
             if zone is None:
-                issues.add(
-                    "invalid",
-                    name,
-                    row,
-                    field,
-                    raw,
-                    "time without a UTC offset (pass tz= to read it as local time)",
-                    "dropped: time unknown",
-                )
+                naive_field = naive_field if naive else field
+                naive.append((row, raw))
                 continue
             when, problem = _localize(when, zone)
             if problem:
@@ -950,6 +1036,15 @@ def _read_entries(
         rows.append(row)
         times.append(t_us)
         offsets.append(offset)
+    if naive:
+        raise _naive_times_error(
+            name,
+            naive_field,
+            "record",
+            naive,
+            f"a 'date' in ms since the epoch, an offset in the {naive_field}, or a"
+            " profile.json with a timezone",
+        )
     _check_zones(name, rows, times, offsets, [zone] * len(rows), issues)
 
 
@@ -1110,7 +1205,7 @@ def _extended_bolus(
             extended = entered * split / 100.0
     if not extended or not duration or duration <= 0:
         return False
-    n = max(1, math.ceil(duration / SLOT_MIN))
+    n = max(1, math.ceil(duration / EXTENDED_BOLUS_STEP_MIN))
     step = duration / n
     for k in range(1, n + 1):
         events.add(t_us + round(k * step * _US_PER_MIN), offset, _BOLUS, extended / n, name, row)
@@ -1504,6 +1599,7 @@ def _report(
     gaps: tuple[tuple[datetime, datetime], ...],
     days: float,
     coverage: float,
+    period_min: int = DEFAULT_CGM_PERIOD_MIN,
 ) -> ImportReport:
     return ImportReport(
         rows_read=dict(rows_read),
@@ -1511,6 +1607,7 @@ def _report(
         gaps=gaps,
         cgm_days=days,
         cgm_coverage=coverage,
+        cgm_period_min=period_min,
         **{category: tuple(items) for category, items in issues.by_category.items()},
     )
 
@@ -1586,10 +1683,13 @@ def read_log(
         patient: whose log it is; required for a twinloop run with several patients (it picks
             that patient's rows); a label otherwise.
         min_days: refuse (:class:`LogError`) unless the CGM left spans at least this many days
-            and covers at least 70 % of its 5-min slots; 0 never refuses for lack of data.
+            and covers at least 70 % of the slots of its sampling period (1, 3 or 5 min, told
+            from the readings); 0 never refuses for lack of data.
         tz: IANA time zone (``"Europe/Berlin"``) of naive CSV times and of Nightscout records
             without ``utcOffset``; also the declared zone against which offsets are checked
-            (offset changes that are this zone's DST changes are then not reported).
+            (offset changes that are this zone's DST changes are then not reported). Without
+            it, naive times are refused, naming this option (``--tz ZONE`` on the command
+            line).
         start: aware datetime of a twinloop run's minute 0 (default
             :data:`DEFAULT_TWINLOOP_START`, 2026-01-01T00:00Z); local offsets follow its zone.
         scheduled_basal_u_per_h: flat scheduled basal rate, U/h, to which temp basals return
@@ -1599,8 +1699,9 @@ def read_log(
         The log: table, report, patient.
 
     Raises:
-        LogError: unknown CSV columns, naive times without a zone, unreadable files, a
-            twinloop run with several patients and no ``patient=``, or too little data.
+        LogError: a CSV without ``time`` or a value column, naive times without a zone,
+            unreadable files, a twinloop run with several patients and no ``patient=``, or too
+            little data.
 
     """
     raw = [path_or_paths] if isinstance(path_or_paths, str | os.PathLike) else list(path_or_paths)
@@ -1684,14 +1785,16 @@ def read_log(
     cgm_times = t_us[order][kind_arr[order] == _CGM]
     gaps = _gaps(cgm_times)
     days, coverage = _cgm_span_coverage(cgm_times)
+    period = _cgm_period_min(cgm_times)
     counts = {column: int(np.sum(kind_arr[order] == k)) for k, column in enumerate(VALUE_COLUMNS)}
-    report = _report(issues, rows_read, counts, gaps, days, coverage)
+    report = _report(issues, rows_read, counts, gaps, days, coverage, period)
     if min_days > 0 and (days < min_days or coverage < MIN_COVERAGE):
-        needed = math.ceil(min_days * 1440 / SLOT_MIN * MIN_COVERAGE)
+        needed = math.ceil(min_days * 1440 / period * MIN_COVERAGE)
         raise LogError(
             f"too little CGM data to fit: {min_days:g} day(s) are needed with at least"
-            f" {100 * MIN_COVERAGE:.0f} % of the 5-min slots holding a reading (at least"
-            f" {needed} readings); present: {days:.2f} day(s), {100 * coverage:.1f} % of slots"
+            f" {100 * MIN_COVERAGE:.0f} % of the {period}-min slots holding a reading (at least"
+            f" {needed} readings at the log's {period}-min sampling); present:"
+            f" {days:.2f} day(s), {100 * coverage:.1f} % of slots"
             f" covered ({cgm_times.size} readings, {len(gaps)} gap(s) > {GAP_MIN:g} min,"
             f" {len(report.invalid) + len(report.out_of_range)} value(s) invalid or out of"
             " range)",

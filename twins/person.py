@@ -63,7 +63,7 @@ REPLAY_MODEL_HELP = (
 DEFAULT_REPLAY_MODEL = "fit"
 #: ReplayBG's default hypotreatment rule.
 DEFAULT_RESCUE = RescueRule()
-#: The least a fit needs: days of CGM (at 70 % coverage of the 5-min slots).
+#: The least a fit needs: days of CGM (at 70 % coverage of the slots of its sampling period).
 MIN_FIT_DAYS = 1.0
 #: Minutes within which a bolus counts as a meal's bolus when estimating the carb ratio.
 MEAL_WINDOW_MIN = 15

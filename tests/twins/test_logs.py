@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from twinloop.plant.errors import PlantError
+from twinloop.twins.identify import log_grid
 from twinloop.twins.logs import (
     CSV_COLUMNS,
     LOG_SCHEMA,
@@ -96,22 +97,72 @@ def test_csv_round_trip_into_schema_utc_offsets_and_several_values_per_row(tmp_p
     assert times_np[0] == np.datetime64("2026-03-01T07:00:00", "us")
 
 
-def test_unknown_column_refused_naming_it_and_the_allowed_ones(tmp_path):
+def test_unknown_columns_are_ignored_and_listed_in_the_report(tmp_path):
     path = write_csv(
         tmp_path / "log.csv",
-        ["2026-03-01T08:00:00+01:00,110,,,,,7.2"],
-        header=HEADER + ",ketones_mmol_l",
+        [
+            "2026-03-01T08:00:00+01:00,110,0.9,,,,7.2,G6,",  # line 2
+            "2026-03-01T08:05:00+01:00,115,,2.5,30,lunch,7.4,G6,x",  # line 3
+        ],
+        header=HEADER + ",ketones_mmol_l, Device ,",  # a trailing comma: an unnamed column
     )
+    log = read_log(path)
+    ignored = ("ketones_mmol_l", "device", "(unnamed column 9)")
+    assert log.report.ignored_columns == ignored
+    assert [(i.row, i.column) for i in log.report.unknown_columns] == [(1, c) for c in ignored]
+    assert all(i.action == "ignored: not imported" for i in log.report.unknown_columns)
+    # the known columns are imported as without the others; nothing of the others is
+    assert log.report.events == {"cgm_mg_dl": 2, "basal_u_per_h": 1, "bolus_u": 1, "carbs_g": 1}
+    assert log.report.invalid == () and log.report.notes == ()
+    text = log.report.to_text()
+    assert "ignored columns: ketones_mmol_l, device, (unnamed column 9)" in text
+    assert log.report.as_dict()["ignored_columns"] == list(ignored)
+    # a file of the layout lists none
+    plain = read_log(write_csv(tmp_path / "plain.csv", ["2026-03-01T08:00:00+01:00,110,,,,"]))
+    assert plain.report.ignored_columns == ()
+    assert "ignored columns" not in plain.report.to_text()
+
+
+@pytest.mark.parametrize(
+    ("header", "needle"),
+    [
+        ("time;cgm_mg_dl;bolus_u", "no 'time' column; not of the layout: 'time;cgm_mg_dl;bolus_u'"
+         " (the layout is comma-separated)"),
+        ("time,glucose,insulin", "no value column (one of cgm_mg_dl, basal_u_per_h, bolus_u,"
+         " carbs_g); not of the layout: 'glucose', 'insulin'"),
+        ("when,cgm_mg_dl", "no 'time' column; not of the layout: 'when'"),
+        ("time,cgm_mg_dl,bolus_u,BOLUS_U", "column(s) bolus_u appear more than once"),
+    ],
+)  # fmt: skip
+def test_a_header_the_layout_cannot_read_is_still_refused(tmp_path, header, needle):
+    path = write_csv(tmp_path / "log.csv", ["2026-03-01T08:00:00+01:00,110,1,1"], header=header)
     with pytest.raises(LogError) as caught:
         read_log(path)
     message = str(caught.value)
-    assert "'ketones_mmol_l'" in message
-    for column in CSV_COLUMNS:
-        assert column in message
+    assert needle in message
+    assert "\n" not in message
     assert isinstance(caught.value, ValueError)
     assert isinstance(caught.value, PlantError)
-    assert caught.value.report is not None
-    assert [i.column for i in caught.value.report.unknown_columns] == ["ketones_mmol_l"]
+    if "appear more than once" not in needle:
+        for column in CSV_COLUMNS:
+            assert column in message
+        assert caught.value.report is not None
+        assert caught.value.report.ignored_columns
+
+
+def test_malformed_values_in_known_columns_are_still_dropped_beside_an_ignored_one(tmp_path):
+    path = write_csv(
+        tmp_path / "log.csv",
+        [
+            "2026-03-01T08:00:00+01:00,110,,abc,,,1",  # line 2: bolus not a number
+            "2026-03-01T08:05:00+01:00,,,,,,2",  # line 3: only the ignored column
+        ],
+        header=HEADER + ",steps",
+    )
+    log = read_log(path)
+    assert [(i.row, i.column) for i in log.report.invalid] == [(2, "bolus_u")]
+    assert [(i.row, i.problem) for i in log.report.notes] == [(3, "no value in the row")]
+    assert log.report.events["bolus_u"] == 0 and log.report.ignored_columns == ("steps",)
 
 
 def test_naive_times_refused_unless_tz_names_a_zone(tmp_path):
@@ -122,8 +173,14 @@ def test_naive_times_refused_unless_tz_names_a_zone(tmp_path):
             "2026-03-29T03:00:00,112,,,,",  # line 3: after the DST change (+02:00)
         ],
     )
-    with pytest.raises(LogError, match=r"row\(s\) 2 .*3 .*tz="):
+    with pytest.raises(LogError) as caught:
         read_log(path)
+    message = str(caught.value)
+    # one line naming the field, its value, the rows and the option that fixes it
+    assert "\n" not in message
+    assert message.startswith("log.csv: time='2026-03-28T23:55:00' (row(s) 2, 3) has no UTC")
+    assert "--tz ZONE (e.g. --tz Europe/Rome; in Python read_log(..., tz='Europe/Rome'))" in message
+    assert "'timezone' column" in message
     log = read_log(path, tz="Europe/Berlin")
     rows = rows_of(log)
     assert [r["utc_offset_min"] for r in rows] == [60, 120]
@@ -161,6 +218,40 @@ def test_negative_insulin_dropped_and_reported_with_its_row(tmp_path):
     text = log.report.to_text()
     assert "log.csv row 3, bolus_u = -2" in text
     assert "log.csv row 4, basal_u_per_h = -0.5" in text
+
+
+def test_zero_bolus_and_carbs_are_no_events_but_a_zero_basal_is_a_rate(tmp_path):
+    path = write_csv(
+        tmp_path / "log.csv",
+        [
+            "2026-03-01T08:00:00+01:00,110,1.0,0,0,",  # line 2: zeros beside CGM and basal
+            "2026-03-01T08:05:00+01:00,112,0,0.0,0,",  # line 3: a 0 U/h temp basal starts
+            "2026-03-01T08:10:00+01:00,114,,3.5,40,",  # line 4: a real bolus and meal
+            "2026-03-01T08:12:00+01:00,,,0,0,",  # line 5: nothing but zeros
+            "2026-03-01T08:15:00+01:00,116,1.0,-0,0,",  # line 6: basal resumes
+            "2026-03-01T08:20:00+01:00,118,,,,",  # line 7
+        ],
+    )
+    log = read_log(path)
+    assert log.report.events == {"cgm_mg_dl": 5, "basal_u_per_h": 3, "bolus_u": 1, "carbs_g": 1}
+    _, bolus = log.series("bolus_u")
+    _, carbs = log.series("carbs_g")
+    assert bolus.tolist() == [3.5] and carbs.tolist() == [40.0]
+    _, basal = log.series("basal_u_per_h")
+    assert basal.tolist() == [1.0, 0.0, 1.0]
+    assert "1 bolus_u (U), 1 carbs_g (g)" in log.report.to_text()
+    # the zeros are counted once per column, at their first row; the zeros-only row gets no
+    # "no value" note of its own
+    zeros = {i.column: i for i in log.report.notes}
+    assert set(zeros) == {"bolus_u", "carbs_g"} and len(log.report.notes) == 2
+    assert zeros["bolus_u"].row == 2 and zeros["bolus_u"].problem.startswith("4 row(s)")
+    assert zeros["carbs_g"].row == 2 and zeros["carbs_g"].problem.startswith("4 row(s)")
+    assert zeros["carbs_g"].action == "not imported: 0 g is no event"
+    # on the minute grid: no insulin from the zeros, and the 0 U/h basal holds 08:05-08:15
+    grid = log_grid(log)
+    assert grid.bolus_u.tolist() == [0.0] * 10 + [3.5] + [0.0] * 9
+    assert grid.basal_u_per_h.tolist() == [1.0] * 5 + [0.0] * 10 + [1.0] * 5
+    assert grid.insulin_u_per_min[5:10].tolist() == [0.0] * 5
 
 
 def test_glucose_0_and_2000_reported_and_dropped_with_rows(tmp_path):
@@ -493,6 +584,41 @@ def test_nightscout_offsets_mixed_and_time_fields(tmp_path):
     assert log.table.column("time").to_pylist()[3] == t0 + timedelta(minutes=15)
 
 
+def test_nightscout_naive_times_refused_naming_tz_unless_a_zone_is_given(tmp_path):
+    entries = [
+        {"type": "sgv", "sgv": 120 + k, "dateString": f"2026-03-01T08:{5 * k:02d}:00"}
+        for k in range(3)
+    ]
+    path = tmp_path / "entries.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(LogError) as caught:
+        read_log(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "entries.json: dateString='2026-03-01T08:00:00' (record(s) 1, 2, 3) has no UTC offset"
+    )
+    assert "--tz ZONE (e.g. --tz Europe/Rome; in Python read_log(..., tz='Europe/Rome'))" in message
+    # the field named is the one read: an ISO string in 'date' too
+    (tmp_path / "other").mkdir()
+    other = tmp_path / "other" / "entries.json"
+    other.write_text(json.dumps([{"type": "sgv", "sgv": 99, "date": "2026-03-01T09:00:00"}]))
+    with pytest.raises(LogError, match=r"^entries\.json: date='2026-03-01T09:00:00' \(record"):
+        read_log(other)
+    log = read_log(path, tz="Europe/Rome")
+    assert log.table.column("time").to_pylist()[0] == datetime(2026, 3, 1, 7, 0, tzinfo=UTC)
+    assert set(log.table.column("utc_offset_min").to_pylist()) == {60}
+    # treatments' naive created_at is UTC, as Nightscout stores it: no zone needed
+    treatments = tmp_path / "treatments.json"
+    treatments.write_text(
+        json.dumps(
+            [{"eventType": "Correction Bolus", "created_at": "2026-03-01T07:05:00", "insulin": 1}]
+        )
+    )
+    times, bolus = read_log(treatments).series("bolus_u")
+    assert bolus.tolist() == [1.0] and times[0] == np.datetime64("2026-03-01T07:05:00", "us")
+
+
 # ------------------------------------------------------------------------------------- twinloop
 
 
@@ -574,6 +700,76 @@ def test_twinloop_run_with_several_patients_needs_patient(tmp_path):
     _, bolus = log.series("bolus_u")
     assert bolus.tolist() == [3.0]
     assert any("meal->controller" in i.column for i in log.report.notes)
+
+
+# ------------------------------------------------------------------------------ CGM sampling
+
+
+def sampled_day(path: Path, period: int, *, keep_every: int = 1) -> Path:
+    """A day of CGM every ``period`` minutes (every ``keep_every``-th reading kept), basal 1."""
+    start = datetime(2026, 3, 1, 0, 0, tzinfo=CET)
+    lines = [f"{start.isoformat()},,1.0,,,"]
+    for k in range(0, 1440 // period, keep_every):
+        lines.append(f"{(start + timedelta(minutes=period * k)).isoformat()},{100 + k % 50},,,,")
+    return write_csv(path, lines)
+
+
+@pytest.mark.parametrize("period", [1, 3, 5])
+def test_cgm_every_1_3_or_5_min_covers_its_own_slots_and_lands_on_its_minutes(tmp_path, period):
+    log = read_log(sampled_day(tmp_path / "log.csv", period), min_days=1)
+    n = 1440 // period
+    assert log.cgm_period_min == log.report.cgm_period_min == period
+    assert log.cgm_coverage == log.report.cgm_coverage == 1.0
+    assert log.days == pytest.approx(1.0)  # the last reading's slot of `period` minutes counted
+    assert log.report.gaps == () and log.report.issues == ()
+    text = log.report.to_text()
+    assert f"a reading every {period} min, 100.0 % of {period}-min slots covered" in text
+    assert log.report.as_dict()["cgm_period_min"] == period
+    grid = log_grid(log)
+    assert grid.minutes == 1440 - period
+    readings = np.flatnonzero(~np.isnan(grid.cgm_mg_dl))
+    assert readings.tolist() == list(range(0, 1440, period))
+    assert grid.cgm_mg_dl[readings].tolist() == [100.0 + k % 50 for k in range(n)]
+    assert grid.basal_u_per_h.tolist() == [1.0] * grid.minutes
+
+
+@pytest.mark.parametrize(("period", "needed"), [(1, 1008), (3, 336), (5, 202)])
+def test_half_the_readings_of_any_period_is_too_little_to_fit(tmp_path, period, needed):
+    # every other reading: a 1-min CGM with 50 % missing is not a full 2-min CGM
+    path = sampled_day(tmp_path / "log.csv", period, keep_every=2)
+    log = read_log(path)
+    assert log.cgm_period_min == period
+    assert log.cgm_coverage == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(LogError) as caught:
+        read_log(path, min_days=1)
+    message = str(caught.value)
+    assert (
+        f"70 % of the {period}-min slots holding a reading (at least {needed} readings" in message
+    )
+    assert f"present: 1.00 day(s), {100 * log.cgm_coverage:.1f} % of slots covered" in message
+
+
+@pytest.mark.parametrize(
+    ("steps_s", "period"),
+    [
+        ([60, 61, 59, 60, 62, 58], 1),  # 1-min with seconds of jitter
+        ([180, 181, 179, 360, 180], 3),  # 3-min, a reading missing
+        ([300, 298, 302, 600, 300], 5),
+        ([120, 120, 120], 1),  # readings every 2 min: a 1-min CGM with half missing
+        ([360, 360, 360], 3),
+        ([900, 900, 900, 900], 5),  # every 15 min: a 5-min CGM with two of three missing
+        ([600, 600, 300], 5),
+        ([], 5),  # one reading: the default
+    ],
+)
+def test_the_sampling_period_is_told_from_the_readings(tmp_path, steps_s, period):
+    t = datetime(2026, 3, 1, 8, 0, tzinfo=CET)
+    lines = [f"{t.isoformat()},120,,,,"]
+    for step in steps_s:
+        t += timedelta(seconds=step)
+        lines.append(f"{t.isoformat()},120,,,,")
+    log = read_log(write_csv(tmp_path / "log.csv", lines))
+    assert log.cgm_period_min == period
 
 
 # ------------------------------------------------------------------------------------- examples

@@ -148,6 +148,20 @@ def test_synthetic_logs_import_cleanly_and_repeat_with_their_seed(adult_log, tmp
     np.testing.assert_array_equal(exact.announced_g, exact.meal_g)
 
 
+@pytest.mark.parametrize(("cgm", "period"), [("Navigator", 1), ("Dexcom", 3), ("GuardianRT", 5)])
+def test_synthetic_logs_of_1_3_and_5_min_cgms_import_onto_the_grid(tmp_path, cgm, period):
+    syn = synthetic_log(get_patient("adult#003"), days=1, seed=5, cgm=cgm)
+    log = read_log(syn.write(tmp_path / "log.csv"), min_days=1)
+    assert log.report.issues == ()
+    assert log.cgm_period_min == period and log.cgm_coverage == 1.0
+    assert log.report.events["cgm_mg_dl"] == 1440 // period + 1
+    grid = log_grid(log)
+    assert grid.minutes == 1440
+    # every reading on its minute, none lost or moved
+    np.testing.assert_array_equal(grid.cgm_mg_dl, syn.cgm_mg_dl)
+    assert np.flatnonzero(~np.isnan(grid.cgm_mg_dl)).tolist() == list(range(0, 1441, period))
+
+
 def test_the_therapy_read_from_the_log_is_the_one_the_person_used(adult_log):
     _, path = adult_log
     p = get_patient("adult#003")
@@ -359,11 +373,26 @@ def test_the_cli_refuses_bad_logs_with_a_report_naming_rows(tmp_path):
     for finding in ("row 3", "row 4", "out_of_order", "mixed_time_zones"):
         assert finding in r.stderr, finding
     assert not (tmp_path / "t.yaml").exists()
+    # an unknown column is ignored and listed; this log is refused for its one reading only
     unknown = tmp_path / "unknown.csv"
     unknown.write_text("time,cgm_mg_dl,insulin_units\n2026-03-02T08:00:00Z,120,1\n")
     r = _twinloop("twin", "fit", str(unknown), "--out", str(tmp_path / "t.yaml"), cwd=tmp_path)
-    assert r.returncode == 2 and "insulin_units" in r.stderr
+    assert r.returncode == 2 and "ignored columns: insulin_units" in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("twinloop twin: error: too little CGM data")
     assert "Traceback" not in r.stderr
+    # naive times: the one-line error names the option that fixes them, which does
+    naive = tmp_path / "naive.csv"
+    naive.write_text("time,cgm_mg_dl,basal_u_per_h\n2026-03-02T08:00:00,120,1\n")
+    r = _twinloop("twin", "fit", str(naive), "--out", str(tmp_path / "t.yaml"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "time='2026-03-02T08:00:00' (row(s) 2) has no UTC offset" in r.stderr
+    assert "--tz ZONE (e.g. --tz Europe/Rome" in r.stderr
+    r = _twinloop(
+        "twin", "fit", str(naive), "--tz", "Europe/Rome", "--out", str(tmp_path / "t.yaml"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 2 and "too little CGM data" in r.stderr
+    assert "no UTC offset" not in r.stderr
 
 
 @pytest.mark.ray
