@@ -43,12 +43,18 @@ fractions ``b`` and ``d`` the logit's SD times ``1 − θ₀``), or 0.2 for the 
 scale (carb counting is off by about 20 %) and 0.3 for the sensitivity blocks.
 
 **Likelihood.** The twin's CGM is its subcutaneous glucose ``Gs/Vg``; the logged CGM is that plus
-an error of unknown variance σ² (profiled out: ``σ² = SSR/n``). Residuals of a misfit model and
-of a CGM are strongly autocorrelated, so each reading is worth less than an independent one: the
-log-likelihood is weighted by the effective sample size ``n_eff = n(1−ρ)/(1+ρ)``, with ρ the lag-1
-autocorrelation of the residuals (estimated at a first fit, then the fit is refined once). The
-first ``burn_in_min`` minutes are not scored: the twin starts in the basal steady state with its
-glucose set to the first reading, so insulin and meals before the log are unknown.
+an error of unknown variance σ² (profiled out: ``σ² = SSR/n``). A reading at the CGM's limits
+(40 and 400 mg/dL by default, ``cgm_range_mg_dl``) is **censored**: it says "at or beyond the
+limit", so a prediction beyond it costs nothing and one inside costs its distance to the limit
+(as the online twin treats such readings). Residuals of a misfit model and of a CGM are strongly
+autocorrelated, so each reading is worth less than an independent one: the log-likelihood is
+weighted by the **effective sample size** ``n_eff = n/τ``, ``τ = 1 + 2Σρ_k`` the integrated
+autocorrelation time of the residuals at the log's sampling step, summed by Geyer's initial
+positive sequence up to a day (estimated at a first fit, then the fit is refined once). It
+counts the time the residuals stay correlated, not the readings: a 1-, 3- or 5-min CGM of the
+same days gives about the same ``n_eff``, and no floor is imposed. The first ``burn_in_min``
+minutes are not scored: the twin starts in the basal steady state with its glucose set to the
+first reading, so insulin and meals before the log are unknown.
 
 **Maximum a posteriori** by L-BFGS-B (SciPy) on ``z`` within ±5 prior SDs, minimising
 ``½·n_eff·log(SSR/n) + ½·|z|²``. The gradient is a forward difference; the ``1 + p`` simulations

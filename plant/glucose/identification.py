@@ -34,6 +34,9 @@ __all__ = ["InsufficientDataError", "censored_residuals", "effective_sample_size
 MAX_ACF_LAG_MIN = 1440
 #: The CGM's reporting range: readings at its limits are censored (as the online twin's).
 CGM_RANGE_MG_DL = (40.0, 400.0)
+#: How the CGM's error scales: ``absolute`` (constant SD, mg/dL) or ``relative`` (constant SD of
+#: its logarithm: a miss of 10 mg/dL at 60 weighs as one of 40 at 240).
+ERROR_MODELS = ("absolute", "relative")
 #: L-BFGS-B's relative tolerance on the objective (≈ 1e-4 on a log-posterior of ~100).
 FTOL = 1e-6
 
@@ -102,6 +105,16 @@ def effective_sample_size(
     return float(n / max(tau, 1.0))
 
 
+def _sampling_period_min(idx: NDArray[np.int64]) -> int:
+    """The CGM's period: the most common gap between readings, as 1, 3 or 5 min."""
+    gaps = np.diff(idx)
+    gaps = gaps[gaps > 0]
+    if not gaps.size:
+        return 5
+    common = int(np.bincount(gaps).argmax())
+    return max((p for p in (1, 3, 5) if common % p == 0), default=5)
+
+
 def censored_residuals(
     prediction_mg_dl: NDArray[np.float64],
     readings_mg_dl: NDArray[np.float64],
@@ -139,6 +152,7 @@ def fit_twin(
     seed: int = 0,
     overrides: Mapping[str, float] | None = None,
     cgm_range_mg_dl: tuple[float, float] = CGM_RANGE_MG_DL,
+    error_model: str = "absolute",
 ) -> TwinFit:
     """Fit a twin to a log on a minute grid (MAP, and optionally the Laplace posterior).
 
@@ -159,6 +173,7 @@ def fit_twin(
         overrides: base values (:meth:`TwinModel.for_group`).
         cgm_range_mg_dl: the CGM's reporting limits: readings at or beyond them are censored
             (:func:`censored_residuals`).
+        error_model: how the CGM's error scales (:data:`ERROR_MODELS`).
 
     Raises:
         InsufficientDataError: too little CGM to fit (says how much is needed and how much
@@ -179,12 +194,13 @@ def fit_twin(
         raise ConfigError("burn_in_min", burn_in_min, f"minutes in [0, {grid.minutes})")
     idx = np.flatnonzero(~np.isnan(grid.cgm_mg_dl))
     idx = idx[idx >= burn_in_min]
-    needed = int(min_days * MIN_PER_DAY / 5 * 0.7)
+    period = _sampling_period_min(idx)
+    needed = int(min_days * MIN_PER_DAY / period * 0.7)
     if idx.size < max(needed, 12):
         raise InsufficientDataError(
             f"too little CGM to fit a twin: {idx.size} readings after the {burn_in_min}-min "
-            f"burn-in; at least {max(needed, 12)} are needed ({min_days:g} day(s) at 5-min "
-            "readings, 70 % coverage)"
+            f"burn-in; at least {max(needed, 12)} are needed ({min_days:g} day(s) at "
+            f"{period}-min readings, 70 % coverage)"
         )
     low, high = cgm_range_mg_dl
     if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
@@ -194,11 +210,20 @@ def fit_twin(
     p = len(model.names)
     eye = np.eye(p) * FD_STEP
 
-    def residuals(zs: NDArray[np.float64]) -> NDArray[np.float64]:
-        return censored_residuals(model.simulate(zs, grid)[:, idx], y, low, high)
+    if error_model not in ERROR_MODELS:
+        raise ConfigError("error_model", error_model, " or ".join(ERROR_MODELS))
+    relative = error_model == "relative"
 
-    step = float(np.median(np.diff(idx))) if n > 1 else 5.0
-    state = {"n_eff": n * step / 50.0, "evals": 0}  # one reading in 50 min, until estimated
+    def residuals(zs: NDArray[np.float64]) -> NDArray[np.float64]:
+        pred = model.simulate(zs, grid)[:, idx]
+        if relative:
+            return censored_residuals(
+                np.log(np.maximum(pred, 1.0)), np.log(np.maximum(y, 1.0)), math.log(max(low, 1.0)),
+                math.log(high),
+            )
+        return censored_residuals(pred, y, low, high)
+
+    state = {"n_eff": n * period / 50.0, "evals": 0}  # a reading per 50 min, until estimated
 
     def objective(z: NDArray[np.float64]) -> tuple[float, NDArray[np.float64]]:
         zs = np.vstack([z, z + eye])
@@ -251,7 +276,10 @@ def fit_twin(
         "burn_in_min": burn_in_min,
         "cgm_readings": n,
         "censored_readings": int(np.count_nonzero((y <= low) | (y >= high))),
-        "rmse_mg_dl": math.sqrt(ssr / n),
+        "rmse_mg_dl": math.sqrt(ssr / n) if not relative else float(
+            np.sqrt(np.mean((model.simulate(z[None, :], grid)[0, idx] - y) ** 2))
+        ),
+        "error_model": error_model,
         "lag1_autocorrelation": rho,
         "n_eff": state["n_eff"],
         "iterations": iterations,

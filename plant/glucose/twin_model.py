@@ -374,8 +374,11 @@ class TwinModel:
         initial_glucose_mg_dl: float | None = None,
         insulin_u_per_min: NDArray[np.float64] | None = None,
         meal_g: NDArray[np.float64] | None = None,
+        plasma: bool = False,
     ) -> NDArray[np.float64]:
         """The twin's CGM ``Gs/Vg`` (mg/dL, ``(M, K+1)``) for each row of ``zs`` (``(M, p)``).
+
+        With ``plasma``, its plasma glucose ``Gp/Vg`` instead.
 
         Starts in the basal steady state with glucose at ``initial_glucose_mg_dl`` (default:
         the grid's first reading) and replays the grid's insulin and meals (or the ones given,
@@ -391,14 +394,16 @@ class TwinModel:
         meal_state = np.zeros((m, N_MEAL_STATE))
         eat = np.full(m, DEFAULT_EAT_RATE_G_PER_MIN)
         gs = np.empty((m, grid.minutes + 1))
-        gs[:, 0] = x[:, 12]
+        gs[:, 0] = x[:, 3 if plasma else 12]
         for a, b, factors in self.segments(zs, grid):
             p = params if factors is None else scale_sensitivity(params, factors)
             seg = np.empty((m, b - a + 1))
+            other = np.empty_like(seg)
             advance(
                 x, meal_state, p, np.ascontiguousarray(ins[:, a:b]),
                 np.ascontiguousarray(meals[:, a:b]), eat, carbs_out=np.empty((m, b - a)),
-                gp_out=np.empty_like(seg), gs_out=seg, parallel=False, check=False,
+                gp_out=seg if plasma else other, gs_out=other if plasma else seg,
+                parallel=False, check=False,
             )  # fmt: skip
             gs[:, a + 1 : b + 1] = seg[:, 1:]
         out: NDArray[np.float64] = gs / params[:, P_VG : P_VG + 1]

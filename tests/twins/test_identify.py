@@ -282,9 +282,7 @@ def test_the_effective_sample_size_depends_on_time_not_on_the_sampling_period():
     idx = np.arange(5000) * 5
     assert effective_sample_size(white, idx) == pytest.approx(5000, rel=0.15)
     keep = (idx // 1440) % 2 == 0  # every other day missing
-    assert effective_sample_size(x[idx[keep]], idx[keep]) < effective_sample_size(
-        x[idx], idx
-    )
+    assert effective_sample_size(x[idx[keep]], idx[keep]) < effective_sample_size(x[idx], idx)
 
 
 def test_readings_at_the_cgm_limits_are_censored():
