@@ -96,9 +96,11 @@ def add_parser(sub: Any) -> None:
         "replay",
         help="replay logged days on a twin under another therapy",
         description="Re-run the log's days on the twin with the logged meals, under the logged "
-        "therapy and under the alternative (a controller, or a changed basal, CR or CF), with "
-        "rescue carbohydrates (10 g every 15 min below 70 mg/dL, as ReplayBG), over posterior "
-        "draws when the twin has a posterior.",
+        "therapy (like-for-like: no carbohydrates beyond the log's) and under the alternative (a "
+        "controller, or a changed basal, CR or CF) with rescue carbohydrates (10 g every 15 min "
+        "below 70 mg/dL, as ReplayBG), over posterior draws when the twin has a posterior. From "
+        "--from-day D > 0 each draw starts where its online estimator got by filtering the log "
+        "up to day D.",
     )
     r.add_argument("twin", help="a twin written by `twinloop twin fit`")
     r.add_argument(
@@ -116,13 +118,27 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--basal-u-per-h", type=float, help="a flat basal replacing the logged one")
     r.add_argument("--cr", type=float, help="a new carb ratio, g/U (meal boluses recomputed)")
     r.add_argument("--cf", type=float, help="a new correction factor, mg/dL/U")
-    r.add_argument("--from-day", type=float, default=0.0, help="start at day D of the log")
+    r.add_argument(
+        "--from-day",
+        type=float,
+        default=0.0,
+        help="start at day D of the log, from the state filtered from the log before it "
+        "(default 0: the basal steady state at the first reading, 3 h not scored)",
+    )
     r.add_argument("--days", type=float, help="replay D days (default: to the end)")
     r.add_argument("--draws", type=int, default=50, help="posterior draws (default 50)")
     r.add_argument("--seed", type=int, default=0, help="seed of the draws")
-    r.add_argument("--no-rescue", action="store_true", help="no rescue carbohydrates")
+    r.add_argument(
+        "--no-rescue",
+        action="store_true",
+        help="no rescue carbohydrates for the alternative (the logged therapy never has any)",
+    )
     r.add_argument("--tz", help="IANA time zone of naive times in the log")
-    r.add_argument("--out", help="directory for replay.json and replay.png")
+    r.add_argument(
+        "--out",
+        help="directory for replay.json, the per-minute trajectories (replay_trajectories.parquet "
+        "and .csv) and replay.png",
+    )
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     r.add_argument(
         "--fhir",
@@ -330,6 +346,15 @@ _LABELS = {
 }
 
 
+def _rescue_text(rule: dict[str, float] | None) -> str:
+    if rule is None:
+        return "none (the log's carbs only)"
+    return (
+        f"{rule['grams']:g} g below {rule['below_mg_dl']:g} mg/dL, every {rule['interval_min']:g}"
+        " min"
+    )
+
+
 def replay_table(result: dict[str, Any]) -> str:
     """The replay's metrics as a text table: median [5–95 %] over the draws."""
 
@@ -345,13 +370,18 @@ def replay_table(result: dict[str, Any]) -> str:
         [label, cell(a["metrics"][k]), cell(b["metrics"][k]), cell(result["difference"][k], True)]
         for k, label in _LABELS.items()
     ]
+    rows.append(["rescue rule", *(_rescue_text(t["rescue"]) for t in (a, b)), ""])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
 
 
-def _plot(result: dict[str, Any], path: Path) -> None:
+def _plot(result: dict[str, Any], table: dict[str, Any], path: Path) -> list[str]:
+    """The logged CGM (dots) and the twin's median and 5–95 % band under both therapies.
+
+    Returns the legend's labels.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,22 +389,53 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(11, 4))
-    for trace, row, colour in zip(
-        result["traces"], result["therapies"], ("tab:grey", "tab:blue"), strict=True
+    hours = table["minute"] / 60.0
+    alternative = result["therapies"][1]["therapy"]
+    for name, label, colour in (
+        ("twin_logged", "twin, logged therapy", "tab:grey"),
+        ("twin_alternative", f"twin, {alternative}", "tab:blue"),
     ):
-        g = trace.gsub_mg_dl
-        hours = np.arange(g.shape[1]) / 60.0
-        lo, mid, hi = np.percentile(g, [5, 50, 95], axis=0)
+        lo, hi = table[f"{name}_p5_mg_dl"], table[f"{name}_p95_mg_dl"]
         ax.fill_between(hours, lo, hi, color=colour, alpha=0.25, linewidth=0)
-        ax.plot(hours, mid, color=colour, linewidth=0.8, label=row["therapy"])
+        ax.plot(hours, table[f"{name}_median_mg_dl"], color=colour, linewidth=0.8, label=label)
+    seen = ~np.isnan(table["cgm_mg_dl"])
+    ax.plot(hours[seen], table["cgm_mg_dl"][seen], ".", color="black", markersize=2,
+            label="logged CGM")  # fmt: skip
     ax.axhspan(70, 180, color="tab:green", alpha=0.08)
     ax.set_xlabel("hours from the start of the replay")
-    ax.set_ylabel("twin CGM, mg/dL")
-    ax.set_title(f"twin {result['twin']}: median and 5–95 % over {result['draws']} draw(s)")
-    ax.legend(loc="upper right")
+    ax.set_ylabel("glucose, mg/dL")
+    ax.set_title(
+        f"twin {result['twin']} from {str(table['time'][0])[:16]} UTC: median and 5–95 % over "
+        f"{result['draws']} draw(s)"
+    )
+    legend = ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def write_trajectories(result: dict[str, Any], table: dict[str, Any], out: Path) -> list[Path]:
+    """The replay's per-minute trajectories as ``replay_trajectories.parquet`` and ``.csv``.
+
+    The Parquet file's metadata names the therapy of each column group.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    columns = dict(table)
+    columns["time"] = pa.array(table["time"], pa.timestamp("us", tz="UTC"))
+    arrow = pa.table(columns)
+    therapies = {"twin_logged": "logged", "twin_alternative": result["therapies"][1]["therapy"]}
+    arrow = arrow.replace_schema_metadata({"twinloop_replay_therapies": json.dumps(therapies)})
+    parquet = out / "replay_trajectories.parquet"
+    pq.write_table(arrow, parquet)
+    iso = np.datetime_as_string(table["time"], unit="s", timezone="UTC")
+    csv = out / "replay_trajectories.csv"
+    pa_csv.write_csv(arrow.set_column(1, "time", pa.array(iso)), csv)
+    return [parquet, csv]
 
 
 def _fhir(result: dict[str, Any], name: str, start: Any, twin_path: str) -> Any:
@@ -414,7 +475,7 @@ def _fhir(result: dict[str, Any], name: str, start: Any, twin_path: str) -> Any:
 def _main_replay(args: argparse.Namespace) -> int:
     from twinloop.twins.identify import MIN_PER_DAY, log_grid, read_twin
     from twinloop.twins.logs import LogError, read_log, resolve_log_path
-    from twinloop.twins.person import ReplayTherapy, replay
+    from twinloop.twins.person import ReplayTherapy, replay, trajectory_table
     from twinloop.twins.replay import RescueRule
 
     therapy = ReplayTherapy(
@@ -439,23 +500,35 @@ def _main_replay(args: argparse.Namespace) -> int:
             f"--from-day {args.from_day:g} --days {args.days} is not inside the log's "
             f"{grid.days:.2f} days"
         )
+    rescue = None if args.no_rescue else RescueRule()
     result = replay(
         fit,
-        grid.window(first, last),
+        grid,
         therapy,
+        first_min=first,
+        last_min=last,
         draws=args.draws,
         seed=args.seed,
-        rescue=None if args.no_rescue else RescueRule(),
+        rescue=rescue,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
+    begun = result["start"]
     print(
         f"twin {result['twin']}: {result['days']:.2f} days replayed, {result['draws']} draw(s)"
         f"{' of the Laplace posterior' if result['posterior'] else ' (MAP; no posterior)'}, "
-        f"rescue {'off' if args.no_rescue else '10 g below 70 mg/dL every 15 min'}"
+        + (
+            f"each from the state its estimator filtered from the log's first {args.from_day:g} "
+            f"days ({begun['filter_seconds']:.1f} s)"
+            if begun["kind"] == "filtered"
+            else f"from the basal steady state ({begun['burn_in_min']} min not scored)"
+        )
+        + f"; rescue carbs for {result['therapies'][1]['therapy']} only: "
+        f"{_rescue_text(result['therapies'][1]['rescue'])}"
     )
     print(replay_table(result))
+    window = grid.window(first, last)
     if args.fhir:
-        export = _fhir(result, fit.model.name, grid.window(first, last).start, args.twin)
+        export = _fhir(result, fit.model.name, window.start, args.twin)
         print(f"FHIR: {export.summary()} -> {args.fhir}")
         Path(args.fhir).parent.mkdir(parents=True, exist_ok=True)
         Path(args.fhir).write_text(json.dumps(export.bundle, indent=1), encoding="utf-8")
@@ -464,8 +537,12 @@ def _main_replay(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         doc = {k: v for k, v in result.items() if k != "traces"}
         (out / "replay.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
-        _plot(result, out / "replay.png")
-        print(f"-> {out / 'replay.json'}, {out / 'replay.png'}")
+        table = trajectory_table(result, window)
+        written = write_trajectories(result, table, out)
+        _plot(result, table, out / "replay.png")
+        print(
+            f"-> {', '.join(str(p) for p in [out / 'replay.json', *written, out / 'replay.png'])}"
+        )
     return 0
 
 

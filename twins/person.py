@@ -11,15 +11,22 @@
   over posterior draws when the twin has a posterior; reports both therapies' metrics and their
   paired difference, median and 5–95 % over the draws. A controller that plans (the MPC) plans
   through a twin estimator on the replay's model (:data:`REPLAY_MODEL_HELP`), as the loop does:
-  by default the replayed twin's MAP, while the plant is the twin's posterior draws.
+  by default the replayed twin's MAP, while the plant is the twin's posterior draws. A replay
+  that starts later in the log starts from the state each draw's online estimator reaches by
+  filtering the log up to then (:func:`filtered_start`). The logged therapy is replayed
+  like-for-like, without rescue carbohydrates (the log's carbohydrates hold the person's own);
+  the rescue rule applies to the alternative only. :func:`trajectory_table` gives the predicted
+  trajectories per minute beside the logged CGM.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +38,9 @@ from twinloop.agents.glucose.estimator import TwinEstimator
 from twinloop.plant.errors import ConfigError
 from twinloop.plant.glucose.metrics import glucose_metrics
 from twinloop.plant.glucose.models import loop_model, parse_model, population_model
-from twinloop.plant.glucose.patients import PatientParameters
-from twinloop.plant.glucose.twin_model import MIN_PER_DAY, LogGrid, TwinFit
+from twinloop.plant.glucose.patients import N_STATES, PatientParameters
+from twinloop.plant.glucose.twin_model import DEFAULT_BURN_IN_MIN, MIN_PER_DAY, LogGrid, TwinFit
+from twinloop.plant.glucose.uva_padova import N_MEAL_STATE
 from twinloop.policies.glucose.controllers import (
     PLANNING_CONTROLLERS,
     check_controller_name,
@@ -41,16 +49,19 @@ from twinloop.policies.glucose.controllers import (
 from twinloop.policies.glucose.interface import Controller
 from twinloop.twins.identify import fit_twin, log_grid
 from twinloop.twins.logs import TherapyLog, read_log
-from twinloop.twins.replay import LoggedTherapy, LoopTrace, RescueRule, closed_loop
+from twinloop.twins.replay import LoggedTherapy, LoopTrace, RescueRule, closed_loop, filter_log
 
 __all__ = [
     "REPLAY_MODEL_HELP",
     "FitRequest",
+    "ReplayStart",
     "ReplayTherapy",
+    "filtered_start",
     "fit_log",
     "fit_many",
     "replay",
     "therapy_from_log",
+    "trajectory_table",
     "validate",
 ]
 
@@ -398,6 +409,88 @@ def _controllers(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ReplayStart:
+    """Where a replay from minute ``first_min`` of a log starts (:func:`filtered_start`).
+
+    Attributes:
+        first_min: the replay's first minute in the log.
+        history: the log's minutes before it.
+        x0: ``(M, 13)`` each draw's model state at ``first_min``: its estimator's mean.
+        meal_state: ``(M, N_MEAL_STATE)`` each draw's eating process then (the grams of a meal
+            begun before ``first_min`` not yet swallowed).
+        filters: each draw's estimator after the history (a planning controller on the same
+            model plans on from a copy of it).
+        seconds: what the filtering took.
+
+    """
+
+    first_min: int
+    history: LogGrid
+    x0: NDArray[np.float64]
+    meal_state: NDArray[np.float64]
+    filters: tuple[TwinEstimator, ...]
+    seconds: float
+
+
+def filtered_start(
+    fit: TwinFit, grid: LogGrid, first_min: int, zs: NDArray[np.float64], *, progress: bool = False
+) -> ReplayStart:
+    """Each draw's state at ``first_min``, filtered from the log's minutes before it.
+
+    For each draw, a :class:`~twinloop.agents.glucose.estimator.TwinEstimator` on the draw's
+    patient (its daily sensitivity profile left out) at the twin's scheduled basal filters the
+    logged insulin, carbohydrates and CGM of minutes ``[0, first_min)``
+    (:func:`twinloop.twins.replay.filter_log`); its mean model state and eating process at
+    ``first_min`` are where the draw starts. ``progress`` shows a progress bar (on stderr).
+
+    Raises:
+        ConfigError: ``first_min`` is not inside the log.
+
+    """
+    if not 0 < first_min < grid.minutes:
+        raise ConfigError("first_min", first_min, f"a minute in (0, {grid.minutes}) of the log")
+    began = time.perf_counter()
+    history = grid.window(0, first_min)
+    basal = fit.model.basal_u_per_h
+    filters = []
+    x0 = np.empty((zs.shape[0], N_STATES))
+    meal_state = np.empty((zs.shape[0], N_MEAL_STATE))
+    bar = tqdm(zs, desc="filtering the log", unit="draw", disable=not progress, leave=False)
+    for i, z in enumerate(bar):
+        estimator = TwinEstimator(fit.model.patient(z), scheduled_basal_u_per_h=basal)
+        filters.append(filter_log(estimator, history, first_min))
+        plan = estimator.plan_state(float(first_min))
+        x0[i] = plan.x
+        meal_state[i] = plan.meal_state
+    seconds = time.perf_counter() - began
+    return ReplayStart(first_min, history, x0, meal_state, tuple(filters), seconds)
+
+
+def _planning_estimators(
+    fit: TwinFit, models: list[PatientParameters], start: ReplayStart | None
+) -> list[TwinEstimator]:
+    """Each draw's twin estimator on its planning model: fresh, or continuing the log's filter.
+
+    With a :class:`ReplayStart`, a model that is a draw's own continues from (a copy of) that
+    draw's filter; any other model filters the log's history once.
+    """
+    basal = fit.model.basal_u_per_h
+    if start is None:
+        return [TwinEstimator(m, scheduled_basal_u_per_h=basal) for m in models]
+    filtered: dict[int, TwinEstimator] = {}
+    out = []
+    for model in models:
+        if id(model) not in filtered:
+            own = next((f for f in start.filters if f.patient == model), None)
+            if own is None:
+                own = TwinEstimator(model, scheduled_basal_u_per_h=basal)
+                filter_log(own, start.history, start.first_min)
+            filtered[id(model)] = own
+        out.append(copy.deepcopy(filtered[id(model)]))
+    return out
+
+
 def run_therapy(
     fit: TwinFit,
     grid: LogGrid,
@@ -405,9 +498,15 @@ def run_therapy(
     zs: NDArray[np.float64],
     *,
     rescue: RescueRule | None,
+    start: ReplayStart | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> LoopTrace:
-    """The twin's draws ``zs`` in closed loop over the grid's days under ``therapy``."""
+    """The twin's draws ``zs`` in closed loop over the grid's days under ``therapy``.
+
+    Without ``start`` the draws start in their basal steady state at the grid's first reading;
+    with it (``grid`` then being the log's minutes from ``start.first_min``) from the state
+    filtered from the log before, with the insulin logged in the day before on board.
+    """
     params, x0 = fit.model.states(zs, grid)
     segments = fit.model.segments(zs, grid)
     starts = np.array([a for a, _, _ in segments])
@@ -417,13 +516,10 @@ def run_therapy(
         return seg[2]
 
     models = replay_models(fit, zs, therapy.model) if therapy.plans else None
-    estimators = None
-    if models is not None:
-        basal = fit.model.basal_u_per_h
-        estimators = [TwinEstimator(m, scheduled_basal_u_per_h=basal) for m in models]
+    estimators = None if models is None else _planning_estimators(fit, models, start)
     return closed_loop(
         params,
-        x0,
+        x0 if start is None else start.x0,
         _controllers(fit, zs, grid, therapy, models),
         meal_g=grid.carbs_g,
         announced_g=grid.carbs_g,
@@ -431,6 +527,11 @@ def run_therapy(
         sensitivity=sensitivity if fit.model.profile_blocks else None,
         rescue=rescue,
         estimators=estimators,
+        estimator_clock_min=0 if start is None else start.first_min,
+        meal_state0=None if start is None else start.meal_state,
+        insulin_history_u_per_min=None
+        if start is None
+        else start.history.insulin_u_per_min[-MIN_PER_DAY:],
         progress=progress,
     )
 
@@ -453,38 +554,57 @@ def replay(
     grid: LogGrid,
     therapy: ReplayTherapy,
     *,
+    first_min: int = 0,
+    last_min: int | None = None,
     draws: int = 50,
     seed: int = 0,
     rescue: RescueRule | None = DEFAULT_RESCUE,
-    burn_in_min: int = 180,
+    burn_in_min: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Replay ``grid``'s days on the twin under the logged therapy and under ``therapy``.
+    """Replay minutes ``[first_min, last_min)`` of ``grid`` on the twin: logged vs ``therapy``.
 
     With a posterior, ``draws`` draws of the twin (the MAP first) run together; without, the
-    MAP alone. The first ``burn_in_min`` minutes are not scored (the twin starts at basal).
-    ``progress`` shows a progress bar per therapy (on stderr).
+    MAP alone. From the log's start (``first_min`` 0) the draws start in their basal steady
+    state at the first reading and the first ``burn_in_min`` (default 180) minutes are not
+    scored; later in the log they start where each draw's estimator got by filtering the log
+    up to ``first_min`` (:func:`filtered_start`) and every minute is scored (default 0).
+
+    The logged therapy is replayed like-for-like: no rescue carbohydrates beyond the log's own
+    (they are among its carbohydrates); ``rescue`` applies to ``therapy`` only. ``progress``
+    shows a progress bar per therapy (on stderr).
 
     Returns:
-        ``{"therapies": [logged, alternative], "difference": …, "draws": M, …}``: each
-        therapy's metrics (median, p5, p95 over draws), and the paired difference
-        alternative − logged.
+        ``{"therapies": [logged, alternative], "difference": …, "draws": M, "start": …,
+        "traces": [LoopTrace, LoopTrace], …}``: each therapy's metrics (median, p5, p95 over
+        draws) and rescue rule, and the paired difference alternative − logged.
+
+    Raises:
+        ConfigError: a window or burn-in outside the log.
 
     """
-    if not 0 <= burn_in_min < grid.minutes:
-        raise ConfigError("burn_in_min", burn_in_min, f"minutes in [0, {grid.minutes})")
+    last = grid.minutes if last_min is None else last_min
+    if not 0 <= first_min < last <= grid.minutes:
+        raise ConfigError(
+            "first_min/last_min", f"[{first_min}, {last})", f"minutes within [0, {grid.minutes}]"
+        )
+    window = grid.window(first_min, last)
     zs = fit.draws(draws, seed)
-    days = (grid.minutes + 1 - burn_in_min) / MIN_PER_DAY
-    logged = ReplayTherapy()
+    start = filtered_start(fit, grid, first_min, zs, progress=progress) if first_min > 0 else None
+    if burn_in_min is None:
+        burn_in_min = DEFAULT_BURN_IN_MIN if start is None else 0
+    if not 0 <= burn_in_min < window.minutes:
+        raise ConfigError("burn_in_min", burn_in_min, f"minutes in [0, {window.minutes})")
+    days = (window.minutes + 1 - burn_in_min) / MIN_PER_DAY
     results = []
     metrics = []
     traces = []
-    for t in (logged, therapy):
+    for t, rule in ((ReplayTherapy(), None), (therapy, rescue)):
         began = time.perf_counter()
         with tqdm(
-            total=grid.minutes, desc=t.label(), unit="min", disable=not progress, leave=False
+            total=window.minutes, desc=t.label(), unit="min", disable=not progress, leave=False
         ) as bar:
-            trace = run_therapy(fit, grid, t, zs, rescue=rescue, progress=bar.update)
+            trace = run_therapy(fit, window, t, zs, rescue=rule, start=start, progress=bar.update)
         m = _metrics(trace, burn_in_min, days)
         metrics.append(m)
         traces.append(trace)
@@ -492,6 +612,7 @@ def replay(
             {
                 "therapy": t.label(),
                 "model": t.model if t.plans else None,
+                "rescue": None if rule is None else dataclasses.asdict(rule),
                 "metrics": {k: _summary(v) for k, v in m.items()},
                 "seconds": time.perf_counter() - began,
             }
@@ -499,11 +620,51 @@ def replay(
     diff = {k: _summary(metrics[1][k] - metrics[0][k]) for k in metrics[0]}
     return {
         "twin": fit.model.name,
+        "first_min": first_min,
         "days": days,
         "draws": int(zs.shape[0]),
         "posterior": fit.cov_z is not None,
-        "rescue": None if rescue is None else dataclasses.asdict(rescue),
+        "start": {
+            "kind": "steady" if start is None else "filtered",
+            "burn_in_min": burn_in_min,
+            "filter_seconds": None if start is None else start.seconds,
+        },
         "therapies": results,
         "difference": diff,
         "traces": traces,
     }
+
+
+def trajectory_table(result: dict[str, Any], window: LogGrid) -> dict[str, NDArray[Any]]:
+    """The replay's predicted trajectories per minute beside the logged CGM (a table's columns).
+
+    ``window`` is the log's replayed minutes. Columns (``K+1`` rows, minute 0 … K; the insulin
+    and rescue of the last minute are ``NaN``): ``minute``, ``time`` (UTC), ``minute_of_day``
+    (local clock), ``scored`` (counted in the metrics: after the burn-in), ``cgm_mg_dl`` (the
+    logged CGM, ``NaN`` between readings), and for ``twin_logged`` (the twin under the logged
+    therapy) and ``twin_alternative``: ``_median_mg_dl``, ``_p5_mg_dl``, ``_p95_mg_dl`` of the
+    subcutaneous glucose over the draws and ``_insulin_u_per_min`` (median); and
+    ``twin_alternative_rescue_g`` (the rescue grams eaten in the minute, mean over the draws).
+    """
+    k = window.minutes
+    minute = np.arange(k + 1)
+    start = np.datetime64(window.start.astimezone(UTC).replace(tzinfo=None), "us")
+    out: dict[str, NDArray[Any]] = {
+        "minute": minute,
+        "time": start + minute.astype("timedelta64[m]"),
+        "minute_of_day": np.asarray(window.minute_of_day),
+        "scored": minute >= result["start"]["burn_in_min"],
+        "cgm_mg_dl": np.asarray(window.cgm_mg_dl, dtype=np.float64),
+    }
+
+    def last_nan(per_minute: NDArray[np.float64]) -> NDArray[np.float64]:
+        return np.append(per_minute, np.nan)
+
+    for name, trace in zip(("twin_logged", "twin_alternative"), result["traces"], strict=True):
+        lo, mid, hi = np.percentile(trace.gsub_mg_dl, [5, 50, 95], axis=0)
+        out[f"{name}_median_mg_dl"] = mid
+        out[f"{name}_p5_mg_dl"] = lo
+        out[f"{name}_p95_mg_dl"] = hi
+        out[f"{name}_insulin_u_per_min"] = last_nan(np.median(trace.insulin_u_per_min, axis=0))
+    out["twin_alternative_rescue_g"] = last_nan(result["traces"][1].rescue_g.mean(axis=0))
+    return out

@@ -30,6 +30,13 @@ not be the member's) fuses the glucose the controller sees
 (clipped to the CGM's range) at every tick, the insulin delivered and the meals announced, as in
 :class:`~twinloop.agents.glucose.loop.PatientLoop`. Without an estimator it plans on the member's
 exact state: an upper bound no real loop reaches.
+
+**Starting later in a log.** :func:`filter_log` feeds a log's minutes before the replay's first
+to an estimator (the insulin of every minute, the carbohydrates at their minute, the CGM
+readings): its mean model state and eating process are where a replay from that minute starts
+(``x0``, ``meal_state0``), and estimators that filtered the log so far may plan on in the
+loop (``estimator_clock_min``: the loop's minute 0 on their clock). ``insulin_history_u_per_min``
+puts the insulin delivered before minute 0 on board for the controllers.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from twinloop.agents.glucose.estimator import TwinEstimator
 from twinloop.agents.messages import CgmReading, InsulinDelivery, MealAnnouncement
 from twinloop.plant.glucose.insulin import IobBatch
 from twinloop.plant.glucose.patients import N_STATES
-from twinloop.plant.glucose.twin_model import scale_sensitivity
+from twinloop.plant.glucose.twin_model import LogGrid, scale_sensitivity
 from twinloop.plant.glucose.uva_padova import (
     DEFAULT_EAT_RATE_G_PER_MIN,
     N_MEAL_STATE,
@@ -55,7 +62,7 @@ from twinloop.plant.glucose.uva_padova import (
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.glucose.interface import Controller, ControllerInput, Dose, TwinPlanState
 
-__all__ = ["LoggedTherapy", "LoopTrace", "RescueRule", "closed_loop"]
+__all__ = ["LoggedTherapy", "LoopTrace", "RescueRule", "closed_loop", "filter_log"]
 
 #: A bolus this close (minutes) to logged carbohydrates is a meal bolus.
 MEAL_BOLUS_WINDOW_MIN = 15
@@ -182,6 +189,48 @@ class LoggedTherapy:
         return Dose(basal, bolus)
 
 
+def filter_log(estimator: TwinEstimator, grid: LogGrid, end_min: int) -> TwinEstimator:
+    """Feed the log's minutes ``[0, end_min)`` to ``estimator`` (at minute 0 of the log).
+
+    Every minute's logged basal and bolus as an
+    :class:`~twinloop.agents.messages.InsulinDelivery`, the logged carbohydrates as a
+    :class:`~twinloop.agents.messages.MealAnnouncement` at their minute and every CGM reading
+    before ``end_min`` as a :class:`~twinloop.agents.messages.CgmReading`, in time order.
+
+    Returns:
+        The estimator, its time the newest reading's minute (use
+        :meth:`~twinloop.agents.glucose.estimator.TwinEstimator.plan_state` for its state at
+        ``end_min``).
+
+    Raises:
+        PolicyConfigError: the estimator is not at minute 0, or ``end_min`` is outside the log.
+
+    """
+    if estimator.t_min != 0.0:
+        raise PolicyConfigError(
+            f"estimator.t_min={estimator.t_min:g} is not allowed: an estimator at minute 0"
+        )
+    if not 0 <= end_min <= grid.minutes:
+        raise PolicyConfigError(
+            f"end_min={end_min} is not allowed: a minute in [0, {grid.minutes}] of the log"
+        )
+    basal = grid.basal_u_per_h[:end_min] / 60.0
+    bolus = grid.bolus_u[:end_min]
+    carbs = grid.carbs_g[:end_min]
+    cgm = grid.cgm_mg_dl[:end_min]
+    meals = np.flatnonzero(carbs > 0)
+    done = 0
+    for r in [*np.flatnonzero(np.isfinite(cgm)).tolist(), end_min]:
+        for m in range(done, r):
+            estimator.observe_delivery(InsulinDelivery(float(m), float(basal[m]), float(bolus[m])))
+        for m in meals[(meals >= done) & (meals < r)].tolist():
+            estimator.observe_meal(MealAnnouncement(float(m), float(carbs[m])))
+        done = r
+        if r < end_min:
+            estimator.update(CgmReading(float(r), float(cgm[r])))
+    return estimator
+
+
 def _plan_on_estimator(
     estimator: TwinEstimator,
     t: int,
@@ -219,6 +268,9 @@ def closed_loop(
     rescue: RescueRule | None = None,
     period_min: int = 5,
     estimators: Sequence[TwinEstimator | None] | None = None,
+    estimator_clock_min: int = 0,
+    meal_state0: NDArray[np.float64] | None = None,
+    insulin_history_u_per_min: NDArray[np.float64] | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> LoopTrace:
     """Run M members in closed loop for ``K`` minutes (see the module).
@@ -237,6 +289,13 @@ def closed_loop(
         period_min: minutes between decisions.
         estimators: one per member (or ``None``): the twin estimator a planning controller
             plans on; without one it plans on the member's exact state.
+        estimator_clock_min: the loop's minute 0 on the estimators' clock (estimators that
+            filtered a log up to the replay's start: :func:`filter_log`).
+        meal_state0: ``(M, N_MEAL_STATE)`` initial eating process (grams not yet swallowed of
+            a meal begun before minute 0); default none.
+        insulin_history_u_per_min: ``(H,)`` or ``(M, H)`` insulin delivered in the minutes
+            before minute 0 (oldest first), on board for the controllers; default the
+            scheduled basal.
         progress: called with the minutes just simulated, after every period (a progress bar).
 
     """
@@ -247,10 +306,18 @@ def closed_loop(
     twins = [None] * m if estimators is None else list(estimators)
     if len(twins) != m:
         raise PolicyConfigError(f"{m} members need {m} estimators (or None), not {len(twins)}")
+    if meal_state0 is not None and np.shape(meal_state0) != (m, N_MEAL_STATE):
+        raise PolicyConfigError(
+            f"meal_state0 of shape {np.shape(meal_state0)} is not allowed: ({m}, {N_MEAL_STATE})"
+        )
     meals = np.array(np.broadcast_to(meal_g, (m, k)), dtype=np.float64)
     announced = np.broadcast_to(announced_g, (m, k))
     x = np.array(x0, dtype=np.float64, order="C")
-    meal_state = np.zeros((m, N_MEAL_STATE))
+    meal_state = (
+        np.zeros((m, N_MEAL_STATE))
+        if meal_state0 is None
+        else np.array(meal_state0, dtype=np.float64, order="C")
+    )
     eat = np.full(m, DEFAULT_EAT_RATE_G_PER_MIN)
     vg = params[:, P_VG]
     states = np.empty((m, k + 1, N_STATES))
@@ -260,6 +327,12 @@ def closed_loop(
     rescue_g = np.zeros((m, k))
     seen = np.full((m, k + 1), np.nan)
     iob = IobBatch(scheduled_basal_u_per_h)
+    if insulin_history_u_per_min is not None:
+        history = np.broadcast_to(
+            insulin_history_u_per_min, (m, np.shape(insulin_history_u_per_min)[-1])
+        )
+        for j in range(history.shape[1]):
+            iob.record(history[:, j])
     last_rescue = np.full(m, -math.inf)
     needs_twin = [bool(getattr(c, "needs_twin", False)) for c in controllers]
     p = params
@@ -275,7 +348,7 @@ def closed_loop(
             estimator = twins[i]
             if needs_twin[i] and estimator is not None:
                 twin = _plan_on_estimator(
-                    estimator, t, float(g_seen[i]), announced[i, t:b],
+                    estimator, estimator_clock_min + t, float(g_seen[i]), announced[i, t:b],
                     basal[i, max(t - period_min, 0) : t], bolus[i, max(t - period_min, 0) : t],
                 )  # fmt: skip
             elif needs_twin[i]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -17,19 +18,24 @@ from twinloop.plant.glucose.patients import get_patient, initial_states, paramet
 from twinloop.plant.glucose.scenarios import CarbCountingError
 from twinloop.plant.glucose.twin_model import write_twin
 from twinloop.plant.glucose.uva_padova import simulate
+from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.glucose.interface import ControllerInput, Dose, TwinPlanState
 from twinloop.twins.identify import log_grid
 from twinloop.twins.logs import read_log
 from twinloop.twins.person import (
     FitRequest,
     ReplayTherapy,
+    _planning_estimators,
+    filtered_start,
     fit_log,
     fit_many,
     replay,
+    replay_models,
     run_therapy,
     therapy_from_log,
+    trajectory_table,
 )
-from twinloop.twins.replay import LoggedTherapy, RescueRule, closed_loop
+from twinloop.twins.replay import LoggedTherapy, RescueRule, closed_loop, filter_log
 from twinloop.twins.synthetic import synthetic_log
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,7 +196,7 @@ def test_a_replay_reports_both_therapies_over_posterior_draws(twin, adult_log):
     fit, _ = twin
     _, path = adult_log
     grid = log_grid(read_log(path)).window(1440, 3 * 1440)
-    same = replay(fit, grid, ReplayTherapy(), draws=6, seed=1)
+    same = replay(fit, grid, ReplayTherapy(), draws=6, seed=1, rescue=None)
     assert same["draws"] == 6 and same["posterior"]
     assert "mean_mg_dl" in same["difference"] and len(same["therapies"]) == 2
     assert all(row["metrics"] for row in same["therapies"])
@@ -280,6 +286,222 @@ def test_a_replay_names_the_model_a_planning_controller_used(twin, adult_log):
     assert pid["therapies"][1]["therapy"] == "pid" and pid["therapies"][1]["model"] is None
 
 
+def _largest_meal_of_day_2(grid) -> int:
+    day = grid.carbs_g[1440:2880]
+    return 1440 + int(np.argmax(day))
+
+
+def test_a_replay_later_in_the_log_starts_from_the_filtered_state(twin, adult_log):
+    fit, _ = twin
+    syn, path = adult_log
+    grid = log_grid(read_log(path))
+    first = _largest_meal_of_day_2(grid) + 60  # an hour after dinner: insulin and gut full
+    assert grid.carbs_g[first - 60] >= 60
+    last = first + 180
+    filtered = replay(fit, grid, ReplayTherapy(), first_min=first, last_min=last, draws=3)
+    steady = replay(fit, grid.window(first, last), ReplayTherapy(), draws=3, burn_in_min=0)
+    assert filtered["start"]["kind"] == "filtered" and filtered["start"]["burn_in_min"] == 0
+    assert steady["start"]["kind"] == "steady"
+    true_bg = syn.trace.bg_mg_dl[0, first]
+    start_bg = filtered["traces"][0].bg_mg_dl[:, 0]
+    assert np.all(np.abs(start_bg - true_bg) < 15.0), (start_bg, true_bg)
+    truth = syn.trace.gsub_mg_dl[0, first : last + 1]
+
+    def rmse(result) -> float:
+        g = result["traces"][0].gsub_mg_dl[0]  # the MAP draw under the logged therapy
+        return float(np.sqrt(np.mean((g - truth) ** 2)))
+
+    # the steady start forgets the meal and bolus on board: its 3 h run is far from the truth
+    assert rmse(filtered) < 15.0 < rmse(steady)
+    assert rmse(filtered) < 0.5 * rmse(steady)
+
+
+@pytest.fixture(scope="module")
+def started(twin, adult_log):
+    """Three draws of the twin filtered over the log's first 2000 minutes."""
+    fit, _ = twin
+    _, path = adult_log
+    grid = log_grid(read_log(path))
+    zs = fit.draws(3, 1)
+    return fit, grid, zs, filtered_start(fit, grid, 2000, zs)
+
+
+def test_filtered_start_is_each_draws_estimator_after_the_logs_minutes_before(started):
+    fit, grid, zs, start = started
+    for z, estimator, x in zip(zs, start.filters, start.x0, strict=True):
+        assert estimator.patient == fit.model.patient(z)
+        readings = int(np.count_nonzero(~np.isnan(grid.cgm_mg_dl[:2000])))
+        assert estimator.readings_fused + estimator.ignored["reading"] == readings
+        assert estimator.t_min < 2000
+        np.testing.assert_allclose(x, estimator.plan_state(2000.0).x)
+    assert not np.allclose(start.x0[0], start.x0[1])  # each draw filters on its own model
+    with pytest.raises(ConfigError, match="first_min=0"):
+        filtered_start(fit, grid, 0, zs)
+
+
+def test_a_replay_from_the_logs_start_begins_steady_and_skips_the_burn_in(twin, adult_log):
+    fit, _ = twin
+    _, path = adult_log
+    grid = log_grid(read_log(path)).window(0, 600)
+    r = replay(fit, grid, ReplayTherapy(), draws=1)
+    assert r["start"] == {"kind": "steady", "burn_in_min": 180, "filter_seconds": None}
+    x = r["traces"][0]
+    np.testing.assert_allclose(x.gsub_mg_dl[0, 0], grid.cgm_mg_dl[0])
+    with pytest.raises(ConfigError, match="first_min/last_min"):
+        replay(fit, grid, ReplayTherapy(), first_min=500, last_min=400)
+
+
+def test_the_loop_continues_estimators_that_filtered_the_log_on_their_clock(adult_log):
+    syn, path = adult_log
+    p = syn.patient
+    grid = log_grid(read_log(path))
+    first = 1440
+    estimator = filter_log(TwinEstimator(p, scheduled_basal_u_per_h=p.basal_u_per_h), grid, first)
+    plan = estimator.plan_state(float(first))
+    fused = estimator.readings_fused
+    spy = _PlanSpy(p.basal_u_per_h)
+    window = grid.window(first, first + 60)
+    closed_loop(
+        parameter_matrix([p]), np.array([plan.x]), [spy], meal_g=window.carbs_g,
+        announced_g=window.carbs_g, scheduled_basal_u_per_h=np.array([p.basal_u_per_h]),
+        estimators=[estimator], estimator_clock_min=first,
+        meal_state0=np.array([plan.meal_state]),
+    )  # fmt: skip
+    assert [t.t_min for t in spy.twins] == list(range(first, first + 60, 5))
+    assert estimator.readings_fused == fused + 12 and estimator.ignored["reading"] == 0
+    # the plant started where the estimator was: its first plan is the same state
+    np.testing.assert_allclose(spy.twins[0].x[3], plan.x[3], rtol=0.02)
+    with pytest.raises(PolicyConfigError, match=r"estimator\.t_min"):
+        filter_log(estimator, grid, first)
+
+
+def test_a_planning_controller_plans_on_from_the_filter_of_its_model(started):
+    fit, grid, zs, start = started
+    for spec in ("fit", "oracle", "population"):
+        models = replay_models(fit, zs, spec)
+        planners = _planning_estimators(fit, models, start)
+        assert len({id(e) for e in planners} | {id(f) for f in start.filters}) == 6  # copies
+        for model, estimator in zip(models, planners, strict=True):
+            assert estimator.patient == model
+            assert estimator.t_min == max(np.flatnonzero(~np.isnan(grid.cgm_mg_dl[:2000])))
+        if spec != "population":  # the draw's own filter (fit: the MAP, the first draw's)
+            own = [start.filters[0]] * 3 if spec == "fit" else start.filters
+            for estimator, f in zip(planners, own, strict=True):
+                np.testing.assert_array_equal(estimator.state_mean, f.state_mean)
+
+
+class _IobSpy:
+    def __init__(self) -> None:
+        self.iob: list[float] = []
+
+    def decide(self, obs: ControllerInput) -> Dose:
+        self.iob.append(obs.net_iob_u)
+        return Dose(1.0, 0.0)
+
+
+def test_the_loop_starts_with_the_meal_being_eaten_and_the_insulin_on_board():
+    p = get_patient("adult#001")
+    k = 120
+    no_meal = np.zeros(k)
+    meal = no_meal.copy()
+    meal[0] = 30.0
+    common = dict(announced_g=no_meal, scheduled_basal_u_per_h=np.array([1.0]))
+    x0 = parameter_matrix([p]), initial_states([p])
+    eating = np.zeros((1, 4))
+    eating[0, 0] = 30.0  # 30 g announced, not yet swallowed
+    begun = closed_loop(*x0, [_IobSpy()], meal_g=no_meal, meal_state0=eating, **common)
+    fresh = closed_loop(*x0, [_IobSpy()], meal_g=meal, **common)
+    np.testing.assert_allclose(begun.gsub_mg_dl, fresh.gsub_mg_dl, rtol=1e-12)
+    history = np.full(600, 1.0 / 60.0)
+    history[-30] += 5.0  # a 5 U bolus half an hour before the start
+    spy = _IobSpy()
+    closed_loop(*x0, [spy], meal_g=no_meal, insulin_history_u_per_min=history, **common)
+    assert spy.iob[0] > 4.0
+    cold = _IobSpy()
+    closed_loop(*x0, [cold], meal_g=no_meal, **common)
+    assert cold.iob[0] == 0.0
+    with pytest.raises(PolicyConfigError, match="meal_state0"):
+        closed_loop(*x0, [spy], meal_g=no_meal, meal_state0=np.zeros((2, 4)), **common)
+
+
+def _overdosed(grid):
+    """The log with every bolus tripled: the twin goes low under the logged therapy."""
+    bolus = grid.bolus_u * 3.0
+    return dataclasses.replace(
+        grid, bolus_u=bolus, insulin_u_per_min=grid.basal_u_per_h / 60.0 + bolus
+    )
+
+
+def test_the_logged_therapy_is_replayed_without_rescues_the_alternative_with(twin, adult_log):
+    fit, _ = twin
+    _, path = adult_log
+    grid = _overdosed(log_grid(read_log(path)))
+    r = replay(fit, grid, ReplayTherapy(), first_min=1440, last_min=2880, draws=3, seed=1)
+    logged, alternative = r["therapies"]
+    assert logged["rescue"] is None
+    assert alternative["rescue"] == dataclasses.asdict(RescueRule())
+    assert logged["metrics"]["time_below_70_pct"]["median"] > 0  # low, and not rescued
+    assert logged["metrics"]["rescues_per_day"] == {"median": 0.0, "p5": 0.0, "p95": 0.0}
+    assert r["traces"][0].rescue_g.sum() == 0.0
+    assert alternative["metrics"]["rescues_per_day"]["median"] > 0  # the same therapy, rescued
+    assert r["difference"]["rescues_per_day"]["median"] > 0
+    from twinloop.cli.twin import replay_table
+
+    table = replay_table(r)
+    assert "none (the log's carbs only)" in table and "10 g below 70 mg/dL" in table
+
+
+def test_the_replays_trajectories_and_plot_show_what_the_metrics_count(twin, adult_log, tmp_path):
+    import pyarrow.parquet as pq
+
+    from twinloop.cli.twin import _plot, write_trajectories
+
+    fit, _ = twin
+    _, path = adult_log
+    grid = _overdosed(log_grid(read_log(path)))
+    first, last = 1440, 2880
+    therapy = ReplayTherapy(basal_scale=0.8)
+    r = replay(fit, grid, therapy, first_min=first, last_min=last, draws=1)
+    window = grid.window(first, last)
+    paths = write_trajectories(r, trajectory_table(r, window), tmp_path)
+    data = pq.read_table(paths[0])
+    assert json.loads(data.schema.metadata[b"twinloop_replay_therapies"]) == {
+        "twin_logged": "logged",
+        "twin_alternative": "logged with basal_scale=0.8",
+    }
+    cols = data.to_pydict()
+    for name in ("twin_logged", "twin_alternative"):
+        for part in ("median", "p5", "p95"):
+            assert f"{name}_{part}_mg_dl" in cols
+    assert data.num_rows == window.minutes + 1
+    assert cols["time"][0] == window.start and str(data.schema.field("time").type.tz) == "UTC"
+    cgm = np.array(cols["cgm_mg_dl"], dtype=float)
+    np.testing.assert_array_equal(np.isnan(cgm), np.isnan(window.cgm_mg_dl))
+    np.testing.assert_array_equal(cgm[~np.isnan(cgm)], window.cgm_mg_dl[~np.isnan(cgm)])
+    scored = np.array(cols["scored"])
+    assert scored.all()  # a filtered start: every minute counts
+    days = r["days"]
+    for name, row in zip(("twin_logged", "twin_alternative"), r["therapies"], strict=True):
+        m = row["metrics"]
+        g = np.array(cols[f"{name}_median_mg_dl"])
+        assert g.mean() == pytest.approx(m["mean_mg_dl"]["median"], rel=1e-9)
+        assert 100 * (g < 70).mean() == pytest.approx(m["time_below_70_pct"]["median"])
+        insulin = np.nansum(cols[f"{name}_insulin_u_per_min"]) / days
+        assert insulin == pytest.approx(m["insulin_u_per_day"]["median"], rel=1e-9)
+    rescues = np.array(cols["twin_alternative_rescue_g"])
+    assert np.nansum(rescues > 0) / days == pytest.approx(
+        r["therapies"][1]["metrics"]["rescues_per_day"]["median"]
+    )
+    assert np.nansum(rescues) > 0
+    csv_lines = paths[1].read_text().splitlines()
+    assert len(csv_lines) == data.num_rows + 1
+    assert csv_lines[0].split(",")[:2] == ['"minute"', '"time"']
+    assert csv_lines[1].split(",")[1] == '"' + window.start.strftime("%Y-%m-%dT%H:%M:%SZ") + '"'
+    labels = _plot(r, trajectory_table(r, window), tmp_path / "replay.png")
+    assert labels == ["twin, logged therapy", "twin, logged with basal_scale=0.8", "logged CGM"]
+    assert (tmp_path / "replay.png").stat().st_size > 10_000
+
+
 def test_replay_options_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"model='magic'.*population"):
         ReplayTherapy(controller="mpc", model="magic")
@@ -335,6 +557,9 @@ def test_the_cli_fits_and_replays_a_synthetic_log(tmp_path):
     )  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model='magic'" in r.stderr
     assert (tmp_path / "rep" / "replay.png").stat().st_size > 0
+    assert (tmp_path / "rep" / "replay_trajectories.csv").stat().st_size > 0
+    assert "twin_alternative_rescue_g" in (tmp_path / "rep" / "replay_trajectories.csv").read_text()
+    assert doc["start"]["kind"] == "filtered" and doc["therapies"][0]["rescue"] is None
     # the twin's predicted days as FHIR, validated by a maintained FHIR model library
     from fhir.resources.R4B.bundle import Bundle
     from fhir.resources.R4B.medicationadministration import MedicationAdministration
