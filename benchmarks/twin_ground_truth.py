@@ -58,12 +58,6 @@ def _tir(g: np.ndarray) -> tuple[float, float]:
     return float(m.time_in_range_70_180_pct), float(m.time_below_70_pct)
 
 
-def _from_state(fit: Any, grid: Any, first: int, last: int) -> np.ndarray:
-    """The MAP twin's plasma glucose over ``[first, last]``, started where a replay starts it."""
-    window = grid.window(first, last)
-    return np.asarray(fit.model.simulate(fit.z_map[None, :], window, plasma=True)[0])
-
-
 def _one(job: dict[str, Any]) -> dict[str, Any]:
     """One person, or the error that stopped them (a failed person is reported, not dropped)."""
     try:
@@ -79,7 +73,13 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
     from twinloop.plant.glucose.scenarios import CarbCountingError
     from twinloop.twins.identify import MIN_PER_DAY, log_grid
     from twinloop.twins.logs import read_log
-    from twinloop.twins.person import FitRequest, fit_log
+    from twinloop.twins.person import (
+        FitRequest,
+        ReplayTherapy,
+        filtered_start,
+        fit_log,
+        run_therapy,
+    )
     from twinloop.twins.synthetic import synthetic_log
 
     true = job["patient"]
@@ -101,16 +101,20 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
     zs = fit.draws(job["draws"], job["seed"])
     true_bg = syn.trace.bg_mg_dl[0, first : last + 1]
     true_gs = syn.trace.gsub_mg_dl[0, first : last + 1]
-    # the logged therapy: the log's own insulin and carbohydrates, minute by minute, no rescue
-    # rule (the log's rescues are in its carbohydrates)
-    cgm = fit.model.simulate(zs, grid)[:, first:]
-    bg = fit.model.simulate(zs[:1], grid, plasma=True)[0, first:]
-    rmse_day1 = float(np.sqrt(np.mean((bg - true_bg) ** 2)))
-    bg_state = _from_state(fit, grid, first, last)
-    rmse_state = float(np.sqrt(np.mean((bg_state - true_bg) ** 2)))
+    # from day 1: the log's own insulin and carbohydrates, minute by minute, open loop
+    bg_day1 = fit.model.simulate(zs[:1], grid, plasma=True)[0, first:]
+    rmse_day1 = float(np.sqrt(np.mean((bg_day1 - true_bg) ** 2)))
+    tir_day1, below_day1 = _tir(fit.model.simulate(zs[:1], grid)[0, first:])
+    # from the log's state at day ``fit_days``: what `twin replay --from-day` does, every draw
+    # filtered from the log's days before, the logged therapy replayed without a rescue rule
+    start = filtered_start(fit, grid, first, zs)
+    trace = run_therapy(
+        fit, grid.window(first, last), ReplayTherapy(), zs, rescue=None, start=start
+    )
+    rmse_state = float(np.sqrt(np.mean((trace.bg_mg_dl[0] - true_bg) ** 2)))
     tir_true, below_true = _tir(true_gs)
-    tir_twin, below_twin = _tir(cgm[0])
-    draws = np.array([_tir(g) for g in cgm])
+    draws = np.array([_tir(g) for g in trace.gsub_mg_dl])
+    tir_twin, below_twin = draws[0]
     lo, hi = np.percentile(draws[:, 0], [5, 95])
     lo70, hi70 = np.percentile(draws[:, 1], [5, 95])
     return {
@@ -125,6 +129,8 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
         "rmse_from_state_mg_dl": rmse_state,
         "tir_true_pct": tir_true,
         "tir_error_pts": tir_twin - tir_true,
+        "tir_error_day1_pts": tir_day1 - tir_true,
+        "below70_error_day1_pts": below_day1 - below_true,
         "below70_true_pct": below_true,
         "below70_error_pts": below_twin - below_true,
         "tir_band_pct": [float(lo), float(hi)],

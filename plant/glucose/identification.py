@@ -218,7 +218,9 @@ def fit_twin(
         pred = model.simulate(zs, grid)[:, idx]
         if relative:
             return censored_residuals(
-                np.log(np.maximum(pred, 1.0)), np.log(np.maximum(y, 1.0)), math.log(max(low, 1.0)),
+                np.log(np.maximum(pred, 1.0)),
+                np.log(np.maximum(y, 1.0)),
+                math.log(max(low, 1.0)),
                 math.log(high),
             )
         return censored_residuals(pred, y, low, high)
@@ -276,9 +278,9 @@ def fit_twin(
         "burn_in_min": burn_in_min,
         "cgm_readings": n,
         "censored_readings": int(np.count_nonzero((y <= low) | (y >= high))),
-        "rmse_mg_dl": math.sqrt(ssr / n) if not relative else float(
-            np.sqrt(np.mean((model.simulate(z[None, :], grid)[0, idx] - y) ** 2))
-        ),
+        "rmse_mg_dl": math.sqrt(ssr / n)
+        if not relative
+        else float(np.sqrt(np.mean((model.simulate(z[None, :], grid)[0, idx] - y) ** 2))),
         "error_model": error_model,
         "lag1_autocorrelation": rho,
         "n_eff": state["n_eff"],
