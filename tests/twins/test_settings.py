@@ -230,3 +230,15 @@ def test_the_report_lines_say_value_interval_and_source(logs):
     cf = doc["correction_factor_mg_dl_per_u"]
     assert lines[2].startswith(f"CF {cf['value']:#.3g} mg/dL/U [{cf['low']:#.3g}, ")
     assert lines[2].endswith("(inferred from 24 meal boluses and 13 corrections)")
+
+
+def test_it_is_the_pumps_settings_that_are_inferred_not_the_physiologys(tmp_path):
+    """A person whose pump holds a CR and CF of their own (not the patient table's)."""
+    p = get_patient("adult#003")
+    pump = {"carb_ratio_g_per_u": 7.0, "correction_factor_mg_dl_per_u": 25.0}
+    syn = synthetic_log(p, days=5, seed=1, settings=pump)
+    th = infer_therapy(log_grid(read_log(syn.write(tmp_path / "log.csv"))))
+    for key, tol in (("carb_ratio_g_per_u", 0.02), ("correction_factor_mg_dl_per_u", 0.05)):
+        s = getattr(th, key)
+        assert s.value == pytest.approx(pump[key], rel=tol)
+        assert s.low is not None and s.high is not None and s.low <= pump[key] <= s.high
