@@ -79,10 +79,23 @@ def add_parser(sub: Any) -> None:
     f.add_argument("--tz", help="IANA time zone of naive times in the log (e.g. Europe/Berlin)")
     f.add_argument("--body-weight-kg", type=float, help="body weight (default: group mean)")
     f.add_argument(
-        "--basal-u-per-h", type=float, help="scheduled basal (default: the logged median)"
+        "--basal-u-per-h",
+        "--basal",
+        type=float,
+        help="scheduled basal, U/h (default: the most common logged rate)",
     )
-    f.add_argument("--cr", type=float, help="carb ratio, g/U (default: from the log)")
-    f.add_argument("--cf", type=float, help="correction factor, mg/dL/U (default: 1800/TDI)")
+    f.add_argument(
+        "--cr",
+        type=float,
+        help="carb ratio, g/U (default: inferred from the log's meal boluses; with fewer than "
+        "5, the median carbs/bolus or the 500 rule)",
+    )
+    f.add_argument(
+        "--cf",
+        type=float,
+        help="correction factor, mg/dL/U (default: inferred from the log's corrections; with "
+        "fewer than 3, the 1800 rule)",
+    )
     f.add_argument(
         "--each",
         action="store_true",
@@ -215,6 +228,9 @@ def _error(text: object, report: Any = None) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, float]:
+    """The given settings; the therapy's checked for range (the error names the option)."""
+    from twinloop.twins.settings import THERAPY_LIMITS, check_setting
+
     out = {}
     for arg, key in (
         ("body_weight_kg", "body_weight_kg"),
@@ -225,18 +241,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, float]:
         v = getattr(args, arg)
         if v is not None:
             out[key] = float(v)
+            if key in THERAPY_LIMITS:
+                check_setting(key, out[key], "--" + arg.replace("_", "-"))
     return out
 
 
 def _fit_text(result: dict[str, Any]) -> str:
+    from twinloop.twins.settings import therapy_lines
+
     fit = result["fit"]
     lines = [
         f"twin {fit.model.name} ({fit.model.group} prior): fitted {fit.fit['minutes'] / 1440:.2f} "
         f"days, {fit.fit['cgm_readings']} CGM readings, RMSE {fit.fit['rmse_mg_dl']:.1f} mg/dL, "
         f"{fit.fit['seconds']:.1f} s",
-        f"  therapy: basal {fit.model.basal_u_per_h:.3g} U/h, CR "
-        f"{fit.model.base['carb_ratio_g_per_u']:.3g} g/U, CF "
-        f"{fit.model.base['correction_factor_mg_dl_per_u']:.3g} mg/dL/U",
+        "  therapy (90 % intervals):",
+        *(f"    {line}" for line in therapy_lines(fit.fit["therapy"])),
     ]
     for name, row in fit.parameters().items():
         ci = f"  [{row['ci95_low']:.4g}, {row['ci95_high']:.4g}]" if "ci95_low" in row else ""

@@ -1,7 +1,8 @@
 """Twins of real people from their logs: fit (one or many, on Ray), validate, replay therapies.
 
 * :func:`fit_log` — import a log (:func:`twinloop.twins.logs.read_log`), put it on a minute grid,
-  take the person's therapy from it (:func:`therapy_from_log`) and fit a twin
+  take the person's therapy from it (:func:`twinloop.twins.settings.infer_therapy`: basal, carb
+  ratio and correction factor with their intervals and sources, or the ones given) and fit a twin
   (:func:`twinloop.twins.identify. fit_twin`), optionally keeping the last days out to validate it
   (:func:`validate`).
 * :func:`fit_many` — one fit per log, as Ray tasks on the embedded (loopback) Ray or a cluster,
@@ -25,7 +26,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from twinloop.policies.glucose.interface import Controller
 from twinloop.twins.identify import fit_twin, log_grid
 from twinloop.twins.logs import TherapyLog, read_log
 from twinloop.twins.replay import LoggedTherapy, LoopTrace, RescueRule, closed_loop, filter_log
+from twinloop.twins.settings import THERAPY_LIMITS, check_setting, infer_therapy
 
 __all__ = [
     "REPLAY_MODEL_HELP",
@@ -76,8 +78,6 @@ DEFAULT_REPLAY_MODEL = "fit"
 DEFAULT_RESCUE = RescueRule()
 #: The least a fit needs: days of CGM (at 70 % coverage of the slots of its sampling period).
 MIN_FIT_DAYS = 1.0
-#: Minutes within which a bolus counts as a meal's bolus when estimating the carb ratio.
-MEAL_WINDOW_MIN = 15
 #: Metrics reported by :func:`validate` and :func:`replay` (GlucoseMetrics fields).
 METRICS = (
     "time_in_range_70_180_pct",
@@ -89,33 +89,20 @@ METRICS = (
 )
 
 
-def therapy_from_log(grid: LogGrid) -> dict[str, float]:
-    """The person's therapy settings as the log shows them.
+def therapy_from_log(grid: LogGrid, given: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The person's therapy settings as the log shows them: the twin's base values.
 
-    * total daily insulin ``TDI`` = all insulin / days;
-    * carb ratio ``CR`` = median of ``carbs / bolus`` over logged carbohydrates (≥ 10 g) with a
-      bolus within 15 min; without any, the "500 rule" ``500 / TDI``;
-    * correction factor ``CF`` = the "1800 rule" ``1800 / TDI`` (mg/dL per U).
+    ``total_daily_insulin_u`` (all insulin / days), ``carb_ratio_g_per_u`` and
+    ``correction_factor_mg_dl_per_u`` inferred from the log's boluses and their glucose context,
+    or the rules of thumb when the log has too few of them, or ``given``
+    (:func:`twinloop.twins.settings.infer_therapy`, which also gives each one's interval and
+    source).
 
     Raises:
-        ConfigError: no insulin in the log.
+        ConfigError: no insulin in the log; a given setting out of range.
 
     """
-    tdi = float(grid.insulin_u_per_min.sum() / grid.days)
-    if not tdi > 0:
-        raise ConfigError("insulin", 0.0, "a log with insulin (basal or boluses)")
-    ratios = []
-    meal_minutes = np.flatnonzero(grid.carbs_g >= 10.0)
-    for t in meal_minutes:
-        bolus = grid.bolus_u[max(t - MEAL_WINDOW_MIN, 0) : t + MEAL_WINDOW_MIN + 1].sum()
-        if bolus > 0:
-            ratios.append(grid.carbs_g[t] / bolus)
-    cr = float(np.median(ratios)) if ratios else 500.0 / tdi
-    return {
-        "total_daily_insulin_u": tdi,
-        "carb_ratio_g_per_u": cr,
-        "correction_factor_mg_dl_per_u": 1800.0 / tdi,
-    }
+    return infer_therapy(grid, given=given).values()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +118,11 @@ class FitRequest:
         profile_blocks: daily insulin-sensitivity blocks (0: none).
         posterior: also compute the Laplace posterior.
         tz: IANA zone of naive times.
-        overrides: base values (body weight, basal, CR, CF, …; see
-            :meth:`twinloop.plant.glucose.twin_model.TwinModel.for_group`), and ``basal_u_per_h``.
+        overrides: base values (body weight, age, …; see
+            :meth:`twinloop.plant.glucose.twin_model.TwinModel.for_group`), and the settings
+            ``basal_u_per_h``, ``carb_ratio_g_per_u``, ``correction_factor_mg_dl_per_u``, which
+            replace the ones inferred from the log (each checked against
+            :data:`twinloop.twins.settings.THERAPY_LIMITS`).
 
     """
 
@@ -155,6 +145,9 @@ class FitRequest:
                 raise ConfigError(field, v, "days >= 0")
         if self.fit_days is not None and self.fit_days < 1:
             raise ConfigError("fit_days", self.fit_days, "at least 1 day")
+        for field, value in self.overrides.items():
+            if field in THERAPY_LIMITS:
+                check_setting(field, value)
 
 
 def fit_log(request: FitRequest) -> tuple[TwinFit, TherapyLog, dict[str, Any] | None]:
@@ -187,19 +180,19 @@ def fit_log(request: FitRequest) -> tuple[TwinFit, TherapyLog, dict[str, Any] | 
             f"at least 1 day to fit (the log spans {grid.days:.2f} days)",
         )
     overrides = dict(request.overrides)
-    basal = overrides.pop("basal_u_per_h", None)
-    settings = therapy_from_log(grid.window(0, end))
-    settings.update(overrides)
+    overrides.pop("basal_u_per_h", None)
+    therapy = infer_therapy(grid.window(0, end), given=request.overrides)
     name = request.name or Path(request.paths[0]).stem
     fit = fit_twin(
         grid.window(0, end),
         name=name,
         group=request.group,
-        basal_u_per_h=basal,
+        basal_u_per_h=therapy.basal_u_per_h.value,
         profile_blocks=request.profile_blocks,
         posterior=request.posterior,
-        overrides=settings,
+        overrides={**therapy.values(), **overrides},
     )
+    fit = dataclasses.replace(fit, fit={**fit.fit, "therapy": therapy.as_dict()})
     checked = validate(fit, grid, end) if held > 0 else None
     return fit, log, checked
 

@@ -161,7 +161,8 @@ def fit_twin(
             (use :meth:`LogGrid.window` to fit part of it).
         name: the twin's name.
         group: the prior's age group.
-        basal_u_per_h: the scheduled basal (default: the median logged basal).
+        basal_u_per_h: the scheduled basal (default: the most common logged rate,
+            :meth:`LogGrid.scheduled_basal_u_per_h`).
         profile_blocks: daily insulin-sensitivity blocks (0: none; 4 = 6-hour blocks).
         burn_in_min: minutes at the start that are not scored.
         posterior: also compute the Laplace posterior.
@@ -185,7 +186,9 @@ def fit_twin(
     basal = grid.scheduled_basal_u_per_h() if basal_u_per_h is None else basal_u_per_h
     if not basal > 0:
         raise ConfigError(
-            "basal_u_per_h", basal, "> 0 U/h (the log's median basal is 0; give the scheduled one)"
+            "basal_u_per_h",
+            basal,
+            "> 0 U/h (the log's basal is 0 throughout; give the scheduled one)",
         )
     model = TwinModel.for_group(
         name, group, basal, profile_blocks=profile_blocks, **dict(overrides or {})

@@ -172,8 +172,16 @@ class LogGrid:
         )
 
     def scheduled_basal_u_per_h(self) -> float:
-        """The basal rate that holds the basal glucose: the median of the logged basal."""
-        return float(np.median(self.basal_u_per_h))
+        """The basal rate that holds the basal glucose: the most common logged rate above 0.
+
+        The mode over the log's minutes (rates to 0.001 U/h), not the median: with a loop's
+        temp basals around the scheduled rate the median is a temp's. 0 when no rate is.
+        """
+        rates = np.round(self.basal_u_per_h[self.basal_u_per_h > 0], 3)
+        if not rates.size:
+            return 0.0
+        values, counts = np.unique(rates, return_counts=True)
+        return float(values[np.argmax(counts)])
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from twinloop.agents.glucose.estimator import TwinEstimator
+from twinloop.cli.twin import _fit_text
 from twinloop.plant.errors import ConfigError
 from twinloop.plant.glucose.patients import get_patient, initial_states, parameter_matrix
 from twinloop.plant.glucose.scenarios import CarbCountingError
-from twinloop.plant.glucose.twin_model import write_twin
+from twinloop.plant.glucose.twin_model import read_twin, write_twin
 from twinloop.plant.glucose.uva_padova import simulate
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.glucose.interface import ControllerInput, Dose, TwinPlanState
@@ -172,11 +173,27 @@ def test_the_therapy_read_from_the_log_is_the_one_the_person_used(adult_log):
     _, path = adult_log
     p = get_patient("adult#003")
     settings = therapy_from_log(log_grid(read_log(path)))
-    # meal boluses are counted carbs / CR (+ corrections, rarely): the median ratio is CR
-    assert settings["carb_ratio_g_per_u"] == pytest.approx(p.carb_ratio_g_per_u, rel=0.05)
-    assert settings["correction_factor_mg_dl_per_u"] == pytest.approx(
-        1800 / settings["total_daily_insulin_u"]
-    )
+    # the bolus calculator fitted to the log's boluses (twins/settings.py): the person's own
+    assert settings["carb_ratio_g_per_u"] == pytest.approx(p.carb_ratio_g_per_u, rel=0.02)
+    cf = settings["correction_factor_mg_dl_per_u"]
+    assert cf == pytest.approx(p.correction_factor_mg_dl_per_u, rel=0.05)
+    assert 1800 / settings["total_daily_insulin_u"] > 1.5 * cf  # the rule it replaces
+    given = therapy_from_log(log_grid(read_log(path)), {"carb_ratio_g_per_u": 11.0})
+    assert given["carb_ratio_g_per_u"] == 11.0
+
+
+def test_the_fit_carries_the_therapy_it_used_with_intervals_and_sources(twin, tmp_path):
+    fit, _ = twin
+    therapy = fit.fit["therapy"]
+    for key in ("carb_ratio_g_per_u", "correction_factor_mg_dl_per_u"):
+        assert therapy[key]["source"] == "inferred"
+        assert fit.model.base[key] == therapy[key]["value"]
+        assert therapy[key]["low"] <= therapy[key]["value"] <= therapy[key]["high"]
+    assert fit.model.basal_u_per_h == therapy["basal_u_per_h"]["value"]
+    assert read_twin(write_twin(fit, tmp_path / "t.yaml")).fit["therapy"] == therapy
+    text = _fit_text({"fit": fit})
+    assert "  therapy (90 % intervals):\n    basal 1.43 U/h (the most common logged rate" in text
+    assert "    CF " in text and "corrections)" in text
 
 
 def test_the_fitted_twin_predicts_held_out_days_better_than_the_prior(twin, adult_log):
