@@ -1,15 +1,17 @@
 """Twins of logs against the truth only a simulator knows: held-out glucose, TIR, time below 70.
 
     .venv/bin/python benchmarks/twin_ground_truth.py [--adults 10] [--adolescents 5]
-        [--children 5] [--hypo-every 3] [--dexcom-every 2] [--days 14] [--fit-days 7]
-        [--draws 50] [--seed 18] [--workers 1]
+        [--children 5] [--hypo-every 3] [--dexcom-every 2] [--carb-error 0.1] [--days 14]
+        [--fit-days 7] [--draws 50] [--seed 18] [--workers 1]
 
 Virtual people are drawn from the population model (``sample_population``: not the 30 shipped
 patients the prior is built from); every ``--hypo-every``-th of them is **prone to
-hypoglycaemia**: their pump's carb ratio is 30 % below what their physiology needs and their
-correction factor 20 % below (they over-bolus); every ``--dexcom-every``-th wears a 3-min CGM
+hypoglycaemia**: they over-bolus, their pump's carb ratio 30 % below their own (or lower, down
+to 70 % below, until they spend at least 3 % of the days below 70 mg/dL), their correction
+factor 20 % below and their basal 10 % above; every ``--dexcom-every``-th wears a 3-min CGM
 (the Dexcom preset), the others a 5-min one (GuardianRT). Each lives ``--days`` days under
-basal-bolus therapy (``twinloop.twins.synthetic``: random meals counted with 10 % SD error, the
+basal-bolus therapy (``twinloop.twins.synthetic``: random meals counted with ``--carb-error``
+SD error (10 %; 0 logs what was eaten), the
 CGM's noise and its 40–400 mg/dL range, 15 g rescues below 70 mg/dL that are logged as
 carbohydrates). The CSV log is read back like any log, the twin fitted with its Laplace
 posterior on the first ``--fit-days`` days, and scored on the rest against the truth:
@@ -18,6 +20,8 @@ posterior on the first ``--fit-days`` days, and scored on the rest against the t
   carbohydrates from minute 0, against the true plasma glucose on the held-out days;
 * ``rmse_from_state_mg_dl`` — the same, the twin started at ``--fit-days`` from the state the
   replay gives it there (``twinloop twin replay --from-day``);
+* ``rmse_oracle_mg_dl`` — the true patient itself on the logged (counted) carbohydrates and
+  insulin from minute 0: what carb-counting error alone costs an open-loop replay;
 * ``tir_error_pts`` / ``below70_error_pts`` — the MAP twin's time in range and below 70 (its
   subcutaneous glucose every minute, logged therapy, no rescue rule) minus the person's true ones;
 * ``tir_in_band`` — the true TIR inside the 5–95 % range of the posterior draws' TIR;
@@ -47,8 +51,11 @@ TARGET_RMSE_MG_DL = 10.0
 TARGET_TIR_PTS = 3.0
 TARGET_BELOW70_PTS = 1.5
 TARGET_FIT_S = 10.0
-#: A hypo-prone person's pump settings, as factors on what their physiology needs.
-HYPO_SETTINGS = {"carb_ratio_g_per_u": 0.7, "correction_factor_mg_dl_per_u": 0.8}
+#: A hypo-prone person's carb ratio, as factors on their own tried in turn until they spend
+#: at least :data:`HYPO_BELOW70_PCT` of the days below 70 mg/dL; their correction factor is
+#: 20 % below their own and their basal 10 % above.
+HYPO_CR_LADDER = (0.7, 0.6, 0.5, 0.4, 0.3)
+HYPO_BELOW70_PCT = 3.0
 
 
 def _tir(g: np.ndarray) -> tuple[float, float]:
@@ -71,6 +78,7 @@ def _one(job: dict[str, Any]) -> dict[str, Any]:
 
 def _person(job: dict[str, Any]) -> dict[str, Any]:
     from twinloop.plant.glucose.scenarios import CarbCountingError
+    from twinloop.plant.glucose.uva_padova import simulate
     from twinloop.twins.identify import MIN_PER_DAY, log_grid
     from twinloop.twins.logs import read_log
     from twinloop.twins.person import (
@@ -84,11 +92,20 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
 
     true = job["patient"]
     hypo = job["hypo"]
-    settings = {k: f * getattr(true, k) for k, f in HYPO_SETTINGS.items()} if hypo else None
-    syn = synthetic_log(
-        true, days=job["days"], seed=job["seed"], settings=settings, cgm=job["cgm"],
-        carb_error=CarbCountingError("normal", 0.1),
-    )  # fmt: skip
+    for factor in HYPO_CR_LADDER if hypo else (1.0,):
+        settings = None
+        if hypo:
+            settings = {
+                "carb_ratio_g_per_u": factor * true.carb_ratio_g_per_u,
+                "correction_factor_mg_dl_per_u": 0.8 * true.correction_factor_mg_dl_per_u,
+                "scheduled_basal_u_per_h": 1.1 * true.basal_u_per_h,
+            }
+        syn = synthetic_log(
+            true, days=job["days"], seed=job["seed"], settings=settings, cgm=job["cgm"],
+            carb_error=CarbCountingError("normal", job["carb_error"]),
+        )  # fmt: skip
+        if _tir(syn.trace.gsub_mg_dl[0])[1] >= HYPO_BELOW70_PCT:
+            break
     with tempfile.TemporaryDirectory() as tmp:
         path = syn.write(Path(tmp) / "log.csv")
         fit, _, _ = fit_log(
@@ -112,6 +129,12 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
         fit, grid.window(first, last), ReplayTherapy(), zs, rescue=None, start=start
     )
     rmse_state = float(np.sqrt(np.mean((trace.bg_mg_dl[0] - true_bg) ** 2)))
+    # the oracle: the true patient itself on the logged (counted) carbohydrates and insulin,
+    # from minute 0 — the floor that carb-counting error puts under any twin's open-loop replay
+    logged_carbs = syn.announced_g + syn.trace.rescue_g[0]
+    oracle = simulate([true], syn.trace.insulin_u_per_min[0], logged_carbs)
+    rmse_oracle = float(np.sqrt(np.mean((oracle.bg_mg_dl[0, first : last + 1] - true_bg) ** 2)))
+    tir_oracle, below_oracle = _tir(oracle.gsub_mg_dl[0, first : last + 1])
     tir_true, below_true = _tir(true_gs)
     draws = np.array([_tir(g) for g in trace.gsub_mg_dl])
     tir_twin, below_twin = draws[0]
@@ -121,15 +144,19 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
         "patient": true.name,
         "group": job["group"],
         "hypo_prone": hypo,
+        "carb_ratio_factor": factor,
         "cgm": job["cgm"],
         "censored_readings": fit.fit.get("censored_readings", 0),
         "fit_s": fit.fit["seconds"],
         "n_eff": fit.fit["n_eff"],
         "rmse_from_day1_mg_dl": rmse_day1,
         "rmse_from_state_mg_dl": rmse_state,
+        "rmse_oracle_mg_dl": rmse_oracle,
         "tir_true_pct": tir_true,
         "tir_error_pts": tir_twin - tir_true,
         "tir_error_day1_pts": tir_day1 - tir_true,
+        "tir_error_oracle_pts": tir_oracle - tir_true,
+        "below70_error_oracle_pts": below_oracle - below_true,
         "below70_error_day1_pts": below_day1 - below_true,
         "below70_true_pct": below_true,
         "below70_error_pts": below_twin - below_true,
@@ -147,6 +174,7 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=5)
     parser.add_argument("--hypo-every", type=int, default=3)
     parser.add_argument("--dexcom-every", type=int, default=2)
+    parser.add_argument("--carb-error", type=float, default=0.1)
     parser.add_argument("--days", type=int, default=14)
     parser.add_argument("--fit-days", type=int, default=7)
     parser.add_argument("--draws", type=int, default=50)
@@ -172,6 +200,7 @@ def main() -> None:
                 {
                     "patient": p, "group": group, "hypo": hypo, "seed": 1000 + i,
                     "days": args.days, "fit_days": args.fit_days, "draws": args.draws,
+                    "carb_error": args.carb_error,
                     "cgm": "Dexcom" if dexcom else "GuardianRT",
                 }
             )  # fmt: skip
@@ -192,6 +221,9 @@ def main() -> None:
         "failed": len(failed),
         "hypo_prone": int(col("hypo_prone").sum()),
         "rmse_from_state_mg_dl": {"mean": rm.mean(), "max": rm.max()},
+        "rmse_oracle_mg_dl": {
+            "mean": col("rmse_oracle_mg_dl").mean(), "max": col("rmse_oracle_mg_dl").max()
+        },
         "rmse_from_day1_mg_dl": {
             "mean": col("rmse_from_day1_mg_dl").mean(), "max": col("rmse_from_day1_mg_dl").max()
         },

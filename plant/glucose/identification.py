@@ -34,9 +34,6 @@ __all__ = ["InsufficientDataError", "censored_residuals", "effective_sample_size
 MAX_ACF_LAG_MIN = 1440
 #: The CGM's reporting range: readings at its limits are censored (as the online twin's).
 CGM_RANGE_MG_DL = (40.0, 400.0)
-#: How the CGM's error scales: ``absolute`` (constant SD, mg/dL) or ``relative`` (constant SD of
-#: its logarithm: a miss of 10 mg/dL at 60 weighs as one of 40 at 240).
-ERROR_MODELS = ("absolute", "relative")
 #: L-BFGS-B's relative tolerance on the objective (≈ 1e-4 on a log-posterior of ~100).
 FTOL = 1e-6
 
@@ -152,7 +149,6 @@ def fit_twin(
     seed: int = 0,
     overrides: Mapping[str, float] | None = None,
     cgm_range_mg_dl: tuple[float, float] = CGM_RANGE_MG_DL,
-    error_model: str = "absolute",
 ) -> TwinFit:
     """Fit a twin to a log on a minute grid (MAP, and optionally the Laplace posterior).
 
@@ -174,7 +170,6 @@ def fit_twin(
         overrides: base values (:meth:`TwinModel.for_group`).
         cgm_range_mg_dl: the CGM's reporting limits: readings at or beyond them are censored
             (:func:`censored_residuals`).
-        error_model: how the CGM's error scales (:data:`ERROR_MODELS`).
 
     Raises:
         InsufficientDataError: too little CGM to fit (says how much is needed and how much
@@ -213,20 +208,8 @@ def fit_twin(
     p = len(model.names)
     eye = np.eye(p) * FD_STEP
 
-    if error_model not in ERROR_MODELS:
-        raise ConfigError("error_model", error_model, " or ".join(ERROR_MODELS))
-    relative = error_model == "relative"
-
     def residuals(zs: NDArray[np.float64]) -> NDArray[np.float64]:
-        pred = model.simulate(zs, grid)[:, idx]
-        if relative:
-            return censored_residuals(
-                np.log(np.maximum(pred, 1.0)),
-                np.log(np.maximum(y, 1.0)),
-                math.log(max(low, 1.0)),
-                math.log(high),
-            )
-        return censored_residuals(pred, y, low, high)
+        return censored_residuals(model.simulate(zs, grid)[:, idx], y, low, high)
 
     state = {"n_eff": n * period / 50.0, "evals": 0}  # a reading per 50 min, until estimated
 
@@ -281,10 +264,7 @@ def fit_twin(
         "burn_in_min": burn_in_min,
         "cgm_readings": n,
         "censored_readings": int(np.count_nonzero((y <= low) | (y >= high))),
-        "rmse_mg_dl": math.sqrt(ssr / n)
-        if not relative
-        else float(np.sqrt(np.mean((model.simulate(z[None, :], grid)[0, idx] - y) ** 2))),
-        "error_model": error_model,
+        "rmse_mg_dl": math.sqrt(ssr / n),
         "lag1_autocorrelation": rho,
         "n_eff": state["n_eff"],
         "iterations": iterations,

@@ -38,8 +38,6 @@ from twinloop.plant.glucose.population import FREE, GROUPS, derive, fit_populati
 from twinloop.plant.glucose.uva_padova import (
     DEFAULT_EAT_RATE_G_PER_MIN,
     N_MEAL_STATE,
-    P_KMAX,
-    P_KMIN,
     P_KP3,
     P_VG,
     P_VMX,
@@ -354,7 +352,8 @@ class TwinModel:
         """The twin at ``z`` as a patient (the daily profile left out: its factors are 1).
 
         Raises:
-            ConfigError: ``z`` admits no basal steady state.
+            ConfigError: ``z`` admits no basal steady state, or gastric emptying's ``kmin`` is
+                not below its ``kmax``.
 
         """
         v = self.values(z)
@@ -366,7 +365,10 @@ class TwinModel:
             elif name in free:
                 free[name] = value
         free["insulin_basal_pmol_l"] = _insulin_basal_pmol_l(free, self.basal_u_per_h)
-        return derive(free, self.name)
+        patient = derive(free, self.name)
+        if not patient.kmin_per_min < patient.kmax_per_min:
+            raise ConfigError("kmin_per_min", "kmin >= kmax", "kmin < kmax")
+        return patient
 
     def block_factors(self, z: NDArray[np.float64]) -> NDArray[np.float64]:
         """The daily sensitivity factors at ``z``, ``(profile_blocks,)``."""
@@ -435,8 +437,6 @@ class TwinModel:
             x[:, 3] = g0 * vg  # Gp
             x[:, 12] = g0 * vg  # Gs
         assert x.shape[1] == N_STATES
-        if np.any(params[:, P_KMIN] >= params[:, P_KMAX]):
-            raise ConfigError("kmin_per_min", "kmin >= kmax", "kmin < kmax")
         return params, np.ascontiguousarray(x)
 
     def segments(

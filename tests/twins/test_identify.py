@@ -317,3 +317,14 @@ def test_a_fit_counts_and_censors_readings_at_the_floor():
     assert err_c < err_v
     with pytest.raises(ConfigError, match="cgm_range_mg_dl"):
         fit_twin(clipped, cgm_range_mg_dl=(300.0, 100.0))
+
+
+def test_a_twin_whose_gastric_emptying_has_kmin_above_kmax_is_refused():
+    model = _model()
+    sd = dict(zip(model.names, model.prior_sd, strict=True))
+    # kmin up and kmax down until they cross (within the ±5 SD box of the fit)
+    z = _z(kmin_per_min=min(4.0, 2.5 / sd["kmin_per_min"]), kmax_per_min=-4.0)
+    values = model.values(z)
+    assert values["kmin_per_min"] >= values["kmax_per_min"]
+    with pytest.raises(ConfigError, match="kmin"):
+        model.patient(z)
