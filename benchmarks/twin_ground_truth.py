@@ -22,8 +22,9 @@ posterior on the first ``--fit-days`` days, and scored on the rest against the t
   replay gives it there (``twinloop twin replay --from-day``);
 * ``rmse_oracle_mg_dl`` — the true patient itself on the logged (counted) carbohydrates and
   insulin from minute 0: what carb-counting error alone costs an open-loop replay;
-* ``tir_error_pts`` / ``below70_error_pts`` — the MAP twin's time in range and below 70 (its
-  subcutaneous glucose every minute, logged therapy, no rescue rule) minus the person's true ones;
+* ``tir_error_pts`` / ``below70_error_pts`` — the twin's predicted time in range and below 70
+  (the MAP draw's, as ``twin replay`` reports it; its subcutaneous glucose every minute, logged
+  therapy, no rescue rule) minus the person's true ones (the draws' median: ``*_median_pts``);
 * ``tir_in_band`` — the true TIR inside the 5–95 % range of the posterior draws' TIR;
 * ``fit_s`` — the fit's wall time (one core).
 
@@ -92,6 +93,7 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
 
     true = job["patient"]
     hypo = job["hypo"]
+    previous = None
     for factor in HYPO_CR_LADDER if hypo else (1.0,):
         settings = None
         if hypo:
@@ -104,6 +106,10 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
             true, days=job["days"], seed=job["seed"], settings=settings, cgm=job["cgm"],
             carb_error=CarbCountingError("normal", job["carb_error"]),
         )  # fmt: skip
+        if syn.trace.bg_mg_dl[0].min() < 20.0:  # beyond what the model holds: the step before
+            syn = previous
+            break
+        previous = syn
         if _tir(syn.trace.gsub_mg_dl[0])[1] >= HYPO_BELOW70_PCT:
             break
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +143,9 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
     tir_oracle, below_oracle = _tir(oracle.gsub_mg_dl[0, first : last + 1])
     tir_true, below_true = _tir(true_gs)
     draws = np.array([_tir(g) for g in trace.gsub_mg_dl])
+    # the prediction `twin replay` prints: the MAP draw's (the first), and the draws' median
     tir_twin, below_twin = draws[0]
+    tir_median, below_median = np.median(draws, axis=0)
     lo, hi = np.percentile(draws[:, 0], [5, 95])
     lo70, hi70 = np.percentile(draws[:, 1], [5, 95])
     return {
@@ -154,6 +162,8 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
         "rmse_oracle_mg_dl": rmse_oracle,
         "tir_true_pct": tir_true,
         "tir_error_pts": tir_twin - tir_true,
+        "tir_error_median_pts": tir_median - tir_true,
+        "below70_error_median_pts": below_median - below_true,
         "tir_error_day1_pts": tir_day1 - tir_true,
         "tir_error_oracle_pts": tir_oracle - tir_true,
         "below70_error_oracle_pts": below_oracle - below_true,

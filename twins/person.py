@@ -530,8 +530,9 @@ def run_therapy(
 
 
 def _summary(values: NDArray[np.float64]) -> dict[str, float]:
+    """``map``: the MAP draw's (the first); median, 5 and 95 % over the draws."""
     p5, p50, p95 = np.percentile(values, [5, 50, 95])
-    return {"median": float(p50), "p5": float(p5), "p95": float(p95)}
+    return {"map": float(values[0]), "median": float(p50), "p5": float(p5), "p95": float(p95)}
 
 
 def _metrics(trace: LoopTrace, first: int, days: float) -> dict[str, NDArray[np.float64]]:

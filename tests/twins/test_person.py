@@ -218,7 +218,7 @@ def test_a_replay_reports_both_therapies_over_posterior_draws(twin, adult_log):
     assert "mean_mg_dl" in same["difference"] and len(same["therapies"]) == 2
     assert all(row["metrics"] for row in same["therapies"])
     for s in same["difference"].values():
-        assert s == {"median": 0.0, "p5": 0.0, "p95": 0.0}
+        assert s == {"map": 0.0, "median": 0.0, "p5": 0.0, "p95": 0.0}
     for row in same["therapies"]:
         for s in row["metrics"].values():
             assert s["p5"] <= s["median"] <= s["p95"]
@@ -226,6 +226,11 @@ def test_a_replay_reports_both_therapies_over_posterior_draws(twin, adult_log):
     assert less["therapies"][1]["therapy"] == "logged with basal_scale=0.5"
     assert less["difference"]["mean_mg_dl"]["p5"] > 0  # every draw runs higher
     assert less["difference"]["insulin_u_per_day"]["median"] < 0
+    # the table's point value is the MAP draw's: a replay of the MAP alone gives it
+    alone = replay(fit, grid, ReplayTherapy(basal_scale=0.5), draws=1, seed=1)
+    for i in (0, 1):
+        for k, s in less["therapies"][i]["metrics"].items():
+            assert s["map"] == pytest.approx(alone["therapies"][i]["metrics"][k]["map"]), k
     pid = replay(fit, grid, ReplayTherapy(controller="pid"), draws=3, seed=1)
     assert pid["therapies"][1]["therapy"] == "pid"
     assert math.isfinite(pid["therapies"][1]["metrics"]["time_in_range_70_180_pct"]["median"])
@@ -458,7 +463,12 @@ def test_the_logged_therapy_is_replayed_without_rescues_the_alternative_with(twi
     assert logged["rescue"] is None
     assert alternative["rescue"] == dataclasses.asdict(RescueRule())
     assert logged["metrics"]["time_below_70_pct"]["median"] > 0  # low, and not rescued
-    assert logged["metrics"]["rescues_per_day"] == {"median": 0.0, "p5": 0.0, "p95": 0.0}
+    assert logged["metrics"]["rescues_per_day"] == {
+        "map": 0.0,
+        "median": 0.0,
+        "p5": 0.0,
+        "p95": 0.0,
+    }
     assert r["traces"][0].rescue_g.sum() == 0.0
     assert alternative["metrics"]["rescues_per_day"]["median"] > 0  # the same therapy, rescued
     assert r["difference"]["rescues_per_day"]["median"] > 0
