@@ -658,21 +658,16 @@ def _check_zones(
 
 
 def _cgm_period_min(t_us: NDArray[np.int64]) -> int:
-    """The sampling period of CGM reading times, minutes (1, 3 or 5).
+    """The sampling period of CGM reading times, minutes (1, 3 or 5; 5 with fewer than two).
 
-    The largest of the CGM periods twinloop models that divides the most common interval
-    between consecutive readings (rounded to whole minutes); 5 with fewer than two readings.
+    :func:`twinloop.plant.glucose.cgm.sampling_period_min` of the intervals between consecutive
+    readings, rounded to whole minutes.
     """
-    from twinloop.plant.glucose.cgm import SAMPLE_PERIODS_MIN
+    from twinloop.plant.glucose.cgm import sampling_period_min
 
     times = np.unique(np.asarray(t_us, dtype=np.int64))
     steps = np.round((times[1:] - times[:-1]) / _US_PER_MIN).astype(np.int64)
-    steps = steps[steps > 0]
-    if steps.size == 0:
-        return DEFAULT_CGM_PERIOD_MIN
-    values, counts = np.unique(steps, return_counts=True)
-    common = int(values[np.argmax(counts)])  # the shortest of the most common
-    return max(p for p in SAMPLE_PERIODS_MIN if common % p == 0)
+    return sampling_period_min(steps, default=DEFAULT_CGM_PERIOD_MIN)
 
 
 def _cgm_span_coverage(t_us: NDArray[np.int64]) -> tuple[float, float]:

@@ -67,6 +67,21 @@ from twinloop.plant.units import MIN_PER_DAY
 SAMPLE_PERIODS_MIN: tuple[int, ...] = (1, 3, 5)
 
 
+def sampling_period_min(intervals_min: ArrayLike, default: int = 5) -> int:
+    """A CGM's sampling period told from the intervals between its readings, minutes.
+
+    The largest of :data:`SAMPLE_PERIODS_MIN` that divides the most common positive interval
+    (whole minutes; the shortest of equally common ones); ``default`` without any interval.
+    """
+    steps = np.asarray(intervals_min, dtype=np.int64)
+    steps = steps[steps > 0]
+    if steps.size == 0:
+        return default
+    values, counts = np.unique(steps, return_counts=True)
+    common = int(values[np.argmax(counts)])
+    return max(p for p in SAMPLE_PERIODS_MIN if common % p == 0)
+
+
 def _finite(field: str, value: object) -> float:
     """Return ``value`` as a float, or raise :class:`ConfigError` if it is not a finite number."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):

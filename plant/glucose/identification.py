@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from scipy.optimize import minimize
 
 from twinloop.plant.errors import ConfigError, InvalidInputError
+from twinloop.plant.glucose.cgm import sampling_period_min
 from twinloop.plant.glucose.twin_model import (
     DEFAULT_BURN_IN_MIN,
     FD_STEP,
@@ -94,25 +95,13 @@ def effective_sample_size(
         rho[k] = float(np.einsum("i,i->", x[:-k], x[k:])) / pairs / var if pairs > 10 else 0.0
     tau = -1.0
     previous = math.inf
-    for m in range(max_lag // 2 + 1):
-        if 2 * m + 1 > max_lag:
-            break
+    for m in range((max_lag + 1) // 2):
         gamma = min(rho[2 * m] + rho[2 * m + 1], previous)
         if gamma <= 0:
             break
         tau += 2.0 * gamma
         previous = gamma
     return float(n / max(tau, 1.0))
-
-
-def _sampling_period_min(idx: NDArray[np.int64]) -> int:
-    """The CGM's period: the most common gap between readings, as 1, 3 or 5 min."""
-    gaps = np.diff(idx)
-    gaps = gaps[gaps > 0]
-    if not gaps.size:
-        return 5
-    common = int(np.bincount(gaps).argmax())
-    return max((p for p in (1, 3, 5) if common % p == 0), default=5)
 
 
 def censored_residuals(
@@ -195,7 +184,7 @@ def fit_twin(
         raise ConfigError("burn_in_min", burn_in_min, f"minutes in [0, {grid.minutes})")
     idx = np.flatnonzero(~np.isnan(grid.cgm_mg_dl))
     idx = idx[idx >= burn_in_min]
-    period = _sampling_period_min(idx)
+    period = sampling_period_min(np.diff(idx))
     needed = int(min_days * MIN_PER_DAY / period * 0.7)
     if idx.size < max(needed, 12):
         raise InsufficientDataError(
