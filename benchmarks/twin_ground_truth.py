@@ -93,7 +93,7 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
 
     true = job["patient"]
     hypo = job["hypo"]
-    previous = None
+    chosen = None  # (factor, log): the first over-bolusing step low enough, before a collapse
     for factor in HYPO_CR_LADDER if hypo else (1.0,):
         settings = None
         if hypo:
@@ -102,16 +102,18 @@ def _person(job: dict[str, Any]) -> dict[str, Any]:
                 "correction_factor_mg_dl_per_u": 0.8 * true.correction_factor_mg_dl_per_u,
                 "scheduled_basal_u_per_h": 1.1 * true.basal_u_per_h,
             }
-        syn = synthetic_log(
+        candidate = synthetic_log(
             true, days=job["days"], seed=job["seed"], settings=settings, cgm=job["cgm"],
             carb_error=CarbCountingError("normal", job["carb_error"]),
         )  # fmt: skip
-        if syn.trace.bg_mg_dl[0].min() < 20.0:  # beyond what the model holds: the step before
-            syn = previous
+        if candidate.trace.bg_mg_dl[0].min() < 20.0:  # beyond what the model holds
             break
-        previous = syn
-        if _tir(syn.trace.gsub_mg_dl[0])[1] >= HYPO_BELOW70_PCT:
+        chosen = (factor, candidate)
+        if _tir(candidate.trace.gsub_mg_dl[0])[1] >= HYPO_BELOW70_PCT:
             break
+    if chosen is None:
+        raise RuntimeError(f"{true.name}: glucose collapsed below 20 mg/dL at the first step")
+    factor, syn = chosen
     with tempfile.TemporaryDirectory() as tmp:
         path = syn.write(Path(tmp) / "log.csv")
         fit, _, _ = fit_log(
@@ -191,6 +193,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
+    for name in ("hypo_every", "dexcom_every", "workers", "draws", "fit_days"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: >= 1")
+    if not args.fit_days < args.days:
+        parser.error(f"--fit-days={args.fit_days} is not allowed: fewer than --days={args.days}")
+    if not 0 <= args.carb_error < 1:
+        parser.error(f"--carb-error={args.carb_error} is not allowed: a fraction in [0, 1)")
+    for name in ("adults", "adolescents", "children"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name}={getattr(args, name)} is not allowed: >= 0")
 
     from tqdm import tqdm
 
