@@ -131,6 +131,13 @@ def add_parser(sub: Any) -> None:
     hil.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (240)")
     hil.add_argument("--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS)")
     hil.add_argument(
+        "--flush-every-min",
+        type=_flush_every_min,
+        default=None,
+        help="glucose: simulated minutes between flushes of the recording to disk (1..1440, "
+        "default 5): a killed session loses at most this much",
+    )
+    hil.add_argument(
         "--task", default="cyclic", help="knee-exo: cyclic (default), sit_to_stand, hold"
     )
     hil.add_argument(
@@ -149,6 +156,15 @@ def add_parser(sub: Any) -> None:
         help="pace the rig under SCHED_FIFO (needs CAP_SYS_NICE; says so when refused)",
     )
     hil.set_defaults(handler=hil_command)
+
+
+def _flush_every_min(value: str) -> int:
+    from twinloop.agents.recording import check_flush_every_min
+
+    try:
+        return check_flush_every_min(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not allowed: {exc}") from None
 
 
 def server_tls_context(certfile: str, keyfile: str, cafile: str) -> ssl.SSLContext:

@@ -20,9 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import pyarrow.parquet as pq
 
-from twinloop.agents.recording import channel_file
+from twinloop.agents.recording import channel_file, read_channel
 from twinloop.agents.report import CorruptRecordingError, check_complete
 from twinloop.hil.pacing import PacingStats
 from twinloop.plant.glucose.metrics import glucose_metrics
@@ -50,13 +49,13 @@ def is_hil_recording(run_dir: str | Path) -> bool:
 
 
 def _columns(run_dir: Path, channel: str) -> dict[str, list[Any]]:
-    path = run_dir / "channels" / channel_file(channel)
-    if not path.is_file():
-        return {}
+    """One channel's columns: its final table, else an interrupted session's segments."""
     try:
-        return pq.read_table(path).to_pydict()
+        table = read_channel(run_dir, channel)
     except Exception as exc:  # pyarrow raises several kinds
+        path = run_dir / "channels" / channel_file(channel)
         raise CorruptRecordingError(path, f"not a readable Parquet table ({exc})") from None
+    return {} if table is None else table.to_pydict()
 
 
 def build_hil_report(run_dir: str | Path, *, allow_incomplete: bool = False) -> HilReport:
