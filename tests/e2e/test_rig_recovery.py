@@ -103,6 +103,25 @@ def test_an_emulator_sigkill_leaves_no_socat_behind(links):
         emulator.wait(timeout=10)
 
 
+def test_a_drive_emulator_sigkill_leaves_no_child_running():
+    emulator = subprocess.Popen(
+        [sys.executable, "-m", "twinloop", "emulate", "drive", "--tcp", "127.0.0.1:0", "--joint",
+         "knee"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert emulator.stdout is not None
+        assert "Modbus TCP on" in emulator.stdout.readline()
+        children = _children(emulator.pid)
+        assert children  # the drive's 1 kHz core runs in a process of its own
+        emulator.kill()
+        emulator.wait(timeout=10)
+        _wait(lambda: not any(_running(p) for p in children), "the drive's processes to end", 10)
+    finally:
+        emulator.kill()
+        emulator.wait(timeout=10)
+
+
 def test_emulate_refuses_a_pty_link_onto_an_existing_file(tmp_path, capsys):
     precious = tmp_path / "notes.txt"
     precious.write_text("keep me\n")
