@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.processes import children, command_name, running
 from twinloop.agents.recording import INCOMPLETE_MARKER, SEGMENTS_DIR, read_channel
 from twinloop.cli.main import main
 from twinloop.hil.glucose.rig import Rig, RigConfig, pump_register_names
@@ -42,31 +43,6 @@ def _wait(condition: Callable[[], bool], what: str, timeout_s: float = GUARD_S) 
         time.sleep(0.02)
 
 
-def _children(pid: int) -> list[int]:
-    """Child process ids of ``pid`` (every thread's children, from /proc)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found += [int(c) for c in text]
-    return found
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _emulator(pump_link: Path, cgm_link: Path, seed: int = 3) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "twinloop", "emulate", "pump", "--rtu-pty", str(pump_link),
@@ -80,7 +56,7 @@ def _emulator(pump_link: Path, cgm_link: Path, seed: int = 3) -> subprocess.Pope
 
 
 def _socats(proc: subprocess.Popen[str]) -> list[int]:
-    return [c for c in _children(proc.pid) if _comm(c) == "socat"]
+    return [c for c in children(proc.pid) if command_name(c) == "socat"]
 
 
 @pytest.fixture
@@ -96,14 +72,14 @@ def test_an_emulator_sigkill_leaves_no_socat_behind(links):
         assert len(socats) == 2  # one pty pair per device, both children of the emulator
         emulator.kill()  # SIGKILL: no handler of the emulator runs
         emulator.wait(timeout=10)
-        _wait(lambda: not any(_running(p) for p in socats), "the socat processes to end", 10)
+        _wait(lambda: not any(running(p) for p in socats), "the socat processes to end", 10)
         _wait(lambda: not pump_link.exists() and not cgm_link.exists(), "the links to go", 10)
     finally:
         emulator.kill()
         emulator.wait(timeout=10)
 
 
-def test_a_drive_emulator_sigkill_leaves_no_child_running():
+def test_a_drive_emulator_sigkill_leaves_no_childrunning():
     emulator = subprocess.Popen(
         [sys.executable, "-m", "twinloop", "emulate", "drive", "--tcp", "127.0.0.1:0", "--joint",
          "knee"],
@@ -112,11 +88,11 @@ def test_a_drive_emulator_sigkill_leaves_no_child_running():
     try:
         assert emulator.stdout is not None
         assert "Modbus TCP on" in emulator.stdout.readline()
-        children = _children(emulator.pid)
-        assert children  # the drive's 1 kHz core runs in a process of its own
+        kids = children(emulator.pid)
+        assert kids  # the drive's 1 kHz core runs in a process of its own
         emulator.kill()
         emulator.wait(timeout=10)
-        _wait(lambda: not any(_running(p) for p in children), "the drive's processes to end", 10)
+        _wait(lambda: not any(running(p) for p in kids), "the drive's processes to end", 10)
     finally:
         emulator.kill()
         emulator.wait(timeout=10)
@@ -172,7 +148,7 @@ def test_after_an_emulator_restart_both_devices_recover_and_control_resumes_on_f
             finally:
                 rig.stop()
                 runner.join(timeout=GUARD_S)
-        assert not any(_running(p) for p in old_socats)  # the dead emulator's socats are gone
+        assert not any(running(p) for p in old_socats)  # the dead emulator's socats are gone
         raised = [a for a in rig.alarm_log if a.active]
         start = min(a.t_min for a in raised)
         start_wall = min(a.wall_s for a in raised)

@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 import pytest
 import serial
 
+from tests.processes import running
 from twinloop.hw_bridge.errors import BridgeError
 from twinloop.hw_bridge.pty import PtyPair
-
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_a_link_onto_an_existing_file_is_refused_and_the_file_kept(tmp_path):
@@ -60,5 +52,5 @@ def test_socat_outlives_the_thread_that_made_the_pair_and_is_reaped_on_close(tmp
             assert b.read(4) == b"ping"
     finally:
         pair.close()
-    assert not _running(pair.pid)  # ended and reaped: no zombie left
+    assert not running(pair.pid)  # ended and reaped: no zombie left
     assert not os.path.lexists(pair.a)
