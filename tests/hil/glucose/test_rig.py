@@ -1,6 +1,7 @@
 """The rig's logic against in-memory devices (the byte-stream tests are in tests/e2e)."""
 
 import dataclasses
+import json
 import threading
 
 import pytest
@@ -160,3 +161,63 @@ def test_bad_rig_settings_name_the_field(field, value):
 def test_a_pump_profile_without_the_needed_channels_is_refused():
     with pytest.raises(RigConfigError, match="bolus_u"):
         Rig(RigConfig(), pump=FakePump(), cgm=FakeCgm(), pump_registers={"basal_u_per_h": "x"})
+
+
+def test_an_outage_is_listed_in_the_manifest_the_summary_and_the_report(tmp_path):
+    from twinloop.agents.recording import Recorder
+    from twinloop.hil.glucose.report import build_hil_report
+
+    pump, cgm = FakePump(), FakeCgm()
+    rig = _rig(pump, cgm)
+    recorder = Recorder(tmp_path / "run", config={"rig": {"time_scale": 0.004}})
+    rig.listen(recorder.listener("rig"))
+    recorder.manifest_extra = lambda: {"outages": rig.outages()}
+
+    def condition(k):
+        if k == 30:
+            cgm.cut.set()
+        if k == 80:
+            cgm.cut.clear()
+        return k >= 120
+
+    stats = _run_until(rig, condition)
+    summary = summarize_rig(rig, stats)
+    recorder.finish({"rig": {"time_scale": 0.004}}, summary)
+    [outage] = summary["outages"]
+    assert outage["source"] == "cgm" and outage["condition"] == "stale data"
+    assert outage["start_t_min"] < outage["end_t_min"]
+    assert outage["start_wall_s"] < outage["end_wall_s"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["outages"] == summary["outages"]
+    report = build_hil_report(tmp_path / "run")
+    assert report.summary["outages"] == summary["outages"]  # rebuilt from the alarms channel
+    text = report.report_path.read_text()
+    assert "## Outages" in text and "| cgm | stale data |" in text
+
+
+def test_control_stays_stopped_while_another_alarm_is_active():
+    pump, cgm = FakePump(), FakeCgm()
+    rig = _rig(pump, cgm)
+    pump.alarm_active = lambda: any(a.active for a in rig.alarms.values())
+
+    def condition(k):
+        if k == 30:
+            cgm.cut.set()
+            pump.down.set()
+        if k == 60:
+            pump.down.clear()  # the pump answers again; the CGM is still silent
+        if k == 100:
+            cgm.cut.clear()
+        return k >= 140
+
+    _run_until(rig, condition)
+    cleared = [a for a in rig.alarm_log if not a.active]
+    assert sorted(a.source for a in cleared) == ["cgm", "pump"]
+    other = "pump" if cleared[0].source == "cgm" else "cgm"
+    assert f"control stays stopped ({other} alarm active)" in cleared[0].action
+    assert "control resumed" in cleared[1].action
+    # neither cleared while the CGM was silent, though the pump answered from step 60 on:
+    # recovery needs a fresh reading and a pump exchange, both after the outage began
+    back_t = 100 * rig.config.control_period_min / rig.config.watchdog_steps
+    assert min(a.t_min for a in cleared) >= back_t
+    assert pump.writes_during_alarm == []
