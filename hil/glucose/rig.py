@@ -390,7 +390,7 @@ class Rig:
                 source,
                 condition,
                 True,
-                f"control stopped; safe state queued behind a pump exchange in flight for "
+                f"control stopped; safe state queued behind a pump exchange unanswered for "
                 f"{busy * 1000:.0f} ms",
                 since,
             )
@@ -477,12 +477,7 @@ class Rig:
             self._raise(t_min, "cgm", "stale data", in_pump_thread=False)
         busy_s = io.busy_s()
         if busy_s > cfg.deadline_s:
-            self._raise(
-                t_min,
-                "pump",
-                f"communication lost (no answer within {cfg.deadline_s * 1000:.0f} ms)",
-                in_pump_thread=False,
-            )
+            self._raise(t_min, "pump", "communication lost", in_pump_thread=False)
         control = k % cfg.watchdog_steps == 0
         if io.idle:
             io.submit(lambda: self._exchange(t_min, control))

@@ -125,6 +125,7 @@ def test_a_sigkilled_run_keeps_what_it_flushed(tmp_path):
             proc.kill()
             proc.wait(timeout=10)
     progress_min = _last_progress(err_path.read_text())
+    assert progress_min > 0, "the progress bar showed no simulated minutes"
     table = read_channel(out, "plant->sensor")
     assert table is not None
     t = np.asarray(table.column("t_min"), dtype=np.float64)

@@ -151,6 +151,9 @@ def test_summary_has_timing_alarms_and_cgm_metrics():
         ("wall_s_per_sim_min", 0),
         ("watchdog_steps", 0),
         ("minutes", 0),
+        ("pump_deadline_s", 0),
+        ("pump_deadline_s", 61),
+        ("pump_deadline_s", True),
     ],
 )
 def test_bad_rig_settings_name_the_field(field, value):
