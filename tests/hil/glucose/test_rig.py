@@ -64,6 +64,19 @@ def _rig(pump, cgm, **kw):
     return Rig(cfg, pump=pump, cgm=cgm, pump_registers=REGS)
 
 
+def _outage(event, start, end, last):
+    """Set ``event`` from step ``start`` to ``end``; stop the run at ``last``."""
+
+    def condition(k):
+        if k == start:
+            event.set()
+        if k == end:
+            event.clear()
+        return k >= last
+
+    return condition
+
+
 def _run_until(rig, condition, max_steps=2000):
     def on_step(k):
         if condition(k):
@@ -118,14 +131,7 @@ def test_lost_pump_communication_raises_an_alarm_and_recovers_with_the_safe_stat
     pump, cgm = FakePump(), FakeCgm()
     rig = _rig(pump, cgm)
 
-    def condition(k):
-        if k == 30:
-            pump.down.set()
-        if k == 60:
-            pump.down.clear()
-        return k >= 90
-
-    _run_until(rig, condition)
+    _run_until(rig, _outage(pump.down, 30, 60, 90))
     pump_alarms = [a for a in rig.alarm_log if a.source == "pump"]
     assert [a.active for a in pump_alarms] == [True, False]
     assert "not written" in pump_alarms[0].action  # unreachable: the pump's temp expires alone
@@ -175,15 +181,7 @@ def test_an_outage_is_listed_in_the_manifest_the_summary_and_the_report(tmp_path
     recorder = Recorder(tmp_path / "run", config={"rig": {"time_scale": 0.004}})
     rig.listen(recorder.listener("rig"))
     recorder.manifest_extra = lambda: {"outages": rig.outages()}
-
-    def condition(k):
-        if k == 30:
-            cgm.cut.set()
-        if k == 80:
-            cgm.cut.clear()
-        return k >= 120
-
-    stats = _run_until(rig, condition)
+    stats = _run_until(rig, _outage(cgm.cut, 30, 80, 120))
     summary = summarize_rig(rig, stats)
     recorder.finish({"rig": {"time_scale": 0.004}}, summary)
     [outage] = summary["outages"]
