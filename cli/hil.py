@@ -134,8 +134,8 @@ def add_parser(sub: Any) -> None:
         "--flush-every-min",
         type=_flush_every_min,
         default=None,
-        help="glucose: simulated minutes between flushes of the recording to disk (1..1440, "
-        "default 5): a killed session loses at most this much",
+        help="simulated minutes (knee-exo: minutes of the session) between flushes of the "
+        "recording to disk (1..1440, default 5): a killed session loses at most this much",
     )
     hil.add_argument(
         "--task", default="cyclic", help="knee-exo: cyclic (default), sit_to_stand, hold"

@@ -886,6 +886,7 @@ def run_exo_session(
     listener: Listener | None = None,
     on_tick: Callable[[int], None] | None = None,
     on_rig: Callable[[ExoRig], None] | None = None,
+    flush_every_min: int | None = None,
 ) -> ExoSession:
     """Load the profile, connect, run the rig, record to ``out`` (when given), summarize.
 
@@ -896,6 +897,8 @@ def run_exo_session(
         listener: also receives every message ``(channel, message)``.
         on_tick: called after every tick with its index (from the rig's thread).
         on_rig: called with the rig before it runs (e.g. to keep a handle for :meth:`stop`).
+        flush_every_min: minutes of session time between flushes of the recording (default
+            :data:`~twinloop.agents.recording.DEFAULT_HIL_FLUSH_EVERY_MIN`).
 
     Raises:
         ProfileError: the profile does not load; CommunicationError: the drive does not
