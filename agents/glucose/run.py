@@ -140,7 +140,8 @@ def run_cohort(
         parallel_patients: patient loops driven together in lockstep, each round of their
             ticks one call per kind of agent (default: all of them).
         flush_every_min: simulated minutes between flushes of the recording (a kill loses at
-            most this much; with lockstep groups, minutes are counted over the groups run).
+            most this much; with lockstep groups, minutes are counted over the groups run;
+            with :class:`RayPatientsPlacement` a patient's rows are flushed when its loop ends).
 
     """
     patients = config.patient_table()
@@ -154,7 +155,12 @@ def run_cohort(
     config_dict = {"therapy": THERAPY, **dataclasses.asdict(config)}
     placement = placement or InlinePlacement()
     config_dict["placement"] = placement.name
-    recorder = Recorder(run_dir, config=config_dict, flush_every_min=flush_every_min)
+    recorder = Recorder(
+        run_dir,
+        config=config_dict,
+        flush_every_min=flush_every_min,
+        background=config.clock == "wall",  # a paced loop does not wait for the disk
+    )
 
     if isinstance(placement, RayPatientsPlacement):
         return _run_patients_on_ray(config, patients, seeds, recorder, config_dict, progress)
