@@ -292,16 +292,16 @@ class Recorder:
         """The loops reached simulated minute ``t_min``: flush when an interval has passed.
 
         With ``background=True`` the flush runs in a thread of its own (a paced rig's tick
-        only hands it over); a flush still running when the next is due delays that one.
+        only hands it over); while one still runs, the next waits for the first call after it.
         """
         if t_min < self._next_flush_min:
             return
+        if self._flusher is not None and self._flusher.is_alive():
+            return  # due again at the next call
         step = float(self.flush_every_min or 1)
         self._next_flush_min = (t_min // step + 1) * step
         if not self._background:
             self.flush(t_min)
-            return
-        if self._flusher is not None and self._flusher.is_alive():
             return
         self._flusher = threading.Thread(
             target=self.flush, args=(t_min,), name="recording-flush", daemon=True

@@ -58,8 +58,9 @@ def test_flushes_write_closed_segments_that_read_back_in_patient_order(tmp_path)
     assert (tmp_path / "run" / INCOMPLETE_MARKER).exists()
 
 
-def test_finishing_writes_the_same_table_as_an_unflushed_recording(tmp_path):
-    flushed = Recorder(tmp_path / "flushed", flush_every_min=7)
+@pytest.mark.parametrize("background", [False, True])
+def test_finishing_writes_the_same_table_as_an_unflushed_recording(tmp_path, background):
+    flushed = Recorder(tmp_path / "flushed", flush_every_min=7, background=background)
     plain = Recorder(tmp_path / "plain")
     _record(flushed, range(50))
     _record(plain, range(50))
