@@ -29,10 +29,10 @@ longer be reached returns to its scheduled basal by itself within that time: the
 reached within two control periods either way.
 
 **Recovery is verified.** An alarm clears only after fresh data from both devices: a valid CGM
-reading received after the outage began *and* a successful pump exchange after it. The rig then
-writes the safe state once more and clears the alarm; its action says ``control resumed`` only
-when no other alarm is still active. :func:`outages` lists each alarm's start and end (a
-recording's manifest and summary carry them).
+reading received after the outage began *and* a successful pump exchange requested after it.
+The rig then writes the safe state once more and clears the alarm; its action says ``control
+resumed`` only when no other alarm is still active. :func:`outages` lists each alarm's start
+and end (a recording's manifest and summary carry them).
 """
 
 from __future__ import annotations
@@ -320,6 +320,7 @@ class Rig:
         self._last_valid_wall = math.nan
         self._last_pump_ok_wall = math.nan
         self._last_cgm_reopen_wall = 0.0
+        self._control_due = False  # a control tick whose step found the pump thread busy
         self._last_reading: CgmReading | None = None
         self._new_readings: list[CgmReading] = []
         self._deliveries: list[InsulinDelivery] = []
@@ -404,8 +405,8 @@ class Rig:
     def _clear_verified(self, t_min: float) -> None:
         """Clear each alarm whose outage has fresh data after it (in the pump thread).
 
-        Called after a successful pump exchange: an alarm clears when a CGM reading and that
-        exchange are both newer than its start.
+        Called after a successful pump exchange: an alarm clears when a CGM reading received
+        after its start, and a pump exchange *asked* after its start, both exist.
         """
         with self._lock:
             due = [
@@ -478,10 +479,12 @@ class Rig:
         busy_s = io.busy_s()
         if busy_s > cfg.deadline_s:
             self._raise(t_min, "pump", "communication lost", in_pump_thread=False)
-        control = k % cfg.watchdog_steps == 0
+        control = k % cfg.watchdog_steps == 0 or self._control_due
         if io.idle:
+            self._control_due = False
             io.submit(lambda: self._exchange(t_min, control))
-        else:
+        else:  # the previous exchange is still in flight: a control tick waits for the next step
+            self._control_due = control
             with self._lock:
                 self.exchanges_skipped += 1
 
@@ -498,13 +501,14 @@ class Rig:
         names = [self.regs["heartbeat"], self.regs["alarm_code"]]
         if control:
             names += [self.regs["delivered_total_u"], self.regs["bolus_remaining_u"]]
+        asked_wall = self._wall_s()  # an answer is only as fresh as its request
         try:
             status = self.pump.read_many(names)
         except Exception:  # lost communication (after the transport's own retries)
             self._raise(t_min, "pump", "communication lost", in_pump_thread=True)
             return
         with self._lock:
-            self._last_pump_ok_wall = self._wall_s()
+            self._last_pump_ok_wall = asked_wall
         self._clear_verified(t_min)
         if control:
             with self._lock:

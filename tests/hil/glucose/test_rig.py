@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import threading
+import time
 
 import pytest
 
@@ -222,3 +223,28 @@ def test_control_stays_stopped_while_another_alarm_is_active():
     back_t = 100 * rig.config.control_period_min / rig.config.watchdog_steps
     assert min(a.t_min for a in cleared) >= back_t
     assert pump.writes_during_alarm == []
+
+
+class SlowPump(FakePump):
+    """Each exchange takes about 1.5 watchdog steps."""
+
+    def __init__(self, delay_s):
+        super().__init__()
+        self.delay_s = delay_s
+
+    def read_many(self, names):
+        time.sleep(self.delay_s)
+        return super().read_many(names)
+
+
+def test_a_control_tick_that_finds_the_pump_busy_runs_at_the_next_step():
+    cfg = RigConfig(wall_s_per_sim_min=0.02, minutes=None, cgm_stale_min=1000.0)
+    pump = SlowPump(delay_s=1.5 * cfg.step_s)
+    rig = Rig(cfg, pump=pump, cgm=FakeCgm(glucose=250.0), pump_registers=REGS)
+    commands = []
+    rig.listen(lambda ch, m: commands.append(m) if ch == "supervisor->actuator" else None)
+    periods = 20
+    rig.run(steps=periods * cfg.watchdog_steps)
+    assert rig.exchanges_skipped > 0  # the watchdog did find the pump thread busy
+    assert len(commands) >= periods - 2  # yet (almost) every control period decided
+    assert not [a for a in rig.alarm_log if a.source == "pump"]
