@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -121,6 +122,7 @@ def test_a_sigkilled_run_keeps_what_it_flushed(tmp_path):
                 assert proc.poll() is None, "the run ended before it flushed"
                 assert time.monotonic() < deadline, "no segment was flushed"
                 time.sleep(0.02)
+            time.sleep(random.Random(19).uniform(0, flush * 0.003))  # anywhere in an interval
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.kill()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,16 +45,24 @@ def _wait(condition: Callable[[], bool], what: str, timeout_s: float = GUARD_S) 
         time.sleep(0.02)
 
 
-def _emulator(pump_link: Path, cgm_link: Path, seed: int = 3) -> subprocess.Popen[str]:
+def _emulator(pump: Path | str, cgm_link: Path, seed: int = 3) -> subprocess.Popen[str]:
+    """``twinloop emulate pump``: RTU on the pty link ``pump``, or TCP on ``pump`` = HOST:PORT."""
+    where = ["--tcp", pump] if isinstance(pump, str) else ["--rtu-pty", str(pump)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "twinloop", "emulate", "pump", "--rtu-pty", str(pump_link),
-         "--cgm-pty", str(cgm_link), "--time-scale", str(SCALE), "--seed", str(seed)],
+        [sys.executable, "-m", "twinloop", "emulate", "pump", *where, "--cgm-pty", str(cgm_link),
+         "--time-scale", str(SCALE), "--seed", str(seed)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
     banner = proc.stdout.readline()
-    assert "pump: Modbus RTU" in banner, banner
+    assert "pump: Modbus" in banner, banner
     return proc
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _socats(proc: subprocess.Popen[str]) -> list[int]:
@@ -115,11 +125,21 @@ def _rig(pump: ModbusDevice, cgm: LineTransport, profile) -> Rig:  # type: ignor
     return Rig(cfg, pump=pump, cgm=cgm, pump_registers=pump_register_names(profile))
 
 
-def test_after_an_emulator_restart_both_devices_recover_and_control_resumes_on_fresh_data(links):
+@pytest.mark.parametrize("transport", ["rtu", "tcp"])
+def test_after_an_emulator_restart_both_devices_recover_and_control_resumes_on_fresh_data(
+    links, transport
+):
     pump_link, cgm_link = links
-    profile = load_profile(shipped_profile("insulin_pump_rtu"))
-    profile = profile.with_overrides(port=str(pump_link))
-    first = _emulator(pump_link, cgm_link)
+    pump_at: Path | str
+    if transport == "rtu":
+        pump_at = pump_link
+        profile = load_profile(shipped_profile("insulin_pump_rtu")).with_overrides(
+            port=str(pump_link)
+        )
+    else:
+        pump_at = f"127.0.0.1:{_free_tcp_port()}"
+        profile = load_profile(shipped_profile("insulin_pump_tcp")).with_overrides(tcp=pump_at)
+    first = _emulator(pump_at, cgm_link)
     old_socats = _socats(first)
     second: subprocess.Popen[str] | None = None
     commands: list = []
@@ -139,7 +159,7 @@ def test_after_an_emulator_restart_both_devices_recover_and_control_resumes_on_f
                 _wait(lambda: {a.source for a in rig.alarm_log if a.active} >= {"pump", "cgm"},
                       "both alarms")  # fmt: skip
                 _wait(lambda: not pump_link.exists() and not cgm_link.exists(), "old links gone")
-                second = _emulator(pump_link, cgm_link, seed=4)
+                second = _emulator(pump_at, cgm_link, seed=4)
                 _wait(lambda: any("control resumed" in a.action for a in rig.alarm_log),
                       "control resumed")  # fmt: skip
                 resumed = next(a for a in rig.alarm_log if "control resumed" in a.action)
@@ -229,6 +249,7 @@ def test_a_sigkilled_hil_session_keeps_what_it_flushed(links, tmp_path):
         _wait(lambda: (folder / "000003.parquet").exists() or hil.poll() is not None,
               "flushed segments")  # fmt: skip
         assert hil.poll() is None, "the session ended before it flushed"
+        time.sleep(random.Random(19).uniform(0, flush * SCALE))  # anywhere in an interval
         os.kill(hil.pid, signal.SIGKILL)
         hil.wait(timeout=10)
     finally:
