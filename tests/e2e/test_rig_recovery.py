@@ -125,7 +125,7 @@ def _rig(pump: ModbusDevice, cgm: LineTransport, profile) -> Rig:  # type: ignor
     return Rig(cfg, pump=pump, cgm=cgm, pump_registers=pump_register_names(profile))
 
 
-@pytest.mark.parametrize("transport", ["rtu", "tcp"])
+@pytest.mark.parametrize("transport", ["rtu", pytest.param("tcp", marks=pytest.mark.slow)])
 def test_after_an_emulator_restart_both_devices_recover_and_control_resumes_on_fresh_data(
     links, transport
 ):
