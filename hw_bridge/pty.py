@@ -69,6 +69,17 @@ _spawner_lock = threading.Lock()
 _owned = 0  # socat processes started and not yet released: the spawner lives while > 0
 
 
+def _forget_spawner_in_child() -> None:
+    """A forked child has no spawner thread (and owns none of the parent's socats)."""
+    global _requests, _spawner, _spawner_lock, _owned
+    _requests = queue.SimpleQueue()
+    _spawner, _spawner_lock, _owned = None, threading.Lock(), 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_spawner_in_child)
+
+
 def _serve_spawns() -> None:
     global _spawner
     while True:

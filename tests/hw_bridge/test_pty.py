@@ -4,6 +4,7 @@ outlives the thread that made the pair (it dies with the process: tests/e2e/test
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 import pytest
@@ -54,3 +55,19 @@ def test_socat_outlives_the_thread_that_made_the_pair_and_is_reaped_on_close(tmp
         pair.close()
     assert not running(pair.pid)  # ended and reaped: no zombie left
     assert not os.path.lexists(pair.a)
+
+
+def test_a_forked_child_makes_its_own_pairs(tmp_path):
+    """A fork copies no spawner thread: the child starts its own instead of waiting forever."""
+    with PtyPair(tmp_path) as parent:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            signal.alarm(10)  # a hang ends the child with SIGALRM, which the parent sees
+            try:
+                with PtyPair() as child:
+                    os._exit(0 if child.alive else 3)
+            finally:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert parent.alive
+    assert os.waitstatus_to_exitcode(status) == 0
