@@ -141,7 +141,10 @@ def add_parser(sub: Any) -> None:
     )
     hil.add_argument("--control-hz", type=int, default=100, help="knee-exo: control rate (100)")
     hil.add_argument(
-        "--watchdog-ms", type=int, default=100, help="knee-exo: the drive's watchdog, ms (100)"
+        "--watchdog-ms",
+        type=int,
+        default=100,
+        help="knee-exo: the longest drive watchdog accepted, ms (100; read, never written)",
     )
     hil.add_argument(
         "--realtime",

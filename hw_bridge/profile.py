@@ -121,7 +121,7 @@ _INT_RANGE: Final = {
 Value = float | int | bool
 
 #: The device's own limits, by twinloop channel, in the channel's engineering unit: a profile's
-#: writable register on one of these channels must have ``minimum``/``maximum`` inside them
+#: register on one of these channels must have ``minimum``/``maximum`` inside them
 #: (checked at load). They are the hard maxima of the emulated devices (``DEVICES.md``): the
 #: pump's ``PumpSpec`` (35 U/h basal, 25 U bolus, 30 min temp basal, commands 0-4), the exo
 #: drive's rated torque (40 N·m; the motor's 2x peak is not an exoskeleton limit), its only mode
@@ -876,10 +876,10 @@ class _Parser:
                 seen[key] = i
 
     def check_device_limits(self, registers: Sequence[Register]) -> None:
-        """Every writable register on a channel of :data:`DEVICE_LIMITS` stays inside them."""
+        """Every register on a channel of :data:`DEVICE_LIMITS` has limits inside them."""
         for i, reg in enumerate(registers):
             hard = DEVICE_LIMITS.get(reg.channel or "")
-            if hard is None or not reg.writable:
+            if hard is None:
                 continue
             lo, hi = reg.limits()
             unit = f" {reg.unit}" if reg.unit else ""
