@@ -68,6 +68,10 @@ Interpretations where ``DEVICES.md`` is silent:
   ignored (a broadcast gets no answer), counted (:attr:`PumpEmulator.broadcasts_refused`),
   logged and latch alarm 6. Frames for other ids are ignored (silence). Modbus TCP answers
   unit ids ``device_id``, 0 and 255, and others with 0x0B (gateway target failed to respond).
+- Modbus/TLS: each request is authorized by the role in the client certificate
+  (:class:`~twinloop.hw_bridge.wire.RoleTlsServer`, :attr:`PumpEmulator.authorization`):
+  ``operator`` may write, ``monitor`` and certificates without a known role only read; a
+  refused request gets 01 and is not executed.
 - ``faults.freeze``: reads return the registers as they were when the freeze began (the
   pump keeps delivering; writes are still executed).
 
@@ -94,13 +98,15 @@ from typing import Any, cast
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
-from pymodbus.server import ModbusBaseServer, ModbusTcpServer, ModbusTlsServer
+from pymodbus.server import ModbusBaseServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from twinloop.hw_bridge.emulators.modbus_server import EmulatorError, ServerThread, server_address
 from twinloop.hw_bridge.emulators.patient import InsulinSource, VirtualPatient
 from twinloop.hw_bridge.wire import (
     Framing,
+    RoleAuthorization,
+    RoleTlsServer,
     RtuSerialServer,
     SerialLine,
     WireFaults,
@@ -360,6 +366,9 @@ class PumpEmulator:
         battery_pct: battery at start, %.
         max_hourly_u: cumulative limit over any rolling 60 simulated minutes, U (0-1000).
         max_daily_u: cumulative limit over any rolling 24 h, U (``max_hourly_u``-24000).
+        authorization: which client roles may use which function codes on its Modbus/TLS
+            servers (default :class:`~twinloop.hw_bridge.wire.RoleAuthorization`: ``operator``
+            writes, ``monitor`` and certificates without a role only read).
 
     Raises:
         ValueError: an argument outside what is allowed (the message names it).
@@ -378,6 +387,7 @@ class PumpEmulator:
         battery_pct: float = 100.0,
         max_hourly_u: float = MAX_HOURLY_U,
         max_daily_u: float = MAX_DAILY_U,
+        authorization: RoleAuthorization | None = None,
     ) -> None:
         if isinstance(device_id, bool) or not (
             isinstance(device_id, int) and 1 <= device_id <= 247
@@ -399,6 +409,8 @@ class PumpEmulator:
         self.max_hourly_u = float(max_hourly_u)
         self.max_daily_u = float(max_daily_u)
         self.faults = faults if faults is not None else WireFaults()
+        #: Role-based authorization of its Modbus/TLS servers (refusals counted there).
+        self.authorization = authorization if authorization is not None else RoleAuthorization()
         self._lock = threading.Lock()
         self._state = _State(
             reservoir_u=float(reservoir_u),
@@ -874,7 +886,8 @@ class PumpEmulator:
         Args:
             host: address to bind (loopback by default).
             port: TCP port; 0 picks a free one (see :func:`server_address`).
-            tls: a server-side SSL context (certificate loaded) for Modbus/TLS.
+            tls: a server-side SSL context (certificate loaded) for Modbus/TLS; requests are
+                authorized by the client certificate's role (:attr:`authorization`).
 
         Raises:
             EmulatorError: the address cannot be bound.
@@ -888,7 +901,9 @@ class PumpEmulator:
             "trace_pdu": hooks.trace_pdu,
         }
         if tls is not None:
-            server = ModbusTlsServer(self.sim_device(), sslctx=tls, **common)
+            server = RoleTlsServer(
+                self.sim_device(), sslctx=tls, authorization=self.authorization, **common
+            )
         else:
             server = ModbusTcpServer(self.sim_device(), framer=FramerType.SOCKET, **common)
         await self._listen(server, f"TCP {host}:{port}")
