@@ -72,7 +72,8 @@ def add_parser(sub: Any) -> None:
         nargs=3,
         metavar=("CERT", "KEY", "CA"),
         help="pump: Modbus/TLS on --tcp with this certificate and key, requiring client "
-        "certificates signed by CA",
+        "certificates signed by CA; only the role 'operator' (certificate extension "
+        "1.3.6.1.4.1.50316.802.1) may write",
     )
     emu.add_argument("--serial", help="cgm: serve the line protocol on this serial port")
     emu.add_argument("--cgm-pty", help="also serve the CGM; link the client's end here")
@@ -141,7 +142,10 @@ def add_parser(sub: Any) -> None:
     )
     hil.add_argument("--control-hz", type=int, default=100, help="knee-exo: control rate (100)")
     hil.add_argument(
-        "--watchdog-ms", type=int, default=100, help="knee-exo: the drive's watchdog, ms (100)"
+        "--watchdog-ms",
+        type=int,
+        default=100,
+        help="knee-exo: the longest drive watchdog accepted, ms (100; read, never written)",
     )
     hil.add_argument(
         "--realtime",
