@@ -802,7 +802,7 @@ def comparison_rows(
                 1 for r in ok for p in r.rows if p["minutes_at_floor"] > 0
             )
             row["patient_runs_non_physiological"] = sum(
-                1 for r in ok for p in r.rows if p["hazard"]
+                1 for r in ok for p in r.rows if p["minutes_non_physiological"] > 0
             )
             row["patients_with_controller_faults"] = sum(
                 1 for r in ok for p in r.rows if p["controller_faults"] > 0
