@@ -181,8 +181,13 @@ def is_output(path: Path) -> bool:
     return path.is_dir() and any((path / marker).exists() for marker in OUTPUT_MARKERS)
 
 
-def claim_out(path: str | Path, *, overwrite: bool, option: str = "--out") -> Path:
+def claim_out(
+    path: str | Path, *, overwrite: bool, option: str = "--out", remove: bool = True
+) -> Path:
     """``path`` ready for a new output: absent or empty, or an earlier one removed.
+
+    With ``remove`` false, only check (a command that validates more input first calls it
+    again, with ``remove``, just before it writes).
 
     Raises:
         OutputExistsError: ``path`` is not a directory; or it is not empty and ``overwrite``
@@ -205,5 +210,6 @@ def claim_out(path: str | Path, *, overwrite: bool, option: str = "--out") -> Pa
         raise OutputExistsError(
             f"{option} {out}: holds an earlier run; give another, or --overwrite to replace it"
         )
-    shutil.rmtree(out)
+    if remove:
+        shutil.rmtree(out)
     return out

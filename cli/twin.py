@@ -515,7 +515,7 @@ def _main_replay(args: argparse.Namespace) -> int:
     if args.draws < 1:
         return _error(f"--draws {args.draws} is not allowed: an integer >= 1")
     if args.out:  # refused before the replay, not after it
-        claim_out(args.out, overwrite=args.overwrite)
+        claim_out(args.out, overwrite=args.overwrite, remove=False)
     fit = read_twin(args.twin)
     try:
         grid = log_grid(read_log([resolve_log_path(p) for p in args.logs], tz=args.tz))
@@ -529,6 +529,8 @@ def _main_replay(args: argparse.Namespace) -> int:
             f"{grid.days:.2f} days"
         )
     rescue = None if args.no_rescue else RescueRule()
+    if args.out:  # the inputs are good: the earlier replay goes (--overwrite)
+        claim_out(args.out, overwrite=args.overwrite)
     result = replay(
         fit,
         grid,

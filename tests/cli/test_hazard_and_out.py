@@ -83,3 +83,23 @@ def test_evaluate_flags_a_collapsed_patient_run(tmp_path, capsys):
     assert "holds an earlier run" in capsys.readouterr().err
     assert main([*args, "--fail-on-hazard", "--overwrite"]) == 1
     assert "hazard: 1 patient-run(s) flagged" in capsys.readouterr().err
+
+
+def test_hil_and_twin_replay_refuse_an_earlier_run_before_they_start(tmp_path, capsys):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "manifest.json").write_text("{}")
+    # refused before connecting to a device (nothing listens on port 1) ...
+    hil = ["hil", "--therapy", "knee-exo", "--tcp", "127.0.0.1:1", "--seconds", "1"]
+    assert main([*hil, "--out", str(earlier)]) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and "connect" not in err
+    # ... and before reading the twin and the log (neither exists)
+    replay = ["twin", "replay", str(tmp_path / "no-twin.yaml"), str(tmp_path / "no-log.csv")]
+    assert main([*replay, "--out", str(earlier)]) == 2
+    assert "holds an earlier run" in capsys.readouterr().err
+    assert (earlier / "manifest.json").read_text() == "{}"
+    # with --overwrite, the missing twin is what is refused, and the earlier run is still there
+    assert main([*replay, "--out", str(earlier), "--overwrite"]) == 2
+    assert "holds an earlier run" not in capsys.readouterr().err
+    assert (earlier / "manifest.json").read_text() == "{}"
