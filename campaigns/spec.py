@@ -10,7 +10,8 @@ any run starts, and a refusal names the file, the line and what is allowed.
     therapy: glucose                # a therapy of the registry (``twinloop therapies``)
     patients: [adults]              # the therapy's patients (default: its plant's default)
     controller: basal-bolus         # any controller of the therapy (default: its default)
-    days: 1                         # the therapy's own keys: glucose ``days``, knee ``cycles``
+    days: 1                         # the therapy's own keys: glucose ``days`` (1..365), knee
+                                    # ``cycles`` (1..10000)
     seeds: [0, 1, 2]
     twin: true
     defaults:                       # window of a fault that gives none (loop time unit;
