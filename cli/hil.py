@@ -130,7 +130,10 @@ def add_parser(sub: Any) -> None:
         "--time-scale", type=positive, default=60.0, help="wall seconds per simulated minute"
     )
     hil.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (240)")
-    hil.add_argument("--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS)")
+    hil.add_argument(
+        "--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS); must be new or empty"
+    )
+    hil.add_argument("--overwrite", action="store_true", help="replace an earlier run at --out")
     hil.add_argument(
         "--task", default="cyclic", help="knee-exo: cyclic (default), sit_to_stand, hold"
     )
@@ -276,9 +279,11 @@ def _emulate_drive(args: argparse.Namespace, stop: threading.Event) -> int:
 
 def hil_command(args: argparse.Namespace) -> int:
     """``twinloop hil``: the session of the therapy's rig (its HIL part)."""
-    from twinloop.cli.options import therapy_of
+    from twinloop.cli.options import claim_out, therapy_of
 
     therapy = therapy_of(args.therapy)
     if not therapy.has("hil") or not hasattr(therapy.part("hil"), "run_session"):
         raise ValueError(f"the {therapy.name} therapy has no HIL rig")
+    if args.out:
+        claim_out(args.out, overwrite=args.overwrite)
     return int(therapy.part("hil").run_session(args))
