@@ -135,6 +135,13 @@ def add_parser(sub: Any) -> None:
     )
     hil.add_argument("--overwrite", action="store_true", help="replace an earlier run at --out")
     hil.add_argument(
+        "--flush-every-min",
+        type=_flush_every_min,
+        default=None,
+        help="simulated minutes (knee-exo: minutes of the session) between flushes of the "
+        "recording to disk (1..1440, default 5): a killed session loses at most this much",
+    )
+    hil.add_argument(
         "--task", default="cyclic", help="knee-exo: cyclic (default), sit_to_stand, hold"
     )
     hil.add_argument(
@@ -156,6 +163,15 @@ def add_parser(sub: Any) -> None:
         help="pace the rig under SCHED_FIFO (needs CAP_SYS_NICE; says so when refused)",
     )
     hil.set_defaults(handler=hil_command)
+
+
+def _flush_every_min(value: str) -> int:
+    from twinloop.agents.recording import check_flush_every_min
+
+    try:
+        return check_flush_every_min(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not allowed: {exc}") from None
 
 
 def server_tls_context(certfile: str, keyfile: str, cafile: str) -> ssl.SSLContext:

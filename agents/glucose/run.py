@@ -12,7 +12,12 @@ from tqdm import tqdm
 
 from twinloop.agents.glucose.loop import LoopConfig, PatientLoop, run_together
 from twinloop.agents.placement import InlinePlacement, Placement, RayPatientsPlacement
-from twinloop.agents.recording import Columns, Recorder, column_listener
+from twinloop.agents.recording import (
+    DEFAULT_FLUSH_EVERY_MIN,
+    Columns,
+    Recorder,
+    column_listener,
+)
 from twinloop.plant.glucose.cohorts import find_patient
 from twinloop.plant.glucose.metrics import glucose_metrics
 from twinloop.plant.glucose.patients import PatientParameters, patient_key
@@ -128,6 +133,7 @@ def _run_patients_on_ray(
         for i, ref in enumerate(tqdm(refs, disable=not progress, desc="patients", leave=False)):
             columns, trace = ray.get(ref)
             recorder.merge(columns)  # in patient order: the recording is deterministic
+            recorder.flush()  # a finished patient is on disk at once
             bg[i] = trace
         complete = True
     finally:
@@ -145,6 +151,7 @@ def run_cohort(
     progress: bool = True,
     placement: Placement | None = None,
     parallel_patients: int | None = None,
+    flush_every_min: int = DEFAULT_FLUSH_EVERY_MIN,
 ) -> tuple[Path, dict[str, Any]]:
     """Run every patient's loop, record every channel, and return the directory and summary.
 
@@ -159,11 +166,13 @@ def run_cohort(
         placement: where agents run (default: inline).
         parallel_patients: patient loops driven together in lockstep, each round of their
             ticks one call per kind of agent (default: all of them).
+        flush_every_min: simulated minutes between flushes of the recording (a kill loses at
+            most this much; with lockstep groups, minutes are counted over the groups run;
+            with :class:`RayPatientsPlacement` a patient's rows are flushed when its loop ends).
 
     """
     patients = config.patient_table()
     models = config.model_table()  # every model readable before the run
-    recorder = Recorder(run_dir)
     seeds = [
         np.random.SeedSequence(config.seed, spawn_key=(patient_key(p.name),)) for p in patients
     ]
@@ -173,6 +182,12 @@ def run_cohort(
     config_dict = {"therapy": THERAPY, **dataclasses.asdict(config)}
     placement = placement or InlinePlacement()
     config_dict["placement"] = placement.name
+    recorder = Recorder(
+        run_dir,
+        config=config_dict,
+        flush_every_min=flush_every_min,
+        background=config.clock == "wall",  # a paced loop does not wait for the disk
+    )
 
     if isinstance(placement, RayPatientsPlacement):
         return _run_patients_on_ray(config, patients, seeds, recorder, config_dict, progress)
@@ -181,6 +196,7 @@ def run_cohort(
 
     def run_group(first: int, bar: tqdm) -> None:
         loops, traces = [], []
+        done = [0]  # patient-minutes of this group
         for i in range(first, min(first + group, len(patients))):
             loop = PatientLoop(
                 patients[i], config, np.random.default_rng(seeds[i]), model=models[i]
@@ -193,8 +209,15 @@ def run_cohort(
             )
             loops.append(loop)
             traces.append(trace)
+        offset_min = first // group * n_min
+
+        def progressed(n: int) -> None:
+            bar.update(n)
+            done[0] += n
+            recorder.advance(offset_min + done[0] / len(loops))
+
         try:
-            run_together(loops, progress=bar.update)
+            run_together(loops, progress=progressed)
         finally:
             for loop in loops:
                 loop.close()
