@@ -30,7 +30,9 @@ the SB3 vector env and writes its part of ``policy.json``:
 
 :func:`load_config` validates everything once and returns a :class:`TrainingConfig`;
 :func:`train` trains one policy per seed (in process, or as Ray tasks) and saves each in its
-own directory (``seed_<s>/``: ``model.zip``, ``policy.json``, ``checkpoints/``, ``tb/``).
+own directory (``seed_<s>/``: ``policy.pt`` and ``policy.json``, loaded without pickle;
+``model.zip``, SB3's archive to resume training, never loaded unless trusted; ``checkpoints/``,
+``tb/``).
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ from twinloop.policies.saved import (
     METADATA_FILE,
     METADATA_FORMAT,
     MODEL_FILE,
+    WEIGHTS_FILE,
     algorithm_class,
     twinloop_version,
+    write_weights,
 )
 
 #: Policies a flat feature vector can feed.
@@ -435,7 +439,7 @@ def policy_metadata(config: TrainingConfig, seed: int, timesteps: int) -> dict[s
         "policy": config.policy,
         "seed": seed,
         "timesteps": timesteps,
-        "model_file": MODEL_FILE,
+        "model_file": WEIGHTS_FILE,
         "config": config.source,
     }
 
@@ -483,8 +487,9 @@ def train_one(
         model.learn(total_timesteps=config.n_timesteps, callback=callbacks, tb_log_name="run")
     finally:
         model.logger.close()  # TensorBoard's writer thread ends with it
-    model.save(str(out / MODEL_FILE))
+    model.save(str(out / MODEL_FILE))  # to resume training; loading uses the weights
     meta = policy_metadata(config, seed, int(model.num_timesteps))
+    write_weights(model.policy, config.algorithm, out, meta)
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     env.close()
     return TrainResult(seed, str(out), int(model.num_timesteps), time.perf_counter() - started)

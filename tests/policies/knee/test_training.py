@@ -429,7 +429,7 @@ def _episode(preset: str, controller: Any, seed: int) -> float:
 
 def test_the_committed_knee_policy_loads_and_tracks_better_than_impedance() -> None:
     ctrl = load_exo_policy(COMMITTED, control_hz=100)
-    assert sorted(p.name for p in COMMITTED.iterdir()) == ["model.zip", "policy.json"]
+    assert sorted(p.name for p in COMMITTED.iterdir()) == ["policy.json", "policy.pt"]
     shipped = yaml.safe_load(shipped_config("knee_sac.yaml").read_text())
     assert ctrl.metadata["config"] == shipped[plant.KNEE_EXO_ID]  # trained from it
     for preset in ("mild", "moderate"):
