@@ -169,9 +169,9 @@ class CarbCountingError:
             isinstance(m, bool)
             or not isinstance(m, int | float | np.integer | np.floating)
             or not math.isfinite(float(m))
-            or m < 0
+            or not 0 <= m <= 1
         ):
-            raise ConfigError("magnitude", m, "a finite fraction >= 0")
+            raise ConfigError("magnitude", m, "a finite fraction from 0 to 1")
         if self.kind == "none" and m != 0:
             raise ConfigError("magnitude", m, "0 when kind='none'")
         object.__setattr__(self, "magnitude", float(m))
@@ -270,9 +270,17 @@ class MealScenario(Protocol):
         ...
 
 
+#: Most days a scenario is drawn for (ten years).
+MAX_SCENARIO_DAYS = 3650
+
+
 def _check_run(days: int, start_min: int) -> None:
-    if isinstance(days, bool) or not isinstance(days, int | np.integer) or days < 1:
-        raise ConfigError("days", days, "an int >= 1")
+    if (
+        isinstance(days, bool)
+        or not isinstance(days, int | np.integer)
+        or not 1 <= days <= MAX_SCENARIO_DAYS
+    ):
+        raise ConfigError("days", days, f"an int from 1 to {MAX_SCENARIO_DAYS}")
     if (
         isinstance(start_min, bool)
         or not isinstance(start_min, int | np.integer)

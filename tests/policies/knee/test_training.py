@@ -247,7 +247,7 @@ def test_the_policy_torque_is_model_predict_on_the_envs_own_observation(saved: P
         obs, _, term, trunc, info = env.step(a)
         if term or trunc:
             obs, info = env.reset()
-    assert isinstance(ctrl.model.policy.actor.features_extractor, KneeObservationScaler)
+    assert isinstance(ctrl.model.actor.features_extractor, KneeObservationScaler)
 
 
 def test_inputs_are_clipped_like_the_env_and_missing_ones_handled(saved: Path) -> None:
