@@ -137,7 +137,7 @@ def _file_cases(
             needle,
             id=f"{command('X')[0]}-{kind}",
             marks=(marks or {}).get(kind, ()),
-        )  # fmt: skip
+        )
         for kind in kinds
     ]
 
@@ -170,7 +170,7 @@ FILE_CASES = [
         MAX_CONFIG_BYTES,
         yaml=True,
         skip=("wrong-types", "huge-counts"),
-    ),  # fmt: skip
+    ),
     *_file_cases(lambda f: ["train", f], ".yaml", MAX_CONFIG_BYTES, yaml=True),
     *_file_cases(
         lambda f: ["simulate", "--patient", "adult#001", "--inputs", f, "--out", f + ".out.csv"],
@@ -204,7 +204,7 @@ FILE_CASES = [
         ".parquet",
         MAX_LOG_BYTES,
         yaml=False,
-    ),  # fmt: skip
+    ),
     *_file_cases(
         lambda f: ["campaign", f, "--inline", "--no-progress"],
         ".yaml",

@@ -347,6 +347,9 @@ def test_missing_files_and_another_control_rate_are_refused(saved: Path, tmp_pat
     with pytest.raises(PolicyConfigError, match=r"control_hz=100.*200 Hz"):
         load_exo_policy(saved, control_hz=200)
     d = copy_of(saved, tmp_path)
+    (d / "policy.pt").unlink()  # the SB3 archive alone needs pickle: refused unless trusted
+    with pytest.raises(PolicyConfigError, match="needs pickle"):
+        load_exo_policy(d)
     (d / "model.zip").unlink()
     with pytest.raises(PolicyConfigError, match="missing"):
         load_exo_policy(d)
