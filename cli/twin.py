@@ -298,7 +298,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, float]:
         ("cr", "carb_ratio_g_per_u"),
         ("cf", "correction_factor_mg_dl_per_u"),
     ):
-        v = getattr(args, arg)
+        v = getattr(args, arg, None)
         if v is not None:
             out[key] = float(v)
             if key in THERAPY_LIMITS:
@@ -562,6 +562,7 @@ def _main_replay(args: argparse.Namespace) -> int:
     from twinloop.twins.person import ReplayTherapy, replay, trajectory_table
     from twinloop.twins.replay import RescueRule
 
+    _overrides(args)  # the settings' ranges, naming the options
     therapy = ReplayTherapy(
         controller=args.controller,
         basal_scale=args.basal_scale,

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(30)
 
 #: Values no count, duration, size, seed or scale accepts.
 NOT_NUMBERS = ("nan", "inf", "-inf", "abc", "")
-HUGE = ("1e9", "1e308")
+HUGE = ("1000000000", "1e308")
 
 
 def _run(argv: list[str]) -> tuple[int, str]:
@@ -235,3 +235,158 @@ def test_a_hostile_file_is_refused_naming_it(
     # /dev/zero where it may be read forever: in a child process with bounded memory and time
     child = kind == "dev-zero" and argv[0] == "campaign"
     assert_refused(argv, needle(path) if needle else name, child=child)
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers: each count, duration, size, seed and scale × values outside its documented range
+
+#: (command line before the option, option, values it must refuse, marks by value).
+NUMERIC: list[tuple[list[str], str, tuple[str, ...], dict[str, pytest.MarkDecorator]]] = []
+
+
+def _seed(base: list[str], marks: dict[str, pytest.MarkDecorator] | None = None) -> None:
+    """A seed refuses what is not an integer from 0 to 2**32 - 1."""
+    NUMERIC.append(
+        (base, "--seed", ("-1", "4294967296", "1e308", *NOT_NUMBERS, "1.5"), marks or {})
+    )
+
+
+def _numeric(
+    base: list[str],
+    option: str,
+    extra: tuple[str, ...] = (),
+    *,
+    zero: bool = True,
+    negative: bool = True,
+    marks: dict[str, pytest.MarkDecorator] | None = None,
+) -> None:
+    values = (("-1",) if negative else ()) + (("0",) if zero else ()) + HUGE + NOT_NUMBERS + extra
+    NUMERIC.append((base, option, values, marks or {}))
+
+
+_POP = ["population", "sample", "--out", "{tmp}/pop.parquet"]
+_numeric([*_POP, "--seed", "0"], "--n", ("10001", "1.5"))
+_seed([*_POP, "--n", "1"])
+_SIM = ["simulate", "--patient", "adult#001"]
+_numeric(_SIM, "--days", ("366", "2.5"))
+_seed(_SIM)
+_numeric(_SIM, "--carb-error", ("1.5",), zero=False)
+_REPLAY = [*_SIM, "--inputs", "{tmp}/none.csv", "--out", "{tmp}/o.csv"]
+_numeric(_REPLAY, "--eat-rate", ("101",))
+_numeric(_REPLAY, "--start", ("24:00", "12:60", "-1:00", "7"), zero=False)
+_FIT = ["twin", "fit", "{tmp}/none.csv", "--out", "{tmp}/t.yaml"]
+_numeric(_FIT, "--fit-days", ("3651",))
+_numeric(_FIT, "--validate-days", ("3651",), zero=False)
+_numeric(_FIT, "--profile-blocks", ("49", "1.5"), zero=False)
+_numeric(_FIT, "--body-weight-kg", ("401",))
+_numeric(_FIT, "--basal-u-per-h", ("36",), zero=False)
+_numeric(_FIT, "--cr", ("201",))
+_numeric(_FIT, "--cf", ("1001",))
+_numeric([*_FIT, "--each"], "--workers", ("1025",))
+_TREPLAY = ["twin", "replay", "{tmp}/none.yaml", "{tmp}/none.csv"]
+_numeric(_TREPLAY, "--draws", ("10001", "2.5"))
+_seed(_TREPLAY)
+_numeric(_TREPLAY, "--from-day", ("3651",), zero=False)
+_numeric(_TREPLAY, "--days", ("3651",))
+_numeric(_TREPLAY, "--basal-scale", ("11",), zero=False)
+_numeric(_TREPLAY, "--basal-u-per-h", (), zero=False, negative=False)
+_numeric(_TREPLAY, "--cr", (), zero=False, negative=False)
+_numeric(_TREPLAY, "--cf", (), zero=False, negative=False)
+_SYNTH = ["twin", "synth", "--patient", "adult#001", "--out", "{tmp}/s.csv"]
+_numeric(_SYNTH, "--days", ("366",))
+_seed(_SYNTH)
+_numeric(_SYNTH, "--carb-error", ("1.5",), zero=False)
+_INDIV = ["twin", "individualize", "--patient", "adult#001", "--out", "{tmp}/tw", "--inline"]
+_numeric(_INDIV, "--days", ("366",))
+_seed(_INDIV)
+_numeric(_INDIV, "--workers", ("1025",))
+_TRAIN = ["train", "{tmp}/none.yaml"]
+_numeric(_TRAIN, "--workers", ("1025",))
+NUMERIC.append((_TRAIN, "--timesteps", ("-1", "0", "1e11", "1e308", *NOT_NUMBERS, "2.5"), {}))
+_seed(_TRAIN)
+
+# Other engineers' commands: the values their parsers refuse today, and the rest marked.
+# an accepted value fails later on the unknown patient or cohort, fast, without naming it
+_RUN = ["run", "--placement", "inline", "--patient", "adult#999", "--no-progress",
+        "--out", "{tmp}/run"]  # fmt: skip
+_RUN_DAYS = _xfail(
+    "cli/run.py (not this branch's): --days has no upper bound; 1e9 days ends in a MemoryError "
+    "traceback (allocating 10 TiB)"
+)
+_numeric(_RUN, "--days", ("2.5",), marks={"1000000000": _RUN_DAYS})
+_seed(_RUN)
+_RUN_SCALE = _xfail(
+    "cli/run.py (not this branch's): --time-scale has no upper bound; a huge scale ends in an "
+    "OverflowError traceback (timestamp out of range for time_t)"
+)
+_numeric(
+    [*_RUN, "--clock", "wall"],
+    "--time-scale",
+    (),
+    marks={"1000000000": _RUN_SCALE, "1e308": _RUN_SCALE, "inf": _RUN_SCALE},
+)
+_RUN_BOUND = _xfail("cli/run.py (not this branch's): no upper bound (10^9 accepted)")
+_numeric(_RUN, "--refit-every-days", ("2.5",), zero=False, marks={"1000000000": _RUN_BOUND})
+_numeric(_RUN, "--parallel-patients", ("2.5",), marks={"1000000000": _RUN_BOUND})
+_EVAL = ["evaluate", "--controller", "basal-bolus", "--inline", "--no-progress",
+         "--cohort", "nosuch", "--out", "{tmp}/ev"]  # fmt: skip
+_EVAL_DAYS = _xfail(
+    "cli/evaluate.py (not this branch's): --days has no upper bound (1e9 accepted; the run "
+    "then fails on memory)"
+)
+_numeric(_EVAL, "--days", ("2.5",), marks={"1000000000": _EVAL_DAYS})
+_EVAL_WORKERS = _xfail("cli/evaluate.py (not this branch's): --workers has no upper bound")
+_numeric(_EVAL, "--workers", ("2.5",), marks={"1000000000": _EVAL_WORKERS})
+_EVAL_SEED = _xfail(
+    "cli/evaluate.py (not this branch's): an empty --seed and seeds >= 2**32 are accepted"
+)
+_seed(_EVAL, marks={"": _EVAL_SEED, "4294967296": _EVAL_SEED})
+_CAMPAIGN = ["campaign", "{tmp}/none.yaml", "--inline", "--no-progress"]
+_CAMPAIGN_WORKERS = _xfail(
+    "cli/campaign.py (not this branch's): --workers is a bare int (-1 and 0 are accepted; with "
+    "a real spec -1 runs the campaign)"
+)
+_numeric(
+    _CAMPAIGN,
+    "--workers",
+    (),
+    marks={"-1": _CAMPAIGN_WORKERS, "0": _CAMPAIGN_WORKERS, "1000000000": _CAMPAIGN_WORKERS},
+)
+_EMULATE = ["emulate", "pump"]
+_EMU_SCALE = _xfail(
+    "cli/hil.py (not this branch's): emulate --time-scale has no upper bound (1e9, 1e308 "
+    "accepted; the issue's 'emulate --time-scale inf' is refused now by options.positive)"
+)
+_numeric(_EMULATE, "--time-scale", (), marks={"1000000000": _EMU_SCALE, "1e308": _EMU_SCALE})
+_seed(_EMULATE)
+_EMU_BAUD = _xfail(
+    "cli/hil.py (not this branch's): emulate --baudrate is a bare int (-1, 0, 10^9 accepted)"
+)
+_numeric(
+    _EMULATE, "--baudrate", (), marks={"-1": _EMU_BAUD, "0": _EMU_BAUD, "1000000000": _EMU_BAUD}
+)
+_HIL = ["hil"]
+_HIL_LATE = _xfail(
+    "cli/hil.py (not this branch's): this value passes the parser (a bare int or an unbounded "
+    "number) and is refused, if at all, after the device options"
+)
+for _option in ("--minutes", "--control-hz", "--watchdog-ms"):
+    _numeric(_HIL, _option, (), marks={"-1": _HIL_LATE, "0": _HIL_LATE, "1000000000": _HIL_LATE})
+_numeric(_HIL, "--time-scale", (), marks={"1000000000": _HIL_LATE, "1e308": _HIL_LATE})
+_numeric(_HIL, "--seconds", (), marks={"1000000000": _HIL_LATE, "1e308": _HIL_LATE})
+
+NUMERIC_CASES = [
+    pytest.param(
+        base, option, value, id=f"{' '.join(base[:2])} {option}={value}", marks=marks.get(value, ())
+    )
+    for base, option, values, marks in NUMERIC
+    for value in values
+]
+
+
+@pytest.mark.parametrize(("base", "option", "value"), NUMERIC_CASES)
+def test_a_number_outside_its_range_is_refused_naming_the_option(
+    tmp_path: Path, base: list[str], option: str, value: str
+) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in base] + [f"{option}={value}"]
+    assert_refused(argv, option)
