@@ -41,6 +41,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from twinloop.limits import InputLimitError, check_file, read_text
 from twinloop.policies.errors import PolicyConfigError
 
 __all__ = [
@@ -213,16 +214,10 @@ def read_metadata_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     meta_path, _ = policy_paths(path)
     try:
-        if meta_path.is_file() and meta_path.stat().st_size > MAX_METADATA_BYTES:
-            raise PolicyConfigError(
-                f"policy {path}: {meta_path} is larger than {MAX_METADATA_BYTES} bytes"
-            )
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PolicyConfigError(
-            f"policy {path}: cannot read {meta_path} ({exc.strerror or exc})"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        meta = json.loads(read_text(meta_path, MAX_METADATA_BYTES))
+    except InputLimitError as exc:
+        raise PolicyConfigError(f"policy {path}: {exc}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise PolicyConfigError(f"policy {path}: {meta_path} is not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
         raise PolicyConfigError(
@@ -423,10 +418,10 @@ def load_safe_policy(
     kwargs.update({k: v for k, v in overrides.items() if k != "net_arch"})
     observation = _space(net.get("observation_space"), f"policy {label}: network.observation_space")
     action = _space(net.get("action_space"), f"policy {label}: network.action_space")
-    if weights_path.stat().st_size > MAX_WEIGHTS_BYTES:
-        raise PolicyConfigError(
-            f"policy {label}: {weights_path} is larger than {MAX_WEIGHTS_BYTES} bytes"
-        )
+    try:
+        check_file(weights_path, MAX_WEIGHTS_BYTES)
+    except InputLimitError as exc:
+        raise PolicyConfigError(f"policy {label}: {exc}") from None
     try:
         policy = cls(observation, action, lambda _: 0.0, **kwargs)
     except Exception as exc:  # a constructor argument SB3 refuses

@@ -289,6 +289,13 @@ def _check_hyperparameters(
             f"unknown hyperparameter(s) of {algorithm}: {', '.join(unknown)}; {cls.__name__} "
             f"takes {', '.join(allowed)} (and twinloop's keys {', '.join(twinloop_keys)})"
         )
+    for key, value in params.items():
+        default = signature[key].default
+        schedule = isinstance(value, str) and value.startswith("lin_")
+        numeric = isinstance(default, int | float) and not isinstance(default, bool)
+        if numeric and key not in HYPERPARAMETER_RANGES and not schedule:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise PolicyConfigError(f"{key}: {value!r} is not allowed: a number")
     for key, (low, high) in HYPERPARAMETER_RANGES.items():
         if key in params and not (key == "train_freq" and isinstance(params[key], list)):
             int_field(key, params[key], low, high)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 
 #: Bound of a case run in a child process (one that would read forever in this one), s.
-SUBPROCESS_TIMEOUT_S = 20
+SUBPROCESS_TIMEOUT_S = 10
 #: Address-space limit of that child, KiB (a runaway read fails instead of swapping).
 SUBPROCESS_MEMORY_KIB = 3_000_000
 
@@ -390,3 +391,328 @@ def test_a_number_outside_its_range_is_refused_naming_the_option(
 ) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in base] + [f"{option}={value}"]
     assert_refused(argv, option)
+
+
+# --------------------------------------------------------------------------------------------
+# Logs: records with extreme timestamps and durations are dropped by field, never expanded
+
+
+def _treatments(**record: object) -> str:
+    base = {"eventType": "Combo Bolus", "created_at": "2026-01-01T08:00:00Z", "insulin": 1.0}
+    return json.dumps([{**base, **record}])
+
+
+def _entries(**record: object) -> str:
+    return json.dumps([{"type": "sgv", "sgv": 120, **record}])
+
+
+#: (id, file name, content, the field the import report names).
+LOG_RECORDS = [
+    ("combo-duration-1e9", "treatments.json", _treatments(relative=1, duration=1e9), "duration"),
+    ("combo-duration-1e308", "treatments.json", _treatments(relative=1, duration=1e308),
+     "duration"),
+    ("combo-duration-ms-1e18", "treatments.json",
+     _treatments(relative=1, durationInMilliseconds=1e18), "durationInMilliseconds"),
+    ("temp-basal-duration-1e9", "treatments.json",
+     _treatments(eventType="Temp Basal", absolute=1.0, duration=1e9), "duration"),
+    ("suspend-duration-1e12", "treatments.json",
+     _treatments(eventType="Suspend Pump", duration=1e12), "duration"),
+    ("treatment-year-1", "treatments.json", _treatments(created_at="0001-01-01T00:00:00Z"),
+     "created_at"),
+    ("treatment-year-9999", "treatments.json", _treatments(created_at="9999-12-31T23:59:59Z"),
+     "created_at"),
+    ("treatment-ms-1e20", "treatments.json", _treatments(created_at=None, mills=1e20), "mills"),
+    ("treatment-ms-negative", "treatments.json", _treatments(created_at=None, mills=-1e15),
+     "mills"),
+    ("entry-year-1", "entries.json", _entries(dateString="0001-01-01T00:00:00Z"), "dateString"),
+    ("entry-ms-1e300", "entries.json", _entries(date=1e300), "date"),
+    ("entry-ms-year-1", "entries.json", _entries(date=-62135596800000), "date"),
+    ("entry-year-9999-offset", "entries.json", _entries(dateString="9999-12-31T23:59:59-23:59"),
+     "dateString"),
+    ("csv-year-1", "log.csv", "time,cgm_mg_dl\n0001-01-01T00:00:00+00:00,120\n", "time"),
+    ("csv-year-9999", "log.csv", "time,cgm_mg_dl\n9999-12-31T23:59:59-23:59,120\n", "time"),
+    ("csv-year-2101", "log.csv", "time,cgm_mg_dl\n2101-01-01T00:00:00+00:00,120\n", "time"),
+    ("json-nested", "treatments.json", "[" * 100_000 + "]" * 100_000, "nested"),
+    ("json-not-a-list", "entries.json", '"hello"', "entries.json"),
+    ("csv-nul", "log.csv", "time,cgm_mg_dl\n2026-01-01T00:00:00Z,1\x0020\n", "log.csv"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "field"),
+    [pytest.param(n, c, f, id=i) for i, n, c, f in LOG_RECORDS],
+)
+def test_a_hostile_log_record_is_dropped_or_refused_naming_its_field(
+    tmp_path: Path, name: str, content: str, field: str
+) -> None:
+    path = _write(tmp_path / name, content)
+    assert_refused(["twin", "fit", str(path), "--out", str(tmp_path / "t.yaml")], field)
+
+
+def test_a_combo_bolus_of_a_billion_minutes_is_dropped_not_expanded(tmp_path: Path) -> None:
+    from twinloop.twins.logs import read_log
+
+    path = _write(tmp_path / "treatments.json", _treatments(relative=1, duration=1e9))
+    log = read_log(path)
+    assert log.table.num_rows == 1  # the immediate 1 U bolus only, not 2 * 10^8 boluses
+    (issue,) = [i for i in log.report.issues if i.column == "duration"]
+    assert "longer than" in issue.problem and issue.action.startswith("dropped")
+
+
+# --------------------------------------------------------------------------------------------
+# Config values: counts and sizes in YAML files, refused by key before anything is allocated
+
+
+def _train_config(**settings: object) -> str:
+    base: dict[str, object] = {"algorithm": "ppo", "n_envs": 1, "n_timesteps": 64}
+    return json.dumps({"twinloop/T1D-v0": {**base, **settings}})
+
+
+TRAIN_VALUES = [
+    ("n_envs", 100_000_000), ("n_envs", 0), ("n_envs", -1), ("n_envs", 1e308), ("n_envs", "8"),
+    ("n_envs", 2.5), ("n_envs", True), ("n_timesteps", 10**11), ("n_timesteps", 0),
+    ("n_timesteps", float("nan")), ("checkpoint_freq", -1), ("checkpoint_freq", 10**11),
+    ("torch_threads", 100_000), ("torch_threads", 0), ("seeds", [-1]), ("seeds", [2**32]),
+    ("seeds", list(range(1001))), ("seeds", []), ("seeds", "abc"), ("n_steps", 10**9),
+    ("n_steps", 0), ("batch_size", 10**9), ("n_epochs", 10**6), ("learning_rate", float("inf")),
+    ("learning_rate", "abc"), ("gamma", float("nan")), ("policy_kwargs", "dict(a=1)"),
+    ("policy_kwargs", {"activation_fn": "os.system"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [pytest.param(k, v, id=f"{k}={str(v)[:20]}") for k, v in TRAIN_VALUES]
+)
+def test_a_train_config_value_out_of_range_is_refused_naming_its_key(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    path = _write(tmp_path / "train.yaml", _train_config(**{key: value}))
+    assert_refused(["train", str(path), "--no-progress"], key)
+
+
+def test_sac_buffer_and_rollout_sizes_are_bounded(tmp_path: Path) -> None:
+    sac = _write(tmp_path / "sac.yaml", _train_config(algorithm="sac", buffer_size=10**9))
+    assert_refused(["train", str(sac)], "buffer_size")
+    rollout = _write(tmp_path / "ppo.yaml", _train_config(n_envs=1024, n_steps=100_000))
+    assert_refused(["train", str(rollout)], "n_steps")
+
+
+RUN_CONFIG_VALUES = [
+    ("days", 1_000_000_000), ("days", "abc"), ("days", [1]), ("seed", -1), ("seed", 2**64),
+    ("seed", "x"), ("time_scale", ".inf"), ("time_scale", -1), ("refit_every_days", -1),
+    ("parallel_patients", 0), ("no_such_key", 1),
+]  # fmt: skip
+_RUN_CONFIG_BOUND = _xfail(
+    "cli/run.py (not this branch's): a --config days/seed without an upper bound, and "
+    "time_scale: .inf, are accepted (the run then fails on memory, numpy's seed range or the "
+    "clock without naming the key)"
+)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        pytest.param(k, v, id=f"{k}={v}",
+                     marks=_RUN_CONFIG_BOUND if (k, v) in (("days", 1_000_000_000),
+                                                           ("seed", 2**64), ("time_scale", ".inf")) else ())
+        for k, v in RUN_CONFIG_VALUES
+    ],
+)  # fmt: skip
+def test_a_run_config_value_out_of_range_is_refused_naming_its_key(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    text = f"{key}: {value}\n"
+    path = _write(tmp_path / "run.yaml", text)
+    argv = ["run", "--config", str(path), "--placement", "inline", "--patient", "adult#999",
+            "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert_refused(argv, key.replace("_", "-") if key != "no_such_key" else key)
+
+
+# --------------------------------------------------------------------------------------------
+# Campaign specs (campaigns/, another engineer's): counts, durations, names
+
+
+_SPEC = """name: {name}
+therapy: glucose
+patients: [adult#001]
+controller: basal-bolus
+days: {days}
+seeds: {seeds}
+defaults: {{start: 360, duration: 240}}
+scenarios:
+  - name: s
+    faults:
+      - {{fault: bias, channel: sensor->controller, start: 420, duration: {duration},
+         params: {{offset: 80}}}}
+{extra}"""
+
+
+def _spec(**fields: object) -> str:
+    values: dict[str, object] = {"name": "h", "days": 1, "seeds": "[0]", "duration": 30,
+                                 "extra": ""}  # fmt: skip
+    return _SPEC.format(**{**values, **fields})
+
+
+_CAMPAIGN_COUNT = _xfail(
+    "campaigns/spec.py (not this branch's): random.count has no upper bound; 10^8 hangs "
+    "(scenarios are generated until the timeout) instead of a refusal naming random.count"
+)
+_CAMPAIGN_DAYS = _xfail(
+    "campaigns (not this branch's): days: 1000000000 is accepted; every run errors and the "
+    "campaign still prints verdict PASS and exits 0"
+)
+_CAMPAIGN_NAME = _xfail(
+    "campaigns/spec.py (not this branch's): name: ../../x is accepted as a campaign name"
+)
+SPEC_CASES = [
+    pytest.param(_spec(extra="random: {count: 100000000, faults: [stuck]}\n"), "count", True,
+                 id="random.count=1e8", marks=_CAMPAIGN_COUNT),
+    pytest.param(_spec(days=1_000_000_000), "days", False, id="days=1e9", marks=_CAMPAIGN_DAYS),
+    pytest.param(_spec(days="1e308"), "days", False, id="days=1e308"),
+    pytest.param(_spec(days=-1), "days", False, id="days=-1"),
+    pytest.param(_spec(days="abc"), "days", False, id="days=abc"),
+    pytest.param(_spec(seeds="[-1]"), "seeds", False, id="seeds=-1"),
+    pytest.param(_spec(seeds="abc"), "seeds", False, id="seeds=abc"),
+    pytest.param(_spec(duration="1e300"), "duration", False, id="duration=1e300"),
+    pytest.param(_spec(duration="-5"), "duration", False, id="duration=-5"),
+    pytest.param(_spec(duration=".nan"), "duration", False, id="duration=nan", marks=_xfail(
+        "campaigns/spec.py (not this branch's): a fault duration of .nan is accepted")),
+    pytest.param(_spec(name="../../x"), "name", False, id="name=../../x", marks=_CAMPAIGN_NAME),
+    pytest.param(_spec(extra="random: {count: -1, faults: [stuck]}\n"), "count", False,
+                 id="random.count=-1", marks=_xfail(
+                     "campaigns/spec.py (not this branch's): random.count: -1 is accepted")),
+    pytest.param(_spec(extra="random: {count: abc, faults: [stuck]}\n"), "count", False,
+                 id="random.count=abc", marks=_xfail(
+                     "campaigns/spec.py (not this branch's): random.count: abc ends in "
+                     "int()'s ValueError text without the key")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "field", "child"), SPEC_CASES)
+def test_a_campaign_spec_value_out_of_range_is_refused_naming_its_field(
+    tmp_path: Path, text: str, field: str, child: bool
+) -> None:
+    path = _write(tmp_path / "spec.yaml", text)
+    argv = ["campaign", str(path), "--inline", "--no-progress", "--out", str(tmp_path / "c")]
+    assert_refused(argv, field, child=child)
+
+
+# --------------------------------------------------------------------------------------------
+# Device profiles (hw_bridge/, another engineer's): hostile files through `twinloop hil`,
+# unsafe contents through the loader (the CLI would connect to the device next)
+
+
+PROFILE_FILE_CASES = [
+    *_file_cases(
+        lambda f: ["hil", "--profile", f, "--cgm-port", f + ".no-port", "--minutes", "1",
+                   "--out", f + ".hil"], ".yaml", MAX_CONFIG_BYTES, yaml=True,
+        skip=("wrong-types", "huge-counts"),
+        marks={k: _xfail("hw_bridge/profile.py (not this branch's): load_profile reads the "
+                         "file without a size or type check; binary/UTF-16 give the codec's "
+                         "text without the file, /dev/zero is read forever")
+               for k in ("binary", "utf16", "dev-zero")},
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("command", "suffix", "cap", "kind", "needle"), PROFILE_FILE_CASES)
+def test_a_hostile_profile_file_is_refused_naming_it(
+    tmp_path: Path,
+    command: Callable[[str], list[str]],
+    suffix: str,
+    cap: int,
+    kind: str,
+    needle: Callable[[str], str] | None,
+) -> None:
+    path = _materialise(tmp_path, suffix, cap, kind)
+    name = path if kind in FILES else Path(path).name
+    assert_refused(command(path), name, child=kind == "dev-zero")
+
+
+def _profile(edit: Callable[[str], str]) -> str:
+    from importlib import resources
+
+    shipped = resources.files("twinloop.hw_bridge").joinpath("profiles/insulin_pump_tcp.yaml")
+    return edit(shipped.read_text(encoding="utf-8"))
+
+
+_UNSAFE_PROFILE = _xfail(
+    "hw_bridge/profile.py (not this branch's, issue item 3): an unsafe profile is accepted"
+)
+PROFILE_CONTENT = [
+    ("safe-state-bolus", lambda t: t.replace("safe_state:\n",
+     "safe_state:\n  - {register: bolus_u, value: 25}\n", 1), "safe_state", _UNSAFE_PROFILE),
+    ("safe-state-empty", lambda t: t[: t.index("safe_state:")] + "safe_state: []\n",
+     "safe_state", _UNSAFE_PROFILE),
+    ("bolus-limit-1000", lambda t: t.replace("minimum: 0, maximum: 25, channel: bolus_u",
+     "minimum: 0, maximum: 1000, channel: bolus_u"), "bolus_u", _UNSAFE_PROFILE),
+    ("port-70000", lambda t: t.replace("port: 5020", "port: 70000"), "port", ()),
+    ("timeout-inf", lambda t: t.replace("timeout_s: 0.5", "timeout_s: .inf"), "timeout_s", ()),
+    ("retries-1e9", lambda t: t.replace("retries: 2", "retries: 1000000000"), "retries", ()),
+    ("address-negative", lambda t: t.replace("address: 0, dtype: float32",
+     "address: -1, dtype: float32", 1), "address", ()),
+    ("maximum-nan", lambda t: t.replace("maximum: 35, channel: basal_u_per_h",
+     "maximum: .nan, channel: basal_u_per_h"), "maximum", ()),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [pytest.param(e, f, id=i, marks=m) for i, e, f, m in PROFILE_CONTENT],
+)
+def test_an_unsafe_or_out_of_range_profile_is_refused_by_field(
+    tmp_path: Path, edit: Callable[[str], str], field: str
+) -> None:
+    from twinloop.hw_bridge.profile import load_profile
+
+    path = _write(tmp_path / "pump.yaml", _profile(edit))
+    with pytest.raises(ValueError, match=field) as err:
+        load_profile(path)
+    assert str(path) in str(err.value) or "insulin_pump" in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Saved policies: hostile policy.json / weights behind --controller policy:DIR
+
+
+def _policy(tmp_path: Path, kind: str) -> Path:
+    import shutil
+
+    from twinloop.policies.saved import shipped_policies
+
+    d = tmp_path / "policy"
+    shutil.copytree(shipped_policies()["t1d_ppo"], d)
+    meta, weights = d / "policy.json", d / "policy.pt"
+    if kind == "json-binary":
+        _write(meta, b"\x89PNG\x00\x01")
+    elif kind == "json-utf16":
+        _write(meta, '{"format": "twinloop-policy"}'.encode("utf-16"))
+    elif kind == "json-huge":
+        _sparse(meta, 2 * 1024 * 1024)
+    elif kind == "json-dev-zero":
+        meta.unlink()
+        meta.symlink_to("/dev/zero")
+    elif kind == "json-nested":
+        _write(meta, "[" * 100_000 + "]" * 100_000)
+    elif kind == "weights-dev-zero":
+        weights.unlink()
+        weights.symlink_to("/dev/zero")
+    elif kind == "weights-garbage":
+        _write(weights, b"PK\x03\x04garbage")
+    elif kind == "network-huge-space":
+        data = json.loads(meta.read_text())
+        data["network"]["observation_space"]["shape"] = [10**9]
+        meta.write_text(json.dumps(data))
+    return d
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["json-binary", "json-utf16", "json-huge", "json-dev-zero", "json-nested", "weights-dev-zero",
+     "weights-garbage", "network-huge-space"],
+)  # fmt: skip
+def test_a_hostile_saved_policy_is_refused_naming_it(tmp_path: Path, kind: str) -> None:
+    d = _policy(tmp_path, kind)
+    argv = ["run", "--placement", "inline", "--patient", "adult#001", "--days", "1",
+            "--no-progress", "--controller", f"policy:{d}", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert_refused(argv, str(d))
