@@ -293,9 +293,9 @@ def _check_hyperparameters(
         default = signature[key].default
         schedule = isinstance(value, str) and value.startswith("lin_")
         numeric = isinstance(default, int | float) and not isinstance(default, bool)
-        if numeric and key not in HYPERPARAMETER_RANGES and not schedule:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise PolicyConfigError(f"{key}: {value!r} is not allowed: a number")
+        wrong = isinstance(value, bool) or not isinstance(value, int | float)
+        if numeric and key not in HYPERPARAMETER_RANGES and not schedule and wrong:
+            raise PolicyConfigError(f"{key}: {value!r} is not allowed: a number")
     for key, (low, high) in HYPERPARAMETER_RANGES.items():
         if key in params and not (key == "train_freq" and isinstance(params[key], list)):
             int_field(key, params[key], low, high)

@@ -509,15 +509,18 @@ _RUN_CONFIG_BOUND = _xfail(
 )
 
 
+_RUN_CONFIG_ACCEPTED = (("days", 1_000_000_000), ("seed", 2**64), ("time_scale", ".inf"))
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        pytest.param(k, v, id=f"{k}={v}",
-                     marks=_RUN_CONFIG_BOUND if (k, v) in (("days", 1_000_000_000),
-                                                           ("seed", 2**64), ("time_scale", ".inf")) else ())
+        pytest.param(
+            k, v, id=f"{k}={v}", marks=_RUN_CONFIG_BOUND if (k, v) in _RUN_CONFIG_ACCEPTED else ()
+        )
         for k, v in RUN_CONFIG_VALUES
     ],
-)  # fmt: skip
+)
 def test_a_run_config_value_out_of_range_is_refused_naming_its_key(
     tmp_path: Path, key: str, value: object
 ) -> None:
@@ -714,5 +717,6 @@ def _policy(tmp_path: Path, kind: str) -> Path:
 def test_a_hostile_saved_policy_is_refused_naming_it(tmp_path: Path, kind: str) -> None:
     d = _policy(tmp_path, kind)
     argv = ["run", "--placement", "inline", "--patient", "adult#001", "--days", "1",
-            "--no-progress", "--controller", f"policy:{d}", "--out", str(tmp_path / "run")]  # fmt: skip
+            "--no-progress", "--controller", f"policy:{d}",
+            "--out", str(tmp_path / "run")]  # fmt: skip
     assert_refused(argv, str(d))
