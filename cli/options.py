@@ -50,14 +50,30 @@ def count(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def add_count(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    low: int,
+    high: int,
+    text: str,
+    default: int | None = None,
+    default_text: str | None = None,
+) -> None:
+    """``flag``: an integer from ``low`` to ``high``, its range and default in the help."""
+    shown = default_text or ("" if default is None else f"default {default}")
+    parser.add_argument(
+        flag,
+        type=count(low, high),
+        default=default,
+        help=f"{text}, {low} to {high}" + (f" ({shown})" if shown else ""),
+    )
+
+
 def number(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
     """An option type: a finite number from ``low`` to ``high`` (``> low`` with ``low_open``)."""
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        value = _float(text)
         inside = (value > low if low_open else value >= low) and value <= high
         if not math.isfinite(value) or not inside:
             lo = f"> {low:g}" if low_open else f">= {low:g}"
@@ -68,12 +84,16 @@ def number(low: float, high: float, *, low_open: bool = False) -> Callable[[str]
     return parse
 
 
-def finite(text: str) -> float:
-    """A finite number (its range is checked where its meaning is known)."""
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def finite(text: str) -> float:
+    """A finite number (its range is checked where its meaning is known)."""
+    value = _float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} must be finite")
     return value
@@ -81,10 +101,7 @@ def finite(text: str) -> float:
 
 def positive(text: str) -> float:
     """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _float(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"{text!r} must be finite and > 0")
     return value

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from twinloop.cli.errors import EXIT_USAGE
-from twinloop.cli.options import count, finite, number, seed
+from twinloop.cli.options import add_count, finite, number, seed
 
 #: Most days of a log fitted, validated or replayed, and of a synthetic log.
 MAX_LOG_DAYS = 3650.0
@@ -41,6 +41,24 @@ MAX_DRAWS = 10_000
 MAX_BASAL_SCALE = 10.0
 BODY_WEIGHT_KG = (1.0, 400.0)
 MAX_WORKERS = 1024
+
+
+def _days_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    text: str,
+    *,
+    positive: bool = False,
+    default: float | None = None,
+) -> None:
+    """A number of days of a log: finite, ``>= 0`` (``> 0`` if ``positive``), at most 3650."""
+    low = "> 0" if positive else ">= 0"
+    parser.add_argument(
+        flag,
+        type=number(0.0, MAX_LOG_DAYS, low_open=positive),
+        default=default,
+        help=f"{text}; {low} and <= {MAX_LOG_DAYS:g}",
+    )
 
 
 def add_parser(sub: Any) -> None:
@@ -73,24 +91,21 @@ def add_parser(sub: Any) -> None:
         choices=("children", "adolescents", "adults"),
         help="age group of the prior (default adults)",
     )
-    f.add_argument(
-        "--fit-days",
-        type=number(0.0, MAX_LOG_DAYS, low_open=True),
-        help=f"fit only the first D days (> 0, <= {MAX_LOG_DAYS:g})",
-    )
-    f.add_argument(
+    _days_option(f, "--fit-days", "fit only the first D days", positive=True)
+    _days_option(
+        f,
         "--validate-days",
-        type=number(0.0, MAX_LOG_DAYS),
+        "keep the last D days out of the fit and report the twin's fidelity on them",
         default=0.0,
-        help="keep the last D days out of the fit and report the twin's fidelity on them "
-        f"(0 to {MAX_LOG_DAYS:g})",
     )
-    f.add_argument(
+    add_count(
+        f,
         "--profile-blocks",
-        type=count(0, MAX_PROFILE_BLOCKS),
-        default=0,
-        help="fit a daily insulin-sensitivity profile of B equal blocks (e.g. 4; 0 to "
-        f"{MAX_PROFILE_BLOCKS}; default none)",
+        0,
+        MAX_PROFILE_BLOCKS,
+        "fit a daily insulin-sensitivity profile of B equal blocks (e.g. 4)",
+        0,
+        "default 0: none",
     )
     f.add_argument("--posterior", action="store_true", help="also compute the Laplace posterior")
     f.add_argument("--tz", help="IANA time zone of naive times in the log (e.g. Europe/Berlin)")
@@ -123,11 +138,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="every LOG is a different person: fit them in parallel (Ray) into the --out directory",
     )
-    f.add_argument(
-        "--workers",
-        type=count(1, MAX_WORKERS),
-        help=f"parallel fits with --each, 1 to {MAX_WORKERS} (default: CPUs)",
-    )
+    add_count(f, "--workers", 1, MAX_WORKERS, "parallel fits with --each", None, "default: CPUs")
     f.add_argument("--inline", action="store_true", help="with --each: no Ray, one by one")
     f.add_argument("--address", help="with --each: a Ray cluster (default: embedded, loopback)")
 
@@ -162,24 +173,15 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--basal-u-per-h", type=finite, help="a flat basal replacing the logged one")
     r.add_argument("--cr", type=finite, help="a new carb ratio, g/U (meal boluses recomputed)")
     r.add_argument("--cf", type=finite, help="a new correction factor, mg/dL/U")
-    r.add_argument(
+    _days_option(
+        r,
         "--from-day",
-        type=number(0.0, MAX_LOG_DAYS),
-        default=0.0,
-        help="start at day D of the log, from the state filtered from the log before it "
+        "start at day D of the log, from the state filtered from the log before it "
         "(default 0: the basal steady state at the first reading, 3 h not scored)",
+        default=0.0,
     )
-    r.add_argument(
-        "--days",
-        type=number(0.0, MAX_LOG_DAYS, low_open=True),
-        help=f"replay D days, > 0 and <= {MAX_LOG_DAYS:g} (default: to the end)",
-    )
-    r.add_argument(
-        "--draws",
-        type=count(1, MAX_DRAWS),
-        default=50,
-        help=f"posterior draws, 1 to {MAX_DRAWS} (default 50)",
-    )
+    _days_option(r, "--days", "replay D days (default: to the end)", positive=True)
+    add_count(r, "--draws", 1, MAX_DRAWS, "posterior draws", 50)
     r.add_argument("--seed", type=seed, default=0, help="seed of the draws, 0 to 2^32-1")
     r.add_argument(
         "--no-rescue",
@@ -210,12 +212,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument(
         "--population", help="a population file (twinloop population sample) holding --patient"
     )
-    s.add_argument(
-        "--days",
-        type=count(1, MAX_SYNTH_DAYS),
-        default=14,
-        help=f"days, 1 to {MAX_SYNTH_DAYS} (default 14)",
-    )
+    add_count(s, "--days", 1, MAX_SYNTH_DAYS, "days", 14)
     s.add_argument("--seed", type=seed, default=0, help="seed, 0 to 2^32-1")
     s.add_argument("--out", required=True, help="the CSV log")
     s.add_argument(
@@ -248,12 +245,7 @@ def add_parser(sub: Any) -> None:
         default=[],
         help="a cohort (repeatable): adolescents|adults|children|all, or population:PATH",
     )
-    i.add_argument(
-        "--days",
-        type=count(1, MAX_SYNTH_DAYS),
-        default=7,
-        help=f"days of each synthetic log, 1 to {MAX_SYNTH_DAYS} (default 7)",
-    )
+    add_count(i, "--days", 1, MAX_SYNTH_DAYS, "days of each synthetic log", 7)
     i.add_argument(
         "--seed",
         type=seed,
@@ -268,11 +260,7 @@ def add_parser(sub: Any) -> None:
     )
     i.add_argument("--tz", help="IANA time zone of naive times in --logs")
     i.add_argument("--inline", action="store_true", help="fit in this process, one by one (no Ray)")
-    i.add_argument(
-        "--workers",
-        type=count(1, MAX_WORKERS),
-        help=f"parallel fits on Ray, 1 to {MAX_WORKERS} (default: CPUs)",
-    )
+    add_count(i, "--workers", 1, MAX_WORKERS, "parallel fits on Ray", None, "default: CPUs")
     i.add_argument("--address", help="a Ray cluster (default: embedded Ray, loopback only)")
     i.add_argument(
         "--force", action="store_true", help="refit every twin, even those that could be reused"

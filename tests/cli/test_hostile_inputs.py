@@ -216,7 +216,24 @@ FILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("command", "suffix", "cap", "kind", "needle"), FILE_CASES)
+# Device profiles (hw_bridge/, another engineer's): hostile files through `twinloop hil` (the
+# profile is read before any device is opened)
+PROFILE_FILE_CASES = [
+    *_file_cases(
+        lambda f: ["hil", "--profile", f, "--cgm-port", f + ".no-port", "--minutes", "1",
+                   "--out", f + ".hil"], ".yaml", MAX_CONFIG_BYTES, yaml=True,
+        skip=("wrong-types", "huge-counts"),
+        marks={k: _xfail("hw_bridge/profile.py (not this branch's): load_profile reads the "
+                         "file without a size or type check; binary/UTF-16 give the codec's "
+                         "text without the file, /dev/zero is read forever")
+               for k in ("binary", "utf16", "dev-zero")},
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("command", "suffix", "cap", "kind", "needle"), FILE_CASES + PROFILE_FILE_CASES
+)
 def test_a_hostile_file_is_refused_naming_it(
     tmp_path: Path,
     command: Callable[[str], list[str]],
@@ -234,7 +251,7 @@ def test_a_hostile_file_is_refused_naming_it(
     else:
         name = Path(path).name
     # /dev/zero where it may be read forever: in a child process with bounded memory and time
-    child = kind == "dev-zero" and argv[0] == "campaign"
+    child = kind == "dev-zero" and argv[0] in ("campaign", "hil")
     assert_refused(argv, needle(path) if needle else name, child=child)
 
 
@@ -603,33 +620,6 @@ def test_a_campaign_spec_value_out_of_range_is_refused_naming_its_field(
 # --------------------------------------------------------------------------------------------
 # Device profiles (hw_bridge/, another engineer's): hostile files through `twinloop hil`,
 # unsafe contents through the loader (the CLI would connect to the device next)
-
-
-PROFILE_FILE_CASES = [
-    *_file_cases(
-        lambda f: ["hil", "--profile", f, "--cgm-port", f + ".no-port", "--minutes", "1",
-                   "--out", f + ".hil"], ".yaml", MAX_CONFIG_BYTES, yaml=True,
-        skip=("wrong-types", "huge-counts"),
-        marks={k: _xfail("hw_bridge/profile.py (not this branch's): load_profile reads the "
-                         "file without a size or type check; binary/UTF-16 give the codec's "
-                         "text without the file, /dev/zero is read forever")
-               for k in ("binary", "utf16", "dev-zero")},
-    ),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(("command", "suffix", "cap", "kind", "needle"), PROFILE_FILE_CASES)
-def test_a_hostile_profile_file_is_refused_naming_it(
-    tmp_path: Path,
-    command: Callable[[str], list[str]],
-    suffix: str,
-    cap: int,
-    kind: str,
-    needle: Callable[[str], str] | None,
-) -> None:
-    path = _materialise(tmp_path, suffix, cap, kind)
-    name = path if kind in FILES else Path(path).name
-    assert_refused(command(path), name, child=kind == "dev-zero")
 
 
 def _profile(edit: Callable[[str], str]) -> str:
