@@ -723,7 +723,7 @@ def _read_csv(path: Path, name: str, tz: tzinfo | None, events: _Events, issues:
 def _check_source(path: Path, name: str) -> None:
     """Refuse a log file that is not a regular file within :data:`MAX_LOG_BYTES` (unread)."""
     try:
-        check_file(path, MAX_LOG_BYTES, name)
+        check_file(path, MAX_LOG_BYTES)  # the full path: a device or FIFO is named as given
         with path.open("rb") as stream:
             head = stream.read(2)
     except (InputLimitError, OSError) as error:
@@ -1638,6 +1638,7 @@ def _sources(paths: Sequence[Path], format: str | None) -> list[tuple[str, Path]
         elif path.suffix.lower() == ".json":
             out.append(("nightscout", path))
         else:
+            _check_source(path, str(path))  # never sniff a device or FIFO
             with path.open("rb") as stream:
                 head = stream.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
             out.append(("nightscout" if head[:1] in (b"[", b"{") else "csv", path))

@@ -175,7 +175,7 @@ class CarbCountingError:
             or not math.isfinite(float(m))
             or not 0 <= m <= MAX_CARB_ERROR
         ):
-            raise ConfigError("magnitude", m, f"a finite fraction from 0 to {MAX_CARB_ERROR:g}")
+            raise ConfigError("magnitude", m, f"a finite fraction >= 0 and <= {MAX_CARB_ERROR:g}")
         if self.kind == "none" and m != 0:
             raise ConfigError("magnitude", m, "0 when kind='none'")
         object.__setattr__(self, "magnitude", float(m))
