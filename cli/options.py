@@ -17,7 +17,13 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from twinloop.limits import MAX_CONFIG_BYTES, MAX_SEED, InputLimitError, read_text
+from twinloop.limits import (
+    MAX_CONFIG_BYTES,
+    MAX_SEED,
+    InputLimitError,
+    check_document,
+    read_text,
+)
 
 
 def seed(text: str) -> int:
@@ -170,8 +176,10 @@ def read_config(path: str | None) -> dict[str, Any]:
         return {}
     import yaml
 
+    label = f"--config {path}"
     try:
-        loaded = yaml.safe_load(read_text(path, MAX_CONFIG_BYTES, f"--config {path}"))
+        loaded = yaml.safe_load(read_text(path, MAX_CONFIG_BYTES, label))
+        check_document(loaded, label)
     except InputLimitError as exc:
         raise ConfigFileError(str(exc)) from None
     except yaml.YAMLError as exc:

@@ -52,7 +52,13 @@ from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.vec_env import VecMonitor
 from tqdm import tqdm
 
-from twinloop.limits import MAX_CONFIG_BYTES, MAX_SEED, InputLimitError, read_text
+from twinloop.limits import (
+    MAX_CONFIG_BYTES,
+    MAX_SEED,
+    InputLimitError,
+    check_document,
+    read_text,
+)
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.saved import (
     METADATA_FILE,
@@ -437,8 +443,11 @@ def load_config(path: str | os.PathLike[str]) -> TrainingConfig:
         raise PolicyConfigError(str(exc)) from None
     try:
         document = yaml.safe_load(text)
+        check_document(document, str(path))
     except yaml.YAMLError as exc:
         raise PolicyConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    except InputLimitError as exc:
+        raise PolicyConfigError(str(exc)) from None
     return parse_config(document, source=str(path))
 
 

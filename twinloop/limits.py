@@ -9,6 +9,10 @@ what is allowed. The caps (documented in the README, *Input limits*):
 * :data:`MAX_CONFIG_BYTES` — YAML configs, campaign specs, device profiles, training configs;
 * :data:`MAX_LOG_BYTES` — CGM/pump logs (CSV, Nightscout JSON), per-minute inputs CSVs and
   population files.
+
+A parsed YAML document is checked by :func:`check_document`: YAML aliases share one object
+between many places (``a: &a [x, x]; b: &b [*a, *a]; ...`` is a few bytes that expand to 10^9
+values), and a recursive alias never ends; both are refused before anything walks them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ MAX_SEED = 2**32 - 1
 #: Most virtual patients sampled or read from a population file at once (sampling takes
 #: ~15 ms per patient on one core: 10 000 take a few minutes).
 MAX_PATIENTS = 10_000
+
+#: Most values (counting each use of an alias) and deepest nesting of a YAML document.
+MAX_DOCUMENT_VALUES = 1_000_000
+MAX_DOCUMENT_DEPTH = 64
 
 #: Earliest and latest calendar year of a timestamp read from a log or given as an option.
 MIN_YEAR = 1970
@@ -91,3 +99,30 @@ def decode(data: bytes, name: str) -> str:
     if "\x00" in text:
         raise InputLimitError(f"{name}: holds NUL characters (a binary file?)")
     return text
+
+
+def check_document(document: object, name: str) -> None:
+    """Refuse a parsed YAML/JSON document with too many values or too deep a nesting.
+
+    Values are counted as a reader walking the document sees them (an alias counts each time
+    it is used), up to :data:`MAX_DOCUMENT_VALUES`; nesting up to :data:`MAX_DOCUMENT_DEPTH`
+    (a recursive alias exceeds it).
+    """
+    seen = 0
+    stack: list[tuple[object, int]] = [(document, 0)]
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_DOCUMENT_VALUES:
+            raise InputLimitError(
+                f"{name}: more than {MAX_DOCUMENT_VALUES} values (YAML aliases expanding?)"
+            )
+        if depth > MAX_DOCUMENT_DEPTH:
+            raise InputLimitError(
+                f"{name}: nested deeper than {MAX_DOCUMENT_DEPTH} levels (a recursive alias?)"
+            )
+        if isinstance(value, dict):
+            stack.extend((k, depth + 1) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, depth + 1) for v in value)

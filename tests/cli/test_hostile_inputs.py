@@ -116,13 +116,18 @@ FILES: dict[str, Callable[[Path, str, int], Path | str]] = {
     "directory": lambda d, s, c: str(d),
     "missing": lambda d, s, c: str(d / f"no-such-file{s}"),
 }
+#: A few hundred bytes whose aliases expand to 10^10 values (the "billion laughs").
+_ALIAS_BOMB = "l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10)
+)
 YAML_CONTENT: dict[str, str] = {
     "garbage-yaml": "a: [unclosed\n  - : :\n\t{{\n",
     "a-list": "- 1\n- 2\n",
     "a-scalar": "42\n",
     "wrong-types": "days: [1, 2]\nseed: {a: 1}\n",
     "huge-counts": "days: 1000000000\nseed: -1\n",
-    "anchors": "a: &a [*a, *a]\n",
+    "recursive-alias": "a: &a [*a, *a]\n",
+    "alias-bomb": _ALIAS_BOMB,
 }
 
 
@@ -726,3 +731,23 @@ def test_a_hostile_saved_policy_is_refused_naming_it(tmp_path: Path, kind: str) 
             "--no-progress", "--controller", f"policy:{d}",
             "--out", str(tmp_path / "run")]  # fmt: skip
     assert_refused(argv, str(d))
+
+
+@pytest.mark.parametrize(
+    ("command", "text"),
+    [
+        (["run", "--placement", "inline", "--no-progress", "--config"],
+         _ALIAS_BOMB + "patient: *l9\n"),
+        (["run", "--placement", "inline", "--no-progress", "--config"], "patient: &p [*p]\n"),
+        (["train"], _ALIAS_BOMB + "twinloop/T1D-v0: {seeds: *l9}\n"),
+        (["train"], "twinloop/T1D-v0: &t {seeds: [0], policy_kwargs: *t}\n"),
+    ],
+    ids=["run-bomb", "run-recursive", "train-bomb", "train-recursive"],
+)  # fmt: skip
+def test_yaml_aliases_that_expand_or_recurse_are_refused_before_use(
+    tmp_path: Path, command: list[str], text: str
+) -> None:
+    path = _write(tmp_path / "aliases.yaml", text)
+    code, err = _run([*command, str(path)])
+    assert code == EXIT_USAGE and "Traceback" not in err
+    assert str(path) in err and ("values (YAML aliases" in err or "recursive alias" in err), err
