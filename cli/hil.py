@@ -72,7 +72,8 @@ def add_parser(sub: Any) -> None:
         nargs=3,
         metavar=("CERT", "KEY", "CA"),
         help="pump: Modbus/TLS on --tcp with this certificate and key, requiring client "
-        "certificates signed by CA",
+        "certificates signed by CA; only the role 'operator' (certificate extension "
+        "1.3.6.1.4.1.50316.802.1) may write",
     )
     emu.add_argument("--serial", help="cgm: serve the line protocol on this serial port")
     emu.add_argument("--cgm-pty", help="also serve the CGM; link the client's end here")
@@ -129,7 +130,10 @@ def add_parser(sub: Any) -> None:
         "--time-scale", type=positive, default=60.0, help="wall seconds per simulated minute"
     )
     hil.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (240)")
-    hil.add_argument("--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS)")
+    hil.add_argument(
+        "--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS); must be new or empty"
+    )
+    hil.add_argument("--overwrite", action="store_true", help="replace an earlier run at --out")
     hil.add_argument(
         "--task", default="cyclic", help="knee-exo: cyclic (default), sit_to_stand, hold"
     )
@@ -141,7 +145,10 @@ def add_parser(sub: Any) -> None:
     )
     hil.add_argument("--control-hz", type=int, default=100, help="knee-exo: control rate (100)")
     hil.add_argument(
-        "--watchdog-ms", type=int, default=100, help="knee-exo: the drive's watchdog, ms (100)"
+        "--watchdog-ms",
+        type=int,
+        default=100,
+        help="knee-exo: the longest drive watchdog accepted, ms (100; read, never written)",
     )
     hil.add_argument(
         "--realtime",
@@ -272,9 +279,11 @@ def _emulate_drive(args: argparse.Namespace, stop: threading.Event) -> int:
 
 def hil_command(args: argparse.Namespace) -> int:
     """``twinloop hil``: the session of the therapy's rig (its HIL part)."""
-    from twinloop.cli.options import therapy_of
+    from twinloop.cli.options import claim_out, therapy_of
 
     therapy = therapy_of(args.therapy)
     if not therapy.has("hil") or not hasattr(therapy.part("hil"), "run_session"):
         raise ValueError(f"the {therapy.name} therapy has no HIL rig")
+    if args.out:
+        claim_out(args.out, overwrite=args.overwrite)
     return int(therapy.part("hil").run_session(args))

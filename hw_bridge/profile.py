@@ -29,6 +29,13 @@ YAML layout (every key is checked; unknown keys are refused)::
     safe_state:                   # writes that put the device in its safe state, in order
       - {register: command, value: 3}
 
+Safety rules checked at load (each refusal names the field): a device with a writable register
+needs a non-empty ``safe_state``, and every safe write must stop or reduce delivery
+(:data:`SAFE_WRITES`: no bolus, no temp basal above 0 U/h, drive torque 0, power-removing
+controlwords only; a register on any other channel is refused); a writable register on a
+channel of :data:`DEVICE_LIMITS` must have ``minimum``/``maximum`` inside the device's own
+limits (e.g. ``bolus_u`` at most 25 U).
+
 Engineering value = raw register value x ``scale``; limits (``minimum``/``maximum``) are in
 engineering units. The codec (:func:`encode`, :func:`decode`) uses pymodbus's own
 ``ModbusClientMixin.convert_to_registers``/``convert_from_registers``.
@@ -56,8 +63,10 @@ from twinloop.hw_bridge.errors import ProfileError, WriteRefused
 __all__ = [
     "ACCESS_MODES",
     "DEVICE_KINDS",
+    "DEVICE_LIMITS",
     "DTYPES",
     "LINE_DTYPES",
+    "SAFE_WRITES",
     "TABLES",
     "TRANSPORT_KINDS",
     "DeviceProfile",
@@ -110,6 +119,51 @@ _INT_RANGE: Final = {
 }
 
 Value = float | int | bool
+
+#: The device's own limits, by twinloop channel, in the channel's engineering unit: a profile's
+#: register on one of these channels must have ``minimum``/``maximum`` inside them
+#: (checked at load). They are the hard maxima of the emulated devices (``DEVICES.md``): the
+#: pump's ``PumpSpec`` (35 U/h basal, 25 U bolus, 30 min temp basal, commands 0-4), the exo
+#: drive's rated torque (40 N·m; the motor's 2x peak is not an exoskeleton limit), its only mode
+#: (10, CST) and a communication watchdog that is never off (10..1000 ms).
+DEVICE_LIMITS: Final[Mapping[str, tuple[float, float]]] = {
+    "basal_u_per_h": (0.0, 35.0),
+    "scheduled_basal_u_per_h": (0.0, 35.0),
+    "bolus_u": (0.0, 25.0),
+    "temp_basal_duration_min": (0.0, 30.0),
+    "pump_command": (0.0, 4.0),
+    "exo_torque_cmd_nm": (-40.0, 40.0),
+    "exo_max_torque_nm": (0.0, 40.0),
+    "drive_watchdog_ms": (10.0, 1000.0),
+    "drive_mode": (10.0, 10.0),
+}
+
+#: What a safe-state write may carry, by twinloop channel: the values allowed and what they
+#: mean. A safe state may only stop or reduce delivery: no bolus (any ``bolus_u`` write is
+#: refused), a temp basal of 0 U/h only (the scheduled basal is not known when the profile
+#: loads, so 0 is the only rate never above it), ``temp_basal_duration_min`` 0 (back to the
+#: scheduled basal) or > 0 only after a 0 U/h temp basal in the same safe state, pump
+#: commands suspend (1) and cancel bolus (3), the suspend coil on, drive target torque 0 and
+#: the controlwords that take the power away (0 disable voltage, 2 quick stop, 6 shutdown).
+#: A write to any other channel (or to a register without a channel) is refused.
+SAFE_WRITES: Final[Mapping[str, tuple[frozenset[float], str]]] = {
+    "pump_command": (frozenset({1.0, 3.0}), "1 (suspend) or 3 (cancel bolus)"),
+    "suspend": (frozenset({1.0}), "true (suspend); false would resume delivery"),
+    "basal_u_per_h": (
+        frozenset({0.0}),
+        "0 U/h (a safe state never sets a temp basal above the scheduled basal)",
+    ),
+    "temp_basal_duration_min": (
+        frozenset({0.0}),
+        "0 (cancel the temp basal), or > 0 after a 0 U/h temp basal in the safe state",
+    ),
+    "bolus_u": (frozenset(), "no bolus write in a safe state (use pump command 3)"),
+    "exo_torque_cmd_nm": (frozenset({0.0}), "0 N·m (a safe state zeroes the torque)"),
+    "drive_controlword": (
+        frozenset({0.0, 2.0, 6.0}),
+        "0 (disable voltage), 2 (quick stop) or 6 (shutdown)",
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,11 +643,13 @@ class _Parser:
                 raise self.fail("fields", top.get("fields"), "at least one field")
         self.check_registers(registers)
         self.check_fields(fields)
+        self.check_device_limits(registers)
         by_name = {r.name: r for r in registers}
         safe_state = tuple(
             self.safe_write(f"safe_state[{i}]", item, by_name)
             for i, item in enumerate(self.sequence("safe_state", top.get("safe_state")))
         )
+        self.check_safe_state(safe_state, by_name, top.get("safe_state"))
         return DeviceProfile(
             name=name,
             kind=kind,
@@ -818,6 +874,51 @@ class _Parser:
                         f"fields[{i}].{attr}", key, f"a unique {attr} (fields[{seen[key]}] has it)"
                     )
                 seen[key] = i
+
+    def check_device_limits(self, registers: Sequence[Register]) -> None:
+        """Every register on a channel of :data:`DEVICE_LIMITS` has limits inside them."""
+        for i, reg in enumerate(registers):
+            hard = DEVICE_LIMITS.get(reg.channel or "")
+            if hard is None:
+                continue
+            lo, hi = reg.limits()
+            unit = f" {reg.unit}" if reg.unit else ""
+            allowed = (
+                f"inside the device's own limits {hard[0]:g}..{hard[1]:g}{unit} ({reg.channel})"
+            )
+            if lo < hard[0]:
+                raise self.fail(f"registers[{i}].minimum", reg.minimum, allowed)
+            if hi > hard[1]:
+                raise self.fail(f"registers[{i}].maximum", reg.maximum, allowed)
+
+    def check_safe_state(
+        self, safe_state: Sequence[SafeWrite], by_name: Mapping[str, Register], raw: object
+    ) -> None:
+        """A safe state only stops or reduces delivery (:data:`SAFE_WRITES`) and is non-empty."""
+        if not safe_state and any(reg.writable for reg in by_name.values()):
+            raise self.fail(
+                "safe_state", raw, "at least one write that stops delivery (the device is writable)"
+            )
+        zero_temp_basal = False
+        for i, safe in enumerate(safe_state):
+            channel = by_name[safe.register].channel or ""
+            rule = SAFE_WRITES.get(channel)
+            where = f"safe_state[{i}].value"
+            if rule is None:
+                raise self.fail(
+                    f"safe_state[{i}].register",
+                    safe.register,
+                    f"a register on a channel that can stop or reduce delivery: one of "
+                    f"{sorted(SAFE_WRITES)} (channel {channel or 'none'} cannot be judged safe)",
+                )
+            allowed_values, meaning = rule
+            value = float(safe.value)
+            if channel == "temp_basal_duration_min" and value > 0 and zero_temp_basal:
+                continue  # a zero temp basal written before: stopping delivery for a while
+            if value not in allowed_values:
+                raise self.fail(where, safe.value, meaning)
+            if channel == "basal_u_per_h":
+                zero_temp_basal = True
 
     def safe_write(self, path: str, value: object, by_name: Mapping[str, Register]) -> SafeWrite:
         raw = self.mapping(path, value, required=("register", "value"))

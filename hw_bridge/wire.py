@@ -37,6 +37,12 @@ What the pymodbus 3.16 server hooks can do (read in ``pymodbus/transaction/trans
   request's function code from the received bytes and lets the device correct the code.
 - Hooks run inside the transport's ``data_received``: an exception raised there closes a TCP
   connection, so these hooks never raise (they log and pass the data through).
+
+3. **Role-based authorization** on Modbus/TLS (the Modbus/TCP Security specification):
+   :class:`RoleTlsServer` gives every connection its own request handler, which reads the
+   client certificate's role (:func:`certificate_role`, extension :data:`MODBUS_ROLE_OID`) after
+   the handshake and answers a request the role may not make (:class:`RoleAuthorization`)
+   with exception 01, before the device's own hooks see it.
 """
 
 from __future__ import annotations
@@ -49,13 +55,13 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from pymodbus.datastore import ModbusServerContext
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
-from pymodbus.server import ModbusBaseServer, ModbusSerialServer
+from pymodbus.server import ModbusBaseServer, ModbusSerialServer, ModbusTlsServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import SimDevice
 
@@ -69,6 +75,18 @@ FIXED_TIMING_ABOVE_BAUD = 19200
 FIXED_SILENT_INTERVAL_S = 1.75e-3
 #: Modbus function codes that write (single/multiple coils and registers, mask, read/write).
 WRITE_FUNCTION_CODES = frozenset({5, 6, 15, 16, 22, 23})
+#: Modbus function codes that only read (coils, discrete inputs, holding and input registers).
+READ_FUNCTION_CODES = frozenset({1, 2, 3, 4})
+#: The Modbus/TCP Security role extension (MB-TCP-Security, Modbus.org 2018): an X.509v3
+#: extension of the client certificate whose value is an ASN.1 UTF8String naming the role.
+MODBUS_ROLE_OID = "1.3.6.1.4.1.50316.802.1"
+#: The roles the emulated devices' TLS servers know, and the function codes each may use:
+#: ``operator`` any function, ``monitor`` reads only. A certificate without the role
+#: extension, or with a role not listed, gets what ``monitor`` gets.
+DEFAULT_ROLES: Mapping[str, frozenset[int]] = {
+    "operator": frozenset(range(1, 128)),
+    "monitor": READ_FUNCTION_CODES,
+}
 
 Framing = Literal["rtu", "socket", "tls"]
 
@@ -801,3 +819,159 @@ class RtuSerialServer(ModbusSerialServer):
         return _RtuRequestHandler(
             self, self.trace_packet, self.trace_pdu, self.trace_connect, silent_s=self.silent_s
         )
+
+
+# -- Modbus/TCP Security: role-based client authorization -------------------------------------
+
+
+def _der_utf8string(data: bytes) -> str | None:
+    """The text of a DER-encoded ASN.1 UTF8String (tag 0x0C), or ``None`` if it is not one."""
+    if len(data) < 2 or data[0] != 0x0C:
+        return None
+    length, at = data[1], 2
+    if length & 0x80:  # long form: the next (length & 0x7F) bytes hold the length
+        width = length & 0x7F
+        if width == 0 or width > 4 or len(data) < 2 + width:
+            return None
+        length, at = int.from_bytes(data[2 : 2 + width], "big"), 2 + width
+    if len(data) != at + length:
+        return None
+    try:
+        return data[at:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def certificate_role(certificate_der: bytes | None) -> str | None:
+    """The Modbus role a client certificate carries (:data:`MODBUS_ROLE_OID`), or ``None``.
+
+    ``None`` for no certificate, no role extension, or an extension that is not a DER
+    UTF8String.
+    """
+    if not certificate_der:
+        return None
+    from cryptography import x509
+
+    try:
+        certificate = x509.load_der_x509_certificate(certificate_der)
+        extension = certificate.extensions.get_extension_for_oid(
+            x509.ObjectIdentifier(MODBUS_ROLE_OID)
+        )
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    value = extension.value
+    if not isinstance(value, x509.UnrecognizedExtension):
+        return None
+    return _der_utf8string(value.value)
+
+
+class RoleAuthorization:
+    """Which function codes each client role may use (MB-TCP-Security role-based authorization).
+
+    Args:
+        roles: role → function codes allowed (default :data:`DEFAULT_ROLES`).
+        default: function codes of a client without a known role (default: reads only).
+
+    Attributes:
+        refusals: requests refused so far (each logged at WARNING).
+
+    """
+
+    def __init__(
+        self,
+        roles: Mapping[str, Iterable[int]] | None = None,
+        *,
+        default: Iterable[int] = READ_FUNCTION_CODES,
+    ) -> None:
+        table = DEFAULT_ROLES if roles is None else roles
+        self.roles = {str(role): frozenset(codes) for role, codes in table.items()}
+        self.default = frozenset(default)
+        self.refusals = 0
+        self._lock = threading.Lock()
+
+    def allows(self, role: str | None, function_code: int) -> bool:
+        """Whether a client with ``role`` may use ``function_code``."""
+        codes = self.roles.get(role, self.default) if role is not None else self.default
+        return function_code in codes
+
+    def refused(self, role: str | None, request: ModbusPDU, peer: object) -> None:
+        """Count and log a refused request."""
+        with self._lock:
+            self.refusals += 1
+        _log.warning(
+            "Modbus/TLS: function %d from %s refused: role %r may not use it (exception 01)",
+            request.function_code,
+            peer,
+            role,
+        )
+
+
+class _RoleRequestHandler(ServerRequestHandler):
+    """One Modbus/TLS connection: its client's role decides which requests are executed."""
+
+    def __init__(
+        self,
+        owner: RoleTlsServer,
+        trace_packet: Callable[[bool, bytes], bytes] | None,
+        trace_pdu: Callable[[bool, ModbusPDU], ModbusPDU] | None,
+        trace_connect: Callable[[bool], None] | None,
+    ) -> None:
+        self._inner_pdu = trace_pdu
+        self._authorization = owner.authorization
+        self.role: str | None = None
+        self._peer: object = None
+        self._refused: set[int] = set()
+        super().__init__(owner, trace_packet, self._authorize, trace_connect)
+
+    def callback_connected(self) -> None:
+        """Read the role from the client certificate once the TLS handshake is done."""
+        super().callback_connected()
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        self.role = certificate_role(der)
+        self._peer = self.transport.get_extra_info("peername") if self.transport else None
+        _log.info("Modbus/TLS client %s connected with role %r", self._peer, self.role)
+
+    def _authorize(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+        try:
+            if sending:
+                out = self._inner_pdu(True, pdu) if self._inner_pdu is not None else pdu
+                if isinstance(out, ExceptionResponse) and out.transaction_id in self._refused:
+                    self._refused.discard(out.transaction_id)
+                    out.exception_code = 0x01  # a device's own correction must not hide it
+                return out
+            if not self._authorization.allows(self.role, pdu.function_code):
+                self._authorization.refused(self.role, pdu, self._peer)
+                self._refused.add(pdu.transaction_id)
+                return refuse(pdu, 0x01)
+        except Exception:  # a hook must never break the transport
+            _log.exception("role authorization hook failed; %s refused", pdu)
+            return refuse(pdu, 0x01)
+        return self._inner_pdu(False, pdu) if self._inner_pdu is not None else pdu
+
+
+class RoleTlsServer(ModbusTlsServer):
+    """A pymodbus Modbus/TLS server with role-based client authorization (MB-TCP-Security).
+
+    The role is read from each client certificate's :data:`MODBUS_ROLE_OID` extension after
+    the handshake; a request whose function code the role may not use is answered with
+    exception 01 (illegal function, the specification's authorization failure) and not
+    executed, before the device sees it. Accepts every keyword of
+    :class:`pymodbus.server.ModbusTlsServer` plus ``authorization``
+    (:class:`RoleAuthorization`; default: :data:`DEFAULT_ROLES`). The server's SSL context
+    should require client certificates (``verify_mode = CERT_REQUIRED``).
+    """
+
+    def __init__(
+        self,
+        context: SimDevice | list[SimDevice],
+        *,
+        authorization: RoleAuthorization | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(context, **kwargs)
+        self.authorization = authorization if authorization is not None else RoleAuthorization()
+
+    def callback_new_connection(self) -> ServerRequestHandler:
+        """A connection handler that authorizes every request by its client's role."""
+        return _RoleRequestHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)

@@ -39,17 +39,38 @@ SUMMARY_FIELDS = (
 METRICS_FLOOR_MG_DL = 1.0
 
 
+#: Plasma glucose below this, or not a finite number, is not physiology: the patient-run is
+#: flagged (``non_physiological``). 20 mg/dL (1.1 mmol/L) is far below level-3 hypoglycaemia
+#: (< 54 mg/dL with impairment), where a real person is in neuroglycopenic coma, and below the
+#: range the UVA/Padova 2008 model was built on: it has no counter-regulation (glucagon came
+#: with the 2013 version), so below it the model only reports that insulin outran every glucose
+#: source (a *collapse*, down to 0 mg/dL), not what a body would do.
+HAZARD_FLOOR_MG_DL = 20.0
+
+
+def non_physiological(bg_mg_dl: NDArray[np.float64]) -> NDArray[np.bool_]:
+    """Samples below :data:`HAZARD_FLOOR_MG_DL` or not finite (NaN fails ``>=`` too)."""
+    return ~(np.asarray(bg_mg_dl, dtype=np.float64) >= HAZARD_FLOOR_MG_DL)
+
+
 def summarize(patients: list[str], cohorts: list[str], bg_mg_dl: np.ndarray) -> dict[str, Any]:
     """Metrics of plasma glucose ``(N, T)`` at 1-min samples, per patient and per cohort.
 
     Values below :data:`METRICS_FLOOR_MG_DL` are counted at the floor, and each patient's
-    minutes below it are reported as ``minutes_at_floor``.
+    minutes below it are reported as ``minutes_at_floor``. A patient whose glucose left
+    physiology (:func:`non_physiological`) has ``non_physiological`` true, its minutes in
+    ``minutes_non_physiological``, and is listed in ``hazard_patients``.
     """
     floored = bg_mg_dl < METRICS_FLOOR_MG_DL
+    hazard = non_physiological(bg_mg_dl)
     m = glucose_metrics(np.maximum(bg_mg_dl, METRICS_FLOOR_MG_DL), sample_period_min=1.0)
     per_patient = {
         name: {f: float(np.asarray(getattr(m, f))[i]) for f in SUMMARY_FIELDS}
-        | {"minutes_at_floor": int(floored[i].sum())}
+        | {
+            "minutes_at_floor": int(floored[i].sum()),
+            "minutes_non_physiological": int(hazard[i].sum()),
+            "non_physiological": bool(hazard[i].any()),
+        }
         for i, name in enumerate(patients)
     }
     per_cohort = {}
@@ -58,7 +79,13 @@ def summarize(patients: list[str], cohorts: list[str], bg_mg_dl: np.ndarray) -> 
         per_cohort[group] = {
             f: float(np.asarray(getattr(m, f))[sel].mean()) for f in SUMMARY_FIELDS
         }
-    return {"glucose": "plasma, 1-min samples", "patients": per_patient, "cohorts": per_cohort}
+    return {
+        "glucose": "plasma, 1-min samples",
+        "patients": per_patient,
+        "cohorts": per_cohort,
+        "hazard_floor_mg_dl": HAZARD_FLOOR_MG_DL,
+        "hazard_patients": [n for i, n in enumerate(patients) if hazard[i].any()],
+    }
 
 
 def tick_lateness(lateness_ms: NDArray[np.float64]) -> dict[str, Any]:

@@ -138,7 +138,7 @@ class GlucoseLoop:
             ("<54%", "time_below_54_pct"),
             (">180%", "time_above_180_pct"),
         )
-        header = f"{'patient':<16}" + "".join(f"{c:>8}" for c, _ in cols)
+        header = f"{'patient':<16}" + "".join(f"{c:>8}" for c, _ in cols) + "  hazard"
         lines = [
             f"twinloop run: {len(summary['patients'])} patient(s) × {cfg.days} day(s), controller "
             f"{cfg.controller} under the safety supervisor, model {cfg.model}, seed "
@@ -147,7 +147,19 @@ class GlucoseLoop:
             "-" * len(header),
         ]
         for name, row in [*summary["patients"].items(), *summary["cohorts"].items()]:
-            lines.append(f"{name:<16}" + "".join(f"{row[f]:8.1f}" for _, f in cols))
+            flag = "  COLLAPSED" if row.get("non_physiological") else ""
+            lines.append(f"{name:<16}" + "".join(f"{row[f]:8.1f}" for _, f in cols) + flag)
+        flagged = summary.get("hazard_patients") or []
+        if flagged:
+            lines.append(
+                f"COLLAPSED: {len(flagged)} patient(s) with plasma glucose below "
+                f"{summary['hazard_floor_mg_dl']:g} mg/dL or not a number (non-physiological; "
+                "minutes_non_physiological in summary.json): "
+                + ", ".join(
+                    f"{n} ({summary['patients'][n]['minutes_non_physiological']} min)"
+                    for n in flagged
+                )
+            )
         lines.append(f"{len(summary['patients']) * cfg.days} patient-day(s) in {elapsed_s:.1f} s")
         if "tick_lateness_ms" in summary:
             late = summary["tick_lateness_ms"]

@@ -9,9 +9,12 @@ the drive over Modbus (TCP on loopback for the emulator) through the profile
 
 **Start-up** (:meth:`ExoRig.enable`, CiA 402): wait for the drive's self-test; from Fault, a
 fault reset (controlword bit 7, 0 → 1); from any other powered state, disable voltage; then
-mode 10 (cyclic synchronous torque), ``max_torque`` (default: the profile's target-torque
-limit), the communication watchdog, target torque 0, and *shutdown → switch on → enable
-operation*, each checked against the statusword. Any step that fails applies the profile's
+mode 10 (cyclic synchronous torque); the drive's torque limit (``max_torque``) and
+communication watchdog are *read and checked*, never written (they are maintenance settings
+of the drive, writable only in its maintenance state, which the rig never enters): a limit
+above ``max_torque_nm`` or a watchdog that is off or longer than ``watchdog_ms`` refuses the
+start; then target torque 0, and *shutdown → switch on → enable operation*, each checked
+against the statusword. Any step that fails applies the profile's
 safe state and raises :class:`ExoRigError`.
 
 **Task time** starts when the drive reports Operation enabled: task time ``t`` of tick ``k`` is
@@ -121,6 +124,9 @@ DRIVE_CHANNELS = (
     "drive_error_code",
     "drive_heartbeat",
 )
+#: The highest drive torque limit (0x6072) the rig accepts by default, N·m: the emulated
+#: drive's rated torque (the profile's ``max_torque_nm`` maximum).
+DRIVE_MAX_TORQUE_NM = 40.0
 #: What the rig reads at every tick (one request on the shipped profile).
 TICK_READS = (
     "drive_statusword",
@@ -265,10 +271,10 @@ class ExoRigConfig:
             0 N·m (None: ``supervisor.encoder_stale_s``, 30 ms); replaces the supervisor's.
         alarm_stale_s: encoder data this old raises an alarm, applies the safe state and ends
             the session, s (>= ``encoder_stale_s``).
-        watchdog_ms: the drive's communication watchdog, ms (10–1000, at least two control
-            periods).
-        max_torque_nm: the drive's own torque limit (0x6072), N·m (None: the profile's
-            target-torque limit).
+        watchdog_ms: the longest communication watchdog the drive may have, ms (10–1000, at
+            least two control periods); a drive whose watchdog is off or longer is refused.
+        max_torque_nm: the highest torque limit (0x6072) the drive may have, N·m (None:
+            :data:`DRIVE_MAX_TORQUE_NM`); a drive with a higher limit is refused.
         startup_timeout_s: longest wait for each start-up state, s.
         spin_s: the pacer sleeps until this long before a tick is due, then spins (0–period).
             Shorter than :mod:`twinloop.hil.pacing`'s 2 ms default: on a machine with few cores a
@@ -481,6 +487,9 @@ class ExoRig:
         self._read_names = [self.regs[c] for c in TICK_READS]
         self.enabled = False
         self.startup: list[tuple[str, int | None, int]] = []
+        #: The drive's maintenance settings as read at start-up (``max_torque_nm``,
+        #: ``watchdog_ms``).
+        self.drive_settings: dict[str, float] = {}
         self.alarm_log: list[ExoAlarm] = []
         self.safe_state_writes: list[tuple[float, str, int | None]] = []
         self.ended_by = ""
@@ -544,6 +553,25 @@ class ExoRig:
         if code is not None:
             raise ExoRigError(f"start-up: write {self.regs[name]}={value:g}: exception {code}")
 
+    def _check_drive_settings(self) -> None:
+        """Read the drive's torque limit and watchdog (maintenance settings) and check them."""
+        cfg = self.config
+        limit_name, watchdog_name = self.regs["exo_max_torque_nm"], self.regs["drive_watchdog_ms"]
+        values = self.drive.read_many([limit_name, watchdog_name])
+        limit_nm, watchdog_ms = float(values[limit_name]), float(values[watchdog_name])
+        self.drive_settings = {"max_torque_nm": limit_nm, "watchdog_ms": watchdog_ms}
+        most_nm = DRIVE_MAX_TORQUE_NM if cfg.max_torque_nm is None else cfg.max_torque_nm
+        if not limit_nm <= most_nm + 1e-9:
+            raise ExoRigError(
+                f"start-up: the drive's torque limit {limit_nm:g} N·m is above {most_nm:g} N·m "
+                "(max_torque_nm); it is set in the drive's maintenance state, not by the rig"
+            )
+        if not 0 < watchdog_ms <= cfg.watchdog_ms:
+            raise ExoRigError(
+                f"start-up: the drive's watchdog {watchdog_ms:g} ms is not in 1..{cfg.watchdog_ms} "
+                "ms (watchdog_ms; 0 is off); it is set in the drive's maintenance state"
+            )
+
     def enable(self) -> None:
         """Bring the drive into Operation enabled in CST mode (see the module docstring).
 
@@ -573,10 +601,8 @@ class ExoRig:
             elif _state_bits(status) != ST_SWITCH_ON_DISABLED:
                 status = self._command("disable voltage", CW_DISABLE_VOLTAGE)
             self._await("switch on disabled", ST_SWITCH_ON_DISABLED, status)
-            max_torque = self.torque_limit_nm if cfg.max_torque_nm is None else cfg.max_torque_nm
             self._setup("drive_mode", CST_MODE)
-            self._setup("exo_max_torque_nm", max_torque)
-            self._setup("drive_watchdog_ms", cfg.watchdog_ms)
+            self._check_drive_settings()
             self._setup("exo_torque_cmd_nm", 0.0)
             for step, word, want in (
                 ("shutdown", CW_SHUTDOWN, ST_READY),

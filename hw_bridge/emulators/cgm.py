@@ -9,7 +9,14 @@
   :class:`twinloop.plant.glucose.cgm.CGMSensor` (seeded noise) of the patient's subcutaneous glucose
   plus the calibration offset, clipped to 39-400 mg/dL and the sensor's range, one decimal;
 * a reader thread answers host commands: ``PING`` → ``ACK``; ``CAL,<mg_dl>`` sets the offset
-  so that the latest reading would have read ``mg_dl`` → ``ACK``; a bad checksum, an unknown
+  so that the latest reading would have read ``mg_dl`` → ``ACK``, within bounds: the reference
+  must be plausible (:data:`CAL_MIN_MG_DL`-:data:`CAL_MAX_MG_DL`, else ``NAK,RANGE``), differ
+  from the sensor's own uncalibrated reading by at most 20 mg/dL or 20 % of it, whichever is
+  larger (else ``NAK,RANGE``), and come at least ``cal_interval_min`` simulated minutes (30) after
+  the last accepted calibration (else ``NAK,NOT_READY``). A calibration refused by these bounds
+  raises the *calibration alarm* (:attr:`CgmEmulator.calibration_alarm`, logged at WARNING,
+  counted in ``stats.calibrations_refused``): the offset is unchanged and samples carry status
+  CALIBRATION_REQUIRED with no glucose until an accepted ``CAL``; a bad checksum, an unknown
   command or bad arguments → ``NAK`` (see :class:`twinloop.hw_bridge.line.NakReason`); lines that
   are not frames are ignored. Nothing the host sends stops the device.
 
@@ -62,7 +69,18 @@ from twinloop.hw_bridge.line import (
 from twinloop.hw_bridge.wire import char_time_s
 from twinloop.plant.glucose.cgm import CGMSensor, CGMSpec
 
-__all__ = ["CgmEmulator", "CgmEmulatorStats", "CgmFaultState", "CgmFaults", "serve_cgm"]
+__all__ = [
+    "CAL_MAX_CHANGE_FRACTION",
+    "CAL_MAX_CHANGE_MG_DL",
+    "CAL_MAX_MG_DL",
+    "CAL_MIN_INTERVAL_MIN",
+    "CAL_MIN_MG_DL",
+    "CgmEmulator",
+    "CgmEmulatorStats",
+    "CgmFaultState",
+    "CgmFaults",
+    "serve_cgm",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -70,6 +88,16 @@ _IO_ERRORS = (serial.SerialException, OSError)
 _READ_TIMEOUT_S = 0.05  # reader thread: longest blocking read, bounds stop()/disconnect()
 _READ_CHUNK = 4096
 _NUMBER_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3})?")
+
+#: Plausible fingerstick reference for ``CAL``, mg/dL (what CGMs accept: 40-400).
+CAL_MIN_MG_DL = 40.0
+CAL_MAX_MG_DL = 400.0
+#: Largest accepted difference between the reference and the sensor's own (uncalibrated)
+#: reading: the larger of this many mg/dL and :data:`CAL_MAX_CHANGE_FRACTION` of the reading.
+CAL_MAX_CHANGE_MG_DL = 20.0
+CAL_MAX_CHANGE_FRACTION = 0.2
+#: Default shortest time between two accepted calibrations, simulated minutes.
+CAL_MIN_INTERVAL_MIN = 30
 
 
 @dataclasses.dataclass(slots=True)
@@ -88,6 +116,8 @@ class CgmEmulatorStats:
         ignored: received lines that were not frames (malformed, truncated, overlong).
         bytes_discarded: received bytes that were not part of a valid frame.
         io_errors: read/write errors that closed the port.
+        calibrations_refused: ``CAL`` commands refused by the calibration bounds (each raises
+            the calibration alarm).
         internal_errors: unexpected exceptions caught to keep the device running (0 unless
             there is a bug).
 
@@ -105,6 +135,7 @@ class CgmEmulatorStats:
     bytes_discarded: int = 0
     io_errors: int = 0
     internal_errors: int = 0
+    calibrations_refused: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -215,6 +246,8 @@ class CgmEmulator:
             frame is dropped.
         trace: optional ``trace(sending, data)`` called with every chunk written and read,
             in the emulator's threads; must not raise.
+        cal_interval_min: shortest time between two accepted calibrations, simulated minutes
+            (>= 0; default :data:`CAL_MIN_INTERVAL_MIN`).
 
     Raises:
         LineConfigError: a serial setting or argument outside what is allowed.
@@ -236,8 +269,18 @@ class CgmEmulator:
         queue_frames: int = 256,
         write_timeout_s: float = 1.0,
         trace: TraceCallback | None = None,
+        cal_interval_min: int = CAL_MIN_INTERVAL_MIN,
     ) -> None:
         check_serial_settings(baudrate, bytesize, parity, stopbits)
+        if (
+            isinstance(cal_interval_min, bool)
+            or not isinstance(cal_interval_min, int)
+            or not 0 <= cal_interval_min <= 100_000
+        ):
+            raise LineConfigError(
+                "cal_interval_min", cal_interval_min, "an int in 0..100000 (simulated minutes)"
+            )
+        self.cal_interval_min = cal_interval_min
         self._char_s = char_time_s(baudrate, bytesize=bytesize, parity=parity, stopbits=stopbits)
         if isinstance(warmup_min, bool) or not isinstance(warmup_min, int) or warmup_min < 0:
             raise LineConfigError("warmup_min", warmup_min, "an int >= 0 (simulated minutes)")
@@ -282,6 +325,8 @@ class CgmEmulator:
         self._last_t_min = -1
         self._seq = 0
         self._offset_mg_dl = 0.0
+        self._last_cal_t_min: int | None = None
+        self._calibration_alarm = False
         self._last_raw_mg_dl: float | None = None
         self._last_glucose_mg_dl: float | None = None
         self._warming_up = warmup_min > 0
@@ -304,6 +349,15 @@ class CgmEmulator:
         """Calibration offset added to the sensor model's reading, mg/dL (set by CAL)."""
         with self._lock:
             return self._offset_mg_dl
+
+    @property
+    def calibration_alarm(self) -> bool:
+        """Whether a refused calibration raised the alarm (cleared by an accepted ``CAL``).
+
+        While it is raised, samples carry status CALIBRATION_REQUIRED and no glucose.
+        """
+        with self._lock:
+            return self._calibration_alarm
 
     @property
     def last_frame(self) -> CgmFrame | None:
@@ -440,7 +494,7 @@ class CgmEmulator:
             status = CgmStatus.WARMUP
         elif faults.sensor_error or raw is None:
             status = CgmStatus.SENSOR_ERROR
-        elif faults.calibration_required:
+        elif faults.calibration_required or self._calibration_alarm:
             status = CgmStatus.CALIBRATION_REQUIRED
         else:
             status = CgmStatus.OK
@@ -569,14 +623,48 @@ class CgmEmulator:
         if len(args) != 1 or _NUMBER_RE.fullmatch(args[0]) is None:
             return Nak(name, NakReason.ARGUMENT)
         reference_mg_dl = float(args[0])
-        if not GLUCOSE_MIN_MG_DL <= reference_mg_dl <= GLUCOSE_MAX_MG_DL:
-            return Nak(name, NakReason.RANGE)
         with self._lock:
-            if self._last_raw_mg_dl is None or self._warming_up or self.faults.state.sensor_error:
+            if not CAL_MIN_MG_DL <= reference_mg_dl <= CAL_MAX_MG_DL:
+                return self._refuse_calibration(
+                    name,
+                    NakReason.RANGE,
+                    f"CAL,{reference_mg_dl:g} outside the plausible "
+                    f"{CAL_MIN_MG_DL:g}-{CAL_MAX_MG_DL:g} mg/dL",
+                )
+            raw = self._last_raw_mg_dl
+            if raw is None or self._warming_up or self.faults.state.sensor_error:
                 return Nak(name, NakReason.NOT_READY)
-            self._offset_mg_dl = reference_mg_dl - self._last_raw_mg_dl
+            now = self._last_t_min
+            if (
+                self._last_cal_t_min is not None
+                and now - self._last_cal_t_min < self.cal_interval_min
+            ):
+                return self._refuse_calibration(
+                    name,
+                    NakReason.NOT_READY,
+                    f"CAL,{reference_mg_dl:g} {now - self._last_cal_t_min} min after the last "
+                    f"one (at least {self.cal_interval_min} min apart)",
+                )
+            max_change = max(CAL_MAX_CHANGE_MG_DL, CAL_MAX_CHANGE_FRACTION * raw)
+            if abs(reference_mg_dl - raw) > max_change:
+                return self._refuse_calibration(
+                    name,
+                    NakReason.RANGE,
+                    f"CAL,{reference_mg_dl:g} differs from the sensor's {raw:.1f} mg/dL by more "
+                    f"than {max_change:.1f} mg/dL",
+                )
+            self._offset_mg_dl = reference_mg_dl - raw
+            self._last_cal_t_min = now
+            self._calibration_alarm = False
             self.faults.state.calibration_required = False
         return Ack(name)
+
+    def _refuse_calibration(self, name: str, reason: NakReason, why: str) -> Nak:
+        """Refuse a calibration by its bounds: NAK, count, log, raise the calibration alarm."""
+        self._calibration_alarm = True
+        self.stats.calibrations_refused += 1
+        _log.warning("%s: calibration refused, alarm raised: %s", self.port, why)
+        return Nak(name, reason)
 
     def _reply(self, reply: Ack | Nak) -> None:
         if isinstance(reply, Ack):

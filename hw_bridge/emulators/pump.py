@@ -44,8 +44,17 @@ quantised (rounded down) with
 Interpretations where ``DEVICES.md`` is silent:
 
 - ``alarm_code`` shows the most severe condition: 1 occlusion (latched: it stays after the
-  occlusion is removed until command 4 clears it), then 4 reservoir empty, 3 battery low
-  (< 10 %), 2 reservoir low (< 20 U); 0 none.
+  occlusion is removed until command 4 clears it), then 4 reservoir empty, 5 cumulative insulin
+  limit (latched), 6 RTU broadcast refused (latched), 3 battery low (< 10 %), 2 reservoir low
+  (< 20 U); 0 none. Command 4 clears the latches.
+- Cumulative insulin limits, as real pumps' "max hourly"/"max daily" insulin: basal + bolus
+  over any rolling 60 simulated minutes at most ``max_hourly_u`` (default
+  :data:`MAX_HOURLY_U`, 30 U) and over any rolling 24 h at most ``max_daily_u`` (default
+  :data:`MAX_DAILY_U`, 100 U). A bolus, a temp basal start or a scheduled basal that would
+  exceed a limit (what was delivered in the window + the bolus left + the new command) is
+  refused with 04 and latches alarm 5; delivery itself is capped at the limit minute by minute
+  (the bolus in progress is cancelled, basal stops until the window frees), also latching
+  alarm 5. Many small in-limit commands therefore cannot add up past the limits.
 - An occlusion, a suspend, and an emptied reservoir cancel the bolus in progress (the rest is
   never delivered). Delivery resumes by itself when the occlusion is removed.
 - Delivery commands are: a bolus > 0, a temp basal start (duration > 0), resume (command 2 or
@@ -55,9 +64,14 @@ Interpretations where ``DEVICES.md`` is silent:
   multi-register write may span several fields; it is checked as a whole and applied
   atomically, fields in address order. Checks come in Modbus order: 01 function, 03 quantity,
   02 address, then 03 value, 04 device state, 06 busy.
-- Device id: RTU answers ``device_id`` and executes broadcasts (id 0) silently; frames for
-  other ids are ignored (silence). Modbus TCP answers unit ids ``device_id``, 0 and 255, and
-  others with 0x0B (gateway target failed to respond).
+- Device id: RTU answers ``device_id``; broadcasts (id 0) are never executed: they are
+  ignored (a broadcast gets no answer), counted (:attr:`PumpEmulator.broadcasts_refused`),
+  logged and latch alarm 6. Frames for other ids are ignored (silence). Modbus TCP answers
+  unit ids ``device_id``, 0 and 255, and others with 0x0B (gateway target failed to respond).
+- Modbus/TLS: each request is authorized by the role in the client certificate
+  (:class:`~twinloop.hw_bridge.wire.RoleTlsServer`, :attr:`PumpEmulator.authorization`):
+  ``operator`` may write, ``monitor`` and certificates without a known role only read; a
+  refused request gets 01 and is not executed.
 - ``faults.freeze``: reads return the registers as they were when the freeze began (the
   pump keeps delivering; writes are still executed).
 
@@ -68,9 +82,11 @@ state is guarded by one lock and every read fills its table from one consistent 
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import dataclasses
 import enum
+import itertools
 import logging
 import math
 import ssl
@@ -82,13 +98,15 @@ from typing import Any, cast
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
-from pymodbus.server import ModbusBaseServer, ModbusTcpServer, ModbusTlsServer
+from pymodbus.server import ModbusBaseServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from twinloop.hw_bridge.emulators.modbus_server import EmulatorError, ServerThread, server_address
 from twinloop.hw_bridge.emulators.patient import InsulinSource, VirtualPatient
 from twinloop.hw_bridge.wire import (
     Framing,
+    RoleAuthorization,
+    RoleTlsServer,
     RtuSerialServer,
     SerialLine,
     WireFaults,
@@ -146,6 +164,14 @@ BATTERY_LOW_PCT = 10.0
 BATTERY_DRAIN_PCT_PER_MIN = 0.01
 #: Below this the reservoir counts as empty, U.
 EMPTY_U = 1e-9
+#: Default cumulative limit over any rolling 60 simulated minutes (basal + bolus), U: at least
+#: the largest bolus (25 U) plus a few units of basal, like a pump's "max hourly insulin".
+MAX_HOURLY_U = 30.0
+#: Default cumulative limit over any rolling 24 simulated hours (basal + bolus), U: a pump's
+#: "max daily total" (set well above the patient's total daily dose).
+MAX_DAILY_U = 100.0
+HOUR_MIN = 60
+DAY_MIN = 1440
 
 #: Function codes the pump implements (others → 01), with their table and largest quantity.
 _FUNCTIONS: dict[int, tuple[str, int]] = {
@@ -179,6 +205,8 @@ class Alarm(enum.IntEnum):
     RESERVOIR_LOW = 2
     BATTERY_LOW = 3
     RESERVOIR_EMPTY = 4
+    DELIVERY_LIMIT = 5
+    BROADCAST_REFUSED = 6
 
 
 class Command(enum.IntEnum):
@@ -209,6 +237,19 @@ class _State:
     occluded: bool = False
     occlusion_latched: bool = False
     pulse_residual_u: float = 0.0
+    #: Insulin delivered in each of the last ``DAY_MIN`` minutes, oldest first, U.
+    recent_u: collections.deque[float] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=DAY_MIN)
+    )
+    limit_latched: bool = False
+    limit_refusals: int = 0
+    broadcast_latched: bool = False
+    broadcasts_refused: int = 0
+
+    def delivered_in_u(self, minutes: int) -> float:
+        """Insulin delivered in the last ``minutes`` simulated minutes, U."""
+        recent = self.recent_u
+        return sum(itertools.islice(recent, max(0, len(recent) - minutes), None))
 
     @property
     def empty(self) -> bool:
@@ -230,6 +271,10 @@ class _State:
             return Alarm.OCCLUSION
         if self.empty:
             return Alarm.RESERVOIR_EMPTY
+        if self.limit_latched:
+            return Alarm.DELIVERY_LIMIT
+        if self.broadcast_latched:
+            return Alarm.BROADCAST_REFUSED
         if self.battery_pct < BATTERY_LOW_PCT:
             return Alarm.BATTERY_LOW
         if self.reservoir_u < RESERVOIR_LOW_U:
@@ -319,6 +364,11 @@ class PumpEmulator:
         scheduled_basal_u_per_h: the pump's own basal at start, U/h (default: the patient's
             basal, quantised).
         battery_pct: battery at start, %.
+        max_hourly_u: cumulative limit over any rolling 60 simulated minutes, U (0-1000).
+        max_daily_u: cumulative limit over any rolling 24 h, U (``max_hourly_u``-24000).
+        authorization: which client roles may use which function codes on its Modbus/TLS
+            servers (default :class:`~twinloop.hw_bridge.wire.RoleAuthorization`: ``operator``
+            writes, ``monitor`` and certificates without a role only read).
 
     Raises:
         ValueError: an argument outside what is allowed (the message names it).
@@ -335,6 +385,9 @@ class PumpEmulator:
         faults: WireFaults | None = None,
         scheduled_basal_u_per_h: float | None = None,
         battery_pct: float = 100.0,
+        max_hourly_u: float = MAX_HOURLY_U,
+        max_daily_u: float = MAX_DAILY_U,
+        authorization: RoleAuthorization | None = None,
     ) -> None:
         if isinstance(device_id, bool) or not (
             isinstance(device_id, int) and 1 <= device_id <= 247
@@ -342,6 +395,8 @@ class PumpEmulator:
             raise ValueError(f"device_id={device_id!r} is not allowed: an int in 1..247")
         _check_range("reservoir_u", reservoir_u, 0.0, math.inf)
         _check_range("battery_pct", battery_pct, 0.0, 100.0)
+        _check_range("max_hourly_u", max_hourly_u, 0.0, 1000.0)
+        _check_range("max_daily_u", max_daily_u, max_hourly_u, 24.0 * 1000.0)
         basal = (
             patient.parameters.basal_u_per_h
             if scheduled_basal_u_per_h is None
@@ -351,7 +406,11 @@ class PumpEmulator:
         self.patient = patient
         self.spec = spec
         self.device_id = device_id
+        self.max_hourly_u = float(max_hourly_u)
+        self.max_daily_u = float(max_daily_u)
         self.faults = faults if faults is not None else WireFaults()
+        #: Role-based authorization of its Modbus/TLS servers (refusals counted there).
+        self.authorization = authorization if authorization is not None else RoleAuthorization()
         self._lock = threading.Lock()
         self._state = _State(
             reservoir_u=float(reservoir_u),
@@ -384,7 +443,22 @@ class PumpEmulator:
                 per_min, residual = delivery_u_per_min(
                     self.spec, s.basal_u_per_h, bolus_u, 1, s.pulse_residual_u
                 )
-                units = min(float(per_min[0, 0]), s.reservoir_u)
+                wanted = min(float(per_min[0, 0]), s.reservoir_u)
+                allowed = min(
+                    self.max_hourly_u - s.delivered_in_u(HOUR_MIN - 1),
+                    self.max_daily_u - s.delivered_in_u(DAY_MIN - 1),
+                )
+                units = max(0.0, min(wanted, allowed))
+                if units < wanted - EMPTY_U:  # the cumulative limit: stop, cancel the bolus
+                    if not s.limit_latched:
+                        _log.warning(
+                            "pump: cumulative insulin limit reached (%.3g U/h, %.3g U/day): "
+                            "delivery stopped",
+                            self.max_hourly_u,
+                            self.max_daily_u,
+                        )
+                    s.limit_latched = True
+                    bolus_u = s.bolus_left_u  # the rest of the bolus is never delivered
                 s.pulse_residual_u = float(residual[0])
                 s.bolus_left_u = max(0.0, s.bolus_left_u - bolus_u)
                 if s.bolus_left_u < EMPTY_U:
@@ -394,6 +468,7 @@ class PumpEmulator:
                 if s.empty:
                     s.reservoir_u = 0.0
                     s.bolus_left_u = 0.0
+            s.recent_u.append(units)
             if s.temp_basal_left_min > 0:
                 s.temp_basal_left_min -= 1
             return units
@@ -590,19 +665,54 @@ class PumpEmulator:
             code = change(trial)
             if code is None:
                 self._state = trial
+            elif trial.limit_refusals != self._state.limit_refusals:  # refused, but alarmed
+                self._state.limit_latched = True
+                self._state.limit_refusals = trial.limit_refusals
             return code
+
+    def _over_limit(self, s: _State, what: str, hour_u: float, day_u: float) -> bool:
+        """Whether ``hour_u``/``day_u`` more (within the next hour/day) would break a limit.
+
+        A command that would is refused: this latches alarm 5 and counts the refusal.
+        """
+        hour = s.delivered_in_u(HOUR_MIN) + s.bolus_left_u + hour_u
+        day = s.delivered_in_u(DAY_MIN) + s.bolus_left_u + day_u
+        if hour <= self.max_hourly_u + EMPTY_U and day <= self.max_daily_u + EMPTY_U:
+            return False
+        s.limit_refusals += 1
+        _log.warning(
+            "pump: %s refused: %.3g U in the last hour, %.3g U in the last day with it "
+            "(limits %.3g U/h, %.3g U/day)",
+            what,
+            hour,
+            day,
+            self.max_hourly_u,
+            self.max_daily_u,
+        )
+        return True
 
     def _apply(self, s: _State, name: str, value: float) -> ExcCodes | None:
         if name == "temp_basal_u_per_h":
             s.temp_basal_setting_u_per_h = float(quantize_basal(self.spec, value))
         elif name == "scheduled_basal_u_per_h":
-            s.scheduled_basal_u_per_h = float(quantize_basal(self.spec, value))
+            rate = float(quantize_basal(self.spec, value))
+            if rate > self.max_hourly_u and self._over_limit(s, "scheduled basal", rate, 0.0):
+                return ExcCodes.DEVICE_FAILURE
+            s.scheduled_basal_u_per_h = rate
         elif name == "temp_basal_duration_min":
             minutes = int(value)
             if minutes > 0:
                 if s.occluded or s.empty:
                     return ExcCodes.DEVICE_FAILURE
-                s.temp_basal_u_per_h = s.temp_basal_setting_u_per_h
+                rate = s.temp_basal_setting_u_per_h
+                if self._over_limit(
+                    s,
+                    f"temp basal {rate:g} U/h for {minutes} min",
+                    rate * min(minutes, HOUR_MIN) / 60.0,
+                    rate * minutes / 60.0,
+                ):
+                    return ExcCodes.DEVICE_FAILURE
+                s.temp_basal_u_per_h = rate
             s.temp_basal_left_min = minutes
         elif name == "bolus_u":
             bolus = float(quantize_bolus(self.spec, value))
@@ -611,6 +721,8 @@ class PumpEmulator:
                     return ExcCodes.DEVICE_FAILURE
                 if s.bolus_left_u > 0.0:
                     return ExcCodes.DEVICE_BUSY
+                if self._over_limit(s, f"bolus {bolus:g} U", bolus, bolus):
+                    return ExcCodes.DEVICE_FAILURE
                 s.bolus_left_u = bolus
         elif name == "command":
             return self._command(s, Command(int(value)))
@@ -627,8 +739,11 @@ class PumpEmulator:
             s.suspended = False
         elif command == Command.CANCEL_BOLUS:
             s.bolus_left_u = 0.0
-        elif command == Command.CLEAR_ALARM and not s.occluded:
-            s.occlusion_latched = False
+        elif command == Command.CLEAR_ALARM:
+            s.limit_latched = False
+            s.broadcast_latched = False
+            if not s.occluded:
+                s.occlusion_latched = False
         return None
 
     # -- request screening (before pymodbus touches the tables) -----------------------------
@@ -638,8 +753,11 @@ class PumpEmulator:
         Returns the request, a refusal stand-in (01, 02, 03, 0x0B) or ``None`` (ignore).
         """
         unit = request.dev_id
+        if rtu and unit == 0:
+            self._refuse_broadcast(request)
+            return None  # a broadcast is never answered: and never executed
         if unit != self.device_id:
-            if rtu and unit != 0:
+            if rtu:
                 return None  # another device on the bus
             if not rtu and unit not in TCP_ANY_UNIT_IDS:
                 return refuse(request, ExcCodes.GATEWAY_NO_RESPONSE)
@@ -662,6 +780,33 @@ class PumpEmulator:
         if request.address + quantity > _TABLE_SIZE[table]:
             return refuse(request, ExcCodes.ILLEGAL_ADDRESS)
         return request
+
+    def _refuse_broadcast(self, request: ModbusPDU) -> None:
+        with self._lock:
+            self._state.broadcast_latched = True
+            self._state.broadcasts_refused += 1
+        _log.warning(
+            "pump: RTU broadcast (device id 0, function %d) refused: not executed (alarm %d)",
+            request.function_code,
+            Alarm.BROADCAST_REFUSED,
+        )
+
+    @property
+    def limit_refusals(self) -> int:
+        """Commands refused because they would break the hourly or daily insulin limit."""
+        with self._lock:
+            return self._state.limit_refusals
+
+    @property
+    def broadcasts_refused(self) -> int:
+        """RTU broadcast requests (device id 0) received and refused."""
+        with self._lock:
+            return self._state.broadcasts_refused
+
+    def delivered_in_u(self, minutes: int) -> float:
+        """Insulin delivered in the last ``minutes`` simulated minutes (at most a day), U."""
+        with self._lock:
+            return self._state.delivered_in_u(minutes)
 
     @staticmethod
     def respond(response: ModbusPDU) -> ModbusPDU:
@@ -741,7 +886,8 @@ class PumpEmulator:
         Args:
             host: address to bind (loopback by default).
             port: TCP port; 0 picks a free one (see :func:`server_address`).
-            tls: a server-side SSL context (certificate loaded) for Modbus/TLS.
+            tls: a server-side SSL context (certificate loaded) for Modbus/TLS; requests are
+                authorized by the client certificate's role (:attr:`authorization`).
 
         Raises:
             EmulatorError: the address cannot be bound.
@@ -755,7 +901,9 @@ class PumpEmulator:
             "trace_pdu": hooks.trace_pdu,
         }
         if tls is not None:
-            server = ModbusTlsServer(self.sim_device(), sslctx=tls, **common)
+            server = RoleTlsServer(
+                self.sim_device(), sslctx=tls, authorization=self.authorization, **common
+            )
         else:
             server = ModbusTcpServer(self.sim_device(), framer=FramerType.SOCKET, **common)
         await self._listen(server, f"TCP {host}:{port}")

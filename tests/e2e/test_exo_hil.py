@@ -46,8 +46,13 @@ PROFILE_YAML = Path(__file__).resolve().parents[2] / "hw_bridge" / "profiles" / 
 class Bench:
     """An emulated drive on loopback, with a log of every target torque that reached it."""
 
-    def __init__(self, preset: str = "moderate", *, seed: int = 0, task: str = "cyclic") -> None:
-        self.drive = DriveEmulator(knee_backend(preset, seed=seed, task=task))
+    def __init__(
+        self, preset: str = "moderate", *, seed: int = 0, task: str = "cyclic", watchdog_ms=100
+    ) -> None:
+        # the drive's watchdog is a maintenance setting of the drive: the rig only checks it
+        self.drive = DriveEmulator(
+            knee_backend(preset, seed=seed, task=task), watchdog_ms=watchdog_ms
+        )
         self.target_writes: list[int] = []
         original = self.drive.write_holding
 
@@ -192,7 +197,7 @@ def test_stopping_the_emulator_raises_an_alarm_and_ends_the_torque_commands():
 
 def test_lost_requests_fault_the_drive_by_its_watchdog_and_raise_an_alarm():
     """Requests dropped on the wire: the drive's watchdog zeroes its torque, the rig alarms."""
-    with bench() as b:
+    with bench(watchdog_ms=50) as b:
         running = threading.Event()
         thread, out = _run_in_thread(
             b.config(controller="impedance", seconds=30.0, watchdog_ms=50),

@@ -182,15 +182,80 @@ def test_commands(rig: Rig) -> None:
     assert rig.emulator.stats.acks == 1 and rig.emulator.stats.naks == 5
 
 
+def _latest_reading(rig: Rig) -> float:
+    frame = rig.emulator.last_frame
+    assert frame is not None and frame.glucose_mg_dl is not None
+    return frame.glucose_mg_dl
+
+
 def test_cal_shifts_readings(rig: Rig) -> None:
     rig.take(3)
-    assert rig.transport.command("CAL", 300.0) == Ack("CAL")
+    reference = round(_latest_reading(rig) * 1.15, 1)  # within 20 % of the sensor
+    assert rig.transport.command("CAL", reference) == Ack("CAL")
     offset = rig.emulator.offset_mg_dl
-    assert offset > 50.0  # the patient is far below 300 mg/dL
+    assert offset > 10.0
     frames = rig.after(rig.cut(), 8)
     np.testing.assert_allclose(readings(frames), expected_readings(rig, frames, offset), atol=0.051)
     gsub = np.array([rig.truth[f.t_min] for f in frames])
-    assert np.mean(readings(frames) - gsub) > 50.0
+    assert np.mean(readings(frames) - gsub) > 10.0
+    assert not rig.emulator.calibration_alarm
+
+
+def test_cal_400_is_refused_alarmed_and_does_not_shift_readings(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.take(3)
+    assert _latest_reading(rig) < 300.0  # the patient is far below 400 mg/dL
+    with caplog.at_level("WARNING", logger="twinloop.hw_bridge.emulators.cgm"):
+        assert rig.transport.command("CAL", 400.0) == Nak("CAL", NakReason.RANGE)
+    assert rig.emulator.offset_mg_dl == 0.0
+    assert rig.emulator.calibration_alarm
+    assert rig.emulator.stats.calibrations_refused == 1
+    assert any("calibration refused" in r.getMessage() for r in caplog.records)
+    # the alarm on the line: no glucose, status CALIBRATION_REQUIRED, until a good CAL
+    frames = rig.after(rig.cut(), 3)
+    assert all(f.status is CgmStatus.CALIBRATION_REQUIRED for f in frames)
+    assert all(f.glucose_mg_dl is None for f in frames)
+    reference = _latest_raw(rig)
+    assert rig.transport.command("CAL", reference) == Ack("CAL")
+    assert not rig.emulator.calibration_alarm
+    offset = rig.emulator.offset_mg_dl
+    assert abs(offset) <= 0.05
+    frames = rig.after(rig.cut(), 5)
+    assert all(f.status is CgmStatus.OK for f in frames)
+    np.testing.assert_allclose(readings(frames), expected_readings(rig, frames, offset), atol=0.051)
+
+
+def _latest_raw(rig: Rig) -> float:
+    """The sensor's own latest reading, to the 0.1 mg/dL a CAL carries (emulator internals)."""
+    raw = rig.emulator._last_raw_mg_dl
+    assert raw is not None
+    return round(raw, 1)
+
+
+@pytest.mark.parametrize(
+    ("reference", "reason"),
+    [(30.0, NakReason.RANGE), (450.0, NakReason.RANGE), ("2x", NakReason.RANGE)],
+    ids=["below 40", "above 400", "twice the reading"],
+)
+def test_calibration_bounds(rig: Rig, reference: float | str, reason: NakReason) -> None:
+    rig.take(2)
+    value = min(2.0 * _latest_reading(rig), 399.0) if reference == "2x" else float(reference)
+    assert rig.transport.command("CAL", value) == Nak("CAL", reason)
+    assert rig.emulator.offset_mg_dl == 0.0
+    assert rig.emulator.calibration_alarm
+    assert rig.emulator.stats.calibrations_refused == 1
+
+
+def test_calibrations_too_close_together_are_refused(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(cal_interval_min=100_000)
+    rig.take(2)
+    assert rig.transport.command("CAL", _latest_raw(rig)) == Ack("CAL")
+    assert rig.transport.command("CAL", _latest_raw(rig)) == Nak("CAL", NakReason.NOT_READY)
+    assert rig.emulator.calibration_alarm
+    assert rig.emulator.stats.calibrations_refused == 1
+    with pytest.raises(LineConfigError):
+        CgmEmulator(rig.patient, rig.pty.a, cal_interval_min=-1)
 
 
 def test_sensor_error_fault(rig: Rig) -> None:
@@ -209,7 +274,7 @@ def test_calibration_required_fault_cleared_by_cal(rig: Rig) -> None:
     rig.emulator.faults.calibration_required(True)
     frames = rig.after(rig.cut(), 2)
     assert all(f.status is CgmStatus.CALIBRATION_REQUIRED for f in frames)
-    assert rig.transport.command("CAL", 150.0) == Ack("CAL")
+    assert rig.transport.command("CAL", _latest_raw(rig)) == Ack("CAL")
     frames = rig.after(rig.cut(), 2)
     assert all(f.status is CgmStatus.OK for f in frames)
 

@@ -24,6 +24,7 @@ import pytest
 from pymodbus.client import ModbusTcpClient
 
 from twinloop.hw_bridge.emulators.drive.emulator import (
+    KNEE_ROM_RAD,
     DriveEmulator,
     JointBackend,
     PendulumJoint,
@@ -33,6 +34,7 @@ from twinloop.hw_bridge.emulators.drive.modbus import (
     CST_MODE,
     ERROR_WATCHDOG,
     HR_CONTROLWORD,
+    HR_MAINTENANCE,
     HR_MAX_TORQUE,
     HR_MODES_OF_OPERATION,
     HR_TARGET_TORQUE,
@@ -44,6 +46,7 @@ from twinloop.hw_bridge.emulators.drive.modbus import (
     IR_TORQUE_ACTUAL,
     IR_TORQUE_DEMAND,
     IR_VELOCITY_ACTUAL,
+    MAINTENANCE_KEYS,
     SELF_TEST_TICKS,
     DriveState,
     Statusword,
@@ -224,6 +227,21 @@ def write_int16(client, address: int, value: int):
     return client.write_register(address, value & 0xFFFF, device_id=DEV)
 
 
+def maintenance(client, on: bool = True) -> None:
+    """Enter (the two keys, one write each) or leave (0) the drive's maintenance state."""
+    for word in MAINTENANCE_KEYS if on else (0,):
+        ok(client.write_register(HR_MAINTENANCE, word, device_id=DEV))
+
+
+def set_settings(client, **words: int) -> None:
+    """Write maintenance settings (``max_torque``, ``watchdog_ms``) the way a technician does."""
+    maintenance(client)
+    for name, word in words.items():
+        address = HR_MAX_TORQUE if name == "max_torque" else HR_WATCHDOG_MS
+        ok(client.write_register(address, word, device_id=DEV))
+    maintenance(client, on=False)
+
+
 def boot(drive: DriveEmulator) -> None:
     for _ in range(SELF_TEST_TICKS):
         drive.step()
@@ -332,14 +350,15 @@ def test_only_cst_mode_is_accepted(drive, client):
 def test_modbus_exceptions(drive, client):
     boot(drive)
     assert exception_code(client.read_coils(0, count=1, device_id=DEV)) == 1
-    assert exception_code(client.write_register(5, 1, device_id=DEV)) == 2
+    assert exception_code(client.write_register(6, 1, device_id=DEV)) == 2
+    assert exception_code(client.write_register(HR_MAINTENANCE, 1, device_id=DEV)) == 3
     assert exception_code(client.read_input_registers(10, count=5, device_id=DEV)) == 2
     assert exception_code(write_int16(client, HR_MAX_TORQUE, 2001)) == 3
     assert exception_code(client.read_holding_registers(0, count=1, device_id=7)) == 0x0B
     # a multi-register write is checked as a whole: nothing of it is applied
     assert exception_code(client.write_registers(2, [100, 2001], device_id=DEV)) == 3
-    held = ok(client.read_holding_registers(0, count=5, device_id=DEV)).registers
-    assert held == [0, CST_MODE, 0, 1000, 0]
+    held = ok(client.read_holding_registers(0, count=6, device_id=DEV)).registers
+    assert held == [0, CST_MODE, 0, 1000, 0, 0]
 
 
 # -- torque ----------------------------------------------------------------------------------
@@ -378,8 +397,9 @@ def test_torque_in_operation_enabled_and_halt(drive, client, pendulum):
 
 
 def test_clamp_to_max_torque_sets_internal_limit(drive, client, pendulum):
+    boot(drive)
+    set_settings(client, max_torque=250)
     bring_to(drive, client, "operation_enabled")
-    ok(write_int16(client, HR_MAX_TORQUE, 250))
     for target, demand, limited in [(400, 250, True), (-400, -250, True), (200, 200, False)]:
         ok(write_int16(client, HR_TARGET_TORQUE, target))
         drive.step()
@@ -393,9 +413,163 @@ def test_clamp_to_max_torque_sets_internal_limit(drive, client, pendulum):
     assert not statusword(client) & Statusword.INTERNAL_LIMIT_ACTIVE
 
 
+# -- maintenance state ---------------------------------------------------------------------
+def holding(client) -> list[int]:
+    return ok(client.read_holding_registers(0, count=6, device_id=DEV)).registers
+
+
+def test_settings_are_refused_outside_the_maintenance_state(drive, client):
+    bring_to(drive, client, "operation_enabled")
+    before = holding(client)
+    assert exception_code(write_int16(client, HR_MAX_TORQUE, 2000)) == 4  # 80 N·m
+    assert exception_code(write_int16(client, HR_WATCHDOG_MS, 0)) == 4  # watchdog off
+    # a multi-register write carrying a setting is refused whole: the target is not applied
+    assert exception_code(client.write_registers(HR_TARGET_TORQUE, [300, 2000], device_id=DEV)) == 4
+    assert holding(client) == before
+    assert drive.status().max_torque_permille == 1000
+    assert not drive.status().maintenance
+    # nor from a powered-on drive: the unlock needs the power stage off
+    key = MAINTENANCE_KEYS[0]
+    assert exception_code(client.write_register(HR_MAINTENANCE, key, device_id=DEV)) == 4
+    assert state_bits(client) == OE
+
+
+def test_the_maintenance_unlock_sequence(drive, client):
+    boot(drive)
+    first, second = MAINTENANCE_KEYS
+    assert exception_code(client.write_register(HR_MAINTENANCE, second, device_id=DEV)) == 4
+    ok(client.write_register(HR_MAINTENANCE, first, device_id=DEV))
+    ok(write_int16(client, HR_TARGET_TORQUE, 0))  # anything in between breaks the sequence
+    assert exception_code(client.write_register(HR_MAINTENANCE, second, device_id=DEV)) == 4
+    # a key written together with anything else: refused
+    assert exception_code(client.write_registers(HR_WATCHDOG_MS, [50, first], device_id=DEV)) == 4
+    assert holding(client)[HR_MAINTENANCE] == 0
+    maintenance(client)
+    assert holding(client)[HR_MAINTENANCE] == 1 and drive.status().maintenance
+    # in maintenance the power stage stays off
+    assert exception_code(client.write_register(HR_CONTROLWORD, SHUTDOWN, device_id=DEV)) == 4
+    assert state_bits(client) == SOD
+    ok(write_int16(client, HR_MAX_TORQUE, 500))
+    ok(write_int16(client, HR_WATCHDOG_MS, 40))
+    maintenance(client, on=False)
+    assert holding(client)[HR_MAX_TORQUE : HR_MAINTENANCE + 1] == [500, 40, 0]
+    assert exception_code(write_int16(client, HR_MAX_TORQUE, 600)) == 4
+    command(client, SHUTDOWN)
+    assert state_bits(client) == RTSO
+
+
+def _exo_rig(server):
+    from twinloop.hil.knee.rig import ExoRig, ExoRigConfig, drive_register_names
+
+    profile = load_profile(shipped_profile("exo_drive_tcp")).with_overrides(
+        tcp=f"127.0.0.1:{server.tcp_address[1]}"
+    )
+    device = ModbusDevice(profile)
+    rig = ExoRig(
+        ExoRigConfig(tcp=f"127.0.0.1:{server.tcp_address[1]}"),
+        drive=device,
+        registers=drive_register_names(profile),
+        torque_limit_nm=30.0,
+    )
+    return device, rig
+
+
+@pytest.mark.parametrize("tampered", [None, "max_torque", "watchdog_ms"])
+def test_the_knee_rig_never_writes_the_maintenance_settings_and_checks_them(tampered):
+    from twinloop.hil.knee.rig import ExoRigError
+
+    drive = DriveEmulator(PendulumJoint())
+    seen: list[int] = []
+    original = drive.write_holding
+
+    def recording(address, words):  # type: ignore[no-untyped-def]
+        seen.extend(range(address, address + len(words)))
+        return original(address, words)
+
+    drive.write_holding = recording  # type: ignore[method-assign]
+    with drive.start_tcp("127.0.0.1", 0) as server:
+        wait_for(lambda: drive.state == DriveState.SWITCH_ON_DISABLED, what="self-test")
+        if tampered is not None:  # a technician (or an attacker) changed a setting
+            client = ModbusTcpClient("127.0.0.1", port=server.tcp_address[1], timeout=TIMEOUT_S)
+            assert client.connect()
+            set_settings(client, **{tampered: 2000 if tampered == "max_torque" else 0})
+            client.close()
+            seen.clear()
+        device, rig = _exo_rig(server)
+        with device:
+            if tampered is None:
+                rig.enable()
+                assert drive.state == DriveState.OPERATION_ENABLED
+                assert rig.drive_settings == {"max_torque_nm": 40.0, "watchdog_ms": 100.0}
+            else:
+                with pytest.raises(ExoRigError, match="maintenance state"):
+                    rig.enable()
+                assert drive.state == DriveState.SWITCH_ON_DISABLED  # never powered
+            device.apply_safe_state()
+    assert seen and not {HR_MAX_TORQUE, HR_WATCHDOG_MS, HR_MAINTENANCE} & set(seen)
+
+
+# -- range of motion -----------------------------------------------------------------------------
+def _push_into_extension(rom_rad):  # type: ignore[no-untyped-def]
+    """A knee drive told -30 N·m (full extension assist) for 3 s; the angles and last status."""
+    from twinloop.hw_bridge.emulators.drive.emulator import knee_backend
+
+    joint = knee_backend("moderate", theta0_rad=math.radians(20.0))
+    drive = DriveEmulator(joint, watchdog_ms=0, rom_rad=rom_rad)
+    with drive.start_tcp("127.0.0.1", 0, run_joint=False) as server:
+        client = ModbusTcpClient("127.0.0.1", port=server.tcp_address[1], timeout=TIMEOUT_S)
+        assert client.connect()
+        try:
+            bring_to(drive, client, "operation_enabled")
+            ok(write_int16(client, HR_TARGET_TORQUE, -750))
+            angles = []
+            for _ in range(3000):
+                drive.step()
+                angles.append(joint.angle_rad)
+            return angles, input_int16(client, IR_TORQUE_DEMAND), statusword(client), drive
+        finally:
+            client.close()
+
+
+def test_the_knee_drive_stops_driving_into_hyperextension_whatever_the_target():
+    free, free_demand, _, _ = _push_into_extension((-math.pi, math.pi))
+    assert min(free) < KNEE_ROM_RAD[0]  # without the drive's limit: hyperextension
+    assert free_demand == -750
+    angles, demand, word, drive = _push_into_extension(None)  # the knee's own ROM
+    assert drive.rom_rad == KNEE_ROM_RAD
+    assert min(angles) > KNEE_ROM_RAD[0]
+    assert -750 < demand < 0  # tapered near the limit, still extending
+    assert word & Statusword.INTERNAL_LIMIT_ACTIVE
+
+
+def test_no_torque_towards_a_rom_limit_beyond_it_only_back_into_range():
+    limited = DriveEmulator(PendulumJoint(angle_rad=-0.3), watchdog_ms=0, rom_rad=(-0.2, 1.0))
+    with limited.start_tcp("127.0.0.1", 0, run_joint=False) as server:
+        c = ModbusTcpClient("127.0.0.1", port=server.tcp_address[1], timeout=TIMEOUT_S)
+        assert c.connect()
+        try:
+            bring_to(limited, c, "operation_enabled")
+            ok(write_int16(c, HR_TARGET_TORQUE, -500))  # further out: nothing applied
+            limited.step()
+            assert input_int16(c, IR_TORQUE_DEMAND) == 0
+            assert limited.backend.torque_nm == 0.0
+            assert statusword(c) & Statusword.INTERNAL_LIMIT_ACTIVE
+            ok(write_int16(c, HR_TARGET_TORQUE, 500))  # back into the range: full torque
+            limited.step()
+            assert input_int16(c, IR_TORQUE_DEMAND) == 500
+            assert not statusword(c) & Statusword.INTERNAL_LIMIT_ACTIVE
+        finally:
+            c.close()
+    with pytest.raises(ValueError, match="rom_rad"):
+        DriveEmulator(PendulumJoint(), rom_rad=(1.0, -1.0))
+    with pytest.raises(ValueError, match="rom_taper_rad"):
+        DriveEmulator(PendulumJoint(), rom_taper_rad=0.0)
+
+
 # -- watchdog --------------------------------------------------------------------------------
 def test_watchdog_faults_and_fault_reset(drive, client, pendulum):
-    ok(client.write_register(HR_WATCHDOG_MS, 20, device_id=DEV))
+    boot(drive)
+    set_settings(client, watchdog_ms=20)
     bring_to(drive, client, "operation_enabled")
     ok(write_int16(client, HR_TARGET_TORQUE, 300))
     for _ in range(15):
@@ -418,7 +592,8 @@ def test_watchdog_faults_and_fault_reset(drive, client, pendulum):
 
 
 def test_watchdog_is_off_outside_operation_enabled(drive, client):
-    ok(client.write_register(HR_WATCHDOG_MS, 10, device_id=DEV))
+    boot(drive)
+    set_settings(client, watchdog_ms=10)
     bring_to(drive, client, "switched_on")
     for _ in range(100):
         drive.step()
@@ -427,14 +602,14 @@ def test_watchdog_is_off_outside_operation_enabled(drive, client):
 
 def test_watchdog_on_the_wall_clock_through_the_profile():
     """The 1 kHz joint thread: an enabled drive left alone faults with 0x8130."""
-    drive = DriveEmulator(PendulumJoint())
+    drive = DriveEmulator(PendulumJoint(), watchdog_ms=50)
     with drive.start_tcp("127.0.0.1", 0) as server:
         profile = load_profile(shipped_profile("exo_drive_tcp")).with_overrides(
             tcp=f"127.0.0.1:{server.tcp_address[1]}"
         )
         with ModbusDevice(profile) as device:
             wait_for(lambda: device.read("statusword") & 0x6F == SOD, what="switch on disabled")
-            assert device.write("watchdog_ms", 50) is None
+            assert device.read("watchdog_ms") == 50
             for word in (SHUTDOWN, SWITCH_ON, ENABLE_OP):
                 assert device.write("controlword", word) is None
             assert device.write("target_torque_nm", 12.0) is None
@@ -701,8 +876,12 @@ def test_profile_limits_block_writes_before_the_wire(drive, client, profile):
         assert seen == [(HR_TARGET_TORQUE, [625])]
         drive.step()
         assert device.read("torque_demand_nm") == pytest.approx(25.0)
-        # the drive's own clamp below the profile's limit, flagged
-        assert device.write("max_torque_nm", 10.0) is None
+        # the drive's own clamp below the profile's limit (a maintenance setting), flagged
+        command(client, 0)
+        set_settings(client, max_torque=250)
+        for word in (SHUTDOWN, ENABLE_OP):
+            command(client, word)
+        assert device.read("max_torque_nm") == pytest.approx(10.0)
         drive.step()
         assert device.read("torque_demand_nm") == pytest.approx(10.0)
         assert device.read("statusword") & Statusword.INTERNAL_LIMIT_ACTIVE

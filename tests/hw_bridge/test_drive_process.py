@@ -34,6 +34,7 @@ from tests.hw_bridge.test_drive import (
     exception_code,
     input_int16,
     ok,
+    set_settings,
     state_bits,
     wait_for,
     write_int16,
@@ -114,10 +115,11 @@ def test_writes_through_the_mailbox_are_seen_by_the_next_read():
             wait_for(lambda: state_bits(client) == SOD, what="switch on disabled")
             first = heartbeat(client)
             wait_for(lambda: heartbeat(client) != first, what="the core's heartbeat")
+            set_settings(client, max_torque=400)  # in the core's maintenance state
             for word, expected in ((SHUTDOWN, RTSO), (SWITCH_ON, SO), (ENABLE_OP, OE)):
                 command(client, word)
                 assert state_bits(client) == expected
-            ok(write_int16(client, HR_MAX_TORQUE, 400))
+            assert exception_code(write_int16(client, HR_MAX_TORQUE, 1000)) == 4  # not now
             for target, demand in ((250, 250), (-300, -300), (900, 400), (-900, -400)):
                 ok(write_int16(client, HR_TARGET_TORQUE, target))
                 assert input_int16(client, IR_TORQUE_DEMAND) == demand

@@ -46,6 +46,7 @@ from twinloop.hw_bridge.profile import (
     shipped_profile,
 )
 from twinloop.hw_bridge.pty import PtyPair
+from twinloop.hw_bridge.wire import MODBUS_ROLE_OID, certificate_role
 
 pytestmark = pytest.mark.hil
 
@@ -597,6 +598,7 @@ def _cert(
     *,
     ca: bool = False,
     server: bool = False,
+    role_der: bytes | None = None,
 ) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     issuer_name, issuer_key = issuer if issuer else (name, key)
@@ -629,6 +631,11 @@ def _cert(
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    if role_der is not None:  # the Modbus/TCP Security role extension
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier(MODBUS_ROLE_OID), role_der),
             critical=False,
         )
     if server:
@@ -745,6 +752,107 @@ def test_tls_with_an_unreadable_certificate_is_a_profile_error(tmp_path: Path):
     with pytest.raises(ProfileError) as info:
         ModbusDevice(_tls_profile(1, certfile=str(bogus), keyfile=str(bogus)))
     assert info.value.field == "transport.certfile"
+
+
+# ---------------------------------------------------------------------------------------------
+# Modbus/TCP Security: the client certificate's role decides who may write (the pump emulator)
+# ---------------------------------------------------------------------------------------------
+
+
+def _utf8string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return bytes([0x0C, len(data)]) + data
+
+
+ROLE_CLIENTS = {
+    "operator": _utf8string("operator"),
+    "monitor": _utf8string("monitor"),
+    "admin": _utf8string("admin"),  # a role the pump does not know
+    "no_role": None,
+    "not_a_string": bytes([0x02, 0x01, 0x07]),  # an INTEGER where a UTF8String belongs
+}
+
+
+@pytest.fixture(scope="module")
+def role_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("role_pki")
+    ca_key, server_key = _key(), _key()
+    ca = _cert("twinloop test CA", ca_key, ca=True)
+    paths: dict[str, str] = {}
+    paths["ca"], _ = _write_pair(folder, "ca", ca, ca_key)
+    server = _cert("pump", server_key, (ca.subject, ca_key), server=True)
+    paths["server"], paths["server_key"] = _write_pair(folder, "server", server, server_key)
+    for name, role_der in ROLE_CLIENTS.items():
+        key = _key()
+        cert = _cert(f"client-{name}", key, (ca.subject, ca_key), role_der=role_der)
+        paths[name], paths[f"{name}_key"] = _write_pair(folder, name, cert, key)
+    return paths
+
+
+@pytest.fixture
+def tls_pump(role_pki: dict[str, str]) -> Iterator[tuple[Any, int]]:
+    from twinloop.hw_bridge.emulators.patient import VirtualPatient
+    from twinloop.hw_bridge.emulators.pump import PumpEmulator
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(role_pki["server"], role_pki["server_key"])
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=role_pki["ca"])
+    pump = PumpEmulator(VirtualPatient("adult#001", seed=0, wall_s_per_sim_min=3600.0))
+    try:
+        with pump.start_tcp("127.0.0.1", 0, tls=context) as servers:
+            yield pump, servers.tcp_address[1]
+    finally:
+        pump.close()
+
+
+def _role_device(role_pki: dict[str, str], port: int, client: str) -> ModbusDevice:
+    profile = _tls_profile(
+        port, certfile=role_pki[client], keyfile=role_pki[f"{client}_key"], cafile=role_pki["ca"]
+    )
+    return ModbusDevice(profile)
+
+
+def test_the_role_is_read_from_the_certificate_extension(role_pki: dict[str, str]):
+    def der(name: str) -> bytes:
+        pem = Path(role_pki[name]).read_bytes()
+        return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+    assert certificate_role(der("operator")) == "operator"
+    assert certificate_role(der("monitor")) == "monitor"
+    assert certificate_role(der("admin")) == "admin"
+    assert certificate_role(der("no_role")) is None
+    assert certificate_role(der("not_a_string")) is None
+    assert certificate_role(None) is None
+    assert certificate_role(b"not a certificate") is None
+
+
+def test_an_operator_certificate_may_write(tls_pump: tuple[Any, int], role_pki: dict[str, str]):
+    pump, port = tls_pump
+    with _role_device(role_pki, port, "operator") as device:
+        assert device.write("bolus_u", 3.5) is None
+        assert device.write("suspend", True) is None
+        assert device.read("reservoir_u") == pytest.approx(300.0)
+    status = pump.status()
+    assert status.suspended and status.bolus_remaining_u == 0.0  # suspend cancelled the bolus
+    assert pump.authorization.refusals == 0
+
+
+@pytest.mark.parametrize("client", ["monitor", "no_role", "admin", "not_a_string"])
+def test_a_certificate_without_a_writing_role_reads_but_may_not_write(
+    tls_pump: tuple[Any, int], role_pki: dict[str, str], client: str
+):
+    pump, port = tls_pump
+    with _role_device(role_pki, port, client) as device:
+        assert device.read("reservoir_u") == pytest.approx(300.0)
+        assert device.read("scheduled_basal_u_per_h") > 0.0
+        for name, value in (("bolus_u", 3.5), ("suspend", True), ("command", 1)):
+            # the authorization failure: exception 01, never the pump's own 03 correction
+            assert device.write(name, value) == int(ExcCodes.ILLEGAL_FUNCTION)
+        assert device.read("bolus_u") == 0.0  # nothing was executed
+    status = pump.status()
+    assert not status.suspended and status.bolus_remaining_u == 0.0
+    assert pump.authorization.refusals == 3
 
 
 # ---------------------------------------------------------------------------------------------

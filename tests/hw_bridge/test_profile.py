@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -166,11 +167,11 @@ def _valid() -> dict[str, Any]:
             {"name": "rate", "table": "holding", "address": 0, "dtype": "float32",
              "unit": "U/h", "minimum": 0, "maximum": 35, "channel": "basal_u_per_h"},
             {"name": "mode", "table": "holding", "address": 2, "dtype": "uint16",
-             "minimum": 0, "maximum": 4},
+             "minimum": 0, "maximum": 4, "channel": "pump_command"},
             {"name": "level", "table": "input", "address": 0, "dtype": "uint16", "scale": 0.1},
             {"name": "flag", "table": "coil", "address": 0, "dtype": "bool"},
         ],
-        "safe_state": [{"register": "mode", "value": 0}],
+        "safe_state": [{"register": "mode", "value": 1}],
     }  # fmt: skip
 
 
@@ -384,13 +385,122 @@ def test_load_profile_reports_yaml_errors_and_resolves_tls_paths(tmp_path: Path)
         "name: t\nkind: generic\n"
         "transport: {kind: modbus-tls, port: 8020, certfile: c.pem, keyfile: k.pem,"
         " cafile: ca.pem}\n"
-        "registers: [{name: r, table: holding, address: 0, dtype: uint16}]\n"
+        "registers: [{name: r, table: holding, address: 0, dtype: uint16, access: r}]\n"
     )
     t = load_profile(good).transport
     assert (t.certfile, t.keyfile, t.cafile) == tuple(
         str(tmp_path / n) for n in ("c.pem", "k.pem", "ca.pem")
     )
     assert t.tcp_port == 8020
+
+
+# ---------------------------------------------------------------------------------------------
+# unsafe profiles: a safe state that delivers, an empty one, limits beyond the device's own
+# ---------------------------------------------------------------------------------------------
+
+
+def _edited(name: str, old: str, new: str) -> Callable[[Path], Path]:
+    """A copy of shipped profile ``name`` with ``old`` replaced by ``new`` (exactly once)."""
+
+    def write(folder: Path) -> Path:
+        text = shipped_profile(name).read_text(encoding="utf-8")
+        assert text.count(old) == 1, old
+        path = folder / f"{name}_unsafe.yaml"
+        path.write_text(text.replace(old, new), encoding="utf-8")
+        return path
+
+    return write
+
+
+PUMP_SAFE = "  - {register: command, value: 3}\n  - {register: temp_basal_duration_min, value: 0}\n"
+DRIVE_SAFE = "  - {register: target_torque_nm, value: 0}\n"
+UNSAFE = [
+    ("25 U bolus safe state", _edited("insulin_pump_tcp", PUMP_SAFE,
+        PUMP_SAFE + "  - {register: bolus_u, value: 25}\n"), "safe_state[2].value", 25),
+    ("a zero bolus is still a bolus write", _edited("insulin_pump_rtu", PUMP_SAFE,
+        "  - {register: bolus_u, value: 0}\n"), "safe_state[0].value", 0),
+    ("empty safe state", _edited("insulin_pump_tcp", PUMP_SAFE, ""), "safe_state", None),
+    ("empty drive safe state", _edited("exo_drive_tcp",
+        DRIVE_SAFE + "  - {register: controlword, value: 0}\n", ""), "safe_state", None),
+    ("1000 U bolus limit", _edited("insulin_pump_tcp", "minimum: 0, maximum: 25, channel: bolus_u",
+        "minimum: 0, maximum: 1000, channel: bolus_u"), "registers[2].maximum", 1000.0),
+    ("a bolus register without a maximum", _edited("insulin_pump_rtu",
+        "minimum: 0, maximum: 25, channel: bolus_u", "minimum: 0, channel: bolus_u"),
+        "registers[2].maximum", None),
+    ("basal limit above the pump's 35 U/h", _edited("insulin_pump_tcp",
+        "minimum: 0, maximum: 35, channel: basal_u_per_h",
+        "minimum: 0, maximum: 50, channel: basal_u_per_h"), "registers[0].maximum", 50.0),
+    ("temp basal above 0 in the safe state", _edited("insulin_pump_tcp", PUMP_SAFE,
+        "  - {register: temp_basal_u_per_h, value: 5}\n"
+        "  - {register: temp_basal_duration_min, value: 30}\n"), "safe_state[0].value", 5.0),
+    ("a temp basal started without a 0 U/h rate", _edited("insulin_pump_tcp", PUMP_SAFE,
+        "  - {register: temp_basal_duration_min, value: 30}\n"), "safe_state[0].value", 30.0),
+    ("resume in the safe state", _edited("insulin_pump_rtu", PUMP_SAFE,
+        "  - {register: command, value: 2}\n"), "safe_state[0].value", 2.0),
+    ("the suspend coil released", _edited("insulin_pump_rtu", PUMP_SAFE,
+        "  - {register: suspend, value: false}\n"), "safe_state[0].value", False),
+    ("the pump's own basal rewritten", _edited("insulin_pump_tcp", PUMP_SAFE,
+        "  - {register: scheduled_basal_u_per_h, value: 0}\n"), "safe_state[0].register",
+        "scheduled_basal_u_per_h"),
+    ("torque safe state non-zero", _edited("exo_drive_tcp", DRIVE_SAFE,
+        "  - {register: target_torque_nm, value: 12}\n"), "safe_state[0].value", 12.0),
+    ("enable operation in the safe state", _edited("exo_drive_tcp",
+        "  - {register: controlword, value: 0}\n", "  - {register: controlword, value: 15}\n"),
+        "safe_state[1].value", 15.0),
+    ("drive torque limit beyond its rating", _edited("exo_drive_tcp",
+        "minimum: 0, maximum: 40, channel: exo_max_torque_nm",
+        "minimum: 0, maximum: 80, channel: exo_max_torque_nm"), "registers[3].maximum", 80.0),
+    ("target torque beyond the drive's", _edited("exo_drive_tcp",
+        "minimum: -30, maximum: 30, channel: exo_torque_cmd_nm",
+        "minimum: -60, maximum: 30, channel: exo_torque_cmd_nm"), "registers[2].minimum", -60.0),
+    ("a watchdog that may be switched off", _edited("exo_drive_tcp",
+        "minimum: 10, maximum: 1000, channel: drive_watchdog_ms",
+        "minimum: 0, maximum: 1000, channel: drive_watchdog_ms"), "registers[4].minimum", 0.0),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("write", "field", "value"),
+    [(w, f, v) for _, w, f, v in UNSAFE],
+    ids=[c for c, _, _, _ in UNSAFE],
+)
+def test_unsafe_profiles_are_refused_at_load_naming_file_and_field(
+    tmp_path: Path, write: Callable[[Path], Path], field: str, value: object
+):
+    path = write(tmp_path)
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert info.value.field == field
+    if value is not None:
+        assert info.value.value == value
+    message = str(info.value)
+    assert message.startswith(f"{path}: {field}=")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "safe_state",
+    [
+        [{"register": "command", "value": 1}],
+        [{"register": "suspend", "value": True}],
+        [
+            {"register": "temp_basal_u_per_h", "value": 0},
+            {"register": "temp_basal_duration_min", "value": 30},
+        ],
+    ],
+)
+def test_safe_states_that_stop_delivery_are_accepted(safe_state: list[dict[str, Any]]):
+    pump = load_profile(shipped_profile("insulin_pump_tcp"))
+    mapping = yaml.safe_load(shipped_profile("insulin_pump_tcp").read_text(encoding="utf-8"))
+    mapping["safe_state"] = safe_state
+    profile = parse_profile(mapping)
+    assert profile.registers == pump.registers
+    assert [s.register for s in profile.safe_state] == [s["register"] for s in safe_state]
+
+
+def test_a_read_only_device_needs_no_safe_state():
+    profile = load_profile(shipped_profile("cgm_line"))
+    assert profile.safe_state == ()
 
 
 # ---------------------------------------------------------------------------------------------

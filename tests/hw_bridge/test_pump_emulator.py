@@ -449,12 +449,122 @@ def test_other_device_ids(tcp_client, rtu_client):
     assert not rtu_client.read_input_registers(0, count=1, device_id=DEV).isError()
 
 
-def test_rtu_broadcast_write_is_executed_without_answer(rtu_client, pump):
-    rtu_client.write_register(HR_COMMAND, 1, device_id=0, no_response_expected=True)
-    deadline = time.monotonic() + 2.0
-    while not pump.status().suspended and time.monotonic() < deadline:
+def _wait_for(condition, guard_s=5.0):
+    """Poll ``condition()`` until true; the guard only stops a hang (not a speed check)."""
+    deadline = time.monotonic() + guard_s
+    while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert pump.status().suspended
+    return condition()
+
+
+def test_rtu_broadcast_writes_are_refused_counted_and_alarmed(rtu_client, patient, pump):
+    before = read_inputs(rtu_client)["reservoir_u"]
+    writes = [
+        lambda: start_bolus(rtu_client, 10.0),
+        lambda: rtu_client.write_register(HR_COMMAND, 1, device_id=0, no_response_expected=True),
+        lambda: rtu_client.write_coil(0, True, device_id=0, no_response_expected=True),
+        lambda: start_temp_basal(rtu_client, 30.0, 30),
+    ]
+    for i, write in enumerate(writes):
+        if i in (0, 3):  # the helpers address DEV: send the same frames to device id 0
+            rtu_client.write_registers(
+                HR_BOLUS_U if i == 0 else HR_TEMP_BASAL_U_PER_H,
+                regs_f32(10.0) if i == 0 else [*regs_f32(30.0), 30],
+                device_id=0,
+                no_response_expected=True,
+            )
+        else:
+            write()
+        assert _wait_for(lambda n=i + 1: pump.broadcasts_refused == n)
+    for _ in range(10):
+        patient.step_minute()
+    st = pump.status()
+    assert not st.suspended and not st.bolus_active and not st.temp_basal_active
+    assert st.bolus_remaining_u == 0.0
+    inputs = read_inputs(rtu_client)
+    assert inputs["alarm_code"] == 6
+    assert read_discrete(rtu_client)["alarm_active"]
+    basal_only = before - 10 * st.scheduled_basal_u_per_h / 60.0
+    assert inputs["reservoir_u"] == pytest.approx(basal_only, abs=1e-3)
+    ok(rtu_client.write_register(HR_COMMAND, 4, device_id=DEV))  # clear alarm
+    assert read_inputs(rtu_client)["alarm_code"] == 0
+
+
+@pytest.mark.parametrize(
+    ("every_min", "command"),
+    [
+        (10, lambda c: start_bolus(c, 5.0)),  # 5 U every 10 min: 30 U/h
+        (30, lambda c: start_temp_basal(c, 35.0, 30)),  # the largest temp basal, back to back
+    ],
+    ids=["5 U boluses", "35 U/h temp basals"],
+)
+def test_cumulative_limits_stop_many_small_in_limit_commands(
+    tcp_client, patient, pump, every_min, command
+):
+    """Try to empty the 300 U reservoir with in-limit commands for a simulated day."""
+    refused, accepted = 0, 0
+    per_minute: list[float] = []
+    for minute in range(24 * 60):
+        if minute % every_min == 0:
+            response = command(tcp_client)
+            if response.isError():
+                assert response.exception_code == 4  # device failure: the limit
+                refused += 1
+                assert read_inputs(tcp_client)["alarm_code"] == 5
+                assert read_discrete(tcp_client)["alarm_active"]
+                ok(tcp_client.write_register(HR_COMMAND, 4, device_id=DEV))  # clear, try again
+            else:
+                accepted += 1
+        before = pump.status().delivered_total_u
+        patient.step_minute()
+        per_minute.append(pump.status().delivered_total_u - before)
+    assert refused > 10 and accepted >= 2
+    assert pump.limit_refusals == refused
+    hourly = [sum(per_minute[max(0, i - 59) : i + 1]) for i in range(len(per_minute))]
+    daily = [sum(per_minute[max(0, i - 1439) : i + 1]) for i in range(len(per_minute))]
+    assert max(hourly) <= 30.0 + 1e-6
+    assert max(daily) <= 100.0 + 1e-6
+    assert max(daily) > 95.0  # the daily limit is what stopped it
+    inputs = read_inputs(tcp_client)
+    assert inputs["reservoir_u"] >= 300.0 - 100.0 - 1e-3  # a day: at most the daily limit
+    assert inputs["delivered_total_u"] == pytest.approx(sum(per_minute), abs=2e-3)
+
+
+def test_delivery_is_capped_at_the_hourly_limit_and_alarms(tcp_client, patient):
+    pump = PumpEmulator(patient, max_hourly_u=4.0, max_daily_u=50.0, scheduled_basal_u_per_h=0.0)
+    try:
+        with pump.start_in_thread(tcp=("127.0.0.1", 0)) as servers:
+            client = _tcp_client(servers)
+            try:
+                assert exception_code(start_bolus(client, 5.0)) == 4  # over the limit at once
+                assert read_inputs(client)["alarm_code"] == 5
+                assert pump.limit_refusals == 1 and pump.status().bolus_remaining_u == 0.0
+                ok(client.write_register(HR_COMMAND, 4, device_id=DEV))
+                ok(start_temp_basal(client, 3.0, 30))  # 1.5 U: in the limit
+                ok(start_bolus(client, 2.0))  # 1.5 + 2.0 <= 4.0
+                assert exception_code(start_temp_basal(client, 35.0, 30)) == 4
+                for _ in range(60):
+                    patient.step_minute()
+                assert pump.delivered_in_u(60) <= 4.0 + 1e-9
+                assert (
+                    exception_code(
+                        client.write_registers(
+                            HR_SCHEDULED_BASAL_U_PER_H, regs_f32(5.0), device_id=DEV
+                        )
+                    )
+                    == 4
+                )
+            finally:
+                client.close()
+    finally:
+        pump.close()
+
+
+def test_limits_are_checked_at_construction(patient):
+    with pytest.raises(ValueError, match="max_daily_u"):
+        PumpEmulator(patient, max_hourly_u=30.0, max_daily_u=10.0)
+    with pytest.raises(ValueError, match="max_hourly_u"):
+        PumpEmulator(patient, max_hourly_u=math.nan)
 
 
 # -- wire faults -----------------------------------------------------------------------------

@@ -54,6 +54,8 @@ from twinloop.hw_bridge.emulators.drive.modbus import (
     FAULT_REACTION_TICKS,
     FAULT_RESET_BIT,
     HALT_BIT,
+    MAINTENANCE_ACTIVE,
+    MAINTENANCE_KEYS,
     MAX_CATCH_UP_S,
     MAX_WATCHDOG_MS,
     PEAK_TORQUE_PERMILLE,
@@ -76,6 +78,8 @@ from twinloop.hw_bridge.emulators.modbus_server import EmulatorError
 from twinloop.hw_bridge.wire import WireFaults
 
 __all__ = [
+    "KNEE_ROM_RAD",
+    "ROM_TAPER_RAD",
     "DriveEmulator",
     "JointBackend",
     "LoopTiming",
@@ -87,6 +91,30 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+
+#: Hard range of motion of the knee drive, rad of knee flexion: 5° of hyperextension to 130°
+#: of flexion (the knee plant's soft limits are -5° and 140°).
+KNEE_ROM_RAD = (math.radians(-5.0), math.radians(130.0))
+#: Width of the zone inside a range-of-motion limit over which the drive tapers the torque
+#: towards that limit from full to zero, rad (5°).
+ROM_TAPER_RAD = math.radians(5.0)
+
+
+def rom_factor(
+    torque: float, angle_rad: float, rom_rad: tuple[float, float], taper_rad: float
+) -> float:
+    """The fraction (0-1) of ``torque`` the drive applies at ``angle_rad`` near its ROM limits.
+
+    Torque towards the low limit (negative) falls linearly from 1 at ``low + taper_rad`` to 0
+    at ``low`` and beyond; torque towards the high limit likewise; torque back into the range
+    (or zero) is never reduced.
+    """
+    low, high = rom_rad
+    if torque < 0.0:
+        return min(1.0, max(0.0, (angle_rad - low) / taper_rad))
+    if torque > 0.0:
+        return min(1.0, max(0.0, (high - angle_rad) / taper_rad))
+    return 1.0
 
 
 # -- the joint ---------------------------------------------------------------------------------
@@ -253,6 +281,8 @@ class PlantJointAdapter:
                 raise TypeError(f"{type(plant).__name__} has no attribute {attr!r}")
         self.plant = plant
         self.angle_attr = angle_attr
+        #: Hard range-of-motion limits the drive applies to this joint, rad (``None``: none).
+        self.rom_rad: tuple[float, float] | None = None
         self.velocity_attr = velocity_attr
         self.torque_attr = torque_attr
         self._applied_nm = 0.0
@@ -380,13 +410,17 @@ def knee_backend(
     KneePlant(params).step(0.0, 0.001)  # warm-up: load the compiled kernel now
     if task is None:
         plant = KneePlant(params, np.random.default_rng(seed), **kwargs)
-        return PlantJointAdapter(plant, torque_attr="exo_torque_nm")
+        adapter = PlantJointAdapter(plant, torque_attr="exo_torque_nm")
+        adapter.rom_rad = KNEE_ROM_RAD
+        return adapter
     from twinloop.plant.knee.tasks import reference  # type: ignore[import-not-found,unused-ignore]
 
     row = knee_task_row(task, seed)
     kwargs.setdefault("theta0_rad", float(reference(row, 0.0)[0]))
     plant = KneePlant(params, np.random.default_rng(seed), **kwargs)
-    return TaskFollowingJoint(plant, row)
+    following = TaskFollowingJoint(plant, row)
+    following.rom_rad = KNEE_ROM_RAD
+    return following
 
 
 class LoopTiming:
@@ -486,6 +520,9 @@ class _State:
     tick: int = 0
     state_since_tick: int = 0
     last_feed_tick: int = 0
+    maintenance: bool = False
+    #: Maintenance keys written in sequence so far (0 or 1).
+    unlock_step: int = 0
 
 
 class DriveEmulator(DriveModbus):
@@ -501,6 +538,11 @@ class DriveEmulator(DriveModbus):
         dt_s: the drive tick and joint step, s (1 ms = 1 kHz).
         spin_s: the joint thread sleeps until this long before a tick is due, then spins.
         faults: the wire-fault switches of its servers (a new :class:`WireFaults` if ``None``).
+        rom_rad: hard range-of-motion limits ``(low, high)`` of the joint angle, rad: the drive
+            tapers its torque towards a limit to zero (module ``drive.modbus``, "Range of
+            motion"). ``None``: the backend's own ``rom_rad`` attribute if it has one (the knee
+            of :func:`knee_backend`: :data:`KNEE_ROM_RAD`), else no limits (a free pendulum).
+        rom_taper_rad: width of the taper zone inside each limit, rad (> 0).
 
     Raises:
         ValueError: an argument outside what is allowed (the message names it).
@@ -519,6 +561,8 @@ class DriveEmulator(DriveModbus):
         dt_s: float = 0.001,
         spin_s: float = 0.0003,
         faults: WireFaults | None = None,
+        rom_rad: tuple[float, float] | None = None,
+        rom_taper_rad: float = ROM_TAPER_RAD,
     ) -> None:
         _check_int("device_id", device_id, 1, 247)
         _check_int("counts_per_rev", counts_per_rev, 4, 2**32 - 1)
@@ -540,6 +584,25 @@ class DriveEmulator(DriveModbus):
         self.dt_s = float(dt_s)
         self.spin_s = float(spin_s)
         self.faults = faults if faults is not None else WireFaults()
+        rom = rom_rad if rom_rad is not None else getattr(self.backend, "rom_rad", None)
+        if rom is not None and not (
+            isinstance(rom, tuple)
+            and len(rom) == 2
+            and all(isinstance(x, int | float) and math.isfinite(x) for x in rom)
+            and rom[0] < rom[1]
+        ):
+            raise ValueError(f"rom_rad={rom!r} is not allowed: (low, high) in rad, low < high")
+        if not (
+            isinstance(rom_taper_rad, int | float)
+            and math.isfinite(rom_taper_rad)
+            and rom_taper_rad > 0
+        ):
+            raise ValueError(f"rom_taper_rad={rom_taper_rad!r} is not allowed: rad > 0")
+        #: Hard range-of-motion limits of the joint, rad (``None``: none).
+        self.rom_rad: tuple[float, float] | None = (
+            None if rom is None else (float(rom[0]), float(rom[1]))
+        )
+        self.rom_taper_rad = float(rom_taper_rad)
         self._lock = threading.Lock()
         self._state = _State(watchdog_ms=watchdog_ms, max_torque_permille=max_torque_permille)
         self._joint_thread: threading.Thread | None = None
@@ -585,7 +648,7 @@ class DriveEmulator(DriveModbus):
             if self.error is not None:  # the backend failed: never stepped again, and the
                 self._fault(s, ERROR_INTERNAL_SOFTWARE)  # drive faults again after a reset
                 return
-            torque_nm = self.permille_to_nm(self._demand(s))
+            torque_nm = self.permille_to_nm(self._output(s, self.backend.angle_rad)[0])
             try:
                 self.backend.step(torque_nm, self.dt_s)
             except Exception as exc:  # the drive faults; the joint thread keeps the fault shown
@@ -621,6 +684,14 @@ class DriveEmulator(DriveModbus):
         limit = s.max_torque_permille
         return max(-limit, min(limit, s.target_torque_permille))
 
+    def _output(self, s: _State, angle_rad: float) -> tuple[int, bool]:
+        """The torque applied now, ‰, after the ROM limits; and whether they reduced it."""
+        demand = self._demand(s)
+        if self.rom_rad is None or demand == 0:
+            return demand, False
+        applied = round(demand * rom_factor(demand, angle_rad, self.rom_rad, self.rom_taper_rad))
+        return applied, applied != demand
+
     def _controlword(self, s: _State, word: int) -> None:
         previous = s.controlword
         s.controlword = word
@@ -654,7 +725,7 @@ class DriveEmulator(DriveModbus):
     def _status(self, s: _State) -> DriveStatus:
         joint = self.backend
         angle, velocity, torque = joint.angle_rad, joint.velocity_rad_s, joint.torque_nm
-        demand = self._demand(s)
+        demand, rom_limited = self._output(s, angle)
         actual = self.nm_to_permille(torque)
         word = STATE_BITS[s.state]
         if s.state in _POWERED:
@@ -663,7 +734,7 @@ class DriveEmulator(DriveModbus):
             word |= Statusword.REMOTE
         enabled = s.state == DriveState.OPERATION_ENABLED
         if enabled:
-            if abs(s.target_torque_permille) > s.max_torque_permille:
+            if abs(s.target_torque_permille) > s.max_torque_permille or rom_limited:
                 word |= Statusword.INTERNAL_LIMIT_ACTIVE
             if abs(actual - demand) <= TARGET_WINDOW_PERMILLE:
                 word |= Statusword.TARGET_REACHED
@@ -692,6 +763,8 @@ class DriveEmulator(DriveModbus):
             angle_rad=angle,
             velocity_rad_s=velocity,
             torque_nm=torque,
+            maintenance=s.maintenance,
+            rom_limited=rom_limited,
         )
 
     def _images(self) -> dict[str, list[int]]:
@@ -702,6 +775,7 @@ class DriveEmulator(DriveModbus):
             st.target_torque_permille & 0xFFFF,
             st.max_torque_permille,
             st.watchdog_ms,
+            MAINTENANCE_ACTIVE if st.maintenance else 0,
         ]
         inputs = [
             st.statusword,
@@ -721,7 +795,8 @@ class DriveEmulator(DriveModbus):
         """Apply a write of holding registers (what a Modbus write does), atomically.
 
         Returns:
-            ``None``, or the Modbus exception: 02 outside the map, 03 a refused value.
+            ``None``, or the Modbus exception: 02 outside the map, 03 a refused value, 04 a
+            write the drive's state forbids (maintenance, module ``drive.modbus``).
 
         """
         fields = check_holding_write(address, words)
@@ -729,6 +804,13 @@ class DriveEmulator(DriveModbus):
             return fields
         with self._lock:
             s = self._state
+            refused = self._refusal(s, fields)
+            if refused is not None:
+                s.unlock_step = 0
+                _log.warning("drive: write of %s refused: %s", [n for n, _ in fields], refused)
+                return ExcCodes.DEVICE_FAILURE
+            unlocking = s.unlock_step
+            s.unlock_step = 0  # any write but the first key breaks the sequence
             for name, word in fields:
                 if name == "controlword":
                     self._controlword(s, word)
@@ -739,8 +821,35 @@ class DriveEmulator(DriveModbus):
                     s.last_feed_tick = s.tick
                 elif name == "max_torque":
                     s.max_torque_permille = word
-                else:
+                elif name == "watchdog_ms":
                     s.watchdog_ms = word
+                elif word == 0:
+                    if s.maintenance:
+                        _log.warning("drive: maintenance state left")
+                    s.maintenance = False
+                elif word == MAINTENANCE_KEYS[0]:
+                    s.unlock_step = 1
+                elif unlocking == 1:
+                    s.maintenance = True
+                    _log.warning("drive: maintenance state entered")
+        return None
+
+    @staticmethod
+    def _refusal(s: _State, fields: list[tuple[str, int]]) -> str | None:
+        """Why the drive's state forbids this write (maintenance rules), or ``None``."""
+        for name, word in fields:
+            if name in ("max_torque", "watchdog_ms") and not s.maintenance:
+                return f"{name} is writable only in the maintenance state"
+            powering = decode_command(word) != "disable_voltage"
+            if name == "controlword" and s.maintenance and powering:
+                return "the power stage stays off in the maintenance state"
+            if name == "maintenance" and word in MAINTENANCE_KEYS:
+                if s.state in _POWERED:
+                    return "the maintenance state needs the power stage off"
+                if len(fields) != 1:
+                    return "a maintenance key is written alone"
+                if word == MAINTENANCE_KEYS[1] and s.unlock_step != 1:
+                    return "the second maintenance key without the first right before it"
         return None
 
     # -- threads -------------------------------------------------------------------------------

@@ -22,7 +22,26 @@ modes_of_operation          1      int16   –         0x6060; only 10 (CST) is 
 target_torque               2      int16   ‰ rated   0x6071; clamped to ±max_torque by the drive
 max_torque                  3      uint16  ‰ rated   0x6072; 0–2000 (the motor's peak is 2×)
 watchdog_ms                 4      uint16  ms        communication watchdog; 0 disables it
+maintenance                 5      uint16  –         the maintenance unlock (below); reads 1 in
+                                                     the maintenance state, else 0
 ==========================  =====  ======  ========  =========================================
+
+**Maintenance state.** ``max_torque`` and ``watchdog_ms`` are settings of the drive, not of a
+session: they can be written only in the maintenance state (otherwise 04). It is entered by
+writing :data:`MAINTENANCE_KEYS` to ``maintenance``: 0x4D41 then 0x494E (``"MA"``, ``"IN"``),
+each in a write of its own, the second the very next holding write after the first, with the
+power stage off (Not ready, Switch on disabled or Fault; otherwise 04); a second key out of
+sequence is refused with 04 and the sequence starts over. In the maintenance state the power
+stage stays off: a controlword other than *disable voltage* is refused with 04. Writing 0 to
+``maintenance`` leaves it. A control rig never enters it (``twinloop.hil.knee.rig`` reads the
+two settings and refuses to start if they are unsafe, it does not write them).
+
+**Range of motion.** A drive given ``rom_rad = (low, high)`` (the knee drive: -5° to 130° of
+flexion, :data:`~twinloop.hw_bridge.emulators.drive.emulator.KNEE_ROM_RAD`) limits its own
+torque output near them, whatever the target: torque towards ``low`` (negative) is scaled
+from full at ``low + taper`` down to 0 at ``low`` and beyond, torque towards ``high`` likewise;
+torque back into the range is never reduced. While it reduces the torque, ``torque_demand``
+shows the reduced value and the statusword shows *internal limit active* (bit 11).
 
 ==========================  =====  ======  ========  =========================================
 input register              addr   type    unit      CiA 402 object / meaning
@@ -102,7 +121,10 @@ any code given to :meth:`DriveEmulator.inject_fault`.
 Modbus exceptions: 01 a function other than 3, 4, 6, 16; 02 an address outside the map, a write
 to the input table, or a write that starts or ends inside a 32-bit value; 03 a quantity out of
 range, a mode other than 10 (the mode and its display stay unchanged, no fault), a
-``max_torque`` above 2000 ‰. Unit ids: ``device_id`` and 0/255 are answered; others get 0x0B.
+``max_torque`` above 2000 ‰; 04 a write the drive's state forbids (``max_torque`` or
+``watchdog_ms`` outside the maintenance state, a maintenance key out of sequence or with the
+power stage on, a power-up controlword in maintenance). Unit ids: ``device_id`` and 0/255 are
+answered; others get 0x0B.
 A multi-register write is checked as a whole and applied atomically in address order.
 """
 
@@ -126,6 +148,7 @@ from twinloop.hw_bridge.wire import WireFaults, WireHooks, refuse
 
 __all__ = [
     "CST_MODE",
+    "MAINTENANCE_KEYS",
     "Command",
     "DriveModbus",
     "DriveServerThread",
@@ -145,7 +168,8 @@ HR_MODES_OF_OPERATION = 1
 HR_TARGET_TORQUE = 2
 HR_MAX_TORQUE = 3
 HR_WATCHDOG_MS = 4
-HR_COUNT = 5
+HR_MAINTENANCE = 5
+HR_COUNT = 6
 
 IR_STATUSWORD = 0
 IR_MODES_DISPLAY = 1
@@ -166,6 +190,7 @@ _HR_FIELDS: dict[int, str] = {
     HR_TARGET_TORQUE: "target_torque",
     HR_MAX_TORQUE: "max_torque",
     HR_WATCHDOG_MS: "watchdog_ms",
+    HR_MAINTENANCE: "maintenance",
 }
 #: Function codes the drive implements, with their table and largest quantity.
 _FUNCTIONS: dict[int, tuple[str, int]] = {
@@ -185,6 +210,11 @@ CST_MODE = 10
 PEAK_TORQUE_PERMILLE = 2000
 #: Highest ``watchdog_ms`` the drive accepts, ms.
 MAX_WATCHDOG_MS = 60000
+#: The maintenance unlock: these two words written to ``maintenance``, one write each, the
+#: second right after the first (``"MA"``, ``"IN"`` in ASCII), with the power stage off.
+MAINTENANCE_KEYS = (0x4D41, 0x494E)
+#: What ``maintenance`` reads in the maintenance state (0 otherwise).
+MAINTENANCE_ACTIVE = 1
 #: Ticks spent in Not ready to switch on (self-test) after power-on.
 SELF_TEST_TICKS = 5
 #: Ticks spent in Fault reaction active before Fault.
@@ -320,7 +350,8 @@ def check_holding_write(address: int, words: Sequence[int]) -> list[tuple[str, i
     Returns:
         The ``(field, word)`` pairs to apply in address order, or the Modbus exception: 02 an
         address outside the map (or no words), 03 a mode other than CST, a ``max_torque``
-        above 2000 ‰ or a ``watchdog_ms`` above 60000.
+        above 2000 ‰, a ``watchdog_ms`` above 60000 or a ``maintenance`` word other than 0
+        and the two keys.
 
     """
     if address not in _HR_FIELDS or address + len(words) > HR_COUNT or not words:
@@ -332,6 +363,8 @@ def check_holding_write(address: int, words: Sequence[int]) -> list[tuple[str, i
         if name == "max_torque" and word > PEAK_TORQUE_PERMILLE:
             return ExcCodes.ILLEGAL_VALUE
         if name == "watchdog_ms" and word > MAX_WATCHDOG_MS:
+            return ExcCodes.ILLEGAL_VALUE
+        if name == "maintenance" and word not in (0, *MAINTENANCE_KEYS):
             return ExcCodes.ILLEGAL_VALUE
     return fields
 
@@ -358,6 +391,8 @@ class DriveStatus:
         angle_rad: the joint's angle, rad.
         velocity_rad_s: the joint's velocity, rad/s.
         torque_nm: the joint's measured actuator torque, N·m.
+        maintenance: the drive is in its maintenance state.
+        rom_limited: the range-of-motion limit is reducing the torque now.
 
     """
 
@@ -378,6 +413,8 @@ class DriveStatus:
     angle_rad: float
     velocity_rad_s: float
     torque_nm: float
+    maintenance: bool = False
+    rom_limited: bool = False
 
 
 def _wrap(value: int, bits: int) -> int:

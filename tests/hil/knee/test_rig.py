@@ -39,8 +39,12 @@ SOD, RTSO, SO, OE, FAULT = 0x0040, 0x0021, 0x0023, 0x0027, 0x0008
 class FakeDrive:
     """A CiA 402 drive in memory, reached "through" the shipped profile."""
 
-    def __init__(self, *, state: int = SOD, error: int = 0) -> None:
+    def __init__(
+        self, *, state: int = SOD, error: int = 0, max_torque_nm: float = 40.0, watchdog_ms=100
+    ) -> None:
         self.state = state
+        self.max_torque_nm = max_torque_nm  # maintenance settings: read, never written
+        self.watchdog_ms = watchdog_ms
         self.error = error
         self.controlword = 0
         self.wire: list[tuple[str, float]] = []
@@ -64,6 +68,8 @@ class FakeDrive:
             "torque_demand_nm": 0.0,
             "error_code": self.error,
             "heartbeat": self.heartbeat,
+            "max_torque_nm": self.max_torque_nm,
+            "watchdog_ms": self.watchdog_ms,
         }
         return {n: values[n] for n in names}
 
@@ -190,7 +196,7 @@ def test_the_profile_limit_and_the_task_row_the_emulated_patient_draws():
 
 # -- start-up ----------------------------------------------------------------------------------
 def test_start_up_resets_a_fault_and_enables_cst_with_watchdog_and_max_torque():
-    drive = FakeDrive(state=FAULT, error=0x8130)
+    drive = FakeDrive(state=FAULT, error=0x8130, watchdog_ms=50)
     rig = _rig(drive, watchdog_ms=50)
     rig.enable()
     assert rig.enabled and drive.state == OE
@@ -198,14 +204,31 @@ def test_start_up_resets_a_fault_and_enables_cst_with_watchdog_and_max_torque():
     assert words == [0x00, 0x80, 0x06, 0x07, 0x0F]
     setup = dict(drive.wire)
     assert setup["modes_of_operation"] == 10
-    assert setup["watchdog_ms"] == 50
-    assert setup["max_torque_nm"] == 30.0  # the profile's target-torque limit by default
+    # the drive's watchdog and torque limit are maintenance settings: read and checked only
+    assert "watchdog_ms" not in setup and "max_torque_nm" not in setup
+    assert rig.drive_settings == {"max_torque_nm": 40.0, "watchdog_ms": 50.0}
     first_enable = [n for n, _ in drive.wire].index("controlword", 2)
-    assert {"modes_of_operation", "watchdog_ms", "max_torque_nm", "target_torque_nm"} <= {
-        n for n, _ in drive.wire[:first_enable]
-    }
+    assert {"modes_of_operation", "target_torque_nm"} <= {n for n, _ in drive.wire[:first_enable]}
     states = [state_name(sw) for _, _, sw in rig.startup]
     assert states[0] == "fault" and states[-1] == "operation enabled"
+
+
+@pytest.mark.parametrize(
+    ("settings", "config"),
+    [
+        ({"max_torque_nm": 80.0}, {}),  # raised above the 40 N·m the rig accepts
+        ({"max_torque_nm": 35.0}, {"max_torque_nm": 30.0}),
+        ({"watchdog_ms": 0}, {}),  # switched off
+        ({"watchdog_ms": 100}, {"watchdog_ms": 50}),  # longer than the rig accepts
+    ],
+)
+def test_start_up_refuses_a_drive_with_unsafe_maintenance_settings(settings, config):
+    drive = FakeDrive(**settings)
+    rig = _rig(drive, **config)
+    with pytest.raises(ExoRigError, match="maintenance state"):
+        rig.enable()
+    assert not rig.enabled and drive.state == SOD
+    assert drive.safe_states == 1
 
 
 def test_start_up_from_an_enabled_drive_disables_voltage_first():
