@@ -24,8 +24,9 @@ def add_parser(sub: Any) -> None:
         description="Train one policy per seed on twinloop/T1D-v0 or twinloop/KneeExo-v0 (the "
         "config's top-level key) with stable-baselines3, from a YAML configuration in the style "
         "of RL Baselines3 Zoo (docs/training.md; shipped: policies/configs/t1d_ppo.yaml, "
-        "t1d_sac.yaml, knee_sac.yaml). Each seed is saved in OUT/seed_<s>/ with model.zip, "
-        "policy.json, checkpoints and TensorBoard logs.",
+        "t1d_sac.yaml, knee_sac.yaml). Each seed is saved in OUT/seed_<s>/ with policy.pt and "
+        "policy.json (loaded without pickle), model.zip (to resume training), checkpoints and "
+        "TensorBoard logs.",
     )
     p.add_argument("config", help="training configuration (YAML)")
     p.add_argument("--out", help="output directory (default: the config's output_dir)")

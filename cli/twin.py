@@ -156,7 +156,11 @@ def add_parser(sub: Any) -> None:
     r.add_argument(
         "logs", nargs="+", help="the log files or directories to replay (or an example's name)"
     )
-    r.add_argument("--controller", help="basal-bolus, pid, oref0, mpc or policy:PATH")
+    r.add_argument(
+        "--controller",
+        help="basal-bolus, pid, oref0, mpc or policy:PATH (policy:pickle:PATH loads an SB3 "
+        "model.zip with pickle: only a file you trust)",
+    )
     r.add_argument(
         "--model",
         default="fit",
