@@ -1373,9 +1373,12 @@ def _read_twinloop(
     """Read one patient's CGM, approved commands and announced carbs from a run directory."""
     manifest_path = run_dir / "manifest.json"
     try:
+        check_file(manifest_path, MAX_LOG_BYTES)
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+    except (InputLimitError, OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LogError(f"{manifest_path}: not a readable twinloop manifest ({error})") from None
+    except RecursionError:
+        raise LogError(f"{manifest_path}: JSON nested too deeply") from None
     channels = run_dir / "channels"
     sensor_path = channels / "sensor__controller.parquet"
     if not sensor_path.is_file():

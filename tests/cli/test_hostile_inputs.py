@@ -741,3 +741,44 @@ def test_yaml_aliases_that_expand_or_recurse_are_refused_before_use(
     code, err = _run([*command, str(path)])
     assert code == EXIT_USAGE and "Traceback" not in err
     assert str(path) in err and ("values (YAML aliases" in err or "recursive alias" in err), err
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories (export fhir, twin fit RUN_DIR): a hostile manifest.json
+
+
+def _run_dir(tmp_path: Path, kind: str) -> Path:
+    d = tmp_path / "run"
+    d.mkdir()
+    manifest = d / "manifest.json"
+    if kind == "binary":
+        _write(manifest, b"\x89PNG\x00\x01")
+    elif kind == "utf16":
+        _write(manifest, '{"complete": true}'.encode("utf-16"))
+    elif kind == "nested":
+        _write(manifest, "[" * 100_000 + "]" * 100_000)
+    elif kind == "huge":
+        _sparse(manifest, MAX_LOG_BYTES + 1)
+    elif kind == "not-an-object":
+        _write(manifest, "[1, 2]")
+    elif kind == "dev-zero":
+        manifest.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(manifest)
+    return d
+
+
+RUN_DIR_KINDS = ("binary", "utf16", "nested", "huge", "not-an-object", "dev-zero", "fifo")
+
+
+@pytest.mark.parametrize("kind", RUN_DIR_KINDS)
+@pytest.mark.parametrize("command", ["export", "twin"])
+def test_a_run_directory_with_a_hostile_manifest_is_refused_naming_it(
+    tmp_path: Path, command: str, kind: str
+) -> None:
+    d = _run_dir(tmp_path, kind)
+    if command == "export":
+        argv = ["export", "fhir", str(d), "--out", str(tmp_path / "bundle.json")]
+    else:
+        argv = ["twin", "fit", str(d), "--out", str(tmp_path / "twin.yaml")]
+    assert_refused(argv, str(d))  # the manifest, or the run directory it fails to describe
