@@ -11,8 +11,8 @@ import sys
 from datetime import datetime
 from typing import Any
 
-#: Exit status of a command-line error.
-EXIT_USAGE = 2
+from twinloop.cli.errors import EXIT_USAGE
+from twinloop.limits import MAX_YEAR, MIN_YEAR
 
 
 def add_parser(sub: Any) -> None:
@@ -38,7 +38,8 @@ def add_parser(sub: Any) -> None:
     fhir.add_argument(
         "--start",
         help="wall-clock time of the run's minute 0, ISO 8601 with an offset, e.g. "
-        "2026-01-01T08:00:00+01:00 (default: when the run was recorded)",
+        f"2026-01-01T08:00:00+01:00, years {MIN_YEAR} to {MAX_YEAR} (default: when the run "
+        "was recorded)",
     )
     fhir.add_argument(
         "--patient-reference",
@@ -63,11 +64,14 @@ def _start(text: str | None) -> datetime | None:
     if text is None:
         return None
     try:
-        return datetime.fromisoformat(text)
+        when = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(
             f"--start {text!r} is not an ISO 8601 date-time (e.g. 2026-01-01T08:00:00+01:00)"
         ) from None
+    if not MIN_YEAR <= when.year <= MAX_YEAR:
+        raise ValueError(f"--start {text!r}: the year must be from {MIN_YEAR} to {MAX_YEAR}")
+    return when
 
 
 def _references(items: list[str]) -> str | dict[str, str] | None:

@@ -10,33 +10,107 @@ which win over the defaults.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from twinloop.limits import (
+    MAX_CONFIG_BYTES,
+    MAX_SEED,
+    InputLimitError,
+    check_document,
+    read_text,
+)
+
 
 def seed(text: str) -> int:
-    """A seed: an integer >= 0."""
+    """A seed: an integer from 0 to :data:`MAX_SEED`."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} must be from 0 to {MAX_SEED}")
+    return value
+
+
+def count(low: int, high: int) -> Callable[[str], int]:
+    """An option type: an integer from ``low`` to ``high`` (``1e3`` is read as 1000)."""
+
+    def parse(text: str) -> int:
+        try:
+            number = float(text)
+            value = int(number) if number.is_integer() else None
+        except (ValueError, OverflowError):
+            value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be from {low} to {high}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def add_count(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    low: int,
+    high: int,
+    text: str,
+    default: int | None = None,
+    default_text: str | None = None,
+) -> None:
+    """``flag``: an integer from ``low`` to ``high``, its range and default in the help."""
+    shown = default_text or ("" if default is None else f"default {default}")
+    parser.add_argument(
+        flag,
+        type=count(low, high),
+        default=default,
+        help=f"{text}, {low} to {high}" + (f" ({shown})" if shown else ""),
+    )
+
+
+def number(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    """An option type: a finite number from ``low`` to ``high`` (``> low`` with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        value = _float(text)
+        inside = (value > low if low_open else value >= low) and value <= high
+        if not math.isfinite(value) or not inside:
+            lo = f"> {low:g}" if low_open else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be finite, {lo} and <= {high:g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def finite(text: str) -> float:
+    """A finite number (its range is checked where its meaning is known)."""
+    value = _float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be finite")
     return value
 
 
 def positive(text: str) -> float:
-    """A number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    """A finite number > 0."""
+    value = _float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be finite and > 0")
     return value
 
 
@@ -103,11 +177,12 @@ def read_config(path: str | None) -> dict[str, Any]:
         return {}
     import yaml
 
+    label = f"--config {path}"
     try:
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
-    except OSError as exc:
-        raise ConfigFileError(f"--config {path}: cannot read: {exc.strerror}") from None
+        loaded = yaml.safe_load(read_text(path, MAX_CONFIG_BYTES, label))
+        check_document(loaded, label)
+    except InputLimitError as exc:
+        raise ConfigFileError(str(exc)) from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "syntax error"
         raise ConfigFileError(f"--config {path}: not valid YAML: {first}") from None

@@ -6,6 +6,9 @@ import argparse
 import time
 from typing import Any
 
+from twinloop.cli.options import count, seed
+from twinloop.limits import MAX_PATIENTS
+
 
 def add_parser(sub: Any) -> None:
     """Add the ``population`` sub-command to the ``twinloop`` parser."""
@@ -19,8 +22,15 @@ def add_parser(sub: Any) -> None:
     )
     action = p.add_subparsers(dest="population_command", required=True)
     s = action.add_parser("sample", help="draw a population and write it as Parquet")
-    s.add_argument("--n", type=int, required=True, help="patients to draw (>= 1)")
-    s.add_argument("--seed", type=int, default=0, help="seed (same seed, same population)")
+    s.add_argument(
+        "--n",
+        type=count(1, MAX_PATIENTS),
+        required=True,
+        help=f"patients to draw, 1 to {MAX_PATIENTS} (~15 ms each)",
+    )
+    s.add_argument(
+        "--seed", type=seed, default=0, help="seed, 0 to 2^32-1 (same seed, same population)"
+    )
     s.add_argument("--out", required=True, help="output Parquet file")
     s.add_argument(
         "--group",

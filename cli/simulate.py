@@ -15,9 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from twinloop.cli.options import clock_time, positive, seed
+from twinloop.cli.options import clock_time, count, number, seed
 from twinloop.plant.errors import InvalidInputError
 from twinloop.plant.glucose.uva_padova import DEFAULT_EAT_RATE_G_PER_MIN
+
+#: Largest ``--days`` of ``simulate``, and most patient-days of one ``simulate`` (the
+#: per-minute trajectories of all patients are held in memory: ~0.15 GB per 1000 patient-days).
+MAX_DAYS = 365
+MAX_PATIENT_DAYS = 3650
+#: Fastest ``--eat-rate``, g/min.
+MAX_EAT_RATE_G_PER_MIN = 100.0
 
 
 def _inputs_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -32,9 +39,9 @@ def _inputs_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
     )
     parser.add_argument(
         "--eat-rate",
-        type=positive,
+        type=number(0.0, MAX_EAT_RATE_G_PER_MIN, low_open=True),
         default=DEFAULT_EAT_RATE_G_PER_MIN,
-        help="--inputs: eating speed in g/min (default 5)",
+        help=f"--inputs: eating speed in g/min, > 0 and <= {MAX_EAT_RATE_G_PER_MIN:g} (default 5)",
     )
 
 
@@ -55,10 +62,19 @@ def add_parser(sub: Any) -> None:
     )
     add_patients(sim)
     sim.add_argument("--scenario", help="meal scenario: random (default) or A")
-    sim.add_argument("--days", type=int, help="days to simulate (default 1)")
-    sim.add_argument("--seed", type=seed, help="seed of meals and counting errors (default 0)")
     sim.add_argument(
-        "--carb-error", type=float, help="uniform carb-counting error, e.g. 0.3 (default 0)"
+        "--days",
+        type=count(1, MAX_DAYS),
+        help=f"days to simulate, 1 to {MAX_DAYS} (default 1; at most {MAX_PATIENT_DAYS} "
+        "patient-days in all)",
+    )
+    sim.add_argument(
+        "--seed", type=seed, help="seed of meals and counting errors, 0 to 2^32-1 (default 0)"
+    )
+    sim.add_argument(
+        "--carb-error",
+        type=number(0.0, 1.0),
+        help="uniform carb-counting error, a fraction from 0 to 1, e.g. 0.3 (default 0)",
     )
     sim.add_argument("--out", help="write the per-minute trajectories to this CSV")
     _inputs_options(sim, required=False)
@@ -162,9 +178,13 @@ def _simulate(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"--scenario: unknown scenario {args.scenario!r}; valid: {', '.join(SCENARIOS)}"
         )
-    if args.days < 1:
-        raise InvalidInputError(f"--days: {args.days} must be >= 1")
     patients = resolve_patients(args.patient, args.cohort or ([] if args.patient else ["adults"]))
+    if len(patients) * args.days > MAX_PATIENT_DAYS:
+        raise InvalidInputError(
+            f"--days: {len(patients)} patients × {args.days} days is more than the "
+            f"{MAX_PATIENT_DAYS} patient-days one simulate holds in memory; simulate fewer "
+            "patients or days per call"
+        )
     error = (
         CarbCountingError(kind="uniform", magnitude=args.carb_error)
         if args.carb_error

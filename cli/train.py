@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
+from twinloop.cli.options import count
 
-def _count(text: str) -> int:
-    try:
-        value = int(float(text)) if re.fullmatch(r"\d+(\.\d*)?(e\d+)?", text) else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
+#: Most Ray workers of ``--workers``; most environment steps of ``--timesteps`` (as the
+#: config's ``n_timesteps``, docs/training.md).
+MAX_WORKERS = 1024
+MAX_TIMESTEPS = 10**10
 
 
 def add_parser(sub: Any) -> None:
@@ -28,8 +24,9 @@ def add_parser(sub: Any) -> None:
         description="Train one policy per seed on twinloop/T1D-v0 or twinloop/KneeExo-v0 (the "
         "config's top-level key) with stable-baselines3, from a YAML configuration in the style "
         "of RL Baselines3 Zoo (docs/training.md; shipped: policies/configs/t1d_ppo.yaml, "
-        "t1d_sac.yaml, knee_sac.yaml). Each seed is saved in OUT/seed_<s>/ with model.zip, "
-        "policy.json, checkpoints and TensorBoard logs.",
+        "t1d_sac.yaml, knee_sac.yaml). Each seed is saved in OUT/seed_<s>/ with policy.pt and "
+        "policy.json (loaded without pickle), model.zip (to resume training), checkpoints and "
+        "TensorBoard logs.",
     )
     p.add_argument("config", help="training configuration (YAML)")
     p.add_argument("--out", help="output directory (default: the config's output_dir)")
@@ -41,11 +38,16 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--workers",
-        type=_count,
-        help="train the seeds in parallel as Ray tasks on an embedded Ray with N CPUs",
+        type=count(1, MAX_WORKERS),
+        help="train the seeds in parallel as Ray tasks on an embedded Ray with N CPUs (1 to "
+        f"{MAX_WORKERS})",
     )
     p.add_argument("--address", help="train the seeds on an existing Ray cluster (HOST:PORT)")
-    p.add_argument("--timesteps", type=_count, help="environment steps per seed (overrides)")
+    p.add_argument(
+        "--timesteps",
+        type=count(1, MAX_TIMESTEPS),
+        help="environment steps per seed, 1 to 1e10 (overrides the config's n_timesteps)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=main_train)
 

@@ -28,8 +28,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: Exit status of a command-line error.
-EXIT_USAGE = 2
+from twinloop.cli.errors import EXIT_USAGE
+from twinloop.cli.options import add_count, finite, number, seed
+
+#: Most days of a log fitted, validated or replayed, and of a synthetic log.
+MAX_LOG_DAYS = 3650.0
+MAX_SYNTH_DAYS = 365
+#: Most blocks of a daily sensitivity profile; most posterior draws of a replay.
+MAX_PROFILE_BLOCKS = 48
+MAX_DRAWS = 10_000
+#: Largest factor on the logged basal; body weight range, kg; most parallel fits.
+MAX_BASAL_SCALE = 10.0
+BODY_WEIGHT_KG = (1.0, 400.0)
+MAX_WORKERS = 1024
+
+
+def _days_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    text: str,
+    *,
+    positive: bool = False,
+    default: float | None = None,
+) -> None:
+    """A number of days of a log: finite, ``>= 0`` (``> 0`` if ``positive``), at most 3650."""
+    low = "> 0" if positive else ">= 0"
+    parser.add_argument(
+        flag,
+        type=number(0.0, MAX_LOG_DAYS, low_open=positive),
+        default=default,
+        help=f"{text}; {low} and <= {MAX_LOG_DAYS:g}",
+    )
 
 
 def add_parser(sub: Any) -> None:
@@ -62,37 +91,45 @@ def add_parser(sub: Any) -> None:
         choices=("children", "adolescents", "adults"),
         help="age group of the prior (default adults)",
     )
-    f.add_argument("--fit-days", type=float, help="fit only the first D days")
-    f.add_argument(
+    _days_option(f, "--fit-days", "fit only the first D days", positive=True)
+    _days_option(
+        f,
         "--validate-days",
-        type=float,
+        "keep the last D days out of the fit and report the twin's fidelity on them",
         default=0.0,
-        help="keep the last D days out of the fit and report the twin's fidelity on them",
     )
-    f.add_argument(
+    add_count(
+        f,
         "--profile-blocks",
-        type=int,
-        default=0,
-        help="fit a daily insulin-sensitivity profile of B equal blocks (e.g. 4; default none)",
+        0,
+        MAX_PROFILE_BLOCKS,
+        "fit a daily insulin-sensitivity profile of B equal blocks (e.g. 4)",
+        0,
+        "default 0: none",
     )
     f.add_argument("--posterior", action="store_true", help="also compute the Laplace posterior")
     f.add_argument("--tz", help="IANA time zone of naive times in the log (e.g. Europe/Berlin)")
-    f.add_argument("--body-weight-kg", type=float, help="body weight (default: group mean)")
+    f.add_argument(
+        "--body-weight-kg",
+        type=number(*BODY_WEIGHT_KG),
+        help=f"body weight, {BODY_WEIGHT_KG[0]:g} to {BODY_WEIGHT_KG[1]:g} kg (default: group "
+        "mean)",
+    )
     f.add_argument(
         "--basal-u-per-h",
         "--basal",
-        type=float,
+        type=finite,
         help="scheduled basal, U/h (default: the most common logged rate)",
     )
     f.add_argument(
         "--cr",
-        type=float,
+        type=finite,
         help="carb ratio, g/U (default: inferred from the log's meal boluses; with fewer than "
         "5, the median carbs/bolus or the 500 rule)",
     )
     f.add_argument(
         "--cf",
-        type=float,
+        type=finite,
         help="correction factor, mg/dL/U (default: inferred from the log's corrections; with "
         "fewer than 3, the 1800 rule)",
     )
@@ -101,7 +138,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="every LOG is a different person: fit them in parallel (Ray) into the --out directory",
     )
-    f.add_argument("--workers", type=int, help="parallel fits with --each (default: CPUs)")
+    add_count(f, "--workers", 1, MAX_WORKERS, "parallel fits with --each", None, "default: CPUs")
     f.add_argument("--inline", action="store_true", help="with --each: no Ray, one by one")
     f.add_argument("--address", help="with --each: a Ray cluster (default: embedded, loopback)")
 
@@ -119,7 +156,11 @@ def add_parser(sub: Any) -> None:
     r.add_argument(
         "logs", nargs="+", help="the log files or directories to replay (or an example's name)"
     )
-    r.add_argument("--controller", help="basal-bolus, pid, oref0, mpc or policy:PATH")
+    r.add_argument(
+        "--controller",
+        help="basal-bolus, pid, oref0, mpc or policy:PATH (policy:pickle:PATH loads an SB3 "
+        "model.zip with pickle: only a file you trust)",
+    )
     r.add_argument(
         "--model",
         default="fit",
@@ -127,20 +168,25 @@ def add_parser(sub: Any) -> None:
         "this twin's MAP), oracle (each posterior draw's own parameters), population, "
         "population:sample or twin:PATH; the plant is always this twin's posterior draws",
     )
-    r.add_argument("--basal-scale", type=float, default=1.0, help="factor on the logged basal")
-    r.add_argument("--basal-u-per-h", type=float, help="a flat basal replacing the logged one")
-    r.add_argument("--cr", type=float, help="a new carb ratio, g/U (meal boluses recomputed)")
-    r.add_argument("--cf", type=float, help="a new correction factor, mg/dL/U")
     r.add_argument(
-        "--from-day",
-        type=float,
-        default=0.0,
-        help="start at day D of the log, from the state filtered from the log before it "
-        "(default 0: the basal steady state at the first reading, 3 h not scored)",
+        "--basal-scale",
+        type=number(0.0, MAX_BASAL_SCALE),
+        default=1.0,
+        help=f"factor on the logged basal, 0 to {MAX_BASAL_SCALE:g}",
     )
-    r.add_argument("--days", type=float, help="replay D days (default: to the end)")
-    r.add_argument("--draws", type=int, default=50, help="posterior draws (default 50)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    r.add_argument("--basal-u-per-h", type=finite, help="a flat basal replacing the logged one")
+    r.add_argument("--cr", type=finite, help="a new carb ratio, g/U (meal boluses recomputed)")
+    r.add_argument("--cf", type=finite, help="a new correction factor, mg/dL/U")
+    _days_option(
+        r,
+        "--from-day",
+        "start at day D of the log, from the state filtered from the log before it "
+        "(default 0: the basal steady state at the first reading, 3 h not scored)",
+        default=0.0,
+    )
+    _days_option(r, "--days", "replay D days (default: to the end)", positive=True)
+    add_count(r, "--draws", 1, MAX_DRAWS, "posterior draws", 50)
+    r.add_argument("--seed", type=seed, default=0, help="seed of the draws, 0 to 2^32-1")
     r.add_argument(
         "--no-rescue",
         action="store_true",
@@ -171,11 +217,14 @@ def add_parser(sub: Any) -> None:
     s.add_argument(
         "--population", help="a population file (twinloop population sample) holding --patient"
     )
-    s.add_argument("--days", type=int, default=14, help="days (default 14)")
-    s.add_argument("--seed", type=int, default=0, help="seed")
+    add_count(s, "--days", 1, MAX_SYNTH_DAYS, "days", 14)
+    s.add_argument("--seed", type=seed, default=0, help="seed, 0 to 2^32-1")
     s.add_argument("--out", required=True, help="the CSV log")
     s.add_argument(
-        "--carb-error", type=float, default=0.1, help="carb-counting error SD, fraction (0.1)"
+        "--carb-error",
+        type=number(0.0, 1.0),
+        default=0.1,
+        help="carb-counting error SD, a fraction from 0 to 1 (0.1)",
     )
     s.add_argument("--cgm", default="GuardianRT", help="CGM error model (default GuardianRT)")
 
@@ -201,9 +250,12 @@ def add_parser(sub: Any) -> None:
         default=[],
         help="a cohort (repeatable): adolescents|adults|children|all, or population:PATH",
     )
-    i.add_argument("--days", type=int, default=7, help="days of each synthetic log (default 7)")
+    add_count(i, "--days", 1, MAX_SYNTH_DAYS, "days of each synthetic log", 7)
     i.add_argument(
-        "--seed", type=int, default=0, help="seed of the synthetic logs (default 0; per patient)"
+        "--seed",
+        type=seed,
+        default=0,
+        help="seed of the synthetic logs, 0 to 2^32-1 (default 0; per patient)",
     )
     i.add_argument("--out", required=True, help="the directory of twins (created)")
     i.add_argument(
@@ -213,7 +265,7 @@ def add_parser(sub: Any) -> None:
     )
     i.add_argument("--tz", help="IANA time zone of naive times in --logs")
     i.add_argument("--inline", action="store_true", help="fit in this process, one by one (no Ray)")
-    i.add_argument("--workers", type=int, help="parallel fits on Ray (default: CPUs)")
+    add_count(i, "--workers", 1, MAX_WORKERS, "parallel fits on Ray", None, "default: CPUs")
     i.add_argument("--address", help="a Ray cluster (default: embedded Ray, loopback only)")
     i.add_argument(
         "--force", action="store_true", help="refit every twin, even those that could be reused"
@@ -239,7 +291,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, float]:
         ("cr", "carb_ratio_g_per_u"),
         ("cf", "correction_factor_mg_dl_per_u"),
     ):
-        v = getattr(args, arg)
+        v = getattr(args, arg, None)
         if v is not None:
             out[key] = float(v)
             if key in THERAPY_LIMITS:
@@ -504,6 +556,7 @@ def _main_replay(args: argparse.Namespace) -> int:
     from twinloop.twins.person import ReplayTherapy, replay, trajectory_table
     from twinloop.twins.replay import RescueRule
 
+    _overrides(args)  # the settings' ranges, naming the options
     therapy = ReplayTherapy(
         controller=args.controller,
         basal_scale=args.basal_scale,

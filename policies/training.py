@@ -30,7 +30,9 @@ the SB3 vector env and writes its part of ``policy.json``:
 
 :func:`load_config` validates everything once and returns a :class:`TrainingConfig`;
 :func:`train` trains one policy per seed (in process, or as Ray tasks) and saves each in its
-own directory (``seed_<s>/``: ``model.zip``, ``policy.json``, ``checkpoints/``, ``tb/``).
+own directory (``seed_<s>/``: ``policy.pt`` and ``policy.json``, loaded without pickle;
+``model.zip``, SB3's archive to resume training, never loaded unless trusted; ``checkpoints/``,
+``tb/``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -49,13 +52,22 @@ from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.vec_env import VecMonitor
 from tqdm import tqdm
 
+from twinloop.limits import (
+    MAX_CONFIG_BYTES,
+    MAX_SEED,
+    InputLimitError,
+    check_document,
+    read_text,
+)
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.saved import (
     METADATA_FILE,
     METADATA_FORMAT,
     MODEL_FILE,
+    WEIGHTS_FILE,
     algorithm_class,
     twinloop_version,
+    write_weights,
 )
 
 #: Policies a flat feature vector can feed.
@@ -186,12 +198,37 @@ class TrainingConfig:
         return dataclasses.replace(self, **changes)
 
 
-def int_field(name: str, value: object, minimum: int) -> int:
-    """``value`` as an integer >= ``minimum`` (YAML ``1e6`` too), or a refusal naming it."""
+#: Ranges of the config's counts (docs/training.md): parallel envs, steps, checkpoint period,
+#: torch threads, seeds.
+MAX_N_ENVS = 1024
+MAX_TIMESTEPS = 10**10
+MAX_TORCH_THREADS = 256
+MAX_SEEDS = 1000
+#: Ranges of SB3's integer hyperparameters (memory grows with them: the rollout buffer holds
+#: ``n_steps × n_envs`` steps, SAC's replay buffer ``buffer_size``).
+HYPERPARAMETER_RANGES: dict[str, tuple[int, int]] = {
+    "n_steps": (1, 100_000),
+    "batch_size": (1, 1_000_000),
+    "n_epochs": (1, 1000),
+    "buffer_size": (1, 10_000_000),
+    "learning_starts": (0, MAX_TIMESTEPS),
+    "gradient_steps": (-1, 10_000),
+    "train_freq": (1, 1_000_000),
+    "target_update_interval": (1, 1_000_000),
+    "sde_sample_freq": (-1, 1_000_000),
+}
+#: Most steps one rollout holds (``n_steps × n_envs``).
+MAX_ROLLOUT_STEPS = 10_000_000
+
+
+def int_field(name: str, value: object, minimum: int, maximum: int = MAX_TIMESTEPS) -> int:
+    """``value`` as an integer in ``[minimum, maximum]`` (YAML ``1e6`` too), or a refusal."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # 1e6 in YAML
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PolicyConfigError(f"{name}: {value!r} is not allowed: an integer >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise PolicyConfigError(
+            f"{name}: {value!r} is not allowed: an integer from {minimum} to {maximum}"
+        )
     return value
 
 
@@ -258,6 +295,19 @@ def _check_hyperparameters(
             f"unknown hyperparameter(s) of {algorithm}: {', '.join(unknown)}; {cls.__name__} "
             f"takes {', '.join(allowed)} (and twinloop's keys {', '.join(twinloop_keys)})"
         )
+    for key, value in params.items():
+        default = signature[key].default
+        schedule = isinstance(value, str) and value.startswith("lin_")
+        numeric = isinstance(default, int | float) and not isinstance(default, bool)
+        wrong = isinstance(value, bool) or not isinstance(value, int | float)
+        if numeric and key not in HYPERPARAMETER_RANGES and not schedule and wrong:
+            raise PolicyConfigError(f"{key}: {value!r} is not allowed: a number")
+    for key, (low, high) in HYPERPARAMETER_RANGES.items():
+        if key in params and not (key == "train_freq" and isinstance(params[key], list)):
+            int_field(key, params[key], low, high)
+    for key, v in params.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise PolicyConfigError(f"{key}: {v!r} is not allowed: a finite number")
     for key in ("learning_rate",):
         v = params.get(key)
         if isinstance(v, str) and not v.startswith("lin_"):
@@ -316,9 +366,12 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
     seeds_value = s.get("seeds", [0])
     if isinstance(seeds_value, int) and not isinstance(seeds_value, bool):
         seeds_value = [seeds_value]
-    if not isinstance(seeds_value, list) or not seeds_value:
-        raise PolicyConfigError(f"seeds: {seeds_value!r} is not allowed: a list of integers >= 0")
-    seeds = tuple(int_field("seeds", v, 0) for v in seeds_value)
+    if not isinstance(seeds_value, list) or not 1 <= len(seeds_value) <= MAX_SEEDS:
+        raise PolicyConfigError(
+            f"seeds: {str(seeds_value)[:60]} is not allowed: a list of 1 to {MAX_SEEDS} "
+            f"integers from 0 to {MAX_SEED}"
+        )
+    seeds = tuple(int_field("seeds", v, 0, MAX_SEED) for v in seeds_value)
     if len(set(seeds)) != len(seeds):
         raise PolicyConfigError(f"seeds: {seeds_value!r} is not allowed: each seed once")
     task = family.parse(s)
@@ -335,11 +388,18 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
             f"policy_kwargs.{taken[0]}: set by twinloop train for {env_id} (its fixed "
             "observation normalisation)"
         )
+    n_envs = int_field("n_envs", s.get("n_envs", 16), 1, MAX_N_ENVS)
+    n_steps = hyper.get("n_steps")
+    if isinstance(n_steps, int) and n_steps * n_envs > MAX_ROLLOUT_STEPS:
+        raise PolicyConfigError(
+            f"n_steps: {n_steps} × n_envs {n_envs} is more than the {MAX_ROLLOUT_STEPS} steps "
+            "a rollout may hold"
+        )
     return TrainingConfig(
         env_id=env_id,
         algorithm=algorithm,
         policy=str(policy),
-        n_envs=int_field("n_envs", s.get("n_envs", 16), 1),
+        n_envs=n_envs,
         n_timesteps=int_field("n_timesteps", s.get("n_timesteps", 100_000), 1),
         hyperparameters=hyper,
         policy_kwargs=policy_kwargs,
@@ -348,7 +408,7 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
         checkpoint_freq=int_field("checkpoint_freq", s.get("checkpoint_freq", 0), 0),
         tensorboard=tb,
         output_dir=out,
-        torch_threads=int_field("torch_threads", s.get("torch_threads", 1), 1),
+        torch_threads=int_field("torch_threads", s.get("torch_threads", 1), 1, MAX_TORCH_THREADS),
         source=json.loads(json.dumps(s, default=str)),
     )
 
@@ -378,13 +438,16 @@ def load_config(path: str | os.PathLike[str]) -> TrainingConfig:
             raise PolicyConfigError(f"{path}: no such config file, nor a shipped config ({names})")
         p = shipped
     try:
-        text = p.read_text()
-    except OSError as exc:
-        raise PolicyConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
+        text = read_text(p, MAX_CONFIG_BYTES, str(path))
+    except InputLimitError as exc:
+        raise PolicyConfigError(str(exc)) from None
     try:
         document = yaml.safe_load(text)
+        check_document(document, str(path))
     except yaml.YAMLError as exc:
         raise PolicyConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    except InputLimitError as exc:
+        raise PolicyConfigError(str(exc)) from None
     return parse_config(document, source=str(path))
 
 
@@ -435,7 +498,7 @@ def policy_metadata(config: TrainingConfig, seed: int, timesteps: int) -> dict[s
         "policy": config.policy,
         "seed": seed,
         "timesteps": timesteps,
-        "model_file": MODEL_FILE,
+        "model_file": WEIGHTS_FILE,
         "config": config.source,
     }
 
@@ -483,8 +546,9 @@ def train_one(
         model.learn(total_timesteps=config.n_timesteps, callback=callbacks, tb_log_name="run")
     finally:
         model.logger.close()  # TensorBoard's writer thread ends with it
-    model.save(str(out / MODEL_FILE))
+    model.save(str(out / MODEL_FILE))  # to resume training; loading uses the weights
     meta = policy_metadata(config, seed, int(model.num_timesteps))
+    write_weights(model.policy, config.algorithm, out, meta)
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     env.close()
     return TrainResult(seed, str(out), int(model.num_timesteps), time.perf_counter() - started)

@@ -46,9 +46,9 @@ PACKAGE_DATA = (
     "twinloop/twins/data/example_logs/nightscout/entries.json",
     "twinloop/policies/configs/t1d_ppo.yaml",
     "twinloop/policies/shipped/t1d_ppo/seed_0/policy.json",
-    "twinloop/policies/shipped/t1d_ppo/seed_0/model.zip",
+    "twinloop/policies/shipped/t1d_ppo/seed_0/policy.pt",
     "twinloop/policies/shipped/knee_sac/seed_0/policy.json",
-    "twinloop/policies/shipped/knee_sac/seed_0/model.zip",
+    "twinloop/policies/shipped/knee_sac/seed_0/policy.pt",
 )
 #: Data folders of the source tree whose every file must be in the wheel (source → wheel).
 DATA_FOLDERS = (
@@ -272,7 +272,7 @@ def test_twinloop_commands_from_another_directory(
     # a saved policy as controller: policies.glucose.learned imports stable_baselines3 (features)
     site = Path(site_packages(venv, elsewhere, clean_env))
     policy = site / "twinloop" / "policies" / "shipped" / "t1d_ppo" / "seed_0"
-    assert (policy / "model.zip").is_file()
+    assert (policy / "policy.pt").is_file()
     proc = tl("run", "--placement", "inline", "--patient", "adult#001", "--days", "1",
               "--no-progress", "--controller", f"policy:{policy}", "--out", "run2")  # fmt: skip
     refused(proc, "rl", "stable_baselines3 is not installed")

@@ -94,6 +94,7 @@ import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from twinloop.agents.recording import INCOMPLETE_MARKER
+from twinloop.limits import MAX_LOG_BYTES, InputLimitError, check_file
 
 __all__ = [
     "DEFAULT_START",
@@ -215,10 +216,13 @@ def _read_manifest(run_dir: Path, *, allow_incomplete: bool) -> tuple[dict[str, 
     path = run_dir / "manifest.json"
     if not path.is_file():
         raise FhirExportError(f"{path}: missing (not a run directory written by twinloop run?)")
-    raw = path.read_bytes()
     try:
+        check_file(path, MAX_LOG_BYTES)
+        raw = path.read_bytes()
         manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except InputLimitError as exc:
+        raise FhirExportError(str(exc)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FhirExportError(f"{path}: not readable JSON ({exc})") from None
     if not isinstance(manifest, dict):
         raise FhirExportError(f"{path}: expected a JSON object")

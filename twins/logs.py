@@ -95,6 +95,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
+from twinloop.limits import (
+    MAX_LOG_BYTES,
+    MAX_YEAR,
+    MIN_YEAR,
+    InputLimitError,
+    check_file,
+    decode,
+)
 from twinloop.plant.errors import InvalidInputError
 
 __all__ = [
@@ -192,7 +200,22 @@ EXTENDED_BOLUS_STEP_MIN: Final = 5.0
 #: Least CGM coverage :func:`read_log` accepts when ``min_days > 0``.
 MIN_COVERAGE: Final = 0.70
 
+#: Longest duration of a temp basal, suspend or extended (combo) bolus read, minutes (a week;
+#: a longer one is dropped as invalid, naming the field).
+MAX_DURATION_MIN: Final = 7 * 1440.0
+
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+#: Timestamps are read from MIN_YEAR to MAX_YEAR (:mod:`twinloop.limits`); others are dropped.
+_YEARS: Final = f"years {MIN_YEAR} to {MAX_YEAR}"
+_MIN_MS: Final = 0.0
+_MAX_MS: Final = (datetime(MAX_YEAR + 1, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds() * 1000.0
+
+
+def _year_ok(when: datetime) -> bool:
+    """``when`` lies in the years logs are read from (an aware time; a naive one too)."""
+    return MIN_YEAR <= when.year <= MAX_YEAR
+
+
 _US_PER_MIN: Final = 60_000_000
 _TEMP_BASAL_TYPES: Final = frozenset({"temp basal", "tempbasal"})
 
@@ -688,6 +711,30 @@ def _cgm_span_coverage(t_us: NDArray[np.int64]) -> tuple[float, float]:
 
 def _read_csv(path: Path, name: str, tz: tzinfo | None, events: _Events, issues: _Issues) -> int:
     """Read one CSV of the documented layout; return the number of data rows."""
+    _check_source(path, name)
+    try:
+        return _read_csv_rows(path, name, tz, events, issues)
+    except UnicodeDecodeError as error:
+        raise LogError(f"{name}: not UTF-8 text ({error.reason}; a binary file?)") from None
+    except csv.Error as error:
+        raise LogError(f"{name}: malformed CSV ({error})") from None
+
+
+def _check_source(path: Path, name: str) -> None:
+    """Refuse a log file that is not a regular file within :data:`MAX_LOG_BYTES` (unread)."""
+    try:
+        check_file(path, MAX_LOG_BYTES)  # the full path: a device or FIFO is named as given
+        with path.open("rb") as stream:
+            head = stream.read(2)
+    except (InputLimitError, OSError) as error:
+        raise LogError(str(error)) from None
+    if head in (b"\xff\xfe", b"\xfe\xff"):
+        raise LogError(f"{name}: UTF-16 text; save it as UTF-8")
+
+
+def _read_csv_rows(
+    path: Path, name: str, tz: tzinfo | None, events: _Events, issues: _Issues
+) -> int:
     with path.open(newline="", encoding="utf-8-sig") as stream:
         reader = csv.reader(stream)
         header: list[str] | None = None
@@ -760,6 +807,9 @@ def _read_csv(path: Path, name: str, tz: tzinfo | None, events: _Events, issues:
                 "not an ISO 8601 time (e.g. 2026-03-01T08:05:00+01:00)",
                 "dropped: time unknown",
             )
+            continue
+        if not _year_ok(when):
+            issues.add("invalid", name, line, "time", text, _YEARS, "dropped: time unknown")
             continue
         if when.tzinfo is None:
             if zone is None:
@@ -888,11 +938,15 @@ def _check_header(name: str, line: int, header: list[str], issues: _Issues) -> N
 
 
 def _json_records(path: Path, name: str) -> list[Any]:
+    _check_source(path, name)
     try:
-        with path.open(encoding="utf-8-sig") as stream:
-            data = json.load(stream)
+        data = json.loads(decode(path.read_bytes(), name))
+    except InputLimitError as error:
+        raise LogError(str(error)) from None
     except json.JSONDecodeError as error:
         raise LogError(f"{name}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise LogError(f"{name}: JSON nested too deeply") from None
     if isinstance(data, dict) and isinstance(data.get("result"), list):  # API v3 envelope
         data = data["result"]
     if isinstance(data, dict):
@@ -932,15 +986,17 @@ def _ns_time(
             continue
         if isinstance(raw, int | float) and not isinstance(raw, bool):
             ms = float(raw)
-            if not math.isfinite(ms):
-                return None, field, raw
             if abs(ms) < 1e11:  # seconds since the epoch (API v3 accepts them too)
                 ms *= 1000.0
+            if not (math.isfinite(ms) and _MIN_MS <= ms < _MAX_MS):
+                return None, field, raw
             return _EPOCH + timedelta(milliseconds=ms), field, raw
         if isinstance(raw, str):
             try:
                 when = datetime.fromisoformat(raw.strip())
             except ValueError:
+                return None, field, raw
+            if not _year_ok(when):
                 return None, field, raw
             if when.tzinfo is None and naive_utc:
                 when = when.replace(tzinfo=UTC)
@@ -1008,7 +1064,7 @@ def _read_entries(
             if problem:
                 issues.add("notes", name, row, field, raw, problem, "kept")
         if when is None:
-            issues.add("invalid", name, row, field, raw, "no readable time", "dropped")
+            issues.add("invalid", name, row, field, raw, f"no readable time ({_YEARS})", "dropped")
             continue
         try:
             value = _number(record.get("sgv"))
@@ -1063,7 +1119,7 @@ def _read_treatments(
             record, ("created_at", "timestamp", "mills", "date"), naive_utc=True
         )
         if when is None:
-            issues.add("invalid", name, row, field, raw, "no readable time (created_at)", "dropped")
+            issues.add("invalid", name, row, field, raw, f"no readable time ({_YEARS})", "dropped")
             continue
         t_us = _us(when)
         offset = _ns_offset(record, when, ("timestamp", "created_at"), zone)
@@ -1073,10 +1129,12 @@ def _read_treatments(
         try:
             _treatment(record, event_type, name, row, t_us, offset, events, temps, issues)
         except ValueError as error:
-            column, value = error.args if len(error.args) == 2 else ("(record)", "")
-            issues.add(
-                "invalid", name, row, column, value, "not a number", "dropped: value unknown"
+            column, value, problem = (
+                (*error.args, "not a number")[:3]
+                if len(error.args) in (2, 3)
+                else ("(record)", "", "not a number")
             )
+            issues.add("invalid", name, row, column, value, problem, "dropped: value unknown")
     _check_zones(name, rows, times, offsets, [zone] * len(rows), issues)
 
 
@@ -1091,10 +1149,17 @@ def _field_number(record: dict[str, Any], field: str) -> float | None:
 
 
 def _duration_min(record: dict[str, Any]) -> float | None:
-    duration = _field_number(record, "duration")
+    """The record's duration, minutes (ValueError(field, value, problem) beyond a week)."""
+    field = "duration"
+    duration = _field_number(record, field)
     if duration is None:
-        ms = _field_number(record, "durationInMilliseconds")
+        field = "durationInMilliseconds"
+        ms = _field_number(record, field)
         duration = None if ms is None else ms / 60_000.0
+    if duration is not None and duration > MAX_DURATION_MIN:
+        raise ValueError(
+            field, record.get(field), f"a duration longer than {MAX_DURATION_MIN:g} min (a week)"
+        )
     return duration
 
 
@@ -1308,9 +1373,12 @@ def _read_twinloop(
     """Read one patient's CGM, approved commands and announced carbs from a run directory."""
     manifest_path = run_dir / "manifest.json"
     try:
+        check_file(manifest_path, MAX_LOG_BYTES)
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+    except (InputLimitError, OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LogError(f"{manifest_path}: not a readable twinloop manifest ({error})") from None
+    except RecursionError:
+        raise LogError(f"{manifest_path}: JSON nested too deeply") from None
     channels = run_dir / "channels"
     sensor_path = channels / "sensor__controller.parquet"
     if not sensor_path.is_file():
@@ -1573,6 +1641,7 @@ def _sources(paths: Sequence[Path], format: str | None) -> list[tuple[str, Path]
         elif path.suffix.lower() == ".json":
             out.append(("nightscout", path))
         else:
+            _check_source(path, str(path))  # never sniff a device or FIFO
             with path.open("rb") as stream:
                 head = stream.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
             out.append(("nightscout" if head[:1] in (b"[", b"{") else "csv", path))
@@ -1744,9 +1813,13 @@ def read_log(
         if fmt == "csv":
             rows_read[name] = _read_csv(path, name, zone, events, issues)
         elif fmt == "twinloop":
-            run_patient, run_schedule = _read_twinloop(
-                path, patient, start, events, temps, issues, rows_read
-            )
+            try:
+                run_patient, run_schedule = _read_twinloop(
+                    path, patient, start, events, temps, issues, rows_read
+                )
+            except (pa.ArrowException, OSError, KeyError) as error:
+                first = (str(error).splitlines() or [type(error).__name__])[0]
+                raise LogError(f"{name}: not a readable twinloop run ({first})") from None
             schedule = schedule or run_schedule
         else:
             kind, records = loaded[i]

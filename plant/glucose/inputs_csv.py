@@ -26,11 +26,16 @@ from typing import TextIO
 import numpy as np
 from numpy.typing import NDArray
 
+from twinloop.limits import MAX_LOG_BYTES, InputLimitError, check_file
 from twinloop.plant.errors import InvalidInputError
 from twinloop.plant.glucose.scenarios import MIN_PER_DAY
 from twinloop.plant.glucose.uva_padova import Trajectory
 
 REQUIRED_COLUMNS = ("minute", "insulin_u_per_min", "meal_g")
+
+#: Most minutes per patient an inputs file may hold (one year); the file is at most
+#: :data:`twinloop.limits.MAX_LOG_BYTES` bytes.
+MAX_INPUT_MINUTES = 366 * MIN_PER_DAY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +72,11 @@ def read_inputs_csv(path: str | Path) -> dict[str | None, ReplayInputs]:
     """
     path = Path(path)
     try:
+        check_file(path, MAX_LOG_BYTES)
         with path.open(newline="", encoding="utf-8-sig") as handle:
             return _read_inputs(path, handle)
+    except InputLimitError as exc:
+        raise InvalidInputError(str(exc)) from None
     except OSError as exc:
         raise InvalidInputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
@@ -108,6 +116,11 @@ def _read_inputs(path: Path, handle: TextIO) -> dict[str | None, ReplayInputs]:
             values[column] = _number(path, row_no, column, text.strip())
         ins, meals = series.setdefault(key, ([], []))
         expected = len(ins)
+        if expected >= MAX_INPUT_MINUTES:
+            raise InvalidInputError(
+                f"{path}: row {row_no}, column 'minute': more than {MAX_INPUT_MINUTES} minutes "
+                f"(one year){f' for patient {key}' if key else ''}"
+            )
         if values["minute"] != expected:
             raise InvalidInputError(
                 f"{path}: row {row_no}, column 'minute': {values['minute']:g} but minute "

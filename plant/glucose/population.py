@@ -45,6 +45,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from twinloop.limits import MAX_PATIENTS, MAX_SEED
 from twinloop.plant.errors import ConfigError
 from twinloop.plant.glucose.patients import N_STATES, PatientParameters, cohort
 from twinloop.plant.glucose.uva_padova import simulate
@@ -291,8 +292,8 @@ def sample_population(
     """Draw ``n`` valid virtual patients; return them and the rejection counts by reason.
 
     Args:
-        n: patients wanted (>= 1).
-        seed: the generator's seed (same seed, same population).
+        n: patients wanted (1 to :data:`MAX_PATIENTS`).
+        seed: the generator's seed, 0 to 2**32 - 1 (same seed, same population).
         groups: share of each group (default equal thirds), e.g. ``{"adults": 1.0}``.
         model: the fitted model (default: :func:`fit_population` of the shipped table).
         max_draws: give up after this many draws (default ``50 n``).
@@ -301,14 +302,16 @@ def sample_population(
         ConfigError: a bad ``n``, group or share, or too many rejections.
 
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError("n", n, "an integer >= 1")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PATIENTS:
+        raise ConfigError("n", n, f"an integer from 1 to {MAX_PATIENTS}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError("seed", seed, f"an integer from 0 to {MAX_SEED}")
     shares = groups or {g: 1.0 / 3.0 for g in GROUPS}
     for g, w in shares.items():
         if g not in GROUPS:
             raise ConfigError("groups", g, f"one of {', '.join(GROUPS)}")
-        if not (isinstance(w, int | float) and w >= 0):
-            raise ConfigError(f"groups[{g}]", w, "a share >= 0")
+        if not (isinstance(w, int | float) and math.isfinite(w) and w >= 0):
+            raise ConfigError(f"groups[{g}]", w, "a finite share >= 0")
     total = sum(shares.values())
     if total <= 0:
         raise ConfigError("groups", shares, "at least one share > 0")
@@ -390,12 +393,31 @@ def read_population(path: str) -> list[PatientParameters]:
         ConfigError: the file is not a twinloop population.
 
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    from twinloop.limits import MAX_LOG_BYTES, InputLimitError, check_file
+
+    try:
+        check_file(path, MAX_LOG_BYTES)
+        table = pq.read_table(path)
+    except InputLimitError as exc:
+        raise ConfigError("population", path, f"a twinloop population file ({exc})") from None
+    except (pa.ArrowException, OSError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError("population", path, f"a Parquet population file ({first})") from None
     fields = [f.name for f in dataclasses.fields(PatientParameters)]
     missing = [f for f in fields if f not in table.column_names]
     if missing:
         raise ConfigError("population", path, f"a twinloop population file (lacks {missing[:3]})")
-    rows = table.select(fields).to_pylist()
-    return [PatientParameters(**{**r, "x0": tuple(r["x0"])}) for r in rows]
+    if table.num_rows > MAX_PATIENTS:
+        raise ConfigError("population", path, f"at most {MAX_PATIENTS} patients")
+    out = []
+    for i, r in enumerate(table.select(fields).to_pylist()):
+        try:
+            out.append(PatientParameters(**{**r, "x0": tuple(r["x0"])}))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"population {path}: row {i}", r.get("name"), f"a valid patient ({exc})"
+            ) from None
+    return out

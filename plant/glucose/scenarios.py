@@ -38,6 +38,10 @@ def _readonly(a: NDArray[np.generic]) -> None:
     a.flags.writeable = False
 
 
+#: Largest carb-counting error magnitude (a fraction: the uniform half-width or the normal SD).
+MAX_CARB_ERROR = 10.0
+
+
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class MealPlan:
     """Meals of one run, in run minutes, sorted by start (ties keep their given order).
@@ -169,9 +173,9 @@ class CarbCountingError:
             isinstance(m, bool)
             or not isinstance(m, int | float | np.integer | np.floating)
             or not math.isfinite(float(m))
-            or m < 0
+            or not 0 <= m <= MAX_CARB_ERROR
         ):
-            raise ConfigError("magnitude", m, "a finite fraction >= 0")
+            raise ConfigError("magnitude", m, f"a finite fraction >= 0 and <= {MAX_CARB_ERROR:g}")
         if self.kind == "none" and m != 0:
             raise ConfigError("magnitude", m, "0 when kind='none'")
         object.__setattr__(self, "magnitude", float(m))
@@ -270,9 +274,17 @@ class MealScenario(Protocol):
         ...
 
 
+#: Most days a scenario is drawn for (a hundred years; a run's own limit is lower).
+MAX_SCENARIO_DAYS = 36_500
+
+
 def _check_run(days: int, start_min: int) -> None:
-    if isinstance(days, bool) or not isinstance(days, int | np.integer) or days < 1:
-        raise ConfigError("days", days, "an int >= 1")
+    if (
+        isinstance(days, bool)
+        or not isinstance(days, int | np.integer)
+        or not 1 <= days <= MAX_SCENARIO_DAYS
+    ):
+        raise ConfigError("days", days, f"an int from 1 to {MAX_SCENARIO_DAYS}")
     if (
         isinstance(start_min, bool)
         or not isinstance(start_min, int | np.integer)

@@ -44,6 +44,7 @@ from twinloop.policies.saved import (
     read_metadata_file,
     reloads_model_setstate,
     ships_model_path_getstate,
+    split_trust,
 )
 
 
@@ -80,6 +81,8 @@ class LearnedPolicyController:
         self._history = np.full(observation.cgm_history, math.nan)
         #: where the model was loaded from (a copy sent to another process reloads it there)
         self.model_path: str | None = None
+        #: the user trusted the model file's pickle (``policy:pickle:PATH``)
+        self.model_trust_pickle = False
 
     __getstate__ = ships_model_path_getstate
     __setstate__ = reloads_model_setstate
@@ -208,7 +211,8 @@ def load_policy_controller(
     meta = read_metadata(path)
     observation, action = check_compatible(meta, str(path))
     _, model_path = policy_paths(path)
-    model = load_model(str(meta.get("algorithm")), model_path, str(path))
+    _, trusted = split_trust(path)
+    model = load_model(str(meta.get("algorithm")), model_path, str(path), trust_pickle=trusted)
     obs_shape = getattr(model.observation_space, "shape", None)
     act_shape = getattr(model.action_space, "shape", None)
     if obs_shape != (observation.size,) or act_shape != (action.size,):
@@ -218,5 +222,6 @@ def load_policy_controller(
         )
     controller = LearnedPolicyController(model, observation, action, patient, meta)
     controller.model_path = str(model_path.resolve())
+    controller.model_trust_pickle = trusted
     controller.warm_up()
     return controller

@@ -52,6 +52,7 @@ from twinloop.policies.saved import (
     read_metadata_file,
     reloads_model_setstate,
     ships_model_path_getstate,
+    split_trust,
 )
 
 #: Version of the knee policies' observation/action layout; bump it whenever the meaning of the
@@ -189,6 +190,8 @@ class ExoPolicyController:
         self._last_emg = [0.0, 0.0]
         #: where the model was loaded from (a copy sent to another process reloads it there)
         self.model_path: str | None = None
+        #: the user trusted the model file's pickle (``policy:pickle:PATH``)
+        self.model_trust_pickle = False
 
     __getstate__ = ships_model_path_getstate
     __setstate__ = reloads_model_setstate
@@ -344,8 +347,13 @@ def load_exo_policy(
             f"{control_hz} Hz (the observed velocity and the dynamics per step differ)"
         )
     _, model_path = policy_paths(path)
+    _, trusted = split_trust(path)
     model = load_model(
-        str(meta.get("algorithm")), model_path, str(path), {"policy_kwargs": _policy_kwargs(meta)}
+        str(meta.get("algorithm")),
+        model_path,
+        str(path),
+        {"policy_kwargs": _policy_kwargs(meta)},
+        trust_pickle=trusted,
     )
     obs_shape = getattr(model.observation_space, "shape", None)
     act_space = model.action_space
@@ -360,6 +368,7 @@ def load_exo_policy(
         )
     controller = ExoPolicyController(model, meta, sensor_fallback=sensor_fallback)
     controller.model_path = str(model_path.resolve())
+    controller.model_trust_pickle = trusted
     controller.warm_up()
     return controller
 

@@ -174,7 +174,7 @@ def test_unwritable_output_and_bad_seed_fail_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["simulate", "--seed", "-1"])
     assert info.value.code != 0
-    assert "must be >= 0" in capsys.readouterr().err
+    assert "must be from 0 to 4294967295" in capsys.readouterr().err
 
 
 def test_replay_is_a_former_name_of_simulate_inputs(tmp_path, capsys):

@@ -49,8 +49,6 @@ def test_individualize_writes_twins_prints_a_table_and_reuses_them(tmp_path, cap
         (["--patient", "adult#999"], "patients: unknown name 'adult#999'"),
         (["--cohort", "elders"], "patients: unknown name 'elders'"),
         ([], "--patient/--cohort: none given"),
-        (["--patient", "adult#001", "--days", "0"], "days=0 is not allowed: an integer >= 1"),
-        (["--patient", "adult#001", "--workers", "0"], "workers=0 is not allowed"),
         (["--patient", "adult#001", "--logs", "/no/such/dir"], "--logs='/no/such/dir'"),
     ],
 )
@@ -59,6 +57,23 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert err.startswith("twinloop twin: error: ") and message in err
     assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--days", "0"], "argument --days: '0' must be from 1 to 365"),
+        (["--workers", "0"], "argument --workers: '0' must be from 1 to 1024"),
+    ],
+)
+def test_counts_out_of_range_are_refused_by_the_parser(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as refused:
+        main(["twin", "individualize", "--patient", "adult#001", *extra, "--out",
+              str(tmp_path / "o")])  # fmt: skip
+    assert refused.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"twinloop twin individualize: error: {message}"
     assert not (tmp_path / "o").exists()
 
 
@@ -89,4 +104,6 @@ def test_help_and_no_traceback_from_the_command_line(tmp_path):
         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == "twinloop twin: error: seed=-3 is not allowed: an integer >= 0"
+    assert r.stderr.strip().splitlines()[-1] == (
+        "twinloop twin individualize: error: argument --seed: '-3' must be from 0 to 4294967295"
+    )

@@ -24,6 +24,7 @@ from twinloop.policies.glucose.controllers import make_controller
 from twinloop.policies.glucose.features import ENV_LAYOUT_VERSION
 from twinloop.policies.glucose.interface import ControllerInput, Dose
 from twinloop.policies.glucose.learned import LearnedPolicyController, load_policy_controller
+from twinloop.policies.saved import PickleTrustWarning
 from twinloop.policies.training import parse_config, train
 
 
@@ -198,9 +199,15 @@ def test_missing_and_corrupt_files_are_policy_config_errors(saved: Path, tmp_pat
     with pytest.raises(PolicyConfigError, match="no such file"):
         make_controller(f"policy:{tmp_path / 'nowhere'}", patient)
     d = copy_of(saved, tmp_path)
-    (d / "model.zip").write_bytes(b"not a zip at all")
+    (d / "policy.pt").write_bytes(b"not a zip at all")
     with pytest.raises(PolicyConfigError, match="cannot load"):
         load_policy_controller(d, patient)
+    (d / "policy.pt").unlink()  # model.zip alone needs pickle: refused unless trusted
+    with pytest.raises(PolicyConfigError, match="needs pickle"):
+        load_policy_controller(d, patient)
+    (d / "model.zip").write_bytes(b"not a zip at all")
+    with pytest.raises(PolicyConfigError, match="cannot load"), pytest.warns(PickleTrustWarning):
+        load_policy_controller(f"pickle:{d}", patient)
     (d / "model.zip").unlink()
     with pytest.raises(PolicyConfigError, match="missing"):
         load_policy_controller(d, patient)

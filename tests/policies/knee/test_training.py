@@ -247,7 +247,7 @@ def test_the_policy_torque_is_model_predict_on_the_envs_own_observation(saved: P
         obs, _, term, trunc, info = env.step(a)
         if term or trunc:
             obs, info = env.reset()
-    assert isinstance(ctrl.model.policy.actor.features_extractor, KneeObservationScaler)
+    assert isinstance(ctrl.model.actor.features_extractor, KneeObservationScaler)
 
 
 def test_inputs_are_clipped_like_the_env_and_missing_ones_handled(saved: Path) -> None:
@@ -347,6 +347,9 @@ def test_missing_files_and_another_control_rate_are_refused(saved: Path, tmp_pat
     with pytest.raises(PolicyConfigError, match=r"control_hz=100.*200 Hz"):
         load_exo_policy(saved, control_hz=200)
     d = copy_of(saved, tmp_path)
+    (d / "policy.pt").unlink()  # the SB3 archive alone needs pickle: refused unless trusted
+    with pytest.raises(PolicyConfigError, match="needs pickle"):
+        load_exo_policy(d)
     (d / "model.zip").unlink()
     with pytest.raises(PolicyConfigError, match="missing"):
         load_exo_policy(d)
@@ -429,7 +432,7 @@ def _episode(preset: str, controller: Any, seed: int) -> float:
 
 def test_the_committed_knee_policy_loads_and_tracks_better_than_impedance() -> None:
     ctrl = load_exo_policy(COMMITTED, control_hz=100)
-    assert sorted(p.name for p in COMMITTED.iterdir()) == ["model.zip", "policy.json"]
+    assert sorted(p.name for p in COMMITTED.iterdir()) == ["policy.json", "policy.pt"]
     shipped = yaml.safe_load(shipped_config("knee_sac.yaml").read_text())
     assert ctrl.metadata["config"] == shipped[plant.KNEE_EXO_ID]  # trained from it
     for preset in ("mild", "moderate"):
