@@ -46,7 +46,13 @@ from twinloop.hw_bridge.emulators.cgm import (
     CAL_MIN_MG_DL,
     CgmEmulator,
 )
-from twinloop.hw_bridge.emulators.drive import DriveEmulator, DriveState, PendulumJoint
+from twinloop.hw_bridge.emulators.drive import (
+    DriveEmulator,
+    DriveProcess,
+    DriveState,
+    PendulumJoint,
+    knee_factory,
+)
 from twinloop.hw_bridge.emulators.drive.emulator import KNEE_ROM_RAD
 from twinloop.hw_bridge.emulators.drive.modbus import (
     HR_MAX_TORQUE,
@@ -490,7 +496,7 @@ class DriveWatch:
     the limit and only in Operation enabled, none towards a range-of-motion limit it is past.
     """
 
-    def __init__(self, drive: DriveEmulator) -> None:
+    def __init__(self, drive: DriveEmulator | DriveProcess) -> None:
         self.drive = drive
         self.states: set[DriveState] = set()
         self.ticks = 0
@@ -518,9 +524,35 @@ class DriveWatch:
             assert st.torque_demand_permille <= 0
 
 
+@pytest.fixture
+def drive_in_process() -> DriveEmulator:
+    """The drive's firmware in this process, on a pendulum with the knee's range of motion."""
+    return DriveEmulator(PendulumJoint(), rom_rad=KNEE_ROM_RAD)
+
+
+@pytest.fixture
+def drive_core_process() -> Iterator[DriveProcess]:
+    """The drive as ``twinloop emulate drive`` runs it: firmware and knee in a core process."""
+    with DriveProcess(knee_factory("moderate")) as drive:
+        yield drive
+
+
 @pytest.mark.parametrize("n_frames", frame_counts(N_TCP_QUICK))
-def test_drive_tcp_fuzzed_frames(no_errors_logged: None, n_frames: int) -> None:
-    drive = DriveEmulator(PendulumJoint(), rom_rad=KNEE_ROM_RAD)
+def test_drive_tcp_fuzzed_frames(
+    drive_in_process: DriveEmulator, no_errors_logged: None, n_frames: int
+) -> None:
+    _drive_fuzz(drive_in_process, n_frames)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_drive_core_process_tcp_20000_fuzzed_frames(
+    drive_core_process: DriveProcess, no_errors_logged: None
+) -> None:
+    _drive_fuzz(drive_core_process, N_FRAMES)
+
+
+def _drive_fuzz(drive: DriveEmulator | DriveProcess, n_frames: int) -> None:
     watch = DriveWatch(drive)
     with drive.start_tcp("127.0.0.1", 0, run_joint=False) as servers:
         assert servers.tcp_address is not None
