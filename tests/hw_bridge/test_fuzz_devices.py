@@ -321,8 +321,8 @@ def test_pump_tcp_fuzzed_frames(
     _assert_replies(result)
     accepted_bolus_u = 0.0
     for ex in result.exchanges:
-        if ex.sent.unsafe:
-            assert ex.reply[0] & 0x80, f"unsafe write {ex.sent.pdu.hex()} accepted"
+        if ex.sent.unsafe:  # refused as an illegal value, not executed
+            assert ex.reply == bytes([ex.sent.pdu[0] | 0x80, 3]), ex
         if ex.sent.marker:
             assert ex.reply == bytes([ex.sent.pdu[0] | 0x80, 0x0B]), ex
         accepted_bolus_u += _accepted_bolus_u(pump, ex.sent.pdu, ex.reply)
@@ -386,7 +386,7 @@ def _pump_rtu_fuzz(pump: PumpEmulator, patient: VirtualPatient, n_frames: int) -
     with PtyPair() as pty, pump.start_in_thread(rtu=pty.a) as servers:
         port = serial.Serial(pty.b, 115200, parity=usable_parity(pty.b, "E"), timeout=0.002)
         replies = b""
-        sent = 0
+        sent = checkpoints = 0
         kinds: collections.Counter[str] = collections.Counter()
         try:
             while sent < n_frames:
@@ -398,20 +398,25 @@ def _pump_rtu_fuzz(pump: PumpEmulator, patient: VirtualPatient, n_frames: int) -
                 watch.check()
                 if sent // 100 > (sent - len(batch)) // 100:
                     watch.minute()
-                if sent // 500 > (sent - len(batch)) // 500:  # checkpoint: still answering
-                    replies += _drain(port)
-                    port.write(read_clock)
+                if sent // 250 > (sent - len(batch)) // 250:  # checkpoint: still answering,
+                    replies += _drain(port)  # every reply so far well-formed, an unsafe write
+                    port.write(read_clock)  # alone on the line refused with an exception
                     answer = _drain(port)
                     assert answer[:3] == bytes([1, 4, 4]), f"no answer after {sent} frames"
-                    split_rtu_replies(replies + answer, 1)  # every reply well-formed
+                    unsafe = _pump_unsafe_write(rng)
+                    port.write(rtu(1, unsafe))
+                    refusal = _drain(port)
+                    split_rtu_replies(replies + answer + refusal, 1)
+                    assert split_rtu_replies(refusal, 1) == [bytes([unsafe[0] | 0x80, 3])]
                     replies = b""
+                    checkpoints += 1
         finally:
             port.close()
         assert servers.alive
     assert sent >= n_frames
     assert 0 < pump.broadcasts_refused <= kinds["broadcast"]
     assert kinds["executable"] > n_frames / 2 and kinds["hostile"] > n_frames / 5
-    assert watch.minutes >= n_frames // 100
+    assert watch.minutes >= n_frames // 100 and checkpoints >= n_frames // 250
 
 
 @pytest.mark.parametrize("n_frames", frame_counts(N_RTU_QUICK))
