@@ -22,8 +22,13 @@
   result). Rerunning the same command skips the ids already there, so a campaign killed at any
   point (even SIGKILL) resumes and ends with the same table. ``OUT/spec.json`` pins the spec:
   resuming with another spec is refused.
-* **Errors.** A run that raises is recorded with ``status: "error"`` and its traceback; the
-  campaign goes on and the summary counts it. (It is run again on resume.)
+* **Errors.** A run that raises (a timeout included) is recorded with ``status: "error"``, its
+  one-line ``error`` and its traceback; a run that finishes but cannot be judged
+  (:func:`unjudgeable`: a metric NaN or infinite, no simulated time) is recorded the same way
+  (``error: "unjudgeable: ..."``, with what it measured). The campaign goes on; each errored run
+  fails every requirement unless the spec allows it (``errors_allowed``), and the summary and the
+  report list them (:func:`twinloop.campaigns.safety.summarize_campaign`). (An errored run is run
+  again on resume.)
 * **Verdicts.** :mod:`twinloop.campaigns.safety` labels each run's samples with hazards, times fault
   onset to hazard, scores the supervisor's detections and judges each requirement; the summary
   (``OUT/summary.json``) aggregates per fault type and per requirement, with the ids of the
@@ -51,7 +56,15 @@ from twinloop.campaigns.faults import CATALOGUE, ActiveFault, attach
 from twinloop.campaigns.spec import CampaignSpec, Scenario
 from twinloop.therapy import Therapy, get_therapy, register_therapy, therapy_names
 
-__all__ = ["RunKey", "expand_runs", "rerun", "run_campaign", "run_one", "same_result"]
+__all__ = [
+    "RunKey",
+    "expand_runs",
+    "rerun",
+    "run_campaign",
+    "run_one",
+    "same_result",
+    "unjudgeable",
+]
 
 RESULT_VERSION = 1
 
@@ -157,10 +170,31 @@ def _simulate(
     return verdict, trace, {a.fault.name: a.hits for a in actives}
 
 
+def unjudgeable(verdict: dict[str, Any], trace: dict[str, Any]) -> str | None:
+    """Why a finished run cannot be judged, or ``None`` when it can.
+
+    A run cannot be judged when its trace covers no simulated time (fewer than two samples) or
+    a metric is NaN or infinite: its requirements' checks (``bg < threshold``, ...) would be
+    silently false on such values.
+    """
+    samples = max((len(v) for v in trace.values()), default=0)
+    if samples < 2:
+        return f"no simulated time (the trace has {samples} sample(s))"
+    bad = sorted(
+        k
+        for k, v in (verdict.get("metrics") or {}).items()
+        if isinstance(v, float | np.floating) and not math.isfinite(v)
+    )
+    if bad:
+        return "metrics not finite: " + ", ".join(bad)
+    return None
+
+
 def run_one(spec: CampaignSpec, key: RunKey) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Run ``key`` (full loop, in memory recording) and judge it: its result and trace.
 
-    Errors are not caught here (see :func:`_run_task`).
+    A run that cannot be judged (:func:`unjudgeable`) is a result with ``status: "error"``.
+    Exceptions are not caught here (see :func:`_run_task`).
     """
     began = time.perf_counter()
     scenario = spec.scenario(key.scenario)
@@ -171,6 +205,11 @@ def run_one(spec: CampaignSpec, key: RunKey) -> tuple[dict[str, Any], dict[str, 
         hits = verdict.pop("wire_fault_hits")
     else:
         verdict, trace, hits = _simulate(spec, key)
+    why = unjudgeable(verdict, trace)
+    if why is not None:
+        return _record(
+            key, scenario, "error", began, error=f"unjudgeable: {why}", fault_hits=hits, **verdict
+        ), trace
     return _record(key, scenario, "ok", began, fault_hits=hits, **verdict), trace
 
 
@@ -186,9 +225,12 @@ def _run_task(
         if therapy is not None:
             ensure_therapy(therapy)
         return run_one(spec, key)
-    except Exception:
+    except Exception as exc:
         scenario = spec.scenario(key.scenario)
-        return _record(key, scenario, "error", began, traceback=traceback.format_exc()), None
+        error = (f"{type(exc).__name__}: {exc}".strip().splitlines() or ["error"])[0][:300]
+        return _record(
+            key, scenario, "error", began, error=error, traceback=traceback.format_exc()
+        ), None
 
 
 # -- persistence -----------------------------------------------------------------------------

@@ -132,6 +132,7 @@ def write_report(
             f"<b>{r['verdict']}</b>",
             r["runs_judged"],
             r["runs_failing"],
+            r["runs_errored"],
             html.escape(
                 ", ".join(r["failing_ids"][:12]) + (" …" if len(r["failing_ids"]) > 12 else "")
             ),
@@ -153,11 +154,18 @@ def write_report(
     scen_headers += [f"median onset→{label}" for label in summary["labels"]]
     scen_headers.append(part.headline.column)
     d = summary["detection"]
-    errors = [r for r in results if r.get("status") == "error"]
-    error_html = "".join(
-        f"<details><summary>{html.escape(r['id'])}</summary><pre>{html.escape(r['traceback'])}</pre></details>"
-        for r in errors[:20]
+    errors = [r for r in results if r.get("status") != "ok"]
+    error_html = (
+        ""
+        if not errors
+        else _table(["run", "error"], [[e["id"], e["error"]] for e in summary["errored_runs"]])
+        + "".join(
+            f"<details><summary>{html.escape(r['id'])}</summary>"
+            f"<pre>{html.escape(r.get('traceback') or r.get('error') or '')}</pre></details>"
+            for r in errors[:20]
+        )
     )
+    reasons = "".join(f"<li>{html.escape(why)}</li>" for why in summary["verdict_reasons"])
     traces = "".join(_trace_plot(out, spec, rid, part) for rid in summary["worst_runs"])
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>twinloop campaign {html.escape(spec.name)}</title>
@@ -174,14 +182,24 @@ pre {{ font-size: 11px; background: #f6f6f6; padding: 0.5em; }}
     }</span></h1>
 <p>Therapy {html.escape(spec.therapy)}, controller {html.escape(spec.controller)},
 {len(spec.patients)} patients × {len(spec.scenarios)} scenarios × {len(spec.seeds)} seeds =
-{runs["total"]} runs; {runs["ok"]} ok, {runs["errors"]} errors. Spec fingerprint
+{runs["total"]} runs; {runs["ok"]} ok, {runs["errors"]} errored (allowed:
+{runs["errors_allowed"]}). Spec fingerprint
 {summary["fingerprint"]}. Replay any run: <code>twinloop campaign {
         html.escape(spec.source)
     } --rerun ID</code>.</p>
+<ul>{reasons}</ul>
 <h2>Requirements</h2>
 {
         _table(
-            ["id", "requirement", "verdict", "runs judged", "runs failing", "failing run ids"],
+            [
+                "id",
+                "requirement",
+                "verdict",
+                "runs judged",
+                "runs failing",
+                "of which errored",
+                "failing run ids",
+            ],
             req_rows,
         )
     }
@@ -209,7 +227,8 @@ pre {{ font-size: 11px; background: #f6f6f6; padding: 0.5em; }}
     }
 <h2>Worst runs</h2>
 {traces}
-<h2>Errors ({runs["errors"]})</h2>
+<h2>Errored runs ({runs["errors"]}; each fails every requirement beyond errors_allowed
+{runs["errors_allowed"]})</h2>
 {error_html or "<p>none</p>"}
 </body></html>
 """

@@ -25,6 +25,13 @@ patients and seeds without faults) is what to compare hazard rates with.
 **Requirements** (the vocabulary of :func:`twinloop.campaigns.spec.requirement_rules`) are
 judged per run: ``pass`` true/false, or ``None`` when the rule does not apply (a rule about
 fault onsets in the fault-free baseline), with the first violation's time and value.
+
+**Errored runs** (raised, timed out or unjudgeable; ``status`` not ``ok``) are never left out
+silently: beyond the spec's ``errors_allowed`` each of them fails every requirement (it cannot
+show that it meets one), and the campaign fails. The campaign verdict (:func:`campaign_verdict`)
+is ``pass`` only when every run finished, at least one was judged, the errored runs are within
+the allowance and no requirement fails; ``incomplete`` when runs are missing; ``fail``
+otherwise, with the reasons in ``verdict_reasons``.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import numpy as np
 from twinloop.campaigns.spec import CampaignSpec
 
 __all__ = [
+    "campaign_verdict",
     "column",
     "detections",
     "episodes",
@@ -153,7 +161,9 @@ def summarize_campaign(
 
     part = get_therapy(spec.therapy).part("campaigns")
     ok = [r for r in results if r.get("status") == "ok"]
-    errors = [r for r in results if r.get("status") == "error"]
+    errors = [r for r in results if r.get("status") != "ok"]
+    # beyond the allowance, every errored run fails every requirement
+    counted = [r["id"] for r in errors] if len(errors) > spec.errors_allowed else []
     label_names = list(part.labels)
     unit = part.label_unit
     onset_key = part.onset_key
@@ -194,33 +204,77 @@ def summarize_campaign(
     requirements = []
     for req in spec.requirements:
         judged = [(r["id"], v) for r in ok for v in r["requirements"] if v["id"] == req.id]
-        failing = [rid for rid, v in judged if v["pass"] is False]
-        applicable = [rid for rid, v in judged if v["pass"] is not None]
+        failing = [rid for rid, v in judged if v["pass"] is False] + counted
+        applicable = [rid for rid, v in judged if v["pass"] is not None] + counted
         requirements.append(
             {
                 **req.as_dict(),
                 "verdict": "fail" if failing else ("pass" if applicable else "not applicable"),
                 "runs_judged": len(applicable),
                 "runs_failing": len(failing),
+                "runs_errored": len(counted),
                 "failing_ids": failing,
             }
         )
     worst = [r["id"] for r in sorted(ok, key=part.worst_key, reverse=True)[:5]]
+    runs = {
+        "total": len(keys),
+        "finished": len(results),
+        "ok": len(ok),
+        "errors": len(errors),
+        "error_ids": [r["id"] for r in errors],
+        "errors_allowed": spec.errors_allowed,
+    }
+    verdict, reasons = campaign_verdict(runs, requirements)
     return {
         "campaign": spec.name,
         "therapy": spec.therapy,
         "fingerprint": spec.fingerprint(),
-        "runs": {
-            "total": len(keys),
-            "finished": len(results),
-            "ok": len(ok),
-            "errors": len(errors),
-            "error_ids": [r["id"] for r in errors],
-        },
+        "runs": runs,
+        "errored_runs": [
+            {"id": r["id"], "error": r.get("error") or _last_line(r.get("traceback"))}
+            for r in errors
+        ],
         "labels": label_names,
         "per_scenario": per_scenario,
         "detection": detection,
         "requirements": requirements,
-        "verdict": "fail" if any(r["verdict"] == "fail" for r in requirements) else "pass",
+        "verdict": verdict,
+        "verdict_reasons": reasons,
         "worst_runs": worst,
     }
+
+
+def _last_line(text: str | None) -> str:
+    """The last non-empty line of a traceback (the exception), or ``"error"``."""
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "error"
+
+
+def campaign_verdict(
+    runs: Mapping[str, Any], requirements: Sequence[Mapping[str, Any]]
+) -> tuple[str, list[str]]:
+    """The campaign's verdict (``pass``, ``fail`` or ``incomplete``) and why it is not a pass.
+
+    Args:
+        runs: the summary's ``runs`` (``total``, ``finished``, ``ok``, ``errors``,
+            ``errors_allowed``).
+        requirements: the summary's requirements, each with its ``verdict``.
+
+    """
+    reasons = []
+    if runs["finished"] < runs["total"]:
+        reasons.append(f"{runs['total'] - runs['finished']} of {runs['total']} runs not finished")
+    if runs["errors"] > runs["errors_allowed"]:
+        reasons.append(
+            f"{runs['errors']} errored run(s), errors_allowed {runs['errors_allowed']}: each "
+            "fails every requirement"
+        )
+    if runs["total"] and runs["finished"] and not runs["ok"]:
+        reasons.append("no run could be judged")
+    reasons += [f"requirement {r['id']} fails" for r in requirements if r["verdict"] == "fail"]
+    if not reasons:
+        return "pass", []
+    if runs["finished"] < runs["total"] and len(reasons) == 1:
+        return "incomplete", reasons
+    return "fail", reasons

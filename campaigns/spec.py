@@ -5,11 +5,13 @@ any run starts, and a refusal names the file, the line and what is allowed.
 
 .. code-block:: yaml
 
-    name: glucose-faults            # the campaign (its results directory by default)
+    name: glucose-faults            # the campaign (its results directory by default): a safe
+                                    # name (see NAME_RULE), as every scenario's name
     therapy: glucose                # a therapy of the registry (``twinloop therapies``)
     patients: [adults]              # the therapy's patients (default: its plant's default)
     controller: basal-bolus         # any controller of the therapy (default: its default)
-    days: 1                         # the therapy's own keys: glucose ``days``, knee ``cycles``
+    days: 1                         # the therapy's own keys: glucose ``days`` (1..365), knee
+                                    # ``cycles`` (1..10000)
     seeds: [0, 1, 2]
     twin: true
     defaults:                       # window of a fault that gives none (loop time unit;
@@ -32,12 +34,24 @@ any run starts, and a refusal names the file, the line and what is allowed.
     requirements:                   # see requirement_rules() (or a path to a YAML list)
       - {id: R1, rule: glucose_min, threshold_mg_dl: 54}
     hil: {minutes: 60}              # HIL sessions instead: the therapy's ``hil_keys``
+    errors_allowed: 0               # runs that may error and the campaign still pass (0..runs)
 
 What is the therapy's own comes from its parts in the registry (:mod:`twinloop.therapy`): the
 patients (plant), controllers (policies), channels and their messages (agents), and its fault
 types, parameter targets, requirement rules, spec keys, default fault window and HIL keys
 (campaigns, :class:`twinloop.campaigns.interface.CampaignPart`). A former spelling of a
 therapy (``insulin``) is read as its name, with a warning.
+
+**Verdicts cannot lie.** A run that raises (a timeout included) or cannot be judged (a metric
+that is NaN or infinite, no simulated time) is an *errored* run: it fails every requirement of
+the spec (whether a rule would have applied is decided from a run's data, which it lacks), and a
+campaign with more errored runs than ``errors_allowed`` (default 0; an integer from 0 to the
+campaign's number of runs) fails even without requirements. Within the allowance the errored
+runs are listed but not judged. A campaign with no judged run at all fails.
+
+Names that become paths (``name``, each scenario's ``name``) must match :data:`NAME_RULE`:
+letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit, at most
+:data:`NAME_MAX` characters (no ``/``, ``..``, absolute path, NUL or leading dot).
 
 Faults never sit on ``plant->sensor``: that channel is the truth hazards are judged on.
 Windows are in the loop's time unit: minutes for glucose, seconds for the exoskeleton. A
@@ -50,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 import sys
 import warnings
 import zlib
@@ -79,6 +94,7 @@ __all__ = [
     "Requirement",
     "Scenario",
     "SpecError",
+    "check_name",
     "load_spec",
     "requirement_rules",
 ]
@@ -93,6 +109,23 @@ class SpecError(ValueError):
     def __init__(self, where: str, message: str) -> None:
         super().__init__(f"{where}: {message}")
         self.where = where
+
+
+#: Longest name of a campaign or scenario (it becomes a file or directory name).
+NAME_MAX = 64
+#: What a campaign's or a scenario's name must match (it becomes part of paths).
+NAME_RULE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}")
+NAME_ALLOWED = (
+    f"letters, digits, '.', '_' and '-', starting with a letter or digit, at most {NAME_MAX} "
+    "characters (it becomes a path)"
+)
+
+
+def check_name(value: object, where: str, key: str) -> str:
+    """``value`` if it is a safe name (:data:`NAME_RULE`); otherwise a :class:`SpecError`."""
+    if not isinstance(value, str) or not NAME_RULE.fullmatch(value):
+        raise SpecError(where, f"{key}={value!r} is not allowed: {NAME_ALLOWED}")
+    return value
 
 
 # -- YAML with line numbers ----------------------------------------------------------------
@@ -467,6 +500,8 @@ class CampaignSpec:
     hil: tuple[tuple[str, Any], ...] | None = None
     #: Tokens of ``patients`` a worker loads before a run (glucose ``population:PATH``).
     populations: tuple[str, ...] = ()
+    #: Errored runs (raised or unjudgeable) the campaign may have and still pass.
+    errors_allowed: int = 0
 
     def setting(self, name: str) -> Any:
         """The value of one of the therapy's spec keys (KeyError if the therapy has none)."""
@@ -496,13 +531,15 @@ class CampaignSpec:
             "hil": None if self.hil is None else dict(self.hil),
             "scenarios": [s.as_dict() for s in self.scenarios],
             "requirements": [r.as_dict() for r in self.requirements],
+            "errors_allowed": self.errors_allowed,
         }
 
     def fingerprint(self) -> str:
-        """A short hash of everything that decides the runs' results."""
+        """A short hash of everything that decides the runs' results (not ``errors_allowed``)."""
         import json
 
-        text = json.dumps(self.as_dict(), sort_keys=True)
+        decides = {k: v for k, v in self.as_dict().items() if k != "errors_allowed"}
+        text = json.dumps(decides, sort_keys=True)
         return f"{zlib.crc32(text.encode()):08x}"
 
 
@@ -521,6 +558,7 @@ SPEC_KEYS = (
     "baseline",
     "requirements",
     "hil",
+    "errors_allowed",
 )
 
 
@@ -609,7 +647,10 @@ def load_spec(path: str | Path) -> CampaignSpec:
                     f"(its own: {', '.join(own_keys) or 'none'})",
                 )
     _only(root, (*SPEC_KEYS, *own_keys), here, "a campaign")
-    name = str(root.get("name", path.stem))
+    if "name" in root:
+        name = check_name(root["name"], here, "name")
+    else:
+        name = check_name(path.stem, here, "name (the file's name, as none is given)")
     plant = therapy.part("plant")
     patients = root.get("patients", list(plant.default_patients))
     if isinstance(patients, str):
@@ -669,6 +710,7 @@ def load_spec(path: str | Path) -> CampaignSpec:
         if not isinstance(node, dict) or not isinstance(node.get("name"), str):
             raise SpecError(sh, "a scenario is a mapping with name: and faults:")
         _only(node, ("name", "faults", "overlap"), sh, "a scenario")
+        check_name(node["name"], sh, "scenario name")
         faults = node.get("faults") or []
         if not isinstance(faults, list):
             raise SpecError(sh, "faults: a list of faults")
@@ -745,6 +787,18 @@ def load_spec(path: str | Path) -> CampaignSpec:
     ids = [r.id for r in requirements]
     if len(set(ids)) != len(ids):
         raise SpecError(here, f"requirement ids must be unique: {ids}")
+    n_runs = len(expanded.names) * len(scenarios) * len(seeds)
+    errors_allowed = root.get("errors_allowed", 0)
+    if (
+        isinstance(errors_allowed, bool)
+        or not isinstance(errors_allowed, int)
+        or not 0 <= errors_allowed <= n_runs
+    ):
+        raise SpecError(
+            here,
+            f"errors_allowed={errors_allowed!r} is not allowed: an integer in 0..{n_runs} (the "
+            "campaign's runs)",
+        )
     return CampaignSpec(
         name=name,
         therapy=therapy.name,
@@ -758,4 +812,5 @@ def load_spec(path: str | Path) -> CampaignSpec:
         source=str(path),
         hil=hil,
         populations=tuple(expanded.preload),
+        errors_allowed=errors_allowed,
     )

@@ -1,6 +1,12 @@
 """``twinloop campaign SPEC``: fault-injection campaigns (``--rerun ID``, ``--faults``).
 
 SPEC is a campaign YAML file or a shipped campaign's name (``glucose_smoke``).
+
+Exit codes (:data:`EXIT_PASS`, :data:`EXIT_FAIL`, and
+:data:`twinloop.cli.errors.EXIT_USAGE` as every command's for bad input): 0 the campaign passed;
+1 it failed (a requirement fails, more errored runs than ``errors_allowed``, no run judged) or
+is incomplete, or ``--rerun`` did not reproduce the stored result; 2 bad input (usage, the
+spec, ``--out``) — nothing was judged.
 """
 
 from __future__ import annotations
@@ -10,6 +16,19 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from twinloop.cli.errors import EXIT_USAGE
+
+#: Exit code of a campaign that passed.
+EXIT_PASS = 0
+#: Exit code of a campaign that failed or is incomplete (and of a rerun that differs).
+EXIT_FAIL = 1
+
+EXIT_CODES = (
+    f"exit status: {EXIT_PASS} the campaign passed; {EXIT_FAIL} it failed (a requirement fails, "
+    "more errored runs than errors_allowed, no run judged) or is incomplete, or --rerun did not "
+    f"reproduce the stored result; {EXIT_USAGE} bad input (usage, the spec, --out)"
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -21,10 +40,23 @@ def add_parser(sub: Any) -> None:
         description="Run every patient × scenario × seed of SPEC.yaml (campaigns/spec.py "
         "documents the format; shipped examples in campaigns/specs/) as Ray tasks, persisting "
         "each run's result as it finishes into OUT/results/. Rerunning the same command "
-        "resumes. OUT/summary.json and OUT/report.html hold the verdicts.",
+        "resumes. OUT/summary.json and OUT/report.html hold the verdicts. A run that raises "
+        "or cannot be judged fails every requirement unless the spec allows it "
+        "(errors_allowed).",
+        epilog=EXIT_CODES,
     )
     p.add_argument("spec", nargs="?", help="campaign specification (YAML)")
-    p.add_argument("--out", help="campaign directory (default: runs/campaigns/<name>)")
+    p.add_argument(
+        "--out",
+        help="campaign directory (default: runs/campaigns/<name>); the same spec's directory "
+        "resumes, anything else non-empty is refused without --overwrite",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh: replace an earlier campaign (or run) at --out, and an earlier "
+        "--rerun recording",
+    )
     p.add_argument("--address", help="run on an existing Ray cluster (HOST:PORT)")
     p.add_argument("--workers", type=int, help="runs in parallel (default: the cluster's CPUs)")
     p.add_argument("--inline", action="store_true", help="run in this process, without Ray")
@@ -109,10 +141,30 @@ def _catalogue() -> int:
     return 0
 
 
+def _claim_campaign_out(out: Path, spec: Any, overwrite: bool) -> None:
+    """Refuse ``out`` unless it is new, empty, this spec's campaign (a resume) or overwritten."""
+    from twinloop.cli.options import OutputExistsError, claim_out
+
+    pinned = out / "spec.json"
+    if not overwrite and pinned.is_file():
+        try:
+            fingerprint = json.loads(pinned.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            fingerprint = None
+        if fingerprint == spec.fingerprint():
+            return  # the same campaign: resume
+        raise OutputExistsError(
+            f"--out {out}: holds results of another spec (fingerprint {fingerprint}, this one "
+            f"{spec.fingerprint()}); give another --out, or --overwrite to replace it"
+        )
+    claim_out(out, overwrite=overwrite)
+
+
 def main_campaign(args: argparse.Namespace) -> int:
-    """Run ``twinloop campaign``; errors print one line and return 2."""
-    from twinloop.campaigns.campaign import rerun, run_campaign, same_result
+    """Run ``twinloop campaign``: 0 pass, 1 fail or incomplete; errors print one line, 2."""
+    from twinloop.campaigns.campaign import expand_runs, rerun, run_campaign, same_result
     from twinloop.campaigns.spec import load_spec
+    from twinloop.cli.options import claim_out
 
     if args.faults:
         if args.markdown:
@@ -128,14 +180,17 @@ def main_campaign(args: argparse.Namespace) -> int:
         args.rerun = args.rerun or args.replay
     if args.rerun:
         target = out / "reruns" / args.rerun
+        if args.rerun in {k.id for k in expand_runs(spec)}:  # (rerun refuses another id)
+            claim_out(target, overwrite=args.overwrite, option="--rerun recording")
         again = rerun(spec, args.rerun, target)
         print(f"ran {args.rerun} again: full recording in {target}")
         stored = out / "results" / f"{args.rerun}.json"
         if stored.exists():
             same = same_result(json.loads(stored.read_text()), again["result"])
             print("identical to the stored result" if same else "DIFFERENT from the stored result")
-            return 0 if same else 1
-        return 0
+            return EXIT_PASS if same else EXIT_FAIL
+        return EXIT_PASS
+    _claim_campaign_out(out, spec, args.overwrite)
     summary = run_campaign(
         spec,
         out,
@@ -154,5 +209,12 @@ def main_campaign(args: argparse.Namespace) -> int:
     )
     for r in summary["requirements"]:
         print(f"  {r['id']:8s} {r['verdict']:15s} {r['runs_failing']:5d} failing  {r['text']}")
-    print(f"verdict: {summary['verdict'].upper()}; {out / 'summary.json'}, {out / 'report.html'}")
-    return 0
+    for e in summary["errored_runs"][:20]:
+        print(f"  errored  {e['id']}: {e['error']}")
+    if len(summary["errored_runs"]) > 20:
+        print(f"  ... and {len(summary['errored_runs']) - 20} more errored runs (summary.json)")
+    why = f" ({'; '.join(summary['verdict_reasons'])})" if summary["verdict_reasons"] else ""
+    print(
+        f"verdict: {summary['verdict'].upper()}{why}; {out / 'summary.json'}, {out / 'report.html'}"
+    )
+    return EXIT_PASS if summary["verdict"] == "pass" else EXIT_FAIL

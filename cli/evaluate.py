@@ -8,14 +8,21 @@ One command re-runs the documented comparison and updates its table in the docs:
 
 ``--controller``, ``--cohort`` and ``--seed`` are repeatable (a value may also be a
 comma-separated list); the former ``--controllers``, ``--cohorts`` and ``--seeds`` still work,
-with a warning. Errors print one line ``twinloop evaluate: error: ...`` and exit with status 2.
+with a warning. Errors print one line ``twinloop evaluate: error: ...`` and exit with status 2
+(``--out`` onto an earlier output without ``--overwrite`` included). With ``--fail-on-hazard``
+the exit status is 1 when a patient-run is flagged (plasma glucose below 20 mg/dL or not a
+number: the table's ‡, ``hazard`` in per_patient.csv, ``hazard_patient_runs`` in the manifest).
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from typing import Any
+
+#: Exit code of ``--fail-on-hazard`` when a patient-run is flagged.
+EXIT_HAZARD = 1
 
 #: The therapy evaluated when ``--therapy`` is not given.
 DEFAULT_THERAPY = "glucose"
@@ -33,7 +40,12 @@ def add_parser(sub: Any) -> None:
         description="Run every controller on every cohort and seed of an evaluation protocol "
         "(glucose default: the shipped t1d-standard: 30 patients, 7 days, random meals with "
         "±30 % carb-counting error, noisy CGM, seeds 0-2), in parallel on Ray, and write "
-        "per-patient and comparison CSVs, a ranked Markdown table, plots and a manifest.",
+        "per-patient and comparison CSVs, a ranked Markdown table, plots and a manifest. "
+        "Patient-runs whose plasma glucose left physiology (below 20 mg/dL, or not a number) "
+        "are marked ‡ and listed.",
+        epilog=f"exit status: 0 done; {EXIT_HAZARD} with --fail-on-hazard when a patient-run is "
+        "flagged; 2 bad input (options, protocol, an earlier output at --out without "
+        "--overwrite)",
     )
     add_therapy(ev)
     ev.add_argument(
@@ -48,7 +60,16 @@ def add_parser(sub: Any) -> None:
         help="a protocol YAML file or a shipped protocol's name (default: the therapy's, "
         "glucose t1d-standard)",
     )
-    ev.add_argument("--out", help="output directory (default runs/eval-YYYYmmdd-HHMMSS)")
+    ev.add_argument(
+        "--out", help="output directory (default runs/eval-YYYYmmdd-HHMMSS); must be new or empty"
+    )
+    ev.add_argument("--overwrite", action="store_true", help="replace an earlier output at --out")
+    ev.add_argument(
+        "--fail-on-hazard",
+        action="store_true",
+        help=f"exit with status {EXIT_HAZARD} when a patient-run is flagged (plasma glucose "
+        "below 20 mg/dL or not a number)",
+    )
     ev.add_argument("--workers", help="runs at once (default: all CPUs)")
     ev.add_argument(
         "--address", help="HOST:PORT of an existing Ray cluster (default: an embedded Ray)"
@@ -113,8 +134,6 @@ def _int(option: str, text: str, *, minimum: int) -> int:
 
 def _merge_deprecated(args: argparse.Namespace) -> None:
     """Fold ``--controllers``/``--cohorts``/``--seeds`` into their new options, with a warning."""
-    import sys
-
     for old, new in DEPRECATED.items():
         values = getattr(args, old, None) or []
         if values:
@@ -141,7 +160,7 @@ def command_line(args: argparse.Namespace) -> str:
         given = getattr(args, option, None)
         if given is not None:
             words += [f"--{option}", str(given)]
-    for flag in ("no_progress", "no_recordings", "inline"):
+    for flag in ("no_progress", "no_recordings", "inline", "overwrite", "fail_on_hazard"):
         if getattr(args, flag, False):
             words.append("--" + flag.replace("_", "-"))
     return shlex.join(words)
@@ -149,7 +168,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from twinloop.agents.recording import new_run_dir
-    from twinloop.cli.options import therapy_of
+    from twinloop.cli.options import claim_out, therapy_of
 
     _merge_deprecated(args)
     therapy = therapy_of(args.therapy or DEFAULT_THERAPY)
@@ -170,7 +189,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         seeds=_ints("--seed", seeds, minimum=0) if seeds else None,
         **({} if args.model is None else {"model": args.model}),
     )
-    out = args.out or new_run_dir("runs/eval-%Y%m%d-%H%M%S")
+    if args.out:
+        out = str(claim_out(args.out, overwrite=args.overwrite))
+    else:
+        out = new_run_dir("runs/eval-%Y%m%d-%H%M%S")
     command = command_line(args)
     result = part.evaluate(
         controllers,
@@ -195,7 +217,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.doc:
         part.update_doc(args.doc, result.table, command=command, wall_time_s=result.wall_time_s)
         print(f"table written into {args.doc}")
+    hazards = list(getattr(result, "hazards", []))
+    for h in hazards[:20]:
+        print(
+            f"‡ COLLAPSED: {h['controller']} on {h['patient']} ({h['cohort']}, seed {h['seed']}): "
+            f"{h['minutes_non_physiological']} min non-physiological"
+        )
+    if len(hazards) > 20:
+        print(f"‡ ... and {len(hazards) - 20} more (manifest.json: hazard_patient_runs)")
     print(f"results: {result.out_dir} (per_patient.csv, comparison.csv, results.md, plots/)")
+    if args.fail_on_hazard and hazards:
+        print(
+            f"twinloop evaluate: hazard: {len(hazards)} patient-run(s) flagged; exit status "
+            f"{EXIT_HAZARD} (--fail-on-hazard)",
+            file=sys.stderr,
+        )
+        return EXIT_HAZARD
     return 0
 
 

@@ -130,7 +130,17 @@ def add_parser(sub: Any) -> None:
         "--time-scale", type=positive, default=60.0, help="wall seconds per simulated minute"
     )
     hil.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (240)")
-    hil.add_argument("--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS)")
+    hil.add_argument(
+        "--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS); must be new or empty"
+    )
+    hil.add_argument("--overwrite", action="store_true", help="replace an earlier run at --out")
+    hil.add_argument(
+        "--flush-every-min",
+        type=_flush_every_min,
+        default=None,
+        help="simulated minutes (knee-exo: minutes of the session) between flushes of the "
+        "recording to disk (1..1440, default 5): a killed session loses at most this much",
+    )
     hil.add_argument(
         "--task", default="cyclic", help="knee-exo: cyclic (default), sit_to_stand, hold"
     )
@@ -153,6 +163,15 @@ def add_parser(sub: Any) -> None:
         help="pace the rig under SCHED_FIFO (needs CAP_SYS_NICE; says so when refused)",
     )
     hil.set_defaults(handler=hil_command)
+
+
+def _flush_every_min(value: str) -> int:
+    from twinloop.agents.recording import check_flush_every_min
+
+    try:
+        return check_flush_every_min(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not allowed: {exc}") from None
 
 
 def server_tls_context(certfile: str, keyfile: str, cafile: str) -> ssl.SSLContext:
@@ -276,9 +295,11 @@ def _emulate_drive(args: argparse.Namespace, stop: threading.Event) -> int:
 
 def hil_command(args: argparse.Namespace) -> int:
     """``twinloop hil``: the session of the therapy's rig (its HIL part)."""
-    from twinloop.cli.options import therapy_of
+    from twinloop.cli.options import claim_out, therapy_of
 
     therapy = therapy_of(args.therapy)
     if not therapy.has("hil") or not hasattr(therapy.part("hil"), "run_session"):
         raise ValueError(f"the {therapy.name} therapy has no HIL rig")
+    if args.out:
+        claim_out(args.out, overwrite=args.overwrite)
     return int(therapy.part("hil").run_session(args))

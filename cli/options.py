@@ -14,6 +14,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -153,4 +154,62 @@ def merged(
     out = dict(defaults)
     out.update(config)
     out.update({k: v for k, v in given.items() if v is not None and v != []})
+    return out
+
+
+class OutputExistsError(ValueError):
+    """``--out`` names an earlier run (refused without ``--overwrite``) or something else."""
+
+
+#: Files that mark a directory as a twinloop output (a run's manifest or its in-progress
+#: marker, an evaluation's manifest, a campaign's pinned spec or summary, a twin replay).
+OUTPUT_MARKERS = ("manifest.json", "summary.json", "spec.json", "INCOMPLETE", "replay.json")
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace an earlier run at ``--out`` (refused without it)."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier twinloop output at --out (without it, a non-empty --out is "
+        "refused; a directory that holds no twinloop output is never deleted)",
+    )
+
+
+def is_output(path: Path) -> bool:
+    """Whether ``path`` is a directory holding a twinloop output (:data:`OUTPUT_MARKERS`)."""
+    return path.is_dir() and any((path / marker).exists() for marker in OUTPUT_MARKERS)
+
+
+def claim_out(
+    path: str | Path, *, overwrite: bool, option: str = "--out", remove: bool = True
+) -> Path:
+    """``path`` ready for a new output: absent or empty, or an earlier one removed.
+
+    With ``remove`` false, only check (a command that validates more input first calls it
+    again, with ``remove``, just before it writes).
+
+    Raises:
+        OutputExistsError: ``path`` is not a directory; or it is not empty and ``overwrite``
+            is false; or it is not empty and holds no twinloop output (never deleted).
+
+    """
+    import shutil
+
+    out = Path(path)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputExistsError(f"{option} {out}: exists and is not a directory; give another")
+    if not out.exists() or not any(out.iterdir()):
+        return out
+    if not is_output(out):
+        raise OutputExistsError(
+            f"{option} {out}: not empty and holds no twinloop output; refused (even with "
+            "--overwrite, it is not deleted): give another"
+        )
+    if not overwrite:
+        raise OutputExistsError(
+            f"{option} {out}: holds an earlier run; give another, or --overwrite to replace it"
+        )
+    if remove:
+        shutil.rmtree(out)
     return out

@@ -4,17 +4,27 @@ The therapy (``--therapy``, default ``glucose``) is asked for everything that is
 patients it knows, its controllers, the options of its loop (``--days`` for glucose, ``--task``
 for the knee, ...), the placements it supports, how to run, print and report it. An option of
 another therapy's loop is refused naming the therapy that has it.
+
+Exit codes: 0 the run finished; 1 with ``--fail-on-hazard``, when a patient-run is flagged
+(its summary's ``hazard_patients``: glucose, plasma glucose below
+:data:`twinloop.agents.glucose.run.HAZARD_FLOOR_MG_DL` or not a number); 2 bad input
+(:data:`twinloop.cli.errors.EXIT_USAGE`, as every command), ``--out`` onto an earlier run
+without ``--overwrite`` included.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from twinloop.cli import options
+
+#: Exit code of ``--fail-on-hazard`` when a patient-run is flagged.
+EXIT_HAZARD = 1
 
 #: Options every therapy's ``run`` has, with their defaults (None: the therapy's default).
 COMMON: dict[str, Any] = {
@@ -27,6 +37,8 @@ COMMON: dict[str, Any] = {
     "placement": None,
     "address": None,
     "progress": True,
+    "overwrite": False,
+    "fail_on_hazard": False,
 }
 
 
@@ -49,13 +61,27 @@ def add_parser(sub: Any) -> None:
         help="run a therapy's closed loop (sensor, twin, controller, supervisor, actuator)",
         description="Run the closed loop of a therapy on its patients, in simulated time (or "
         "wall clock), each agent in process or as a Ray actor; record every channel to Parquet "
-        "with a manifest and a summary; print the summary.",
+        "with a manifest and a summary; print the summary. A patient whose glucose left "
+        "physiology (below 20 mg/dL, or not a number) is marked COLLAPSED.",
+        epilog=f"exit status: 0 done; {EXIT_HAZARD} with --fail-on-hazard when a patient-run is "
+        "flagged; 2 bad input (options, config, an earlier run at --out without --overwrite)",
     )
     options.add_therapy(run, default=None)
     options.add_patients(run)
     run.add_argument("--controller", help="a controller of the therapy, or policy:PATH")
     run.add_argument("--seed", type=options.seed, help="seed of the run (default 0)")
-    run.add_argument("--out", help="run directory (default runs/run-YYYYmmdd-HHMMSS)")
+    run.add_argument(
+        "--out", help="run directory (default runs/run-YYYYmmdd-HHMMSS); must be new or empty"
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", default=None,
+        help="replace an earlier run at --out (refused without it)",
+    )  # fmt: skip
+    run.add_argument(
+        "--fail-on-hazard", action="store_true", default=None,
+        help=f"exit with status {EXIT_HAZARD} when a patient-run is flagged (glucose: plasma "
+        "glucose below 20 mg/dL or not a number)",
+    )  # fmt: skip
     run.add_argument("--config", help="YAML file setting any of these options (snake_case keys)")
     run.add_argument(
         "--placement",
@@ -89,8 +115,9 @@ def _check_common(settings: dict[str, Any]) -> None:
     seed = settings["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} is not allowed: an integer >= 0")
-    if not isinstance(settings["progress"], bool):
-        raise ValueError(f"progress={settings['progress']!r} is not allowed: true or false")
+    for flag in ("progress", "overwrite", "fail_on_hazard"):
+        if not isinstance(settings[flag], bool):
+            raise ValueError(f"{flag}={settings[flag]!r} is not allowed: true or false")
     for key in ("therapy", "controller", "out", "placement", "address"):
         value = settings[key]
         if value is not None and not isinstance(value, str):
@@ -156,7 +183,10 @@ def main_run(args: argparse.Namespace) -> int:
     allowed = therapy.part("policies").check_controller(controller)
     if allowed is not None:
         raise ValueError(f"--controller={controller!r} is not allowed: {allowed}")
-    out = settings["out"] or new_run_dir(agents.default_out)
+    if settings["out"]:
+        out = str(options.claim_out(settings["out"], overwrite=settings["overwrite"]))
+    else:
+        out = new_run_dir(agents.default_out)
     if parsed.get("model") == "fit":  # individualize first: the loop plans on fitted twins
         parsed["model"] = _fit_twins(names or plant.default_patients, out, settings)
     loop_config = agents.make_config(
@@ -187,4 +217,12 @@ def main_run(args: argparse.Namespace) -> int:
         print(line)
     report = Path(run_dir) / "report.md"
     print(f"recording: {run_dir}" + (f"; report: {report}" if report.is_file() else ""))
+    flagged = summary.get("hazard_patients") or []
+    if settings["fail_on_hazard"] and flagged:
+        print(
+            f"twinloop run: hazard: {len(flagged)} patient-run(s) flagged "
+            f"({', '.join(flagged)}); exit status {EXIT_HAZARD} (--fail-on-hazard)",
+            file=sys.stderr,
+        )
+        return EXIT_HAZARD
     return 0

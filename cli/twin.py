@@ -150,8 +150,9 @@ def add_parser(sub: Any) -> None:
     r.add_argument(
         "--out",
         help="directory for replay.json, the per-minute trajectories (replay_trajectories.parquet "
-        "and .csv) and replay.png",
+        "and .csv) and replay.png; must be new or empty",
     )
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier replay at --out")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     r.add_argument(
         "--fhir",
@@ -497,6 +498,7 @@ def _fhir(result: dict[str, Any], name: str, start: Any, twin_path: str) -> Any:
 
 
 def _main_replay(args: argparse.Namespace) -> int:
+    from twinloop.cli.options import claim_out
     from twinloop.twins.identify import MIN_PER_DAY, log_grid, read_twin
     from twinloop.twins.logs import LogError, read_log, resolve_log_path
     from twinloop.twins.person import ReplayTherapy, replay, trajectory_table
@@ -512,6 +514,8 @@ def _main_replay(args: argparse.Namespace) -> int:
     )
     if args.draws < 1:
         return _error(f"--draws {args.draws} is not allowed: an integer >= 1")
+    if args.out:  # refused before the replay, not after it
+        claim_out(args.out, overwrite=args.overwrite, remove=False)
     fit = read_twin(args.twin)
     try:
         grid = log_grid(read_log([resolve_log_path(p) for p in args.logs], tz=args.tz))
@@ -525,6 +529,8 @@ def _main_replay(args: argparse.Namespace) -> int:
             f"{grid.days:.2f} days"
         )
     rescue = None if args.no_rescue else RescueRule()
+    if args.out:  # the inputs are good: the earlier replay goes (--overwrite)
+        claim_out(args.out, overwrite=args.overwrite)
     result = replay(
         fit,
         grid,

@@ -33,5 +33,11 @@ class EvaluationPart(Protocol):
     def evaluate(
         self, controllers: Sequence[str], protocol: Any, out: str | Path, **kw: Any
     ) -> Any:
-        """Run every controller on the protocol; write the outputs into ``out``."""
+        """Run every controller on the protocol; write the outputs into ``out``.
+
+        The result has ``results``, ``failed``, ``table``, ``out_dir``, ``wall_time_s`` and
+        ``hazards``: the patient-runs flagged as out of physiology (each a mapping with
+        ``controller``, ``cohort``, ``seed``, ``patient``, ``minutes_non_physiological``), what
+        ``--fail-on-hazard`` exits 1 on.
+        """
         ...

@@ -766,6 +766,19 @@ class LineTransport:
             self._wanted = False
             self._close_port()
 
+    def reopen(self) -> None:
+        """Close the port and reopen it at the next :meth:`poll` (no wait, no backoff).
+
+        For a device that went silent without the port hanging up: a device restarted behind
+        the same path (a new pty at the same link) is only reached through a new open.
+        """
+        with self._lock:
+            if not self._wanted:
+                return
+            self._close_port()
+            self._backoff_s = self._backoff_first_s
+            self._next_attempt = 0.0
+
     def __enter__(self) -> LineTransport:
         self.open()
         return self

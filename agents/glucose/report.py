@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -43,7 +42,7 @@ from matplotlib.ticker import FuncFormatter, MultipleLocator
 from numpy.typing import ArrayLike, NDArray
 
 from twinloop.agents.glucose.run import summarize, tick_lateness
-from twinloop.agents.recording import channel_file
+from twinloop.agents.recording import channel_file, read_channel
 from twinloop.agents.report import (
     MANIFEST_FILE,
     CorruptRecordingError,
@@ -356,22 +355,29 @@ class _Channel:
 
 
 def _read_table(run_dir: Path, channel: str, *, required: bool) -> _Table:
-    """Read one channel's file (an empty table when it is absent and not ``required``)."""
+    """Read one channel: its final file, else an interrupted run's flushed segments.
+
+    An absent channel is an empty table when it is not ``required``.
+    """
     path = run_dir / "channels" / channel_file(channel)
     names = _COLUMNS[channel]
-    if not path.is_file():
+    try:
+        table = read_channel(run_dir, channel)
+    except (pa.ArrowException, OSError) as exc:
+        raise CorruptRecordingError(path, f"not a readable Parquet table ({exc})") from None
+    if table is None:
         if required:
             raise MissingRecordingFileError(path, f"recording of channel {channel}")
         empty: dict[str, NDArray[Any]] = {c: np.empty(0) for c in ("t_min", *names)}
         return _Table(path, [], np.empty(0, dtype=np.intp), empty)
     try:
-        schema_names = pq.read_schema(path).names
+        schema_names = table.schema.names
         missing = [c for c in ("patient", "t_min", *names) if c not in schema_names]
         if missing:
             raise CorruptRecordingError(
                 path, f"column(s) {', '.join(missing)} missing; found {', '.join(schema_names)}"
             )
-        table = pq.read_table(path, columns=["patient", "t_min", *names])
+        table = table.select(["patient", "t_min", *names])
         who = table.column("patient")
         if who.null_count:
             raise CorruptRecordingError(path, f"{who.null_count} row(s) without a patient")

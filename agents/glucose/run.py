@@ -12,7 +12,12 @@ from tqdm import tqdm
 
 from twinloop.agents.glucose.loop import LoopConfig, PatientLoop, run_together
 from twinloop.agents.placement import InlinePlacement, Placement, RayPatientsPlacement
-from twinloop.agents.recording import Columns, Recorder, column_listener
+from twinloop.agents.recording import (
+    DEFAULT_FLUSH_EVERY_MIN,
+    Columns,
+    Recorder,
+    column_listener,
+)
 from twinloop.plant.glucose.cohorts import find_patient
 from twinloop.plant.glucose.metrics import glucose_metrics
 from twinloop.plant.glucose.patients import PatientParameters, patient_key
@@ -39,17 +44,38 @@ SUMMARY_FIELDS = (
 METRICS_FLOOR_MG_DL = 1.0
 
 
+#: Plasma glucose below this, or not a finite number, is not physiology: the patient-run is
+#: flagged (``non_physiological``). 20 mg/dL (1.1 mmol/L) is far below level-3 hypoglycaemia
+#: (< 54 mg/dL with impairment), where a real person is in neuroglycopenic coma, and below the
+#: range the UVA/Padova 2008 model was built on: it has no counter-regulation (glucagon came
+#: with the 2013 version), so below it the model only reports that insulin outran every glucose
+#: source (a *collapse*, down to 0 mg/dL), not what a body would do.
+HAZARD_FLOOR_MG_DL = 20.0
+
+
+def non_physiological(bg_mg_dl: NDArray[np.float64]) -> NDArray[np.bool_]:
+    """Samples below :data:`HAZARD_FLOOR_MG_DL` or not finite (NaN fails ``>=`` too)."""
+    return ~(np.asarray(bg_mg_dl, dtype=np.float64) >= HAZARD_FLOOR_MG_DL)
+
+
 def summarize(patients: list[str], cohorts: list[str], bg_mg_dl: np.ndarray) -> dict[str, Any]:
     """Metrics of plasma glucose ``(N, T)`` at 1-min samples, per patient and per cohort.
 
     Values below :data:`METRICS_FLOOR_MG_DL` are counted at the floor, and each patient's
-    minutes below it are reported as ``minutes_at_floor``.
+    minutes below it are reported as ``minutes_at_floor``. A patient whose glucose left
+    physiology (:func:`non_physiological`) has ``non_physiological`` true, its minutes in
+    ``minutes_non_physiological``, and is listed in ``hazard_patients``.
     """
     floored = bg_mg_dl < METRICS_FLOOR_MG_DL
+    hazard = non_physiological(bg_mg_dl)
     m = glucose_metrics(np.maximum(bg_mg_dl, METRICS_FLOOR_MG_DL), sample_period_min=1.0)
     per_patient = {
         name: {f: float(np.asarray(getattr(m, f))[i]) for f in SUMMARY_FIELDS}
-        | {"minutes_at_floor": int(floored[i].sum())}
+        | {
+            "minutes_at_floor": int(floored[i].sum()),
+            "minutes_non_physiological": int(hazard[i].sum()),
+            "non_physiological": bool(hazard[i].any()),
+        }
         for i, name in enumerate(patients)
     }
     per_cohort = {}
@@ -58,7 +84,13 @@ def summarize(patients: list[str], cohorts: list[str], bg_mg_dl: np.ndarray) -> 
         per_cohort[group] = {
             f: float(np.asarray(getattr(m, f))[sel].mean()) for f in SUMMARY_FIELDS
         }
-    return {"glucose": "plasma, 1-min samples", "patients": per_patient, "cohorts": per_cohort}
+    return {
+        "glucose": "plasma, 1-min samples",
+        "patients": per_patient,
+        "cohorts": per_cohort,
+        "hazard_floor_mg_dl": HAZARD_FLOOR_MG_DL,
+        "hazard_patients": [n for i, n in enumerate(patients) if hazard[i].any()],
+    }
 
 
 def tick_lateness(lateness_ms: NDArray[np.float64]) -> dict[str, Any]:
@@ -101,6 +133,7 @@ def _run_patients_on_ray(
         for i, ref in enumerate(tqdm(refs, disable=not progress, desc="patients", leave=False)):
             columns, trace = ray.get(ref)
             recorder.merge(columns)  # in patient order: the recording is deterministic
+            recorder.flush()  # a finished patient is on disk at once
             bg[i] = trace
         complete = True
     finally:
@@ -118,6 +151,7 @@ def run_cohort(
     progress: bool = True,
     placement: Placement | None = None,
     parallel_patients: int | None = None,
+    flush_every_min: int = DEFAULT_FLUSH_EVERY_MIN,
 ) -> tuple[Path, dict[str, Any]]:
     """Run every patient's loop, record every channel, and return the directory and summary.
 
@@ -132,11 +166,13 @@ def run_cohort(
         placement: where agents run (default: inline).
         parallel_patients: patient loops driven together in lockstep, each round of their
             ticks one call per kind of agent (default: all of them).
+        flush_every_min: simulated minutes between flushes of the recording (a kill loses at
+            most this much; with lockstep groups, minutes are counted over the groups run;
+            with :class:`RayPatientsPlacement` a patient's rows are flushed when its loop ends).
 
     """
     patients = config.patient_table()
     models = config.model_table()  # every model readable before the run
-    recorder = Recorder(run_dir)
     seeds = [
         np.random.SeedSequence(config.seed, spawn_key=(patient_key(p.name),)) for p in patients
     ]
@@ -146,6 +182,12 @@ def run_cohort(
     config_dict = {"therapy": THERAPY, **dataclasses.asdict(config)}
     placement = placement or InlinePlacement()
     config_dict["placement"] = placement.name
+    recorder = Recorder(
+        run_dir,
+        config=config_dict,
+        flush_every_min=flush_every_min,
+        background=config.clock == "wall",  # a paced loop does not wait for the disk
+    )
 
     if isinstance(placement, RayPatientsPlacement):
         return _run_patients_on_ray(config, patients, seeds, recorder, config_dict, progress)
@@ -154,6 +196,7 @@ def run_cohort(
 
     def run_group(first: int, bar: tqdm) -> None:
         loops, traces = [], []
+        done = [0]  # patient-minutes of this group
         for i in range(first, min(first + group, len(patients))):
             loop = PatientLoop(
                 patients[i], config, np.random.default_rng(seeds[i]), model=models[i]
@@ -166,8 +209,15 @@ def run_cohort(
             )
             loops.append(loop)
             traces.append(trace)
+        offset_min = first // group * n_min
+
+        def progressed(n: int) -> None:
+            bar.update(n)
+            done[0] += n
+            recorder.advance(offset_min + done[0] / len(loops))
+
         try:
-            run_together(loops, progress=bar.update)
+            run_together(loops, progress=progressed)
         finally:
             for loop in loops:
                 loop.close()

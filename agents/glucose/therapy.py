@@ -16,6 +16,7 @@ from twinloop.agents.messages import (
     TwinEstimate,
 )
 from twinloop.agents.placement import Placement
+from twinloop.agents.recording import DEFAULT_FLUSH_EVERY_MIN, check_flush_every_min
 from twinloop.plant.errors import ConfigError
 from twinloop.plant.glucose.models import DEFAULT_MODEL, MODEL_HELP, parse_model
 from twinloop.plant.glucose.scenarios import SCENARIOS
@@ -67,6 +68,13 @@ class GlucoseLoop:
             "wall-clock seconds per simulated minute with --clock wall (default 0.01)",
         ),
         RunOption(
+            "flush_every_min",
+            check_flush_every_min,
+            DEFAULT_FLUSH_EVERY_MIN,
+            "simulated minutes between flushes of the recording to disk (1..1440, default 60): "
+            "a killed run loses at most this much",
+        ),
+        RunOption(
             "parallel_patients",
             integer(1),
             None,
@@ -88,8 +96,8 @@ class GlucoseLoop:
 
     def make_config(
         self, *, patients: Sequence[str], seed: int, controller: str, options: Mapping[str, Any]
-    ) -> tuple[LoopConfig, int | None]:
-        """The :class:`LoopConfig` and the lockstep group size."""
+    ) -> tuple[LoopConfig, int | None, int]:
+        """The :class:`LoopConfig`, the lockstep group size and the flush interval."""
         from twinloop.agents.glucose.loop import LoopConfig
 
         config = LoopConfig(
@@ -103,11 +111,11 @@ class GlucoseLoop:
             clock=options["clock"],
             wall_s_per_sim_min=options["time_scale"],
         )
-        return config, options.get("parallel_patients")
+        return config, options.get("parallel_patients"), options["flush_every_min"]
 
     def run(
         self,
-        config: tuple[LoopConfig, int | None],
+        config: tuple[LoopConfig, int | None, int],
         out: str | Path,
         *,
         placement: Placement,
@@ -116,14 +124,19 @@ class GlucoseLoop:
         """:func:`twinloop.agents.glucose.run.run_cohort`."""
         from twinloop.agents.glucose.run import run_cohort
 
-        loop_config, parallel = config
+        loop_config, parallel, flush = config
         return run_cohort(
-            loop_config, out, progress=progress, placement=placement, parallel_patients=parallel
+            loop_config,
+            out,
+            progress=progress,
+            placement=placement,
+            parallel_patients=parallel,
+            flush_every_min=flush,
         )
 
     def summary_lines(
         self,
-        config: tuple[LoopConfig, int | None],
+        config: tuple[LoopConfig, int | None, int],
         summary: Mapping[str, Any],
         *,
         placement: str,
@@ -138,7 +151,7 @@ class GlucoseLoop:
             ("<54%", "time_below_54_pct"),
             (">180%", "time_above_180_pct"),
         )
-        header = f"{'patient':<16}" + "".join(f"{c:>8}" for c, _ in cols)
+        header = f"{'patient':<16}" + "".join(f"{c:>8}" for c, _ in cols) + "  hazard"
         lines = [
             f"twinloop run: {len(summary['patients'])} patient(s) × {cfg.days} day(s), controller "
             f"{cfg.controller} under the safety supervisor, model {cfg.model}, seed "
@@ -147,7 +160,19 @@ class GlucoseLoop:
             "-" * len(header),
         ]
         for name, row in [*summary["patients"].items(), *summary["cohorts"].items()]:
-            lines.append(f"{name:<16}" + "".join(f"{row[f]:8.1f}" for _, f in cols))
+            flag = "  COLLAPSED" if row.get("non_physiological") else ""
+            lines.append(f"{name:<16}" + "".join(f"{row[f]:8.1f}" for _, f in cols) + flag)
+        flagged = summary.get("hazard_patients") or []
+        if flagged:
+            lines.append(
+                f"COLLAPSED: {len(flagged)} patient(s) with plasma glucose below "
+                f"{summary['hazard_floor_mg_dl']:g} mg/dL or not a number (non-physiological; "
+                "minutes_non_physiological in summary.json): "
+                + ", ".join(
+                    f"{n} ({summary['patients'][n]['minutes_non_physiological']} min)"
+                    for n in flagged
+                )
+            )
         lines.append(f"{len(summary['patients']) * cfg.days} patient-day(s) in {elapsed_s:.1f} s")
         if "tick_lateness_ms" in summary:
             late = summary["tick_lateness_ms"]

@@ -190,11 +190,11 @@ def run_knee_exo(
     Seeds as :func:`exo_loops`.
     """
     placement = placement or InlinePlacement()
-    recorder = Recorder(run_dir)
+    record = config_record(config, placement)
+    recorder = Recorder(run_dir, config=record)
     loops = exo_loops(config, placement)
     for loop in loops:
         loop.listen(recorder.listener(loop.patient))
-    record = config_record(config, placement)
     summary: dict[str, Any] = {"complete": False}
     complete = False
     try:

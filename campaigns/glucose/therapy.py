@@ -12,10 +12,14 @@ from twinloop.campaigns.glucose.faults import GLUCOSE_FAULTS
 from twinloop.campaigns.glucose.safety import GLUCOSE_LABELS, GLUCOSE_RULES
 from twinloop.campaigns.interface import CampaignPatients, Headline, SpecKey
 
+#: Longest run of a glucose campaign, simulated days (a run is one patient's loop; a year is
+#: ~15 min of one CPU, and beyond it a typo such as ``days: 1000000000`` would run forever).
+MAX_DAYS = 365
+
 
 def _days(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("an integer >= 1")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DAYS:
+        raise ValueError(f"an integer in 1..{MAX_DAYS}")
     return value
 
 
@@ -71,7 +75,7 @@ class GlucoseCampaigns:
         column="mean TIR %",
     )
     spec_keys = (
-        SpecKey("days", 1, _days, "simulated days per run"),
+        SpecKey("days", 1, _days, f"simulated days per run (1..{MAX_DAYS})"),
         SpecKey(
             "model",
             "population",

@@ -12,10 +12,13 @@ from twinloop.campaigns.interface import CampaignPatients, Headline, SpecKey
 from twinloop.campaigns.knee.faults import KNEE_FAULTS
 from twinloop.campaigns.knee.safety import EXO_RULES
 
+#: Most task cycles of one exoskeleton campaign run (a bound, so a typo cannot run forever).
+MAX_CYCLES = 10_000
+
 
 def _cycles(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("an integer >= 1")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CYCLES:
+        raise ValueError(f"an integer in 1..{MAX_CYCLES}")
     return value
 
 
@@ -47,7 +50,7 @@ class KneeCampaigns:
         axis_label="RMS tracking error, °",
         column="mean RMS °",
     )
-    spec_keys = (SpecKey("cycles", 10, _cycles, "task cycles per run"),)
+    spec_keys = (SpecKey("cycles", 10, _cycles, f"task cycles per run (1..{MAX_CYCLES})"),)
     default_window = (5.0, 5.0)
     hil_keys = (SpecKey("seconds", 8.0, _seconds, "seconds per session after enabling"),)
     hil_help = "the emulated CiA 402 drive and the exoskeleton rig at 100 Hz in real time"

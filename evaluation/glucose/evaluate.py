@@ -9,13 +9,15 @@ carbohydrate-counting error, CGM and control period. :func:`evaluate` runs one c
     OUT_DIR/
       per_patient.csv     one row per controller, cohort, seed and patient: every clinical
                           metric of twinloop.plant.glucose.metrics, total daily insulin, supervisor
-                          overrides, controller faults; status ``error`` and the message for a
-                          failed run
+                          overrides, controller faults; ``hazard`` ``non-physiological`` when
+                          plasma glucose fell below HAZARD_FLOOR_MG_DL (20 mg/dL) or was not a
+                          number; status ``error`` and the message for a failed run
       comparison.csv      one row per controller and cohort: mean over seeds and patients, and
                           the standard deviation across seeds of the cohort mean (``*_sd``)
       results.md          the ranked Markdown table (see :func:`markdown_table`)
       manifest.json       protocol, controllers, versions, git revision, wall time, command,
-                          and the status of every run
+                          the status of every run and the flagged patient-runs
+                          (``hazard_patient_runs``)
       plots/time_in_ranges.png     stacked time in ranges, per controller and cohort
       plots/agp_<cohort>.png       ambulatory glucose profile per controller (pooled)
       plots/cvga.png               control-variability grid analysis, one point per patient-run
@@ -62,7 +64,12 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from twinloop.agents.glucose.loop import LoopConfig
-from twinloop.agents.glucose.run import METRICS_FLOOR_MG_DL, run_cohort
+from twinloop.agents.glucose.run import (
+    HAZARD_FLOOR_MG_DL,
+    METRICS_FLOOR_MG_DL,
+    non_physiological,
+    run_cohort,
+)
 from twinloop.agents.recording import channel_file, git_output
 from twinloop.plant.errors import ConfigError, PlantError
 from twinloop.plant.glucose.cgm import CGMSpec
@@ -135,6 +142,7 @@ _OVERRIDE_COLUMNS: dict[str, str] = {
 #: Numeric per-patient columns besides the glucose metrics, with their meaning and unit.
 EXTRA_FIELDS: tuple[str, ...] = (
     "minutes_at_floor",  # minutes of plasma glucose below METRICS_FLOOR_MG_DL
+    "minutes_non_physiological",  # minutes below HAZARD_FLOOR_MG_DL or not a number
     "tdi_u_per_day",  # total daily insulin delivered, U/day
     "basal_u_per_day",  # of which basal, U/day
     "bolus_u_per_day",  # of which boluses, U/day
@@ -151,6 +159,7 @@ KEY_FIELDS = ("controller", "cohort", "seed", "patient", "status", "error")
 #: Every column of ``per_patient.csv``, in order.
 PER_PATIENT_FIELDS: tuple[str, ...] = (
     *KEY_FIELDS,
+    "hazard",  # "non-physiological" when the patient-run is flagged (see HAZARD_FLOOR_MG_DL)
     *METRIC_FIELDS,
     *EXTRA_FIELDS,
     "first_controller_fault",
@@ -638,6 +647,8 @@ def patient_rows(
                 else (int(value) if f == "n_samples" else float(value))
             )
         row["minutes_at_floor"] = int((bg[i] < METRICS_FLOOR_MG_DL).sum())
+        row["minutes_non_physiological"] = int(non_physiological(bg[i]).sum())
+        row["hazard"] = HAZARD if row["minutes_non_physiological"] else ""
         basal = bolus = 0.0
         if insulin is not None:
             sel = insulin["patient"] == name
@@ -790,6 +801,9 @@ def comparison_rows(
             row["patient_runs_at_floor"] = sum(
                 1 for r in ok for p in r.rows if p["minutes_at_floor"] > 0
             )
+            row["patient_runs_non_physiological"] = sum(
+                1 for r in ok for p in r.rows if p["minutes_non_physiological"] > 0
+            )
             row["patients_with_controller_faults"] = sum(
                 1 for r in ok for p in r.rows if p["controller_faults"] > 0
             )
@@ -854,8 +868,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], protocol: EvaluationProtoc
             )
         if row["patients_with_controller_faults"]:
             notes.append(f"† faults in {row['patients_with_controller_faults']} patient-runs")
-        if row["patient_runs_at_floor"]:
-            notes.append(f"‡ {row['patient_runs_at_floor']} patient-runs at the floor")
+        if row["patient_runs_non_physiological"]:
+            notes.append(f"‡ {row['patient_runs_non_physiological']} patient-runs COLLAPSED")
         lines.append(
             f"| {row['cohort']} | {rank} | {name} | "
             + " | ".join(cells)
@@ -863,12 +877,14 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], protocol: EvaluationProtoc
         )
     if notes_below:
         lines += ["", *notes_below]
-    if any(r["patient_runs_at_floor"] for r in rows):
+    if any(r["patient_runs_non_physiological"] for r in rows):
         lines += [
             "",
-            f"‡ plasma glucose fell below {METRICS_FLOOR_MG_DL:g} mg/dL (the model's glucose "
-            "collapsed) in that many patient-runs; those minutes count at the floor, which "
-            "dominates LBGI (see `minutes_at_floor` in per_patient.csv).",
+            f"‡ plasma glucose fell below {HAZARD_FLOOR_MG_DL:g} mg/dL, out of physiology (the "
+            "model's glucose collapsed), in that many patient-runs (`hazard` and "
+            "`minutes_non_physiological` in per_patient.csv); minutes below "
+            f"{METRICS_FLOOR_MG_DL:g} mg/dL count at that floor in the metrics, which dominates "
+            "LBGI.",
         ]
     if any(r["patients_with_controller_faults"] for r in rows):
         lines += [
@@ -1182,6 +1198,31 @@ class EvaluationResult:
         """The runs that failed as a whole."""
         return tuple(r for r in self.results if r.error is not None)
 
+    @property
+    def hazards(self) -> list[dict[str, Any]]:
+        """The flagged patient-runs (:data:`HAZARD`): controller, cohort, seed, patient, minutes."""
+        return hazard_patient_runs(self.results)
+
+
+#: The ``hazard`` of a patient-run whose plasma glucose fell below
+#: :data:`twinloop.agents.glucose.run.HAZARD_FLOOR_MG_DL` or was not a number.
+HAZARD = "non-physiological"
+
+
+def hazard_patient_runs(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Every flagged patient-run of ``results``, in their order."""
+    return [
+        {
+            "controller": row["controller"],
+            "cohort": row["cohort"],
+            "seed": row["seed"],
+            "patient": row["patient"],
+            "minutes_non_physiological": row["minutes_non_physiological"],
+        }
+        for row in per_patient_rows(results)
+        if row["hazard"]
+    ]
+
 
 def split_model(controller: str) -> tuple[str, str | None]:
     """``NAME@MODEL`` → ``(NAME, MODEL)``; without a valid model suffix ``(name, None)``."""
@@ -1367,6 +1408,7 @@ def evaluate(
         *("cohort", "controller", "rank", "best", "runs", "failed_runs", "patients"),
         *(c for f in NUMERIC_FIELDS for c in (f, f"{f}_sd")),
         "patient_runs_at_floor",
+        "patient_runs_non_physiological",
         "patients_with_controller_faults",
         "first_error",
     ]
@@ -1401,6 +1443,8 @@ def evaluate(
             }
             for r in results
         ],
+        "hazard_floor_mg_dl": HAZARD_FLOOR_MG_DL,
+        "hazard_patient_runs": hazard_patient_runs(results),
         "files": [str(p.relative_to(out)) for p in files],
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")

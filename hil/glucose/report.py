@@ -4,6 +4,7 @@ A rig's recording has no plant truth (the patient is outside the program): the r
 from what the rig saw and did — the CGM readings (``sensor->controller``), the commands sent
 (``supervisor->actuator``), the deliveries the pump reported (``actuator->plant``), the alarms
 (``rig->alarms``) and each watchdog step's lateness, duration and overrun (``clock->ticks``).
+Each alarm's outage (raised → cleared) is listed in the summary's ``outages`` and in the report.
 It writes ``summary.json`` (rebuilt), ``plots/glucose_insulin.png``, ``plots/timing.png`` and
 ``report.md``.
 """
@@ -20,10 +21,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import pyarrow.parquet as pq
 
-from twinloop.agents.recording import channel_file
+from twinloop.agents.recording import channel_file, read_channel
 from twinloop.agents.report import CorruptRecordingError, check_complete
+from twinloop.hil.glucose.rig import outages
 from twinloop.hil.pacing import PacingStats
 from twinloop.plant.glucose.metrics import glucose_metrics
 
@@ -50,13 +51,13 @@ def is_hil_recording(run_dir: str | Path) -> bool:
 
 
 def _columns(run_dir: Path, channel: str) -> dict[str, list[Any]]:
-    path = run_dir / "channels" / channel_file(channel)
-    if not path.is_file():
-        return {}
+    """One channel's columns: its final table, else an interrupted session's segments."""
     try:
-        return pq.read_table(path).to_pydict()
+        table = read_channel(run_dir, channel)
     except Exception as exc:  # pyarrow raises several kinds
+        path = run_dir / "channels" / channel_file(channel)
         raise CorruptRecordingError(path, f"not a readable Parquet table ({exc})") from None
+    return {} if table is None else table.to_pydict()
 
 
 def build_hil_report(run_dir: str | Path, *, allow_incomplete: bool = False) -> HilReport:
@@ -99,6 +100,7 @@ def build_hil_report(run_dir: str | Path, *, allow_incomplete: bool = False) -> 
         {k: alarms[k][i] for k in alarms if k != "patient"}
         for i in range(len(alarms.get("t_min", [])))
     ]
+    summary["outages"] = outages(summary["alarms"])
     if not complete:
         summary["complete"] = False
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -206,6 +208,21 @@ def _markdown(summary: dict[str, Any], plots: tuple[Path, ...], complete: bool) 
                 f"| {a['t_min']:.0f} | {a['source']} | {a['condition']} | "
                 f"{'raised' if a['active'] else 'cleared'} | {a['action']} |"
             )
+    else:
+        lines.append("None.")
+    lines += ["", "## Outages", ""]
+    if summary["outages"]:
+        lines += [
+            "| device | condition | from, min | to, min | wall s |",
+            "|---|---|---|---|---|",
+        ]
+        for o in summary["outages"]:
+            end = "not over" if o["end_t_min"] is None else f"{o['end_t_min']:.0f}"
+            wall = "—" if o["end_wall_s"] is None else f"{o['end_wall_s'] - o['start_wall_s']:.2f}"
+            lines.append(
+                f"| {o['source']} | {o['condition']} | {o['start_t_min']:.0f} | {end} | {wall} |"
+            )
+        lines += ["", "The recording has outages: no control decisions were made during them."]
     else:
         lines.append("None.")
     lines += ["", "## CGM and insulin", ""]

@@ -14,24 +14,35 @@ supervisor on the wall clock and talks to the devices through :mod:`hw_bridge`:
 ``watchdog_steps`` watchdog steps per control period; every ``watchdog_steps``-th step is also
 a control tick. Each step's lateness and duration, and overruns, go to ``clock->ticks``.
 
-**Watchdog and fail-safe.** At every step the rig checks that the CGM's port is up and its
-newest valid reading younger than ``cgm_stale_min`` simulated minutes, and that the pump answers
-(its heartbeat). On lost communication (detected at once) or stale data (once declared) it raises
-an alarm (``rig->alarms``), writes the pump profile's declared safe state (cancel bolus,
-scheduled basal — when the pump can still be reached) and stops sending the controller's
-commands. Temp basals are always sent with a duration of ``temp_duration_periods`` control
-periods, so a pump that can no longer be reached returns to its scheduled basal by itself within
-that time: the safe state is reached within two control periods either way. When data and
-communication return, the rig applies the safe state once more, clears the alarm and resumes
-control.
+**Watchdog and fail-safe.** The watchdog (the paced thread) never waits on the pump: every pump
+transaction (heartbeat, totals, commands, safe state) runs in a second thread, ``hil-pump-io``,
+one at a time. At every step the watchdog polls the CGM (non-blocking) and checks that its port
+is up and its newest valid reading younger than ``cgm_stale_min`` simulated minutes, and that the
+pump answered: a failed exchange, or one in flight for longer than ``pump_deadline_s`` (a dead
+link whose transport is still retrying), counts as lost communication. On lost communication or
+stale data it raises an alarm (``rig->alarms``) and stops the controller at once; the pump
+profile's declared safe state (cancel bolus, scheduled basal) is written by the pump thread when
+the pump can be reached (the alarm's ``action`` says which). While the CGM is out the rig reopens
+its port once per ``cgm_stale_min`` (a restarted device behind the same path). Temp basals are
+always sent with a duration of ``temp_duration_periods`` control periods, so a pump that can no
+longer be reached returns to its scheduled basal by itself within that time: the safe state is
+reached within two control periods either way.
+
+**Recovery is verified.** An alarm clears only after fresh data from both devices: a valid CGM
+reading received after the outage began *and* a successful pump exchange requested after it.
+The rig then writes the safe state once more and clears the alarm; its action says ``control
+resumed`` only when no other alarm is still active. :func:`outages` lists each alarm's start
+and end (a recording's manifest and summary carry them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -70,6 +81,9 @@ RIG_CHANNELS = (
     "rig->alarms",
 )
 
+#: Longest wait, at the end of a session, for the pump thread's exchange in flight, seconds.
+PUMP_THREAD_JOIN_S = 30.0
+
 #: The twinloop channels a pump profile must map (see ``hw_bridge/DEVICES.md``).
 PUMP_CHANNELS = (
     "basal_u_per_h",
@@ -107,6 +121,8 @@ class RigConfig:
         temp_duration_periods: duration of every temp basal, in control periods.
         minutes: simulated minutes to run (None: until stopped).
         realtime: run the pacing thread under ``SCHED_FIFO`` when the OS grants it.
+        pump_deadline_s: wall seconds a pump exchange may stay unanswered before the watchdog
+            declares the pump lost (None: one control period, at most 2 s; 0 < value <= 60).
 
     """
 
@@ -119,6 +135,7 @@ class RigConfig:
     temp_duration_periods: int = 2
     minutes: int | None = 24 * 60
     realtime: bool = False
+    pump_deadline_s: float | None = None
 
     def __post_init__(self) -> None:
         get_patient(self.patient)  # raises a clear error for an unknown name
@@ -144,6 +161,18 @@ class RigConfig:
             raise RigConfigError("temp_duration_periods", self.temp_duration_periods, ">= 1")
         if self.minutes is not None and not (isinstance(self.minutes, int) and self.minutes >= 1):
             raise RigConfigError("minutes", self.minutes, "an integer >= 1, or None")
+        d = self.pump_deadline_s
+        if d is not None and not (
+            isinstance(d, int | float) and not isinstance(d, bool) and 0 < d <= 60
+        ):
+            raise RigConfigError("pump_deadline_s", d, "seconds in (0, 60], or None")
+
+    @property
+    def deadline_s(self) -> float:
+        """Wall seconds a pump exchange may take before the pump counts as lost."""
+        if self.pump_deadline_s is not None:
+            return float(self.pump_deadline_s)
+        return min(self.control_period_min * self.wall_s_per_sim_min, 2.0)
 
     @property
     def step_s(self) -> float:
@@ -190,6 +219,63 @@ class _AlarmState:
     since_wall_s: float = math.nan
 
 
+class PumpWorker:
+    """The rig's pump thread: runs submitted jobs one at a time, so no caller waits on the pump.
+
+    :meth:`busy_s` says how long the job in flight has run (0 when idle): the watchdog's view of
+    a transaction that does not come back.
+    """
+
+    def __init__(self, name: str = "hil-pump-io") -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._started_at: float | None = None
+        self._lock = threading.Lock()
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with self._lock:
+                self._started_at = time.monotonic()
+            try:
+                job()
+            except Exception as exc:  # kept for the session; the thread goes on
+                self.errors.append(exc)
+            finally:
+                with self._lock:
+                    self._started_at = None
+                    self._pending -= 1
+
+    def submit(self, job: Callable[[], object]) -> None:
+        """Queue ``job`` behind the others."""
+        with self._lock:
+            self._pending += 1
+        self._jobs.put(job)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing queued."""
+        with self._lock:
+            return self._pending == 0
+
+    def busy_s(self) -> float:
+        """Seconds the job in flight has been running (0: none)."""
+        with self._lock:
+            started = self._started_at
+        return 0.0 if started is None else time.monotonic() - started
+
+    def close(self, timeout_s: float) -> bool:
+        """Stop after the queued jobs; wait up to ``timeout_s``; whether the thread ended."""
+        self._jobs.put(None)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
 class Rig:
     """The insulin loop on hardware (or emulated devices), paced on the wall clock.
 
@@ -226,8 +312,15 @@ class Rig:
         self.iob = IobTracker(patient.basal_u_per_h)
         self.channels: dict[str, Channel[Message]] = {n: Channel(n) for n in RIG_CHANNELS}
         self.alarms = {"cgm": _AlarmState(), "pump": _AlarmState()}
+        #: Guards the rig's state and channels, shared by the watchdog and the pump thread
+        #: (never held across a pump transaction).
+        self._lock = threading.RLock()
+        self._io: PumpWorker | None = None
         self._t0_wall = 0.0
         self._last_valid_wall = math.nan
+        self._last_pump_ok_wall = math.nan
+        self._last_cgm_reopen_wall = 0.0
+        self._control_due = False  # a control tick whose step found the pump thread busy
         self._last_reading: CgmReading | None = None
         self._new_readings: list[CgmReading] = []
         self._deliveries: list[InsulinDelivery] = []
@@ -236,6 +329,10 @@ class Rig:
         self._bolus_sent_u = 0.0
         self._last_heartbeat: int | None = None
         self.safe_state_writes: list[tuple[float, str, int | None]] = []
+        #: Pump exchanges the watchdog did not start because the previous one was in flight.
+        self.exchanges_skipped = 0
+        #: Times the rig reopened the CGM's port during an outage.
+        self.cgm_reopens = 0
         #: Every alarm raised or cleared, and every CGM reading, in order.
         self.alarm_log: list[Alarm] = []
         self.glucose_log: list[CgmReading] = []
@@ -250,34 +347,98 @@ class Rig:
             channel.listen(listener)
 
     # -- time ---------------------------------------------------------------------------------
-    def _t_min(self, step: int) -> float:
+    def t_min(self, step: int) -> float:
+        """Simulated minute of watchdog step ``step``."""
         return step * self.config.control_period_min / self.config.watchdog_steps
 
     def _wall_s(self) -> float:
         return time.monotonic() - self._t0_wall
 
+    def _pump_thread(self) -> PumpWorker:
+        if self._io is None:
+            self._io = PumpWorker()
+        return self._io
+
     # -- alarms -------------------------------------------------------------------------------
-    def _raise(self, t_min: float, source: str, condition: str) -> None:
-        state = self.alarms[source]
-        if state.active:
-            return
-        state.active, state.since_wall_s = True, self._wall_s()
-        action = self._safe_state(t_min)
-        self.channels["rig->alarms"].send(
-            Alarm(t_min, source, condition, True, action, state.since_wall_s)
-        )
+    def _raise(self, t_min: float, source: str, condition: str, *, in_pump_thread: bool) -> None:
+        """Raise ``source``'s alarm (control stops at once) and get the safe state written.
 
-    def _clear(self, t_min: float, source: str, condition: str) -> None:
-        state = self.alarms[source]
-        if not state.active:
+        In the pump thread the safe state is written here; from the watchdog it is handed to
+        the pump thread (the alarm is sent from there, with what the write did, unless a pump
+        transaction is still in flight: then it is sent at once, saying the write is queued).
+        """
+        with self._lock:
+            state = self.alarms[source]
+            if state.active:
+                return
+            state.active, state.since_wall_s = True, self._wall_s()
+            since = state.since_wall_s
+        if in_pump_thread:
+            self._send_alarm(Alarm(t_min, source, condition, True, self._safe_state(), since))
             return
-        action = self._safe_state(t_min)  # start again from the safe state, then resume
-        state.active = False
-        self.channels["rig->alarms"].send(
-            Alarm(t_min, source, condition, False, f"{action}; control resumed", self._wall_s())
+        io = self._pump_thread()
+        if io.idle:
+            io.submit(
+                lambda: self._send_alarm(
+                    Alarm(t_min, source, condition, True, self._safe_state(), since)
+                )
+            )
+            return
+        busy = io.busy_s()
+        self._send_alarm(
+            Alarm(
+                t_min,
+                source,
+                condition,
+                True,
+                f"control stopped; safe state queued behind a pump exchange unanswered for "
+                f"{busy * 1000:.0f} ms",
+                since,
+            )
         )
+        io.submit(self._safe_state)
 
-    def _safe_state(self, t_min: float) -> str:
+    def _send_alarm(self, alarm: Alarm) -> None:
+        with self._lock:
+            self.channels["rig->alarms"].send(alarm)
+
+    def _clear_verified(self, t_min: float) -> None:
+        """Clear each alarm whose outage has fresh data after it (in the pump thread).
+
+        Called after a successful pump exchange: an alarm clears when a CGM reading received
+        after its start, and a pump exchange *asked* after its start, both exist.
+        """
+        with self._lock:
+            due = [
+                (source, state.since_wall_s)
+                for source, state in self.alarms.items()
+                if state.active
+                and self._last_valid_wall > state.since_wall_s
+                and self._last_pump_ok_wall > state.since_wall_s
+            ]
+        for source, _since in due:
+            action = self._safe_state()  # start again from the safe state, then resume
+            with self._lock:
+                self.alarms[source].active = False
+                still = [s for s, st in self.alarms.items() if st.active]
+                verdict = (
+                    "control resumed"
+                    if not still
+                    else f"control stays stopped ({', '.join(still)} alarm active)"
+                )
+                condition = "fresh data" if source == "cgm" else "communication restored"
+                self.channels["rig->alarms"].send(
+                    Alarm(
+                        t_min,
+                        source,
+                        condition,
+                        False,
+                        f"{action}; fresh CGM reading and pump exchange verified; {verdict}",
+                        self._wall_s(),
+                    )
+                )
+
+    def _safe_state(self) -> str:
         try:
             results = self.pump.apply_safe_state()
         except Exception as exc:  # the pump cannot be reached: its temp basal runs out alone
@@ -286,39 +447,75 @@ class Rig:
                 f"safe state not written ({type(exc).__name__}); the pump's temp basal "
                 f"expires within {minutes} min"
             )
-        for name, result in results:
-            self.safe_state_writes.append((self._wall_s(), name, result))
+        with self._lock:
+            for name, result in results:
+                self.safe_state_writes.append((self._wall_s(), name, result))
         return "safe state written: " + ", ".join(
             f"{name}={'ok' if r is None else f'exception {r}'}" for name, r in results
         )
 
     # -- one watchdog step ----------------------------------------------------------------------
     def step(self, k: int) -> None:
-        """Watchdog step ``k``; every ``watchdog_steps``-th is also a control tick."""
+        """Watchdog step ``k``: never waits on the pump.
+
+        Every ``watchdog_steps``-th step also hands a control tick to the pump thread.
+        """
         cfg = self.config
-        t_min = self._t_min(k)
-        self._sense(t_min)
-        stale_s = cfg.cgm_stale_min * cfg.wall_s_per_sim_min
-        last = self._last_valid_wall if not math.isnan(self._last_valid_wall) else 0.0
-        if not self.cgm.connected:
-            self._raise(t_min, "cgm", "communication lost")
-        elif self._wall_s() - last > stale_s:
-            self._raise(t_min, "cgm", "stale data")
-        elif self.alarms["cgm"].active and self._last_valid_wall > self.alarms["cgm"].since_wall_s:
-            self._clear(t_min, "cgm", "fresh data")
-        control = k % cfg.watchdog_steps == 0
+        t_min = self.t_min(k)
+        io = self._pump_thread()
+        with self._lock:
+            self._sense(t_min)
+            stale_s = cfg.cgm_stale_min * cfg.wall_s_per_sim_min
+            last = self._last_valid_wall if not math.isnan(self._last_valid_wall) else 0.0
+            now = self._wall_s()
+            cgm_lost = not self.cgm.connected
+            cgm_stale = now - last > stale_s
+            if self.alarms["cgm"].active and now - self._last_cgm_reopen_wall > stale_s:
+                self._reopen_cgm(now)
+        if cgm_lost:
+            self._raise(t_min, "cgm", "communication lost", in_pump_thread=False)
+        elif cgm_stale:
+            self._raise(t_min, "cgm", "stale data", in_pump_thread=False)
+        busy_s = io.busy_s()
+        if busy_s > cfg.deadline_s:
+            self._raise(t_min, "pump", "communication lost", in_pump_thread=False)
+        control = k % cfg.watchdog_steps == 0 or self._control_due
+        if io.idle:
+            self._control_due = False
+            io.submit(lambda: self._exchange(t_min, control))
+        else:  # the previous exchange is still in flight: a control tick waits for the next step
+            self._control_due = control
+            with self._lock:
+                self.exchanges_skipped += 1
+
+    def _reopen_cgm(self, now: float) -> None:
+        """During a CGM outage: reopen its port (a device restarted behind the same path)."""
+        reopen = getattr(self.cgm, "reopen", None)
+        self._last_cgm_reopen_wall = now
+        if reopen is not None:
+            reopen()
+            self.cgm_reopens += 1
+
+    def _exchange(self, t_min: float, control: bool) -> None:
+        """In the pump thread: the heartbeat (and at a control tick the totals and commands)."""
         names = [self.regs["heartbeat"], self.regs["alarm_code"]]
         if control:
             names += [self.regs["delivered_total_u"], self.regs["bolus_remaining_u"]]
+        asked_wall = self._wall_s()  # an answer is only as fresh as its request
         try:
             status = self.pump.read_many(names)
         except Exception:  # lost communication (after the transport's own retries)
-            self._raise(t_min, "pump", "communication lost")
+            self._raise(t_min, "pump", "communication lost", in_pump_thread=True)
             return
-        self._clear(t_min, "pump", "communication restored")
+        with self._lock:
+            self._last_pump_ok_wall = asked_wall
+        self._clear_verified(t_min)
         if control:
-            self._account(t_min, status)
-            self._control(t_min)
+            with self._lock:
+                self._account(t_min, status)
+                out = self._control(t_min)
+            if out is not None:
+                self._send_command(t_min, out)
 
     def _sense(self, t_min: float) -> None:
         try:
@@ -356,7 +553,8 @@ class Rig:
         self._last_bolus_remaining_u = remaining
         self._bolus_sent_u = 0.0
 
-    def _control(self, t_min: float) -> None:
+    def _control(self, t_min: float) -> InsulinCommand | None:
+        """The decision of a control tick (under the lock): the command to send, or None."""
         readings, self._new_readings = self._new_readings, []
         deliveries, self._deliveries = self._deliveries, []
         reading = self._last_reading
@@ -364,7 +562,7 @@ class Rig:
         age = t_min - reading.t_min if reading is not None else math.inf
         if any(a.active for a in self.alarms.values()):
             self.supervisor.tick(t_min, None, readings, deliveries)  # keep it observing
-            return
+            return None
         obs = ControllerInput(
             t_min, glucose, age, self.iob.net_iob_u, 0.0, self.iob.net_activity_u_per_min
         )
@@ -380,17 +578,20 @@ class Rig:
         for o in overrides:
             self.channels["supervisor->overrides"].send(o)
         out = self.channels["supervisor->actuator"].send(approved)
-        if not isinstance(out, InsulinCommand):
-            return
+        return out if isinstance(out, InsulinCommand) else None
+
+    def _send_command(self, t_min: float, out: InsulinCommand) -> None:
+        """In the pump thread: write the approved command (temp basal, its duration, bolus)."""
         duration = self.config.temp_duration_periods * self.config.control_period_min
         try:
             self.pump.write(self.regs["basal_u_per_h"], out.basal_u_per_h)
             self.pump.write(self.regs["temp_basal_duration_min"], duration)
             bolus_reg = self.regs["bolus_u"]
             if out.bolus_u > 0 and self.pump.write(bolus_reg, out.bolus_u, retry=False) is None:
-                self._bolus_sent_u = out.bolus_u
-        except Exception:  # lost on the way: the watchdog sees it at the next step
-            self._raise(t_min, "pump", "communication lost")
+                with self._lock:
+                    self._bolus_sent_u = out.bolus_u
+        except Exception:  # lost on the way
+            self._raise(t_min, "pump", "communication lost", in_pump_thread=True)
 
     # -- running ------------------------------------------------------------------------------
     def run(
@@ -405,12 +606,11 @@ class Rig:
             steps = math.ceil(cfg.minutes / cfg.control_period_min) * cfg.watchdog_steps
         self._t0_wall = time.monotonic()
         self._last_valid_wall = math.nan
+        io = self._pump_thread()
 
         def on_tick(k: int, late_ms: float, took_ms: float) -> None:
             overrun = took_ms > 1000.0 * cfg.step_s
-            self.channels["clock->ticks"].send(
-                TickTiming(self._t_min(k), late_ms, took_ms, overrun)
-            )
+            self.channels["clock->ticks"].send(TickTiming(self.t_min(k), late_ms, took_ms, overrun))
             if on_step is not None:
                 on_step(k)
 
@@ -423,17 +623,55 @@ class Rig:
             realtime=cfg.realtime,
         )
         self._runner = runner
-        runner.start()
-        stats = runner.join()
+        try:
+            runner.start()
+            stats = runner.join()
+        finally:
+            runner.stop()
+            # the exchange in flight ends within the transport's timeouts and retries
+            io.close(PUMP_THREAD_JOIN_S)
+            self._io = None
         #: Why real-time scheduling was refused (None: granted, or not asked).
         self.realtime_refused = runner.realtime_refused
         return stats
+
+    def outages(self) -> list[dict[str, Any]]:
+        """Each alarm's outage so far (see :func:`outages`)."""
+        with self._lock:
+            return outages(dataclasses.asdict(a) for a in self.alarm_log)
 
     def stop(self) -> None:
         """End a run started by :meth:`run` (from another thread)."""
         runner = getattr(self, "_runner", None)
         if runner is not None:
             runner.stop()
+
+
+def outages(alarms: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Outages from a session's alarms (raised, then cleared, per source), in order.
+
+    Each: ``source``, ``condition``, ``start_t_min``, ``end_t_min`` (None: not over when the
+    recording ends), ``start_wall_s``, ``end_wall_s``.
+    """
+    out: list[dict[str, Any]] = []
+    open_: dict[str, dict[str, Any]] = {}
+    for a in alarms:
+        source = str(a["source"])
+        if a["active"] and source not in open_:
+            open_[source] = {
+                "source": source,
+                "condition": str(a["condition"]),
+                "start_t_min": float(a["t_min"]),
+                "end_t_min": None,
+                "start_wall_s": float(a["wall_s"]),
+                "end_wall_s": None,
+            }
+            out.append(open_[source])
+        elif not a["active"] and source in open_:
+            outage = open_.pop(source)
+            outage["end_t_min"] = float(a["t_min"])
+            outage["end_wall_s"] = float(a["wall_s"])
+    return out
 
 
 def pump_register_names(profile: Any) -> dict[str, str]:
@@ -448,7 +686,10 @@ def summarize_rig(rig: Rig, stats: PacingStats) -> dict[str, Any]:
     out: dict[str, Any] = {
         "timing": stats.summary(),
         "alarms": [dataclasses.asdict(a) for a in alarms],
+        "outages": rig.outages(),
         "cgm_readings": len(readings),
+        "exchanges_skipped": rig.exchanges_skipped,
+        "cgm_reopens": rig.cgm_reopens,
     }
     if len(readings) >= 2:
         m = glucose_metrics(np.asarray(readings, dtype=np.float64)[None, :], sample_period_min=5)

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from twinloop.agents.recording import new_run_dir
+from twinloop.agents.recording import DEFAULT_HIL_FLUSH_EVERY_MIN, new_run_dir
 from twinloop.hw_bridge.profile import shipped_profile
 
 #: The controller of a session when none is named. Not the loop's basal-bolus: no meal
@@ -52,7 +52,9 @@ def run_session(args: argparse.Namespace) -> int:
     cgm_profile = load_profile(_profile_path(args.cgm_profile))
     t = cgm_profile.transport
     out = Path(args.out or new_run_dir("runs/hil-%Y%m%d-%H%M%S"))
-    recorder = Recorder(out)
+    record = {"rig": vars(args) | {"profile": str(profile.source)}}
+    flush = getattr(args, "flush_every_min", None) or DEFAULT_HIL_FLUSH_EVERY_MIN
+    recorder = Recorder(out, config=record, flush_every_min=flush, background=True)
     with (
         ModbusDevice(profile) as pump,
         LineTransport(
@@ -65,6 +67,7 @@ def run_session(args: argparse.Namespace) -> int:
     ):
         rig = Rig(config, pump=pump, cgm=cgm, pump_registers=pump_register_names(profile))
         rig.listen(recorder.listener("rig"))
+        recorder.manifest_extra = lambda: {"outages": rig.outages()}
         steps = args.minutes // config.control_period_min * config.watchdog_steps
         print(
             f"twinloop hil: {profile.name} + {cgm_profile.name}, {args.minutes} simulated min "
@@ -74,13 +77,11 @@ def run_session(args: argparse.Namespace) -> int:
         )
         complete = False
         try:
-            stats = rig.run(steps=steps)
+            stats = rig.run(steps=steps, on_step=lambda k: recorder.advance(rig.t_min(k)))
             complete = True
         finally:
             summary: dict[str, Any] = summarize_rig(rig, stats) if complete else {"complete": False}
-            recorder.finish(
-                {"rig": vars(args) | {"profile": str(profile.source)}}, summary, complete=complete
-            )
+            recorder.finish(record, summary, complete=complete)
     if args.realtime:
         refused = getattr(rig, "realtime_refused", None)
         print(f"real-time scheduling: {refused or 'SCHED_FIFO granted'}")
@@ -102,5 +103,8 @@ def run_session(args: argparse.Namespace) -> int:
             f"CGM: {summary['cgm_readings']} readings, mean {c['mean_mg_dl']:.1f} mg/dL, "
             f"TIR {c['time_in_range_70_180_pct']:.1f} %, <70 {c['time_below_70_pct']:.1f} %"
         )
+    for o in summary["outages"]:
+        end = "not over at the end" if o["end_t_min"] is None else f"to {o['end_t_min']:.0f} min"
+        print(f"outage: {o['source']} {o['condition']} from {o['start_t_min']:.0f} min {end}")
     print(f"recording: {out}")
     return 0

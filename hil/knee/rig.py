@@ -912,6 +912,7 @@ def run_exo_session(
     listener: Listener | None = None,
     on_tick: Callable[[int], None] | None = None,
     on_rig: Callable[[ExoRig], None] | None = None,
+    flush_every_min: int | None = None,
 ) -> ExoSession:
     """Load the profile, connect, run the rig, record to ``out`` (when given), summarize.
 
@@ -922,13 +923,15 @@ def run_exo_session(
         listener: also receives every message ``(channel, message)``.
         on_tick: called after every tick with its index (from the rig's thread).
         on_rig: called with the rig before it runs (e.g. to keep a handle for :meth:`stop`).
+        flush_every_min: minutes of session time between flushes of the recording (default
+            :data:`~twinloop.agents.recording.DEFAULT_HIL_FLUSH_EVERY_MIN`).
 
     Raises:
         ProfileError: the profile does not load; CommunicationError: the drive does not
         answer; ExoRigError: it could not be enabled.
 
     """
-    from twinloop.agents.recording import Recorder
+    from twinloop.agents.recording import DEFAULT_HIL_FLUSH_EVERY_MIN, Recorder
     from twinloop.hw_bridge.modbus_client import ModbusDevice
     from twinloop.hw_bridge.profile import load_profile
 
@@ -939,7 +942,12 @@ def run_exo_session(
     missing = [c for c in DRIVE_CHANNELS if c not in registers]
     if missing:  # before connecting: a pump's profile given by mistake
         raise ExoRigConfigError("profile", config.profile, f"a drive profile (lacks {missing})")
-    recorder = Recorder(out) if out is not None else None
+    record = {"exo_rig": config.record() | {"profile_source": str(profile.source)}}
+    recorder = (
+        Recorder(out, config=record, flush_every_min=DEFAULT_HIL_FLUSH_EVERY_MIN, background=True)
+        if out is not None
+        else None
+    )
     with ModbusDevice(profile) as device:
         rig = ExoRig(
             config,
@@ -956,16 +964,20 @@ def run_exo_session(
             on_rig(rig)
         stats: PacingStats | None = None
         summary: dict[str, Any] = {"complete": False}
+
+        def ticked(k: int) -> None:
+            if recorder is not None:  # flushed by session time (simulated = wall here)
+                recorder.advance(rig.t_s(k) / 60.0)
+            if on_tick is not None:
+                on_tick(k)
+
         try:
-            stats = rig.run(on_tick=on_tick)
+            stats = rig.run(on_tick=ticked)
             summary = summarize_exo_rig(rig, stats)
         finally:
             if recorder is not None:
-                manifest = {
-                    "exo_rig": config.record()
-                    | {"profile_source": str(profile.source), "transport": repr(device)}
-                }
-                recorder.finish(manifest, summary, complete=stats is not None)
+                record["exo_rig"]["transport"] = repr(device)
+                recorder.finish(record, summary, complete=stats is not None)
     assert stats is not None
     return ExoSession(rig, stats, summary, recorder.run_dir if recorder is not None else None)
 

@@ -42,7 +42,9 @@ def run_session(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        session = run_exo_session(config, out=out)
+        session = run_exo_session(
+            config, out=out, flush_every_min=getattr(args, "flush_every_min", None)
+        )
     except ExoRigError as exc:
         raise ValueError(str(exc)) from exc
     print_exo_summary(

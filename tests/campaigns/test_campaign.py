@@ -244,7 +244,7 @@ def test_a_campaign_persists_every_run_and_judges_it(small_campaign):
     keys = expand_runs(spec)
     assert len(keys) == 2 * 4  # 2 patients × (baseline + 3 scenarios) × 1 seed
     assert summary["runs"] == {
-        "total": 8, "finished": 8, "ok": 8, "errors": 0, "error_ids": []
+        "total": 8, "finished": 8, "ok": 8, "errors": 0, "error_ids": [], "errors_allowed": 0
     }  # fmt: skip
     assert sorted(p.stem for p in (out / "results").glob("*.json")) == sorted(k.id for k in keys)
     assert len(list((out / "traces").glob("*.parquet"))) == 8
@@ -262,6 +262,7 @@ def test_a_campaign_persists_every_run_and_judges_it(small_campaign):
     assert reqs["G1"]["failing_ids"]
     assert reqs["G4"]["verdict"] == "pass" and reqs["G4"]["runs_judged"] == 2
     assert summary["verdict"] == "fail"
+    assert "requirement G1 fails" in summary["verdict_reasons"]
     overdose = json.loads((out / "results" / "overdose.adult-001.s0.json").read_text())
     assert overdose["labels"]["below_70"]["onset_to_hazard_min"] > 0
     assert overdose["fault_hits"] == {"false_bolus": 1}
@@ -300,7 +301,8 @@ def test_replay_from_the_command_line(small_campaign, capsys, tmp_path):
     rc = main(["campaign", spec.source, "--out", str(out), "--rerun", "nope.adult-003.s0"])
     assert rc == 2
     assert "no run 'nope.adult-003.s0'" in capsys.readouterr().err
-    rc = main(["campaign", spec.source, "--out", str(out), "--replay", "overdose.adult-003.s0"])
+    rc = main(["campaign", spec.source, "--out", str(out), "--replay", "overdose.adult-003.s0",
+               "--overwrite"])  # fmt: skip
     captured = capsys.readouterr()
     assert rc == 0 and "--replay is now --rerun" in captured.err
     assert (out / "reruns" / "overdose.adult-003.s0" / "manifest.json").exists()
@@ -326,6 +328,10 @@ def test_a_run_that_raises_is_recorded_and_the_campaign_goes_on(tmp_path, monkey
     ]
     bad = json.loads((tmp_path / "out" / "results" / "occluded.adult-001.s0.json").read_text())
     assert bad["status"] == "error" and "the plant exploded" in bad["traceback"]
+    assert bad["error"] == "RuntimeError: the plant exploded (injected by the test)"
+    # each errored run fails every requirement (errors_allowed: 0)
+    assert summary["verdict"] == "fail"
+    assert all("occluded.adult-001.s0" in r["failing_ids"] for r in summary["requirements"])
     assert "Traceback" in bad["traceback"]
     assert "occluded.adult-001.s0" in (tmp_path / "out" / "report.html").read_text()
     # errors are run again on resume; once the cause is gone they succeed
@@ -340,6 +346,8 @@ def test_resume_skips_finished_runs_and_ends_with_the_same_table(small_campaign,
     out = tmp_path / "resumed"
     partial = run_campaign(spec, out, inline=True, progress=False, limit=3)
     assert partial["runs"]["finished"] == 3
+    assert partial["verdict"] in ("incomplete", "fail")  # never a pass with runs missing
+    assert "5 of 8 runs not finished" in partial["verdict_reasons"]
     assert not (out / "report.html").exists()
     final = run_campaign(spec, out, inline=True, progress=False)
     assert final["execution"]["skipped_as_done"] == 3
@@ -376,7 +384,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_table(small_campaign, tmp_p
     for path in (out / "results").glob("*.json"):
         json.loads(path.read_text())
     rc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert rc.returncode == 0, rc.stderr[-2000:]
+    assert rc.returncode == 1, rc.stderr[-2000:]  # the campaign fails G1: exit status 1
+    assert "verdict: FAIL" in rc.stdout
     assert f"skipped {done_before} already done" in rc.stdout
     assert table(out) == table(full_out)
     assert not list((out / "results").glob(".*.tmp"))
@@ -438,7 +447,7 @@ def test_the_same_spec_on_a_two_node_loopback_cluster(small_campaign, tmp_path, 
          str(out), "--no-progress"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]  # the campaign fails G1: exit status 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["execution"]["placement"] == f"ray:{address}"
     assert table(out) == table(full_out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import random
 import threading
 import time
@@ -527,6 +528,34 @@ def test_pulled_cable_then_reconnect(tmp_path: Path) -> None:
     finally:
         transport.close()
         pair.close()
+
+
+def test_reopen_reaches_a_device_restarted_behind_the_same_link(tmp_path: Path) -> None:
+    link = str(tmp_path / "cgm")
+    old = PtyPair(links=(str(tmp_path / "dev-old"), link))
+    transport = LineTransport(link)
+    new: PtyPair | None = None
+    try:
+        transport.open()
+        os.unlink(link)  # the link moves to a new device while the old pty stays up (silent)
+        new = PtyPair(links=(str(tmp_path / "dev-new"), link))
+        frame = CgmFrame(3, 15, 123.4, CgmStatus.OK)
+        with serial.Serial(new.a) as device:
+            device.write(frame.encode())
+            device.flush()
+            time.sleep(0.05)
+            assert transport.poll() == []  # still on the old pty: nothing arrives
+            assert transport.connected
+            transport.reopen()
+            transport.poll()  # opens the port the link now names
+            device.write(frame.encode())
+            assert set(poll_until(transport, bool)) == {frame}
+        assert transport.stats.reconnects == 1
+    finally:
+        transport.close()
+        old.close()
+        if new is not None:
+            new.close()
 
 
 def test_reconnect_waits_for_the_backoff(tmp_path: Path) -> None:

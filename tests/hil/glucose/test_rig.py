@@ -1,7 +1,9 @@
 """The rig's logic against in-memory devices (the byte-stream tests are in tests/e2e)."""
 
 import dataclasses
+import json
 import threading
+import time
 
 import pytest
 
@@ -63,6 +65,19 @@ def _rig(pump, cgm, **kw):
     return Rig(cfg, pump=pump, cgm=cgm, pump_registers=REGS)
 
 
+def _outage(event, start, end, last):
+    """Set ``event`` from step ``start`` to ``end``; stop the run at ``last``."""
+
+    def condition(k):
+        if k == start:
+            event.set()
+        if k == end:
+            event.clear()
+        return k >= last
+
+    return condition
+
+
 def _run_until(rig, condition, max_steps=2000):
     def on_step(k):
         if condition(k):
@@ -117,14 +132,7 @@ def test_lost_pump_communication_raises_an_alarm_and_recovers_with_the_safe_stat
     pump, cgm = FakePump(), FakeCgm()
     rig = _rig(pump, cgm)
 
-    def condition(k):
-        if k == 30:
-            pump.down.set()
-        if k == 60:
-            pump.down.clear()
-        return k >= 90
-
-    _run_until(rig, condition)
+    _run_until(rig, _outage(pump.down, 30, 60, 90))
     pump_alarms = [a for a in rig.alarm_log if a.source == "pump"]
     assert [a.active for a in pump_alarms] == [True, False]
     assert "not written" in pump_alarms[0].action  # unreachable: the pump's temp expires alone
@@ -150,6 +158,9 @@ def test_summary_has_timing_alarms_and_cgm_metrics():
         ("wall_s_per_sim_min", 0),
         ("watchdog_steps", 0),
         ("minutes", 0),
+        ("pump_deadline_s", 0),
+        ("pump_deadline_s", 61),
+        ("pump_deadline_s", True),
     ],
 )
 def test_bad_rig_settings_name_the_field(field, value):
@@ -160,3 +171,80 @@ def test_bad_rig_settings_name_the_field(field, value):
 def test_a_pump_profile_without_the_needed_channels_is_refused():
     with pytest.raises(RigConfigError, match="bolus_u"):
         Rig(RigConfig(), pump=FakePump(), cgm=FakeCgm(), pump_registers={"basal_u_per_h": "x"})
+
+
+def test_an_outage_is_listed_in_the_manifest_the_summary_and_the_report(tmp_path):
+    from twinloop.agents.recording import Recorder
+    from twinloop.hil.glucose.report import build_hil_report
+
+    pump, cgm = FakePump(), FakeCgm()
+    rig = _rig(pump, cgm)
+    recorder = Recorder(tmp_path / "run", config={"rig": {"time_scale": 0.004}})
+    rig.listen(recorder.listener("rig"))
+    recorder.manifest_extra = lambda: {"outages": rig.outages()}
+    stats = _run_until(rig, _outage(cgm.cut, 30, 80, 120))
+    summary = summarize_rig(rig, stats)
+    recorder.finish({"rig": {"time_scale": 0.004}}, summary)
+    [outage] = summary["outages"]
+    assert outage["source"] == "cgm" and outage["condition"] == "stale data"
+    assert outage["start_t_min"] < outage["end_t_min"]
+    assert outage["start_wall_s"] < outage["end_wall_s"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["outages"] == summary["outages"]
+    report = build_hil_report(tmp_path / "run")
+    assert report.summary["outages"] == summary["outages"]  # rebuilt from the alarms channel
+    text = report.report_path.read_text()
+    assert "## Outages" in text and "| cgm | stale data |" in text
+
+
+def test_control_stays_stopped_while_another_alarm_is_active():
+    pump, cgm = FakePump(), FakeCgm()
+    rig = _rig(pump, cgm)
+    pump.alarm_active = lambda: any(a.active for a in rig.alarms.values())
+
+    def condition(k):
+        if k == 30:
+            cgm.cut.set()
+            pump.down.set()
+        if k == 60:
+            pump.down.clear()  # the pump answers again; the CGM is still silent
+        if k == 100:
+            cgm.cut.clear()
+        return k >= 140
+
+    _run_until(rig, condition)
+    cleared = [a for a in rig.alarm_log if not a.active]
+    assert sorted(a.source for a in cleared) == ["cgm", "pump"]
+    other = "pump" if cleared[0].source == "cgm" else "cgm"
+    assert f"control stays stopped ({other} alarm active)" in cleared[0].action
+    assert "control resumed" in cleared[1].action
+    # neither cleared while the CGM was silent, though the pump answered from step 60 on:
+    # recovery needs a fresh reading and a pump exchange, both after the outage began
+    back_t = 100 * rig.config.control_period_min / rig.config.watchdog_steps
+    assert min(a.t_min for a in cleared) >= back_t
+    assert pump.writes_during_alarm == []
+
+
+class SlowPump(FakePump):
+    """Each exchange takes about 1.5 watchdog steps."""
+
+    def __init__(self, delay_s):
+        super().__init__()
+        self.delay_s = delay_s
+
+    def read_many(self, names):
+        time.sleep(self.delay_s)
+        return super().read_many(names)
+
+
+def test_a_control_tick_that_finds_the_pump_busy_runs_at_the_next_step():
+    cfg = RigConfig(wall_s_per_sim_min=0.02, minutes=None, cgm_stale_min=1000.0)
+    pump = SlowPump(delay_s=1.5 * cfg.step_s)
+    rig = Rig(cfg, pump=pump, cgm=FakeCgm(glucose=250.0), pump_registers=REGS)
+    commands = []
+    rig.listen(lambda ch, m: commands.append(m) if ch == "supervisor->actuator" else None)
+    periods = 20
+    rig.run(steps=periods * cfg.watchdog_steps)
+    assert rig.exchanges_skipped > 0  # the watchdog did find the pump thread busy
+    assert len(commands) >= periods - 2  # yet (almost) every control period decided
+    assert not [a for a in rig.alarm_log if a.source == "pump"]

@@ -85,3 +85,23 @@ def test_substeps_converge_to_the_same_solution(reference_a):
 def test_bad_inputs_are_refused(insulin, meals, match):
     with pytest.raises(InvalidInputError, match=match):
         simulate([get_patient("adult#001")], insulin, meals)
+
+
+def test_a_collapsed_patient_never_goes_negative_and_a_meal_brings_it_back():
+    # issue 19: an insulin overdose drove child#008's plasma glucose below zero, where the
+    # frozen derivative held it for good (100 g meals changed nothing). Four times the basal
+    # rate after a 5 U bolus keeps the liver suppressed, so only the meal can lift it.
+    p = get_patient("child#008")
+    minutes, meal_at = 12 * 60, 8 * 60
+    insulin = np.full(minutes, 4 * p.basal_u_per_min)
+    insulin[0] += 5.0
+    meals = np.zeros(minutes)
+    meals[meal_at] = 100.0
+    traj = simulate([p], insulin, meals, return_states=True)
+    bg = traj.bg_mg_dl[0]
+    assert traj.states is not None
+    masses = np.delete(traj.states[0], 6, axis=1)  # all but X (insulin action, may be < 0)
+    assert masses.min() >= 0.0
+    assert bg[:meal_at].min() == 0.0  # it did collapse before the meal ...
+    assert bg[meal_at - 30 : meal_at + 1].max() < 1.0
+    assert bg[meal_at : meal_at + 60].max() > 70.0  # ... and 100 g bring it back within 1 h
