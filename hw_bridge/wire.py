@@ -61,6 +61,7 @@ from typing import Any, Literal
 from pymodbus.datastore import ModbusServerContext
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
+from pymodbus.pdu.bit_message import WriteSingleCoilRequest
 from pymodbus.server import ModbusBaseServer, ModbusSerialServer, ModbusTlsServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import SimDevice
@@ -73,6 +74,9 @@ PARITY_BITS: dict[str, int] = {"N": 0, "E": 1, "O": 1, "M": 1, "S": 1}
 FIXED_TIMING_ABOVE_BAUD = 19200
 #: The fixed inter-frame silence t3.5 above 19200 baud, s.
 FIXED_SILENT_INTERVAL_S = 1.75e-3
+#: The two values a write single coil request (function 5) may carry: on and off.
+COIL_ON = 0xFF00
+COIL_OFF = 0x0000
 #: Modbus function codes that write (single/multiple coils and registers, mask, read/write).
 WRITE_FUNCTION_CODES = frozenset({5, 6, 15, 16, 22, 23})
 #: Modbus function codes that only read (coils, discrete inputs, holding and input registers).
@@ -314,6 +318,24 @@ class _StandIn(ModbusPDU):
         for _ in range(self.repeat - 1):  # a retry that arrives after the first was executed
             response = await self.request.datastore_update(context, device_id)
         return response
+
+
+class StrictWriteSingleCoilRequest(WriteSingleCoilRequest):
+    """Write single coil (function 5) that refuses a value other than 0xFF00 (on) and 0x0000.
+
+    The Modbus application protocol (6.5) makes any other value illegal, not to be applied;
+    pymodbus 3.16 decodes every non-zero value as "on" (an emulated pump suspended on
+    ``0x1234`` and echoed ``0xFF00``). Decoding such a request fails here, so the server answers
+    the exception pymodbus gives an undecodable request (a device's ``respond`` hook turns its
+    01 into 03 ILLEGAL DATA VALUE). Give it to a server as ``custom_pdu=[...]``.
+    """
+
+    def decode(self, data: bytes) -> None:
+        """Decode address and value; ``ValueError`` for a value that is neither on nor off."""
+        value = int.from_bytes(data[2:4], "big") if len(data) >= 4 else None
+        if value not in (COIL_ON, COIL_OFF):
+            raise ValueError(f"write single coil: value {value!r} is not 0xFF00 or 0x0000")
+        super().decode(data)
 
 
 def refuse(request: ModbusPDU, code: int) -> ModbusPDU:

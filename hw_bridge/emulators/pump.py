@@ -109,6 +109,7 @@ from twinloop.hw_bridge.wire import (
     RoleTlsServer,
     RtuSerialServer,
     SerialLine,
+    StrictWriteSingleCoilRequest,
     WireFaults,
     WireHooks,
     refuse,
@@ -874,6 +875,7 @@ class PumpEmulator:
             silent_s=line.silent_interval_s,
             trace_packet=hooks.trace_packet,
             trace_pdu=cast(Any, hooks.trace_pdu),
+            custom_pdu=[StrictWriteSingleCoilRequest],
         )
         await self._listen(server, f"RTU {port}")
         return server
@@ -899,6 +901,7 @@ class PumpEmulator:
             "address": (host, port),
             "trace_packet": hooks.trace_packet,
             "trace_pdu": hooks.trace_pdu,
+            "custom_pdu": [StrictWriteSingleCoilRequest],
         }
         if tls is not None:
             server = RoleTlsServer(
