@@ -91,6 +91,7 @@ from twinloop.policies.glucose.controllers import (
     check_controller_name,
     make_controller,
 )
+from twinloop.policies.glucose.interface import TwinPlanState, not_a_dose
 
 CHANNELS = (
     "plant->sensor",
@@ -283,7 +284,9 @@ class PatientLoop:
         self.controller = controller or make_controller(
             config.controller, patient, model=self.model
         )
-        self.supervisor = SafetySupervisor(SupervisorConfig.for_patient(patient))
+        self.supervisor = SafetySupervisor(
+            SupervisorConfig.for_patient(patient), model=self.model if config.twin else None
+        )
         self.actuator = PumpActuator(config.pump, patient.basal_u_per_h)
         #: What the pump delivers on its own when no valid command reaches it (U/h).
         self.actuator_fallback_u_per_h = self.actuator.scheduled_basal_u_per_h
@@ -413,9 +416,20 @@ class PatientLoop:
             self._fault("controller", late, fallback)
             return None
         dose = outcome.value
+        bad = not_a_dose(dose)
+        if bad is not None:  # None, NaN, a wrong type: a fault, as if the controller raised
+            self._fault("controller", TypeError(f"decide returned {bad}"), fallback)
+            return None
         command = InsulinCommand(t, dose.basal_u_per_h, dose.bolus_u, dose.duration_min)
         sent = self.channels["controller->supervisor"].send(command)
         return sent if isinstance(sent, InsulinCommand) else None
+
+    def _twin_view(self, outcome: Outcome) -> tuple[TwinEstimate | None, TwinPlanState | None]:
+        """The estimate and the plan state of a ``step_for_planning`` outcome."""
+        if outcome.error is not None:
+            return self._estimate(outcome), None
+        value, plan_state = outcome.value
+        return self._estimate(Outcome(value, None, outcome.took_s)), plan_state
 
     def _estimate(self, outcome: Outcome) -> TwinEstimate | None:
         if outcome.error is not None:  # the loop goes on without the twin's forecast
@@ -450,11 +464,7 @@ class PatientLoop:
         if self._twin is not None and self._plans_on_twin:
             # the controller plans on the twin: the twin first, then the controller
             (twin_outcome,) = yield [Request(self._twin, "step_for_planning", step_args)]
-            plan_state = None
-            if twin_outcome.error is None:
-                value, plan_state = twin_outcome.value
-                twin_outcome = Outcome(value, None, twin_outcome.took_s)
-            estimate = self._estimate(twin_outcome)
+            estimate, plan_state = self._twin_view(twin_outcome)
             observation = dataclasses.replace(observation, twin=plan_state)
             (outcome,) = yield [Request(self._controller, "decide", (observation,), deadline)]
             command = self._command(float(t0), outcome)
@@ -462,11 +472,14 @@ class PatientLoop:
             # the twin and the controller are independent this tick: one round
             requests = [Request(self._controller, "decide", (observation,), deadline)]
             if self._twin is not None:
-                requests.append(Request(self._twin, "step", step_args))
+                requests.append(Request(self._twin, "step_for_planning", step_args))
             outcomes = yield requests
             command = self._command(float(t0), outcomes[0])
-            estimate = None if self._twin is None else self._estimate(outcomes[1])
-        review = (float(t0), command, readings, deliveries, estimate)
+            estimate, plan_state = (
+                (None, None) if self._twin is None else self._twin_view(outcomes[1])
+            )
+        # the supervisor's predictive guard simulates from the twin's plan state
+        review = (float(t0), command, readings, deliveries, estimate, plan_state, meal_messages)
         (outcome,) = yield [Request(self._supervisor, "tick", review)]
         if outcome.error is not None:  # without its supervisor the pump runs the scheduled basal
             self._fault("supervisor", outcome.error, "scheduled basal, no bolus")
@@ -562,6 +575,9 @@ class PatientLoop:
             (outcome,) = yield [Request(self._controller, "swap_model", (result.model,))]
             if outcome.error is not None:  # the twin's state is of the new model already
                 self._fault("controller", outcome.error, "plans on its previous model")
+        (outcome,) = yield [Request(self._supervisor, "swap_model", (result.model,))]
+        if outcome.error is not None:  # its guard falls back to the linear forecast
+            self._fault("supervisor", outcome.error, "linear guard until the next swap")
         self.model = result.model
         self.channels["estimator->models"].send(
             ModelSwap(

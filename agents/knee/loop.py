@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -219,8 +220,10 @@ class _Controller:
                 name, period_s=period_s, torque_limit_nm=torque_limit_nm
             )
 
-    def decide(self, obs: ExoInput) -> float:
-        return float(self.controller.torque(obs))
+    def decide(self, obs: ExoInput) -> object:
+        # unconverted: the loop treats anything but a finite number as the controller's fault
+        torque: object = self.controller.torque(obs)
+        return torque
 
 
 class _Twin:
@@ -371,8 +374,14 @@ class ExoLoop:
             late = TimeoutError(f"decide took {outcome.took_s:.3f} s, deadline {deadline:g} s")
             self._fault("controller", late, fallback)
             return None
+        torque = outcome.value
+        if isinstance(torque, bool) or not (
+            isinstance(torque, numbers.Real) and math.isfinite(torque)
+        ):  # None, NaN, a wrong type: a fault, as if the controller raised
+            self._fault("controller", TypeError(f"decide returned {torque!r:.60}"), fallback)
+            return None
         sent = self.channels["controller->supervisor"].send(
-            ExoTorqueCommand(self.t_s, float(outcome.value))
+            ExoTorqueCommand(self.t_s, float(torque))
         )
         return sent if isinstance(sent, ExoTorqueCommand) else None
 

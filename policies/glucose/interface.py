@@ -8,6 +8,8 @@ control period; a controller that plans on the twin estimator's model declares
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Protocol
 
 from twinloop.plant.glucose.patients import N_STATES
@@ -84,6 +86,24 @@ class Dose:
     basal_u_per_h: float
     bolus_u: float
     duration_min: float = 30.0
+
+
+def not_a_dose(value: object) -> str | None:
+    """Why ``value`` is not a valid :class:`Dose`, or None if it is one.
+
+    A dose has finite basal (U/h) and bolus (U) >= 0 and a finite duration > 0 minutes; the
+    loop treats anything else a controller returns (None, NaN, a number, a wrong type) as a
+    fault of the controller, like an exception.
+    """
+    if not isinstance(value, Dose):
+        return f"{type(value).__name__} {value!r:.60}, not a Dose"
+    for name in ("basal_u_per_h", "bolus_u", "duration_min"):
+        x = getattr(value, name)
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+            return f"a Dose with {name}={x!r:.40}, not a finite number"
+        if x < 0 or (name == "duration_min" and x == 0):
+            return f"a Dose with {name}={x!r}, out of range"
+    return None
 
 
 class Controller(Protocol):

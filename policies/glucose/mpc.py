@@ -68,23 +68,10 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import minimize
 
-from twinloop.plant.glucose.patients import N_STATES, PatientParameters, parameter_matrix
-from twinloop.plant.glucose.uva_padova import (
-    M_PLANNED_G,
-    MG_PER_G,
-    N_MEAL_STATE,
-    P_KP1,
-    P_KP3,
-    P_VG,
-    P_VMX,
-    advance,
-)
+from twinloop.plant.glucose.patients import PatientParameters
 from twinloop.policies.errors import PolicyConfigError
+from twinloop.policies.glucose.forecast import TwinScenarios
 from twinloop.policies.glucose.interface import ControllerInput, Dose, TwinPlanState
-
-_EAT_RATE_G_PER_MIN = 5.0
-#: the model's stomach and gut states (``q_sto1``, ``q_sto2``, ``q_gut``)
-_GUT_STATES = slice(0, 3)
 
 
 def _positive(name: str, value: float) -> None:
@@ -183,11 +170,9 @@ class MPCController:
         self.basal_u_per_h = self.patient.basal_u_per_h
         self.max_rate_u_per_h = self.max_rate_factor * self.basal_u_per_h
         self.carb_ratio_g_per_u = self.patient.carb_ratio_g_per_u
-        self._params = parameter_matrix([self.patient])[0]
-        self._vg = float(self._params[P_VG])
+        self._scenarios = TwinScenarios(self.patient, h)
         self._block = h // n
         self._warm: NDArray[np.float64] | None = None  # previous plan's rates, U/h
-        self._buffers: dict[int, tuple[NDArray[np.float64], ...]] = {}
 
     @classmethod
     def for_patient(cls, patient: PatientParameters, **overrides: Any) -> MPCController:
@@ -202,8 +187,7 @@ class MPCController:
         state must be of the same model (the loop swaps the twin's model first).
         """
         self.patient = patient
-        self._params = parameter_matrix([patient])[0]
-        self._vg = float(self._params[P_VG])
+        self._scenarios.swap_model(patient)
 
     # --- the decision --------------------------------------------------------------------
 
@@ -330,55 +314,15 @@ class MPCController:
         """Plasma glucose (mg/dL) of each plan over minutes 0 … H, ``(2, rows, H+1)``.
 
         Scenario 0 is the twin's state; scenario 1 has the carbohydrates still to be absorbed
-        (stomach, gut, the meal being eaten, the announced meals) scaled by
-        ``1 − carb_uncertainty``.
+        scaled by ``1 − carb_uncertainty`` (:class:`.forecast.TwinScenarios`).
         """
-        rows = plans.shape[0]
-        h = self.horizon_min
-        buf = self._buffers.get(rows)
-        if buf is None:
-            r2 = 2 * rows
-            buf = (
-                np.empty((r2, N_STATES)),
-                np.empty((r2, N_MEAL_STATE)),
-                np.empty((r2, self._params.size)),
-                np.empty((r2, h)),
-                np.zeros((r2, h)),
-                np.full(r2, _EAT_RATE_G_PER_MIN),
-                np.empty((r2, h)),
-                np.empty((r2, h + 1)),
-                np.empty((r2, h + 1)),
-            )
-            self._buffers[rows] = buf
-        x, meal_state, params, insulin, meal, eat, carbs, gp, gs = buf
-        keep = 1.0 - self.carb_uncertainty
-        x[:] = state.x
-        # the fewer-carbohydrates scenario: the detected (unannounced) grams do not come at
-        # all, the announced ones are counted too high by carb_uncertainty
-        gut = float(np.sum(x[0, _GUT_STATES]))
-        detected = min(max(state.unannounced_carbs_g * MG_PER_G, 0.0), gut)
-        x[rows:, _GUT_STATES] *= keep * (1.0 - detected / gut) if gut > 0.0 else keep
-        meal_state[:] = state.meal_state
-        meal_state[rows:, M_PLANNED_G] *= keep
-        params[:] = self._params
-        params[:, P_VMX] *= state.sensitivity_scale
-        params[:, P_KP3] *= state.sensitivity_scale
-        params[:, P_KP1] *= state.egp_scale
-        # the fewer-carbohydrates scenario also has insulin more effective than the twin says
-        params[rows:, P_VMX] *= self.low_scenario_sensitivity
-        params[rows:, P_KP3] *= self.low_scenario_sensitivity
         n = self.n_blocks
-        insulin[:rows] = np.repeat(plans[:, :n] / 60.0, self._block, axis=1)
+        insulin = np.repeat(plans[:, :n] / 60.0, self._block, axis=1)
         if with_bolus:
-            insulin[:rows, 0] += plans[:, n]
-        insulin[rows:] = insulin[:rows]
-        meal[:] = 0.0
-        for offset, grams in state.pending_meals:
-            if 0 <= offset < h:
-                meal[:rows, offset] += grams
-                meal[rows:, offset] += keep * grams
-        advance(
-            x, meal_state, params, insulin, meal, eat,
-            carbs_out=carbs, gp_out=gp, gs_out=gs, parallel=False, check=False,
-        )  # fmt: skip
-        return (gp / self._vg).reshape(2, rows, h + 1)
+            insulin[:, 0] += plans[:, n]
+        return self._scenarios.simulate(
+            state,
+            insulin,
+            carb_uncertainty=self.carb_uncertainty,
+            low_sensitivity=self.low_scenario_sensitivity,
+        )
