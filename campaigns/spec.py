@@ -167,6 +167,13 @@ MAX_RANDOM_COUNT = 10_000
 MAX_RANDOM_PER_SCENARIO = 100
 
 
+def _window_time(key: str, value: object, where: str) -> float:
+    """A fault window's ``start`` or ``duration``: a number >= 0 or ``.inf`` (not NaN)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise SpecError(where, f"{key}={value!r} is not allowed: a number >= 0 (or .inf)")
+    return float(value)
+
+
 def _bounded_int(
     node: dict[str, Any], key: str, default: int, low: int, high: int, where: str
 ) -> int:
@@ -301,8 +308,7 @@ def _fault_line(
     start = node.get("start", defaults[0])
     duration = node.get("duration", defaults[1])
     for key, value in (("start", start), ("duration", duration)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            raise SpecError(here, f"{key}={value!r} is not allowed: a number >= 0 (or .inf)")
+        _window_time(key, value, here)
     params_node = node.get("params") or {}
     if not isinstance(params_node, dict):
         raise SpecError(here, f"params must be a mapping, got {params_node!r}")
@@ -720,9 +726,10 @@ def load_spec(path: str | Path) -> CampaignSpec:
         raise SpecError(here, "defaults: a mapping with start: and duration:")
     _only(defaults_node, ("start", "duration"), where(defaults_node, root), "defaults")
     unit_default = part.default_window
+    dh = where(defaults_node, root)
     defaults = (
-        float(defaults_node.get("start", unit_default[0])),
-        float(defaults_node.get("duration", unit_default[1])),
+        _window_time("start", defaults_node.get("start", unit_default[0]), dh),
+        _window_time("duration", defaults_node.get("duration", unit_default[1]), dh),
     )
     scenarios: list[Scenario] = []
     if root.get("baseline", True):
