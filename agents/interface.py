@@ -15,9 +15,14 @@ from typing import Any, Protocol
 from twinloop.agents.placement import Placement
 
 
-def integer(minimum: int | None = None) -> Callable[[Any], int]:
-    """A :attr:`RunOption.parse` for an integer (``>= minimum`` when given)."""
-    allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
+    """A :attr:`RunOption.parse` for an integer (from ``minimum`` to ``maximum`` when given)."""
+    if minimum is not None and maximum is not None:
+        allowed = f"an integer from {minimum} to {maximum}"
+    elif minimum is not None:
+        allowed = f"an integer >= {minimum}"
+    else:
+        allowed = "an integer" if maximum is None else f"an integer <= {maximum}"
 
     def parse(value: Any) -> int:
         if isinstance(value, bool | float):
@@ -26,22 +31,27 @@ def integer(minimum: int | None = None) -> Callable[[Any], int]:
             number = int(str(value).strip())
         except ValueError:
             raise ValueError(allowed) from None
-        if minimum is not None and number < minimum:
+        if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
             raise ValueError(allowed)
         return number
 
     return parse
 
 
-def positive_number(value: Any) -> float:
-    """A :attr:`RunOption.parse` for a number > 0."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not number > 0:
-        raise ValueError("a number > 0")
-    return number
+def positive_number(maximum: float = math.inf) -> Callable[[Any], float]:
+    """A :attr:`RunOption.parse` for a finite number > 0 (and ``<= maximum``)."""
+    allowed = "a finite number > 0" + ("" if math.isinf(maximum) else f" and <= {maximum:g}")
+
+    def parse(value: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not (0 < number <= maximum and math.isfinite(number)):
+            raise ValueError(allowed)
+        return number
+
+    return parse
 
 
 def one_of(choices: Iterable[str]) -> Callable[[Any], str]:

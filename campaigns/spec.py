@@ -24,10 +24,10 @@ any run starts, and a refusal names the file, the line and what is allowed.
              params: {offset: 60}}
     sweep: [bias, occlusion]        # one single-fault scenario per name, default window/params
     random:                         # scenarios drawn by a seeded generator
-      count: 10
-      seed: 7
+      count: 10                     # 1..10000 scenarios
+      seed: 7                       # 0..2**32-1
       faults: [bias, drift, occlusion]
-      per_scenario: 2
+      per_scenario: 2               # 1..100 faults each
       intensity: 1.0                # 0..1 scales each parameter from its default to its bound
       overlap: false
     baseline: true                  # also run each patient/seed without faults
@@ -85,6 +85,7 @@ from twinloop.campaigns.faults import (
     numeric_fields,
 )
 from twinloop.campaigns.interface import RequirementRule, SpecKey
+from twinloop.limits import MAX_CONFIG_BYTES, MAX_SEED, InputLimitError, check_document, read_text
 from twinloop.therapy import Therapy, TherapyError, get_therapy, therapies
 
 __all__ = [
@@ -143,16 +144,44 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 
 
 def _load_yaml(path: Path) -> Any:
+    """The YAML document of ``path``, read through :func:`twinloop.limits.read_text`."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(str(path), f"cannot read: {exc.strerror}") from None
+        text = read_text(path, MAX_CONFIG_BYTES)
+    except InputLimitError as exc:  # "PATH: what", as a SpecError's "where: what"
+        raise SpecError(str(path), str(exc).removeprefix(f"{path}: ")) from None
     try:
-        return yaml.load(text, Loader=_LineLoader)  # a SafeLoader subclass
+        document = yaml.load(text, Loader=_LineLoader)  # a SafeLoader subclass
+        check_document(document, str(path))
+    except InputLimitError as exc:
+        raise SpecError(str(path), str(exc).removeprefix(f"{path}: ")) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise SpecError(where, f"not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return document
+
+
+#: Most scenarios ``random:`` draws (each is a run per patient and seed).
+MAX_RANDOM_COUNT = 10_000
+#: Most faults in one drawn scenario.
+MAX_RANDOM_PER_SCENARIO = 100
+
+
+def _window_time(key: str, value: object, where: str) -> float:
+    """A fault window's ``start`` or ``duration``: a number >= 0 or ``.inf`` (not NaN)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise SpecError(where, f"{key}={value!r} is not allowed: a number >= 0 (or .inf)")
+    return float(value)
+
+
+def _bounded_int(
+    node: dict[str, Any], key: str, default: int, low: int, high: int, where: str
+) -> int:
+    """``node[key]`` (or ``default``) when it is an integer from ``low`` to ``high``."""
+    value = node.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError(where, f"{key}={value!r} is not allowed: an integer from {low} to {high}")
+    return value
 
 
 class _Where:
@@ -279,8 +308,7 @@ def _fault_line(
     start = node.get("start", defaults[0])
     duration = node.get("duration", defaults[1])
     for key, value in (("start", start), ("duration", duration)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise SpecError(here, f"{key}={value!r} is not allowed: a number >= 0 (or .inf)")
+        _window_time(key, value, here)
     params_node = node.get("params") or {}
     if not isinstance(params_node, dict):
         raise SpecError(here, f"params must be a mapping, got {params_node!r}")
@@ -698,9 +726,10 @@ def load_spec(path: str | Path) -> CampaignSpec:
         raise SpecError(here, "defaults: a mapping with start: and duration:")
     _only(defaults_node, ("start", "duration"), where(defaults_node, root), "defaults")
     unit_default = part.default_window
+    dh = where(defaults_node, root)
     defaults = (
-        float(defaults_node.get("start", unit_default[0])),
-        float(defaults_node.get("duration", unit_default[1])),
+        _window_time("start", defaults_node.get("start", unit_default[0]), dh),
+        _window_time("duration", defaults_node.get("duration", unit_default[1]), dh),
     )
     scenarios: list[Scenario] = []
     if root.get("baseline", True):
@@ -754,9 +783,9 @@ def load_spec(path: str | Path) -> CampaignSpec:
         scenarios.extend(
             random_scenarios(
                 [str(x) for x in pool],
-                count=int(rnd.get("count", 10)),
-                seed=int(rnd.get("seed", 0)),
-                per_scenario=int(rnd.get("per_scenario", 1)),
+                count=_bounded_int(rnd, "count", 10, 1, MAX_RANDOM_COUNT, rh),
+                seed=_bounded_int(rnd, "seed", 0, 0, MAX_SEED, rh),
+                per_scenario=_bounded_int(rnd, "per_scenario", 1, 1, MAX_RANDOM_PER_SCENARIO, rh),
                 intensity=float(intensity),
                 horizon=horizon,
                 defaults=defaults,

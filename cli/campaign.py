@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from twinloop.cli import options
 from twinloop.cli.errors import EXIT_USAGE
+from twinloop.limits import MAX_WORKERS
 
 #: Exit code of a campaign that passed.
 EXIT_PASS = 0
@@ -58,7 +60,9 @@ def add_parser(sub: Any) -> None:
         "--rerun recording",
     )
     p.add_argument("--address", help="run on an existing Ray cluster (HOST:PORT)")
-    p.add_argument("--workers", type=int, help="runs in parallel (default: the cluster's CPUs)")
+    options.add_count(
+        p, "--workers", 1, MAX_WORKERS, "runs in parallel", default_text="default: its CPUs"
+    )
     p.add_argument("--inline", action="store_true", help="run in this process, without Ray")
     p.add_argument("--rerun", metavar="ID", help="run one run again with a full recording")
     p.add_argument("--replay", metavar="ID", help=argparse.SUPPRESS)  # the former --rerun

@@ -27,10 +27,22 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from twinloop.limits import MAX_TIME_SCALE_S_PER_MIN
+
+#: Serial baud rates ``emulate --baudrate`` accepts (the standard rates 300 to 4 Mbaud).
+MIN_BAUDRATE = 300
+MAX_BAUDRATE = 4_000_000
+#: Longest HIL session: ``hil --minutes`` (glucose, simulated minutes: a year) and
+#: ``hil --seconds`` (knee-exo, seconds: a day).
+MAX_HIL_MINUTES = 525_600
+MAX_HIL_SECONDS = 86_400.0
+
 
 def add_parser(sub: Any) -> None:
     """Add the ``emulate`` and ``hil`` sub-commands to the ``twinloop`` parser."""
-    from twinloop.cli.options import positive, seed
+    from twinloop.cli.options import add_count, count, number, seed
+
+    time_scale = number(0.0, MAX_TIME_SCALE_S_PER_MIN, low_open=True)
 
     emu = sub.add_parser(
         "emulate",
@@ -87,11 +99,16 @@ def add_parser(sub: Any) -> None:
     emu.add_argument("--seed", type=seed, default=0, help="seed of meals and sensor noise")
     emu.add_argument(
         "--time-scale",
-        type=positive,
+        type=time_scale,
         default=60.0,
-        help="wall seconds per simulated minute (60 = real time)",
+        help="wall seconds per simulated minute (60 = real time), > 0 to "
+        f"{MAX_TIME_SCALE_S_PER_MIN:g}",
     )
-    emu.add_argument("--baudrate", type=int, help="serial baud rate (pump 115200, CGM 9600)")
+    emu.add_argument(
+        "--baudrate",
+        type=count(MIN_BAUDRATE, MAX_BAUDRATE),
+        help=f"serial baud rate, {MIN_BAUDRATE} to {MAX_BAUDRATE} (pump 115200, CGM 9600)",
+    )
 
     emu.set_defaults(handler=emulate)
     hil = sub.add_parser(
@@ -127,9 +144,12 @@ def add_parser(sub: Any) -> None:
         "basal-bolus; knee-exo: aan (default), impedance, none)",
     )
     hil.add_argument(
-        "--time-scale", type=positive, default=60.0, help="wall seconds per simulated minute"
+        "--time-scale",
+        type=time_scale,
+        default=60.0,
+        help=f"wall seconds per simulated minute, > 0 to {MAX_TIME_SCALE_S_PER_MIN:g} (60)",
     )
-    hil.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (240)")
+    add_count(hil, "--minutes", 1, MAX_HIL_MINUTES, "simulated minutes to run", 240)
     hil.add_argument(
         "--out", help="run directory (default runs/hil-YYYYmmdd-HHMMSS); must be new or empty"
     )
@@ -148,14 +168,18 @@ def add_parser(sub: Any) -> None:
         "--seed", type=seed, default=0, help="knee-exo: seed of the task (as the emulator's)"
     )
     hil.add_argument(
-        "--seconds", type=positive, help="knee-exo: session length, s (default: the task's)"
+        "--seconds",
+        type=number(0.0, MAX_HIL_SECONDS, low_open=True),
+        help=f"knee-exo: session length, s, > 0 to {MAX_HIL_SECONDS:g} (default: the task's)",
     )
-    hil.add_argument("--control-hz", type=int, default=100, help="knee-exo: control rate (100)")
-    hil.add_argument(
+    add_count(hil, "--control-hz", 10, 500, "knee-exo: control rate, Hz", 100)
+    add_count(
+        hil,
         "--watchdog-ms",
-        type=int,
-        default=100,
-        help="knee-exo: the longest drive watchdog accepted, ms (100; read, never written)",
+        10,
+        1000,
+        "knee-exo: the longest drive watchdog accepted, ms (read, never written)",
+        100,
     )
     hil.add_argument(
         "--realtime",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from twinloop.cli import options
+from twinloop.limits import MAX_SEED
 
 #: Exit code of ``--fail-on-hazard`` when a patient-run is flagged.
 EXIT_HAZARD = 1
@@ -113,8 +114,8 @@ def add_parser(sub: Any) -> None:
 def _check_common(settings: dict[str, Any]) -> None:
     """Refuse a common setting of the wrong kind (a ``--config`` file can hold anything)."""
     seed = settings["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} is not allowed: an integer >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r} is not allowed: an integer from 0 to {MAX_SEED}")
     for flag in ("progress", "overwrite", "fail_on_hazard"):
         if not isinstance(settings[flag], bool):
             raise ValueError(f"{flag}={settings[flag]!r} is not allowed: true or false")

@@ -59,6 +59,7 @@ import yaml
 from pymodbus.client.mixin import ModbusClientMixin
 
 from twinloop.hw_bridge.errors import ProfileError, WriteRefused
+from twinloop.limits import MAX_CONFIG_BYTES, check_document, read_text
 
 __all__ = [
     "ACCESS_MODES",
@@ -502,15 +503,18 @@ def load_profile(path: str | Path) -> DeviceProfile:
 
     Raises:
         ProfileError: the YAML does not parse or the profile does not validate.
-        OSError: the file cannot be read.
+        InputLimitError: the file is missing, not a regular file (``/dev/zero``, a FIFO: refused
+            unread), larger than :data:`~twinloop.limits.MAX_CONFIG_BYTES`, or not UTF-8 text
+            (a binary or UTF-16 file); the message names the file.
 
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, MAX_CONFIG_BYTES)
     try:
         mapping = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ProfileError("<yaml>", str(path), f"valid YAML ({exc})", source=str(path)) from exc
+    check_document(mapping, str(path))
     return parse_profile(mapping, source=str(path), base_dir=path.parent)
 
 

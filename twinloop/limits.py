@@ -32,6 +32,14 @@ MAX_SEED = 2**32 - 1
 #: ~15 ms per patient on one core: 10 000 take a few minutes).
 MAX_PATIENTS = 10_000
 
+#: Most simulated days of one ``twinloop run`` loop (and its re-fit interval), days.
+MAX_RUN_DAYS = 3650
+#: Largest wall-clock time scale (``--time-scale`` of ``run --clock wall``, ``emulate``,
+#: ``hil``): seconds per simulated minute (60 is real time; 3600 is 60 times slower).
+MAX_TIME_SCALE_S_PER_MIN = 3600.0
+#: Most parallel workers or patient loops of one command.
+MAX_WORKERS = 1024
+
 #: Most values (counting each use of an alias) and deepest nesting of a YAML document.
 MAX_DOCUMENT_VALUES = 1_000_000
 MAX_DOCUMENT_DEPTH = 64

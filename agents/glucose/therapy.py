@@ -17,6 +17,7 @@ from twinloop.agents.messages import (
 )
 from twinloop.agents.placement import Placement
 from twinloop.agents.recording import DEFAULT_FLUSH_EVERY_MIN, check_flush_every_min
+from twinloop.limits import MAX_PATIENTS, MAX_RUN_DAYS, MAX_TIME_SCALE_S_PER_MIN
 from twinloop.plant.errors import ConfigError
 from twinloop.plant.glucose.models import DEFAULT_MODEL, MODEL_HELP, parse_model
 from twinloop.plant.glucose.scenarios import SCENARIOS
@@ -37,7 +38,12 @@ class GlucoseLoop:
     """Sensor → twin estimator → controller → supervisor → pump around UVA/Padova patients."""
 
     run_options = (
-        RunOption("days", integer(1), 1, "simulated days (default 1)"),
+        RunOption(
+            "days",
+            integer(1, MAX_RUN_DAYS),
+            1,
+            f"simulated days, 1 to {MAX_RUN_DAYS} (default 1)",
+        ),
         RunOption("scenario", one_of(SCENARIOS), "random", "meal scenario: random (default) or A"),
         RunOption(
             "model",
@@ -50,10 +56,10 @@ class GlucoseLoop:
         ),
         RunOption(
             "refit_every_days",
-            integer(0),
+            integer(0, MAX_RUN_DAYS),
             0,
             "re-fit the twin from the loop's own recording every N simulated days (the last 7 "
-            "days, off the tick; default 0: off)",
+            f"days, off the tick), 0 to {MAX_RUN_DAYS} (default 0: off)",
         ),
         RunOption(
             "clock",
@@ -63,9 +69,10 @@ class GlucoseLoop:
         ),
         RunOption(
             "time_scale",
-            positive_number,
+            positive_number(MAX_TIME_SCALE_S_PER_MIN),
             0.01,
-            "wall-clock seconds per simulated minute with --clock wall (default 0.01)",
+            "wall-clock seconds per simulated minute with --clock wall, > 0 to "
+            f"{MAX_TIME_SCALE_S_PER_MIN:g} (default 0.01)",
         ),
         RunOption(
             "flush_every_min",
@@ -76,10 +83,10 @@ class GlucoseLoop:
         ),
         RunOption(
             "parallel_patients",
-            integer(1),
+            integer(1, MAX_PATIENTS),
             None,
-            "patient loops driven together in lockstep, one call per kind of agent and round "
-            "(default: all)",
+            "patient loops driven together in lockstep, one call per kind of agent and round, "
+            f"1 to {MAX_PATIENTS} (default: all)",
         ),
     )
     placements = ("ray", "inline", "ray-patients")

@@ -30,9 +30,14 @@ class KneeLoop:
             "cyclic",
             "cyclic (default, flexion-extension), sit_to_stand, hold",
         ),
-        RunOption("cycles", integer(), 10, "cycles of the cyclic task (default 10)"),
         RunOption(
-            "control_hz", integer(), 100, "control rate, Hz (default 100; 100-500 dividing 1000)"
+            "cycles", integer(1, 1000), 10, "cycles of the cyclic task, 1 to 1000 (default 10)"
+        ),
+        RunOption(
+            "control_hz",
+            integer(100, 500),
+            100,
+            "control rate, Hz (default 100; 100-500 dividing 1000)",
         ),
         RunOption("twin", boolean, True, "run the knee twin estimator (default: on)", flag=True),
     )

@@ -8,8 +8,8 @@ traceback, exactly one ``error:`` line, and that line (or the import report prin
 naming the option, file or field. Nothing is run: a case whose value were accepted would fail
 for a reason that does not name its option, which this test reports.
 
-Cases of areas other engineers own (campaign specs, ``run``/``evaluate``/``hil`` options, device
-profiles) that still fail are marked ``xfail(strict=True)`` with what happens.
+Cases that still fail (``evaluate``'s options, another engineer's) are marked
+``xfail(strict=True)`` with what happens.
 """
 
 from __future__ import annotations
@@ -164,12 +164,6 @@ def _materialise(tmp_path: Path, suffix: str, cap: int, kind: str) -> str:
 
 #: A reader that opens a FIFO blocks: pytest-timeout's SIGALRM ends the case (in this process).
 _BLOCKS = pytest.mark.timeout(3)
-_CAMPAIGN_OPEN = _xfail(
-    "campaigns/spec.py (not this branch's): reads the spec without a size or type check; "
-    "/dev/zero is read forever, a FIFO blocks, a binary or UTF-16 spec ends in a "
-    "UnicodeDecodeError's text without the file's name"
-)
-
 FILE_CASES = [
     *_file_cases(
         lambda f: [
@@ -226,28 +220,19 @@ FILE_CASES = [
         ".yaml",
         MAX_CONFIG_BYTES,
         yaml=True,
-        marks={
-            **{k: _CAMPAIGN_OPEN for k in ("binary", "utf16", "dev-zero")},
-            "fifo": [_CAMPAIGN_OPEN, _BLOCKS],
-        },
+        marks={"fifo": _BLOCKS},
     ),
 ]
 
 
 # Device profiles (hw_bridge/, another engineer's): hostile files through `twinloop hil` (the
 # profile is read before any device is opened)
-_PROFILE_OPEN = _xfail(
-    "hw_bridge/profile.py (not this branch's): load_profile reads the file without a size or "
-    "type check; binary/UTF-16 give the codec's text without the file, /dev/zero is read "
-    "forever, a FIFO blocks"
-)
 PROFILE_FILE_CASES = [
     *_file_cases(
         lambda f: ["hil", "--profile", f, "--cgm-port", f + ".no-port", "--minutes", "1",
                    "--out", f + ".hil"], ".yaml", MAX_CONFIG_BYTES, yaml=True,
         skip=("wrong-types", "huge-counts"),
-        marks={**{k: _PROFILE_OPEN for k in ("binary", "utf16", "dev-zero")},
-               "fifo": [_PROFILE_OPEN, _BLOCKS]},
+        marks={"fifo": _BLOCKS},
     ),
 ]  # fmt: skip
 
@@ -348,26 +333,11 @@ _seed(_TRAIN)
 # an accepted value fails later on the unknown patient or cohort, fast, without naming it
 _RUN = ["run", "--placement", "inline", "--patient", "adult#999", "--no-progress",
         "--out", "{tmp}/run"]  # fmt: skip
-_RUN_DAYS = _xfail(
-    "cli/run.py (not this branch's): --days has no upper bound; with a valid patient 10^9 days "
-    "ends in a MemoryError traceback (allocating 10 TiB)"
-)
-_numeric(_RUN, "--days", ("2.5",), marks={"1000000000": _RUN_DAYS})
+_numeric(_RUN, "--days", ("2.5", "3651"))
 _seed(_RUN)
-_RUN_SCALE = _xfail(
-    "cli/run.py (not this branch's): --time-scale accepts inf and has no upper bound; with a "
-    "valid patient a huge scale ends in an OverflowError traceback (timestamp out of range for "
-    "time_t)"
-)
-_numeric(
-    [*_RUN, "--clock", "wall"],
-    "--time-scale",
-    (),
-    marks={"1000000000": _RUN_SCALE, "1e308": _RUN_SCALE, "inf": _RUN_SCALE},
-)
-_RUN_BOUND = _xfail("cli/run.py (not this branch's): no upper bound (10^9 accepted)")
-_numeric(_RUN, "--refit-every-days", ("2.5",), zero=False, marks={"1000000000": _RUN_BOUND})
-_numeric(_RUN, "--parallel-patients", ("2.5",), marks={"1000000000": _RUN_BOUND})
+_numeric([*_RUN, "--clock", "wall"], "--time-scale", ("3601",))
+_numeric(_RUN, "--refit-every-days", ("2.5", "3651"), zero=False)
+_numeric(_RUN, "--parallel-patients", ("2.5", "10001"))
 _EVAL = ["evaluate", "--controller", "basal-bolus", "--inline", "--no-progress",
          "--cohort", "nosuch", "--out", "{tmp}/ev"]  # fmt: skip
 _EVAL_DAYS = _xfail(
@@ -382,38 +352,17 @@ _EVAL_SEED = _xfail(
 )
 _seed(_EVAL, marks={"": _EVAL_SEED, "4294967296": _EVAL_SEED})
 _CAMPAIGN = ["campaign", "{tmp}/none.yaml", "--inline", "--no-progress"]
-_CAMPAIGN_WORKERS = _xfail(
-    "cli/campaign.py (not this branch's): --workers is a bare int (-1 and 0 are accepted; with "
-    "a real spec -1 runs the campaign)"
-)
-_numeric(
-    _CAMPAIGN,
-    "--workers",
-    (),
-    marks={"-1": _CAMPAIGN_WORKERS, "0": _CAMPAIGN_WORKERS, "1000000000": _CAMPAIGN_WORKERS},
-)
+_numeric(_CAMPAIGN, "--workers", ("1025", "2.5"))
 _EMULATE = ["emulate", "pump"]
-_EMU_SCALE = _xfail(
-    "cli/hil.py (not this branch's): emulate --time-scale has no upper bound (1e9, 1e308 "
-    "accepted; the issue's 'emulate --time-scale inf' is refused now by options.positive)"
-)
-_numeric(_EMULATE, "--time-scale", (), marks={"1000000000": _EMU_SCALE, "1e308": _EMU_SCALE})
+_numeric(_EMULATE, "--time-scale", ("3601",))
 _seed(_EMULATE)
-_EMU_BAUD = _xfail(
-    "cli/hil.py (not this branch's): emulate --baudrate is a bare int (-1, 0, 10^9 accepted)"
-)
-_numeric(
-    _EMULATE, "--baudrate", (), marks={"-1": _EMU_BAUD, "0": _EMU_BAUD, "1000000000": _EMU_BAUD}
-)
+_numeric(_EMULATE, "--baudrate", ("299", "4000001", "2.5"))
 _HIL = ["hil"]
-_HIL_LATE = _xfail(
-    "cli/hil.py (not this branch's): this value passes the parser (a bare int or an unbounded "
-    "number) and is refused, if at all, after the device options"
-)
-for _option in ("--minutes", "--control-hz", "--watchdog-ms"):
-    _numeric(_HIL, _option, (), marks={"-1": _HIL_LATE, "0": _HIL_LATE, "1000000000": _HIL_LATE})
-_numeric(_HIL, "--time-scale", (), marks={"1000000000": _HIL_LATE, "1e308": _HIL_LATE})
-_numeric(_HIL, "--seconds", (), marks={"1000000000": _HIL_LATE, "1e308": _HIL_LATE})
+_numeric(_HIL, "--minutes", ("525601", "2.5"))
+_numeric(_HIL, "--control-hz", ("9", "501", "2.5"))
+_numeric(_HIL, "--watchdog-ms", ("9", "1001", "2.5"))
+_numeric(_HIL, "--time-scale", ("3601",))
+_numeric(_HIL, "--seconds", ("86401",))
 
 NUMERIC_CASES = [
     pytest.param(
@@ -541,24 +490,10 @@ RUN_CONFIG_VALUES = [
     ("seed", "x"), ("time_scale", ".inf"), ("time_scale", -1), ("refit_every_days", -1),
     ("parallel_patients", 0), ("no_such_key", 1),
 ]  # fmt: skip
-_RUN_CONFIG_BOUND = _xfail(
-    "cli/run.py (not this branch's): a --config days/seed without an upper bound, and "
-    "time_scale: .inf, are accepted (the run then fails on memory, numpy's seed range or the "
-    "clock without naming the key)"
-)
-
-
-_RUN_CONFIG_ACCEPTED = (("days", 1_000_000_000), ("seed", 2**64), ("time_scale", ".inf"))
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
-    [
-        pytest.param(
-            k, v, id=f"{k}={v}", marks=_RUN_CONFIG_BOUND if (k, v) in _RUN_CONFIG_ACCEPTED else ()
-        )
-        for k, v in RUN_CONFIG_VALUES
-    ],
+    ("key", "value"), [pytest.param(k, v, id=f"{k}={v}") for k, v in RUN_CONFIG_VALUES]
 )
 def test_a_run_config_value_out_of_range_is_refused_naming_its_key(
     tmp_path: Path, key: str, value: object
@@ -595,13 +530,9 @@ def _spec(**fields: object) -> str:
     return _SPEC.format(**{**values, **fields})
 
 
-_CAMPAIGN_COUNT = _xfail(
-    "campaigns/spec.py (not this branch's): random.count has no upper bound; 10^8 hangs "
-    "(scenarios are generated until the timeout) instead of a refusal naming random.count"
-)
 SPEC_CASES = [
     pytest.param(_spec(extra="random: {count: 100000000, faults: [stuck]}\n"), "count", True,
-                 id="random.count=1e8", marks=_CAMPAIGN_COUNT),
+                 id="random.count=1e8"),
     pytest.param(_spec(days=1_000_000_000), "days", False, id="days=1e9"),
     pytest.param(_spec(days="1e308"), "days", False, id="days=1e308"),
     pytest.param(_spec(days=-1), "days", False, id="days=-1"),
@@ -610,16 +541,22 @@ SPEC_CASES = [
     pytest.param(_spec(seeds="abc"), "seeds", False, id="seeds=abc"),
     pytest.param(_spec(duration="1e300"), "duration", False, id="duration=1e300"),
     pytest.param(_spec(duration="-5"), "duration", False, id="duration=-5"),
-    pytest.param(_spec(duration=".nan"), "duration", False, id="duration=nan", marks=_xfail(
-        "campaigns/spec.py (not this branch's): a fault duration of .nan is accepted")),
+    pytest.param(_spec(duration=".nan"), "duration", False, id="duration=nan"),
     pytest.param(_spec(name="../../x"), "name", False, id="name=../../x"),
+    pytest.param(_spec().replace("{start: 360,", "{start: abc,"), "start", False,
+                 id="defaults.start=abc"),
+    pytest.param(_spec().replace("duration: 240}", "duration: .nan}"), "duration", False,
+                 id="defaults.duration=nan"),
     pytest.param(_spec(extra="random: {count: -1, faults: [stuck]}\n"), "count", False,
-                 id="random.count=-1", marks=_xfail(
-                     "campaigns/spec.py (not this branch's): random.count: -1 is accepted")),
+                 id="random.count=-1"),
     pytest.param(_spec(extra="random: {count: abc, faults: [stuck]}\n"), "count", False,
-                 id="random.count=abc", marks=_xfail(
-                     "campaigns/spec.py (not this branch's): random.count: abc ends in "
-                     "int()'s ValueError text without the key")),
+                 id="random.count=abc"),
+    pytest.param(_spec(extra="random: {count: 10001, faults: [stuck]}\n"), "count", False,
+                 id="random.count=10001"),
+    pytest.param(_spec(extra="random: {count: 1, seed: -1, faults: [stuck]}\n"), "seed", False,
+                 id="random.seed=-1"),
+    pytest.param(_spec(extra="random: {count: 1, per_scenario: 0, faults: [stuck]}\n"),
+                 "per_scenario", False, id="random.per_scenario=0"),
 ]  # fmt: skip
 
 

@@ -208,7 +208,7 @@ def test_cli_run_reads_a_yaml_config_and_command_line_options_win(tmp_path, caps
     assert "unknown key 'speed'" in err and "controller" in err and "Traceback" not in err
     cfg.write_text("days: two\n")
     assert main(["run", "--config", str(cfg), "--no-progress"]) == 2
-    assert "--days='two' is not allowed: an integer >= 1" in capsys.readouterr().err
+    assert "--days='two' is not allowed: an integer from 1 to 3650" in capsys.readouterr().err
 
 
 def test_a_controller_overrunning_its_deadline_is_treated_as_missing():
