@@ -249,7 +249,7 @@ def test_a_campaign_persists_every_run_and_judges_it(small_campaign):
     assert sorted(p.stem for p in (out / "results").glob("*.json")) == sorted(k.id for k in keys)
     assert len(list((out / "traces").glob("*.parquet"))) == 8
     per = summary["per_scenario"]
-    # the baseline has no hypoglycaemia; a 20 U unrequested bolus (a pump fault, past the shield) does
+    # the baseline has no hypoglycaemia; a 20 U unrequested bolus (a pump fault) does
     assert per["baseline"]["hazard_rate"]["below_70"] == 0.0
     assert per["overdose"]["hazard_rate"]["below_70"] == 1.0
     # a 4 h occlusion makes both patients hyperglycaemic
