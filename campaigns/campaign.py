@@ -37,16 +37,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import re
+import signal
 import tempfile
 import time
 import traceback
 import zlib
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -324,27 +328,149 @@ def _pin_spec(out: Path, spec: CampaignSpec) -> None:
 
 
 # -- execution ---------------------------------------------------------------------------------
+def _lost(spec: CampaignSpec, key: RunKey, began: float, error: str) -> dict[str, Any]:
+    """The errored result of a run whose process was killed or died (no traceback of its own)."""
+    return _record(key, spec.scenario(key.scenario), "error", began, error=error, traceback="")
+
+
+def _timed_out(spec: CampaignSpec, key: RunKey, began: float, killed: str) -> dict[str, Any]:
+    return _lost(
+        spec,
+        key,
+        began,
+        f"timeout: the run took longer than run_timeout_s={spec.run_timeout_s:g} s; {killed}",
+    )
+
+
+def _serve(conn: Connection, spec: CampaignSpec) -> None:
+    """The inline worker: run each key received on ``conn``, send its result back."""
+    os.setpgid(0, 0)  # its own process group: a kill takes the run's children (socat) too
+    while True:
+        try:
+            key = conn.recv()
+        except (EOFError, OSError):  # the campaign is gone
+            return
+        if key is None:
+            return
+        conn.send(_run_task(spec, key))
+
+
+class _InlineWorker:
+    """One child process that runs a campaign's runs one after another, under a watchdog.
+
+    A run is abandoned after ``spec.run_timeout_s``: its process group is killed (SIGKILL) and
+    a fresh child takes the next run. A child that dies (a crash in native code) is an errored
+    run too. The child is *forked*: it inherits the driver's state (therapies registered only
+    in the driver, preloaded populations) and starts in milliseconds; a fork that inherited a
+    lock held by another thread could only hang, which the same watchdog ends.
+    """
+
+    def __init__(self, spec: CampaignSpec) -> None:
+        methods = multiprocessing.get_all_start_methods()
+        self.context: Any = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self.spec = spec
+        self.process: Any = None
+        self.conn: Connection | None = None
+
+    def _start(self) -> Connection:
+        parent, child = self.context.Pipe()
+        self.process = self.context.Process(
+            target=_serve, args=(child, self.spec), name="twinloop-campaign-run"
+        )
+        self.process.start()
+        child.close()
+        self.conn = parent
+        return parent
+
+    def close(self) -> None:
+        """Kill the child (and its process group) and reap it."""
+        if self.process is None:
+            return
+        for kill in (os.killpg, os.kill):  # the group; the child alone if it has none yet
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(self.process.pid, signal.SIGKILL)
+        self.process.join()
+        if self.conn is not None:
+            self.conn.close()
+        self.process = self.conn = None
+
+    def run(self, key: RunKey) -> tuple[dict[str, Any], Any]:
+        """``key``'s result: the child's, or an errored one when it hangs or dies."""
+        began = time.perf_counter()
+        conn = self.conn if self.process is not None else self._start()
+        assert conn is not None
+        conn.send(key)
+        if not conn.poll(self.spec.run_timeout_s):
+            self.close()
+            return _timed_out(self.spec, key, began, "its process was killed"), None
+        try:
+            result: tuple[dict[str, Any], Any] = conn.recv()
+        except (EOFError, OSError):
+            self.process.join()
+            code = self.process.exitcode
+            self.close()
+            why = f"the run's process died (exit code {code})"
+            return _lost(self.spec, key, began, why), None
+        return result
+
+
 def _inline(spec: CampaignSpec, keys: list[RunKey]) -> Iterator[tuple[dict[str, Any], Any]]:
-    for key in keys:
-        yield _run_task(spec, key)
+    worker = _InlineWorker(spec)
+    try:
+        for key in keys:
+            yield worker.run(key)
+    finally:
+        worker.close()
 
 
 def _on_ray(
     spec: CampaignSpec, keys: list[RunKey], workers: int
 ) -> Iterator[tuple[dict[str, Any], Any]]:
+    """Each run a Ray task; a run past ``spec.run_timeout_s`` is cancelled (its worker killed).
+
+    At most ``2 × workers`` runs are in flight; a run's clock starts when it is among the
+    oldest ``min(workers, the cluster's CPUs)`` unfinished ones (then it holds a CPU, Ray
+    starting tasks of one shape in submission order).
+    """
     import ray
+    from ray.exceptions import RayError
 
     spec_ref = ray.put(spec)
     therapy = get_therapy(spec.therapy)
     remote = ray.remote(_run_task).options(num_cpus=1, max_retries=0)
     pending = list(reversed(keys))
-    in_flight: list[Any] = []
+    in_flight: dict[Any, RunKey] = {}  # in submission order
+    began: dict[Any, float] = {}
     window = max(2 * workers, 2)
+    running = max(min(workers, int(ray.cluster_resources().get("CPU", 1))), 1)
     while pending or in_flight:
         while pending and len(in_flight) < window:
-            in_flight.append(remote.remote(spec_ref, pending.pop(), therapy))
-        ready, in_flight = ray.wait(in_flight, num_returns=1)
-        yield ray.get(ready[0])
+            key = pending.pop()
+            in_flight[remote.remote(spec_ref, key, therapy)] = key
+        now = time.perf_counter()
+        for ref in list(in_flight)[:running]:
+            began.setdefault(ref, now)
+        first = min(began[ref] for ref in began)
+        wait_s = max(first + spec.run_timeout_s - now, 0.0)
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait_s)
+        if ready:
+            ref = ready[0]
+            key = in_flight.pop(ref)
+            start = began.pop(ref, time.perf_counter())
+            try:
+                done = ray.get(ref)
+            except RayError as exc:  # the worker died (out of memory, a crash)
+                why = f"the run's Ray worker failed: {type(exc).__name__}"
+                done = _lost(spec, key, start, why), None
+            yield done
+            continue
+        now = time.perf_counter()
+        for ref, start in list(began.items()):
+            if now - start >= spec.run_timeout_s:
+                ray.cancel(ref, force=True)
+                key = in_flight.pop(ref)
+                del began[ref]
+                yield _timed_out(spec, key, start, "its Ray worker was killed"), None
 
 
 def run_campaign(
