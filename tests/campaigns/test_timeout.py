@@ -10,23 +10,20 @@ import pytest
 import yaml
 
 import twinloop.campaigns.campaign as campaign
+from tests.test_toy_therapy import SPEC as TOY_SPEC
 from twinloop.campaigns.spec import RUN_TIMEOUT_S, SpecError, load_spec
 from twinloop.cli.main import main
 from twinloop.therapy import register_therapy, unregister_therapy
 
-#: One toy tank, two seeds, the fault-free baseline and one sensor fault: 4 runs of 30 s of
-#: simulated time each (milliseconds), judged against the toy's overflow rule.
+#: One toy tank, two seeds, the fault-free baseline and one sensor fault (40 % low for 10 s):
+#: 4 runs of 30 s of simulated time each (milliseconds), judged against the overflow rule.
 SPEC = {
+    **TOY_SPEC,
     "name": "toy-hang",
-    "therapy": "toy",
-    "patients": ["slow"],
     "seconds": 30,
-    "seeds": [0, 1],
-    "scenarios": [
-        {"name": "sensor-low", "faults": [
-            {"fault": "bias", "channel": "sensor->controller", "start": 5, "duration": 10,
-             "params": {"offset": -10}}]},
-    ],
+    "scenarios": [{"name": "sensor-low", "faults": [{**TOY_SPEC["scenarios"][0]["faults"][0],
+                                                     "start": 5, "duration": 10}]}],
+    "sweep": [],
     "requirements": [{"id": "T1", "rule": "level_max", "limit_pct": 95}],
     "run_timeout_s": 1,
 }  # fmt: skip
