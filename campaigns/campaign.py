@@ -13,9 +13,12 @@
   nothing else, so it can be run again alone (:func:`rerun`) or on any worker.
 * **Execution.** Inline, or as Ray tasks (one CPU each) on the embedded Ray
   (:func:`twinloop.agents.placement.start_ray`, loopback) or on a cluster (``address``), with a
-  progress bar and ETA. At most ``2 × workers`` runs are in flight. Each task receives the
-  :class:`~twinloop.therapy.Therapy` (a frozen dataclass) and registers it in its worker when
-  the worker's registry lacks it (a therapy registered only in the driver, as a test's).
+  progress bar and ETA. At most ``2 × workers`` runs are in flight. A run may take
+  ``run_timeout_s`` of wall-clock time (the spec's; :class:`_InlineWorker` runs inline runs in
+  a child process under a watchdog, :func:`_on_ray` cancels a Ray task and kills its worker):
+  past it, or when its process dies, it is an errored run and the campaign goes on. Each task
+  receives the :class:`~twinloop.therapy.Therapy` (a frozen dataclass) and registers it in its
+  worker when the worker's registry lacks it (a therapy registered only in the driver, as a test's).
 * **Persistence and resume.** Each finished run's result is written at once to
   ``OUT/results/ID.json`` (a temporary file, fsync, then ``os.replace``: a file is there whole
   or not at all) with its trace (``OUT/traces/ID.parquet``, written the same way, before the
@@ -397,7 +400,10 @@ class _InlineWorker:
     def run(self, key: RunKey) -> tuple[dict[str, Any], Any]:
         """``key``'s result: the child's, or an errored one when it hangs or dies."""
         began = time.perf_counter()
-        conn = self.conn if self.process is not None else self._start()
+        alive = self.process is not None and self.process.is_alive()
+        if self.process is not None and not alive:
+            self.close()  # died between runs: reap it, start afresh
+        conn = self.conn if alive else self._start()
         assert conn is not None
         conn.send(key)
         if not conn.poll(self.spec.run_timeout_s):
