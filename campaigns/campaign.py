@@ -49,6 +49,7 @@ import os
 import re
 import signal
 import tempfile
+import threading
 import time
 import traceback
 import zlib
@@ -74,6 +75,9 @@ __all__ = [
 ]
 
 RESULT_VERSION = 1
+
+#: How often an inline run's process checks that the campaign's process is still there, s.
+ORPHAN_CHECK_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,9 +349,24 @@ def _timed_out(spec: CampaignSpec, key: RunKey, began: float, killed: str) -> di
     )
 
 
-def _serve(conn: Connection, spec: CampaignSpec) -> None:
-    """The inline worker: run each key received on ``conn``, send its result back."""
+def _serve(conn: Connection, parent_end: Connection | None, spec: CampaignSpec) -> None:
+    """The inline worker: run each key received on ``conn``, send its result back.
+
+    It ends when the campaign's process is gone, even in the middle of a run (an orphan would
+    hold a CPU for nothing): it closes its copy of the campaign's end of the pipe (so a dead
+    campaign reads as end of file) and watches its parent process from a thread.
+    """
     os.setpgid(0, 0)  # its own process group: a kill takes the run's children (socat) too
+    if parent_end is not None:  # a forked child inherited it
+        parent_end.close()
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, name="twinloop-orphan-watch", daemon=True).start()
     while True:
         try:
             key = conn.recv()
@@ -377,8 +396,11 @@ class _InlineWorker:
 
     def _start(self) -> Connection:
         parent, child = self.context.Pipe()
+        forked = self.context.get_start_method() == "fork"
         self.process = self.context.Process(
-            target=_serve, args=(child, self.spec), name="twinloop-campaign-run"
+            target=_serve,
+            args=(child, parent if forked else None, self.spec),
+            name="twinloop-campaign-run",
         )
         self.process.start()
         child.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -107,8 +108,6 @@ def test_after_a_killed_run_the_next_runs_are_judged_as_before(toy, tmp_path, mo
 
 
 def test_a_run_whose_process_dies_is_an_errored_run(toy, tmp_path, monkeypatch):
-    import os
-
     spec = load_spec(spec_file(tmp_path, seeds=[0]))
     real = campaign.build_loop
 
@@ -152,3 +151,60 @@ def test_run_timeout_is_documented_and_range_checked(toy, tmp_path):
     # the timeout decides no result: a campaign resumes under another one
     a = load_spec(spec_file(tmp_path, run_timeout_s=5))
     assert a.fingerprint() == load_spec(spec_file(tmp_path, run_timeout_s=50)).fingerprint()
+
+
+HANGING_CAMPAIGN = """
+import sys
+from tests.toy_therapy import THERAPY
+from twinloop.campaigns.campaign import run_campaign
+from twinloop.campaigns.spec import load_spec
+from twinloop.therapy import register_therapy
+
+register_therapy(THERAPY, replace=True)
+run_campaign(load_spec(sys.argv[1]), sys.argv[2], inline=True, progress=False)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_sigkilled_campaign_leaves_no_run_process_behind(toy, tmp_path):
+    """The campaign is SIGKILLed while its run hangs (a timeout of 600 s): the run's process,
+    in a process group of its own, sees its parent gone and ends."""
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    spec = spec_file(tmp_path, controller="hang", run_timeout_s=600)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HANGING_CAMPAIGN, str(spec), str(tmp_path / "out")], cwd=root
+    )
+    run = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not (runs := _children(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (run,) = runs
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while _alive(run) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(run), "the run's process outlived its campaign"
+    finally:
+        proc.kill()
+        proc.wait()
+        if run and _alive(run):  # not leave it spinning when the test fails
+            os.killpg(run, signal.SIGKILL)
