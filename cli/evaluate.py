@@ -34,8 +34,8 @@ EXIT_HAZARD = 1
 #: The exit codes, as ``--help`` shows them.
 EXIT_CODES = (
     f"exit status: {EXIT_OK} every run finished; {EXIT_FAILED} a run errored (✖ in the table), "
-    f"or with --fail-on-hazard a patient-run is flagged (‡); 2 bad input (options, protocol, "
-    "an earlier output at --out without --overwrite); nothing was run"
+    f"or with --fail-on-hazard a patient-run is flagged (‡); 2 bad input, refused before "
+    "anything runs (options, protocol, an earlier output at --out without --overwrite)"
 )
 
 #: The therapy evaluated when ``--therapy`` is not given.
