@@ -13,9 +13,12 @@
   nothing else, so it can be run again alone (:func:`rerun`) or on any worker.
 * **Execution.** Inline, or as Ray tasks (one CPU each) on the embedded Ray
   (:func:`twinloop.agents.placement.start_ray`, loopback) or on a cluster (``address``), with a
-  progress bar and ETA. At most ``2 × workers`` runs are in flight. Each task receives the
-  :class:`~twinloop.therapy.Therapy` (a frozen dataclass) and registers it in its worker when
-  the worker's registry lacks it (a therapy registered only in the driver, as a test's).
+  progress bar and ETA. At most ``2 × workers`` runs are in flight. A run may take
+  ``run_timeout_s`` of wall-clock time (the spec's; :class:`_InlineWorker` runs inline runs in
+  a child process under a watchdog, :func:`_on_ray` cancels a Ray task and kills its worker):
+  past it, or when its process dies, it is an errored run and the campaign goes on. Each task
+  receives the :class:`~twinloop.therapy.Therapy` (a frozen dataclass) and registers it in its
+  worker when the worker's registry lacks it (a therapy registered only in the driver, as a test's).
 * **Persistence and resume.** Each finished run's result is written at once to
   ``OUT/results/ID.json`` (a temporary file, fsync, then ``os.replace``: a file is there whole
   or not at all) with its trace (``OUT/traces/ID.parquet``, written the same way, before the
@@ -37,16 +40,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
 import traceback
 import zlib
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +75,9 @@ __all__ = [
 ]
 
 RESULT_VERSION = 1
+
+#: How often an inline run's process checks that the campaign's process is still there, s.
+ORPHAN_CHECK_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,27 +335,170 @@ def _pin_spec(out: Path, spec: CampaignSpec) -> None:
 
 
 # -- execution ---------------------------------------------------------------------------------
+def _lost(spec: CampaignSpec, key: RunKey, began: float, error: str) -> dict[str, Any]:
+    """The errored result of a run whose process was killed or died (no traceback of its own)."""
+    return _record(key, spec.scenario(key.scenario), "error", began, error=error, traceback="")
+
+
+def _timed_out(spec: CampaignSpec, key: RunKey, began: float, killed: str) -> dict[str, Any]:
+    return _lost(
+        spec,
+        key,
+        began,
+        f"timeout: the run took longer than run_timeout_s={spec.run_timeout_s:g} s; {killed}",
+    )
+
+
+def _serve(conn: Connection, parent_end: Connection | None, spec: CampaignSpec) -> None:
+    """The inline worker: run each key received on ``conn``, send its result back.
+
+    It ends when the campaign's process is gone, even in the middle of a run (an orphan would
+    hold a CPU for nothing): it closes its copy of the campaign's end of the pipe (so a dead
+    campaign reads as end of file) and watches its parent process from a thread.
+    """
+    os.setpgid(0, 0)  # its own process group: a kill takes the run's children (socat) too
+    if parent_end is not None:  # a forked child inherited it
+        parent_end.close()
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, name="twinloop-orphan-watch", daemon=True).start()
+    while True:
+        try:
+            key = conn.recv()
+        except (EOFError, OSError):  # the campaign is gone
+            return
+        if key is None:
+            return
+        conn.send(_run_task(spec, key))
+
+
+class _InlineWorker:
+    """One child process that runs a campaign's runs one after another, under a watchdog.
+
+    A run is abandoned after ``spec.run_timeout_s``: its process group is killed (SIGKILL) and
+    a fresh child takes the next run. A child that dies (a crash in native code) is an errored
+    run too. The child is *forked*: it inherits the driver's state (therapies registered only
+    in the driver, preloaded populations) and starts in milliseconds; a fork that inherited a
+    lock held by another thread could only hang, which the same watchdog ends.
+    """
+
+    def __init__(self, spec: CampaignSpec) -> None:
+        methods = multiprocessing.get_all_start_methods()
+        self.context: Any = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self.spec = spec
+        self.process: Any = None
+        self.conn: Connection | None = None
+
+    def _start(self) -> Connection:
+        parent, child = self.context.Pipe()
+        forked = self.context.get_start_method() == "fork"
+        self.process = self.context.Process(
+            target=_serve,
+            args=(child, parent if forked else None, self.spec),
+            name="twinloop-campaign-run",
+        )
+        self.process.start()
+        child.close()
+        self.conn = parent
+        return parent
+
+    def close(self) -> None:
+        """Kill the child (and its process group) and reap it."""
+        if self.process is None:
+            return
+        for kill in (os.killpg, os.kill):  # the group; the child alone if it has none yet
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(self.process.pid, signal.SIGKILL)
+        self.process.join()
+        if self.conn is not None:
+            self.conn.close()
+        self.process = self.conn = None
+
+    def run(self, key: RunKey) -> tuple[dict[str, Any], Any]:
+        """``key``'s result: the child's, or an errored one when it hangs or dies."""
+        began = time.perf_counter()
+        alive = self.process is not None and self.process.is_alive()
+        if self.process is not None and not alive:
+            self.close()  # died between runs: reap it, start afresh
+        conn = self.conn if alive else self._start()
+        assert conn is not None
+        conn.send(key)
+        if not conn.poll(self.spec.run_timeout_s):
+            self.close()
+            return _timed_out(self.spec, key, began, "its process was killed"), None
+        try:
+            result: tuple[dict[str, Any], Any] = conn.recv()
+        except (EOFError, OSError):
+            self.process.join()
+            code = self.process.exitcode
+            self.close()
+            why = f"the run's process died (exit code {code})"
+            return _lost(self.spec, key, began, why), None
+        return result
+
+
 def _inline(spec: CampaignSpec, keys: list[RunKey]) -> Iterator[tuple[dict[str, Any], Any]]:
-    for key in keys:
-        yield _run_task(spec, key)
+    worker = _InlineWorker(spec)
+    try:
+        for key in keys:
+            yield worker.run(key)
+    finally:
+        worker.close()
 
 
 def _on_ray(
     spec: CampaignSpec, keys: list[RunKey], workers: int
 ) -> Iterator[tuple[dict[str, Any], Any]]:
+    """Each run a Ray task; a run past ``spec.run_timeout_s`` is cancelled (its worker killed).
+
+    At most ``2 × workers`` runs are in flight; a run's clock starts when it is among the
+    oldest ``min(workers, the cluster's CPUs)`` unfinished ones (then it holds a CPU, Ray
+    starting tasks of one shape in submission order).
+    """
     import ray
+    from ray.exceptions import RayError
 
     spec_ref = ray.put(spec)
     therapy = get_therapy(spec.therapy)
     remote = ray.remote(_run_task).options(num_cpus=1, max_retries=0)
     pending = list(reversed(keys))
-    in_flight: list[Any] = []
+    in_flight: dict[Any, RunKey] = {}  # in submission order
+    began: dict[Any, float] = {}
     window = max(2 * workers, 2)
+    running = max(min(workers, int(ray.cluster_resources().get("CPU", 1))), 1)
     while pending or in_flight:
         while pending and len(in_flight) < window:
-            in_flight.append(remote.remote(spec_ref, pending.pop(), therapy))
-        ready, in_flight = ray.wait(in_flight, num_returns=1)
-        yield ray.get(ready[0])
+            key = pending.pop()
+            in_flight[remote.remote(spec_ref, key, therapy)] = key
+        now = time.perf_counter()
+        for ref in list(in_flight)[:running]:
+            began.setdefault(ref, now)
+        first = min(began[ref] for ref in began)
+        wait_s = max(first + spec.run_timeout_s - now, 0.0)
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait_s)
+        if ready:
+            ref = ready[0]
+            key = in_flight.pop(ref)
+            start = began.pop(ref, time.perf_counter())
+            try:
+                done = ray.get(ref)
+            except RayError as exc:  # the worker died (out of memory, a crash)
+                why = f"the run's Ray worker failed: {type(exc).__name__}"
+                done = _lost(spec, key, start, why), None
+            yield done
+            continue
+        now = time.perf_counter()
+        for ref, start in list(began.items()):
+            if now - start >= spec.run_timeout_s:
+                ray.cancel(ref, force=True)
+                key = in_flight.pop(ref)
+                del began[ref]
+                yield _timed_out(spec, key, start, "its Ray worker was killed"), None
 
 
 def run_campaign(

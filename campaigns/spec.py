@@ -35,6 +35,8 @@ any run starts, and a refusal names the file, the line and what is allowed.
       - {id: R1, rule: glucose_min, threshold_mg_dl: 54}
     hil: {minutes: 60}              # HIL sessions instead: the therapy's ``hil_keys``
     errors_allowed: 0               # runs that may error and the campaign still pass (0..runs)
+    run_timeout_s: 3600             # wall-clock seconds one run may take (1..86400): past it,
+                                    # the run is killed and is an errored run
 
 What is the therapy's own comes from its parts in the registry (:mod:`twinloop.therapy`): the
 patients (plant), controllers (policies), channels and their messages (agents), and its fault
@@ -48,6 +50,12 @@ the spec (whether a rule would have applied is decided from a run's data, which 
 campaign with more errored runs than ``errors_allowed`` (default 0; an integer from 0 to the
 campaign's number of runs) fails even without requirements. Within the allowance the errored
 runs are listed but not judged. A campaign with no judged run at all fails.
+
+**A run cannot hang the campaign.** ``run_timeout_s`` (default :data:`RUN_TIMEOUT_S` = 3600 s,
+a number in 1..86400) bounds one run's wall-clock time: inline, each run is executed in a child
+process under a watchdog that kills it (its whole process group) at the timeout; on Ray, the
+run's task is cancelled and its worker killed. A timed-out run is an errored run (above). It
+does not enter the fingerprint: raise it and rerun to resume, running the timed-out runs again.
 
 Names that become paths (``name``, each scenario's ``name``) must match :data:`NAME_RULE`:
 letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit, at most
@@ -111,6 +119,11 @@ class SpecError(ValueError):
         super().__init__(f"{where}: {message}")
         self.where = where
 
+
+#: Wall-clock seconds one run may take when the spec says nothing (``run_timeout_s``).
+RUN_TIMEOUT_S = 3600.0
+#: What ``run_timeout_s`` may be, seconds (a second to a day).
+RUN_TIMEOUT_RANGE_S = (1.0, 86400.0)
 
 #: Longest name of a campaign or scenario (it becomes a file or directory name).
 NAME_MAX = 64
@@ -530,6 +543,8 @@ class CampaignSpec:
     populations: tuple[str, ...] = ()
     #: Errored runs (raised or unjudgeable) the campaign may have and still pass.
     errors_allowed: int = 0
+    #: Wall-clock seconds one run may take before it is killed (an errored run).
+    run_timeout_s: float = 3600.0
 
     def setting(self, name: str) -> Any:
         """The value of one of the therapy's spec keys (KeyError if the therapy has none)."""
@@ -560,13 +575,19 @@ class CampaignSpec:
             "scenarios": [s.as_dict() for s in self.scenarios],
             "requirements": [r.as_dict() for r in self.requirements],
             "errors_allowed": self.errors_allowed,
+            "run_timeout_s": self.run_timeout_s,
         }
 
     def fingerprint(self) -> str:
-        """A short hash of everything that decides the runs' results (not ``errors_allowed``)."""
+        """A short hash of what decides the runs' results (not the verdict-only fields).
+
+        ``errors_allowed`` and ``run_timeout_s`` are left out: a campaign resumes under another
+        allowance or timeout.
+        """
         import json
 
-        decides = {k: v for k, v in self.as_dict().items() if k != "errors_allowed"}
+        verdict_only = ("errors_allowed", "run_timeout_s")
+        decides = {k: v for k, v in self.as_dict().items() if k not in verdict_only}
         text = json.dumps(decides, sort_keys=True)
         return f"{zlib.crc32(text.encode()):08x}"
 
@@ -587,6 +608,7 @@ SPEC_KEYS = (
     "requirements",
     "hil",
     "errors_allowed",
+    "run_timeout_s",
 )
 
 
@@ -828,6 +850,18 @@ def load_spec(path: str | Path) -> CampaignSpec:
             f"errors_allowed={errors_allowed!r} is not allowed: an integer in 0..{n_runs} (the "
             "campaign's runs)",
         )
+    run_timeout_s = root.get("run_timeout_s", RUN_TIMEOUT_S)
+    if (
+        isinstance(run_timeout_s, bool)
+        or not isinstance(run_timeout_s, int | float)
+        or not RUN_TIMEOUT_RANGE_S[0] <= run_timeout_s <= RUN_TIMEOUT_RANGE_S[1]
+    ):
+        low, high = RUN_TIMEOUT_RANGE_S
+        raise SpecError(
+            here,
+            f"run_timeout_s={run_timeout_s!r} is not allowed: seconds in {low:g}..{high:g} (the "
+            "wall-clock time one run may take)",
+        )
     return CampaignSpec(
         name=name,
         therapy=therapy.name,
@@ -842,4 +876,5 @@ def load_spec(path: str | Path) -> CampaignSpec:
         hil=hil,
         populations=tuple(expanded.preload),
         errors_allowed=errors_allowed,
+        run_timeout_s=float(run_timeout_s),
     )

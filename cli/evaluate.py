@@ -8,10 +8,13 @@ One command re-runs the documented comparison and updates its table in the docs:
 
 ``--controller``, ``--cohort`` and ``--seed`` are repeatable (a value may also be a
 comma-separated list); the former ``--controllers``, ``--cohorts`` and ``--seeds`` still work,
-with a warning. Errors print one line ``twinloop evaluate: error: ...`` and exit with status 2
-(``--out`` onto an earlier output without ``--overwrite`` included). With ``--fail-on-hazard``
-the exit status is 1 when a patient-run is flagged (plasma glucose below 20 mg/dL or not a
-number: the table's ‡, ``hazard`` in per_patient.csv, ``hazard_patient_runs`` in the manifest).
+with a warning. Exit codes (:data:`EXIT_CODES`): 0 every run finished; 1 a run errored (the
+table's ✖: it raised as a whole; the others still ran and are reported), or with
+``--fail-on-hazard`` a patient-run is flagged (plasma glucose below 20 mg/dL or not a number:
+the table's ‡, ``hazard`` in per_patient.csv, ``hazard_patient_runs`` in the manifest); 2 bad
+input: errors print one line ``twinloop evaluate: error: ...`` (``--out`` onto an earlier
+output without ``--overwrite``, ``--days`` outside 1..365, a seed outside 0..2³²−1 or more than
+100 of them, included) and nothing runs.
 """
 
 from __future__ import annotations
@@ -21,8 +24,19 @@ import shlex
 import sys
 from typing import Any
 
+#: Exit code of an evaluation whose runs all finished (and, with ``--fail-on-hazard``, none
+#: flagged).
+EXIT_OK = 0
+#: Exit code of an evaluation with an errored run (``✖``: the run raised as a whole).
+EXIT_FAILED = 1
 #: Exit code of ``--fail-on-hazard`` when a patient-run is flagged.
 EXIT_HAZARD = 1
+#: The exit codes, as ``--help`` shows them.
+EXIT_CODES = (
+    f"exit status: {EXIT_OK} every run finished; {EXIT_FAILED} a run errored (✖ in the table), "
+    f"or with --fail-on-hazard a patient-run is flagged (‡); 2 bad input, refused before "
+    "anything runs (options, protocol, an earlier output at --out without --overwrite)"
+)
 
 #: The therapy evaluated when ``--therapy`` is not given.
 DEFAULT_THERAPY = "glucose"
@@ -43,9 +57,7 @@ def add_parser(sub: Any) -> None:
         "per-patient and comparison CSVs, a ranked Markdown table, plots and a manifest. "
         "Patient-runs whose plasma glucose left physiology (below 20 mg/dL, or not a number) "
         "are marked ‡ and listed.",
-        epilog=f"exit status: 0 done; {EXIT_HAZARD} with --fail-on-hazard when a patient-run is "
-        "flagged; 2 bad input (options, protocol, an earlier output at --out without "
-        "--overwrite)",
+        epilog=EXIT_CODES,
     )
     add_therapy(ev)
     ev.add_argument(
@@ -75,9 +87,12 @@ def add_parser(sub: Any) -> None:
         "--address", help="HOST:PORT of an existing Ray cluster (default: an embedded Ray)"
     )
     ev.add_argument(
-        "--seed", action="append", default=[], help="override the protocol's seeds (repeatable)"
+        "--seed",
+        action="append",
+        default=[],
+        help="override the protocol's seeds (repeatable; 0..2**32-1, at most 100)",
     )
-    ev.add_argument("--days", help="override the protocol's days")
+    ev.add_argument("--days", help="override the protocol's days (1..365)")
     ev.add_argument(
         "--model",
         help="override the protocol's model, what the twin and the MPC plan on: population "
@@ -183,12 +198,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         part.check_doc(args.doc)  # before the runs, not after
     workers = None if args.workers is None else _int("--workers", args.workers, minimum=1)
     seeds = ",".join(_listed(args.seed))
-    protocol = part.load_protocol(args.protocol).with_overrides(
-        cohorts=_listed(args.cohort) or None,
-        days=_int("--days", args.days, minimum=1) if args.days is not None else None,
-        seeds=_ints("--seed", seeds, minimum=0) if seeds else None,
-        **({} if args.model is None else {"model": args.model}),
-    )
+    protocol = part.load_protocol(args.protocol)
+    overrides: list[tuple[str, dict[str, Any]]] = [
+        ("--cohort", {"cohorts": _listed(args.cohort) or None}),
+        (
+            "--days",
+            {"days": _int("--days", args.days, minimum=1) if args.days is not None else None},
+        ),
+        ("--seed", {"seeds": _ints("--seed", seeds, minimum=0) if seeds else None}),
+        ("--model", {} if args.model is None else {"model": args.model}),
+    ]
+    for option, change in overrides:  # one at a time: a refusal names the option
+        try:
+            protocol = protocol.with_overrides(**change)
+        except ValueError as exc:
+            raise ValueError(f"{option}: {exc}") from None
     if args.out:
         out = str(claim_out(args.out, overwrite=args.overwrite))
     else:
@@ -226,14 +250,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     if len(hazards) > 20:
         print(f"‡ ... and {len(hazards) - 20} more (manifest.json: hazard_patient_runs)")
     print(f"results: {result.out_dir} (per_patient.csv, comparison.csv, results.md, plots/)")
+    status = EXIT_OK
+    if result.failed:
+        print(
+            f"twinloop evaluate: failed: {len(result.failed)} of {runs} run(s) errored (✖ in the "
+            f"table; their errors in manifest.json); exit status {EXIT_FAILED}",
+            file=sys.stderr,
+        )
+        status = EXIT_FAILED
     if args.fail_on_hazard and hazards:
         print(
             f"twinloop evaluate: hazard: {len(hazards)} patient-run(s) flagged; exit status "
             f"{EXIT_HAZARD} (--fail-on-hazard)",
             file=sys.stderr,
         )
-        return EXIT_HAZARD
-    return 0
+        status = EXIT_HAZARD
+    return status
 
 
 def main_evaluate(args: argparse.Namespace) -> int:

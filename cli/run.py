@@ -7,7 +7,9 @@ another therapy's loop is refused naming the therapy that has it.
 
 Exit codes: 0 the run finished; 1 with ``--fail-on-hazard``, when a patient-run is flagged
 (its summary's ``hazard_patients``: glucose, plasma glucose below
-:data:`twinloop.agents.glucose.run.HAZARD_FLOOR_MG_DL` or not a number); 2 bad input
+:data:`twinloop.agents.glucose.run.HAZARD_FLOOR_MG_DL` or not a number; knee-exo, the knee more
+than :data:`twinloop.agents.knee.run.HAZARD_BEYOND_ROM_DEG` beyond its anatomical range of
+motion or its state not a number); 2 bad input
 (:data:`twinloop.cli.errors.EXIT_USAGE`, as every command), ``--out`` onto an earlier run
 without ``--overwrite`` included.
 """
@@ -81,7 +83,8 @@ def add_parser(sub: Any) -> None:
     run.add_argument(
         "--fail-on-hazard", action="store_true", default=None,
         help=f"exit with status {EXIT_HAZARD} when a patient-run is flagged (glucose: plasma "
-        "glucose below 20 mg/dL or not a number)",
+        "glucose below 20 mg/dL or not a number; knee-exo: the knee more than 5° beyond its "
+        "anatomical range of motion, or its state not a number)",
     )  # fmt: skip
     run.add_argument("--config", help="YAML file setting any of these options (snake_case keys)")
     run.add_argument(

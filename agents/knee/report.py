@@ -179,6 +179,14 @@ def _markdown(
             f"{row['patient_work_j']:.1f} | {row['patient_effort']:.3f} | "
             f"{row['spasticity_events']} | {row['limit_violations']} | {overrides} |"
         )
+    flagged = summary.get("hazard_patients") or []
+    if flagged:
+        lines += [
+            "",
+            f"**NON-PHYSIOLOGICAL**: {', '.join(flagged)} — the knee went more than "
+            f"{summary.get('hazard_beyond_rom_deg', 0):g}° beyond its anatomical range of motion "
+            "or its state was not a number (`ticks_non_physiological` in summary.json).",
+        ]
     twins = {n: r["twin"] for n, r in summary.get("patients", {}).items() if "twin" in r}
     if twins:
         lines += [

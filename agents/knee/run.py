@@ -8,6 +8,7 @@ its plots and ``report.md``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,38 @@ SUMMARY_FIELDS = (
 #: A reflex torque above this counts as a reflex onset in the metrics, N·m.
 REFLEX_EVENT_NM = 2.0
 
+#: How far beyond the patient's anatomical range of motion (the knee model's soft limits,
+#: ``rom_extension_limit_rad`` / ``rom_flexion_limit_rad`` of its preset: −5° of hyperextension
+#: to 140° of flexion for every preset) the joint may go before the run is flagged, degrees.
+#: Past the soft limits the passive structures (capsule, ligaments) carry the joint; 5° beyond
+#: (10° of hyperextension, 145° of flexion) the model's limit moment has grown ~20-fold (its
+#: exponential rate is 35 /rad): an injury, not a motion of rehabilitation.
+HAZARD_BEYOND_ROM_DEG = 5.0
+
+
+def anatomical_rom_rad(patient: str) -> tuple[float, float]:
+    """The patient's anatomical range of motion, rad of flexion: its preset's soft limits."""
+    params = knee_preset(patient)
+    return params.rom_extension_limit_rad, params.rom_flexion_limit_rad
+
+
+def non_physiological(
+    rom_rad: tuple[float, float],
+    angle_min_rad: np.ndarray,
+    angle_max_rad: np.ndarray,
+    velocity_rad_s: np.ndarray,
+) -> np.ndarray:
+    """Ticks whose joint state is not physiology (a boolean per tick).
+
+    An angle more than :data:`HAZARD_BEYOND_ROM_DEG` beyond ``rom_rad`` within the tick, or a
+    state not finite (NaN fails every comparison, so it is caught too).
+    """
+    margin = math.radians(HAZARD_BEYOND_ROM_DEG)
+    inside = (np.asarray(angle_min_rad, dtype=np.float64) >= rom_rad[0] - margin) & (
+        np.asarray(angle_max_rad, dtype=np.float64) <= rom_rad[1] + margin
+    )
+    return ~(inside & np.isfinite(np.asarray(velocity_rad_s, dtype=np.float64)))
+
 
 def _column(table: Mapping[str, Sequence[Any]], name: str, rows: np.ndarray) -> np.ndarray:
     return np.asarray(table[name], dtype=np.float64)[rows]
@@ -48,7 +81,11 @@ def summarize_exo(
     """Per-patient metrics of a recorded exoskeleton run (tables: channel → field → values).
 
     Computed from the true joint state at each control tick (``plant->sensor``), the
-    supervisor's overrides and the twin's last estimate (with the preset's true values).
+    supervisor's overrides and the twin's last estimate (with the preset's true values). A
+    patient whose joint left physiology at some tick (:func:`non_physiological`: beyond its
+    anatomical range of motion by more than :data:`HAZARD_BEYOND_ROM_DEG`, or a state not
+    finite) has ``non_physiological`` true, those ticks in ``ticks_non_physiological``, and is
+    listed in ``hazard_patients`` (what ``twinloop run --fail-on-hazard`` exits 1 on).
     """
     sup = config["supervisor"]
     joint = tables["plant->sensor"]
@@ -104,6 +141,14 @@ def summarize_exo(
         row["rom_violations"] = rom_out
         row["velocity_violations"] = fast
         row["torque_violations"] = int(m.torque_violations)
+        hazard = non_physiological(
+            anatomical_rom_rad(str(patient)),
+            _column(joint, "angle_min_rad", rows),
+            _column(joint, "angle_max_rad", rows),
+            _column(joint, "velocity_rad_s", rows),
+        )
+        row["ticks_non_physiological"] = int(hazard.sum())
+        row["non_physiological"] = bool(hazard.any())
         row["effort_unit"] = m.effort_unit
         row["duration_s"] = float(m.duration_s)
         ov = tables.get("supervisor->overrides", {})
@@ -132,6 +177,8 @@ def summarize_exo(
         "therapy": THERAPY,
         "sampling": f"true joint state at each control tick ({config['control_hz']} Hz)",
         "patients": per_patient,
+        "hazard_beyond_rom_deg": HAZARD_BEYOND_ROM_DEG,
+        "hazard_patients": [n for n, row in per_patient.items() if row["non_physiological"]],
     }
 
 

@@ -91,6 +91,7 @@ class KneeLoop:
             ("limits", "limit_violations", "8d"),
         )
         header = f"{'patient':<10}" + "".join(f"{c:>9}" for c, _, _ in cols) + "  overrides"
+        flagged = summary.get("hazard_patients") or []
         seconds = sum(row["duration_s"] for row in summary["patients"].values())
         lines = [
             f"twinloop run: knee exoskeleton, {len(config.patients)} patient(s), task "
@@ -103,7 +104,8 @@ class KneeLoop:
         for name, row in summary["patients"].items():
             overrides = ", ".join(f"{k} {v}" for k, v in row["overrides"].items()) or "none"
             cells = "".join(f" {row[f]:{fmt}}" for _, f, fmt in cols)
-            lines.append(f"{name:<10}{cells}  {overrides}")
+            hazard = "  NON-PHYSIOLOGICAL" if row.get("non_physiological") else ""
+            lines.append(f"{name:<10}{cells}  {overrides}{hazard}")
             if "twin" in row:
                 tw = row["twin"]
                 lines.append(
@@ -113,6 +115,16 @@ class KneeLoop:
                     f"{tw['spasticity_gain_per_rad_s']:.3f} (true "
                     f"{tw['spasticity_gain_true_per_rad_s']:.3f}) /(rad/s)"
                 )
+        if flagged:
+            lines.append(
+                f"NON-PHYSIOLOGICAL: {len(flagged)} patient(s) whose knee went more than "
+                f"{summary['hazard_beyond_rom_deg']:g}° beyond its anatomical range of motion "
+                "or whose state was not a number (ticks_non_physiological in summary.json): "
+                + ", ".join(
+                    f"{n} ({summary['patients'][n]['ticks_non_physiological']} ticks)"
+                    for n in flagged
+                )
+            )
         lines.append(
             f"{seconds:.1f} s of task simulated in {elapsed_s:.1f} s "
             f"({seconds / max(elapsed_s, 1e-9):.1f}× real time)"

@@ -238,6 +238,28 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class _Count(int):
+    """A count shown as ``N things`` in an error (not the whole list)."""
+
+    def __new__(cls, n: int, what: str) -> _Count:
+        count = super().__new__(cls, n)
+        count.what = what  # type: ignore[attr-defined]
+        return count
+
+    def __repr__(self) -> str:
+        return f"{int(self)} {self.what}"  # type: ignore[attr-defined]
+
+
+#: Most simulated days of one run (a year; ``days`` and ``--days``).
+MAX_DAYS = 365
+#: Largest seed (NumPy's legacy 32-bit seeds; ``seeds`` and ``--seed``).
+MAX_SEED = 2**32 - 1
+#: Most seeds of one protocol (each one runs every controller on every cohort).
+MAX_SEEDS = 100
+DAYS_ALLOWED = f"an integer of days in 1..{MAX_DAYS}"
+SEEDS_ALLOWED = f"distinct integers in 0..{MAX_SEED}, at most {MAX_SEEDS} of them"
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluationProtocol:
     """What every controller is evaluated on (validated once, at construction).
@@ -246,9 +268,9 @@ class EvaluationProtocol:
         name: the protocol's name (reports and the manifest).
         cohorts: cohort names (``adults``, ``adolescents``, ``children``, ``all``) or single
             patient names (a cohort of one), each evaluated and reported on its own.
-        days: simulated days per run (>= 1).
-        seeds: seeds of meals, counting errors and sensor noise (distinct integers >= 0);
-            one run per seed and cohort.
+        days: simulated days per run (1..:data:`MAX_DAYS` = 365).
+        seeds: seeds of meals, counting errors and sensor noise (distinct integers in
+            0..2³²−1, at most :data:`MAX_SEEDS` = 100); one run per seed and cohort.
         scenario: meal scenario (a key of :data:`twinloop.plant.glucose.scenarios.SCENARIOS`).
         carb_error: carbohydrate-counting error of the announced meals.
         cgm: the sensor.
@@ -311,18 +333,18 @@ class EvaluationProtocol:
                 raise ProtocolError("cohorts", name, valid)
         if len(set(self.cohorts)) != len(self.cohorts):
             raise ProtocolError("cohorts", list(self.cohorts), "distinct names")
-        if not (_is_int(self.days) and self.days >= 1):
-            raise ProtocolError("days", self.days, "an integer >= 1")
+        if not (_is_int(self.days) and 1 <= self.days <= MAX_DAYS):
+            raise ProtocolError("days", self.days, DAYS_ALLOWED)
         if isinstance(self.seeds, str) or not isinstance(self.seeds, Sequence):
-            raise ProtocolError("seeds", self.seeds, "a list of integers >= 0")
+            raise ProtocolError("seeds", self.seeds, f"a list of {SEEDS_ALLOWED}")
         object.__setattr__(self, "seeds", tuple(self.seeds))
-        if not self.seeds:
-            raise ProtocolError("seeds", list(self.seeds), "at least one integer >= 0")
+        if not 1 <= len(self.seeds) <= MAX_SEEDS:
+            raise ProtocolError("seeds", _Count(len(self.seeds), "seeds"), SEEDS_ALLOWED)
         for seed in self.seeds:
-            if not (_is_int(seed) and seed >= 0):
-                raise ProtocolError("seeds", seed, "integers >= 0")
+            if not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+                raise ProtocolError("seeds", seed, SEEDS_ALLOWED)
         if len(set(self.seeds)) != len(self.seeds):
-            raise ProtocolError("seeds", list(self.seeds), "distinct seeds")
+            raise ProtocolError("seeds", list(self.seeds), SEEDS_ALLOWED)
         if self.scenario not in SCENARIOS:
             raise ProtocolError("scenario", self.scenario, f"one of {', '.join(SCENARIOS)}")
         if not isinstance(self.carb_error, CarbCountingError):

@@ -1,4 +1,5 @@
-"""The toy policies part: one proportional controller with feed-forward."""
+"""The toy policies part: one proportional controller with feed-forward, and one that hangs
+(``hang``, for the tests of the campaign's run timeout)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,17 @@ class ProportionalController:
         return self.setpoint_pct + self.gain * (self.setpoint_pct - level_pct)
 
 
-CONTROLLERS = {"p": ProportionalController}
+class HangingController(ProportionalController):
+    """A controller that never answers: a pure-Python endless loop (nothing in its thread can
+    interrupt it), for the campaign's run timeout."""
+
+    def decide(self, level_pct: float) -> float:
+        """Never returns."""
+        while True:
+            level_pct += 0.0
+
+
+CONTROLLERS = {"p": ProportionalController, "hang": HangingController}
 
 
 class ToyPolicies:

@@ -115,11 +115,15 @@ def test_protocol_errors_name_field_value_and_allowed(
 @pytest.mark.parametrize(
     ("changes", "field", "allowed_text"),
     [
-        ({"days": 0}, "days", "integer >= 1"),
-        ({"days": 1.5}, "days", "integer >= 1"),
-        ({"seeds": (0, -1)}, "seeds", "integers >= 0"),
+        ({"days": 0}, "days", "integer of days in 1..365"),
+        ({"days": 1.5}, "days", "integer of days in 1..365"),
+        ({"days": 366}, "days", "integer of days in 1..365"),
+        ({"days": 1_000_000_000}, "days", "integer of days in 1..365"),
+        ({"seeds": (0, -1)}, "seeds", "integers in 0..4294967295"),
+        ({"seeds": (0, 2**32)}, "seeds", "integers in 0..4294967295"),
         ({"seeds": (1, 1)}, "seeds", "distinct"),
-        ({"seeds": ()}, "seeds", "at least one"),
+        ({"seeds": ()}, "seeds", "at most 100"),
+        ({"seeds": tuple(range(101))}, "seeds", "at most 100"),
         ({"cohorts": ("martians",)}, "cohorts", "adolescents, adults, children"),
         ({"cohorts": ()}, "cohorts", "at least one"),
         ({"cohorts": "adults"}, "cohorts", "a list"),
@@ -135,6 +139,45 @@ def test_protocol_validation(changes, field, allowed_text):
         dataclasses.replace(TINY, **changes)
     assert info.value.field == field
     assert allowed_text in str(info.value)
+
+
+def test_the_bounds_of_a_protocol_file_are_refused_at_load_naming_the_field(tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text("name: huge\ncohorts: [adults]\ndays: 1000000000\nseeds: [0]\n")
+    with pytest.raises(ProtocolError, match=r"huge.yaml: days=1000000000 is not allowed: an "
+                       r"integer of days in 1\.\.365"):  # fmt: skip
+        load_protocol(path)
+    path.write_text(f"name: many\ncohorts: [adults]\ndays: 1\nseeds: {list(range(500))}\n")
+    with pytest.raises(ProtocolError) as info:
+        load_protocol(path)
+    assert "seeds=500 seeds is not allowed" in str(info.value)  # the count, not the list
+    assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--days", "366"], "--days: days=366 is not allowed: an integer of days in 1..365"),
+        (["--days", "1e9"], "--days='1e9' is not allowed: an integer >= 1"),
+        (["--days", "1000000000"], "--days: days=1000000000 is not allowed"),
+        (
+            ["--seed", "4294967296"],
+            "--seed: seeds=4294967296 is not allowed: distinct integers "
+            "in 0..4294967295, at most 100",
+        ),
+        (["--seed", ",".join(map(str, range(101)))], "--seed: seeds=101 seeds is not allowed"),
+    ],
+)
+def test_cli_bounds_are_refused_at_parse_in_one_line_naming_the_option(tmp_path, capsys, args,
+                                                                       expected):  # fmt: skip
+    out = tmp_path / "never"
+    argv = ["evaluate", "--controller", "basal-bolus", "--cohort", "adult#001", *args,
+            "--inline", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("twinloop evaluate: error: ") and expected in line
+    assert "Traceback" not in captured.err and not out.exists()  # nothing ran
 
 
 def test_missing_key_unreadable_and_invalid_yaml(tmp_path):
@@ -304,6 +347,20 @@ def test_a_failing_controller_is_recorded_not_fatal(tmp_path, monkeypatch):
     failed = [r for r in manifest["runs"] if r["status"] == "error"]
     assert len(failed) == 1 and "RuntimeError" in failed[0]["traceback"]
     assert not (tmp_path / "runs").exists()  # recordings=False
+
+
+def test_cli_exits_1_when_a_run_errored(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(ctl.CONTROLLERS, "raises-on-make", _raises_on_make)
+    argv = ["evaluate", "--cohort", "adult#001", "--days", "1", "--seed", "0", "--inline",
+            "--no-progress", "--no-recordings"]  # fmt: skip
+    bad = tmp_path / "bad"
+    assert main([*argv, "--controller", "raises-on-make", "--out", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert "✖ 1/1 runs failed" in captured.out  # the table marks it
+    assert "twinloop evaluate: failed: 1 of 1 run(s) errored" in captured.err
+    assert "Traceback" not in captured.err
+    rows = _csv(bad / "per_patient.csv")  # the outputs are still written
+    assert [r["status"] for r in rows] == ["error"]
 
 
 # --- on Ray ---------------------------------------------------------------------------------
