@@ -6,12 +6,33 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
+from twinloop.agents.glucose import loop as glucose_loop
 from twinloop.agents.glucose.run import HAZARD_FLOOR_MG_DL, non_physiological
+from twinloop.agents.glucose.supervisor import SafetySupervisor
 from twinloop.cli.main import main
 
-#: child#008 under basal-bolus falls below 20 mg/dL in its first day; adult#001 does not.
+#: child#008 under basal-bolus falls below 20 mg/dL in its first day behind the per-command
+#: limits alone (the shield keeps it above 54); adult#001 does not.
 RUN = ["run", "--controller", "basal-bolus", "--days", "1", "--placement", "inline",
        "--no-progress"]  # fmt: skip
+
+
+class _PerCommandOnly(SafetySupervisor):
+    """The supervisor without its shield (rolling totals, predictive guard)."""
+
+    def _rolling_limits(self, t_min, basal, bolus, *_):
+        return basal, bolus
+
+    def _guard(self, t_min, basal, bolus, *_):
+        return basal, bolus
+
+
+@pytest.fixture
+def no_shield(monkeypatch):
+    """A collapse to flag: the loops' supervisor keeps only its per-command limits."""
+    monkeypatch.setattr(glucose_loop, "SafetySupervisor", _PerCommandOnly)
 
 
 def rows(text: str) -> dict[str, str]:
@@ -24,7 +45,7 @@ def test_the_floor_flags_low_and_non_finite_glucose():
     assert flags.tolist() == [True, False, False, True, False, True]
 
 
-def test_run_flags_a_collapsed_patient_and_fail_on_hazard_exits_1(tmp_path, capsys):
+def test_run_flags_a_collapsed_patient_and_fail_on_hazard_exits_1(tmp_path, capsys, no_shield):
     out = tmp_path / "run"
     args = [*RUN, "--patient", "child#008", "--patient", "adult#001", "--out", str(out)]
     assert main(args) == 0
@@ -64,7 +85,7 @@ def test_out_that_holds_something_else_is_never_deleted(tmp_path, capsys):
     assert main([*RUN, "--patient", "adult#001", "--out", str(empty)]) == 0
 
 
-def test_evaluate_flags_a_collapsed_patient_run(tmp_path, capsys):
+def test_evaluate_flags_a_collapsed_patient_run(tmp_path, capsys, no_shield):
     out = tmp_path / "eval"
     args = ["evaluate", "--controller", "basal-bolus", "--cohort", "child#008", "--days", "1",
             "--seed", "0", "--inline", "--no-recordings", "--no-progress",
@@ -103,3 +124,9 @@ def test_hil_and_twin_replay_refuse_an_earlier_run_before_they_start(tmp_path, c
     assert main([*replay, "--out", str(earlier), "--overwrite"]) == 2
     assert "holds an earlier run" not in capsys.readouterr().err
     assert (earlier / "manifest.json").read_text() == "{}"
+
+
+def test_behind_the_shield_the_same_patient_does_not_collapse(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*RUN, "--patient", "child#008", "--out", str(out), "--fail-on-hazard"]) == 0
+    assert "COLLAPSED" not in rows(capsys.readouterr().out)["child#008"]

@@ -118,7 +118,9 @@ def test_stale_cgm_raises_an_alarm_applies_the_safe_state_and_recovers():
     raised = [a for a in rig.alarm_log if a.active]
     cleared = [a for a in rig.alarm_log if not a.active]
     assert raised and raised[0].source == "cgm" and raised[0].condition == "stale data"
-    assert "safe state written" in raised[0].action
+    # written at once, or (a pump exchange in flight: a loaded machine) queued behind it; either
+    # way it is written (pump.safe_states below)
+    assert raised[0].action.startswith(("safe state written", "control stopped; safe state queued"))
     assert cleared and cleared[0].source == "cgm" and "control resumed" in cleared[0].action
     assert pump.safe_states >= 2  # on the alarm, and again before resuming
     assert pump.writes_during_alarm == []  # only the safe state while the alarm was active
