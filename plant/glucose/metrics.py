@@ -136,6 +136,7 @@ class GlucoseMetrics:
         cvga_zone: one of :data:`CVGA_ZONES`, or :data:`CVGA_NO_DATA` without valid samples.
         n_samples: number of valid (non-``NaN``) samples.
         duration_min: ``n_samples * sample_period_min``.
+        min_bg_mg_dl: the lowest valid sample (the safety floor a run reached).
 
     """
 
@@ -158,6 +159,7 @@ class GlucoseMetrics:
     cvga_zone: str | NDArray[np.object_]
     n_samples: int | NDArray[np.int64]
     duration_min: float | NDArray[np.float64]
+    min_bg_mg_dl: float | NDArray[np.float64]
 
 
 def _as_glucose(glucose_mg_dl: ArrayLike, *, max_ndim: int | None) -> NDArray[np.float64]:
@@ -362,6 +364,7 @@ def glucose_metrics(glucose_mg_dl: ArrayLike, *, sample_period_min: float) -> Gl
         "cvga_min_bg_mg_dl": min_bg,
         "cvga_max_bg_mg_dl": max_bg,
         "duration_min": n_f * period,
+        "min_bg_mg_dl": np.where(n > 0, sorted_g[:, 0], np.nan),
     }
     if one_trace:
         return GlucoseMetrics(

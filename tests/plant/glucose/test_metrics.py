@@ -75,6 +75,7 @@ EXPECTED_1: dict[str, object] = {
     "cvga_zone": "Lower D",
     "n_samples": 5,
     "duration_min": 25.0,
+    "min_bg_mg_dl": 50.0,
 }
 
 
