@@ -24,6 +24,8 @@ import shlex
 import sys
 from typing import Any
 
+from twinloop.limits import MAX_WORKERS
+
 #: Exit code of an evaluation whose runs all finished (and, with ``--fail-on-hazard``, none
 #: flagged).
 EXIT_OK = 0
@@ -82,7 +84,7 @@ def add_parser(sub: Any) -> None:
         help=f"exit with status {EXIT_HAZARD} when a patient-run is flagged (plasma glucose "
         "below 20 mg/dL or not a number)",
     )
-    ev.add_argument("--workers", help="runs at once (default: all CPUs)")
+    ev.add_argument("--workers", help=f"runs at once, 1..{MAX_WORKERS} (default: all CPUs)")
     ev.add_argument(
         "--address", help="HOST:PORT of an existing Ray cluster (default: an embedded Ray)"
     )
@@ -137,13 +139,14 @@ def _ints(option: str, text: str, *, minimum: int) -> list[int]:
     return values
 
 
-def _int(option: str, text: str, *, minimum: int) -> int:
+def _int(option: str, text: str, *, minimum: int, maximum: int | None = None) -> int:
+    allowed = f"an integer >= {minimum}" if maximum is None else f"an integer {minimum}..{maximum}"
     try:
         value = int(text.strip())
     except ValueError:
-        raise ValueError(f"{option}={text!r} is not allowed: an integer >= {minimum}") from None
-    if value < minimum:
-        raise ValueError(f"{option}={text!r} is not allowed: an integer >= {minimum}")
+        raise ValueError(f"{option}={text!r} is not allowed: {allowed}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{option}={text!r} is not allowed: {allowed}")
     return value
 
 
@@ -196,17 +199,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     part.check_controllers(controllers)
     if args.doc:
         part.check_doc(args.doc)  # before the runs, not after
-    workers = None if args.workers is None else _int("--workers", args.workers, minimum=1)
+    workers = (
+        None
+        if args.workers is None
+        else _int("--workers", args.workers, minimum=1, maximum=MAX_WORKERS)
+    )
     seeds = ",".join(_listed(args.seed))
     protocol = part.load_protocol(args.protocol)
+    if any(not str(v).strip().strip(",") for v in args.seed or ()):
+        raise ValueError("--seed='' is not allowed: integers in 0..4294967295")
+    # the cohorts last: a refused count names its option, whatever the cohort
     overrides: list[tuple[str, dict[str, Any]]] = [
-        ("--cohort", {"cohorts": _listed(args.cohort) or None}),
         (
             "--days",
             {"days": _int("--days", args.days, minimum=1) if args.days is not None else None},
         ),
         ("--seed", {"seeds": _ints("--seed", seeds, minimum=0) if seeds else None}),
         ("--model", {} if args.model is None else {"model": args.model}),
+        ("--cohort", {"cohorts": _listed(args.cohort) or None}),
     ]
     for option, change in overrides:  # one at a time: a refusal names the option
         try:

@@ -340,17 +340,9 @@ _numeric(_RUN, "--refit-every-days", ("2.5", "3651"), zero=False)
 _numeric(_RUN, "--parallel-patients", ("2.5", "10001"))
 _EVAL = ["evaluate", "--controller", "basal-bolus", "--inline", "--no-progress",
          "--cohort", "nosuch", "--out", "{tmp}/ev"]  # fmt: skip
-_EVAL_DAYS = _xfail(
-    "cli/evaluate.py (not this branch's): --days has no upper bound (1e9 accepted; the run "
-    "then fails on memory)"
-)
-_numeric(_EVAL, "--days", ("2.5",), marks={"1000000000": _EVAL_DAYS})
-_EVAL_WORKERS = _xfail("cli/evaluate.py (not this branch's): --workers has no upper bound")
-_numeric(_EVAL, "--workers", ("2.5",), marks={"1000000000": _EVAL_WORKERS})
-_EVAL_SEED = _xfail(
-    "cli/evaluate.py (not this branch's): an empty --seed and seeds >= 2**32 are accepted"
-)
-_seed(_EVAL, marks={"": _EVAL_SEED, "4294967296": _EVAL_SEED})
+_numeric(_EVAL, "--days", ("2.5", "366"))
+_numeric(_EVAL, "--workers", ("2.5", "1025"))
+_seed(_EVAL)
 _CAMPAIGN = ["campaign", "{tmp}/none.yaml", "--inline", "--no-progress"]
 _numeric(_CAMPAIGN, "--workers", ("1025", "2.5"))
 _EMULATE = ["emulate", "pump"]
