@@ -300,8 +300,13 @@ class SafetySupervisor:
         grams = meal.carbs_g
         if isinstance(grams, int | float) and math.isfinite(grams) and grams > 0:
             self._meals.append((meal.t_min, float(grams)))
-        while self._meals and self._meals[0][0] <= meal.t_min - self.config.guard_absorption_min:
-            self._meals.popleft()  # absorbed: no rule looks at it any more
+        self._forget_absorbed(meal.t_min)
+
+    def _forget_absorbed(self, t_min: float) -> None:
+        """Drop the meals absorbed by ``t_min``: no rule looks at them any more."""
+        meals, absorbed = self._meals, t_min - self.config.guard_absorption_min
+        while meals and meals[0][0] <= absorbed:
+            meals.popleft()
 
     def observe_delivery(self, delivery: InsulinDelivery) -> None:
         """Account one minute of delivered insulin (insulin on board, rolling totals)."""
@@ -530,11 +535,9 @@ class SafetySupervisor:
         cgm = self._last_cgm
         if cgm is None or not math.isfinite(cgm.glucose_mg_dl):
             return 0.0, -math.inf
-        meals = self._meals
-        while meals and meals[0][0] <= t_min - cfg.guard_absorption_min:
-            meals.popleft()
+        self._forget_absorbed(t_min)
         cob_g = math.fsum(
-            g * (1.0 - max(t_min - t, 0.0) / cfg.guard_absorption_min) for t, g in meals
+            g * (1.0 - max(t_min - t, 0.0) / cfg.guard_absorption_min) for t, g in self._meals
         )
         isf = cfg.guard_correction_mg_dl_per_u
         credit = isf / cfg.guard_carb_ratio_g_per_u * (1.0 - cfg.guard_carb_uncertainty) * cob_g
