@@ -576,8 +576,8 @@ class PatientLoop:
             if outcome.error is not None:  # the twin's state is of the new model already
                 self._fault("controller", outcome.error, "plans on its previous model")
         (outcome,) = yield [Request(self._supervisor, "swap_model", (result.model,))]
-        if outcome.error is not None:  # its guard falls back to the linear forecast
-            self._fault("supervisor", outcome.error, "linear guard until the next swap")
+        if outcome.error is not None:  # its guard goes on simulating the previous model
+            self._fault("supervisor", outcome.error, "guard keeps its previous model")
         self.model = result.model
         self.channels["estimator->models"].send(
             ModelSwap(
