@@ -35,7 +35,8 @@ What accumulates is bounded too, whatever the controller (learned ones included)
     simulates the twin's model from it (:class:`~twinloop.policies.glucose.forecast.
     TwinScenarios`), the scheduled basal going on after the command, in the twin's scenario
     and a pessimistic one (announced carbohydrates ``guard_carb_uncertainty`` lower, detected
-    unannounced carbohydrates absent, insulin ``guard_sensitivity`` × as effective); both must
+    unannounced carbohydrates absent, insulin ``guard_sensitivity`` × as effective, and glucose
+    starting no higher than the last fresh CGM reading); both must
     stay above the floor, and the extra insulin is scaled down to the largest fraction that
     keeps them there (none if even the scheduled basal does not). The twin's glucose is first
     capped at the last fresh CGM reading × (1 + ``guard_cgm_tolerance``): a twin that runs
@@ -513,12 +514,18 @@ class SafetySupervisor:
         extra[lag : lag + k] = extra_rate / MIN_PER_H
         extra[lag] += bolus
 
+        cgm = self._last_cgm
+        low_cap = math.inf
+        if cgm is not None and t_min - cgm.t_min <= cfg.stale_after_min:
+            low_cap = cgm.glucose_mg_dl if math.isfinite(cgm.glucose_mg_dl) else math.inf
+
         def margin(f: float) -> float:
             g = scenarios.simulate(
                 plan,
                 (base + f * extra)[None, :],
                 carb_uncertainty=cfg.guard_carb_uncertainty,
                 low_sensitivity=cfg.guard_sensitivity,
+                low_glucose_cap_mg_dl=low_cap,
             )
             return float(g[:, 0, lag + 1 :].min()) - cfg.guard_floor_mg_dl
 

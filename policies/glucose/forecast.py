@@ -12,10 +12,13 @@ simulated on the twin's model (:mod:`twinloop.plant.glucose.uva_padova`; ``Vmx``
 1. the *fewer-carbohydrates* scenario: the grams the twin detected but nobody announced are left
    out (they may not come), the carbohydrates still to be absorbed and the announced meals are
    scaled by ``1 − carb_uncertainty`` (a meal counted too high), and insulin is
-   ``low_sensitivity`` × as effective as the twin says (a model whose sensitivity may be off).
+   ``low_sensitivity`` × as effective as the twin says (a model whose sensitivity may be off),
+   and it starts from glucose no higher than ``low_glucose_cap_mg_dl`` (the sensor's reading).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numpy.typing import NDArray
@@ -36,6 +39,8 @@ from twinloop.policies.glucose.interface import TwinPlanState
 
 #: the model's stomach and gut states (``q_sto1``, ``q_sto2``, ``q_gut``)
 GUT_STATES = slice(0, 3)
+#: plasma and tissue glucose (``G_p``, ``G_t``), mg/kg
+GP_STATE, GT_STATE = 3, 4
 
 
 class TwinScenarios:
@@ -65,6 +70,7 @@ class TwinScenarios:
         *,
         carb_uncertainty: float,
         low_sensitivity: float,
+        low_glucose_cap_mg_dl: float = math.inf,
     ) -> NDArray[np.float64]:
         """Plasma glucose (mg/dL) of each plan over minutes 0 … H, shape ``(2, rows, H+1)``.
 
@@ -75,6 +81,10 @@ class TwinScenarios:
             carb_uncertainty: the fewer-carbohydrates scenario's fraction of carbohydrates
                 left out, ``0 <= value < 1``.
             low_sensitivity: that scenario's insulin sensitivity relative to the twin's.
+            low_glucose_cap_mg_dl: that scenario starts from at most this plasma glucose
+                (plasma and tissue glucose scaled together), e.g. the sensor's reading: a
+                twin that believes glucose higher than the sensor shows must not give the
+                pessimistic forecast its head start.
 
         """
         rows = insulin_u_per_min.shape[0]
@@ -102,6 +112,10 @@ class TwinScenarios:
         gut = float(np.sum(x[0, GUT_STATES]))
         detected = min(max(state.unannounced_carbs_g * MG_PER_G, 0.0), gut)
         x[rows:, GUT_STATES] *= keep * (1.0 - detected / gut) if gut > 0.0 else keep
+        bg = x[0, GP_STATE] / self.vg
+        if bg > low_glucose_cap_mg_dl:
+            x[rows:, GP_STATE] *= low_glucose_cap_mg_dl / bg
+            x[rows:, GT_STATE] *= low_glucose_cap_mg_dl / bg
         meal_state[:] = state.meal_state
         meal_state[rows:, M_PLANNED_G] *= keep
         params[:] = self.params

@@ -57,6 +57,7 @@ def _forecast_low(sup, plan, bolus_u, patient):
         insulin,
         carb_uncertainty=cfg.guard_carb_uncertainty,
         low_sensitivity=cfg.guard_sensitivity,
+        low_glucose_cap_mg_dl=sup._last_cgm.glucose_mg_dl,
     )
     return float(g[:, 0, 1:].min())
 
@@ -300,3 +301,35 @@ def test_a_twin_above_the_cgm_does_not_buy_insulin():
     # the guard starts from at most 1.2 × the CGM's glucose, not the twin's three times
     assert anchored.bolus_u < trusting.bolus_u - 0.1
     assert any(o.reason.startswith("predictive guard (twin forecast") for o in overrides)
+
+
+def test_the_pessimistic_forecast_starts_from_the_sensor_not_a_higher_twin():
+    """Within the tolerance the twin's glucose is kept for its own forecast, but the
+    pessimistic one starts from the CGM's reading: a child whose fall the CGM lagged at its
+    ceiling once reached 53.9 mg/dL because both forecasts started 100 mg/dL too high."""
+    import dataclasses
+
+    p = get_patient("child#008")
+    sup, plan = _guarded(p)
+    bg = plan.x[3] / TwinScenarios(p, 10).vg
+    x = list(plan.x)
+    x[3] *= 1.15  # the twin sits 15 % above the sensor, inside the 20 % tolerance
+    x[4] *= 1.15
+    higher = dataclasses.replace(plan, x=tuple(x))
+    scen = TwinScenarios(p, 60)
+    insulin = np.full((1, 60), p.basal_u_per_h / 60.0)
+    free = scen.simulate(higher, insulin, carb_uncertainty=0.3, low_sensitivity=1.5)
+    capped = scen.simulate(
+        higher, insulin, carb_uncertainty=0.3, low_sensitivity=1.5, low_glucose_cap_mg_dl=bg
+    )
+    assert capped[0, 0, 0] == pytest.approx(1.15 * bg)  # the twin's own view is kept
+    assert capped[1, 0, 0] == pytest.approx(bg)  # the pessimistic one starts at the reading
+    assert free[1, 0, 0] == pytest.approx(1.15 * bg)
+    bolus = 2.0
+    agreeing = SafetySupervisor(SupervisorConfig.for_patient(p), model=p)
+    agreeing.observe_cgm(CgmReading(0.0, 1.15 * bg))  # a CGM that reads the twin's glucose
+    agreeing.observe_plan_state(higher)
+    trusting, _ = agreeing.review(0.0, InsulinCommand(0.0, p.basal_u_per_h, bolus, 30.0))
+    sup.observe_plan_state(higher)  # the CGM reads 15 % less than the twin
+    cautious, _ = sup.review(0.0, InsulinCommand(0.0, p.basal_u_per_h, bolus, 30.0))
+    assert cautious.bolus_u < trusting.bolus_u - 0.01  # identical before the cap
