@@ -68,7 +68,10 @@ It is linear in the state, so the update is the exact Kalman update, in Joseph f
 symmetrised; the mean is clipped at 0 where the model requires it and its ``θ`` to the
 configured sensitivity range and its ``η`` to the EGP range (after the prediction and after the
 update). Readings at the
-device's clipping limits are censored: fused only when the prediction lies inside the range.
+device's clipping limits are censored: fused only when the prediction lies inside the range,
+except that at the ceiling a prediction beyond ``censored_high_bound_mg_dl`` is fused as a
+reading *at that bound* (a pseudo-measurement, the usual way of holding a Kalman filter to an
+inequality constraint; counted in :attr:`TwinEstimator.held_at_bound`).
 Stale (older than the filter), late and non-finite messages are ignored and counted in
 :attr:`TwinEstimator.ignored`, so a faulty channel cannot crash the estimator.
 
@@ -229,6 +232,11 @@ class EstimatorConfig:
             must include 30 and 60 (the fields of :class:`~twinloop.agents.messages.TwinEstimate`).
         forecast_insulin: insulin assumed after the newest delivery seen: ``"held"`` (its
             basal rate goes on, as the pump does during a temp basal) or ``"scheduled"``.
+        censored_high_bound_mg_dl: while the CGM sits at its ceiling, the highest glucose
+            the filter may believe, mg/dL (> ``cgm_max_mg_dl``): a prediction beyond it is
+            pulled back by a pseudo-measurement at the bound. Without it a filter that had
+            filled the gut to explain the climb to the ceiling ran on to 2,900 mg/dL while
+            the child's plasma glucose was 500.
 
     Raises:
         LoopConfigError: a field outside what is allowed (the error names it).
@@ -261,6 +269,7 @@ class EstimatorConfig:
     meal_gate_threshold_mg_dl: float = 8.0
     forecast_horizons_min: tuple[int, ...] = (30, 60)
     forecast_insulin: ForecastInsulin = "held"
+    censored_high_bound_mg_dl: float = 600.0
 
     def __post_init__(self) -> None:
         ranges: dict[str, tuple[float, float, bool]] = {
@@ -287,6 +296,7 @@ class EstimatorConfig:
             "unannounced_meal_sd_g_per_sqrt_min": (0.0, 100.0, False),
             "meal_gate_memory": (0.0, 0.99, False),
             "meal_gate_threshold_mg_dl": (0.0, 200.0, False),
+            "censored_high_bound_mg_dl": (0.0, 5000.0, True),
         }
         for name, (lo, hi, lo_open) in ranges.items():
             object.__setattr__(
@@ -295,6 +305,12 @@ class EstimatorConfig:
         if not self.cgm_max_mg_dl > self.cgm_min_mg_dl:
             raise LoopConfigError(
                 "cgm_max_mg_dl", self.cgm_max_mg_dl, f"> cgm_min_mg_dl={self.cgm_min_mg_dl:g}"
+            )
+        if not self.censored_high_bound_mg_dl > self.cgm_max_mg_dl:
+            raise LoopConfigError(
+                "censored_high_bound_mg_dl",
+                self.censored_high_bound_mg_dl,
+                f"> cgm_max_mg_dl={self.cgm_max_mg_dl:g}",
             )
         if not self.sensitivity_min_scale < 1.0:
             raise LoopConfigError("sensitivity_min_scale", self.sensitivity_min_scale, "in (0, 1)")
@@ -623,6 +639,8 @@ class TwinEstimator:
         self.ignored: dict[str, int] = {"reading": 0, "delivery": 0, "meal": 0}
         #: Readings fused so far.
         self.readings_fused = 0
+        #: Ceiling readings fused as a pseudo-measurement at ``censored_high_bound_mg_dl``.
+        self.held_at_bound = 0
         #: Times the covariance had to be repaired (lost positive definiteness).
         self.covariance_repairs = 0
 
@@ -739,9 +757,13 @@ class TwinEstimator:
         x = self._x
         zhat = x[_G_S] / self._vg + x[I_CGM_ERR]
         cfg = self.config
-        if (z <= cfg.cgm_min_mg_dl and zhat <= cfg.cgm_min_mg_dl) or (
-            z >= cfg.cgm_max_mg_dl and zhat >= cfg.cgm_max_mg_dl
-        ):
+        above = z >= cfg.cgm_max_mg_dl and zhat >= cfg.cgm_max_mg_dl
+        if above and zhat > cfg.censored_high_bound_mg_dl:
+            # "at or beyond the ceiling" is no licence to believe anything: the twin is held
+            # at the plausibility bound by a pseudo-measurement there
+            z = cfg.censored_high_bound_mg_dl
+            self.held_at_bound += 1
+        elif above or (z <= cfg.cgm_min_mg_dl and zhat <= cfg.cgm_min_mg_dl):
             self.ignored["reading"] += 1  # censored: "beyond the limit", as predicted
             return False
         innovation = z - zhat

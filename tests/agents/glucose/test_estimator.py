@@ -439,3 +439,29 @@ def test_detected_carbohydrates_raise_the_forecast():
         rise = (run.t >= 240) & (run.t <= 330)
         errs[on] = float(np.mean(run.bg[run.t[rise] + 30] - run.f30[rise]))
     assert errs[True] < errs[False]  # less under-forecast
+
+
+def test_at_the_cgm_ceiling_the_twin_is_held_at_its_plausibility_bound():
+    """Readings clipped at 400 say "at least 400"; a filter that filled the gut to explain the
+    climb ran on unchecked (to 1,600 mg/dL here, while the truth peaked under 500)."""
+    meals = {300: (120.0, 40.0), 720: (120.0, 40.0)}  # under-announced, under-dosed: highs
+    bounded = _run(meals=meals, noise_seed=3, dose_scale=0.3)
+    assert np.sum(bounded.readings >= 400.0) > 20  # the sensor sat at its ceiling
+    assert bounded.bg.max() < 500.0
+    bound = bounded.estimator.config.censored_high_bound_mg_dl
+    assert bound == 600.0
+    assert bounded.estimator.held_at_bound > 0
+    assert bounded.est_bg.max() < bound + 60.0
+    free = _run(
+        meals=meals,
+        noise_seed=3,
+        dose_scale=0.3,
+        config=EstimatorConfig(censored_high_bound_mg_dl=5000.0),
+    )
+    assert free.estimator.held_at_bound == 0
+    assert free.est_bg.max() > 2.0 * bounded.bg.max()  # the runaway the bound prevents
+
+
+def test_the_plausibility_bound_must_lie_above_the_ceiling():
+    with pytest.raises(LoopConfigError, match="censored_high_bound_mg_dl"):
+        EstimatorConfig(censored_high_bound_mg_dl=350.0)

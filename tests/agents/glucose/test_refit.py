@@ -263,6 +263,7 @@ def test_a_refit_moves_the_model_toward_the_patient_without_a_glitch():
     cfg = LoopConfig(
         patients=(TRUE.name,), days=2, controller="mpc", refit_every_days=1,
         refit_window_days=2, refit_max_iter=20,
+        controller_deadline_s=60.0,  # a loaded machine must not turn a slow plan into a fault
     )  # fmt: skip
     loop = PatientLoop(TRUE, cfg, np.random.default_rng(0))
     seen = _messages(loop)
