@@ -118,3 +118,35 @@ def test_a_cohort_on_ray_records_what_inline_records(ray_started, tmp_path, plac
         a = pq.read_table(inline_dir / "channels" / f"{name}.parquet").to_pydict()
         b = pq.read_table(ray_dir / "channels" / f"{name}.parquet").to_pydict()
         assert a == b
+
+
+def test_actors_called_the_ordinary_way_give_the_same_trajectories(ray_started):
+    """``direct=False``: every round through Ray's task path, as before the direct channels."""
+    inline_bg, inline_cmd = _trajectory()
+    placement = RayPlacement(direct=False)
+    try:
+        ray_bg, ray_cmd = _trajectory(placement)
+        assert not placement._channels
+    finally:
+        placement.close()
+    np.testing.assert_array_equal(inline_bg, ray_bg)
+    assert inline_cmd == ray_cmd
+
+
+def test_a_late_answer_is_not_taken_for_the_next_rounds(ray_started):
+    """A call that overruns its timeout fails; its answer, arriving later, is discarded."""
+    from types import SimpleNamespace
+
+    from twinloop.agents.placement import Request
+
+    placement = RayPlacement()
+    try:
+        ref = placement.host(SimpleNamespace(sleep=time.sleep, same=int), label="slow")
+        (warm,) = placement.execute([Request(ref, "same", (1,))])
+        assert warm.value == 1 and "slow" in placement._channels  # the direct channel is open
+        (late,) = placement.execute([Request(ref, "sleep", (1.0,), timeout_s=0.2)])
+        assert isinstance(late.error, TimeoutError)
+        (answer,) = placement.execute([Request(ref, "same", (7,), timeout_s=10.0)])
+        assert answer.error is None and answer.value == 7  # not the sleep's None
+    finally:
+        placement.close()
