@@ -7,13 +7,13 @@ Prints one JSON object. Run it network-isolated (it starts Ray)::
 * ``inline``: one patient's loop (adult#001, basal-bolus under the supervisor, random meals,
   CGM noise) for ``--days`` days in process, ``--repeats`` times: patient-days per second on
   one core (median run; the best run too).
-* ``ticks``: the wall time of each control tick of that loop, timed tick by tick after a
-  warm-up, the same ticks in each placement, one after the other in this run: ``inline``,
-  ``ray`` (the five agents — sensor, twin estimator, controller, supervisor, actuator — as five
-  Ray actors reached through their direct channels, as ``--placement ray`` runs them) and
-  ``ray_ordinary`` (the same actors called through Ray's task path, ``RayPlacement(direct=False)``,
-  the placement before the direct channels). Per placement: mean, p50, p99 and max; the
-  overhead per tick is a placement's statistic minus inline's (mean and p99).
+* ``ticks``: the wall time of each control tick of that loop in three placements, ticked in
+  turn so that all three see the same load: ``inline``, ``ray`` (the five agents — sensor, twin
+  estimator, controller, supervisor, actuator — as five Ray actors reached through their direct
+  channels, as ``--placement ray`` runs them) and ``ray_ordinary`` (the same actors called
+  through Ray's task path, ``RayPlacement(direct=False)``, the placement before the direct
+  channels). Per placement: mean, p50, p99 and max; the overhead of a Ray tick is its time minus
+  the inline copy's time for the same tick (mean, p50, p99 over the ticks).
 * ``cohort_all_7_days``: :func:`twinloop.agents.glucose.run.run_cohort` on all 30 patients for 7
   days (210 patient-days), recording included, inline; ``..._ray``: the agents as five Ray actors
   shared by the 30 patients driven in lockstep (``twinloop run --cohort all --days 7
@@ -60,49 +60,55 @@ def _inline(days: int, repeats: int) -> dict[str, Any]:
     }
 
 
-def _tick_times(placement_name: str, ticks: int) -> dict[str, Any]:
-    """Wall ms of each of ``ticks`` control ticks of one loop on ``placement_name``."""
-    from twinloop.agents.placement import Placement, RayPlacement
-
-    p = get_patient("adult#001")
-    loop = PatientLoop(p, LoopConfig(patients=(p.name,), days=2), np.random.default_rng(0))
-    placement: Placement | None = None
-    if placement_name != "inline":
-        placement = RayPlacement(direct=placement_name == "ray")
-        loop.place(placement)
-    for _ in range(20):  # actors start and channels open lazily: warm up
-        loop.tick()
-    samples = []
-    for _ in range(ticks):
-        t = time.perf_counter()
-        loop.tick()
-        samples.append(1000 * (time.perf_counter() - t))
-    loop.close()
-    if isinstance(placement, RayPlacement):
-        placement.close()
-    arr = np.array(samples)
-    return {
-        "ticks": ticks,
-        "tick_ms_mean": float(arr.mean()),
-        "tick_ms_p50": float(np.percentile(arr, 50)),
-        "tick_ms_p99": float(np.percentile(arr, 99)),
-        "tick_ms_max": float(arr.max()),
-    }
-
-
 def _ticks(ticks: int) -> dict[str, Any]:
-    from twinloop.agents.placement import start_ray
+    """The same loop on each placement, ticked in turn: every placement sees the same load.
+
+    Three copies of one patient's loop (same seed, so the same work each tick): inline, on
+    :class:`RayPlacement` (direct channels) and on ``RayPlacement(direct=False)``. After a
+    warm-up, each of ``ticks`` rounds times one tick of each copy, in an order rotated per round.
+    The overhead of a Ray tick is its time minus the inline copy's time for the same tick, taken
+    moments apart (its mean and p99 over the ticks).
+    """
+    from twinloop.agents.placement import RayPlacement, start_ray
 
     t0 = time.perf_counter()
     start_ray(num_cpus=2)
     out: dict[str, Any] = {"ray_init_s": time.perf_counter() - t0, "actors": 5}
-    out["inline"] = _tick_times("inline", ticks)
-    for name in ("ray", "ray_ordinary"):
-        out[name] = _tick_times(name, ticks)
-        for stat in ("mean", "p99"):
-            out[name][f"overhead_per_tick_ms_{stat}"] = (
-                out[name][f"tick_ms_{stat}"] - out["inline"][f"tick_ms_{stat}"]
-            )
+    p = get_patient("adult#001")
+    names = ("inline", "ray", "ray_ordinary")
+    loops = {n: PatientLoop(p, LoopConfig(patients=(p.name,), days=2), np.random.default_rng(0))
+             for n in names}  # fmt: skip
+    placements = {"ray": RayPlacement(), "ray_ordinary": RayPlacement(direct=False)}
+    for name, placement in placements.items():
+        loops[name].place(placement)
+    for _ in range(20):  # actors start and channels open lazily: warm up
+        for loop in loops.values():
+            loop.tick()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(ticks):
+        for name in names[i % 3 :] + names[: i % 3]:
+            t = time.perf_counter()
+            loops[name].tick()
+            samples[name].append(1000 * (time.perf_counter() - t))
+    for loop in loops.values():
+        loop.close()
+    for placement in placements.values():
+        placement.close()
+    inline = np.array(samples["inline"])
+    for name in names:
+        arr = np.array(samples[name])
+        out[name] = {
+            "ticks": ticks,
+            "tick_ms_mean": float(arr.mean()),
+            "tick_ms_p50": float(np.percentile(arr, 50)),
+            "tick_ms_p99": float(np.percentile(arr, 99)),
+            "tick_ms_max": float(arr.max()),
+        }
+        if name != "inline":
+            overhead = arr - inline
+            out[name]["overhead_per_tick_ms_mean"] = float(overhead.mean())
+            out[name]["overhead_per_tick_ms_p50"] = float(np.percentile(overhead, 50))
+            out[name]["overhead_per_tick_ms_p99"] = float(np.percentile(overhead, 99))
     out["rounds_per_tick"] = 4
     out["actor_calls_per_tick"] = 5
     return out

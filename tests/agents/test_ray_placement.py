@@ -52,12 +52,15 @@ def test_unreachable_address_fails_fast_with_a_clear_error():
 
 @pytest.mark.ray_cluster
 def test_run_on_an_existing_two_node_cluster(tmp_path, loopback_cluster):
-    """`twinloop run --address` on a head node plus a second node, all on loopback."""
+    """`twinloop run --address --placement ray` on a head node plus a second node, on loopback.
+
+    (Without ``--placement``, ``--address`` runs each patient's loop as a Ray task.)
+    """
     address, env = loopback_cluster
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "twinloop", "run", "--address", address, "--patient", "adult#001",
-         "--out", str(out), "--no-progress"],
+         "--placement", "ray", "--out", str(out), "--no-progress"],
         env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
