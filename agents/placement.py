@@ -46,6 +46,7 @@ import socket
 import threading
 import time
 from collections.abc import Generator, Sequence
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any, Protocol
 
@@ -234,6 +235,10 @@ class _Missing(AgentError, KeyError):
 
 #: Bytes of a direct channel's request number (it prefixes each request and its reply).
 _SEQ = 8
+#: Connections an actor's channel accepts until one passes the key's handshake.
+_ACCEPTS = 16
+#: Seconds to wait for a TCP connection to an actor's channel before calling it the Ray way.
+CONNECT_TIMEOUT_S = 5.0
 
 
 def _no_delay(conn: Connection) -> Connection:
@@ -276,9 +281,20 @@ class _AgentsHost:
         return address
 
     def _serve(self, listener: Listener) -> None:
-        """Answer each request (its number, then the packed round) until the placement leaves."""
+        """Answer each request (its number, then the packed round) until the placement leaves.
+
+        The first connection that passes the key's handshake is the placement's (a connection
+        that fails it — the placement's reachability probe, a stranger — is dropped).
+        """
         with listener:
-            conn = _no_delay(listener.accept())
+            for _ in range(_ACCEPTS):
+                try:
+                    conn = _no_delay(listener.accept())
+                    break
+                except (EOFError, OSError, AuthenticationError):
+                    continue
+            else:
+                return
         with conn:
             while True:
                 try:
@@ -503,8 +519,10 @@ class RayPlacement:
 
         try:
             opened = self._actors[label].open_channel.remote(self._authkey)
-            address = ray.get(opened, timeout=HOSTING_TIMEOUT_S)
-            conn = Client(tuple(address), authkey=self._authkey)
+            address = tuple(ray.get(opened, timeout=HOSTING_TIMEOUT_S))
+            # a node that cannot be reached fails here within seconds (Client has no timeout)
+            socket.create_connection(address, timeout=CONNECT_TIMEOUT_S).close()
+            conn = Client(address, authkey=self._authkey)
             self._channels[label] = _no_delay(conn)
         except Exception:  # not reachable that way (or restarting): ordinary calls this round
             return None

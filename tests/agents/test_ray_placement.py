@@ -85,6 +85,7 @@ def test_a_killed_actor_is_restarted_and_the_loop_holds_the_safe_command(ray_sta
         ray.kill(placement.actor("controller"), no_restart=False)
         for _ in range(60):
             loop.tick()
+        assert "controller" in placement._channels  # its direct channel, opened again
     finally:
         loop.close()
         placement.close()
@@ -153,3 +154,26 @@ def test_a_late_answer_is_not_taken_for_the_next_rounds(ray_started):
         assert answer.error is None and answer.value == 7  # not the sleep's None
     finally:
         placement.close()
+
+
+def test_an_actor_the_driver_cannot_reach_directly_is_called_the_ray_way(ray_started, monkeypatch):
+    """No direct channel (e.g. a node's port closed to the driver): Ray's task path, same loop."""
+    import twinloop.agents.placement as placement_module
+
+    tried = []
+
+    def refused(address, authkey):
+        tried.append(address)
+        raise ConnectionRefusedError(address)
+
+    monkeypatch.setattr(placement_module, "Client", refused)
+    inline_bg, inline_cmd = _trajectory()
+    placement = RayPlacement()
+    try:
+        ray_bg, ray_cmd = _trajectory(placement)
+        assert tried and not placement._channels
+        assert len(tried) <= 5 * placement_module.CHANNEL_ATTEMPTS  # not once per round
+    finally:
+        placement.close()
+    np.testing.assert_array_equal(inline_bg, ray_bg)
+    assert inline_cmd == ray_cmd
