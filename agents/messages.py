@@ -10,7 +10,7 @@ seconds.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -23,6 +23,16 @@ class Record:
 
     #: Name of the message kind in recordings.
     kind: ClassVar[str] = "record"
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle as the class and the field values, in order.
+
+        Several times faster than the state dataclasses give a slotted class (a dict built
+        through :func:`dataclasses.fields` per message), for messages crossing to Ray actors.
+        Every field of a record is a positional ``__init__`` field (``__match_args__``).
+        """
+        names: tuple[str, ...] = self.__match_args__
+        return type(self), tuple([getattr(self, name) for name in names])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

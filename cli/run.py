@@ -89,9 +89,11 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--config", help="YAML file setting any of these options (snake_case keys)")
     run.add_argument(
         "--placement",
-        help="where agents run: ray (each kind of agent a Ray actor), inline (in process) or "
-        "ray-patients (each patient's whole loop in a Ray worker); the therapy's default: "
-        "glucose ray, knee-exo inline",
+        help="where agents run: inline (in process), ray-patients (each patient's whole loop in "
+        "a Ray worker), ray (each kind of agent a Ray actor, restartable on its own) or auto "
+        "(default): glucose by the run's cost — inline unless spreading its patients over the "
+        "CPUs saves more than Ray's start (~5 s; e.g. --cohort all --days 7), ray-patients "
+        "with --address or then; knee-exo inline, ray with --address",
     )
     run.add_argument(
         "--address", help="HOST:PORT of an existing Ray cluster (default: an embedded Ray)"
@@ -139,6 +141,17 @@ def _fit_twins(names: Sequence[str], out: str | Path, settings: Mapping[str, Any
         inline=settings["placement"] == "inline",
         progress=bool(settings["progress"]),
     )
+
+
+def _auto_placement(agents: Any, loop_config: Any, address: str | None) -> tuple[str, str]:
+    """The therapy's choice when no placement is asked for (its ``auto_placement``, if any)."""
+    choose = getattr(agents, "auto_placement", None)
+    if choose is not None:
+        name, why = choose(loop_config, address)
+        return str(name), str(why)
+    if address and "ray" in agents.placements:
+        return "ray", "--address"
+    return agents.placements[0], "the therapy's default"
 
 
 def main_run(args: argparse.Namespace) -> int:
@@ -199,9 +212,10 @@ def main_run(args: argparse.Namespace) -> int:
         controller=str(controller),
         options=parsed,
     )
-    placement_name = settings["placement"] or (
-        "ray" if settings["address"] and "ray" in agents.placements else agents.placements[0]
-    )
+    placement_name = settings["placement"]
+    if placement_name in (None, "auto"):
+        placement_name, why = _auto_placement(agents, loop_config, settings["address"])
+        print(f"twinloop run: placement {placement_name} ({why}; --placement to choose)")
     if placement_name not in agents.placements:
         raise ValueError(
             f"--placement={placement_name!r} is not allowed for {therapy.name}: one of "

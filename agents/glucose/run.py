@@ -1,8 +1,12 @@
-"""Run a cohort's closed loops (in process, simulated time) into a recording with a summary."""
+"""Run a cohort's closed loops (in process, simulated time) into a recording with a summary.
+
+:func:`auto_placement` is where ``twinloop run`` puts the agents when no placement is asked for.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +95,50 @@ def summarize(patients: list[str], cohorts: list[str], bg_mg_dl: np.ndarray) -> 
         "hazard_floor_mg_dl": HAZARD_FLOOR_MG_DL,
         "hazard_patients": [n for i, n in enumerate(patients) if hazard[i].any()],
     }
+
+
+#: One patient's closed loop inline, patient-days per second on one core, by controller
+#: (``benchmarks/loop_throughput.py``: ~23 with the twin; ``benchmarks/mpc_solve_time.py``: the
+#: MPC ~1); a controller not listed counts at :data:`INLINE_PATIENT_DAYS_PER_S`.
+INLINE_PATIENT_DAYS_PER_S_BY_CONTROLLER = {"mpc": 1.0}
+INLINE_PATIENT_DAYS_PER_S = 20.0
+#: Seconds of the embedded Ray's start and its workers' first imports (3–8 s measured here).
+RAY_START_S = 5.0
+
+
+def auto_placement(
+    config: LoopConfig, address: str | None = None, cpus: int | None = None
+) -> tuple[str, str]:
+    """The placement of a run that asks for none, by its measured cost, and why.
+
+    * ``address`` (a Ray cluster was asked for): ``ray-patients``, each patient's loop a Ray
+      task spread over the cluster's CPUs;
+    * a wall-clock run: ``inline`` (it lasts its simulated time whatever the placement);
+    * else ``ray-patients`` when spreading the patients over the ``cpus`` (default: this
+      process's CPUs) saves more than Ray's start (:data:`RAY_START_S`) on the run's estimated
+      inline time (patient-days ÷ the controller's inline rate), and ``inline`` otherwise: the
+      main job's 10 patient-days (~0.5 s inline) run inline, a 30-patient week (210
+      patient-days, ~10 s) on Ray workers when there are two CPUs or more.
+
+    The actor-per-agent placement (``ray``) is never chosen: it is for a run that wants each
+    agent a restartable actor, and costs more than either (``benchmarks/loop_throughput.py``).
+    """
+    n_patients = len(config.patient_table())
+    if address is not None:
+        return "ray-patients", f"--address: {n_patients} patient loop(s) as Ray tasks"
+    if config.clock == "wall":
+        return "inline", "a wall-clock run lasts its simulated time on any placement"
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    rate = INLINE_PATIENT_DAYS_PER_S_BY_CONTROLLER.get(config.controller, INLINE_PATIENT_DAYS_PER_S)
+    patient_days = n_patients * config.days
+    inline_s = patient_days / rate
+    workers = min(cpus or 1, n_patients)
+    saved_s = inline_s * (1.0 - 1.0 / workers)
+    cost = f"{patient_days} patient-day(s) ≈ {inline_s:.1f} s inline"
+    if saved_s > RAY_START_S:
+        return "ray-patients", f"{cost}; {workers} Ray workers save more than Ray's start"
+    return "inline", f"{cost}; Ray's start (~{RAY_START_S:g} s) would cost more than it saves"
 
 
 def tick_lateness(lateness_ms: NDArray[np.float64]) -> dict[str, Any]:

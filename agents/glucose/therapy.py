@@ -89,7 +89,7 @@ class GlucoseLoop:
             f"1 to {MAX_PATIENTS} (default: all)",
         ),
     )
-    placements = ("ray", "inline", "ray-patients")
+    placements = ("inline", "ray-patients", "ray")  # auto_placement chooses
     channel_messages: Mapping[str, type] = {
         "sensor->controller": CgmReading,
         "meal->controller": MealAnnouncement,
@@ -140,6 +140,14 @@ class GlucoseLoop:
             parallel_patients=parallel,
             flush_every_min=flush,
         )
+
+    def auto_placement(
+        self, config: tuple[LoopConfig, int | None, int], address: str | None
+    ) -> tuple[str, str]:
+        """:func:`twinloop.agents.glucose.run.auto_placement`."""
+        from twinloop.agents.glucose.run import auto_placement
+
+        return auto_placement(config[0], address)
 
     def summary_lines(
         self,

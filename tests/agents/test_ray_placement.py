@@ -52,12 +52,15 @@ def test_unreachable_address_fails_fast_with_a_clear_error():
 
 @pytest.mark.ray_cluster
 def test_run_on_an_existing_two_node_cluster(tmp_path, loopback_cluster):
-    """`twinloop run --address` on a head node plus a second node, all on loopback."""
+    """`twinloop run --address --placement ray` on a head node plus a second node, on loopback.
+
+    (Without ``--placement``, ``--address`` runs each patient's loop as a Ray task.)
+    """
     address, env = loopback_cluster
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "twinloop", "run", "--address", address, "--patient", "adult#001",
-         "--out", str(out), "--no-progress"],
+         "--placement", "ray", "--out", str(out), "--no-progress"],
         env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -82,6 +85,7 @@ def test_a_killed_actor_is_restarted_and_the_loop_holds_the_safe_command(ray_sta
         ray.kill(placement.actor("controller"), no_restart=False)
         for _ in range(60):
             loop.tick()
+        assert "controller" in placement._channels  # its direct channel, opened again
     finally:
         loop.close()
         placement.close()
@@ -118,3 +122,58 @@ def test_a_cohort_on_ray_records_what_inline_records(ray_started, tmp_path, plac
         a = pq.read_table(inline_dir / "channels" / f"{name}.parquet").to_pydict()
         b = pq.read_table(ray_dir / "channels" / f"{name}.parquet").to_pydict()
         assert a == b
+
+
+def test_actors_called_the_ordinary_way_give_the_same_trajectories(ray_started):
+    """``direct=False``: every round through Ray's task path, as before the direct channels."""
+    inline_bg, inline_cmd = _trajectory()
+    placement = RayPlacement(direct=False)
+    try:
+        ray_bg, ray_cmd = _trajectory(placement)
+        assert not placement._channels
+    finally:
+        placement.close()
+    np.testing.assert_array_equal(inline_bg, ray_bg)
+    assert inline_cmd == ray_cmd
+
+
+def test_a_late_answer_is_not_taken_for_the_next_rounds(ray_started):
+    """A call that overruns its timeout fails; its answer, arriving later, is discarded."""
+    from types import SimpleNamespace
+
+    from twinloop.agents.placement import Request
+
+    placement = RayPlacement()
+    try:
+        ref = placement.host(SimpleNamespace(sleep=time.sleep, same=int), label="slow")
+        (warm,) = placement.execute([Request(ref, "same", (1,))])
+        assert warm.value == 1 and "slow" in placement._channels  # the direct channel is open
+        (late,) = placement.execute([Request(ref, "sleep", (1.0,), timeout_s=0.2)])
+        assert isinstance(late.error, TimeoutError)
+        (answer,) = placement.execute([Request(ref, "same", (7,), timeout_s=10.0)])
+        assert answer.error is None and answer.value == 7  # not the sleep's None
+    finally:
+        placement.close()
+
+
+def test_an_actor_the_driver_cannot_reach_directly_is_called_the_ray_way(ray_started, monkeypatch):
+    """No direct channel (e.g. a node's port closed to the driver): Ray's task path, same loop."""
+    import twinloop.agents.placement as placement_module
+
+    tried = []
+
+    def refused(address, authkey):
+        tried.append(address)
+        raise ConnectionRefusedError(address)
+
+    monkeypatch.setattr(placement_module, "Client", refused)
+    inline_bg, inline_cmd = _trajectory()
+    placement = RayPlacement()
+    try:
+        ray_bg, ray_cmd = _trajectory(placement)
+        assert tried and not placement._channels
+        assert len(tried) <= 5 * placement_module.CHANNEL_ATTEMPTS  # not once per round
+    finally:
+        placement.close()
+    np.testing.assert_array_equal(inline_bg, ray_bg)
+    assert inline_cmd == ray_cmd
