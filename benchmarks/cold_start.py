@@ -14,6 +14,10 @@ read). Steps, each timed by wall clock (``time.perf_counter`` around the subproc
   ``--placement inline`` and ``--placement ray-patients`` side by side;
 * ``breakdown_s``: what the main job's wall is made of, each part in its own process: Python
   start and imports of ``twinloop run``'s modules, embedded Ray start and shutdown;
+* ``main_job_phases_s``: the main job in one process per placement (``ray``, ``inline``,
+  ``ray-patients``), the time since the start at which each phase ended: imports, Ray started,
+  the loop's first round done (actors up), the loop done and recorded, Ray shut down, the end
+  (``--phases-only``: only these, after the up-to-date install);
 * ``without_warm_cache``: numba's cache files removed, the first ``population sample`` (what
   the first run cost before the install warmed the cache), then the warm-up again;
 * ``kernel_source_changed``: a comment appended to the plant's kernel source: ``install.sh``
@@ -35,6 +39,34 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parents[1]
 KERNEL_SOURCE = Path("plant/glucose/uva_padova.py")
+
+#: The main job in one process, each phase's end timed from the start (hooks on the placement,
+#: the bar's first round and the recording's finish); argv: extra ``twinloop run`` arguments.
+PHASES = """
+import contextlib, io, json, sys, tempfile, time
+t0 = time.perf_counter()
+T = {}
+import twinloop.cli.main as cli
+import twinloop.agents.glucose.run as run
+import twinloop.agents.placement as placement
+T["imports"] = time.perf_counter()
+make, release, first = placement.make_placement, placement.release_placement, run.start_rate_at
+finish = run.Recorder.finish
+def timed(name, f):
+    def g(*a, **k):
+        r = f(*a, **k)
+        T[name] = time.perf_counter()
+        return r
+    return g
+placement.make_placement = timed("ray_started", make)
+placement.release_placement = timed("ray_shut_down", release)
+run.start_rate_at = timed("first_round_done", first)
+run.Recorder.finish = timed("loop_done_and_recorded", finish)
+with contextlib.redirect_stdout(io.StringIO()):
+    cli.main(["run", "--out", tempfile.mkdtemp() + "/run", *sys.argv[1:]])
+T["end"] = time.perf_counter()
+print("PHASES " + json.dumps({k: round(v - t0, 2) for k, v in T.items()}))
+"""
 
 
 def timed(cmd: list[str], cwd: Path, **kw: Any) -> tuple[float, str]:
@@ -66,11 +98,25 @@ def drop_numba_cache(clone: Path) -> int:
     return n
 
 
+def phases(clone: Path) -> dict[str, Any]:
+    """The main job's phases in one process, per placement (times since the process began)."""
+    found: dict[str, Any] = {}
+    for placement in ("ray", "inline", "ray-patients"):
+        cmd = [str(clone / ".venv/bin/python"), "-c", PHASES, "--placement", placement]
+        _, text = timed(["sh", "scripts/offline.sh", *cmd], clone)
+        line = next(ln for ln in text.splitlines() if "PHASES " in ln)
+        found[placement] = json.loads(line.split("PHASES ", 1)[1])
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clone", type=Path, required=True, help="where the fresh clone goes")
     ap.add_argument("--source", type=Path, default=HERE, help="the repository to clone")
     ap.add_argument("--reuse", action="store_true", help="the clone exists and is installed")
+    ap.add_argument(
+        "--phases-only", action="store_true", help="only the main job's phases (with --reuse)"
+    )
     args = ap.parse_args()
     clone = args.clone.resolve()
     out: dict[str, Any] = {"clone": str(clone), "load_avg_start": os.getloadavg()}
@@ -88,6 +134,10 @@ def main() -> None:
     out["install_up_to_date_s"] = round(wall, 3)
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir()
+    if args.phases_only:
+        out["main_job_phases_s"] = phases(clone)
+        print(json.dumps(out, indent=2))
+        return
 
     def population(tag: str) -> float:
         wall, _ = timed(
@@ -131,6 +181,8 @@ def main() -> None:
         "ray_start": float(m.group(2)) if m else None,
         "ray_shutdown": float(m.group(3)) if m else None,
     }
+
+    out["main_job_phases_s"] = phases(clone)
 
     removed = drop_numba_cache(clone)
     cold = population("cold")
