@@ -6,20 +6,29 @@
 #   warm:    the sources holding numba kernels (every tracked or untracked .py under the
 #            package's directories that mentions njit or numba.jit), by path and contents.
 set -eu
+digest() {  # a hash of standard input: sha256sum (GNU), shasum (macOS) or POSIX cksum
+  if command -v sha256sum >/dev/null 2>&1; then
+    sha256sum | cut -d' ' -f1
+  elif command -v shasum >/dev/null 2>&1; then
+    shasum -a 256 | cut -d' ' -f1
+  else
+    cksum | tr ' ' -
+  fi
+}
 case "${1:-}" in
   install)
     {
       cat pyproject.toml constraints.txt scripts/install.sh scripts/stamp.sh
       .venv/bin/python -c "import sys; print(sys.version)"
       ls .venv/lib/python*/site-packages 2>/dev/null | grep -e '\.dist-info$' -e '\.egg-link$' -e '^__editable__' || true
-    } | sha256sum | cut -d' ' -f1
+    } | digest
     ;;
   warm)
     grep -rl --include='*.py' -e 'njit' -e 'numba.jit' agents campaigns cli evaluation hil hw_bridge \
       plant policies twins 2>/dev/null | LC_ALL=C sort | while read -r f; do
       printf '%s\n' "$f"
       cat "$f"
-    done | sha256sum | cut -d' ' -f1
+    done | digest
     ;;
   *)
     echo "usage: stamp.sh install|warm" >&2
