@@ -77,6 +77,16 @@ def spec_data(seeds: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """The machine and its load before (given) and now, for a benchmark's JSON."""
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per patient and fault (3)")
@@ -131,12 +141,7 @@ def main() -> None:
             "measured_s": ray_wall,
             "met": ray_wall <= (TARGET_S if runs == 1800 else TARGET_S * runs / 1800),
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-        },
+        "machine": machine(load_before),
     }
     print(json.dumps(result, indent=1))
 

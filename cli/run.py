@@ -221,6 +221,15 @@ def main_run(args: argparse.Namespace) -> int:
             f"--placement={placement_name!r} is not allowed for {therapy.name}: one of "
             + ", ".join(agents.placements)
         )
+    if settings["progress"] and placement_name != "inline":  # seconds before the bar starts
+        where = settings["address"]
+        print(
+            f"twinloop run: connecting to the Ray cluster at {where}…"
+            if where
+            else "twinloop run: starting Ray (embedded, 127.0.0.1)…",
+            file=sys.stderr,
+            flush=True,
+        )
     placement = make_placement(placement_name, settings["address"])
     t0 = time.perf_counter()
     try:

@@ -1,7 +1,7 @@
 #!/bin/sh
-# Install everything, then run the main job: the closed loop on the adult cohort for one day
-# (agents as Ray actors on an embedded, loopback-only Ray), with a printed summary and a
-# recording. Extra arguments go to `twinloop run` (e.g. --cohort all --days 7 --placement inline).
+# Install what is missing or out of date (scripts/install.sh: nothing when the environment is up
+# to date), then run the main job: the closed loop on the adult cohort for one day (agents as
+# Ray actors on an embedded, loopback-only Ray), with a printed summary and a recording. Extra arguments go to `twinloop run` (e.g. --cohort all --days 7 --placement inline).
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/install.sh

@@ -151,6 +151,25 @@ def tick_lateness(lateness_ms: NDArray[np.float64]) -> dict[str, Any]:
     }
 
 
+#: The progress bar's label until the first round is done (actors starting, kernels loading).
+WAITING = "closed loop (starting the agents)"
+
+
+def start_rate_at(bar: tqdm, n: int) -> None:
+    """Count ``n`` as done before ``bar``'s clock started, and start it now.
+
+    What came before the first update (Ray actors starting, compiled kernels loading) then does
+    not enter the rate, so the ETA is the loop's own from the first update on.
+    """
+    if bar.disable:
+        bar.update(n)
+        return
+    bar.reset(total=bar.total)
+    bar.set_description_str("closed loop", refresh=False)
+    bar.n = bar.last_print_n = bar.initial = n
+    bar.refresh()
+
+
 def _patient_loop_columns(
     config: LoopConfig, name: str, seed: np.random.SeedSequence
 ) -> tuple[Columns, list[float]]:
@@ -242,6 +261,8 @@ def run_cohort(
 
     group = max(1, parallel_patients or len(patients))
 
+    started: list[bool] = []
+
     def run_group(first: int, bar: tqdm) -> None:
         loops, traces = [], []
         done = [0]  # patient-minutes of this group
@@ -260,7 +281,11 @@ def run_cohort(
         offset_min = first // group * n_min
 
         def progressed(n: int) -> None:
-            bar.update(n)
+            if started:
+                bar.update(n)
+            else:  # the first round: the agents are up, the bar's clock starts now
+                started.append(True)
+                start_rate_at(bar, n)
             done[0] += n
             recorder.advance(offset_min + done[0] / len(loops))
 
@@ -277,7 +302,7 @@ def run_cohort(
             total=len(patients) * n_min,
             unit="sim-min",
             disable=not progress,
-            desc="closed loop",
+            desc=WAITING,
             leave=False,
         ) as bar:
             for first in range(0, len(patients), group):
