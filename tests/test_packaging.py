@@ -267,8 +267,15 @@ def test_twinloop_commands_from_another_directory(
         assert f"pip install 'twinloop[{extra}]'" in lines[0], proc.stderr
         assert module in lines[0], proc.stderr
 
-    # the default placement is ray: agents.placement.start_ray asks for the ray extra
-    refused(tl("run", "--patient", "adult#001", "--days", "1", "--no-progress"), "ray", "Ray")
+    # a small run's default placement (auto) is inline: it needs no Ray
+    proc = ok(tl("run", "--patient", "adult#001", "--days", "1", "--no-progress", "--out", "run3"))
+    assert "placement inline" in proc.stdout, proc.stdout
+    # the ray placement asked for: agents.placement.start_ray asks for the ray extra
+    refused(
+        tl("run", "--placement", "ray", "--patient", "adult#001", "--days", "1", "--no-progress"),
+        "ray",
+        "Ray",
+    )
     # a saved policy as controller: policies.glucose.learned imports stable_baselines3 (features)
     site = Path(site_packages(venv, elsewhere, clean_env))
     policy = site / "twinloop" / "policies" / "shipped" / "t1d_ppo" / "seed_0"
