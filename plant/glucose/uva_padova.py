@@ -573,3 +573,70 @@ def simulate(
         insulin_u_per_min=ins,
         states=states if return_states else None,
     )
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _glucose_jacobian(
+    x: NDArray[np.float64], p: NDArray[np.float64], out: NDArray[np.float64]
+) -> None:
+    """``∂ġ_p/∂G_p``, ``∂ġ_t/∂G_t``, ``∂ġ_p/∂I_d``, ``∂ġ_t/∂X`` at state ``x`` (into ``out``)."""
+    on = 1.0 if p[P_KP1] - p[P_KP2] * x[3] - p[P_KP3] * x[8] > 0.0 else 0.0
+    km = p[P_KM0] + x[4]
+    out[0] = -p[P_KP2] * on - (p[P_KE1] if x[3] > p[P_KE2] else 0.0) - p[P_K1]
+    out[1] = -(p[P_VM0] + p[P_VMX] * x[6]) * p[P_KM0] / (km * km) - p[P_K2]
+    out[2] = -p[P_KP3] * on
+    out[3] = -p[P_VMX] * x[4] / km
+
+
+@numba.njit(cache=True, error_model="numpy")
+def glucose_tangent(
+    states: NDArray[np.float64],
+    p: NDArray[np.float64],
+    d_x: NDArray[np.float64],
+    d_id: NDArray[np.float64],
+    out: NDArray[np.float64],
+) -> None:
+    """Linearised response of plasma glucose to perturbations of insulin action, along a path.
+
+    The insulin subsystem is linear in the infused insulin, and glucose sees insulin only
+    through remote insulin action ``X`` (utilisation ``(V_m0 + V_mx·X)·G_t/(K_m0 + G_t)``) and
+    delayed insulin ``I_d`` (production ``k_p1 − k_p2·G_p − k_p3·I_d``, floored at 0). Given a
+    nominal trajectory and the perturbations ``δX``, ``δI_d`` that a change of the insulin input
+    causes along it, the first-order change of ``(G_p, G_t)`` obeys the time-varying linear
+    system ``δz' = A(t)·δz + B(t)·(δI_d, δX)`` with ``A``, ``B`` the Jacobians of the glucose
+    equations at the nominal state (the production's floor and renal clearance's threshold as
+    the nominal state has them). It is integrated with Heun's method, one step per minute.
+
+    Args:
+        states: ``(K+1, 13)`` nominal states, minute 0 … K (``advance``'s ``states_out`` row).
+        p: ``(N_PARAMS,)`` the parameters the nominal trajectory ran with.
+        d_x: ``(V, K+1)`` ``δX`` of each of ``V`` input perturbations at each minute.
+        d_id: ``(V, K+1)`` ``δI_d`` of each perturbation.
+        out: ``(V, K+1)`` written with ``δG_p`` (mg/kg; divide by ``V_G`` for mg/dL).
+
+    """
+    nv = d_x.shape[0]
+    n_min = states.shape[0] - 1
+    k1, k2 = p[P_K1], p[P_K2]
+    zp = np.zeros(nv)
+    zt = np.zeros(nv)
+    jac = np.empty((2, 4))  # per minute: a00, a11, b_id, b_x (a01 = k2, a10 = k1)
+    _glucose_jacobian(states[0], p, jac[0])
+    for j in range(nv):
+        out[j, 0] = 0.0
+    for k in range(n_min):
+        now = k % 2
+        nxt = 1 - now
+        _glucose_jacobian(states[k + 1], p, jac[nxt])
+        a00, a11, b_id, b_x = jac[now, 0], jac[now, 1], jac[now, 2], jac[now, 3]
+        c00, c11, e_id, e_x = jac[nxt, 0], jac[nxt, 1], jac[nxt, 2], jac[nxt, 3]
+        for j in range(nv):
+            f_p = a00 * zp[j] + k2 * zt[j] + b_id * d_id[j, k]
+            f_t = k1 * zp[j] + a11 * zt[j] + b_x * d_x[j, k]
+            q_p = zp[j] + f_p
+            q_t = zt[j] + f_t
+            g_p = c00 * q_p + k2 * q_t + e_id * d_id[j, k + 1]
+            g_t = k1 * q_p + c11 * q_t + e_x * d_x[j, k + 1]
+            zp[j] += 0.5 * (f_p + g_p)
+            zt[j] += 0.5 * (f_t + g_t)
+            out[j, k + 1] = zp[j]

@@ -34,6 +34,8 @@ from twinloop.plant.glucose.uva_padova import (
     P_VG,
     P_VMX,
     advance,
+    glucose_tangent,
+    simulate,
 )
 from twinloop.policies.glucose.interface import TwinPlanState
 
@@ -41,6 +43,28 @@ from twinloop.policies.glucose.interface import TwinPlanState
 GUT_STATES = slice(0, 3)
 #: plasma and tissue glucose (``G_p``, ``G_t``), mg/kg
 GP_STATE, GT_STATE = 3, 4
+#: remote insulin action ``X`` and delayed insulin ``I_d``
+X_STATE, ID_STATE = 6, 8
+_NO_STATES = np.empty((0, 0, 0))
+
+
+def _insulin_action_response(
+    patient: PatientParameters, horizon_min: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``δX`` and ``δI_d`` over minutes 0 … H after 1 U given in minute 0, ``(H+1,)`` each.
+
+    The insulin subsystem is linear and time-invariant (and does not see glucose), so this
+    impulse response gives the insulin-action perturbation of any change of the insulin plan
+    by superposition. It is the difference of two simulations of the model (the scheduled
+    basal, with and without the extra unit) from the basal steady state.
+    """
+    h = horizon_min
+    insulin = np.full((2, h), patient.basal_u_per_h / 60.0)
+    insulin[1, 0] += 1.0
+    tr = simulate([patient, patient], insulin, np.zeros((2, h)), return_states=True)
+    assert tr.states is not None
+    d = tr.states[1] - tr.states[0]
+    return np.ascontiguousarray(d[:, X_STATE]), np.ascontiguousarray(d[:, ID_STATE])
 
 
 class TwinScenarios:
@@ -55,6 +79,9 @@ class TwinScenarios:
     def __init__(self, patient: PatientParameters, horizon_min: int) -> None:
         self.horizon_min = horizon_min
         self._buffers: dict[int, tuple[NDArray[np.float64], ...]] = {}
+        #: the states and parameters of the last ``record_states`` call (see :meth:`simulate`)
+        self.last_states: NDArray[np.float64] = _NO_STATES
+        self.last_params: NDArray[np.float64] = np.empty((0, 0))
         self.swap_model(patient)
 
     def swap_model(self, patient: PatientParameters) -> None:
@@ -62,6 +89,42 @@ class TwinScenarios:
         self.patient = patient
         self.params = parameter_matrix([patient])[0]
         self.vg = float(self.params[P_VG])
+        self._insulin_response: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None
+
+    def insulin_response(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """``δX`` and ``δI_d`` over minutes 0 … H after 1 U in minute 0 (once per model).
+
+        The insulin subsystem does not depend on the twin's sensitivity or EGP scales, so
+        this serves every plan state and both scenarios.
+        """
+        if self._insulin_response is None:
+            self._insulin_response = _insulin_action_response(self.patient, self.horizon_min)
+        return self._insulin_response
+
+    def glucose_response(
+        self, d_x: NDArray[np.float64], d_id: NDArray[np.float64], row: int = 0
+    ) -> NDArray[np.float64]:
+        """First-order plasma glucose change (mg/dL) along the last recorded simulation.
+
+        Args:
+            d_x: ``(V, H+1)`` perturbations of remote insulin action ``X`` (e.g. a change of
+                the insulin plan superposed from :meth:`insulin_response`).
+            d_id: ``(V, H+1)`` the matching perturbations of delayed insulin ``I_d``.
+            row: which plan of the last ``simulate(..., record_states=True)`` call.
+
+        Returns:
+            ``(2, V, H+1)``: each scenario's glucose change of each perturbation, the model
+            linearised along that scenario's trajectory
+            (:func:`twinloop.plant.glucose.uva_padova.glucose_tangent`).
+
+        """
+        rows = self.last_states.shape[0] // 2
+        out = np.empty((2, d_x.shape[0], self.horizon_min + 1))
+        for s in range(2):
+            k = s * rows + row
+            glucose_tangent(self.last_states[k], self.last_params[k], d_x, d_id, out[s])
+        out /= self.vg
+        return out
 
     def simulate(
         self,
@@ -71,6 +134,7 @@ class TwinScenarios:
         carb_uncertainty: float,
         low_sensitivity: float,
         low_glucose_cap_mg_dl: float = math.inf,
+        record_states: bool = False,
     ) -> NDArray[np.float64]:
         """Plasma glucose (mg/dL) of each plan over minutes 0 … H, shape ``(2, rows, H+1)``.
 
@@ -85,6 +149,11 @@ class TwinScenarios:
                 (plasma and tissue glucose scaled together), e.g. the sensor's reading: a
                 twin that believes glucose higher than the sensor shows must not give the
                 pessimistic forecast its head start.
+            record_states: also keep every state of every minute and the model parameters
+                of each row (scenario-major: rows ``0 … rows-1`` are scenario 0), in
+                :attr:`last_states` ``(2·rows, H+1, 13)`` and :attr:`last_params`
+                ``(2·rows, N_PARAMS)``, for linearising along the trajectory; the arrays are
+                reused by the next call with as many rows.
 
         """
         rows = insulin_u_per_min.shape[0]
@@ -102,9 +171,10 @@ class TwinScenarios:
                 np.empty((r2, h)),
                 np.empty((r2, h + 1)),
                 np.empty((r2, h + 1)),
+                np.empty((r2, h + 1, N_STATES)),
             )
             self._buffers[rows] = buf
-        x, meal_state, params, insulin, meal, eat, carbs, gp, gs = buf
+        x, meal_state, params, insulin, meal, eat, carbs, gp, gs, states = buf
         keep = 1.0 - carb_uncertainty
         x[:] = state.x
         # the fewer-carbohydrates scenario: the detected (unannounced) grams do not come at
@@ -134,5 +204,8 @@ class TwinScenarios:
         advance(
             x, meal_state, params, insulin, meal, eat,
             carbs_out=carbs, gp_out=gp, gs_out=gs, parallel=False, check=False,
+            states_out=states if record_states else _NO_STATES,
         )  # fmt: skip
+        if record_states:
+            self.last_states, self.last_params = states, params
         return (gp / self.vg).reshape(2, rows, h + 1)

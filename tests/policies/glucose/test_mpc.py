@@ -14,7 +14,7 @@ from twinloop.plant.glucose.patients import get_patient, patient_names
 from twinloop.plant.glucose.uva_padova import simulate
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.glucose.controllers import ControllerInput, make_controller
-from twinloop.policies.glucose.mpc import MPCController, TwinPlanState
+from twinloop.policies.glucose.mpc import MPCController, TwinPlanState, solve_plan
 
 # plasma, tissue and subcutaneous glucose states
 _GLUCOSE = [3, 4, 12]
@@ -40,6 +40,7 @@ def _obs(state, carbs=0.0, glucose=120.0):
         ("low_weight", -1.0),
         ("target_mg_dl", 0.0),
         ("iterations", 0),
+        ("solver", "slsqp"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_field(field, value):
@@ -243,3 +244,87 @@ def test_the_low_scenario_can_assume_insulin_more_effective_than_the_twin_says()
     assert g[1, -1] < g[0, -1] - 5.0  # more insulin effect: lower at the horizon's end
     with pytest.raises(PolicyConfigError, match="low_scenario_sensitivity"):
         MPCController(p, low_scenario_sensitivity=0.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "factor", "meals", "with_bolus"),
+    [
+        ("adult#006", 1.4, ((0, 60.0),), True),
+        ("child#002", 0.8, (), False),
+        ("adolescent#003", 1.1, ((30, 40.0),), False),
+    ],
+)
+def test_the_linearised_sensitivities_match_finite_differences_of_the_model(
+    name, factor, meals, with_bolus
+):
+    """∂G/∂v from the impulse response and the glucose tangent model matches small-step
+    forward differences of the nonlinear model, in both scenarios and for every variable."""
+    p = get_patient(name)
+    mpc = MPCController(p)
+    nv = mpc.n_blocks + int(with_bolus)
+    v = np.full(nv, 1.5 * p.basal_u_per_h)
+    if with_bolus:
+        v[-1] = 60.0 / p.carb_ratio_g_per_u
+    state = _state(p, factor, 0.9, meals)
+    mpc._simulate(state, v[None, :], with_bolus, record_states=True)
+    sens = mpc._sensitivities(nv)
+    fd = mpc._finite_differences(state, v, with_bolus, 0.01)[1]
+    assert sens.shape == fd.shape == (2, mpc.horizon_min, nv)
+    err = np.abs(sens - fd).max(axis=1) / np.abs(fd).max(axis=1)
+    assert err.max() < 0.002  # measured ≤ 0.0007
+
+
+def _local_problem(name, factor, scale=1.0):
+    p = get_patient(name)
+    mpc = MPCController(p)
+    n = mpc.n_blocks
+    v0 = np.full(n, p.basal_u_per_h)
+    state = _state(p, factor, scale)
+    g0 = mpc._simulate(state, v0[None, :], False, record_states=True)[:, 0]
+    return mpc, g0, mpc._sensitivities(n), v0
+
+
+@pytest.mark.parametrize(
+    ("name", "factor"), [("adult#001", 0.7), ("child#002", 1.3), ("adolescent#005", 2.0)]
+)
+def test_the_projected_newton_solver_finds_the_box_constrained_minimum(name, factor):
+    """On the local model the compiled solver reaches the minimum that a tightly converged
+    L-BFGS-B finds (the problem is convex), within the bounds; below, at and above basal."""
+    from scipy.optimize import minimize
+
+    mpc, g0, sens, v0 = _local_problem(name, factor)
+    n = mpc.n_blocks
+    basal = mpc.basal_u_per_h
+    lower, upper = np.zeros(n), np.full(n, mpc.max_rate_u_per_h)
+    scale = np.full(n, basal)
+    weights = np.full(n, mpc.effort_weight / n)
+    consts = np.array([mpc.target_mg_dl, mpc.low_mg_dl, mpc.low_weight])
+    v = solve_plan(
+        g0, sens, v0, np.stack([lower, upper]), np.stack([scale, weights, scale]), consts, 50
+    )
+    ref = minimize(
+        mpc._cost, v0, args=(g0, v0, sens, scale, n), jac=True, method="L-BFGS-B",
+        bounds=list(zip(lower, upper, strict=True)),
+        options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12},
+    )  # fmt: skip
+    assert np.all((v >= lower) & (v <= upper))
+    cost = mpc._cost(v, g0, v0, sens, scale, n)[0]
+    assert cost <= ref.fun + 1e-9 * abs(ref.fun)
+    np.testing.assert_allclose(v, ref.x, atol=1e-3 * basal)
+
+
+def test_both_solvers_plan_the_same_first_move():
+    """The linearised sensitivities and the projected Newton solver move as the finite
+    differences and L-BFGS-B did (the solver they replaced), within 5 % of the basal."""
+    for name, factor, meals, carbs in [
+        ("adult#006", 1.4, ((0, 60.0),), 60.0),
+        ("child#002", 1.3, (), 0.0),
+        ("adolescent#003", 0.9, ((30, 40.0),), 0.0),
+    ]:
+        p = get_patient(name)
+        state = _state(p, factor, 1.0, meals)
+        bolus_u = carbs / p.carb_ratio_g_per_u
+        new = MPCController(p).plan(state, bolus_u)
+        old = MPCController(p, solver="lbfgsb-fd").plan(state, bolus_u)
+        assert abs(new[0][0] - old[0][0]) <= 0.05 * p.basal_u_per_h, name
+        assert abs(new[1] - old[1]) <= 0.05 * max(bolus_u, 1e-9), name
