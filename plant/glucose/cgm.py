@@ -57,7 +57,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.signal import lfilter
 
 from twinloop.plant.errors import ConfigError, InvalidInputError
 from twinloop.plant.presets import from_preset
@@ -248,6 +247,10 @@ def _ar1(
     else:
         start, prev = 0, e_prev
     if z.shape[-1] > start:
+        # imported here: scipy.signal takes ~0.8 s to import, in every process that builds a
+        # sensor (each Ray agent's included), for this one call
+        from scipy.signal import lfilter
+
         phi = spec.phi_per_sample
         gain = math.sqrt(1.0 - phi**2) * spec.stationary_sd
         zi = (phi * prev)[..., np.newaxis]

@@ -85,7 +85,6 @@ from typing import Any
 import numba
 import numpy as np
 from numpy.typing import NDArray
-from scipy.optimize import minimize
 
 from twinloop.plant.glucose.patients import PatientParameters
 from twinloop.policies.errors import PolicyConfigError
@@ -552,6 +551,8 @@ class MPCController:
         ``∂G/∂v`` by forward differences (a step of half the basal, or 0.5 U of bolus; one
         nonlinear simulation per variable), then scipy's L-BFGS-B on the local model.
         """
+        from scipy.optimize import minimize  # only this solver needs it (~0.3 s to import)
+
         g0, sens = self._finite_differences(state, v, with_bolus, 0.5)
         res = minimize(
             self._cost,
