@@ -97,10 +97,11 @@ def summarize(patients: list[str], cohorts: list[str], bg_mg_dl: np.ndarray) -> 
     }
 
 
-#: One patient's closed loop inline, patient-days per second on one core, by controller
-#: (``benchmarks/loop_throughput.py``: ~23 with the twin; ``benchmarks/mpc_solve_time.py``: the
-#: MPC ~1); a controller not listed counts at :data:`INLINE_PATIENT_DAYS_PER_S`.
-INLINE_PATIENT_DAYS_PER_S_BY_CONTROLLER = {"mpc": 1.0}
+#: One patient's closed loop inline, patient-days per second on one core, by controller,
+#: measured idle (``benchmarks/loop_throughput.py``: ~20 with the twin under basal-bolus;
+#: ``benchmarks/mpc_solve_time.py``: the MPC ~3.3; pid and oref0 pay the supervisor's predictive
+#: guard on most ticks, 4–7); a controller not listed counts at :data:`INLINE_PATIENT_DAYS_PER_S`.
+INLINE_PATIENT_DAYS_PER_S_BY_CONTROLLER = {"mpc": 3.3, "pid": 5.0, "oref0": 5.5}
 INLINE_PATIENT_DAYS_PER_S = 20.0
 #: Seconds of the embedded Ray's start and its workers' first imports (3–8 s measured here).
 RAY_START_S = 5.0
