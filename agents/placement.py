@@ -337,6 +337,13 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def ray_status_line(command: str, address: str | None) -> str:
+    """What ``command`` says while Ray starts (or connects), before its progress bar."""
+    if address:
+        return f"{command}: connecting to the Ray cluster at {address}…"
+    return f"{command}: starting Ray (embedded, 127.0.0.1)…"
+
+
 def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Start the embedded Ray (loopback only, no usage stats) or connect to ``address``.
 

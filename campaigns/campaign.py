@@ -48,6 +48,7 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -542,8 +543,10 @@ def run_campaign(
             stream = _inline(spec, todo)
             n_workers = 1
         else:
-            from twinloop.agents.placement import start_ray
+            from twinloop.agents.placement import ray_status_line, start_ray
 
+            if progress:  # the seconds before the bar starts are Ray's, not the runs'
+                print(ray_status_line("campaign", address), file=sys.stderr, flush=True)
             start_ray(address)
             import ray
 

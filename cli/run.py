@@ -156,7 +156,7 @@ def _auto_placement(agents: Any, loop_config: Any, address: str | None) -> tuple
 
 def main_run(args: argparse.Namespace) -> int:
     """Run the loop; print its summary and the path of its recording."""
-    from twinloop.agents.placement import make_placement, release_placement
+    from twinloop.agents.placement import make_placement, ray_status_line, release_placement
     from twinloop.agents.recording import new_run_dir
 
     config = options.read_config(args.config)
@@ -222,14 +222,7 @@ def main_run(args: argparse.Namespace) -> int:
             + ", ".join(agents.placements)
         )
     if settings["progress"] and placement_name != "inline":  # seconds before the bar starts
-        where = settings["address"]
-        print(
-            f"twinloop run: connecting to the Ray cluster at {where}…"
-            if where
-            else "twinloop run: starting Ray (embedded, 127.0.0.1)…",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(ray_status_line("twinloop run", settings["address"]), file=sys.stderr, flush=True)
     placement = make_placement(placement_name, settings["address"])
     t0 = time.perf_counter()
     try:

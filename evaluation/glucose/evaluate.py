@@ -51,6 +51,7 @@ import math
 import platform
 import re
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -1291,6 +1292,17 @@ def _execute(
     progress: bool,
 ) -> dict[RunSpec, RunResult]:
     done: dict[RunSpec, RunResult] = {}
+    started_here = False
+    if use_ray:
+        import ray
+
+        from twinloop.agents.placement import ray_status_line, start_ray
+
+        started_here = not ray.is_initialized()
+        if started_here:
+            if progress:  # the seconds before the bar starts are Ray's, not the runs'
+                print(ray_status_line("evaluate", address), file=sys.stderr, flush=True)
+            start_ray(address, num_cpus=workers if address is None else None)
     bar = tqdm(total=len(specs), unit="run", desc="evaluate", disable=not progress, smoothing=0)
 
     def finished(spec: RunSpec, result: RunResult) -> None:
@@ -1307,40 +1319,31 @@ def _execute(
             for spec in specs:
                 finished(spec, run_one(spec))
             return done
-        import ray
-
-        from twinloop.agents.placement import start_ray
-
-        started_here = not ray.is_initialized()
-        if started_here:
-            start_ray(address, num_cpus=workers if address is None else None)
+        remote = ray.remote(run_one).options(num_cpus=1, max_retries=1)
+        cap = workers or len(specs)
+        queue = collections.deque(specs)
+        inflight: dict[Any, RunSpec] = {}
         try:
-            remote = ray.remote(run_one).options(num_cpus=1, max_retries=1)
-            cap = workers or len(specs)
-            queue = collections.deque(specs)
-            inflight: dict[Any, RunSpec] = {}
-            try:
-                while queue or inflight:
-                    while queue and len(inflight) < cap:
-                        spec = queue.popleft()
-                        inflight[remote.remote(spec)] = spec
-                    ready, _ = ray.wait(list(inflight), num_returns=1)
-                    for ref in ready:
-                        spec = inflight.pop(ref)
-                        try:
-                            result = ray.get(ref)
-                        except Exception as exc:  # the worker died (or the task was lost)
-                            result = _failed(spec, exc)
-                        finished(spec, result)
-            except BaseException:
-                for ref in inflight:
-                    ray.cancel(ref, force=True)
-                raise
-        finally:
-            if started_here:
-                ray.shutdown()
+            while queue or inflight:
+                while queue and len(inflight) < cap:
+                    spec = queue.popleft()
+                    inflight[remote.remote(spec)] = spec
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in ready:
+                    spec = inflight.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except Exception as exc:  # the worker died (or the task was lost)
+                        result = _failed(spec, exc)
+                    finished(spec, result)
+        except BaseException:
+            for ref in inflight:
+                ray.cancel(ref, force=True)
+            raise
     finally:
         bar.close()
+        if started_here:
+            ray.shutdown()
     return done
 
 

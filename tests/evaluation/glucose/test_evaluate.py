@@ -528,3 +528,25 @@ def test_model_fit_fits_each_patients_twin_before_the_runs(tmp_path):
     assert rows["mpc"]["mean_mg_dl"] != pytest.approx(rows["mpc@oracle"]["mean_mg_dl"], abs=1e-9)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["protocol"]["model"] == "fit"
+
+
+def test_the_progress_bar_starts_after_ray_and_says_what_it_waits_for(monkeypatch, capsys):
+    """The seconds of Ray's start are announced, and not counted in the bar's rate and ETA."""
+    import ray
+
+    from twinloop.agents import placement
+    from twinloop.evaluation.glucose import evaluate as ev
+
+    class Started(Exception):
+        pass
+
+    def start_ray(address=None, *, num_cpus=None):
+        raise Started  # stop here: what was printed before Ray started is what we check
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(placement, "start_ray", start_ray)
+    with pytest.raises(Started):
+        ev._execute([], use_ray=True, address=None, workers=1, progress=True)
+    err = capsys.readouterr().err
+    assert "evaluate: starting Ray (embedded, 127.0.0.1)…" in err
+    assert "run/s" not in err and "0/0" not in err  # no bar yet
