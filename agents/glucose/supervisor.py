@@ -212,24 +212,55 @@ class _Override(Protocol):
     def __call__(self, reason: str, basal: float, bolus: float) -> None: ...
 
 
-def _largest_fraction(margin: Callable[[float], float], margins: list[float]) -> float:
+def _largest_fraction(margin: Callable[[float], float], guess: float | None = None) -> float:
     """Largest fraction in [0, 1] whose ``margin`` is >= 0, ``margin`` falling with it.
 
-    The whole (1) is tried first, then 0; in between the root is bracketed and narrowed by
-    regula falsi (Illinois variant) to within 2 %, keeping the largest fraction checked to
-    hold. The full request's margin is appended to ``margins`` when it fails.
+    Without a ``guess`` the whole (1) is tried first, then 0. With one (the fraction that the
+    previous tick allowed, in insulin units) that holds while 2 % more does not, the search
+    ends there after two forecasts; otherwise the guess narrows the bracket. A guess of 0
+    tries 0 first (one forecast when nothing can be allowed). In between, the
+    root is narrowed by regula falsi (Illinois variant) to within 2 %. The fraction returned
+    is always one whose margin was computed and held (or 0).
     """
+    step = 0.02
+    if guess == 0.0:  # nothing was allowed a tick ago: most often nothing is now
+        zero = margin(0.0)
+        if zero < 0.0:
+            return 0.0
+        full = margin(1.0)
+        if full >= 0.0:
+            return 1.0
+        return _regula_falsi(margin, 0.0, zero, 1.0, full, step)
+    if guess is not None and 0.0 < guess < 1.0 - step:
+        g = margin(guess)
+        if g >= 0.0:
+            up = margin(guess + step)
+            if up < 0.0:
+                return guess
+            full = margin(1.0)
+            if full >= 0.0:
+                return 1.0
+            return _regula_falsi(margin, guess + step, up, 1.0, full, step)
+        zero = margin(0.0)
+        if zero < 0.0:
+            return 0.0
+        return _regula_falsi(margin, 0.0, zero, guess, g, step)
     full = margin(1.0)
     if full >= 0.0:
         return 1.0
-    margins.append(full)
     zero = margin(0.0)
     if zero < 0.0:
         return 0.0
-    lo, g_lo, hi, g_hi = 0.0, zero, 1.0, full
+    return _regula_falsi(margin, 0.0, zero, 1.0, full, step)
+
+
+def _regula_falsi(
+    margin: Callable[[float], float], lo: float, g_lo: float, hi: float, g_hi: float, tol: float
+) -> float:
+    """Narrow ``[lo, hi]`` (``margin(lo) >= 0 > margin(hi)``) to ``tol``; return its ``lo``."""
     side = 0
     for _ in range(6):
-        if hi - lo <= 0.02:
+        if hi - lo <= tol:
             break
         f = min(max(lo + (hi - lo) * g_lo / (g_lo - g_hi), lo + 0.01), hi - 0.01)
         g = margin(f)
@@ -275,6 +306,8 @@ class SafetySupervisor:
         self._delivered_u = np.zeros(MIN_PER_DAY)
         self._delivered_t = np.full(MIN_PER_DAY, -np.inf)
         self._meals: collections.deque[tuple[float, float]] = collections.deque()
+        #: the twin guard's last cut: (minute, extra insulin it allowed, U), its next guess
+        self._guard_allowed: tuple[float, float] | None = None
 
     def swap_model(self, model: PatientParameters) -> None:
         """The twin runs ``model`` from now on: the guard simulates it too."""
@@ -454,16 +487,24 @@ class SafetySupervisor:
             and 0.0 <= t_min - plan.t_min <= cfg.stale_after_min
         ):
             plan = self._anchored(t_min, plan)
-            fraction, margin = self._model_fraction(t_min, plan, bolus, extra_rate, duration)
-            how = "twin forecast"
+            last = self._guard_allowed
+            guess = None
+            if last is not None and 0.0 < t_min - last[0] <= cfg.stale_after_min:
+                guess = last[1] / extra_u
+            fraction = self._model_fraction(t_min, plan, bolus, extra_rate, duration, guess)
+            self._guard_allowed = (t_min, fraction * extra_u) if fraction < 1.0 else None
+            why = (
+                f"twin forecast: {fraction:.0%} of the extra insulin keeps "
+                f">= {cfg.guard_floor_mg_dl:g} mg/dL"
+            )
         else:
             fraction, margin = self._linear_fraction(t_min, extra_u)
-            how = "linear forecast"
+            why = f"linear forecast {-margin:.0f} mg/dL under its floor"
         if fraction >= 1.0:
             return basal, bolus
         basal = min(basal, sched + fraction * extra_rate)
         bolus = fraction * bolus
-        override(f"predictive guard ({how} {-margin:.0f} mg/dL under its floor)", basal, bolus)
+        override(f"predictive guard ({why})", basal, bolus)
         return basal, bolus
 
     def _anchored(self, t_min: float, plan: TwinPlanState) -> TwinPlanState:
@@ -494,14 +535,20 @@ class SafetySupervisor:
         return dataclasses.replace(plan, x=tuple(x))
 
     def _model_fraction(
-        self, t_min: float, plan: TwinPlanState, bolus: float, extra_rate: float, duration: float
-    ) -> tuple[float, float]:
+        self,
+        t_min: float,
+        plan: TwinPlanState,
+        bolus: float,
+        extra_rate: float,
+        duration: float,
+        guess: float | None = None,
+    ) -> float:
         """The fraction of the extra insulin that keeps both forecasts above the floor.
 
         Two forecasts from the twin's plan state (:class:`TwinScenarios`): the twin's own, and
         the pessimistic one — the announced carbohydrates ``guard_carb_uncertainty`` lower and
-        insulin ``guard_sensitivity`` × as effective. Returns the fraction and the full
-        request's least margin above the floor (mg/dL; negative when it fails).
+        insulin ``guard_sensitivity`` × as effective, from glucose no higher than the CGM's.
+        ``guess``: a fraction to try first (:func:`_largest_fraction`).
         """
         cfg = self.config
         scenarios = self._scenarios
@@ -529,9 +576,7 @@ class SafetySupervisor:
             )
             return float(g[:, 0, lag + 1 :].min()) - cfg.guard_floor_mg_dl
 
-        margins: list[float] = [0.0]
-        fraction = _largest_fraction(margin, margins)
-        return fraction, min(margins)
+        return _largest_fraction(margin, guess)
 
     def _linear_fraction(self, t_min: float, extra_u: float) -> tuple[float, float]:
         """The linear guard (see the module docstring): the allowed fraction, and the margin.

@@ -333,3 +333,50 @@ def test_the_pessimistic_forecast_starts_from_the_sensor_not_a_higher_twin():
     sup.observe_plan_state(higher)  # the CGM reads 15 % less than the twin
     cautious, _ = sup.review(0.0, InsulinCommand(0.0, p.basal_u_per_h, bolus, 30.0))
     assert cautious.bolus_u < trusting.bolus_u - 0.01  # identical before the cap
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    root=st.floats(-0.5, 1.5),
+    slope=st.floats(1.0, 300.0),
+    guess=st.one_of(st.none(), st.just(0.0), st.floats(0.0, 3.0)),
+)
+def test_the_guards_search_returns_a_verified_fraction_within_two_percent(root, slope, guess):
+    """Whatever the guess (the previous tick's cut), the fraction returned was forecast to hold,
+    and 2 % more would not have (the guard is neither unsafe nor timid)."""
+    from twinloop.agents.glucose.supervisor import _largest_fraction
+
+    tried: dict[float, float] = {}
+
+    def margin(f: float) -> float:
+        tried[f] = slope * (root - f)  # falls with the fraction, crosses 0 at the root
+        return tried[f]
+
+    f = _largest_fraction(margin, guess)
+    assert 0.0 <= f <= 1.0
+    if f > 0.0:
+        assert tried[f] >= 0.0  # never a fraction that was not checked to hold
+    else:
+        assert root < 0.02 or tried.get(0.0, 0.0) >= 0.0
+    if f < 1.0:
+        assert root < f + 0.02 + 1e-9
+    assert len(tried) <= 9
+
+
+def test_a_good_guess_takes_two_forecasts_and_a_zero_guess_one():
+    from twinloop.agents.glucose.supervisor import _largest_fraction
+
+    calls = []
+
+    def margin(f: float) -> float:
+        calls.append(f)
+        return 0.4 - f
+
+    assert _largest_fraction(margin, 0.39) == pytest.approx(0.39)
+    assert len(calls) == 2
+    calls.clear()
+    assert _largest_fraction(lambda f: calls.append(f) or -1.0 - f, 0.0) == 0.0
+    assert calls == [0.0]
+    calls.clear()
+    assert _largest_fraction(margin) == pytest.approx(0.4, abs=0.02)  # no guess: 1, 0, ...
+    assert calls[:2] == [1.0, 0.0]
