@@ -206,11 +206,6 @@ class SupervisorConfig:
 
 #: plasma (``Gp``) and tissue (``Gt``) glucose in the model state (mg/kg)
 _GP, _GT = 3, 4
-#: The twin guard's forecasts integrate in 2-min steps (``TwinScenarios.simulate(step_min=2)``,
-#: half the cost); the floor they must hold is raised by the larger error of that step
-#: against the 1-min forecast (0.86 mg/dL measured over 6 h), so the 1-min forecast holds it.
-GUARD_STEP_MIN = 2
-GUARD_STEP_ERROR_MG_DL = 1.0
 
 
 class _Override(Protocol):
@@ -571,10 +566,6 @@ class SafetySupervisor:
         if cgm is not None and t_min - cgm.t_min <= cfg.stale_after_min:
             low_cap = cgm.glucose_mg_dl if math.isfinite(cgm.glucose_mg_dl) else math.inf
 
-        step = GUARD_STEP_MIN if h % GUARD_STEP_MIN == 0 else 1
-        first = (lag + step) // step  # the first output minute after the plan state's lag
-        floor = cfg.guard_floor_mg_dl + (GUARD_STEP_ERROR_MG_DL if step > 1 else 0.0)
-
         def margin(f: float) -> float:
             g = scenarios.simulate(
                 plan,
@@ -582,9 +573,8 @@ class SafetySupervisor:
                 carb_uncertainty=cfg.guard_carb_uncertainty,
                 low_sensitivity=cfg.guard_sensitivity,
                 low_glucose_cap_mg_dl=low_cap,
-                step_min=step,
             )
-            return float(g[:, 0, first:].min()) - floor
+            return float(g[:, 0, lag + 1 :].min()) - cfg.guard_floor_mg_dl
 
         return _largest_fraction(margin, guess)
 

@@ -23,12 +23,7 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
-from twinloop.plant.glucose.patients import (
-    N_STATES,
-    PARAM_FIELDS,
-    PatientParameters,
-    parameter_matrix,
-)
+from twinloop.plant.glucose.patients import N_STATES, PatientParameters, parameter_matrix
 from twinloop.plant.glucose.uva_padova import (
     DEFAULT_EAT_RATE_G_PER_MIN,
     M_PLANNED_G,
@@ -48,14 +43,6 @@ from twinloop.policies.glucose.interface import TwinPlanState
 GUT_STATES = slice(0, 3)
 #: plasma and tissue glucose (``G_p``, ``G_t``), mg/kg
 GP_STATE, GT_STATE = 3, 4
-#: the parameters that are rates (per minute): scaled by the step of a time-dilated forecast
-RATE_PARAMS = np.array(
-    [
-        k
-        for k, name in enumerate(PARAM_FIELDS)
-        if name.endswith(("_per_min", "_mg_per_kg_min", "_mg_per_kg_min_per_pmol_l"))
-    ]
-)
 #: remote insulin action ``X`` and delayed insulin ``I_d``
 X_STATE, ID_STATE = 6, 8
 _NO_STATES = np.empty((0, 0, 0))
@@ -91,7 +78,7 @@ class TwinScenarios:
 
     def __init__(self, patient: PatientParameters, horizon_min: int) -> None:
         self.horizon_min = horizon_min
-        self._buffers: dict[tuple[int, int], tuple[NDArray[np.float64], ...]] = {}
+        self._buffers: dict[int, tuple[NDArray[np.float64], ...]] = {}
         #: the states and parameters of the last ``record_states`` call (see :meth:`simulate`)
         self.last_states: NDArray[np.float64] = _NO_STATES
         self.last_params: NDArray[np.float64] = np.empty((0, 0))
@@ -148,7 +135,6 @@ class TwinScenarios:
         low_sensitivity: float,
         low_glucose_cap_mg_dl: float = math.inf,
         record_states: bool = False,
-        step_min: int = 1,
     ) -> NDArray[np.float64]:
         """Plasma glucose (mg/dL) of each plan over minutes 0 … H, shape ``(2, rows, H+1)``.
 
@@ -168,24 +154,11 @@ class TwinScenarios:
                 :attr:`last_states` ``(2·rows, H+1, 13)`` and :attr:`last_params`
                 ``(2·rows, N_PARAMS)``, for linearising along the trajectory; the arrays are
                 reused by the next call with as many rows.
-            step_min: minutes per integration step, 1 or 2 (a divisor of the horizon; not
-                with ``record_states``). With 2 the model runs time-dilated — every rate
-                parameter (``*_per_min``, ``*_mg_per_kg_min``) doubled, the insulin and meals
-                of each pair of minutes given together, the eating rate doubled — so one
-                kernel minute is two: half the cost, within 0.9 mg/dL of the 1-min forecast
-                over 6 h (a bolus, a meal with a bolus, a meal; an adult, an adolescent, a
-                child). The output then has ``H/2 + 1`` columns, at minutes 0, 2, 4, …
 
         """
         rows = insulin_u_per_min.shape[0]
-        if (
-            step_min not in (1, 2)
-            or self.horizon_min % step_min
-            or (record_states and step_min > 1)
-        ):
-            raise ValueError(f"step_min={step_min!r}: 1, or 2 with an even horizon and no states")
-        h = self.horizon_min // step_min
-        buf = self._buffers.get((rows, step_min))
+        h = self.horizon_min
+        buf = self._buffers.get(rows)
         if buf is None:
             r2 = 2 * rows
             buf = (
@@ -200,7 +173,7 @@ class TwinScenarios:
                 np.empty((r2, h + 1)),
                 np.empty((r2, h + 1, N_STATES)),
             )
-            self._buffers[rows, step_min] = buf
+            self._buffers[rows] = buf
         x, meal_state, params, insulin, meal, eat, carbs, gp, gs, states = buf
         keep = 1.0 - carb_uncertainty
         x[:] = state.x
@@ -221,18 +194,13 @@ class TwinScenarios:
         params[:, P_KP1] *= state.egp_scale
         params[rows:, P_VMX] *= low_sensitivity
         params[rows:, P_KP3] *= low_sensitivity
-        if step_min == 1:
-            insulin[:rows] = insulin_u_per_min
-        else:
-            params[:, RATE_PARAMS] *= step_min
-            insulin[:rows] = insulin_u_per_min.reshape(rows, h, step_min).sum(axis=2)
-        insulin[rows:] = insulin[:rows]
-        eat[:] = DEFAULT_EAT_RATE_G_PER_MIN * step_min
+        insulin[:rows] = insulin_u_per_min
+        insulin[rows:] = insulin_u_per_min
         meal[:] = 0.0
         for offset, grams in state.pending_meals:
-            if 0 <= offset < self.horizon_min:
-                meal[:rows, offset // step_min] += grams
-                meal[rows:, offset // step_min] += keep * grams
+            if 0 <= offset < h:
+                meal[:rows, offset] += grams
+                meal[rows:, offset] += keep * grams
         advance(
             x, meal_state, params, insulin, meal, eat,
             carbs_out=carbs, gp_out=gp, gs_out=gs, parallel=False, check=False,

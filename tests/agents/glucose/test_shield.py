@@ -380,25 +380,3 @@ def test_a_good_guess_takes_two_forecasts_and_a_zero_guess_one():
     calls.clear()
     assert _largest_fraction(margin) == pytest.approx(0.4, abs=0.02)  # no guess: 1, 0, ...
     assert calls[:2] == [1.0, 0.0]
-
-
-@pytest.mark.parametrize("name", ["adult#001", "adolescent#002", "child#003"])
-def test_the_guards_two_minute_forecast_stays_within_its_allowance_of_the_one_minute_one(name):
-    """The guard forecasts in 2-min (time-dilated) steps and raises its floor by
-    GUARD_STEP_ERROR_MG_DL: that must bound the step's error, bolus and meal included."""
-    import dataclasses
-
-    from twinloop.agents.glucose.supervisor import GUARD_STEP_ERROR_MG_DL
-
-    p = get_patient(name)
-    _, plan = _guarded(p)
-    plan = dataclasses.replace(plan, pending_meals=((10, 60.0),))
-    scen = TwinScenarios(p, 360)
-    insulin = np.full((1, 360), p.basal_u_per_h / 60.0)
-    insulin[0, 0] += 60.0 / p.carb_ratio_g_per_u  # the meal's bolus
-    kw = dict(carb_uncertainty=0.3, low_sensitivity=1.5, low_glucose_cap_mg_dl=math.inf)
-    fine = scen.simulate(plan, insulin, **kw)
-    coarse = scen.simulate(plan, insulin, step_min=2, **kw)
-    assert coarse.shape == (2, 1, 181)
-    assert np.abs(fine[:, :, ::2] - coarse).max() < GUARD_STEP_ERROR_MG_DL
-    assert coarse.min() >= fine.min() - GUARD_STEP_ERROR_MG_DL
