@@ -507,6 +507,13 @@ class SafetySupervisor:
         override(f"predictive guard ({why})", basal, bolus)
         return basal, bolus
 
+    def _fresh_cgm_mg_dl(self, t_min: float) -> float | None:
+        """The last CGM reading if it is fresh (``stale_after_min``) and finite, else None."""
+        cgm = self._last_cgm
+        if cgm is None or t_min - cgm.t_min > self.config.stale_after_min:
+            return None
+        return cgm.glucose_mg_dl if math.isfinite(cgm.glucose_mg_dl) else None
+
     def _anchored(self, t_min: float, plan: TwinPlanState) -> TwinPlanState:
         """The twin's state with its glucose no higher than the CGM allows.
 
@@ -516,16 +523,12 @@ class SafetySupervisor:
         ``guard_cgm_tolerance`` (plasma and tissue glucose scaled together). A lower twin
         glucose is kept: it only makes the guard stricter.
         """
-        cfg = self.config
         scenarios = self._scenarios
         assert scenarios is not None
-        cgm = self._last_cgm
-        if cgm is None or t_min - cgm.t_min > cfg.stale_after_min:
+        reading = self._fresh_cgm_mg_dl(t_min)
+        if reading is None:
             return plan
-        reading = cgm.glucose_mg_dl
-        if not math.isfinite(reading):
-            return plan
-        cap = reading * (1.0 + cfg.guard_cgm_tolerance)
+        cap = reading * (1.0 + self.config.guard_cgm_tolerance)
         twin_bg = plan.x[_GP] / scenarios.vg
         if not twin_bg > cap:
             return plan
@@ -561,10 +564,8 @@ class SafetySupervisor:
         extra[lag : lag + k] = extra_rate / MIN_PER_H
         extra[lag] += bolus
 
-        cgm = self._last_cgm
-        low_cap = math.inf
-        if cgm is not None and t_min - cgm.t_min <= cfg.stale_after_min:
-            low_cap = cgm.glucose_mg_dl if math.isfinite(cgm.glucose_mg_dl) else math.inf
+        reading = self._fresh_cgm_mg_dl(t_min)
+        low_cap = math.inf if reading is None else reading
 
         def margin(f: float) -> float:
             g = scenarios.simulate(
