@@ -70,7 +70,7 @@ from twinloop.plant.glucose.insulin import DEFAULT_DIA_MIN, DEFAULT_PEAK_MIN, Io
 from twinloop.plant.glucose.models import correction_drop_mg_dl
 from twinloop.plant.glucose.patients import PatientParameters
 from twinloop.plant.units import MIN_PER_DAY, MIN_PER_H
-from twinloop.policies.glucose.forecast import TwinScenarios
+from twinloop.policies.glucose.forecast import GP_STATE, GT_STATE, TwinScenarios
 from twinloop.policies.glucose.interface import TwinPlanState
 
 StaleAction = Literal["scheduled_basal", "suspend"]
@@ -202,10 +202,6 @@ class SupervisorConfig:
         """min(configured max, 3 × highest scheduled basal, 4 × current scheduled basal)."""
         basal = self.scheduled_basal_u_per_h
         return min(self.max_basal_u_per_h, 3.0 * basal, 4.0 * basal)
-
-
-#: plasma (``Gp``) and tissue (``Gt``) glucose in the model state (mg/kg)
-_GP, _GT = 3, 4
 
 
 class _Override(Protocol):
@@ -529,12 +525,12 @@ class SafetySupervisor:
         if reading is None:
             return plan
         cap = reading * (1.0 + self.config.guard_cgm_tolerance)
-        twin_bg = plan.x[_GP] / scenarios.vg
+        twin_bg = plan.x[GP_STATE] / scenarios.vg
         if not twin_bg > cap:
             return plan
         x = list(plan.x)
-        x[_GP] *= cap / twin_bg
-        x[_GT] *= cap / twin_bg
+        x[GP_STATE] *= cap / twin_bg
+        x[GT_STATE] *= cap / twin_bg
         return dataclasses.replace(plan, x=tuple(x))
 
     def _model_fraction(
