@@ -219,7 +219,7 @@ def main_run(args: argparse.Namespace) -> int:
     if placement_name not in agents.placements:
         raise ValueError(
             f"--placement={placement_name!r} is not allowed for {therapy.name}: one of "
-            + ", ".join(agents.placements)
+            + ", ".join(("auto", *agents.placements))
         )
     if settings["progress"] and placement_name != "inline":  # seconds before the bar starts
         print(ray_status_line("twinloop run", settings["address"]), file=sys.stderr, flush=True)
