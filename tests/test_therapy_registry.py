@@ -94,7 +94,7 @@ def test_version_and_python_dash_m(capsys):
         (["--therapy", "ventilator"], "unknown therapy 'ventilator'"),
         (["--days", "two"], "--days='two' is not allowed: an integer from 1 to 3650"),
         (["--controller", "aan"], "--controller='aan' is not allowed: one of basal-bolus"),
-        (["--placement", "ray-patients", "--therapy", "knee-exo"], "one of inline, ray"),
+        (["--placement", "ray-patients", "--therapy", "knee-exo"], "one of auto, inline, ray"),
         (["--placement", "inline", "--address", "127.0.0.1:1"], "only with a Ray placement"),
     ],
 )
