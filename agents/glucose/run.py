@@ -100,9 +100,18 @@ def summarize(patients: list[str], cohorts: list[str], bg_mg_dl: np.ndarray) -> 
 #: One patient's closed loop inline, patient-days per second on one core, by controller,
 #: measured idle (``benchmarks/loop_throughput.py``: ~20 with the twin under basal-bolus;
 #: ``benchmarks/mpc_solve_time.py``: the MPC ~3.3; pid and oref0 pay the supervisor's predictive
-#: guard on most ticks, 4–7); a controller not listed counts at :data:`INLINE_PATIENT_DAYS_PER_S`.
-INLINE_PATIENT_DAYS_PER_S_BY_CONTROLLER = {"mpc": 3.3, "pid": 5.0, "oref0": 5.5}
+#: guard on most ticks, 4–7; a trained policy, ``policy:PATH``, the same: the shipped PPO 4–6.5);
+#: a controller not listed counts at :data:`INLINE_PATIENT_DAYS_PER_S`.
+INLINE_PATIENT_DAYS_PER_S_BY_CONTROLLER = {"mpc": 3.3, "pid": 5.0, "oref0": 5.5, "policy": 5.0}
 INLINE_PATIENT_DAYS_PER_S = 20.0
+
+
+def inline_patient_days_per_s(controller: str) -> float:
+    """The inline rate assumed for a controller (``mpc@oracle`` as ``mpc``, ``policy:…`` as one)."""
+    kind = controller.split("@", 1)[0].split(":", 1)[0]
+    return INLINE_PATIENT_DAYS_PER_S_BY_CONTROLLER.get(kind, INLINE_PATIENT_DAYS_PER_S)
+
+
 #: Seconds of the embedded Ray's start and its workers' first imports (3–8 s measured here).
 RAY_START_S = 5.0
 
@@ -131,7 +140,7 @@ def auto_placement(
         return "inline", "a wall-clock run lasts its simulated time on any placement"
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    rate = INLINE_PATIENT_DAYS_PER_S_BY_CONTROLLER.get(config.controller, INLINE_PATIENT_DAYS_PER_S)
+    rate = inline_patient_days_per_s(config.controller)
     patient_days = n_patients * config.days
     inline_s = patient_days / rate
     workers = min(cpus or 1, n_patients)

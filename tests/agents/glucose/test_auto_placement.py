@@ -16,6 +16,13 @@ from twinloop.agents.glucose.run import RAY_START_S, auto_placement
         (LoopConfig(patients=("adults",), controller="mpc"), 2, "inline"),  # ~3 s, saves 1.5
         (LoopConfig(patients=("all",), days=2, controller="mpc"), 2, "ray-patients"),  # ~18 s
         (LoopConfig(patients=("all",), days=7, clock="wall"), 8, "inline"),
+        # a trained policy pays the guard like pid: 30 patient-days ~6 s, split saves ~3 s
+        (
+            LoopConfig(patients=("all",), controller="policy:policies/shipped/t1d_ppo/seed_0"),
+            2,
+            "inline",
+        ),
+        (LoopConfig(patients=("all",), days=2, controller="policy:t1d_ppo"), 2, "ray-patients"),
     ],
 )
 def test_the_cheaper_placement_by_the_runs_cost(config, cpus, expected):
