@@ -17,6 +17,7 @@ without ``--overwrite`` included.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -155,7 +156,11 @@ def _auto_placement(agents: Any, loop_config: Any, address: str | None) -> tuple
 
 
 def main_run(args: argparse.Namespace) -> int:
-    """Run the loop; print its summary and the path of its recording."""
+    """Run the loop; print its summary; write its report; print where they are.
+
+    Every therapy's run ends with its report (``report.md`` and plots, its agents part's
+    ``report``: the same as ``twinloop report RUN_DIR`` writes from the recording).
+    """
     from twinloop.agents.placement import make_placement, ray_status_line, release_placement
     from twinloop.agents.recording import new_run_dir
 
@@ -235,8 +240,15 @@ def main_run(args: argparse.Namespace) -> int:
         loop_config, summary, placement=placement.name, elapsed_s=time.perf_counter() - t0
     ):
         print(line)
-    report = Path(run_dir) / "report.md"
-    print(f"recording: {run_dir}" + (f"; report: {report}" if report.is_file() else ""))
+    t0 = time.perf_counter()
+    report = agents.report(run_dir, allow_incomplete=False)
+    plots = ""
+    if report.plots:
+        plots = f"{len(report.plots)} plot(s) in {Path(report.plots[0]).parent}{os.sep}, "
+    print(
+        f"recording: {run_dir}; report: {report.report_path} "
+        f"({plots}written in {time.perf_counter() - t0:.1f} s)"
+    )
     flagged = summary.get("hazard_patients") or []
     if settings["fail_on_hazard"] and flagged:
         print(
