@@ -134,6 +134,12 @@ class KneeLoop:
         )
         return lines
 
+    def fhir_export(self, run_dir: str | Path, **options: Any) -> Any:
+        """:func:`twinloop.agents.knee.fhir.build_knee_export` (``twinloop export fhir``)."""
+        from twinloop.agents.knee.fhir import build_knee_export
+
+        return build_knee_export(run_dir, **options)
+
     def report(self, run_dir: str | Path, *, allow_incomplete: bool) -> Any:
         """:func:`twinloop.agents.knee.report.build_exo_report`."""
         from twinloop.agents.knee.report import build_exo_report
