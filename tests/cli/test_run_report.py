@@ -99,3 +99,18 @@ def _pairs(printed):
 )  # fmt: skip
 def test_capacity_text_for_old_recordings_no_evidence_and_identified(twin, expected):
     assert capacity_text(twin) == expected
+
+
+def test_no_report_skips_the_report_and_says_how_to_write_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--patient", "adult#002", "--placement", "inline", "--no-progress"]
+    assert main([*args, "--no-report", "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"recording: {out} (no report: --no-report; twinloop report {out} writes it)"
+    assert not (out / "report.md").exists() and not (out / "plots").exists()
+    # the config file's spelling
+    config = tmp_path / "run.yaml"
+    config.write_text("no_report: true\n")
+    assert main([*args, "--config", str(config), "--out", str(tmp_path / "b")]) == 0
+    assert not (tmp_path / "b" / "report.md").exists()
+    assert main(["report", str(out)]) == 0 and (out / "report.md").is_file()
