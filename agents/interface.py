@@ -108,7 +108,12 @@ class ReportResult:
 
 
 class LoopPart(Protocol):
-    """The agents side of a therapy: its loop's options, run, summary and report."""
+    """The agents side of a therapy: its loop's options, run, summary and report.
+
+    Optional: ``fhir_export(run_dir, *, start, patient_reference, allow_incomplete)``, the run
+    as FHIR resources (a :class:`twinloop.agents.fhir.FhirExport`; ``twinloop export fhir``).
+    A therapy without it has runs that are not exported, and the command says so.
+    """
 
     #: Options of ``twinloop run`` that this therapy's loop has.
     run_options: tuple[RunOption, ...]

@@ -54,7 +54,11 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
         + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # a table wider than the page scrolls inside its own box; the page never does
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+    )
 
 
 def _hazard_plot(summary: dict[str, Any]) -> str:
@@ -169,13 +173,18 @@ def write_report(
     traces = "".join(_trace_plot(out, spec, rid, part) for rid in summary["worst_runs"])
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>twinloop campaign {html.escape(spec.name)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
-table {{ border-collapse: collapse; font-size: 13px; margin: 1em 0; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 7px; text-align: right; }}
+*, *::before, *::after {{ box-sizing: border-box; }}
+body {{ font-family: sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1200px;
+  line-height: 1.4; overflow-wrap: anywhere; }}
+.scroll {{ max-width: 100%; overflow-x: auto; margin: 1em 0; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 7px; text-align: right; overflow-wrap: normal; }}
 td:first-child, th:first-child {{ text-align: left; }}
+img {{ display: block; max-width: 100%; height: auto; }}
 h1 .fail {{ color: #b00; }} h1 .pass {{ color: #070; }}
-pre {{ font-size: 11px; background: #f6f6f6; padding: 0.5em; }}
+pre {{ font-size: 11px; background: #f6f6f6; padding: 0.5em; white-space: pre-wrap; }}
 </style></head><body>
 <h1>Campaign {html.escape(spec.name)} — <span class="{summary["verdict"]}">{
         summary["verdict"].upper()

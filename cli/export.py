@@ -1,7 +1,11 @@
 """``twinloop export fhir RUN_DIR --out bundle.json``: a run as a FHIR R4 Bundle.
 
-The mapping (codes, systems, units, basal merging) is documented in :mod:`twinloop.twins.fhir`.
-Errors print one line ``twinloop export: error: ...`` and exit with status 2.
+The run's therapy (its manifest's) maps it, through its agents part's ``fhir_export``: glucose
+runs as CGM Observations and insulin MedicationAdministrations
+(:mod:`twinloop.agents.glucose.fhir`), knee-exo runs as the knee angle and interaction torque
+(:mod:`twinloop.agents.knee.fhir`); what they share is in :mod:`twinloop.agents.fhir`. A
+therapy without an export is refused in one line. Errors print one line ``twinloop export:
+error: ...`` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from twinloop.cli.errors import EXIT_USAGE
@@ -19,19 +24,24 @@ def add_parser(sub: Any) -> None:
     """Add the ``export`` sub-command (with its format ``fhir``) to the ``twinloop`` parser."""
     p = sub.add_parser(
         "export",
-        help="export a recorded run for other systems (fhir: a FHIR R4 Bundle of CGM "
-        "Observations and insulin MedicationAdministrations)",
+        help="export a recorded run for other systems (fhir: a FHIR R4 Bundle: glucose runs' "
+        "CGM Observations and insulin MedicationAdministrations, knee-exo runs' knee angle and "
+        "interaction torque)",
         description="Export a run directory written by `twinloop run`.",
     )
     formats = p.add_subparsers(dest="export_format", required=True)
     fhir = formats.add_parser(
         "fhir",
-        help="FHIR R4 Bundle (JSON) of the run's CGM readings and insulin deliveries",
-        description="Write the run's CGM readings as Observations (LOINC 2339-0, mg/dL) and "
-        "the insulin that reached each patient as MedicationAdministrations (boluses one by "
-        "one, basal merged into periods at a constant rate; units [iU]), with one Patient per "
-        "virtual patient, as a FHIR R4 Bundle of type collection (twins/fhir.py "
-        "documents the mapping).",
+        help="FHIR R4 Bundle (JSON) of the run's measurements (and insulin deliveries)",
+        description="Write a run as a FHIR R4 Bundle of type collection, with one Patient per "
+        "virtual patient. Glucose runs: the CGM readings as Observations (LOINC 2339-0, "
+        "mg/dL) and the insulin that reached each patient as MedicationAdministrations "
+        "(boluses one by one, basal merged into periods at a constant rate; units [iU]) — "
+        "agents/glucose/fhir.py documents the mapping. Knee-exo runs: per patient the knee "
+        "flexion angle (deg) and the exoskeleton-knee interaction torque (N.m) as sampled-data "
+        "Observations at the control rate — agents/knee/fhir.py.",
+        epilog="example: twinloop export fhir runs/run-20260101-080000 --out bundle.json "
+        "--start 2026-01-01T08:00:00+01:00",
     )
     fhir.add_argument("run_dir", help="a run directory written by `twinloop run`")
     fhir.add_argument("--out", required=True, help="the bundle's JSON file")
@@ -74,6 +84,15 @@ def _start(text: str | None) -> datetime | None:
     return when
 
 
+def _exporting() -> list[str]:
+    """The therapies whose runs ``twinloop export fhir`` exports."""
+    from twinloop.therapy import therapies
+
+    return [
+        t.name for t in therapies() if t.has("agents") and hasattr(t.part("agents"), "fhir_export")
+    ]
+
+
 def _references(items: list[str]) -> str | dict[str, str] | None:
     if not items:
         return None
@@ -90,7 +109,9 @@ def _references(items: list[str]) -> str | dict[str, str] | None:
 
 def main_export(args: argparse.Namespace) -> int:
     """Run ``twinloop export``; errors print one line and return 2."""
-    from twinloop.twins.fhir import write_bundle
+    from twinloop.agents.fhir import read_manifest, write_export
+    from twinloop.agents.report import recording_therapy
+    from twinloop.cli.options import therapy_of
 
     start = _start(args.start)
     if start is not None and start.utcoffset() is None:
@@ -98,12 +119,21 @@ def main_export(args: argparse.Namespace) -> int:
             f"--start {args.start!r} has no UTC offset; give one, e.g. "
             f"{args.start}+00:00 or {args.start}Z"
         )
-    export = write_bundle(
+    manifest, _, _ = read_manifest(Path(args.run_dir), allow_incomplete=True)
+    therapy = therapy_of(recording_therapy(manifest))
+    agents = therapy.part("agents") if therapy.has("agents") else None
+    if agents is None or not hasattr(agents, "fhir_export"):
+        return _error(
+            f"{args.run_dir}: a {therapy.name} run has no FHIR export (exported: "
+            + ", ".join(_exporting())
+            + ")"
+        )
+    export = agents.fhir_export(
         args.run_dir,
-        args.out,
         start=start,
         patient_reference=_references(args.patient_reference),
         allow_incomplete=args.allow_incomplete,
     )
+    write_export(export, args.out)
     print(f"fhir: {export.summary()} -> {args.out}")
     return 0

@@ -17,6 +17,7 @@ without ``--overwrite`` included.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,7 @@ COMMON: dict[str, Any] = {
     "placement": None,
     "address": None,
     "progress": True,
+    "report": True,
     "overwrite": False,
     "fail_on_hazard": False,
 }
@@ -102,6 +104,11 @@ def add_parser(sub: Any) -> None:
         "--no-progress", dest="progress", action="store_false", default=None,
         help="hide the progress bar",
     )  # fmt: skip
+    run.add_argument(
+        "--no-report", dest="report", action="store_false", default=None,
+        help="do not write report.md and the plots at the end (a 30-patient week's 63 plots "
+        "take ~14 s; twinloop report RUN_DIR writes them later)",
+    )  # fmt: skip
     for name, owners in _run_options().items():
         flag = "--" + name.replace("_", "-")
         which = ", ".join(t for t, _ in owners)
@@ -121,7 +128,7 @@ def _check_common(settings: dict[str, Any]) -> None:
     seed = settings["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed={seed!r} is not allowed: an integer from 0 to {MAX_SEED}")
-    for flag in ("progress", "overwrite", "fail_on_hazard"):
+    for flag in ("progress", "report", "overwrite", "fail_on_hazard"):
         if not isinstance(settings[flag], bool):
             raise ValueError(f"{flag}={settings[flag]!r} is not allowed: true or false")
     for key in ("therapy", "controller", "out", "placement", "address"):
@@ -155,7 +162,11 @@ def _auto_placement(agents: Any, loop_config: Any, address: str | None) -> tuple
 
 
 def main_run(args: argparse.Namespace) -> int:
-    """Run the loop; print its summary and the path of its recording."""
+    """Run the loop; print its summary; write its report; print where they are.
+
+    Every therapy's run ends with its report (``report.md`` and plots, its agents part's
+    ``report``: the same as ``twinloop report RUN_DIR`` writes from the recording).
+    """
     from twinloop.agents.placement import make_placement, ray_status_line, release_placement
     from twinloop.agents.recording import new_run_dir
 
@@ -174,8 +185,9 @@ def main_run(args: argparse.Namespace) -> int:
                 f"{therapy.name}; its options: "
                 + ", ".join("--" + k.replace("_", "-") for k in own)
             )
-    if "no_progress" in config:  # the file's spelling of --no-progress
-        config["progress"] = not config.pop("no_progress")
+    for negative in ("progress", "report"):  # the file's spelling of --no-progress, --no-report
+        if "no_" + negative in config:
+            config[negative] = not config.pop("no_" + negative)
     if args.config:
         options.check_keys(args.config, config, [*COMMON, *own])
     given = {k: getattr(args, k, None) for k in [*COMMON, *own]}
@@ -235,8 +247,18 @@ def main_run(args: argparse.Namespace) -> int:
         loop_config, summary, placement=placement.name, elapsed_s=time.perf_counter() - t0
     ):
         print(line)
-    report = Path(run_dir) / "report.md"
-    print(f"recording: {run_dir}" + (f"; report: {report}" if report.is_file() else ""))
+    if settings["report"]:
+        t0 = time.perf_counter()
+        report = agents.report(run_dir, allow_incomplete=False)
+        plots = ""
+        if report.plots:
+            plots = f"{len(report.plots)} plot(s) in {Path(report.plots[0]).parent}{os.sep}, "
+        print(
+            f"recording: {run_dir}; report: {report.report_path} "
+            f"({plots}written in {time.perf_counter() - t0:.1f} s)"
+        )
+    else:
+        print(f"recording: {run_dir} (no report: --no-report; twinloop report {run_dir} writes it)")
     flagged = summary.get("hazard_patients") or []
     if settings["fail_on_hazard"] and flagged:
         print(

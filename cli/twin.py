@@ -322,7 +322,15 @@ def _fit_text(result: dict[str, Any]) -> str:
             f"{t['time_in_range_70_180_pct']:.1f} % vs CGM {c['time_in_range_70_180_pct']:.1f} %"
             f"; <70 {t['time_below_70_pct']:.1f} vs {c['time_below_70_pct']:.1f} %"
         )
+        lines.append(_note(checked["meaning"]))
     return "\n".join(lines)
+
+
+def _note(text: str, indent: str = "    ") -> str:
+    """``text`` in parentheses, wrapped to the console's 100 columns under ``indent``."""
+    import textwrap
+
+    return textwrap.fill(f"({text})", width=100, initial_indent=indent, subsequent_indent=indent)
 
 
 def _write(result: dict[str, Any], path: Path) -> None:
@@ -452,6 +460,31 @@ def replay_table(result: dict[str, Any]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
+
+
+def cgm_line(result: dict[str, Any]) -> str:
+    """What the replay table's numbers are, and the log's own CGM over the same days."""
+    c = result["logged_cgm"]
+    draws = result["draws"]
+    spread = f"; [5–95 %] over the {draws} draws" if draws > 1 else ""
+    cgm = (
+        "the log's CGM over the same days: no readings"
+        if not c["readings"]
+        else (
+            f"the log's CGM over the same days ({c['readings']} readings): TIR 70-180 "
+            f"{c['time_in_range_70_180_pct']:.1f} %, <70 {c['time_below_70_pct']:.1f} %, <54 "
+            f"{c['time_below_54_pct']:.1f} %, >180 {c['time_above_180_pct']:.1f} %, mean "
+            f"{c['mean_mg_dl']:.1f} mg/dL"
+        )
+    )
+    return "\n".join(
+        [
+            f"table: the twin's sensor glucose over {result['days']:.2f} replayed days, the MAP "
+            f"draw's value{spread}; 'logged' is the twin under the log's own therapy",
+            cgm,
+            _note(result["meaning"], indent="  "),
+        ]
+    )
 
 
 def _plot(result: dict[str, Any], table: dict[str, Any], path: Path) -> list[str]:
@@ -609,6 +642,7 @@ def _main_replay(args: argparse.Namespace) -> int:
         f"{_rescue_text(result['therapies'][1]['rescue'])}"
     )
     print(replay_table(result))
+    print(cgm_line(result))
     window = grid.window(first, last)
     if args.fhir:
         export = _fhir(result, fit.model.name, window.start, args.twin)

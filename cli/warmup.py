@@ -52,12 +52,21 @@ def _commands(scratch: Path) -> Iterator[tuple[str, list[str]]]:
             f"run ({controller})",
             [
                 "run", "--placement", "inline", "--patient", "adult#001", "--days", "1",
-                "--controller", controller, "--no-progress", "--out", str(scratch / controller),
+                "--controller", controller, "--no-progress", "--no-report", "--out",
+                str(scratch / controller),
             ],
         )  # fmt: skip
     yield (
         "run --therapy knee-exo",
-        ["run", "--therapy", "knee-exo", "--no-progress", "--out", str(scratch / "knee")],
+        [
+            "run",
+            "--therapy",
+            "knee-exo",
+            "--no-progress",
+            "--no-report",
+            "--out",
+            str(scratch / "knee"),
+        ],
     )
 
 

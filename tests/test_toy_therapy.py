@@ -282,3 +282,16 @@ def test_no_shared_module_compares_a_therapy_name():
             ]
     assert checked > 50
     assert not offenders, "shared code switching on a therapy's name:\n" + "\n".join(offenders)
+
+
+def test_a_therapy_without_a_fhir_export_is_refused_in_one_line(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", "--therapy", "toy", "--patient", "slow", "--seconds", "10", "--out",
+               str(out), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["export", "fhir", str(out), "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "a toy run has no FHIR export (exported: glucose, knee-exo)" in err
+    assert not (tmp_path / "b.json").exists()

@@ -58,6 +58,7 @@ __all__ = [
     "FitRequest",
     "ReplayStart",
     "ReplayTherapy",
+    "cgm_metrics",
     "filtered_start",
     "fit_log",
     "fit_many",
@@ -87,6 +88,30 @@ METRICS = (
     "time_above_250_pct",
     "mean_mg_dl",
 )
+
+
+#: What a twin's time in range is, beside the logged CGM's (the console and docs say it).
+TWIN_GLUCOSE_MEANING = (
+    "the twin's figures are its modelled sensor glucose (interstitial, without sensor noise) "
+    "replaying the logged insulin and carbohydrates; the CGM's include the sensor's noise and "
+    "lag and the excursions that the logged carbohydrates do not explain (counting errors, "
+    "unlogged food), so the twin usually reads more time in range than the CGM on the same "
+    "days: compare therapies on the twin with each other, not the twin with the CGM"
+)
+
+
+def cgm_metrics(grid: LogGrid, first_min: int = 0) -> dict[str, float]:
+    """Metrics of the logged CGM readings at minutes ``≥ first_min`` of ``grid`` (+ ``readings``).
+
+    The log's own numbers over the days a twin is scored on: what the person's sensor said,
+    beside what the twin predicts (:data:`TWIN_GLUCOSE_MEANING`). NaN when there is no reading.
+    """
+    cgm = np.asarray(grid.cgm_mg_dl, dtype=np.float64)[first_min:]
+    cgm = cgm[~np.isnan(cgm)]
+    if not cgm.size:
+        return {**dict.fromkeys(METRICS, math.nan), "readings": 0}
+    m = glucose_metrics(cgm, sample_period_min=5.0)
+    return {**{k: float(getattr(m, k)) for k in METRICS}, "readings": int(cgm.size)}
 
 
 def therapy_from_log(grid: LogGrid, given: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -211,14 +236,16 @@ def validate(fit: TwinFit, grid: LogGrid, first_min: int) -> dict[str, Any]:
         raise ConfigError("validate_days", "no CGM", "held-out days with CGM readings")
     err = sim[obs] - grid.cgm_mg_dl[obs]
     twin = glucose_metrics(sim[obs], sample_period_min=5.0)
-    logged = glucose_metrics(grid.cgm_mg_dl[obs], sample_period_min=5.0)
+    logged = cgm_metrics(grid, first_min)
+    logged.pop("readings")
     return {
         "held_out_days": (grid.minutes - first_min) / MIN_PER_DAY,
         "cgm_readings": int(obs.sum()),
         "rmse_mg_dl": float(np.sqrt(np.mean(err**2))),
         "bias_mg_dl": float(np.mean(err)),
         "twin": {k: float(getattr(twin, k)) for k in METRICS},
-        "logged_cgm": {k: float(getattr(logged, k)) for k in METRICS},
+        "logged_cgm": logged,
+        "meaning": TWIN_GLUCOSE_MEANING,
     }
 
 
@@ -570,8 +597,10 @@ def replay(
 
     Returns:
         ``{"therapies": [logged, alternative], "difference": …, "draws": M, "start": …,
-        "traces": [LoopTrace, LoopTrace], …}``: each therapy's metrics (median, p5, p95 over
-        draws) and rescue rule, and the paired difference alternative − logged.
+        "logged_cgm": …, "meaning": …, "traces": [LoopTrace, LoopTrace], …}``: each therapy's
+        metrics (of the twin's sensor glucose; median, p5, p95 over draws) and rescue rule, the
+        paired difference alternative − logged, and the log's own CGM metrics over the scored
+        minutes (:func:`cgm_metrics`) with what separates the two (``meaning``).
 
     Raises:
         ConfigError: a window or burn-in outside the log.
@@ -625,6 +654,8 @@ def replay(
         },
         "therapies": results,
         "difference": diff,
+        "logged_cgm": cgm_metrics(window, burn_in_min),
+        "meaning": TWIN_GLUCOSE_MEANING,
         "traces": traces,
     }
 

@@ -197,6 +197,12 @@ class GlucoseLoop:
             )
         return lines
 
+    def fhir_export(self, run_dir: str | Path, **options: Any) -> Any:
+        """:func:`twinloop.agents.glucose.fhir.build_export` (``twinloop export fhir``)."""
+        from twinloop.agents.glucose.fhir import build_export
+
+        return build_export(run_dir, **options)
+
     def report(self, run_dir: str | Path, *, allow_incomplete: bool) -> Any:
         """:func:`twinloop.agents.glucose.report.build_report`."""
         from twinloop.agents.glucose.report import build_report

@@ -65,7 +65,11 @@ Reported (:class:`~twinloop.agents.knee.messages.KneeTwinEstimate`)
   observable only where the patient's intent exceeds it (the torque saturates); a patient who
   delivers everything they intend is reported at 1 — "no weakness seen" — and
   :attr:`KneeTwinEstimator.consistent_capacity_range` gives the lower bound the data has
-  demonstrated.
+  demonstrated. Both ends of that range go out with every estimate
+  (``voluntary_capacity_low``/``_high``): an upper end below 1 means the strength is
+  identified; at 1 it is not observable under this task and assistance
+  (:func:`~twinloop.agents.knee.messages.capacity_identified`), which reports and the console
+  say.
 * ``spasticity_gain_per_rad_s``: ``Σ g_i`` of the chosen hypothesis over the knots the data
   has explored (stretch velocity ≥ 1.5·c_i for ``min_stretch_s``), i.e. the slope of the
   identified reflex-excitation curve in the highest explored segment, clipped to
@@ -676,4 +680,5 @@ class KneeTwinEstimator:
             effort = min(max(float(self._theta[self._choice, 0]), 0.0), 1.0)
         else:
             effort = cfg.prior_voluntary_effort
-        return KneeTwinEstimate(t_s, self._patient_nm, cap, gain, rms, effort)
+        low, high = self.consistent_capacity_range
+        return KneeTwinEstimate(t_s, self._patient_nm, cap, gain, rms, effort, low, high)

@@ -8,6 +8,7 @@ fields. Angles: 0 = full extension, positive = flexion; torques positive in the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 from twinloop.agents.messages import Record
@@ -102,6 +103,14 @@ class KneeTwinEstimate(ExoMessage):
     prediction error; ``voluntary_effort``: the effort scale ε (0–1) the patient currently
     puts into the intent (1 = full effort; below 1 = "slacking" under assistance, not
     weakness). Last so that positional construction of the older fields stays valid.
+
+    ``voluntary_capacity_low`` / ``voluntary_capacity_high``: the smallest and largest
+    residual strengths the data does not reject (the estimator's
+    :attr:`~twinloop.agents.knee.estimator.KneeTwinEstimator.consistent_capacity_range`; NaN
+    before any evidence). The strength is *identified* only when the data rejected a full
+    strength (``high < 1``: the patient's intent saturated); with ``high == 1`` the capacity
+    reported is "no weakness seen", only bounded below by ``low`` (see
+    :func:`capacity_identified`).
     """
 
     patient_torque_nm: float
@@ -109,4 +118,17 @@ class KneeTwinEstimate(ExoMessage):
     spasticity_gain_per_rad_s: float
     residual_rms_nm: float
     voluntary_effort: float
+    voluntary_capacity_low: float = math.nan
+    voluntary_capacity_high: float = math.nan
     kind: ClassVar[str] = "knee_twin_estimate"
+
+
+def capacity_identified(high: float) -> bool:
+    """Whether a voluntary capacity is identified, from the upper end of its consistent range.
+
+    Strength is observable only where the patient's intent exceeds it (the torque saturates):
+    then the data rejects the full-strength hypothesis and the upper end is below 1. An upper
+    end of 1, or NaN (no evidence yet), means the capacity reported is the prior or "no
+    weakness seen", not a measurement of the strength.
+    """
+    return bool(high < 1.0)

@@ -191,16 +191,25 @@ def _markdown(
     if twins:
         lines += [
             "",
-            "Twin estimates at the end of the task (true values in brackets; capacity 1.00 = "
-            "no saturation seen, the strength is not observable below it):",
+            "Twin estimates at the end of the task (true values in brackets). The voluntary "
+            "capacity (residual strength) is observable only where the patient's intent "
+            "exceeds it and the torque saturates; when the data never showed that, the twin "
+            'reports 1.00 ("no weakness seen") with the strength only bounded below by what '
+            "the patient demonstrated, marked *not observable* here: a stronger task or less "
+            "assistance (a resistive load) would reveal it.",
             "",
             "| patient | voluntary capacity | effort | spasticity gain (1/(rad/s)) | "
             "residual RMS (N·m) |",
             "|---|---|---|---|---|",
         ]
         for name, tw in twins.items():
+            capacity = f"{tw['voluntary_capacity']:.2f} [{tw['voluntary_capacity_true']:.2f}]"
+            if tw.get("voluntary_capacity_identified") is False:
+                low = tw["voluntary_capacity_range"][0]
+                bound = f", ≥ {low:.2f} demonstrated" if math.isfinite(low) else ""
+                capacity += f" *not observable at this assistance{bound}*"
             lines.append(
-                f"| {name} | {tw['voluntary_capacity']:.2f} [{tw['voluntary_capacity_true']:.2f}]"
+                f"| {name} | {capacity}"
                 f" | {tw['voluntary_effort']:.2f} [{tw['voluntary_effort_true']:.2f}]"
                 f" | {tw['spasticity_gain_per_rad_s']:.3f} "
                 f"[{tw['spasticity_gain_true_per_rad_s']:.3f}] | {tw['residual_rms_nm']:.2f} |"

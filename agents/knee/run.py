@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from twinloop.agents.knee.loop import ExoLoop, ExoLoopConfig, reflex_torque_nm, run_exo_together
+from twinloop.agents.knee.messages import capacity_identified
 from twinloop.agents.placement import InlinePlacement, Placement
 from twinloop.agents.recording import Columns, Recorder, column_listener
 from twinloop.plant.knee.metrics import exo_metrics
@@ -172,6 +173,11 @@ def summarize_exo(
                     "voluntary_effort": float(est["voluntary_effort"][last]),
                     "voluntary_effort_true": float(_column(joint, "voluntary_effort", rows)[-1]),
                 }
+                if "voluntary_capacity_high" in est:  # recordings before these columns lack them
+                    low = float(est["voluntary_capacity_low"][last])
+                    high = float(est["voluntary_capacity_high"][last])
+                    row["twin"]["voluntary_capacity_range"] = [low, high]
+                    row["twin"]["voluntary_capacity_identified"] = capacity_identified(high)
         per_patient[str(patient)] = row
     return {
         "therapy": THERAPY,
@@ -180,6 +186,31 @@ def summarize_exo(
         "hazard_beyond_rom_deg": HAZARD_BEYOND_ROM_DEG,
         "hazard_patients": [n for n, row in per_patient.items() if row["non_physiological"]],
     }
+
+
+def capacity_text(twin: Mapping[str, Any], *, where: str = "") -> str:
+    """The twin's voluntary capacity in words, marked when the data could not identify it.
+
+    ``twin`` is a patient's ``twin`` entry of :func:`summarize_exo`. An identified capacity
+    reads ``0.05 (true 0.05)``; one the data could not identify (no saturation seen: the
+    strength is only bounded below, :func:`~twinloop.agents.knee.messages.capacity_identified`)
+    reads ``1.00 (not observable at this assistance: no weakness seen, ≥ 0.08 demonstrated;
+    true 0.30)``, followed by ``where`` (e.g. ``"; see report.md"``). Recordings made before
+    the estimator recorded its consistent range read as before, ``1.00 (true 0.30)``.
+    """
+    value = f"{twin['voluntary_capacity']:.2f}"
+    true = f"true {twin['voluntary_capacity_true']:.2f}"
+    if "voluntary_capacity_identified" not in twin:
+        return f"{value} ({true})"
+    if twin["voluntary_capacity_identified"]:
+        return f"{value} ({true})"
+    low = twin["voluntary_capacity_range"][0]
+    shown = (
+        "too little data yet"
+        if not math.isfinite(low)
+        else f"no weakness seen, ≥ {low:.2f} demonstrated"
+    )
+    return f"{value} (not observable at this assistance: {shown}; {true}{where})"
 
 
 def _scalar(value: Any) -> float | int:

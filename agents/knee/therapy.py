@@ -70,18 +70,20 @@ class KneeLoop:
     def run(
         self, config: ExoLoopConfig, out: str | Path, *, placement: Placement, progress: bool
     ) -> tuple[Path, dict[str, Any]]:
-        """:func:`twinloop.agents.knee.run.run_knee_exo`, then its report."""
-        from twinloop.agents.knee.report import build_exo_report
+        """:func:`twinloop.agents.knee.run.run_knee_exo` (``twinloop run`` then reports it)."""
         from twinloop.agents.knee.run import run_knee_exo
 
-        run_dir, summary = run_knee_exo(config, out, progress=progress, placement=placement)
-        build_exo_report(run_dir)
-        return run_dir, summary
+        return run_knee_exo(config, out, progress=progress, placement=placement)
 
     def summary_lines(
         self, config: ExoLoopConfig, summary: Mapping[str, Any], *, placement: str, elapsed_s: float
     ) -> list[str]:
-        """Tracking, assistance and safety per patient, the twin's estimates, the totals."""
+        """Tracking, assistance and safety per patient, the twin's estimates, the totals.
+
+        A twin estimate the data could not identify is marked so (``capacity_text``).
+        """
+        from twinloop.agents.knee.run import capacity_text
+
         cols = (
             ("RMS err°", "rms_error_deg", "8.2f"),
             ("max err°", "max_error_deg", "8.2f"),
@@ -108,10 +110,11 @@ class KneeLoop:
             lines.append(f"{name:<10}{cells}  {overrides}{hazard}")
             if "twin" in row:
                 tw = row["twin"]
+                capacity = capacity_text(tw, where="; see report.md")
+                lines.append(f"{'':<10} twin: voluntary capacity {capacity}")
                 lines.append(
-                    f"{'':<10} twin: voluntary capacity {tw['voluntary_capacity']:.2f} (true "
-                    f"{tw['voluntary_capacity_true']:.2f}), effort {tw['voluntary_effort']:.2f} "
-                    f"(true {tw['voluntary_effort_true']:.2f}), spasticity gain "
+                    f"{'':<10}       effort {tw['voluntary_effort']:.2f} (true "
+                    f"{tw['voluntary_effort_true']:.2f}), spasticity gain "
                     f"{tw['spasticity_gain_per_rad_s']:.3f} (true "
                     f"{tw['spasticity_gain_true_per_rad_s']:.3f}) /(rad/s)"
                 )
@@ -130,6 +133,12 @@ class KneeLoop:
             f"({seconds / max(elapsed_s, 1e-9):.1f}× real time)"
         )
         return lines
+
+    def fhir_export(self, run_dir: str | Path, **options: Any) -> Any:
+        """:func:`twinloop.agents.knee.fhir.build_knee_export` (``twinloop export fhir``)."""
+        from twinloop.agents.knee.fhir import build_knee_export
+
+        return build_knee_export(run_dir, **options)
 
     def report(self, run_dir: str | Path, *, allow_incomplete: bool) -> Any:
         """:func:`twinloop.agents.knee.report.build_exo_report`."""

@@ -51,6 +51,10 @@ def _model(value: Any) -> str:
     return choice.spec
 
 
+#: The insulin trace's colour in campaign reports (a strong purple, apart from the glucose's).
+INSULIN_COLOUR = "#6a3d9a"
+
+
 class GlucoseCampaigns:
     """Campaigns on the UVA/Padova patients' closed insulin loop (time unit: min)."""
 
@@ -156,7 +160,12 @@ class GlucoseCampaigns:
         return float(m["time_below_70_pct"] * 10 + m["time_above_250_pct"])
 
     def plot_trace(self, ax: Any, trace: Mapping[str, Any]) -> float:
-        """True and sensed glucose over hours, the insulin delivered on a second axis."""
+        """True and sensed glucose over hours, the insulin delivered on a second axis.
+
+        The insulin is the cumulative total delivered (U), a solid step line: its slope is the
+        rate, a bolus is a step, a suspension or occlusion is flat. (Drawn as one-minute bars
+        it was invisible at a report's size: a bar 1/1440 of a day wide is under a pixel.)
+        """
         hours = np.asarray(trace["t_min"]) / 60.0
         ax.plot(hours, trace["bg_mg_dl"], label="plasma glucose (true)", lw=1.2)
         ax.plot(hours, trace["cgm_mg_dl"], ".", ms=2, label="CGM as received")
@@ -165,8 +174,13 @@ class GlucoseCampaigns:
         ax.set_ylabel("mg/dL")
         ax.set_xlabel("hours")
         ax2 = ax.twinx()
-        ax2.bar(hours, trace["insulin_u"], width=1 / 60, color="grey", alpha=0.5, label="insulin U")
-        ax2.set_ylabel("insulin delivered, U/min")
+        total_u = np.cumsum(np.nan_to_num(np.asarray(trace["insulin_u"], dtype=np.float64)))
+        label = "insulin delivered, cumulative (right axis)"
+        ax2.step(hours, total_u, where="post", color=INSULIN_COLOUR, lw=1.8, label=label)
+        ax2.set_ylim(bottom=0.0)
+        ax2.set_ylabel("insulin delivered, U (cumulative)", color=INSULIN_COLOUR)
+        ax2.tick_params(axis="y", colors=INSULIN_COLOUR)
+        ax.plot([], [], color=INSULIN_COLOUR, lw=1.8, label=label)  # in the glucose legend
         return 60.0
 
     def run_hil(self, spec: Any, key: Any) -> tuple[dict[str, Any], dict[str, Any]]:

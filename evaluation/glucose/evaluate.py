@@ -1006,6 +1006,27 @@ def _figure(n_panels: int, *, width_in: float, height_in: float) -> tuple[Any, l
     return fig, list(axes)
 
 
+def _suptitle(fig: Any, text: str, **kwargs: Any) -> Any:
+    """Give ``fig`` the title ``text``, wrapped onto as many lines as it needs to fit the figure.
+
+    Constrained layout makes room for a title above the panels but never widens the figure, so
+    a title longer than a narrow figure (one cohort and two controllers: 2.6 in) was clipped on
+    both sides. Returns the title's ``Text``.
+    """
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    title = fig.suptitle(text, **kwargs)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    room = 0.96 * fig.bbox.width
+    for lines in range(1, len(text.split()) + 1):
+        title.set_text(textwrap.fill(text, width=math.ceil(len(text) / lines)))
+        if title.get_window_extent(renderer).width <= room:
+            break
+    return title
+
+
 def _save(fig: Any, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -1031,9 +1052,21 @@ def _plot_time_in_ranges(
     controllers: Sequence[str],
     protocol: EvaluationProtocol,
 ) -> Path:
-    fig, axes = _figure(
-        len(protocol.cohorts), width_in=max(2.6, 1.0 * len(controllers)), height_in=4.2
-    )
+    return _save(time_in_ranges_figure(comparison, controllers, protocol), path)
+
+
+def time_in_ranges_figure(
+    comparison: Sequence[Mapping[str, Any]],
+    controllers: Sequence[str],
+    protocol: EvaluationProtocol,
+) -> Any:
+    """The figure of ``time_in_ranges.png``: stacked bands per controller, a panel per cohort.
+
+    Everything drawn lies inside the figure (the title wrapped to its width, the legend and
+    tick labels placed by constrained layout).
+    """
+    n = len(protocol.cohorts)  # at least 4.8 in wide in all: the legend takes ~1.2 in
+    fig, axes = _figure(n, width_in=max(4.8 / n, 2.6, 1.0 * len(controllers)), height_in=4.2)
     by_key = {(r["controller"], r["cohort"]): r for r in comparison}
     for ax, cohort in zip(axes, protocol.cohorts, strict=True):
         x = np.arange(len(controllers))
@@ -1062,8 +1095,8 @@ def _plot_time_in_ranges(
     axes[0].set_ylabel("time in range, % (plasma glucose, mg/dL bands)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles[::-1], labels[::-1], loc="outside right center", fontsize=8, title="mg/dL")
-    fig.suptitle(f"Time in ranges — {protocol.name} (mean over seeds and patients)")
-    return _save(fig, path)
+    _suptitle(fig, f"Time in ranges — {protocol.name} (mean over seeds and patients)")
+    return fig
 
 
 def _plot_agp(
@@ -1105,7 +1138,8 @@ def _plot_agp(
         ax.legend(fontsize=7, loc="upper right")
     axes[0].set_ylabel("plasma glucose, mg/dL")
     axes[0].set_ylim(30, 350)
-    fig.suptitle(
+    _suptitle(
+        fig,
         f"Ambulatory glucose profile — {cohort}, {protocol.name} "
         f"({len(protocol.seeds)} seed(s) × patients × {protocol.days} day(s) pooled)",
         fontsize=10,
@@ -1164,7 +1198,7 @@ def _plot_cvga(
         ax.set_title(cohort)
         ax.legend(fontsize=7, loc="upper left")
     axes[0].set_ylabel("maximum BG (97.5th percentile), mg/dL")
-    fig.suptitle(f"CVGA — {protocol.name}, one point per patient and seed", fontsize=10)
+    _suptitle(fig, f"CVGA — {protocol.name}, one point per patient and seed", fontsize=10)
     return _save(fig, path)
 
 

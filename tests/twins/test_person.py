@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from twinloop.agents.glucose.estimator import TwinEstimator
-from twinloop.cli.twin import _fit_text
+from twinloop.cli.twin import _fit_text, cgm_line
 from twinloop.plant.errors import ConfigError
 from twinloop.plant.glucose.patients import get_patient, initial_states, parameter_matrix
 from twinloop.plant.glucose.scenarios import CarbCountingError
@@ -24,9 +24,11 @@ from twinloop.policies.glucose.interface import ControllerInput, Dose, TwinPlanS
 from twinloop.twins.identify import log_grid
 from twinloop.twins.logs import read_log
 from twinloop.twins.person import (
+    TWIN_GLUCOSE_MEANING,
     FitRequest,
     ReplayTherapy,
     _planning_estimators,
+    cgm_metrics,
     filtered_start,
     fit_log,
     fit_many,
@@ -234,6 +236,38 @@ def test_a_replay_reports_both_therapies_over_posterior_draws(twin, adult_log):
     pid = replay(fit, grid, ReplayTherapy(controller="pid"), draws=3, seed=1)
     assert pid["therapies"][1]["therapy"] == "pid"
     assert math.isfinite(pid["therapies"][1]["metrics"]["time_in_range_70_180_pct"]["median"])
+
+
+def test_a_replay_says_what_its_tir_is_beside_the_logs_own_cgm(twin, adult_log):
+    fit, checked = twin
+    _, path = adult_log
+    grid = log_grid(read_log(path))
+    result = replay(fit, grid, ReplayTherapy(basal_scale=0.8), first_min=2 * 1440, draws=3)
+    # the log's CGM over exactly the scored minutes (the window after the start)
+    window = grid.window(2 * 1440, grid.minutes)
+    readings = window.cgm_mg_dl[~np.isnan(window.cgm_mg_dl)]
+    c = result["logged_cgm"]
+    assert c["readings"] == readings.size > 2 * 250
+    assert c["mean_mg_dl"] == pytest.approx(float(readings.mean()))
+    assert c["time_in_range_70_180_pct"] == pytest.approx(
+        100 * float(np.mean((readings >= 70) & (readings <= 180))), abs=1e-9
+    )
+    text = cgm_line(result)
+    assert "table: the twin's sensor glucose over 2.00 replayed days" in text
+    assert "[5–95 %] over the 3 draws" in text
+    assert (
+        f"the log's CGM over the same days ({c['readings']} readings): TIR 70-180 "
+        f"{c['time_in_range_70_180_pct']:.1f} %, <70 {c['time_below_70_pct']:.1f} %" in text
+    )
+    flat = " ".join(text.split())
+    assert "without sensor noise" in flat and "the sensor's noise and lag" in flat
+    assert TWIN_GLUCOSE_MEANING in flat
+    # the fit's held-out line carries the same explanation under its two TIRs
+    fit_text = " ".join(_fit_text({"fit": fit, "validation": checked}).split())
+    assert "TIR twin" in fit_text and TWIN_GLUCOSE_MEANING in fit_text
+    assert checked["logged_cgm"] == {
+        k: v for k, v in cgm_metrics(grid, 3 * 1440).items() if k != "readings"
+    }
 
 
 class _PlanSpy:
@@ -570,6 +604,7 @@ def test_the_cli_fits_and_replays_a_synthetic_log(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "TIR 70-180 %" in r.stdout and "basal-bolus" in r.stdout
+    assert "the log's CGM over the same days" in r.stdout
     doc = json.loads((tmp_path / "rep" / "replay.json").read_text())
     assert doc["draws"] == 4 and doc["therapies"][1]["therapy"] == "basal-bolus"
     r = _twinloop(

@@ -24,6 +24,7 @@ from twinloop.evaluation.glucose.evaluate import (
     markdown_table,
     shipped_protocols,
     split_model,
+    time_in_ranges_figure,
 )
 from twinloop.plant.glucose.cgm import CGMSpec
 from twinloop.plant.glucose.metrics import glucose_metrics
@@ -281,6 +282,49 @@ def test_manifest_and_plots(inline_eval):
     for name in pngs:
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name for p in result.files} >= {"per_patient.csv", "manifest.json", "cvga.png"}
+
+
+@pytest.mark.parametrize(
+    ("cohorts", "controllers"),
+    [
+        (("adults",), ["basal-bolus"]),
+        (("adults",), ["basal-bolus", "pid"]),  # 2.6 in wide before: the title was clipped
+        (("adult#001", "child#001"), CONTROLLERS),
+        (("adults", "adolescents", "children"),
+         ["basal-bolus", "pid", "oref0", "mpc", "policy:runs/train/ppo/seed_0"]),
+    ],
+)  # fmt: skip
+def test_the_time_in_ranges_title_and_everything_drawn_lie_inside_the_figure(
+    cohorts, controllers, tmp_path
+):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    protocol = EvaluationProtocol(name="t1d-standard", cohorts=cohorts, days=1, seeds=(0,))
+    rows = [
+        {"controller": c, "cohort": h, "time_below_54_pct": 1.0, "time_below_70_pct": 3.0,
+         "time_in_range_70_180_pct": 80.0, "time_above_180_pct": 15.0, "time_above_250_pct": 2.0}
+        for c in controllers for h in cohorts
+    ]  # fmt: skip
+    fig = time_in_ranges_figure(rows, controllers, protocol)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    inside = fig.bbox
+    title = fig.get_suptitle()
+    assert "Time in ranges" in title and "t1d-standard" in title
+    (text,) = [t for t in fig.texts if t.get_text() == title]
+    box = text.get_window_extent(renderer)
+    assert inside.x0 <= box.x0 and box.x1 <= inside.x1, (box, inside)
+    assert inside.y0 <= box.y0 and box.y1 <= inside.y1, (box, inside)
+    drawn = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)
+    assert inside.x0 <= drawn.x0 and drawn.x1 <= inside.x1 + 1e-6, (drawn, inside)
+    assert inside.y0 <= drawn.y0 and drawn.y1 <= inside.y1 + 1e-6, (drawn, inside)
+    # the PNG is the figure, not a bbox grown around artists that overflow it
+    path = tmp_path / "tir.png"
+    fig.savefig(path, dpi=fig.dpi)
+    with Image.open(path) as image:
+        assert image.size == (round(inside.width), round(inside.height))
 
 
 # --- ranking --------------------------------------------------------------------------------
