@@ -338,35 +338,59 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def ray_status_line(command: str, address: str | None) -> str:
-    """What ``command`` says while Ray starts (or connects), before its progress bar."""
+    """What ``command`` says while Ray starts (or connects), before its progress bar.
+
+    It names the file Ray's own messages go to (:mod:`twinloop.agents.ray_log`), unless
+    ``--verbose`` leaves them on the console.
+    """
+    from twinloop.agents import ray_log
+
+    where = "" if ray_log.verbose() else f"; Ray's messages: {ray_log.shown_path()}"
     if address:
-        return f"{command}: connecting to the Ray cluster at {address}…"
-    return f"{command}: starting Ray (embedded, 127.0.0.1)…"
+        return f"{command}: connecting to the Ray cluster at {address}{where}…"
+    return f"{command}: starting Ray (embedded, 127.0.0.1{where})…"
 
 
 def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Start the embedded Ray (loopback only, no usage stats) or connect to ``address``.
+
+    Ray's own messages go to a log file unless ``--verbose`` (:mod:`twinloop.agents.ray_log`).
 
     Raises:
         twinloop.extras.MissingExtraError: Ray is not installed (``twinloop[ray]``).
 
     """
     ray = require("ray", extra="ray", what="running agents on Ray")
+    from twinloop.agents import ray_log
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is not None:
         _check_reachable(address)
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        return
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    to_driver = ray_log.verbose()  # workers' output on the console only with --verbose
+    with ray_log.quiet():
+        if address is not None:
+            ray.init(address=address, log_to_driver=to_driver, configure_logging=False)
+        else:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=to_driver,
+                configure_logging=False,
+            )
+    ray_log.note_session()
+
+
+def stop_ray() -> None:
+    """Stop this process's Ray session (its messages while it stops go where they went)."""
+    import ray
+
+    from twinloop.agents import ray_log
+
+    with ray_log.quiet():
+        ray.shutdown()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -591,6 +615,4 @@ def release_placement(placement: Placement) -> None:
     if isinstance(placement, RayPlacement):
         placement.close()
     if placement.name.startswith("ray"):
-        import ray
-
-        ray.shutdown()
+        stop_ray()

@@ -71,6 +71,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--markdown", action="store_true", help="with --faults: as Markdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    options.add_verbose(p)
     p.set_defaults(handler=main_campaign)
 
 

@@ -48,7 +48,7 @@ DEPRECATED = {"controllers": "controller", "cohorts": "cohort", "seeds": "seed"}
 
 def add_parser(sub: Any) -> None:
     """Add the ``evaluate`` sub-command to the ``twinloop`` parser."""
-    from twinloop.cli.options import add_therapy
+    from twinloop.cli.options import add_therapy, add_verbose
 
     ev = sub.add_parser(
         "evaluate",
@@ -110,6 +110,7 @@ def add_parser(sub: Any) -> None:
     for old in DEPRECATED:
         ev.add_argument(f"--{old}", action="append", default=[], help=argparse.SUPPRESS)
     ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_verbose(ev)
     ev.add_argument(
         "--no-recordings",
         action="store_true",

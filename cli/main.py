@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (errors print one line, never a traceback)."""
     args = _parser().parse_args(argv)
+    if getattr(args, "verbose", None):  # --verbose: Ray's own messages on the console
+        from twinloop.agents import ray_log
+
+        ray_log.set_verbose(True)
     try:
         return int(args.handler(args))
     except BrokenPipeError:  # the reader went away (``twinloop campaign --faults | head``)

@@ -163,6 +163,18 @@ def therapy_of(name: str) -> Any:
     return therapy
 
 
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``--verbose``: Ray's own messages on the console, else in a log file (ray_log)."""
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=None,
+        help="show Ray's own messages (its warnings, its workers' output) on the console; "
+        "without it they go to a log file named when Ray starts "
+        "($TWINLOOP_LOG_DIR, default ~/.cache/twinloop/logs)",
+    )
+
+
 class ConfigFileError(ValueError):
     """A ``--config`` file that cannot be read or holds a key or value that is not allowed."""
 

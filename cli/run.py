@@ -44,6 +44,7 @@ COMMON: dict[str, Any] = {
     "report": True,
     "overwrite": False,
     "fail_on_hazard": False,
+    "verbose": False,
 }
 
 
@@ -109,6 +110,7 @@ def add_parser(sub: Any) -> None:
         help="do not write report.md and the plots at the end (a 30-patient week's 63 plots "
         "take ~14 s; twinloop report RUN_DIR writes them later)",
     )  # fmt: skip
+    options.add_verbose(run)
     for name, owners in _run_options().items():
         flag = "--" + name.replace("_", "-")
         which = ", ".join(t for t, _ in owners)
@@ -128,7 +130,7 @@ def _check_common(settings: dict[str, Any]) -> None:
     seed = settings["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed={seed!r} is not allowed: an integer from 0 to {MAX_SEED}")
-    for flag in ("progress", "report", "overwrite", "fail_on_hazard"):
+    for flag in ("progress", "report", "overwrite", "fail_on_hazard", "verbose"):
         if not isinstance(settings[flag], bool):
             raise ValueError(f"{flag}={settings[flag]!r} is not allowed: true or false")
     for key in ("therapy", "controller", "out", "placement", "address"):
@@ -193,6 +195,10 @@ def main_run(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k, None) for k in [*COMMON, *own]}
     settings = options.merged({**COMMON, **{k: o.default for k, o in own.items()}}, config, given)
     _check_common(settings)
+    if settings["verbose"]:  # --verbose, or the config file's verbose: true
+        from twinloop.agents import ray_log
+
+        ray_log.set_verbose(True)
     parsed: dict[str, Any] = {}
     for key, opt in own.items():
         value = settings[key]

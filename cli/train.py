@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from twinloop.cli.options import count
+from twinloop.cli.options import add_verbose, count
 
 #: Most Ray workers of ``--workers``; most environment steps of ``--timesteps`` (as the
 #: config's ``n_timesteps``, docs/training.md).
@@ -49,6 +49,7 @@ def add_parser(sub: Any) -> None:
         help="environment steps per seed, 1 to 1e10 (overrides the config's n_timesteps)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose(p)
     p.set_defaults(handler=main_train)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from twinloop.cli.errors import EXIT_USAGE
-from twinloop.cli.options import add_count, finite, number, seed
+from twinloop.cli.options import add_count, add_verbose, finite, number, seed
 
 #: Most days of a log fitted, validated or replayed, and of a synthetic log.
 MAX_LOG_DAYS = 3650.0
@@ -141,6 +141,7 @@ def add_parser(sub: Any) -> None:
     add_count(f, "--workers", 1, MAX_WORKERS, "parallel fits with --each", None, "default: CPUs")
     f.add_argument("--inline", action="store_true", help="with --each: no Ray, one by one")
     f.add_argument("--address", help="with --each: a Ray cluster (default: embedded, loopback)")
+    add_verbose(f)
 
     r = action.add_parser(
         "replay",
@@ -267,6 +268,7 @@ def add_parser(sub: Any) -> None:
     i.add_argument("--inline", action="store_true", help="fit in this process, one by one (no Ray)")
     add_count(i, "--workers", 1, MAX_WORKERS, "parallel fits on Ray", None, "default: CPUs")
     i.add_argument("--address", help="a Ray cluster (default: embedded Ray, loopback only)")
+    add_verbose(i)
     i.add_argument(
         "--force", action="store_true", help="refit every twin, even those that could be reused"
     )

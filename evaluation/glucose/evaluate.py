@@ -1330,7 +1330,7 @@ def _execute(
     if use_ray:
         import ray
 
-        from twinloop.agents.placement import ray_status_line, start_ray
+        from twinloop.agents.placement import ray_status_line, start_ray, stop_ray
 
         started_here = not ray.is_initialized()
         if started_here:
@@ -1377,7 +1377,7 @@ def _execute(
     finally:
         bar.close()
         if started_here:
-            ray.shutdown()
+            stop_ray()
     return done
 
 

@@ -1,0 +1,144 @@
+"""Ray's own console messages, sent to a log file unless ``--verbose`` asks for them.
+
+Ray writes to the console of the process that starts it: its Python loggers (``ray.*``: the
+"Token authentication is enabled for this Ray cluster" notice, a worker that died), lines of its
+C++ core written straight to file descriptor 2 (``network_util.cc: Failed to determine local IP
+via external connectivity`` on a machine with no route out) and ``warnings`` raised in its
+modules. By default :func:`quiet` sends all of them to one file per process,
+``ray-YYYYmmdd-HHMMSS-PID.log`` in :func:`log_dir` (``$TWINLOOP_LOG_DIR``, else
+``$XDG_CACHE_HOME/twinloop/logs``, else ``~/.cache/twinloop/logs``); the file also names Ray's
+session directory, where the output of Ray's own processes (GCS, raylet, workers) is.
+After :func:`set_verbose` (a command's ``--verbose``) Ray's messages stay on the console and its
+workers' output is forwarded there too (``ray.init(log_to_driver=True)``).
+
+C++ lines are caught while Ray starts and stops (fd 2 points at the log file then); the console
+is the process's own the rest of the time, so a crash still shows there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+_state = {"verbose": False, "routed": False}
+
+
+def set_verbose(verbose: bool) -> None:
+    """Leave Ray's messages on the console (``True``) or send them to :func:`log_path`."""
+    _state["verbose"] = verbose
+
+
+def verbose() -> bool:
+    """Whether Ray's messages stay on the console (:func:`set_verbose`)."""
+    return _state["verbose"]
+
+
+def log_dir() -> Path:
+    """Where Ray's log files go: ``$TWINLOOP_LOG_DIR``, else the user's cache directory."""
+    given = os.environ.get("TWINLOOP_LOG_DIR")
+    if given:
+        return Path(given)
+    cache = os.environ.get("XDG_CACHE_HOME")
+    return (Path(cache) if cache else Path.home() / ".cache") / "twinloop" / "logs"
+
+
+@functools.cache
+def log_path() -> Path:
+    """The Ray log file of this process (named once, at the first call)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return log_dir() / f"ray-{stamp}-{os.getpid()}.log"
+
+
+def shown_path() -> str:
+    """:func:`log_path` as a user reads it (``~`` for the home directory)."""
+    path, home = log_path(), Path.home()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
+
+
+def _open_log() -> TextIO:
+    path = log_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a", encoding="utf-8")
+
+
+def _route_python() -> None:
+    """Ray's loggers write to the log file, not stderr; warnings from Ray's modules too."""
+    if _state["routed"]:
+        return
+    _state["routed"] = True
+    import ray
+
+    handler = logging.FileHandler(log_path(), encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ray_logger = logging.getLogger("ray")
+    for old in list(ray_logger.handlers):
+        if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+            ray_logger.removeHandler(old)
+    ray_logger.addHandler(handler)
+    ray_logger.propagate = False
+
+    ray_dir = str(Path(ray.__file__).parent)
+    shown = warnings.showwarning
+
+    def showwarning(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if str(filename).startswith(ray_dir):
+            with _open_log() as log:
+                log.write(warnings.formatwarning(message, category, filename, lineno, line))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """While Ray starts or stops: its messages (C++ ones included) go to :func:`log_path`.
+
+    Does nothing after :func:`set_verbose` (``True``).
+    """
+    if verbose():
+        yield
+        return
+    _route_python()
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (a detached process): nothing reaches a console anyway
+        yield
+        return
+    try:
+        with _open_log() as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        with contextlib.suppress(ValueError, OSError):
+            sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def note_session() -> None:
+    """Write where Ray's own processes log (its session directory) into the log file."""
+    if verbose():
+        return
+    import ray
+
+    with contextlib.suppress(Exception):
+        logs = ray._private.worker._global_node.get_logs_dir_path()  # type: ignore[attr-defined]
+        with _open_log() as log:
+            log.write(f"twinloop: Ray's processes log in {logs}\n")

@@ -1,0 +1,63 @@
+"""Ray's own messages stay off the console of a twinloop command unless ``--verbose``.
+
+A real ``twinloop run --placement ray`` in a subprocess (its own embedded Ray, as a user's
+command has): Ray's token-authentication notice, its C++ core's lines (``network_util.cc``: no
+route out, under ``scripts/offline.sh``) and its loggers go to the log file in
+``$TWINLOOP_LOG_DIR``, which the command's status line names; with ``--verbose`` they are on the
+console and no log file is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: A line Ray writes itself: its C++ log format (``[2026-12-07 06:09:58,273 W 3287 3287]
+#: network_util.cc:330: ...``), its Python loggers' (``... WARNING worker.py:123 -- ...``) or its
+#: token-authentication notice.
+RAY_LINE = re.compile(
+    r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] \S+\.cc:\d+"
+    r"|\b(?:INFO|WARNING|ERROR) \S+\.py:\d+ --"
+    r"|Token authentication is (?:enabled|disabled)"
+)
+
+
+def _run_on_ray(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    logs = tmp_path / "logs"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's default mode
+    env |= {"TWINLOOP_LOG_DIR": str(logs), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "twinloop", "run", "--patient", "adult#001", "--placement", "ray",
+         "--out", str(tmp_path / "run"), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, logs
+
+
+def _ray_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if RAY_LINE.search(line)]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_ray_messages_go_to_the_log_file_unless_verbose(tmp_path: Path) -> None:
+    proc, logs = _run_on_ray(tmp_path / "quiet")
+    assert _ray_lines(proc.stderr) == [], proc.stderr
+    [log] = logs.glob("ray-*.log")
+    assert str(log.name) in proc.stderr  # the status line says where Ray's messages are
+    text = log.read_text()
+    assert "Token authentication is enabled" in text  # Ray's notice, moved, not dropped
+    assert "Ray's processes log in " in text  # where Ray's own processes log
+    assert "adult#001" in proc.stdout  # our own output is untouched
+
+    proc, logs = _run_on_ray(tmp_path / "verbose", "--verbose")
+    assert any("Token authentication is enabled" in line for line in _ray_lines(proc.stderr))
+    assert not logs.exists()
