@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from twinloop.cli.errors import EXIT_INTERRUPTED, fail, missing_extra, user_errors
+from twinloop.cli.examples import add_examples
 
 #: Exit code when standard output was closed by its reader (Python's convention).
 EXIT_BROKEN_PIPE = 1
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)
+    add_examples(parser)
     return parser
 
 
