@@ -552,16 +552,21 @@ def run_campaign(
 
             n_workers = workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
             stream = _on_ray(spec, todo, n_workers)
+        from twinloop.agents.progress import STARTING, counting_from_first
+
+        label = f"campaign {spec.name} ({len(done)} done before)"
         with tqdm(
             total=len(todo),
             unit="run",
+            smoothing=0,  # the average since the first run: runs finish in parallel batches
             disable=not progress,
-            desc=f"campaign {spec.name} ({len(done)} done before)",
+            desc=label + STARTING,
         ) as bar:
+            advance = counting_from_first(bar, label)  # the workers' start is not the runs'
             for result, trace in stream:
                 persist(out, result, trace)
                 errors += result["status"] != "ok"
-                bar.update(1)
+                advance(1)
                 if errors:
                     bar.set_postfix(errors=errors)
     wall_s = time.perf_counter() - began

@@ -394,21 +394,31 @@ def _main_fit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     began = time.perf_counter()
+    progress = sys.stderr.isatty()
+    if not args.inline:  # Ray first: its start is not the fits' time (the bar's ETA)
+        from twinloop.agents.placement import ray_status_line, start_ray
+
+        if progress:
+            print(ray_status_line("twin fit", args.address), file=sys.stderr, flush=True)
+        start_ray(args.address)
+    from twinloop.agents.progress import STARTING, counting_from_first
+
     failed = 0
-    for result in tqdm(
-        fit_many(requests, inline=args.inline, address=args.address, workers=args.workers),
-        total=len(requests),
-        unit="fit",
-        desc="twins",
-        disable=not sys.stderr.isatty(),
-    ):
-        if "error" in result:
-            failed += 1
-            print(f"{result['paths'][0]}: error: {result['error']}", file=sys.stderr)
-            continue
-        path = out / f"{result['name']}.yaml"
-        _write(result, path)
-        print(_fit_text(result) + f"\n-> {path}")
+    with tqdm(  # the average since the first fit (smoothing=0): fits finish in parallel batches
+        total=len(requests), unit="fit", desc="twins" + STARTING, smoothing=0, disable=not progress
+    ) as bar:
+        advance = counting_from_first(bar, "twins")  # the workers' start is not the fits'
+        for fitted in fit_many(
+            requests, inline=args.inline, address=args.address, workers=args.workers
+        ):
+            advance(1)
+            if "error" in fitted:
+                failed += 1
+                bar.write(f"{fitted['paths'][0]}: error: {fitted['error']}", file=sys.stderr)
+                continue
+            path = out / f"{fitted['name']}.yaml"
+            _write(fitted, path)
+            bar.write(_fit_text(fitted) + f"\n-> {path}", file=sys.stdout)
     print(
         f"twins: {len(requests) - failed} fitted, {failed} failed, in "
         f"{time.perf_counter() - began:.1f} s"

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -540,9 +541,11 @@ def individualize(
     stages["synthesize"] = time.perf_counter() - t
     stages["ray_start"] = 0.0
     if requests and not inline:
-        from twinloop.agents.placement import start_ray
+        from twinloop.agents.placement import ray_status_line, start_ray
 
         t = time.perf_counter()
+        if progress:  # the seconds before the bar starts are Ray's, not the fits'
+            print(ray_status_line("twins", address), file=sys.stderr, flush=True)
         start_ray(address)
         stages["ray_start"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -550,28 +553,33 @@ def individualize(
     errors: dict[str, str] = {}
     from tqdm import tqdm
 
+    from twinloop.agents.progress import STARTING, counting_from_first
+
     results = fit_many(requests, inline=inline, address=address, workers=workers)
-    for result in tqdm(
-        results, total=len(requests), unit="twin", desc="twins", disable=not progress
-    ):
-        name = str(result["name"])
-        plan = by_name[name]
-        if "error" in result:
-            errors[name] = str(result["error"])
-            continue
-        fit: TwinFit = result["fit"]
-        twin = write_twin(
-            fit,
-            twin_path(out, name),
-            extra={
-                "logs": [_relative(log_paths[name], out)],
-                "import_report": result["report"]["counts"],
-                "individualize": {"source": plan.source, "days": days, "seed": seed,
-                                  "log_seed": plan.seed, "overrides": plan.overrides},
-            },
-        )  # fmt: skip
-        entries[name] = _entry(plan, fit, twin, log_paths[name], out, days, seed)
-        save()
+    with tqdm(  # the average since the first fit (smoothing=0): fits finish in parallel batches
+        total=len(requests), unit="twin", desc="twins" + STARTING, smoothing=0, disable=not progress
+    ) as bar:
+        advance = counting_from_first(bar, "twins")  # the workers' start is not the fits'
+        for result in results:
+            advance(1)
+            name = str(result["name"])
+            plan = by_name[name]
+            if "error" in result:
+                errors[name] = str(result["error"])
+                continue
+            fit: TwinFit = result["fit"]
+            twin = write_twin(
+                fit,
+                twin_path(out, name),
+                extra={
+                    "logs": [_relative(log_paths[name], out)],
+                    "import_report": result["report"]["counts"],
+                    "individualize": {"source": plan.source, "days": days, "seed": seed,
+                                      "log_seed": plan.seed, "overrides": plan.overrides},
+                },
+            )  # fmt: skip
+            entries[name] = _entry(plan, fit, twin, log_paths[name], out, days, seed)
+            save()
     stages["fit"] = time.perf_counter() - t
     stages["total"] = time.perf_counter() - began
     doc["complete"] = not errors

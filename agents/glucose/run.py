@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from twinloop.agents.glucose.loop import LoopConfig, PatientLoop, run_together
 from twinloop.agents.placement import InlinePlacement, Placement, RayPatientsPlacement
+from twinloop.agents.progress import STARTING, counting_from_first, start_rate_at
 from twinloop.agents.recording import (
     DEFAULT_FLUSH_EVERY_MIN,
     Columns,
@@ -165,21 +166,6 @@ def tick_lateness(lateness_ms: NDArray[np.float64]) -> dict[str, Any]:
 WAITING = "closed loop (starting the agents)"
 
 
-def start_rate_at(bar: tqdm, n: int) -> None:
-    """Count ``n`` as done before ``bar``'s clock started, and start it now.
-
-    What came before the first update (Ray actors starting, compiled kernels loading) then does
-    not enter the rate, so the ETA is the loop's own from the first update on.
-    """
-    if bar.disable:
-        bar.update(n)
-        return
-    bar.reset(total=bar.total)
-    bar.set_description_str("closed loop", refresh=False)
-    bar.n = bar.last_print_n = bar.initial = n
-    bar.refresh()
-
-
 def _patient_loop_columns(
     config: LoopConfig, name: str, seed: np.random.SeedSequence
 ) -> tuple[Columns, list[float]]:
@@ -207,11 +193,19 @@ def _run_patients_on_ray(
     bg = np.empty((len(patients), config.days * MIN_PER_DAY + 1))
     complete = False
     try:
-        for i, ref in enumerate(tqdm(refs, disable=not progress, desc="patients", leave=False)):
-            columns, trace = ray.get(ref)
-            recorder.merge(columns)  # in patient order: the recording is deterministic
-            recorder.flush()  # a finished patient is on disk at once
-            bg[i] = trace
+        # one patient's loop per step, the clock from the first (the workers' start is not the
+        # loops'), the average since then (smoothing=0): the loops finish in parallel batches
+        with tqdm(
+            total=len(refs), disable=not progress, desc="patients" + STARTING, unit="patient",
+            smoothing=0, leave=False,
+        ) as bar:  # fmt: skip
+            advance = counting_from_first(bar, "patients")
+            for i, ref in enumerate(refs):
+                columns, trace = ray.get(ref)
+                recorder.merge(columns)  # in patient order: the recording is deterministic
+                recorder.flush()  # a finished patient is on disk at once
+                bg[i] = trace
+                advance(1)
         complete = True
     finally:
         summary: dict[str, Any] = {"complete": False}

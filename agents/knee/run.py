@@ -19,11 +19,14 @@ from tqdm import tqdm
 from twinloop.agents.knee.loop import ExoLoop, ExoLoopConfig, reflex_torque_nm, run_exo_together
 from twinloop.agents.knee.messages import capacity_identified
 from twinloop.agents.placement import InlinePlacement, Placement
+from twinloop.agents.progress import counting_from_first
 from twinloop.agents.recording import Columns, Recorder, column_listener
 from twinloop.plant.knee.metrics import exo_metrics
 from twinloop.plant.knee.model import PRESETS, knee_preset
 
 THERAPY = "knee-exo"
+#: The progress bar's label until the first round is done (actors starting, kernels loading).
+WAITING = "exo loop (starting the agents)"
 
 SUMMARY_FIELDS = (
     "rms_error_deg",
@@ -277,10 +280,9 @@ def run_knee_exo(
     complete = False
     try:
         total = sum(loop.n_ticks for loop in loops)
-        with tqdm(
-            total=total, unit="tick", disable=not progress, desc="exo loop", leave=False
-        ) as bar:
-            run_exo_together(loops, progress=bar.update)
+        with tqdm(total=total, unit="tick", disable=not progress, desc=WAITING, leave=False) as bar:
+            # the first round: the agents are up, the bar's clock starts then
+            run_exo_together(loops, progress=counting_from_first(bar, "exo loop"))
         complete = True
     finally:
         for loop in loops:

@@ -1337,7 +1337,12 @@ def _execute(
             if progress:  # the seconds before the bar starts are Ray's, not the runs'
                 print(ray_status_line("evaluate", address), file=sys.stderr, flush=True)
             start_ray(address, num_cpus=workers if address is None else None)
-    bar = tqdm(total=len(specs), unit="run", desc="evaluate", disable=not progress, smoothing=0)
+    from twinloop.agents.progress import STARTING, counting_from_first
+
+    bar = tqdm(
+        total=len(specs), unit="run", desc="evaluate" + STARTING, disable=not progress, smoothing=0
+    )
+    advance = counting_from_first(bar, "evaluate")  # the workers' start is not the runs'
 
     def finished(spec: RunSpec, result: RunResult) -> None:
         done[spec] = result
@@ -1346,7 +1351,7 @@ def _execute(
             + (" FAILED" if result.error else ""),
             refresh=False,
         )
-        bar.update(1)
+        advance(1)
 
     try:
         if not use_ray:

@@ -1,0 +1,44 @@
+"""Progress bars count the work's own rate: the clock starts at the first step, not before."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tqdm import tqdm
+
+from twinloop.agents import progress
+from twinloop.agents.knee import run as knee_run
+from twinloop.agents.knee.loop import ExoLoopConfig
+
+
+def test_the_first_update_is_counted_before_the_clock_starts() -> None:
+    bar = tqdm(total=100, desc="waiting", file=io.StringIO(), mininterval=0)
+    before = bar.start_t
+    progress.start_rate_at(bar, 5, "loop")
+    assert (bar.n, bar.initial, bar.desc) == (5, 5, "loop")
+    assert bar.start_t >= before  # the clock restarted
+    bar.update(3)
+    assert (bar.n, bar.initial, bar.total) == (8, 5, 100)  # the rate counts the 3 only
+    bar.close()
+
+
+def test_the_knee_run_s_bar_is_in_ticks_and_starts_its_clock_after_the_first_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bars: list[Any] = []
+
+    class Seen(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "file": io.StringIO(), "mininterval": 0})
+            bars.append(self)
+
+    monkeypatch.setattr(knee_run, "tqdm", Seen)
+    config = ExoLoopConfig(patients=("mild",), cycles=1)
+    knee_run.run_knee_exo(config, tmp_path / "run", progress=True)
+    [bar] = bars
+    assert bar.unit == "tick" and bar.desc == "exo loop"
+    assert 0 < bar.initial < bar.total  # the first round, before the clock started
+    assert bar.n == bar.total == sum(loop.n_ticks for loop in knee_run.exo_loops(config))
