@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 #: What a bar's label says until its first update (workers or agents starting).
-STARTING = " (starting…)"
+STARTING = " — starting…"
 
 
 def start_rate_at(bar: Any, n: int, desc: str = "closed loop") -> None:

@@ -592,5 +592,5 @@ def test_the_progress_bar_starts_after_ray_and_says_what_it_waits_for(monkeypatc
     with pytest.raises(Started):
         ev._execute([], use_ray=True, address=None, workers=1, progress=True)
     err = capsys.readouterr().err
-    assert "evaluate: starting Ray (embedded, 127.0.0.1)…" in err
+    assert "evaluate: starting Ray (embedded, 127.0.0.1; Ray's messages: " in err
     assert "run/s" not in err and "0/0" not in err  # no bar yet
