@@ -1,7 +1,8 @@
 """Ray's own console messages, sent to a log file unless ``--verbose`` asks for them.
 
 Ray writes to the console of the process that starts it: its Python loggers (``ray.*``: the
-"Token authentication is enabled for this Ray cluster" notice, a worker that died), lines of its
+"Token authentication is enabled for this Ray cluster" notice), the raylet's messages that a
+thread of the driver prints to stdout ("A worker died or was killed ..."), lines of its
 C++ core written straight to file descriptor 2 (``network_util.cc: Failed to determine local IP
 via external connectivity`` on a machine with no route out) and ``warnings`` raised in its
 modules. By default :func:`quiet` sends all of them to one file per process,
@@ -26,9 +27,9 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-_state = {"verbose": False, "routed": False}
+_state = {"verbose": False, "warnings": False}
 
 
 def set_verbose(verbose: bool) -> None:
@@ -69,21 +70,39 @@ def _open_log() -> TextIO:
     return path.open("a", encoding="utf-8")
 
 
-def _route_python() -> None:
-    """Ray's loggers write to the log file, not stderr; warnings from Ray's modules too."""
-    if _state["routed"]:
-        return
-    _state["routed"] = True
-    import ray
+class _RayLogHandler(logging.FileHandler):
+    """The log file's handler on Ray's ``ray`` logger."""
 
-    handler = logging.FileHandler(log_path(), encoding="utf-8", delay=True)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+def _route_python() -> None:
+    """Ray's loggers write to the log file, not stderr; warnings from Ray's modules too.
+
+    Called after ``ray.init``, which removes every handler of the ``ray`` logger (its
+    ``configure_logging=False``), leaving its warnings to Python's last-resort handler: stderr.
+    """
     ray_logger = logging.getLogger("ray")
     for old in list(ray_logger.handlers):
-        if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+        if isinstance(old, logging.StreamHandler) and not isinstance(old, _RayLogHandler):
             ray_logger.removeHandler(old)
-    ray_logger.addHandler(handler)
+    if not any(isinstance(h, _RayLogHandler) for h in ray_logger.handlers):
+        handler = _RayLogHandler(log_path(), encoding="utf-8", delay=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ray_logger.addHandler(handler)
     ray_logger.propagate = False
+    if _state["warnings"]:
+        return
+    _state["warnings"] = True
+    import ray
+    import ray._private.worker as ray_worker
+
+    if hasattr(ray_worker, "print_to_stdstream"):  # a message from the raylet ("A worker died
+        # or was killed ..."), or a worker's output: printed by a thread of the driver
+
+        def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
+            with _open_log() as log:
+                log.writelines(f"({data.get('pid')}) {line}\n" for line in data.get("lines", ()))
+
+        ray_worker.print_to_stdstream = print_to_stdstream
 
     ray_dir = str(Path(ray.__file__).parent)
     shown = warnings.showwarning
@@ -114,22 +133,23 @@ def quiet() -> Iterator[None]:
     if verbose():
         yield
         return
-    _route_python()
     sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:  # no fd 2 (a detached process): nothing reaches a console anyway
-        yield
-        return
+        saved = None
     try:
-        with _open_log() as log:
-            os.dup2(log.fileno(), 2)
+        if saved is not None:
+            with _open_log() as log:
+                os.dup2(log.fileno(), 2)
         yield
     finally:
-        with contextlib.suppress(ValueError, OSError):
-            sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        if saved is not None:
+            with contextlib.suppress(ValueError, OSError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        _route_python()
 
 
 def note_session() -> None:

@@ -61,3 +61,31 @@ def test_ray_messages_go_to_the_log_file_unless_verbose(tmp_path: Path) -> None:
     proc, logs = _run_on_ray(tmp_path / "verbose", "--verbose")
     assert any("Token authentication is enabled" in line for line in _ray_lines(proc.stderr))
     assert not logs.exists()
+
+
+ROUTED = """
+import logging, warnings
+import ray
+from twinloop.agents import ray_log
+with ray_log.quiet():  # as around ray.init, which leaves the ray logger without handlers
+    logging.getLogger("ray").handlers.clear()
+logging.getLogger("ray._private.worker").warning("a worker died")
+warnings.warn_explicit("deprecated in ray", FutureWarning, ray.__file__, 1)
+warnings.warn("ours")
+import ray._private.worker as ray_worker  # how the driver prints the raylet's messages
+ray_worker.print_to_stdstream({"lines": ["A worker died"], "pid": "raylet", "is_err": False}, False)
+"""
+
+
+def test_ray_s_loggers_and_warnings_after_start_go_to_the_log_file(tmp_path: Path) -> None:
+    env = {**os.environ, "TWINLOOP_LOG_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", ROUTED], env=env, capture_output=True, text=True, check=True
+    )
+    [log] = tmp_path.glob("ray-*.log")
+    text = log.read_text()
+    assert "WARNING ray._private.worker: a worker died" in text
+    assert "FutureWarning: deprecated in ray" in text
+    assert "(raylet) A worker died" in text and "worker died" not in proc.stdout
+    assert "UserWarning: ours" in proc.stderr  # twinloop's own warnings stay on the console
+    assert "worker died" not in proc.stderr and "deprecated in ray" not in proc.stderr
