@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -288,6 +288,7 @@ def sample_population(
     groups: dict[str, float] | None = None,
     model: PopulationModel | None = None,
     max_draws: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[PatientParameters], dict[str, int]]:
     """Draw ``n`` valid virtual patients; return them and the rejection counts by reason.
 
@@ -297,6 +298,7 @@ def sample_population(
         groups: share of each group (default equal thirds), e.g. ``{"adults": 1.0}``.
         model: the fitted model (default: :func:`fit_population` of the shipped table).
         max_draws: give up after this many draws (default ``50 n``).
+        progress: called with the patients kept by each batch of draws (they sum to ``n``).
 
     Raises:
         ConfigError: a bad ``n``, group or share, or too many rejections.
@@ -358,11 +360,14 @@ def sample_population(
                 rejected["standard day"] = rejected.get("standard day", 0) + int(
                     (steady & ~therapy_ok).sum()
                 )
+                before = len(kept)
                 for p, ok in zip(candidates, steady & therapy_ok, strict=True):
                     if ok and len(kept) < count:
                         kept.append(
                             dataclasses.replace(p, name=f"{GROUPS[g]}#p{seed}-{len(kept):04d}")
                         )
+                if progress is not None:
+                    progress(len(kept) - before)
         out.extend(kept)
     return out, rejected
 

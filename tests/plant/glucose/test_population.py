@@ -103,8 +103,10 @@ def test_members_differ_from_each_other_and_from_the_table(population):
 
 
 def test_the_same_seed_gives_the_same_population(model, population):
-    again, _ = sample_population(300, seed=3, model=model)
+    kept: list[int] = []  # the progress bar's updates: patients kept per batch of draws
+    again, _ = sample_population(300, seed=3, model=model, progress=kept.append)
     assert again == population[0]
+    assert sum(kept) == 300 and len(kept) >= 3  # at least one batch per age group
     other, _ = sample_population(300, seed=4, model=model)
     assert [dataclasses.astuple(p)[1:] for p in other] != [
         dataclasses.astuple(p)[1:] for p in population[0]
