@@ -61,8 +61,11 @@ def main_train(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         if args.workers is not None or args.address is not None:
-            from twinloop.agents.placement import start_ray
+            import sys
 
+            from twinloop.agents.placement import ray_status_line, start_ray
+
+            print(ray_status_line("train", args.address), file=sys.stderr, flush=True)
             start_ray(args.address, num_cpus=args.workers if args.address is None else None)
         results = train(
             config,

@@ -42,3 +42,31 @@ def test_the_knee_run_s_bar_is_in_ticks_and_starts_its_clock_after_the_first_rou
     assert bar.unit == "tick" and bar.desc == "exo loop"
     assert 0 < bar.initial < bar.total  # the first round, before the clock started
     assert bar.n == bar.total == sum(loop.n_ticks for loop in knee_run.exo_loops(config))
+
+
+def test_twin_fit_each_starts_ray_before_its_bar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bar's clock must not run while Ray starts (it did: Ray started in the first fit)."""
+    import tqdm as tqdm_module
+
+    from twinloop.agents import placement
+    from twinloop.cli.main import main
+    from twinloop.twins import person
+
+    events: list[str] = []
+
+    class Bar(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            events.append("bar")
+            super().__init__(*args, **kwargs)
+
+    def fit_many(requests: list[Any], **_: Any) -> Any:
+        return iter([{"name": "x", "paths": ["log"], "error": "not fitted"}] * len(requests))
+
+    monkeypatch.setattr(placement, "start_ray", lambda *a, **k: events.append("ray"))
+    monkeypatch.setattr(tqdm_module, "tqdm", Bar)
+    monkeypatch.setattr(person, "fit_many", fit_many)
+    code = main(["twin", "fit", "--each", "synthetic_adult006_14d", "--out", str(tmp_path)])
+    assert code == 1  # the (fake) fit failed
+    assert events == ["ray", "bar"]
