@@ -25,17 +25,22 @@ def test_the_first_update_is_counted_before_the_clock_starts() -> None:
     bar.close()
 
 
+def _recorded(bars: list[Any]) -> type[tqdm]:
+    """A tqdm that appends each bar it makes to ``bars`` (and draws into a string)."""
+
+    class Recorded(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            bars.append(self)
+            super().__init__(*args, **{**kwargs, "file": io.StringIO(), "mininterval": 0})
+
+    return Recorded
+
+
 def test_the_knee_run_s_bar_is_in_ticks_and_starts_its_clock_after_the_first_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bars: list[Any] = []
-
-    class Seen(tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **{**kwargs, "file": io.StringIO(), "mininterval": 0})
-            bars.append(self)
-
-    monkeypatch.setattr(knee_run, "tqdm", Seen)
+    monkeypatch.setattr(knee_run, "tqdm", _recorded(bars))
     config = ExoLoopConfig(patients=("mild",), cycles=1)
     knee_run.run_knee_exo(config, tmp_path / "run", progress=True)
     [bar] = bars
@@ -54,19 +59,14 @@ def test_twin_fit_each_starts_ray_before_its_bar(
     from twinloop.cli.main import main
     from twinloop.twins import person
 
-    events: list[str] = []
-
-    class Bar(tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            events.append("bar")
-            super().__init__(*args, **kwargs)
+    events: list[Any] = []
 
     def fit_many(requests: list[Any], **_: Any) -> Any:
         return iter([{"name": "x", "paths": ["log"], "error": "not fitted"}] * len(requests))
 
     monkeypatch.setattr(placement, "start_ray", lambda *a, **k: events.append("ray"))
-    monkeypatch.setattr(tqdm_module, "tqdm", Bar)
+    monkeypatch.setattr(tqdm_module, "tqdm", _recorded(events))
     monkeypatch.setattr(person, "fit_many", fit_many)
     code = main(["twin", "fit", "--each", "synthetic_adult006_14d", "--out", str(tmp_path)])
     assert code == 1  # the (fake) fit failed
-    assert events == ["ray", "bar"]
+    assert events[0] == "ray" and isinstance(events[1], tqdm) and len(events) == 2
