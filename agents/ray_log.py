@@ -128,9 +128,15 @@ def _route_python() -> None:
 def quiet() -> Iterator[None]:
     """While Ray starts or stops: its messages (C++ ones included) go to :func:`log_path`.
 
-    Does nothing after :func:`set_verbose` (``True``).
+    Does nothing after :func:`set_verbose` (``True``), nor when the log file cannot be written
+    (Ray's messages then stay on the console).
     """
     if verbose():
+        yield
+        return
+    try:
+        log = _open_log()
+    except OSError:
         yield
         return
     sys.stderr.flush()
@@ -140,8 +146,8 @@ def quiet() -> Iterator[None]:
         saved = None
     try:
         if saved is not None:
-            with _open_log() as log:
-                os.dup2(log.fileno(), 2)
+            os.dup2(log.fileno(), 2)
+        log.close()
         yield
     finally:
         if saved is not None:
@@ -149,7 +155,7 @@ def quiet() -> Iterator[None]:
                 sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-        _route_python()
+    _route_python()
 
 
 def note_session() -> None:

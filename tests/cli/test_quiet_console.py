@@ -89,3 +89,14 @@ def test_ray_s_loggers_and_warnings_after_start_go_to_the_log_file(tmp_path: Pat
     assert "(raylet) A worker died" in text and "worker died" not in proc.stdout
     assert "UserWarning: ours" in proc.stderr  # twinloop's own warnings stay on the console
     assert "worker died" not in proc.stderr and "deprecated in ray" not in proc.stderr
+
+
+def test_an_unwritable_log_directory_leaves_ray_s_messages_on_the_console(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "TWINLOOP_LOG_DIR": str(blocker / "logs")}  # cannot be created
+    proc = subprocess.run(
+        [sys.executable, "-c", ROUTED], env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "a worker died" in proc.stderr  # Python's last resort: the console
