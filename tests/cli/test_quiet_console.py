@@ -100,3 +100,21 @@ def test_an_unwritable_log_directory_leaves_ray_s_messages_on_the_console(tmp_pa
     )
     assert proc.returncode == 0, proc.stderr
     assert "a worker died" in proc.stderr  # Python's last resort: the console
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run"],
+        ["evaluate", "--controller", "pid"],
+        ["campaign", "glucose_smoke"],
+        ["train", "policies/configs/t1d_ppo.yaml"],
+        ["twin", "fit", "--each", "log.csv", "--out", "twins"],
+        ["twin", "individualize", "--cohort", "adults", "--out", "twins"],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
+def test_every_command_that_starts_ray_has_verbose(argv: list[str]) -> None:
+    from twinloop.cli.main import _parser
+
+    assert _parser().parse_args([*argv, "--verbose"]).verbose is True
