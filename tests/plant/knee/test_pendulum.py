@@ -1,0 +1,146 @@
+"""The Wartenberg pendulum task: metrics on a known signal; the presets against the literature."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from twinloop.plant.errors import ConfigError, UnknownPatientError
+from twinloop.plant.knee.model import PRESETS, knee_preset
+from twinloop.plant.knee.pendulum import (
+    HEALTHY_R2,
+    PendulumConfig,
+    pendulum_metrics,
+    run_pendulum,
+    simulate_pendulum,
+)
+
+# Damped cosine about a plateau A0, released from 0 at rest:
+#   θ(t) = A0·(1 − e^(−σt)·(cos ωd t + (σ/ωd)·sin ωd t))   (θ(0) = 0, θ'(0) = 0)
+# θ'(t) = A0·e^(−σt)·(ωd + σ²/ωd)·sin ωd t, so the flexion peaks sit at t_n = (2n − 1)π/ωd,
+# where θ − A0 = A0·e^(−σ t_n), and the first-downswing velocity peaks where
+# tan(ωd t) = ωd/σ.
+A0_DEG = 70.0
+SIGMA = 0.9  # 1/s
+OMEGA_D = 2 * math.pi / 1.1  # rad/s: a 1.1-s period
+
+
+def damped_cosine(duration_s=12.0, dt=1e-3):
+    t = np.arange(0.0, duration_s + dt / 2, dt)
+    a0 = math.radians(A0_DEG)
+    env = np.exp(-SIGMA * t)
+    theta = a0 * (1 - env * (np.cos(OMEGA_D * t) + SIGMA / OMEGA_D * np.sin(OMEGA_D * t)))
+    omega = a0 * env * (OMEGA_D + SIGMA**2 / OMEGA_D) * np.sin(OMEGA_D * t)
+    return t, theta, omega
+
+
+def test_metrics_of_a_damped_cosine_match_their_closed_form():
+    t, theta, omega = damped_cosine()
+    m = pendulum_metrics(t, theta, omega, swing_threshold_deg=1.0, plateau_window_s=1.0)
+    t1 = math.pi / OMEGA_D
+    a1 = A0_DEG * (1 + math.exp(-SIGMA * t1))
+    assert m.first_swing_deg == pytest.approx(a1, abs=1e-3)
+    assert m.plateau_deg == pytest.approx(A0_DEG, abs=0.05)  # the tail is within 0.01° of A0
+    assert m.relaxation_index == pytest.approx(a1 / A0_DEG, abs=1e-3)
+    assert m.relaxation_index_normalised == pytest.approx(a1 / A0_DEG / HEALTHY_R2, abs=1e-3)
+    # peaks beyond the plateau by A0·e^(−σ t_n) > 1°: t_n < ln(A0)/σ
+    n_expected = sum(
+        A0_DEG * math.exp(-SIGMA * (2 * n - 1) * math.pi / OMEGA_D) > 1.0 for n in range(1, 50)
+    )
+    assert n_expected == 4  # the signal is chosen so no peak sits near the threshold
+    assert m.swings == n_expected
+    assert m.period_s == pytest.approx(2 * math.pi / OMEGA_D, abs=2e-3)
+    t_v = math.atan2(OMEGA_D, SIGMA) / OMEGA_D
+    v_peak = (
+        A0_DEG * math.exp(-SIGMA * t_v) * (OMEGA_D + SIGMA**2 / OMEGA_D) * math.sin(OMEGA_D * t_v)
+    )
+    assert m.peak_velocity_deg_s == pytest.approx(v_peak, rel=1e-4)
+    assert m.settled
+
+
+def test_metrics_without_velocity_differentiate_the_angle():
+    t, theta, omega = damped_cosine()
+    with_v = pendulum_metrics(t, theta, omega)
+    without = pendulum_metrics(t, theta)
+    assert without.peak_velocity_deg_s == pytest.approx(with_v.peak_velocity_deg_s, rel=1e-3)
+
+
+def test_a_higher_threshold_counts_fewer_swings_and_an_unsettled_trace_says_so():
+    t, theta, omega = damped_cosine(duration_s=3.0)
+    m1 = pendulum_metrics(t, theta, omega, swing_threshold_deg=1.0)
+    m10 = pendulum_metrics(t, theta, omega, swing_threshold_deg=10.0)
+    assert m10.swings < m1.swings
+    assert not m1.settled  # still swinging by several degrees in the last second
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"preset": "nobody"}, "preset"),
+        ({"duration_s": 0.0}, "duration_s"),
+        ({"duration_s": math.nan}, "duration_s"),
+        ({"release_angle_deg": 95.0}, "release_angle_deg"),
+        ({"swing_threshold_deg": 0.0}, "swing_threshold_deg"),
+        ({"plateau_window_s": 30.0}, "plateau_window_s"),
+        ({"drive_attached": 1}, "drive_attached"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises((ConfigError, UnknownPatientError), match=field):
+        PendulumConfig(**kwargs)
+
+
+def test_relaxed_config_has_no_voluntary_intent_and_keeps_the_reflex_and_plant():
+    cfg = PendulumConfig(preset="severe")
+    p = cfg.params()
+    preset = knee_preset("severe")
+    assert p.intent_kp_nm_per_rad == p.intent_kd_nm_s_per_rad == 0.0
+    assert p.gravity_compensation_fraction == 0.0
+    assert p.spasticity_gain_per_rad_s == preset.spasticity_gain_per_rad_s > 0
+    assert p.spasticity_threshold_rad_s == preset.spasticity_threshold_rad_s
+    assert p.rom_moment_nm == preset.rom_moment_nm
+    assert p.exo_coulomb_nm == 0.0 and p.exo_link_mass_kg == 0.0
+    attached = PendulumConfig(preset="severe", drive_attached=True).params()
+    assert attached.exo_coulomb_nm == preset.exo_coulomb_nm
+    assert attached.joint_inertia_kg_m2 == preset.joint_inertia_kg_m2
+
+
+def test_traces_start_at_rest_at_the_release_angle_and_the_muscles_stay_silent_when_healthy():
+    (tr,) = simulate_pendulum([PendulumConfig(duration_s=2.0, release_angle_deg=10.0)])
+    assert tr.time_s.shape == tr.angle_rad.shape == (2001,)
+    assert tr.angle_rad[0] == pytest.approx(math.radians(10.0))
+    assert tr.velocity_rad_s[0] == 0.0
+    assert tr.angle_rad[1] > tr.angle_rad[0]  # gravity flexes the horizontal-ish shank
+    assert np.all(tr.reflex_excitation == 0.0)
+
+
+@pytest.fixture(scope="module")
+def presets_without_drive():
+    return dict(
+        zip(PRESETS, run_pendulum([PendulumConfig(preset=name) for name in PRESETS]), strict=True)
+    )
+
+
+def test_healthy_relaxation_index_is_in_the_published_healthy_range(presets_without_drive):
+    # Kim, Chon, Park & Choi 1996, J Korean Acad Rehabil Med 20(3):27 (50 healthy adults, knee,
+    # supine, electrogoniometer): R2 = 1.678 ± 0.090 (mean ± SD); the range is mean ± 2 SD.
+    lo, hi = 1.678 - 2 * 0.090, 1.678 + 2 * 0.090
+    m = presets_without_drive["healthy"]
+    assert lo <= m.relaxation_index <= hi
+    assert m.settled
+
+
+def test_relaxation_index_falls_with_spasticity_severity(presets_without_drive):
+    r2 = [presets_without_drive[name].relaxation_index for name in PRESETS]
+    assert list(PRESETS) == ["healthy", "mild", "moderate", "severe"]
+    assert all(a > b for a, b in itertools.pairwise(r2)), r2
+    first_swing = [presets_without_drive[name].first_swing_deg for name in PRESETS]
+    assert all(a > b for a, b in itertools.pairwise(first_swing))
+
+
+def test_the_attached_drive_damps_the_small_swings():
+    detached, attached = run_pendulum(
+        [PendulumConfig(drive_attached=False), PendulumConfig(drive_attached=True)]
+    )
+    assert attached.swings < detached.swings
