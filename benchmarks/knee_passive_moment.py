@@ -25,7 +25,9 @@ twinloop's passive moment at rest (healthy preset, drive detached; the presets s
 passive parameter): :func:`~twinloop.plant.knee.model.static_moment_nm` (gravity + the plant's
 ``passive_joint_moment`` + both muscles' passive elements at zero activation, zero velocity)
 minus the gravity moment ``m·g·d·cos θ``. Reported split into the range-of-motion exponentials
-(``passive_joint_moment`` at zero velocity) and the muscles' passive elements (the rest).
+(``passive_joint_moment`` at zero velocity) and the muscles' passive elements (the rest). The
+R&E moment is given at ``--hip-deg`` (default 90°, twinloop's seated posture) and, for the
+clinical supine pendulum set-up, at hip 0°.
 
 Also reported: the resting angle of the hanging shank (zero of gravity + passive moment, the
 pendulum-test plateau) with twinloop's passive moment and with the R&E moment at each hip angle.
@@ -124,17 +126,19 @@ def main() -> None:
     angles = np.arange(0.0, args.max_deg + args.step_deg / 2, args.step_deg)
     tw = twinloop_passive_moment_nm(angles)
     ref = riener_edrich_knee_moment_nm(angles, args.hip_deg)
+    supine = riener_edrich_knee_moment_nm(angles, 0.0)
     rows = [
         {
             "knee_flexion_deg": float(a),
             "riener_edrich_nm": round(float(r), 2),
+            "riener_edrich_supine_hip_0_nm": round(float(s), 2),
             "twinloop_total_nm": round(float(t), 2),
             "twinloop_rom_nm": round(float(o), 2),
             "twinloop_muscle_passive_nm": round(float(m), 2),
             "difference_nm": round(float(t - r), 2),
         }
-        for a, r, t, o, m in zip(
-            angles, ref, tw["total"], tw["rom"], tw["muscle_passive"], strict=True
+        for a, r, s, t, o, m in zip(
+            angles, ref, supine, tw["total"], tw["rom"], tw["muscle_passive"], strict=True
         )
     ]
     result = {
