@@ -43,13 +43,18 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import yaml
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
-from stable_baselines3.common.vec_env import VecMonitor
+from stable_baselines3.common.vec_env import (
+    VecEnv,
+    VecFrameStack,
+    VecNormalize,
+    unwrap_vec_normalize,
+)
 from tqdm import tqdm
 
 from twinloop.limits import (
@@ -69,6 +74,17 @@ from twinloop.policies.saved import (
     twinloop_version,
     write_weights,
 )
+from twinloop.policies.zoo import (
+    SCHEDULE_KEYS,
+    UNSUPPORTED_ZOO_KEYS,
+    NormalizeSettings,
+    make_filter,
+    parse_frame_stack,
+    parse_normalize,
+    parse_policy_kwargs,
+    parse_schedule,
+    schedule,
+)
 
 #: Policies a flat feature vector can feed.
 POLICIES = ("MlpPolicy",)
@@ -79,6 +95,8 @@ COMMON_KEYS = (
     "policy_kwargs",
     "n_envs",
     "n_timesteps",
+    "normalize",
+    "frame_stack",
     "seeds",
     "checkpoint_freq",
     "tensorboard",
@@ -145,6 +163,8 @@ class TrainingConfig:
         algorithm: ``ppo`` or ``sac``.
         policy: ``MlpPolicy``.
         n_envs: parallel sub-environments of the vector env.
+        normalize: the Zoo's ``normalize`` (``VecNormalize`` arguments), or None.
+        frame_stack: the Zoo's ``frame_stack`` (``VecFrameStack``), or None.
         n_timesteps: environment steps per seed.
         hyperparameters: keyword arguments of the algorithm's constructor.
         policy_kwargs: ``policy_kwargs`` of the constructor (``activation_fn`` by name).
@@ -163,6 +183,8 @@ class TrainingConfig:
     policy: str
     n_envs: int
     n_timesteps: int
+    normalize: NormalizeSettings | None
+    frame_stack: int | None
     hyperparameters: dict[str, Any]
     policy_kwargs: dict[str, Any]
     task: Any
@@ -233,12 +255,14 @@ def int_field(name: str, value: object, minimum: int, maximum: int = MAX_TIMESTE
 
 
 def _policy_kwargs(value: object) -> dict[str, Any]:
+    value = parse_policy_kwargs(value)
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise PolicyConfigError(
             f"policy_kwargs: {value!r} is not allowed: a mapping such as "
-            "{net_arch: [64, 64], activation_fn: tanh} (strings are not evaluated)"
+            "{net_arch: [64, 64], activation_fn: tanh}, or the Zoo's string "
+            '"dict(net_arch=[64, 64], activation_fn=nn.Tanh)" (read, never evaluated)'
         )
     out = {str(k): v for k, v in value.items()}
     act = out.get("activation_fn")
@@ -263,18 +287,6 @@ def _torch_policy_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
             "silu": torch.nn.SiLU,
         }[act]
     return out
-
-
-def _schedule(value: Any) -> Any:
-    """Zoo's ``lin_<x>``: a rate decaying linearly from ``x`` to 0 over training."""
-    if isinstance(value, str) and value.startswith("lin_"):
-        start = float(value[4:])
-
-        def rate(progress_remaining: float) -> float:
-            return progress_remaining * start
-
-        return rate
-    return value
 
 
 def _check_hyperparameters(
@@ -308,12 +320,9 @@ def _check_hyperparameters(
     for key, v in params.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise PolicyConfigError(f"{key}: {v!r} is not allowed: a finite number")
-    for key in ("learning_rate",):
-        v = params.get(key)
-        if isinstance(v, str) and not v.startswith("lin_"):
-            raise PolicyConfigError(
-                f"{key}: {v!r} is not allowed: a number or lin_<number> (linear decay)"
-            )
+    for key, v in params.items():
+        if isinstance(v, str) and (key in SCHEDULE_KEYS or v.startswith("lin_")):
+            parse_schedule(key, v)
 
 
 def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
@@ -332,6 +341,10 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
             "holding the settings"
         )
     ((env_id, section),) = document.items()
+    if isinstance(section, Mapping):
+        for key, why in UNSUPPORTED_ZOO_KEYS.items():
+            if key in section and section[key] is not None:
+                raise PolicyConfigError(f"{key}: {section[key]!r} is not supported: {why}")
     if env_id not in families:
         raise PolicyConfigError(
             f"{source}: unknown environment id {env_id!r}; environments are {ids}"
@@ -401,6 +414,8 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
         policy=str(policy),
         n_envs=n_envs,
         n_timesteps=int_field("n_timesteps", s.get("n_timesteps", 100_000), 1),
+        normalize=parse_normalize(s.get("normalize")),
+        frame_stack=parse_frame_stack(s.get("frame_stack")),
         hyperparameters=hyper,
         policy_kwargs=policy_kwargs,
         task=task,
@@ -465,6 +480,8 @@ class TrainResult:
         directory: the saved policy's directory.
         timesteps: environment steps collected.
         seconds: wall time of building and training, s.
+        clinical: the best clinical evaluation (``best/clinical.json``), or None without one.
+        evaluations: every clinical evaluation, in order.
 
     """
 
@@ -472,18 +489,46 @@ class TrainResult:
     directory: str
     timesteps: int
     seconds: float
+    clinical: dict[str, float] | None = None
+    evaluations: tuple[dict[str, float], ...] = ()
 
 
-def make_training_env(config: TrainingConfig, n_envs: int | None = None) -> VecMonitor:
-    """The SB3 vector env of ``config``: the family's native vector env → SB3VecEnv → monitor.
+def make_training_env(config: TrainingConfig, n_envs: int | None = None) -> VecEnv:
+    """The SB3 vector env of ``config``: the family's native vector env → SB3VecEnv → ….
 
     Glucose: T1D vector env → SB3VecEnv → features
     (:class:`~twinloop.policies.glucose.features.FeatureVecEnv`);
-    knee: KneeExo vector env → SB3VecEnv (the env's own observation and action).
-    :class:`~stable_baselines3.common.vec_env.VecMonitor` adds the episode returns and lengths
-    that SB3 logs (``rollout/ep_rew_mean`` in TensorBoard).
+    knee: KneeExo vector env → SB3VecEnv (the env's own observation and action). The adapter
+    keeps the episode returns and lengths that SB3 logs (``rollout/ep_rew_mean``), of the raw
+    reward. Then, as RL Zoo orders them, ``VecNormalize`` (``normalize``) and ``VecFrameStack``
+    (``frame_stack``).
     """
-    return VecMonitor(config.task.make_vec_env(n_envs or config.n_envs))
+    env = config.task.make_vec_env(n_envs or config.n_envs)
+    if config.normalize is not None:
+        env = VecNormalize(env, **config.normalize.kwargs(algorithm_gamma(config)))
+    if config.frame_stack is not None:
+        env = VecFrameStack(env, config.frame_stack)
+    return env
+
+
+def algorithm_gamma(config: TrainingConfig) -> float:
+    """The discount factor of the run (the config's ``gamma``, else the algorithm's default)."""
+    if "gamma" in config.hyperparameters:
+        return float(config.hyperparameters["gamma"])
+    default = inspect.signature(algorithm_class(config.algorithm).__init__).parameters["gamma"]
+    return float(default.default)
+
+
+def observation_filter(config: TrainingConfig, env: VecEnv) -> dict[str, Any] | None:
+    """``policy.json``'s ``observation_filter``: the frozen normalisation and the frame stack."""
+    if config.normalize is None and config.frame_stack is None:
+        return None
+    normalize = unwrap_vec_normalize(env)
+    base = normalize.venv if normalize is not None else env
+    if isinstance(env, VecFrameStack):
+        base = env.venv if normalize is None else base
+    size = int(math.prod(base.observation_space.shape or (1,)))
+    return make_filter(size, normalize, config.frame_stack).describe()
 
 
 def policy_metadata(config: TrainingConfig, seed: int, timesteps: int) -> dict[str, Any]:
@@ -510,8 +555,13 @@ def train_one(
     *,
     progress: bool = True,
     torch_threads: int | None = None,
+    on_evaluation: Callable[[dict[str, float]], bool] | None = None,
 ) -> TrainResult:
-    """Train one policy with ``seed`` and save it in ``directory`` (see :func:`train`)."""
+    """Train one policy with ``seed`` and save it in ``directory`` (see :func:`train`).
+
+    ``on_evaluation`` gets each clinical evaluation's record; ``False`` stops training (the
+    hyperparameter search's pruning, :mod:`twinloop.policies.search`).
+    """
     import torch
 
     started = time.perf_counter()
@@ -520,7 +570,7 @@ def train_one(
     out.mkdir(parents=True, exist_ok=True)
     env = make_training_env(config)
     cls = algorithm_class(config.algorithm)
-    hyper = {k: _schedule(v) for k, v in config.hyperparameters.items()}
+    hyper = {k: schedule(v) for k, v in config.hyperparameters.items()}
     model = cls(
         config.policy,
         env,
@@ -540,6 +590,18 @@ def train_one(
                 name_prefix="model",
             )
         )
+
+    def save_policy(model: Any, directory: Path, timesteps: int) -> None:
+        _save_policy(config, seed, model, env, directory, timesteps)
+
+    make_clinical = getattr(config.task, "clinical_callback", None)
+    clinical = (
+        make_clinical(out, save_policy, config.n_envs, on_evaluation)
+        if callable(make_clinical)
+        else None
+    )
+    if clinical is not None:
+        callbacks.append(clinical)
     if progress:
         callbacks.append(_TqdmCallback(config.n_timesteps, f"seed {seed}"))
     try:
@@ -547,11 +609,34 @@ def train_one(
     finally:
         model.logger.close()  # TensorBoard's writer thread ends with it
     model.save(str(out / MODEL_FILE))  # to resume training; loading uses the weights
-    meta = policy_metadata(config, seed, int(model.num_timesteps))
+    normalize = unwrap_vec_normalize(env)
+    if normalize is not None:  # the Zoo's file, to resume training (pickle: never loaded here)
+        normalize.save(str(out / "vecnormalize.pkl"))
+    _save_policy(config, seed, model, env, out, int(model.num_timesteps))
+    env.close()
+    best = None
+    if clinical is not None and clinical.best_timesteps is not None:
+        best = next(r for r in clinical.history if r["timesteps"] == clinical.best_timesteps)
+    return TrainResult(
+        seed,
+        str(out),
+        int(model.num_timesteps),
+        time.perf_counter() - started,
+        best,
+        tuple(clinical.history) if clinical is not None else (),
+    )
+
+
+def _save_policy(
+    config: TrainingConfig, seed: int, model: Any, env: VecEnv, out: Path, timesteps: int
+) -> None:
+    """Write ``policy.pt`` and ``policy.json`` (with the observation filter) into ``out``."""
+    meta = policy_metadata(config, seed, timesteps)
+    filt = observation_filter(config, env)
+    if filt is not None:
+        meta["observation_filter"] = filt
     write_weights(model.policy, config.algorithm, out, meta)
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    env.close()
-    return TrainResult(seed, str(out), int(model.num_timesteps), time.perf_counter() - started)
 
 
 class _TqdmCallback(BaseCallback):

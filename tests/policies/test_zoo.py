@@ -1,0 +1,228 @@
+"""RL Zoo's hyperparameter format, the saved observation filter, the clinical evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("stable_baselines3")
+
+from twinloop.plant.glucose.patients import get_patient
+from twinloop.policies.errors import PolicyConfigError
+from twinloop.policies.glucose.learned import load_policy_controller
+from twinloop.policies.training import make_training_env, parse_config, train
+from twinloop.policies.zoo import FilteredPolicy, NormalizeSettings, parse_expression
+
+from .test_training import tiny
+
+# --- the format -----------------------------------------------------------------------------
+
+
+def test_zoo_expressions_are_read_without_evaluation() -> None:
+    text = (
+        "dict(log_std_init=-2, ortho_init=False, activation_fn=nn.ReLU, "
+        "net_arch=dict(pi=[256, 256], vf=[256, 256]))"
+    )
+    assert parse_expression(text, "policy_kwargs") == {
+        "log_std_init": -2,
+        "ortho_init": False,
+        "activation_fn": "relu",
+        "net_arch": {"pi": [256, 256], "vf": [256, 256]},
+    }
+    assert parse_expression("{'norm_obs': True, 'norm_reward': False}", "normalize") == {
+        "norm_obs": True,
+        "norm_reward": False,
+    }
+    assert parse_expression("dict(activation_fn=th.nn.Tanh)", "p") == {"activation_fn": "tanh"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "__import__('os').system('true')",
+        "dict(net_arch=open('x'))",
+        "dict(n=1 + 2)",
+        "nn.Module",
+        "dict(**kw)",
+        "os.system",
+        "[x for x in y]",
+    ],
+)
+def test_zoo_expressions_refuse_code(text: str) -> None:
+    with pytest.raises(PolicyConfigError, match=r"policy_kwargs: .* is not allowed"):
+        parse_config(tiny(policy_kwargs=text))
+
+
+def test_a_zoo_section_is_accepted() -> None:
+    config = parse_config(
+        tiny(
+            n_timesteps=1e3,
+            normalize="{'norm_obs': True, 'norm_reward': False}",
+            policy_kwargs="dict(net_arch=[32, 32], activation_fn=nn.Tanh)",
+            learning_rate="lin_3e-4",
+            clip_range="lin_0.2",
+            frame_stack=2,
+        )
+    )
+    assert config.n_timesteps == 1000
+    assert config.normalize == NormalizeSettings(norm_obs=True, norm_reward=False)
+    assert config.policy_kwargs == {"net_arch": [32, 32], "activation_fn": "tanh"}
+    assert config.frame_stack == 2
+    assert parse_config(tiny(normalize=True)).normalize == NormalizeSettings()
+    assert parse_config(tiny(normalize=False)).normalize is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        ({"env_wrapper": "gymnasium.wrappers.TimeAwareObservation"}, ["env_wrapper", "native"]),
+        ({"callback": "rl_zoo3.callbacks.ParallelTrainCallback"}, ["callback", "not supported"]),
+        ({"normalize": "{'norm_obs': True, 'norm_rewards': False}"}, ["norm_rewards", "norm_obs"]),
+        ({"normalize": "yes"}, ["normalize", "is not allowed"]),
+        ({"learning_rate": "lin_fast"}, ["learning_rate", "lin_<number>"]),
+        ({"gamma": "lin_0.99"}, ["gamma", "learning_rate, clip_range"]),
+        ({"frame_stack": 0}, ["frame_stack", "1 to 64"]),
+        ({"eval": {"every": 10}}, ["eval", "every", "freq, patients"]),
+        ({"eval": {"patients": ["adult#099"]}}, ["adult#099"]),
+        ({"zoo_key": 1}, ["zoo_key", "n_steps", "normalize", "frame_stack"]),
+    ],
+)
+def test_zoo_keys_refused_in_one_line(overrides: dict[str, Any], needles: list[str]) -> None:
+    with pytest.raises(PolicyConfigError) as err:
+        parse_config(tiny(**overrides))
+    message = str(err.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message
+
+
+# --- normalize + frame_stack: trained, saved, replayed in the loop ---------------------------
+
+
+def test_normalized_stacked_policy_sees_in_the_loop_what_it_saw_in_training(
+    tmp_path: Path,
+) -> None:
+    doc = tiny(
+        normalize="{'norm_obs': True, 'norm_reward': False}",
+        frame_stack=3,
+        checkpoint_freq=0,
+        tensorboard=False,
+        eval=False,
+    )
+    config = parse_config(doc)
+    (result,) = train(config, tmp_path, progress=False)
+    d = Path(result.directory)
+    meta = json.loads((d / "policy.json").read_text())
+    filt = meta["observation_filter"]
+    size = config.observation.size
+    assert filt["size"] == size and filt["frame_stack"] == 3
+    assert len(filt["normalize"]["mean"]) == size
+    assert (d / "vecnormalize.pkl").is_file()
+
+    controller = load_policy_controller(d, get_patient("adult#001"))
+    assert isinstance(controller.model, FilteredPolicy)
+    # the training chain (VecNormalize with the saved statistics, frozen; VecFrameStack)
+    from stable_baselines3.common.vec_env import VecNormalize, unwrap_vec_normalize
+
+    env = make_training_env(config, n_envs=1)
+    normalize = unwrap_vec_normalize(env)
+    assert normalize is not None
+    saved = VecNormalize.load(str(d / "vecnormalize.pkl"), normalize.venv)
+    normalize.obs_rms, normalize.training = saved.obs_rms, False
+    env.seed(4)
+    obs = env.reset()
+    controller.model.reset()
+    rng = np.random.default_rng(1)
+    for _ in range(40):  # within one episode (72 steps)
+        raw = np.asarray(normalize.get_original_obs())[0]
+        mine = controller.model.filter(raw)
+        np.testing.assert_allclose(mine, np.asarray(obs)[0], rtol=0, atol=1e-6)
+        obs, _, dones, _ = env.step(rng.uniform(-1, 1, size=(1, 1)).astype(np.float32))
+        assert not dones.any()
+    frame = controller.model.filter.size
+    assert np.any(mine[:frame] != mine[-frame:])  # three different frames, oldest first
+
+
+# --- the clinical evaluation callback ---------------------------------------------------------
+
+
+def _scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = directory.rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    return {
+        tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+        for tag in acc.Tags()["scalars"]
+        if tag.startswith("clinical/")
+    }
+
+
+def test_clinical_callback_logs_to_tensorboard_and_keeps_the_best(tmp_path: Path) -> None:
+    """Two evaluations in the real loop (one patient, one day), written as TensorBoard scalars."""
+    doc = tiny(checkpoint_freq=0, eval={"freq": 256, "patients": ["adult#001"], "seeds": [7]})
+    (result,) = train(parse_config(doc), tmp_path, progress=False)
+    d = Path(result.directory)
+    scalars = _scalars(d / "tb")
+    for tag in (
+        "clinical/time_in_range_pct",
+        "clinical/time_below_70_pct",
+        "clinical/time_below_54_pct",
+        "clinical/supervisor_overrides",
+        "clinical/score",
+    ):
+        assert [step for step, _ in scalars[tag]] == [256, 512], tag
+    tir = [v for _, v in scalars["clinical/time_in_range_pct"]]
+    assert all(0 <= v <= 100 for v in tir)
+    history = json.loads((d / "evaluations.json").read_text())
+    assert [h["timesteps"] for h in history] == [256, 512]
+    best = json.loads((d / "best" / "clinical.json").read_text())
+    assert best["score"] == max(h["score"] for h in history)
+    assert result.clinical is not None and result.clinical["score"] == best["score"]
+    # the kept policy loads and runs as any saved policy
+    controller = load_policy_controller(d / "best", get_patient("adult#001"))
+    assert controller.metadata["timesteps"] == best["timesteps"]
+
+
+def test_the_best_is_chosen_by_the_clinical_criterion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TIR decides among policies within the TBR54 limit; one above it loses to them."""
+    from twinloop.evaluation.glucose import evaluate as evaluation
+
+    outcomes = iter(
+        [
+            (80.0, 0.5),  # 128 steps: feasible, the best so far
+            (92.0, 2.5),  # 256: more time in range but 2.5 % below 54: not kept
+            (85.0, 0.9),  # 384: feasible and better: kept
+            (84.0, 0.0),  # 512: feasible, lower TIR: not kept
+        ]
+    )
+    calls: list[str] = []
+
+    def fake(policy_dir: Any, *args: Any, **kw: Any) -> dict[str, float]:
+        calls.append(str(policy_dir))
+        assert (Path(policy_dir) / "policy.pt").is_file()
+        tir, tbr54 = next(outcomes)
+        return {
+            "time_in_range_pct": tir,
+            "time_below_70_pct": tbr54 + 1,
+            "time_below_54_pct": tbr54,
+            "supervisor_overrides": 3.0,
+            "patient_runs": 1.0,
+        }
+
+    monkeypatch.setattr(evaluation, "policy_loop_metrics", fake)
+    doc = tiny(checkpoint_freq=0, tensorboard=False, eval={"freq": 128, "tbr54_limit_pct": 1})
+    (result,) = train(parse_config(doc), tmp_path, progress=False)
+    assert len(calls) == 4
+    best = json.loads((tmp_path / "seed_0" / "best" / "clinical.json").read_text())
+    assert best["timesteps"] == 384 and best["time_in_range_pct"] == 85.0
+    meta = json.loads((tmp_path / "seed_0" / "best" / "policy.json").read_text())
+    assert meta["timesteps"] == 384
+    assert [e["score"] for e in result.evaluations] == [80.0, 92.0 - 150.0, 85.0, 84.0]
