@@ -45,11 +45,39 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--address", help="train the seeds on an existing Ray cluster (HOST:PORT)")
     p.add_argument(
         "--timesteps",
+        "--n-timesteps",
+        dest="timesteps",
         type=count(1, MAX_TIMESTEPS),
-        help="environment steps per seed, 1 to 1e10 (overrides the config's n_timesteps)",
+        help="environment steps per seed (per trial with --optimize), 1 to 1e10 (overrides the "
+        "config's n_timesteps)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_verbose(p)
+    g = p.add_argument_group(
+        "hyperparameter search (Optuna, RL Zoo's conventions; the objective is the clinical "
+        "evaluation's score, docs/training.md)"
+    )
+    g.add_argument(
+        "--optimize",
+        action="store_true",
+        help="search the algorithm's hyperparameters instead of training the config once; "
+        "writes OUT/trials.csv and OUT/best_config.yaml",
+    )
+    g.add_argument("--n-trials", type=count(1, 10_000), default=10, help="trials (default 10)")
+    g.add_argument(
+        "--n-evaluations",
+        type=count(1, 1000),
+        default=2,
+        help="clinical evaluations per trial, reported to the pruner (default 2)",
+    )
+    g.add_argument(
+        "--n-startup-trials",
+        type=count(0, 10_000),
+        default=5,
+        help="random trials before TPE samples and the pruner prunes (default 5)",
+    )
+    g.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="default tpe")
+    g.add_argument("--pruner", choices=("median", "none"), default="median", help="default median")
     p.set_defaults(handler=main_train)
 
 
@@ -60,6 +88,8 @@ def main_train(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
+        if args.optimize:
+            return _optimize(config, args)
         if args.workers is not None or args.address is not None:
             import sys
 
@@ -82,6 +112,41 @@ def main_train(args: argparse.Namespace) -> int:
         raise PolicyError(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
     for r in results:
         print(f"seed {r.seed}: {r.timesteps} steps in {r.seconds:.0f} s -> {r.directory}")
+        if r.clinical is not None:
+            c = r.clinical
+            print(
+                f"  best in the loop at {c['timesteps']:.0f} steps: time in range "
+                f"{c['time_in_range_pct']:.1f} %, below 70 {c['time_below_70_pct']:.2f} %, "
+                f"below 54 {c['time_below_54_pct']:.2f} %, {c['supervisor_overrides']:.1f} "
+                "supervisor "
+                f"overrides/day -> {r.directory}/best"
+            )
     command = config.task.run_command(results[0].directory)
     print(f"run a policy in the loop (behind the safety supervisor):\n  {command}")
+    return 0
+
+
+def _optimize(config: Any, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from twinloop.policies.errors import PolicyConfigError
+    from twinloop.policies.search import optimize
+
+    if args.workers is not None or args.address is not None or args.seed:
+        raise PolicyConfigError(
+            "--optimize: trials run one after another on the config's first seed; "
+            "--workers, --address and --seed are not allowed with it"
+        )
+    out = Path(args.out or Path(config.output_dir) / "optimize")
+    search = ("n_trials", "n_evaluations", "n_startup_trials", "sampler", "pruner")
+    options = {name: getattr(args, name) for name in search}
+    result = optimize(
+        config, out, n_timesteps=args.timesteps, progress=not args.no_progress, **options
+    )
+    print(f"trials: {out / 'trials.csv'}")
+    if result.best_config is None:
+        print("no trial completed (all pruned)")
+        return 0
+    print(f"best clinical score {result.best_value:.2f}; its config: {result.best_config}")
+    print(f"train it:\n  twinloop train {result.best_config}")
     return 0

@@ -226,3 +226,84 @@ def test_the_best_is_chosen_by_the_clinical_criterion(
     meta = json.loads((tmp_path / "seed_0" / "best" / "policy.json").read_text())
     assert meta["timesteps"] == 384
     assert [e["score"] for e in result.evaluations] == [80.0, 92.0 - 150.0, 85.0, 84.0]
+
+
+# --- hyperparameter search (Optuna) -----------------------------------------------------------
+
+
+def test_optimize_from_the_cli_at_tiny_scale(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two real trials (training + clinical evaluation in the loop); the best config trains."""
+    import csv
+
+    import yaml
+
+    from twinloop.cli.main import main
+    from twinloop.policies.training import load_config
+
+    cfg = tmp_path / "c.yaml"
+    doc = tiny(checkpoint_freq=0, tensorboard=False, eval={"patients": ["adult#001"]})
+    cfg.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "opt"
+    argv = ["train", str(cfg), "--optimize", "--n-trials", "2", "--n-timesteps", "256"]
+    code = main([*argv, "--n-startup-trials", "1", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "trial 0: complete" in printed and "trial 1: complete" in printed
+    with (out / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
+    assert {"n_steps", "learning_rate", "gamma", "net_arch"} <= set(rows[0])
+    best = max(rows, key=lambda r: float(r["value"]))
+    config = load_config(out / "best_config.yaml")
+    assert config.hyperparameters["n_steps"] == int(best["n_steps"])
+    assert config.hyperparameters["gamma"] == float(best["gamma"])
+    assert (out / f"trial_{best['number']}" / "seed_0" / "best" / "policy.pt").is_file()
+
+
+def test_optimize_prunes_a_trial_below_the_median(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twinloop.evaluation.glucose import evaluate as evaluation
+    from twinloop.policies.search import optimize
+
+    calls: list[str] = []
+
+    def fake(policy_dir: Any, *args: Any, **kw: Any) -> dict[str, float]:
+        trial = Path(policy_dir).parts[-4]  # OUT/trial_<n>/seed_0/eval/step_<k>
+        calls.append(trial)
+        tir = 90.0 if trial == "trial_0" else 50.0
+        return {
+            "time_in_range_pct": tir,
+            "time_below_70_pct": 0.0,
+            "time_below_54_pct": 0.0,
+            "supervisor_overrides": 0.0,
+            "patient_runs": 1.0,
+        }
+
+    monkeypatch.setattr(evaluation, "policy_loop_metrics", fake)
+    config = parse_config(tiny(checkpoint_freq=0, tensorboard=False))
+    lines: list[str] = []
+    result = optimize(
+        config,
+        tmp_path,
+        n_trials=2,
+        n_timesteps=384,
+        n_evaluations=3,
+        n_startup_trials=1,
+        progress=False,
+        report=lines.append,
+    )
+    assert [r["state"] for r in result.trials] == ["COMPLETE", "PRUNED"]
+    assert result.best_value == 90.0
+    # trial 1 stopped at its second evaluation (the first is the pruner's warm-up: 3 // 3)
+    assert calls.count("trial_1") == 2 and calls.count("trial_0") >= 3
+    assert "trial 1: pruned" in lines[1]
+
+
+def test_optimize_needs_the_clinical_evaluation(tmp_path: Path) -> None:
+    from twinloop.policies.search import optimize
+
+    with pytest.raises(PolicyConfigError, match="no clinical evaluation"):
+        optimize(parse_config(tiny(eval=False)), tmp_path, n_trials=1)
