@@ -184,7 +184,25 @@ class ClinicalEvalCallback(BaseCallback):
                 self.on_evaluation(record)
 
     def evaluate(self) -> dict[str, float]:
-        """Run the current policy in the loop now, log it and keep it if it is the best."""
+        """Run the current policy in the loop now, log it and keep it if it is the best.
+
+        The global random states that training draws from (Python's, numpy's, torch's) are
+        restored afterwards: building the evaluated network draws torch's, so without this
+        the same seed would train other weights with the evaluation on than off.
+        """
+        import random
+
+        import torch
+
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            return self._evaluate()
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+    def _evaluate(self) -> dict[str, float]:
         steps = int(self.num_timesteps)
         self._last_eval_timesteps = steps
         snapshot = self.directory / "eval" / f"step_{steps}"

@@ -189,6 +189,18 @@ def test_clinical_callback_logs_to_tensorboard_and_keeps_the_best(tmp_path: Path
     assert controller.metadata["timesteps"] == best["timesteps"]
 
 
+def test_the_evaluation_does_not_change_the_trained_weights(tmp_path: Path) -> None:
+    from .test_training import _weights
+
+    for name, section in (("off", False), ("on", {"freq": 128, "patients": ["adult#001"]})):
+        doc = tiny(checkpoint_freq=0, tensorboard=False, n_timesteps=256, eval=section)
+        train(parse_config(doc), tmp_path / name, progress=False)
+    assert (tmp_path / "on" / "seed_0" / "best").is_dir()
+    off, on = _weights(tmp_path / "off" / "seed_0"), _weights(tmp_path / "on" / "seed_0")
+    for key in off:
+        np.testing.assert_array_equal(off[key], on[key])
+
+
 def test_the_best_is_chosen_by_the_clinical_criterion(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
