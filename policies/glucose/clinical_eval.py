@@ -194,12 +194,13 @@ class ClinicalEvalCallback(BaseCallback):
 
         import torch
 
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        legacy = np.random.get_state()  # noqa: NPY002 (SB3 draws minibatches from it)
+        states = random.getstate(), legacy, torch.get_rng_state()
         try:
             return self._evaluate()
         finally:
             random.setstate(states[0])
-            np.random.set_state(states[1])
+            np.random.set_state(states[1])  # noqa: NPY002
             torch.set_rng_state(states[2])
 
     def _evaluate(self) -> dict[str, float]:
