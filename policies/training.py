@@ -123,7 +123,10 @@ class TaskFamily(Protocol):
 
     Class attributes: ``env_id`` (the Gymnasium id), ``family`` (its name in ``policy.json``),
     ``keys`` (its own top-level keys), ``reserved_policy_kwargs`` (``policy_kwargs`` entries
-    twinloop sets), ``refusal_hint`` (what to say when another family's keys are given).
+    twinloop sets), ``refusal_hint`` (what to say when another family's keys are given);
+    optionally ``unsupported_keys`` (common keys it refuses, with the reason) and, on the task,
+    ``clinical_callback(directory, save_policy, n_envs, on_evaluation)`` (the evaluation during
+    training that ``--optimize`` needs).
     ``parse(section) -> task``; a task has ``make_vec_env(n_envs) -> VecEnv``,
     ``policy_kwargs(kwargs) -> dict``, ``callbacks() -> list``, ``metadata() -> dict`` (its part
     of ``policy.json``) and ``run_command(directory) -> str``.
@@ -387,6 +390,9 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
     seeds = tuple(int_field("seeds", v, 0, MAX_SEED) for v in seeds_value)
     if len(set(seeds)) != len(seeds):
         raise PolicyConfigError(f"seeds: {seeds_value!r} is not allowed: each seed once")
+    for key, why in getattr(family, "unsupported_keys", {}).items():
+        if s.get(key) not in (None, False, 1):
+            raise PolicyConfigError(f"{key}: {s[key]!r} is not supported for {env_id}: {why}")
     task = family.parse(s)
     tb = s.get("tensorboard", True)
     if not isinstance(tb, bool):

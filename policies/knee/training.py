@@ -232,6 +232,11 @@ class KneeExoTask:
         "features_extractor_class",
         "features_extractor_kwargs",
     )
+    #: Common keys this family refuses, with the reason.
+    unsupported_keys: ClassVar[dict[str, str]] = {
+        "frame_stack": "the network's fixed normalisation (KneeObservationScaler) takes exactly "
+        "the env's 7 readings, not stacked frames",
+    }
     refusal_hint: ClassVar[str | None] = KNEE_NO_LAYOUT
 
     env: KneeExoConfig
