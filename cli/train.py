@@ -22,11 +22,13 @@ def add_parser(sub: Any) -> None:
         help="train insulin or knee-exoskeleton policies (PPO/SAC) from a YAML config; saved "
         "policies load as --controller policy:DIR",
         description="Train one policy per seed on twinloop/T1D-v0 or twinloop/KneeExo-v0 (the "
-        "config's top-level key) with stable-baselines3, from a YAML configuration in the style "
-        "of RL Baselines3 Zoo (docs/training.md; shipped: policies/configs/t1d_ppo.yaml, "
-        "t1d_sac.yaml, knee_sac.yaml). Each seed is saved in OUT/seed_<s>/ with policy.pt and "
-        "policy.json (loaded without pickle), model.zip (to resume training), checkpoints and "
-        "TensorBoard logs.",
+        "config's top-level key) with stable-baselines3, from a YAML configuration in RL "
+        "Baselines3 Zoo's hyperparameter format (docs/training.md; shipped: "
+        "policies/configs/t1d_ppo.yaml, t1d_sac.yaml, knee_sac.yaml). Each seed is saved in "
+        "OUT/seed_<s>/ with policy.pt and policy.json (loaded without pickle), model.zip (to "
+        "resume training), checkpoints and TensorBoard logs; insulin policies are also run in "
+        "the loop during training (clinical/* in TensorBoard, the best kept in best/). "
+        "--optimize searches hyperparameters with Optuna instead.",
     )
     p.add_argument("config", help="training configuration (YAML)")
     p.add_argument("--out", help="output directory (default: the config's output_dir)")

@@ -304,18 +304,17 @@ def _check_hyperparameters(
             f"{', '.join(reserved)}: set by twinloop train, not in the config "
             "(seeds: the seeds key; device: cpu; tensorboard_log: the tensorboard key)"
         )
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
+    if unknown := sorted(set(params) - set(allowed)):
         raise PolicyConfigError(
             f"unknown hyperparameter(s) of {algorithm}: {', '.join(unknown)}; {cls.__name__} "
             f"takes {', '.join(allowed)} (and twinloop's keys {', '.join(twinloop_keys)})"
         )
     for key, value in params.items():
         default = signature[key].default
-        schedule = isinstance(value, str) and value.startswith("lin_")
+        is_schedule = isinstance(value, str) and value.startswith("lin_")
         numeric = isinstance(default, int | float) and not isinstance(default, bool)
         wrong = isinstance(value, bool) or not isinstance(value, int | float)
-        if numeric and key not in HYPERPARAMETER_RANGES and not schedule and wrong:
+        if numeric and key not in HYPERPARAMETER_RANGES and not is_schedule and wrong:
             raise PolicyConfigError(f"{key}: {value!r} is not allowed: a number")
     for key, (low, high) in HYPERPARAMETER_RANGES.items():
         if key in params and not (key == "train_freq" and isinstance(params[key], list)):
