@@ -119,6 +119,7 @@ def _section_with(config: TrainingConfig, params: dict[str, Any]) -> dict[str, A
     policy_kwargs = {**config.policy_kwargs, **params.get("policy_kwargs", {})}
     section.update({k: v for k, v in params.items() if k != "policy_kwargs"})
     section["policy_kwargs"] = policy_kwargs
+    section["algorithm"] = config.algorithm  # (it may have come from a Zoo file's name)
     return section
 
 

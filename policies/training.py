@@ -66,6 +66,7 @@ from twinloop.limits import (
 )
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.saved import (
+    ALGORITHMS,
     METADATA_FILE,
     METADATA_FORMAT,
     MODEL_FILE,
@@ -327,8 +328,14 @@ def _check_hyperparameters(
             parse_schedule(key, v)
 
 
-def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
+def parse_config(
+    document: object, *, source: str = "config", algorithm: str | None = None
+) -> TrainingConfig:
     """Validate a parsed YAML document (``{env_id: {...}}``) into a :class:`TrainingConfig`.
+
+    As in an RL Zoo hyperparameter file (``hyperparams/ppo.yml``), the document may hold other
+    environments' sections too: the one twinloop environment id among its keys is used.
+    ``algorithm`` is the default of the section's ``algorithm`` key (a Zoo file's name).
 
     Raises:
         PolicyConfigError: anything unknown or out of range; the message names the key, the
@@ -337,6 +344,10 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
     """
     families = task_families()
     ids = ", ".join(families)
+    if isinstance(document, Mapping) and len(document) > 1:
+        ours = [k for k in document if k in families]
+        if len(ours) == 1:
+            document = {ours[0]: document[ours[0]]}
     if not isinstance(document, Mapping) or len(document) != 1:
         raise PolicyConfigError(
             f"{source}: expected one top-level key, the environment id ({ids}), "
@@ -368,7 +379,7 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
             f"another task family's env); remove them: {_family_hint(env_id)}"
         )
     twinloop_keys = COMMON_KEYS + family.keys
-    algorithm = str(s.get("algorithm", "ppo")).lower()
+    algorithm = str(s.get("algorithm", algorithm or "ppo")).lower()
     algorithm_class(algorithm)
     policy = s.get("policy", "MlpPolicy")
     if policy not in POLICIES:
@@ -468,7 +479,9 @@ def load_config(path: str | os.PathLike[str]) -> TrainingConfig:
         raise PolicyConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     except InputLimitError as exc:
         raise PolicyConfigError(str(exc)) from None
-    return parse_config(document, source=str(path))
+    # a Zoo file is named after its algorithm (ppo.yml, sac.yml)
+    default = p.stem.lower() if p.stem.lower() in ALGORITHMS else None
+    return parse_config(document, source=str(path), algorithm=default)
 
 
 def shipped_config(name: str = "t1d_ppo.yaml") -> Path:

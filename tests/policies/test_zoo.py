@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("stable_baselines3")
 
+from twinloop import plant
 from twinloop.plant.glucose.patients import get_patient
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.glucose.learned import load_policy_controller
@@ -74,6 +75,23 @@ def test_a_zoo_section_is_accepted() -> None:
     assert config.frame_stack == 2
     assert parse_config(tiny(normalize=True)).normalize == NormalizeSettings()
     assert parse_config(tiny(normalize=False)).normalize is None
+
+
+def test_a_zoo_file_with_other_envs_named_after_its_algorithm(tmp_path: Path) -> None:
+    import yaml
+
+    from twinloop.policies.training import load_config
+
+    section = tiny(tau=0.01, learning_starts=10)[plant.T1D_ID]
+    for key in ("algorithm", "n_steps", "n_epochs"):
+        del section[key]
+    zoo = {"Pendulum-v1": {"n_timesteps": 20000, "policy": "MlpPolicy"}, plant.T1D_ID: section}
+    (tmp_path / "sac.yml").write_text(yaml.safe_dump(zoo))
+    config = load_config(tmp_path / "sac.yml")
+    assert config.env_id == plant.T1D_ID and config.algorithm == "sac"
+    (tmp_path / "ppo.yml").write_text(yaml.safe_dump({"Pendulum-v1": {}, "CartPole-v1": {}}))
+    with pytest.raises(PolicyConfigError, match="one top-level key"):
+        load_config(tmp_path / "ppo.yml")
 
 
 @pytest.mark.parametrize(
