@@ -79,7 +79,9 @@ from twinloop.policies.zoo import (
     SCHEDULE_KEYS,
     UNSUPPORTED_ZOO_KEYS,
     NormalizeSettings,
+    make_action_noise,
     make_filter,
+    parse_action_noise,
     parse_frame_stack,
     parse_normalize,
     parse_policy_kwargs,
@@ -98,6 +100,8 @@ COMMON_KEYS = (
     "n_timesteps",
     "normalize",
     "frame_stack",
+    "noise_type",
+    "noise_std",
     "seeds",
     "checkpoint_freq",
     "tensorboard",
@@ -112,6 +116,7 @@ RESERVED_HYPERPARAMETERS = (
     "device",
     "tensorboard_log",
     "verbose",
+    "action_noise",
     "_init_setup_model",
     "policy_kwargs",
 )
@@ -169,6 +174,8 @@ class TrainingConfig:
         n_envs: parallel sub-environments of the vector env.
         normalize: the Zoo's ``normalize`` (``VecNormalize`` arguments), or None.
         frame_stack: the Zoo's ``frame_stack`` (``VecFrameStack``), or None.
+        action_noise: the Zoo's ``noise_type`` and ``noise_std`` (SAC's exploration noise added
+            to its actions), or None.
         n_timesteps: environment steps per seed.
         hyperparameters: keyword arguments of the algorithm's constructor.
         policy_kwargs: ``policy_kwargs`` of the constructor (``activation_fn`` by name).
@@ -189,6 +196,7 @@ class TrainingConfig:
     n_timesteps: int
     normalize: NormalizeSettings | None
     frame_stack: int | None
+    action_noise: tuple[str, float] | None
     hyperparameters: dict[str, Any]
     policy_kwargs: dict[str, Any]
     task: Any
@@ -303,7 +311,8 @@ def _check_hyperparameters(
     if reserved:
         raise PolicyConfigError(
             f"{', '.join(reserved)}: set by twinloop train, not in the config "
-            "(seeds: the seeds key; device: cpu; tensorboard_log: the tensorboard key)"
+            "(seeds: the seeds key; device: cpu; tensorboard_log: the tensorboard key; "
+            "action_noise: noise_type and noise_std)"
         )
     if unknown := sorted(set(params) - set(allowed)):
         raise PolicyConfigError(
@@ -432,6 +441,7 @@ def parse_config(
         n_timesteps=int_field("n_timesteps", s.get("n_timesteps", 100_000), 1),
         normalize=parse_normalize(s.get("normalize")),
         frame_stack=parse_frame_stack(s.get("frame_stack")),
+        action_noise=parse_action_noise(s.get("noise_type"), s.get("noise_std"), algorithm),
         hyperparameters=hyper,
         policy_kwargs=policy_kwargs,
         task=task,
@@ -589,6 +599,8 @@ def train_one(
     env = make_training_env(config)
     cls = algorithm_class(config.algorithm)
     hyper = {k: schedule(v) for k, v in config.hyperparameters.items()}
+    if config.action_noise is not None:
+        hyper["action_noise"] = make_action_noise(*config.action_noise, env.action_space.shape)
     model = cls(
         config.policy,
         env,

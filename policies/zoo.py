@@ -221,6 +221,40 @@ def schedule(value: Any) -> Any:
     return value
 
 
+#: The Zoo's ``noise_type`` values (SB3's action noise classes).
+NOISE_TYPES = ("normal", "ornstein-uhlenbeck")
+
+
+def parse_action_noise(
+    noise_type: object, noise_std: object, algorithm: str
+) -> tuple[str, float] | None:
+    """The Zoo's ``noise_type``/``noise_std`` (off-policy exploration noise), checked, or None."""
+    if noise_type is None and noise_std is None:
+        return None
+    if algorithm == "ppo":
+        raise PolicyConfigError(
+            "noise_type/noise_std: PPO takes no action noise (its policy is stochastic); "
+            "they are SAC's"
+        )
+    if noise_type not in NOISE_TYPES:
+        raise PolicyConfigError(
+            f"noise_type: {noise_type!r} is not allowed: {', '.join(NOISE_TYPES)}"
+        )
+    number = isinstance(noise_std, int | float) and not isinstance(noise_std, bool)
+    if not number or not 0 < noise_std < math.inf:  # type: ignore[operator]
+        raise PolicyConfigError(f"noise_std: {noise_std!r} is not allowed: a number > 0")
+    return str(noise_type), float(noise_std)  # type: ignore[arg-type]
+
+
+def make_action_noise(noise_type: str, noise_std: float, shape: tuple[int, ...] | None) -> Any:
+    """SB3's action noise of the Zoo's ``noise_type`` with σ = ``noise_std`` per action."""
+    from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
+
+    size = int(np.prod(shape or (1,)))
+    cls = NormalActionNoise if noise_type == "normal" else OrnsteinUhlenbeckActionNoise
+    return cls(mean=np.zeros(size), sigma=noise_std * np.ones(size))
+
+
 def parse_frame_stack(value: object) -> int | None:
     """The Zoo's ``frame_stack`` (observations stacked by ``VecFrameStack``): 2 to 64, or None."""
     if value is None or value is False or value == 1:

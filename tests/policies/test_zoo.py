@@ -94,6 +94,35 @@ def test_a_zoo_file_with_other_envs_named_after_its_algorithm(tmp_path: Path) ->
         load_config(tmp_path / "ppo.yml")
 
 
+def test_zoo_action_noise_reaches_sac(tmp_path: Path) -> None:
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.noise import NormalActionNoise
+
+    doc = tiny(
+        algorithm="sac",
+        noise_type="normal",
+        noise_std=0.2,
+        n_timesteps=64,
+        learning_starts=16,
+        batch_size=16,
+        checkpoint_freq=0,
+        tensorboard=False,
+        eval=False,
+    )
+    for key in ("n_steps", "n_epochs"):
+        del doc[plant.T1D_ID][key]
+    config = parse_config(doc)
+    assert config.action_noise == ("normal", 0.2)
+    for bad, needle in (({"noise_type": "pink"}, "pink"), ({"noise_std": -1}, "noise_std")):
+        with pytest.raises(PolicyConfigError, match=needle):
+            parse_config({plant.T1D_ID: {**doc[plant.T1D_ID], **bad}})
+    (result,) = train(config, tmp_path, progress=False)
+    model = SAC.load(str(Path(result.directory) / "model.zip"), device="cpu")  # our own file
+    noise = model.action_noise.base_noise  # SB3 wraps it in one VecNoise for the n_envs
+    assert isinstance(noise, NormalActionNoise)
+    np.testing.assert_allclose(noise._sigma, [0.2])
+
+
 @pytest.mark.parametrize(
     ("overrides", "needles"),
     [
@@ -107,6 +136,7 @@ def test_a_zoo_file_with_other_envs_named_after_its_algorithm(tmp_path: Path) ->
         ({"eval": {"every": 10}}, ["eval", "every", "freq, patients"]),
         ({"eval": {"patients": ["adult#099"]}}, ["adult#099"]),
         ({"zoo_key": 1}, ["zoo_key", "n_steps", "normalize", "frame_stack"]),
+        ({"noise_type": "normal", "noise_std": 0.1}, ["noise_type", "PPO takes no action noise"]),
     ],
 )
 def test_zoo_keys_refused_in_one_line(overrides: dict[str, Any], needles: list[str]) -> None:
