@@ -98,19 +98,12 @@ def test_zoo_action_noise_reaches_sac(tmp_path: Path) -> None:
     from stable_baselines3 import SAC
     from stable_baselines3.common.noise import NormalActionNoise
 
-    doc = tiny(
-        algorithm="sac",
-        noise_type="normal",
-        noise_std=0.2,
-        n_timesteps=64,
-        learning_starts=16,
-        batch_size=16,
-        checkpoint_freq=0,
-        tensorboard=False,
-        eval=False,
-    )
-    for key in ("n_steps", "n_epochs"):
-        del doc[plant.T1D_ID][key]
+    sac = {"algorithm": "sac", "n_timesteps": 64, "learning_starts": 16, "batch_size": 16}
+    quiet = {"checkpoint_freq": 0, "tensorboard": False, "eval": False}
+    doc = tiny(noise_type="normal", noise_std=0.2, **sac, **quiet)
+    doc[plant.T1D_ID] = {
+        k: v for k, v in doc[plant.T1D_ID].items() if k not in ("n_steps", "n_epochs")
+    }
     config = parse_config(doc)
     assert config.action_noise == ("normal", 0.2)
     for bad, needle in (({"noise_type": "pink"}, "pink"), ({"noise_std": -1}, "noise_std")):
