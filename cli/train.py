@@ -85,6 +85,7 @@ def add_parser(sub: Any) -> None:
 
 def main_train(args: argparse.Namespace) -> int:
     """Run ``twinloop train``; errors print one line and return 2."""
+    from twinloop.extras import MissingExtraError
     from twinloop.policies.errors import PolicyError
     from twinloop.policies.training import load_config, train
 
@@ -108,7 +109,7 @@ def main_train(args: argparse.Namespace) -> int:
             address=args.address,
             progress=not args.no_progress,
         )
-    except (PolicyError, OSError):
+    except (PolicyError, OSError, MissingExtraError):
         raise
     except Exception as exc:  # Ray/SB3 failures: one line, never a traceback
         raise PolicyError(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc

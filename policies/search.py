@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from twinloop.extras import require
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.training import TrainingConfig, int_field, parse_config, train_one
 
@@ -143,8 +144,7 @@ def optimize(
             whose clinical evaluation is off (``eval: false``: no objective).
 
     """
-    import optuna
-
+    optuna = require("optuna", extra="rl", what="twinloop train --optimize")
     n_trials = int_field("n_trials", n_trials, 1, 10_000)
     n_evaluations = int_field("n_evaluations", n_evaluations, 1, 1000)
     n_startup_trials = int_field("n_startup_trials", n_startup_trials, 0, 10_000)
