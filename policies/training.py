@@ -301,6 +301,18 @@ def _torch_policy_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_policy_kwargs(algorithm: str, policy: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse ``policy_kwargs`` keys the policy class does not take (one line, listing them)."""
+    cls = algorithm_class(algorithm).policy_aliases[policy]
+    own = ("self", "observation_space", "action_space", "lr_schedule")
+    allowed = [k for k in inspect.signature(cls.__init__).parameters if k not in own]
+    if unknown := sorted(set(kwargs) - set(allowed)):
+        raise PolicyConfigError(
+            f"policy_kwargs: unknown key(s) {', '.join(unknown)}; {policy} of {algorithm} "
+            f"({cls.__name__}) takes {', '.join(allowed)}"
+        )
+
+
 def _check_hyperparameters(
     algorithm: str, params: Mapping[str, Any], twinloop_keys: Sequence[str] = COMMON_KEYS
 ) -> None:
@@ -426,6 +438,7 @@ def parse_config(
             f"policy_kwargs.{taken[0]}: set by twinloop train for {env_id} (its fixed "
             "observation normalisation)"
         )
+    _check_policy_kwargs(algorithm, str(policy), policy_kwargs)
     n_envs = int_field("n_envs", s.get("n_envs", 16), 1, MAX_N_ENVS)
     n_steps = hyper.get("n_steps")
     if isinstance(n_steps, int) and n_steps * n_envs > MAX_ROLLOUT_STEPS:

@@ -129,6 +129,10 @@ def test_zoo_action_noise_reaches_sac(tmp_path: Path) -> None:
         ({"eval": {"every": 10}}, ["eval", "every", "freq, patients"]),
         ({"eval": {"patients": ["adult#099"]}}, ["adult#099"]),
         ({"zoo_key": 1}, ["zoo_key", "n_steps", "normalize", "frame_stack"]),
+        (
+            {"policy_kwargs": "dict(net_arch=[8], colour=1)"},
+            ["policy_kwargs", "colour", "ortho_init"],
+        ),
         ({"noise_type": "normal", "noise_std": 0.1}, ["noise_type", "PPO takes no action noise"]),
     ],
 )
