@@ -242,7 +242,11 @@ def load_model(
     ``predict(obs, deterministic=True)`` is the model's. A :data:`MODEL_FILE` without weights
     next to it needs pickle: refused unless ``trust_pickle`` (``policy:pickle:PATH``), then
     loaded with SB3 (``custom_objects`` replaces entries of the archive's data instead of
-    unpickling them) and a :class:`PickleTrustWarning` is issued.
+    unpickling them) and a :class:`PickleTrustWarning` is issued. When ``policy.json`` has an
+    ``observation_filter`` (a policy trained with ``normalize`` or ``frame_stack``), the result
+    is a fresh :class:`twinloop.policies.zoo.FilteredPolicy` around the cached network: its
+    ``predict`` takes the env's observation and applies the frozen ``VecNormalize`` statistics
+    and the frame stack first.
 
     Raises:
         PolicyConfigError: the file is missing or cannot be loaded, needs pickle and is not
@@ -252,13 +256,27 @@ def load_model(
     if not model_path.is_file():
         raise PolicyConfigError(f"policy {label}: {model_path} is missing")
     key = (str(model_path.resolve()), model_path.stat().st_mtime, trust_pickle)
-    if key in _MODELS:
+    if key not in _MODELS:
+        _MODELS[key] = _load_model(algorithm, model_path, label, custom_objects, trust_pickle)
+    meta_path = model_path.parent / METADATA_FILE
+    if not meta_path.is_file():  # a bare model zip (trusted): no observation filter
         return _MODELS[key]
+    from twinloop.policies.zoo import filtered
+
+    return filtered(_MODELS[key], read_metadata_file(model_path), label)
+
+
+def _load_model(
+    algorithm: str,
+    model_path: Path,
+    label: str,
+    custom_objects: dict[str, Any] | None,
+    trust_pickle: bool,
+) -> Any:
     if model_path.suffix == ".pt":
         meta = read_metadata_file(model_path)
         overrides = (custom_objects or {}).get("policy_kwargs") or {}
-        _MODELS[key] = load_safe_policy(algorithm, model_path, meta, label, overrides)
-        return _MODELS[key]
+        return load_safe_policy(algorithm, model_path, meta, label, overrides)
     if not trust_pickle:
         raise PolicyConfigError(
             f"policy {label}: {model_path.name} needs pickle to load (it can run code) and the "
@@ -269,18 +287,18 @@ def load_model(
         f"policy {label}: loading {model_path} with pickle because it is trusted "
         f"({TRUST_PICKLE_PREFIX}); a crafted file runs code",
         PickleTrustWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
     cls = algorithm_class(algorithm)
     try:
         if not zipfile.is_zipfile(model_path):
             raise ValueError("not a zip archive")
-        _MODELS[key] = cls.load(str(model_path), device="cpu", custom_objects=custom_objects)
+        model = cls.load(str(model_path), device="cpu", custom_objects=custom_objects)
     except Exception as exc:  # SB3/torch raise many kinds on a corrupt archive
         raise PolicyConfigError(
             f"policy {label}: cannot load {model_path} ({type(exc).__name__}: {exc})"
         ) from None
-    return _MODELS[key]
+    return model
 
 
 def _space_description(space: Any) -> dict[str, Any]:

@@ -5,10 +5,17 @@ stable-baselines3 trains on its own ``VecEnv`` API (``step_async``/``step_wait``
 refuses a ``gymnasium.vector.VectorEnv``. This adapter runs a native batched environment (such as
 ``twinloop/T1D-v0``'s) in Gymnasium's ``SAME_STEP`` autoreset mode, which is what SB3 expects,
 and translates the rest; it adds no copy of the batch beyond what SB3 needs.
+
+It also keeps the episode statistics that SB3's ``VecMonitor`` keeps: when a sub-environment's
+episode ends, its info holds ``episode = {"r": return, "l": length, "t": seconds since the
+adapter was made}``, which SB3 collects into ``model.ep_info_buffer`` and logs as
+``rollout/ep_rew_mean`` and ``rollout/ep_len_mean``. So the bare adapter needs no ``VecMonitor``
+(one wrapped around it replaces them with its own, equal up to float32 rounding).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import gymnasium as gym
@@ -41,6 +48,9 @@ class SB3VecEnv(VecEnv):
             )
         self.venv = venv
         self._actions: NDArray[Any] | None = None
+        self._started_s = time.perf_counter()
+        self._episode_return = np.zeros(venv.num_envs, np.float64)
+        self._episode_length = np.zeros(venv.num_envs, np.int64)
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
 
     def reset(self) -> VecEnvObs:
@@ -51,6 +61,8 @@ class SB3VecEnv(VecEnv):
         self.reset_infos = self._split_info(info)
         self._reset_seeds()
         self._reset_options()
+        self._episode_return[:] = 0.0
+        self._episode_length[:] = 0
         return obs
 
     def step_async(self, actions: np.ndarray) -> None:
@@ -62,11 +74,21 @@ class SB3VecEnv(VecEnv):
         obs, reward, terminated, truncated, info = self.venv.step(self._actions)
         dones = terminated | truncated
         infos = self._split_info(info)
+        self._episode_return += reward
+        self._episode_length += 1
         if dones.any():
             final_obs = info["final_obs"]
+            elapsed_s = round(time.perf_counter() - self._started_s, 6)
             for i in np.flatnonzero(dones):
                 infos[i]["terminal_observation"] = final_obs[i]
                 infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+                infos[i]["episode"] = {
+                    "r": float(self._episode_return[i]),
+                    "l": int(self._episode_length[i]),
+                    "t": elapsed_s,
+                }
+            self._episode_return[dones] = 0.0
+            self._episode_length[dones] = 0
         return obs, reward.astype(np.float32), dones, infos
 
     def _split_info(self, info: dict[str, Any]) -> list[dict[str, Any]]:

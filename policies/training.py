@@ -43,13 +43,18 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import yaml
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
-from stable_baselines3.common.vec_env import VecMonitor
+from stable_baselines3.common.vec_env import (
+    VecEnv,
+    VecFrameStack,
+    VecNormalize,
+    unwrap_vec_normalize,
+)
 from tqdm import tqdm
 
 from twinloop.limits import (
@@ -61,6 +66,7 @@ from twinloop.limits import (
 )
 from twinloop.policies.errors import PolicyConfigError
 from twinloop.policies.saved import (
+    ALGORITHMS,
     METADATA_FILE,
     METADATA_FORMAT,
     MODEL_FILE,
@@ -68,6 +74,19 @@ from twinloop.policies.saved import (
     algorithm_class,
     twinloop_version,
     write_weights,
+)
+from twinloop.policies.zoo import (
+    SCHEDULE_KEYS,
+    UNSUPPORTED_ZOO_KEYS,
+    NormalizeSettings,
+    make_action_noise,
+    make_filter,
+    parse_action_noise,
+    parse_frame_stack,
+    parse_normalize,
+    parse_policy_kwargs,
+    parse_schedule,
+    schedule,
 )
 
 #: Policies a flat feature vector can feed.
@@ -79,6 +98,10 @@ COMMON_KEYS = (
     "policy_kwargs",
     "n_envs",
     "n_timesteps",
+    "normalize",
+    "frame_stack",
+    "noise_type",
+    "noise_std",
     "seeds",
     "checkpoint_freq",
     "tensorboard",
@@ -93,6 +116,7 @@ RESERVED_HYPERPARAMETERS = (
     "device",
     "tensorboard_log",
     "verbose",
+    "action_noise",
     "_init_setup_model",
     "policy_kwargs",
 )
@@ -105,7 +129,10 @@ class TaskFamily(Protocol):
 
     Class attributes: ``env_id`` (the Gymnasium id), ``family`` (its name in ``policy.json``),
     ``keys`` (its own top-level keys), ``reserved_policy_kwargs`` (``policy_kwargs`` entries
-    twinloop sets), ``refusal_hint`` (what to say when another family's keys are given).
+    twinloop sets), ``refusal_hint`` (what to say when another family's keys are given);
+    optionally ``unsupported_keys`` (common keys it refuses, with the reason) and, on the task,
+    ``clinical_callback(directory, save_policy, n_envs, on_evaluation)`` (the evaluation during
+    training that ``--optimize`` needs).
     ``parse(section) -> task``; a task has ``make_vec_env(n_envs) -> VecEnv``,
     ``policy_kwargs(kwargs) -> dict``, ``callbacks() -> list``, ``metadata() -> dict`` (its part
     of ``policy.json``) and ``run_command(directory) -> str``.
@@ -145,6 +172,10 @@ class TrainingConfig:
         algorithm: ``ppo`` or ``sac``.
         policy: ``MlpPolicy``.
         n_envs: parallel sub-environments of the vector env.
+        normalize: the Zoo's ``normalize`` (``VecNormalize`` arguments), or None.
+        frame_stack: the Zoo's ``frame_stack`` (``VecFrameStack``), or None.
+        action_noise: the Zoo's ``noise_type`` and ``noise_std`` (SAC's exploration noise added
+            to its actions), or None.
         n_timesteps: environment steps per seed.
         hyperparameters: keyword arguments of the algorithm's constructor.
         policy_kwargs: ``policy_kwargs`` of the constructor (``activation_fn`` by name).
@@ -163,6 +194,9 @@ class TrainingConfig:
     policy: str
     n_envs: int
     n_timesteps: int
+    normalize: NormalizeSettings | None
+    frame_stack: int | None
+    action_noise: tuple[str, float] | None
     hyperparameters: dict[str, Any]
     policy_kwargs: dict[str, Any]
     task: Any
@@ -233,12 +267,14 @@ def int_field(name: str, value: object, minimum: int, maximum: int = MAX_TIMESTE
 
 
 def _policy_kwargs(value: object) -> dict[str, Any]:
+    value = parse_policy_kwargs(value)
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise PolicyConfigError(
             f"policy_kwargs: {value!r} is not allowed: a mapping such as "
-            "{net_arch: [64, 64], activation_fn: tanh} (strings are not evaluated)"
+            "{net_arch: [64, 64], activation_fn: tanh}, or the Zoo's string "
+            '"dict(net_arch=[64, 64], activation_fn=nn.Tanh)" (read, never evaluated)'
         )
     out = {str(k): v for k, v in value.items()}
     act = out.get("activation_fn")
@@ -265,16 +301,16 @@ def _torch_policy_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _schedule(value: Any) -> Any:
-    """Zoo's ``lin_<x>``: a rate decaying linearly from ``x`` to 0 over training."""
-    if isinstance(value, str) and value.startswith("lin_"):
-        start = float(value[4:])
-
-        def rate(progress_remaining: float) -> float:
-            return progress_remaining * start
-
-        return rate
-    return value
+def _check_policy_kwargs(algorithm: str, policy: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse ``policy_kwargs`` keys the policy class does not take (one line, listing them)."""
+    cls = algorithm_class(algorithm).policy_aliases[policy]
+    own = ("self", "observation_space", "action_space", "lr_schedule")
+    allowed = [k for k in inspect.signature(cls.__init__).parameters if k not in own]
+    if unknown := sorted(set(kwargs) - set(allowed)):
+        raise PolicyConfigError(
+            f"policy_kwargs: unknown key(s) {', '.join(unknown)}; {policy} of {algorithm} "
+            f"({cls.__name__}) takes {', '.join(allowed)}"
+        )
 
 
 def _check_hyperparameters(
@@ -287,20 +323,20 @@ def _check_hyperparameters(
     if reserved:
         raise PolicyConfigError(
             f"{', '.join(reserved)}: set by twinloop train, not in the config "
-            "(seeds: the seeds key; device: cpu; tensorboard_log: the tensorboard key)"
+            "(seeds: the seeds key; device: cpu; tensorboard_log: the tensorboard key; "
+            "action_noise: noise_type and noise_std)"
         )
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
+    if unknown := sorted(set(params) - set(allowed)):
         raise PolicyConfigError(
             f"unknown hyperparameter(s) of {algorithm}: {', '.join(unknown)}; {cls.__name__} "
             f"takes {', '.join(allowed)} (and twinloop's keys {', '.join(twinloop_keys)})"
         )
     for key, value in params.items():
         default = signature[key].default
-        schedule = isinstance(value, str) and value.startswith("lin_")
+        is_schedule = isinstance(value, str) and value.startswith("lin_")
         numeric = isinstance(default, int | float) and not isinstance(default, bool)
         wrong = isinstance(value, bool) or not isinstance(value, int | float)
-        if numeric and key not in HYPERPARAMETER_RANGES and not schedule and wrong:
+        if numeric and key not in HYPERPARAMETER_RANGES and not is_schedule and wrong:
             raise PolicyConfigError(f"{key}: {value!r} is not allowed: a number")
     for key, (low, high) in HYPERPARAMETER_RANGES.items():
         if key in params and not (key == "train_freq" and isinstance(params[key], list)):
@@ -308,16 +344,19 @@ def _check_hyperparameters(
     for key, v in params.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise PolicyConfigError(f"{key}: {v!r} is not allowed: a finite number")
-    for key in ("learning_rate",):
-        v = params.get(key)
-        if isinstance(v, str) and not v.startswith("lin_"):
-            raise PolicyConfigError(
-                f"{key}: {v!r} is not allowed: a number or lin_<number> (linear decay)"
-            )
+    for key, v in params.items():
+        if isinstance(v, str) and (key in SCHEDULE_KEYS or v.startswith("lin_")):
+            parse_schedule(key, v)
 
 
-def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
+def parse_config(
+    document: object, *, source: str = "config", algorithm: str | None = None
+) -> TrainingConfig:
     """Validate a parsed YAML document (``{env_id: {...}}``) into a :class:`TrainingConfig`.
+
+    As in an RL Zoo hyperparameter file (``hyperparams/ppo.yml``), the document may hold other
+    environments' sections too: the one twinloop environment id among its keys is used.
+    ``algorithm`` is the default of the section's ``algorithm`` key (a Zoo file's name).
 
     Raises:
         PolicyConfigError: anything unknown or out of range; the message names the key, the
@@ -326,12 +365,20 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
     """
     families = task_families()
     ids = ", ".join(families)
+    if isinstance(document, Mapping) and len(document) > 1:
+        ours = [k for k in document if k in families]
+        if len(ours) == 1:
+            document = {ours[0]: document[ours[0]]}
     if not isinstance(document, Mapping) or len(document) != 1:
         raise PolicyConfigError(
             f"{source}: expected one top-level key, the environment id ({ids}), "
             "holding the settings"
         )
     ((env_id, section),) = document.items()
+    if isinstance(section, Mapping):
+        for key, why in UNSUPPORTED_ZOO_KEYS.items():
+            if key in section and section[key] is not None:
+                raise PolicyConfigError(f"{key}: {section[key]!r} is not supported: {why}")
     if env_id not in families:
         raise PolicyConfigError(
             f"{source}: unknown environment id {env_id!r}; environments are {ids}"
@@ -353,7 +400,7 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
             f"another task family's env); remove them: {_family_hint(env_id)}"
         )
     twinloop_keys = COMMON_KEYS + family.keys
-    algorithm = str(s.get("algorithm", "ppo")).lower()
+    algorithm = str(s.get("algorithm", algorithm or "ppo")).lower()
     algorithm_class(algorithm)
     policy = s.get("policy", "MlpPolicy")
     if policy not in POLICIES:
@@ -374,6 +421,9 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
     seeds = tuple(int_field("seeds", v, 0, MAX_SEED) for v in seeds_value)
     if len(set(seeds)) != len(seeds):
         raise PolicyConfigError(f"seeds: {seeds_value!r} is not allowed: each seed once")
+    for key, why in getattr(family, "unsupported_keys", {}).items():
+        if s.get(key) not in (None, False, 1):
+            raise PolicyConfigError(f"{key}: {s[key]!r} is not supported for {env_id}: {why}")
     task = family.parse(s)
     tb = s.get("tensorboard", True)
     if not isinstance(tb, bool):
@@ -388,6 +438,7 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
             f"policy_kwargs.{taken[0]}: set by twinloop train for {env_id} (its fixed "
             "observation normalisation)"
         )
+    _check_policy_kwargs(algorithm, str(policy), policy_kwargs)
     n_envs = int_field("n_envs", s.get("n_envs", 16), 1, MAX_N_ENVS)
     n_steps = hyper.get("n_steps")
     if isinstance(n_steps, int) and n_steps * n_envs > MAX_ROLLOUT_STEPS:
@@ -401,6 +452,9 @@ def parse_config(document: object, *, source: str = "config") -> TrainingConfig:
         policy=str(policy),
         n_envs=n_envs,
         n_timesteps=int_field("n_timesteps", s.get("n_timesteps", 100_000), 1),
+        normalize=parse_normalize(s.get("normalize")),
+        frame_stack=parse_frame_stack(s.get("frame_stack")),
+        action_noise=parse_action_noise(s.get("noise_type"), s.get("noise_std"), algorithm),
         hyperparameters=hyper,
         policy_kwargs=policy_kwargs,
         task=task,
@@ -448,7 +502,9 @@ def load_config(path: str | os.PathLike[str]) -> TrainingConfig:
         raise PolicyConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     except InputLimitError as exc:
         raise PolicyConfigError(str(exc)) from None
-    return parse_config(document, source=str(path))
+    # a Zoo file is named after its algorithm (ppo.yml, sac.yml)
+    default = p.stem.lower() if p.stem.lower() in ALGORITHMS else None
+    return parse_config(document, source=str(path), algorithm=default)
 
 
 def shipped_config(name: str = "t1d_ppo.yaml") -> Path:
@@ -465,6 +521,8 @@ class TrainResult:
         directory: the saved policy's directory.
         timesteps: environment steps collected.
         seconds: wall time of building and training, s.
+        clinical: the best clinical evaluation (``best/clinical.json``), or None without one.
+        evaluations: every clinical evaluation, in order.
 
     """
 
@@ -472,18 +530,46 @@ class TrainResult:
     directory: str
     timesteps: int
     seconds: float
+    clinical: dict[str, float] | None = None
+    evaluations: tuple[dict[str, float], ...] = ()
 
 
-def make_training_env(config: TrainingConfig, n_envs: int | None = None) -> VecMonitor:
-    """The SB3 vector env of ``config``: the family's native vector env → SB3VecEnv → monitor.
+def make_training_env(config: TrainingConfig, n_envs: int | None = None) -> VecEnv:
+    """The SB3 vector env of ``config``: the family's native vector env → SB3VecEnv → ….
 
     Glucose: T1D vector env → SB3VecEnv → features
     (:class:`~twinloop.policies.glucose.features.FeatureVecEnv`);
-    knee: KneeExo vector env → SB3VecEnv (the env's own observation and action).
-    :class:`~stable_baselines3.common.vec_env.VecMonitor` adds the episode returns and lengths
-    that SB3 logs (``rollout/ep_rew_mean`` in TensorBoard).
+    knee: KneeExo vector env → SB3VecEnv (the env's own observation and action). The adapter
+    keeps the episode returns and lengths that SB3 logs (``rollout/ep_rew_mean``), of the raw
+    reward. Then, as RL Zoo orders them, ``VecNormalize`` (``normalize``) and ``VecFrameStack``
+    (``frame_stack``).
     """
-    return VecMonitor(config.task.make_vec_env(n_envs or config.n_envs))
+    env = config.task.make_vec_env(n_envs or config.n_envs)
+    if config.normalize is not None:
+        env = VecNormalize(env, **config.normalize.kwargs(algorithm_gamma(config)))
+    if config.frame_stack is not None:
+        env = VecFrameStack(env, config.frame_stack)
+    return env
+
+
+def algorithm_gamma(config: TrainingConfig) -> float:
+    """The discount factor of the run (the config's ``gamma``, else the algorithm's default)."""
+    if "gamma" in config.hyperparameters:
+        return float(config.hyperparameters["gamma"])
+    default = inspect.signature(algorithm_class(config.algorithm).__init__).parameters["gamma"]
+    return float(default.default)
+
+
+def observation_filter(config: TrainingConfig, env: VecEnv) -> dict[str, Any] | None:
+    """``policy.json``'s ``observation_filter``: the frozen normalisation and the frame stack."""
+    if config.normalize is None and config.frame_stack is None:
+        return None
+    normalize = unwrap_vec_normalize(env)
+    base = normalize.venv if normalize is not None else env
+    if isinstance(env, VecFrameStack):
+        base = env.venv if normalize is None else base
+    size = int(math.prod(base.observation_space.shape or (1,)))
+    return make_filter(size, normalize, config.frame_stack).describe()
 
 
 def policy_metadata(config: TrainingConfig, seed: int, timesteps: int) -> dict[str, Any]:
@@ -510,8 +596,13 @@ def train_one(
     *,
     progress: bool = True,
     torch_threads: int | None = None,
+    on_evaluation: Callable[[dict[str, float]], bool] | None = None,
 ) -> TrainResult:
-    """Train one policy with ``seed`` and save it in ``directory`` (see :func:`train`)."""
+    """Train one policy with ``seed`` and save it in ``directory`` (see :func:`train`).
+
+    ``on_evaluation`` gets each clinical evaluation's record; ``False`` stops training (the
+    hyperparameter search's pruning, :mod:`twinloop.policies.search`).
+    """
     import torch
 
     started = time.perf_counter()
@@ -520,7 +611,9 @@ def train_one(
     out.mkdir(parents=True, exist_ok=True)
     env = make_training_env(config)
     cls = algorithm_class(config.algorithm)
-    hyper = {k: _schedule(v) for k, v in config.hyperparameters.items()}
+    hyper = {k: schedule(v) for k, v in config.hyperparameters.items()}
+    if config.action_noise is not None:
+        hyper["action_noise"] = make_action_noise(*config.action_noise, env.action_space.shape)
     model = cls(
         config.policy,
         env,
@@ -540,6 +633,18 @@ def train_one(
                 name_prefix="model",
             )
         )
+
+    def save_policy(model: Any, directory: Path, timesteps: int) -> None:
+        _save_policy(config, seed, model, env, directory, timesteps)
+
+    make_clinical = getattr(config.task, "clinical_callback", None)
+    clinical = (
+        make_clinical(out, save_policy, config.n_envs, on_evaluation)
+        if callable(make_clinical)
+        else None
+    )
+    if clinical is not None:
+        callbacks.append(clinical)
     if progress:
         callbacks.append(_TqdmCallback(config.n_timesteps, f"seed {seed}"))
     try:
@@ -547,11 +652,34 @@ def train_one(
     finally:
         model.logger.close()  # TensorBoard's writer thread ends with it
     model.save(str(out / MODEL_FILE))  # to resume training; loading uses the weights
-    meta = policy_metadata(config, seed, int(model.num_timesteps))
+    normalize = unwrap_vec_normalize(env)
+    if normalize is not None:  # the Zoo's file, to resume training (pickle: never loaded here)
+        normalize.save(str(out / "vecnormalize.pkl"))
+    _save_policy(config, seed, model, env, out, int(model.num_timesteps))
+    env.close()
+    best = None
+    if clinical is not None and clinical.best_timesteps is not None:
+        best = next(r for r in clinical.history if r["timesteps"] == clinical.best_timesteps)
+    return TrainResult(
+        seed,
+        str(out),
+        int(model.num_timesteps),
+        time.perf_counter() - started,
+        best,
+        tuple(clinical.history) if clinical is not None else (),
+    )
+
+
+def _save_policy(
+    config: TrainingConfig, seed: int, model: Any, env: VecEnv, out: Path, timesteps: int
+) -> None:
+    """Write ``policy.pt`` and ``policy.json`` (with the observation filter) into ``out``."""
+    meta = policy_metadata(config, seed, timesteps)
+    filt = observation_filter(config, env)
+    if filt is not None:
+        meta["observation_filter"] = filt
     write_weights(model.policy, config.algorithm, out, meta)
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    env.close()
-    return TrainResult(seed, str(out), int(model.num_timesteps), time.perf_counter() - started)
 
 
 class _TqdmCallback(BaseCallback):

@@ -24,7 +24,7 @@ if [ "${TWINLOOP_REINSTALL:-0}" = 1 ] || [ "$(cat .venv/install.stamp 2>/dev/nul
     echo "install.sh: pip install failed (full log: $log)" >&2
     exit 1
   fi
-  .venv/bin/python -c "import twinloop.plant, gymnasium, numba, ray, stable_baselines3" \
+  .venv/bin/python -c "import twinloop.plant, gymnasium, numba, ray, stable_baselines3, optuna" \
     || { echo "install.sh: the install is incomplete (log: $log)" >&2; exit 1; }
   sh scripts/stamp.sh install >.venv/install.stamp
 fi

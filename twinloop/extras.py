@@ -4,7 +4,8 @@
 bridge, HIL rigs and the command line. Two extras add the rest:
 
 * ``ray`` — Ray placements, campaigns and evaluations on Ray, a cluster (``--address``);
-* ``rl`` — stable-baselines3 and torch: ``twinloop train`` and ``policy:PATH`` controllers.
+* ``rl`` — stable-baselines3, torch and Optuna: ``twinloop train`` (``--optimize``) and
+  ``policy:PATH`` controllers.
 
 This module imports nothing of twinloop: any layer may use it.
 """
@@ -15,7 +16,7 @@ import importlib
 from types import ModuleType
 
 #: Extra → the distribution names it installs (as imported).
-EXTRAS = {"ray": ("ray",), "rl": ("stable_baselines3", "torch")}
+EXTRAS = {"ray": ("ray",), "rl": ("stable_baselines3", "torch", "optuna")}
 
 
 class MissingExtraError(ImportError):

@@ -749,6 +749,52 @@ def run_one(spec: RunSpec) -> RunResult:
     )
 
 
+def policy_loop_metrics(
+    policy_dir: str | Path,
+    patients: tuple[str, ...],
+    seeds: tuple[int, ...],
+    days: int,
+    *,
+    scenario: str = "random",
+    carb_error: Any = None,
+) -> dict[str, float]:
+    """Mean clinical metrics of the policy saved in ``policy_dir`` run in the loop.
+
+    One loop run (:func:`twinloop.evaluation.glucose.evaluate.run_one`, inline) per seed over
+    ``patients``, controller ``policy:DIR`` behind the safety supervisor: time in range,
+    below 70 and 54 mg/dL (%), the supervisor's overrides per patient-day, the patient-runs
+    (the clinical evaluation during training, :mod:`twinloop.policies.glucose.clinical_eval`).
+
+    Raises:
+        EvaluationError: a run failed (its error is named).
+
+    """
+    controller = f"policy:{Path(policy_dir).resolve()}"
+    rows: list[dict[str, Any]] = []
+    for seed in seeds:
+        kwargs: dict[str, Any] = {"scenario": scenario}
+        if carb_error is not None:
+            kwargs["carb_error"] = carb_error
+        config = LoopConfig(
+            patients=patients, days=days, seed=seed, controller=controller, **kwargs
+        )
+        result = run_one(RunSpec(controller, ",".join(patients), seed, config))
+        if result.error:
+            raise EvaluationError(f"clinical evaluation, seed {seed}: {result.error}")
+        rows.extend(result.rows)
+
+    def mean(field: str) -> float:
+        return float(np.mean([r[field] for r in rows]))
+
+    return {
+        "time_in_range_pct": mean("time_in_range_70_180_pct"),
+        "time_below_70_pct": mean("time_below_70_pct"),
+        "time_below_54_pct": mean("time_below_54_pct"),
+        "supervisor_overrides": mean("overrides_total") / days,
+        "patient_runs": float(len(rows)),
+    }
+
+
 def _failed(spec: RunSpec, exc: BaseException) -> RunResult:
     message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     return RunResult(spec.controller, spec.cohort, spec.seed, [], None, error=message)

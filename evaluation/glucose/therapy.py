@@ -32,6 +32,10 @@ class GlucoseEvaluation:
         """:func:`twinloop.evaluation.glucose.evaluate.evaluate`."""
         return _evaluation.evaluate(list(controllers), protocol, out, **kw)
 
+    def policy_loop_metrics(self, policy_dir: str | Path, *args: Any, **kw: Any) -> Any:
+        """:func:`twinloop.evaluation.glucose.evaluate.policy_loop_metrics`."""
+        return _evaluation.policy_loop_metrics(policy_dir, *args, **kw)
+
     def check_doc(self, path: str) -> None:
         """:func:`twinloop.evaluation.glucose.evaluate.check_doc`."""
         _evaluation.check_doc(path)

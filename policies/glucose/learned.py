@@ -93,6 +93,9 @@ class LearnedPolicyController:
         Torch's first call in a process is slow (~1 s); the loop's decisions have a deadline.
         """
         self.model.predict(np.zeros(self.observation.size, np.float32), deterministic=True)
+        reset = getattr(self.model, "reset", None)  # a frame stack starts empty
+        if callable(reset):
+            reset()
 
     def features(self, obs: ControllerInput) -> NDArray[np.float32] | None:
         """Account this tick's glucose and return the policy's observation, shape ``(size,)``.

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -24,7 +25,8 @@ from twinloop.plant.glucose.cohorts import expand_names
 from twinloop.plant.glucose.env_core import T1DConfig
 from twinloop.plant.glucose.pump import PumpSpec
 from twinloop.plant.glucose.scenarios import SCENARIOS, CarbCountingError
-from twinloop.policies.errors import PolicyConfigError
+from twinloop.policies.errors import PolicyConfigError, config_section
+from twinloop.policies.glucose.clinical_eval import ClinicalEvalCallback, EvalSettings
 from twinloop.policies.glucose.features import (
     ENV_LAYOUT_VERSION,
     ActionLayout,
@@ -34,7 +36,7 @@ from twinloop.policies.glucose.features import (
 from twinloop.policies.glucose.rewards import make_reward, parse_reward
 
 #: The glucose family's own keys (``twinloop/T1D-v0``).
-GLUCOSE_KEYS = ("env", "observation", "action", "reward")
+GLUCOSE_KEYS = ("env", "observation", "action", "reward", "eval")
 #: Keys of the glucose ``env`` section.
 ENV_KEYS = ("patients", "sample_patient", "episode_days", "scenario", "carb_error")
 
@@ -80,13 +82,7 @@ class EnvSettings:
         """From YAML ``env`` (``carb_error: 0.3`` or ``{kind: normal, magnitude: 0.2}``)."""
         if value is None:
             return cls()
-        if not isinstance(value, Mapping):
-            raise PolicyConfigError(f"env: {value!r} is not allowed: a mapping of {ENV_KEYS}")
-        unknown = sorted(set(map(str, value)) - set(ENV_KEYS))
-        if unknown:
-            raise PolicyConfigError(
-                f"env: unknown key(s) {', '.join(unknown)}; keys are {', '.join(ENV_KEYS)}"
-            )
+        value = config_section("env", value, ENV_KEYS)
         kwargs: dict[str, Any] = {}
         if "patients" in value:
             p = value["patients"]
@@ -139,6 +135,7 @@ class GlucoseTask:
         action: the action mapping.
         reward: reward name (:data:`twinloop.policies.glucose.rewards.REWARDS`).
         reward_params: the reward's parameters.
+        eval: the clinical evaluation during training (``eval`` section).
 
     """
 
@@ -158,6 +155,7 @@ class GlucoseTask:
     action: ActionLayout
     reward: str
     reward_params: dict[str, Any]
+    eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
 
     @classmethod
     def parse(cls, s: Mapping[str, Any]) -> GlucoseTask:
@@ -171,6 +169,7 @@ class GlucoseTask:
             action=ActionLayout.parse(s.get("action", "basal+meal_bolus")),
             reward=reward,
             reward_params=reward_params,
+            eval=EvalSettings.parse(s.get("eval")),
         )
 
     def t1d_config(self) -> T1DConfig:
@@ -214,6 +213,27 @@ class GlucoseTask:
     def callbacks(self) -> list[BaseCallback]:
         """Extra training callbacks (none)."""
         return []
+
+    def clinical_callback(
+        self,
+        directory: Path,
+        save_policy: Callable[[Any, Path, int], None],
+        n_envs: int,
+        on_evaluation: Callable[[dict[str, float]], bool] | None = None,
+    ) -> ClinicalEvalCallback | None:
+        """The clinical evaluation of ``eval`` (None when ``eval.freq`` is 0)."""
+        if not self.eval.freq:
+            return None
+        return ClinicalEvalCallback(
+            self.eval,
+            self.eval.patients or self.env.patients,
+            directory,
+            save_policy,
+            scenario=self.env.scenario,
+            carb_error=self.env.carb_error,
+            n_envs=n_envs,
+            on_evaluation=on_evaluation,
+        )
 
     def metadata(self) -> dict[str, Any]:
         """The family's part of ``policy.json`` (read by :mod:`~.glucose.learned`)."""

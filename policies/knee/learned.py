@@ -203,11 +203,15 @@ class ExoPolicyController:
     def warm_up(self) -> None:
         """One throw-away prediction: torch's first call in a process is slow (~1 s)."""
         self.model.predict(np.zeros(N_OBS, np.float32), deterministic=True)
+        self.reset()
 
     def reset(self) -> None:
         """Forget the previous tick (command and EMG held by the sensor fallback)."""
         self._last_torque_nm = 0.0
         self._last_emg = [0.0, 0.0]
+        reset = getattr(self.model, "reset", None)  # a frame stack starts empty
+        if callable(reset):
+            reset()
 
     def observation(self, obs: ExoInput) -> NDArray[np.float32] | None:
         """The env's observation, shape ``(7,)`` float32, or ``None`` without angle/reference.

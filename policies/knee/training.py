@@ -25,7 +25,7 @@ from twinloop.plant.knee.env_core import KneeExoConfig
 from twinloop.plant.knee.model import PRESETS, KneeParams, knee_preset
 from twinloop.plant.knee.sensors import EMGSpec, EncoderSpec, TorqueSensorSpec
 from twinloop.plant.knee.tasks import TASKS, TaskSpec
-from twinloop.policies.errors import PolicyConfigError
+from twinloop.policies.errors import PolicyConfigError, config_section
 from twinloop.policies.knee.learned import (
     KNEE_LAYOUT_VERSION,
     describe_observation,
@@ -152,16 +152,7 @@ def parse_knee_env(value: object) -> KneeExoConfig:
     """
     if value is None:
         value = {}
-    if not isinstance(value, Mapping):
-        raise PolicyConfigError(
-            f"env: {value!r} is not allowed: a mapping of {', '.join(KNEE_ENV_KEYS)}"
-        )
-    unknown = sorted(set(map(str, value)) - set(KNEE_ENV_KEYS))
-    if unknown:
-        raise PolicyConfigError(
-            f"env: unknown key(s) {', '.join(unknown)} of {KNEE_EXO_ID}; keys are "
-            f"{', '.join(KNEE_ENV_KEYS)}"
-        )
+    value = config_section("env", value, KNEE_ENV_KEYS, f" of {KNEE_EXO_ID}")
     kwargs: dict[str, Any] = {"normalized_action": True}
     for key, v in value.items():
         name = str(key)
@@ -241,6 +232,11 @@ class KneeExoTask:
         "features_extractor_class",
         "features_extractor_kwargs",
     )
+    #: Common keys this family refuses, with the reason.
+    unsupported_keys: ClassVar[dict[str, str]] = {
+        "frame_stack": "the network's fixed normalisation (KneeObservationScaler) takes exactly "
+        "the env's 7 readings, not stacked frames",
+    }
     refusal_hint: ClassVar[str | None] = KNEE_NO_LAYOUT
 
     env: KneeExoConfig

@@ -54,7 +54,7 @@ def test_adapter_refuses_next_step_mode():
         SB3VecEnv(T1DVectorEnv(num_envs=2))
 
 
-def test_ppo_trains_on_the_vector_env_for_64_steps():
+def test_ppo_trains_on_the_vector_env_for_64_steps_and_records_episodes():
     venv = gym.make_vec(
         plant.T1D_ID, num_envs=4, vectorization_mode="vector_entry_point",
         autoreset_mode="same_step", **SHORT,
@@ -62,5 +62,24 @@ def test_ppo_trains_on_the_vector_env_for_64_steps():
     model = PPO("MlpPolicy", SB3VecEnv(venv), n_steps=16, batch_size=32, n_epochs=1, seed=0)
     model.learn(total_timesteps=64)
     assert model.num_timesteps == 64
+    # the bare adapter's episode statistics (rollout/ep_rew_mean): each sub-env ended one
+    assert len(model.ep_info_buffer) == 4
+    assert {e["l"] for e in model.ep_info_buffer} == {12}
     action, _ = model.predict(np.array([[120.0, 2.0]], np.float32), deterministic=True)
     assert action.shape == (1, 1)
+
+
+def test_adapter_keeps_episode_statistics_like_vec_monitor():
+    """SB3 collects ``info["episode"]`` of ended episodes: what ``rollout/ep_rew_mean`` logs."""
+    venv = SB3VecEnv(T1DVectorEnv(num_envs=3, autoreset_mode="same_step", **SHORT))
+    venv.seed(1)
+    venv.reset()
+    returns = np.zeros(3)
+    for step in range(12):
+        _, rewards, dones, infos = venv.step(np.full((3, 1), 0.5, np.float32))
+        returns += rewards
+        assert dones.all() == (step == 11)
+    assert [info["episode"]["l"] for info in infos] == [12, 12, 12]
+    np.testing.assert_allclose([info["episode"]["r"] for info in infos], returns, rtol=1e-6)
+    _, _, _, infos = venv.step(np.full((3, 1), 0.5, np.float32))
+    assert all("episode" not in info for info in infos)  # a new episode runs

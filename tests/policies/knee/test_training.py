@@ -367,6 +367,22 @@ def test_a_copy_ships_the_path_not_the_model_and_acts_alike(saved: Path) -> None
     assert clone.torque(x) == ctrl.torque(x)
 
 
+def test_a_normalized_knee_policy_loads_filtered_and_survives_pickling(tmp_path: Path) -> None:
+    from twinloop.policies.zoo import FilteredPolicy
+
+    with pytest.raises(PolicyConfigError, match=r"frame_stack: 2 is not supported .* 7 readings"):
+        parse_config(tiny(frame_stack=2))
+    doc = tiny(normalize=True, checkpoint_freq=0, tensorboard=False)
+    (result,) = train(parse_config(doc), tmp_path, progress=False)
+    ctrl = load_exo_policy(result.directory)
+    assert isinstance(ctrl.model, FilteredPolicy)
+    assert ctrl.model.filter.mean is not None
+    clone = pickle.loads(pickle.dumps(ctrl))
+    assert isinstance(clone.model, FilteredPolicy)
+    x = ExoInput(1.0, 0.5, 0.1, 0.6, 0.2, 2.0, 0.1, 0.05)
+    assert [clone.torque(x) for _ in range(3)] == [ctrl.torque(x) for _ in range(3)]
+
+
 # --- Ray, CLI -----------------------------------------------------------------------------
 
 
