@@ -258,8 +258,16 @@ def _run_block(block: Block, cwd: Path, timeout_s: float) -> subprocess.Complete
         stop_jobs = "trap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT\n"
         script = "set -e\n" + stop_jobs + block.runnable_text()
         argv = ["bash", "-c", script]
+    # a session of its own, as a terminal gives a pasted block: nothing it kills reaches pytest
     return subprocess.run(
-        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        argv,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        start_new_session=True,
     )
 
 
