@@ -458,16 +458,24 @@ class Command:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ack:
-    """The device accepted command ``command`` (``$TLACK,<cmd>*HH``)."""
+    """The device accepted command ``command`` (``$TLACK,<cmd>[,<value>]*HH``).
+
+    ``value``: what a query answers (``INFO``: the device's time scale), else None.
+    """
 
     command: str
+    value: str | None = None
 
     def __post_init__(self) -> None:
         _check_field("command", self.command)
+        if self.value is not None:
+            _check_field("value", self.value)
 
     def to_fields(self) -> tuple[str, ...]:
         """The answer's fields."""
-        return (TALKER_ACK, self.command)
+        if self.value is None:
+            return (TALKER_ACK, self.command)
+        return (TALKER_ACK, self.command, self.value)
 
     def encode(self) -> bytes:
         """The answer as a line."""
@@ -575,7 +583,8 @@ def parse_reply(frame: Frame) -> Ack | Nak:
 
     """
     if frame.fields[0] == TALKER_ACK:
-        return Ack(_expect(frame, TALKER_ACK, (2,))[1])
+        fields = _expect(frame, TALKER_ACK, (2, 3))
+        return Ack(fields[1], fields[2] if len(fields) == 3 else None)
     _, command, reason = _expect(frame, TALKER_NAK, (3,))
     return Nak(command, reason)
 

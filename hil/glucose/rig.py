@@ -58,6 +58,7 @@ from twinloop.agents.messages import (
     TickTiming,
 )
 from twinloop.hil.pacing import PacedThread, PacingStats
+from twinloop.hil.time_scale import ClockRateCheck, check_announced
 from twinloop.plant.glucose.insulin import IobTracker
 from twinloop.plant.glucose.metrics import glucose_metrics
 from twinloop.plant.glucose.patients import get_patient
@@ -94,6 +95,12 @@ PUMP_CHANNELS = (
     "heartbeat",
     "alarm_code",
 )
+#: The optional pump channel of an emulated pump's announced time scale (s per simulated min).
+TIME_SCALE_CHANNEL = "time_scale_s_per_min"
+#: The CGM line protocol's identification query (answered ``$TLACK,INFO,<s_per_min>``).
+CGM_INFO_COMMAND = "INFO"
+#: The alarm condition of a device on another time scale (latched for the session).
+TIME_SCALE_CONDITION = "time scale mismatch"
 
 
 class RigConfigError(ValueError):
@@ -217,6 +224,7 @@ class CgmPort(Protocol):
 class _AlarmState:
     active: bool = False
     since_wall_s: float = math.nan
+    latched: bool = False  # a time scale mismatch: fresh data does not clear it
 
 
 class PumpWorker:
@@ -286,6 +294,8 @@ class Rig:
         pump_registers: twinloop channel → the pump profile's register name, for every name
             of :data:`PUMP_CHANNELS` (:func:`pump_register_names` builds it from a profile).
         controller: overrides the configured controller (e.g. a learned policy).
+        device_names: how messages name the devices (default ``pump``, ``cgm``; the session
+            gives their ports, e.g. ``pump at 127.0.0.1:5020``).
 
     """
 
@@ -297,6 +307,7 @@ class Rig:
         cgm: CgmPort,
         pump_registers: dict[str, str],
         controller: Controller | None = None,
+        device_names: Mapping[str, str] | None = None,
     ) -> None:
         missing = [c for c in PUMP_CHANNELS if c not in pump_registers]
         if missing:
@@ -340,6 +351,47 @@ class Rig:
         self.channels["sensor->controller"].listen(
             lambda _, m: self.glucose_log.append(m)  # type: ignore[arg-type]
         )
+        names = {"pump": "pump", "cgm": "cgm"} | dict(device_names or {})
+        self.device_names = names
+        scale = config.wall_s_per_sim_min
+        #: Each device's clock rate against the rig's (None: it announced its time scale).
+        self.rate_checks: dict[str, ClockRateCheck | None] = {
+            "cgm": ClockRateCheck(names["cgm"], scale),
+            "pump": ClockRateCheck(names["pump"], scale, modulo=65536),
+        }
+
+    def check_time_scale(self) -> dict[str, float]:
+        """At connect: refuse devices that announce a time scale other than the rig's.
+
+        The pump announces it in the register on :data:`TIME_SCALE_CHANNEL` (when its profile
+        maps one), the CGM in its answer to ``$TLCMD,INFO`` (when its transport can send
+        commands and the device answers with a value). A device that announces is not
+        rate-checked; the others are, from their data (:class:`ClockRateCheck`).
+
+        Returns:
+            The scales announced, by device (``pump``, ``cgm``).
+
+        Raises:
+            TimeScaleMismatch: a device announced another time scale (one line, with the fix).
+
+        """
+        rig = self.config.wall_s_per_sim_min
+        announced: dict[str, float] = {}
+        register = self.regs.get(TIME_SCALE_CHANNEL)
+        if register is not None:
+            announced["pump"] = float(self.pump.read_many([register])[register])
+        command = getattr(self.cgm, "command", None)
+        if command is not None:
+            try:
+                value = getattr(command(CGM_INFO_COMMAND), "value", None)
+                if value is not None:
+                    announced["cgm"] = float(value)
+            except Exception:  # a real CGM without INFO: its data rate is checked instead
+                value = None
+        for device, value in announced.items():
+            check_announced(self.device_names[device], value, rig)
+            self.rate_checks[device] = None
+        return announced
 
     def listen(self, listener: Listener) -> None:
         """Send every message of every channel to ``listener(channel, message)``."""
@@ -369,6 +421,9 @@ class Rig:
         """
         with self._lock:
             state = self.alarms[source]
+            check = self.rate_checks[source]
+            if check is not None and not state.latched:
+                check.reset()  # judge the device's clock again on data after the outage
             if state.active:
                 return
             state.active, state.since_wall_s = True, self._wall_s()
@@ -398,6 +453,18 @@ class Rig:
         )
         io.submit(self._safe_state)
 
+    def _mismatch(self, t_min: float, source: str, message: str, *, in_pump_thread: bool) -> None:
+        """A device on another time scale: a latched alarm whose action carries the hint."""
+        condition = f"{TIME_SCALE_CONDITION}: {message}"
+        with self._lock:
+            state = self.alarms[source]
+            already, state.latched = state.active, True
+        if not already:
+            self._raise(t_min, source, condition, in_pump_thread=in_pump_thread)
+        else:
+            stopped = "control stays stopped until the session ends"
+            self._send_alarm(Alarm(t_min, source, condition, True, stopped, self._wall_s()))
+
     def _send_alarm(self, alarm: Alarm) -> None:
         with self._lock:
             self.channels["rig->alarms"].send(alarm)
@@ -413,6 +480,7 @@ class Rig:
                 (source, state.since_wall_s)
                 for source, state in self.alarms.items()
                 if state.active
+                and not state.latched
                 and self._last_valid_wall > state.since_wall_s
                 and self._last_pump_ok_wall > state.since_wall_s
             ]
@@ -509,6 +577,13 @@ class Rig:
             return
         with self._lock:
             self._last_pump_ok_wall = asked_wall
+            check = self.rate_checks["pump"]
+            heartbeat = status.get(self.regs["heartbeat"])
+            wrong = None
+            if check is not None and isinstance(heartbeat, int | float):
+                wrong = check.observe(asked_wall, int(heartbeat))
+        if wrong is not None:
+            self._mismatch(t_min, "pump", wrong, in_pump_thread=True)
         self._clear_verified(t_min)
         if control:
             with self._lock:
@@ -522,6 +597,7 @@ class Rig:
             frames = self.cgm.poll()
         except Exception:  # a transport that raises counts as no data
             frames = []
+        self._check_cgm_rate(t_min, frames)
         for frame in frames:
             glucose = getattr(frame, "glucose_mg_dl", None)
             if glucose is None or int(getattr(frame, "status", 0)) != 0:
@@ -532,6 +608,20 @@ class Rig:
                 self._new_readings.append(sent)
                 self._last_reading = sent
                 self._last_valid_wall = self._wall_s()
+
+    def _check_cgm_rate(self, t_min: float, frames: list[Any]) -> None:
+        """Feed the CGM's clock (the newest frame's ``t_min`` of a poll) to its rate check.
+
+        Only the newest frame of each poll counts: frames a device queued before the rig
+        opened its port arrive together, and only their last one is as fresh as its arrival.
+        """
+        check = self.rate_checks["cgm"]
+        stamps = [s for s in (getattr(f, "t_min", None) for f in frames) if isinstance(s, int)]
+        if check is None or not stamps:
+            return
+        wrong = check.observe(self._wall_s(), stamps[-1])
+        if wrong is not None:
+            self._mismatch(t_min, "cgm", wrong, in_pump_thread=False)
 
     def _account(self, t_min: float, status: dict[str, Any]) -> None:
         """Deliveries since the last control tick, from the pump's totals."""

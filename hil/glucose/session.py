@@ -9,6 +9,7 @@ records it and prints its summary; it returns the exit code.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,20 @@ def _profile_path(name: str) -> Path:
 
     path = Path(name)
     return path if path.suffix in (".yaml", ".yml") or path.exists() else shipped_profile(name)
+
+
+def pump_where(profile: Any) -> str:
+    """Where the pump is reached: its serial port, or HOST:PORT."""
+    t = profile.transport
+    return str(t.port) if t.is_serial else f"{t.host}:{t.tcp_port}"
+
+
+def _say_time_scale_mismatch(_channel: str, alarm: Any) -> None:
+    """Print a time scale mismatch when it is found (other alarms are listed at the end)."""
+    from twinloop.hil.glucose.rig import TIME_SCALE_CONDITION
+
+    if alarm.active and alarm.condition.startswith(TIME_SCALE_CONDITION):
+        print(f"twinloop hil: {alarm.source} alarm: {alarm.condition}", file=sys.stderr, flush=True)
 
 
 def run_session(args: argparse.Namespace) -> int:
@@ -54,7 +69,7 @@ def run_session(args: argparse.Namespace) -> int:
     out = Path(args.out or new_run_dir("runs/hil-%Y%m%d-%H%M%S"))
     record = {"rig": vars(args) | {"profile": str(profile.source)}}
     flush = getattr(args, "flush_every_min", None) or DEFAULT_HIL_FLUSH_EVERY_MIN
-    recorder = Recorder(out, config=record, flush_every_min=flush, background=True)
+    names = {"pump": f"pump at {pump_where(profile)}", "cgm": f"cgm at {args.cgm_port}"}
     with (
         ModbusDevice(profile) as pump,
         LineTransport(
@@ -65,7 +80,11 @@ def run_session(args: argparse.Namespace) -> int:
             stopbits=t.stopbits,
         ) as cgm,
     ):
-        rig = Rig(config, pump=pump, cgm=cgm, pump_registers=pump_register_names(profile))
+        regs = pump_register_names(profile)
+        rig = Rig(config, pump=pump, cgm=cgm, pump_registers=regs, device_names=names)
+        rig.check_time_scale()  # an emulator on another time scale: refused in one line
+        rig.channels["rig->alarms"].listen(_say_time_scale_mismatch)
+        recorder = Recorder(out, config=record, flush_every_min=flush, background=True)
         rig.listen(recorder.listener("rig"))
         recorder.manifest_extra = lambda: {"outages": rig.outages()}
         steps = args.minutes // config.control_period_min * config.watchdog_steps
