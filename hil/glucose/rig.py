@@ -8,7 +8,8 @@ supervisor on the wall clock and talks to the devices through :mod:`hw_bridge`:
   :class:`~twinloop.agents.messages.CgmReading` on ``sensor->controller``;
 * **actuator**: the pump's Modbus profile; each control tick writes the supervisor's temp basal
   (rate, then its duration) and a bolus through the profile (limits enforced before the wire),
-  then reads back the delivered totals, sent as per-minute deliveries on ``actuator->plant``.
+  records whether the pump accepted them (:class:`PumpAck` on ``pump->acks``), then reads back
+  the delivered totals, sent as per-minute deliveries on ``actuator->plant``.
 
 **Pacing.** One dedicated thread (:mod:`twinloop.hil.pacing`: sleep, then spin) runs
 ``watchdog_steps`` watchdog steps per control period; every ``watchdog_steps``-th step is also
@@ -43,7 +44,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -76,6 +77,7 @@ RIG_CHANNELS = (
     "sensor->controller",
     "controller->supervisor",
     "supervisor->actuator",
+    "pump->acks",
     "supervisor->overrides",
     "actuator->plant",
     "clock->ticks",
@@ -101,6 +103,22 @@ TIME_SCALE_CHANNEL = "time_scale_s_per_min"
 CGM_INFO_COMMAND = "INFO"
 #: The alarm condition of a device on another time scale (latched for the session).
 TIME_SCALE_CONDITION = "time scale mismatch"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PumpAck(Message):
+    """What became of an approved command at the pump (``pump->acks``, one per command).
+
+    ``delivered``: the pump accepted the temp basal (rate and duration) and, when the command
+    had one, the bolus; otherwise ``detail`` says why not (``communication lost``, or the
+    register and the Modbus exception code the pump answered).
+    """
+
+    basal_u_per_h: float
+    bolus_u: float
+    delivered: bool
+    detail: str
+    kind: ClassVar[str] = "pump_ack"
 
 
 class RigConfigError(ValueError):
@@ -673,15 +691,34 @@ class Rig:
     def _send_command(self, t_min: float, out: InsulinCommand) -> None:
         """In the pump thread: write the approved command (temp basal, its duration, bolus)."""
         duration = self.config.temp_duration_periods * self.config.control_period_min
+        refused: list[str] = []
         try:
-            self.pump.write(self.regs["basal_u_per_h"], out.basal_u_per_h)
-            self.pump.write(self.regs["temp_basal_duration_min"], duration)
+            for channel, value in (
+                ("basal_u_per_h", out.basal_u_per_h),
+                ("temp_basal_duration_min", duration),
+            ):
+                code = self.pump.write(self.regs[channel], value)
+                if code is not None:
+                    refused.append(f"{self.regs[channel]}: exception {code}")
             bolus_reg = self.regs["bolus_u"]
-            if out.bolus_u > 0 and self.pump.write(bolus_reg, out.bolus_u, retry=False) is None:
-                with self._lock:
-                    self._bolus_sent_u = out.bolus_u
+            if out.bolus_u > 0:
+                code = self.pump.write(bolus_reg, out.bolus_u, retry=False)
+                if code is None:
+                    with self._lock:
+                        self._bolus_sent_u = out.bolus_u
+                else:
+                    refused.append(f"{bolus_reg}: exception {code}")
         except Exception:  # lost on the way
+            self._ack(out, "communication lost")
             self._raise(t_min, "pump", "communication lost", in_pump_thread=True)
+            return
+        self._ack(out, "; ".join(refused))
+
+    def _ack(self, out: InsulinCommand, refused: str) -> None:
+        """Record what became of ``out`` (``refused`` empty: delivered)."""
+        ack = PumpAck(out.t_min, out.basal_u_per_h, out.bolus_u, not refused, refused)
+        with self._lock:
+            self.channels["pump->acks"].send(ack)
 
     # -- running ------------------------------------------------------------------------------
     def run(
