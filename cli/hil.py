@@ -182,6 +182,12 @@ def add_parser(sub: Any) -> None:
         100,
     )
     hil.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print pymodbus's and the device transports' log on stderr (always written "
+        "to RUN_DIR/hil.log)",
+    )
+    hil.add_argument(
         "--realtime",
         action="store_true",
         help="pace the rig under SCHED_FIFO (needs CAP_SYS_NICE; says so when refused)",

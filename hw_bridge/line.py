@@ -41,7 +41,7 @@ from typing import Any
 
 import serial
 
-from twinloop.hw_bridge.errors import BridgeError, CommunicationError
+from twinloop.hw_bridge.errors import BridgeError, CommunicationError, os_error_words
 
 __all__ = [
     "GLUCOSE_MAX_MG_DL",
@@ -765,7 +765,9 @@ class LineTransport:
             try:
                 self._serial = self._open_port()
             except _IO_ERRORS as exc:
-                raise CommunicationError(f"{self._port_name}: cannot open: {exc}") from exc
+                error = CommunicationError(f"{self._port_name}: cannot open, {os_error_words(exc)}")
+                error.reason = os_error_words(exc)
+                raise error from exc
             self._wanted = True
             self._backoff_s = self._backoff_first_s
 

@@ -60,6 +60,7 @@ from twinloop.agents.messages import (
 )
 from twinloop.hil.pacing import PacedThread, PacingStats
 from twinloop.hil.time_scale import ClockRateCheck, check_announced
+from twinloop.hw_bridge.errors import CommunicationError, os_error_words
 from twinloop.plant.glucose.insulin import IobTracker
 from twinloop.plant.glucose.metrics import glucose_metrics
 from twinloop.plant.glucose.patients import get_patient
@@ -530,7 +531,7 @@ class Rig:
         except Exception as exc:  # the pump cannot be reached: its temp basal runs out alone
             minutes = self.config.temp_duration_periods * self.config.control_period_min
             return (
-                f"safe state not written ({type(exc).__name__}); the pump's temp basal "
+                f"safe state not written ({_unreachable(exc)}); the pump's temp basal "
                 f"expires within {minutes} min"
             )
         with self._lock:
@@ -772,6 +773,14 @@ class Rig:
         runner = getattr(self, "_runner", None)
         if runner is not None:
             runner.stop()
+
+
+def _unreachable(exc: BaseException) -> str:
+    """Why a pump transaction failed, in words (never raw errno text)."""
+    reason = getattr(exc, "reason", None)
+    if reason is None and isinstance(exc, OSError) and not isinstance(exc, CommunicationError):
+        reason = os_error_words(exc)
+    return f"pump unreachable: {reason}" if reason else "pump unreachable"
 
 
 def outages(alarms: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
