@@ -373,10 +373,12 @@ class Rig:
         names = {"pump": "pump", "cgm": "cgm"} | dict(device_names or {})
         self.device_names = names
         scale = config.wall_s_per_sim_min
-        #: Each device's clock rate against the rig's (None: it announced its time scale).
+        #: Each device's clock rate against the rig's (None: it announces its time scale, a
+        #: pump whose profile maps the register, or a device :meth:`check_time_scale` read).
+        announces = TIME_SCALE_CHANNEL in pump_registers
         self.rate_checks: dict[str, ClockRateCheck | None] = {
             "cgm": ClockRateCheck(names["cgm"], scale),
-            "pump": ClockRateCheck(names["pump"], scale, modulo=65536),
+            "pump": None if announces else ClockRateCheck(names["pump"], scale, modulo=65536),
         }
 
     def check_time_scale(self) -> dict[str, float]:

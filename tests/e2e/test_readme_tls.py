@@ -1,8 +1,8 @@
-"""The README's Modbus/TLS session runs as written: certificates made with openssl, the emulated
-pump serving Modbus/TLS, the rig connecting through the profile the block writes. Run by bash in
-a scratch directory (``hw_bridge`` and ``.venv`` linked from the repository), with only the TCP
-port, the CGM's pty path and the run's ``--out`` substituted; once with the rig's role
-``operator`` (every command delivered) and once ``monitor`` (read only: none delivered)."""
+"""The README's Modbus/TLS session does what it says (``tests/test_readme.py`` checks only that
+it exits 0): run by bash in a scratch directory (``hw_bridge`` and ``.venv`` linked from the
+repository), with only the TCP port, the CGM's pty path and the run's ``--out`` substituted,
+every command reaches the pump with the rig's role ``operator``, and none with ``monitor``
+(read only: exception 01 on each write)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_readme import readme_blocks
 from twinloop.agents.recording import read_channel
 
 NEEDS = not shutil.which("openssl") or not shutil.which("bash")
 pytestmark = [pytest.mark.hil, pytest.mark.skipif(NEEDS, reason="needs openssl and bash")]
 
 REPO = Path(__file__).resolve().parents[2]
-ANCHOR = "**Modbus/TLS and client roles.**"
 
 
 def tls_block() -> str:
-    """The first ``sh`` code block after the README's Modbus/TLS paragraph."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    start = text.index("```sh\n", text.index(ANCHOR)) + len("```sh\n")
-    return text[start : text.index("```\n", start)]
+    """The README's ``sh`` block that serves the pump over Modbus/TLS."""
+    return next(b.text for b in readme_blocks() if b.lang == "sh" and "--tls" in b.text) + "\n"
 
 
 def _free_port() -> int:
