@@ -63,6 +63,7 @@ def run_session(args: argparse.Namespace) -> int:
     from twinloop.agents.recording import Recorder
     from twinloop.hil.console import LOG_NAME, session_log
     from twinloop.hil.glucose.rig import Rig, RigConfig, pump_register_names, summarize_rig
+    from twinloop.hw_bridge.errors import CommunicationError
     from twinloop.hw_bridge.line import LineTransport
     from twinloop.hw_bridge.modbus_client import ModbusDevice
     from twinloop.hw_bridge.profile import load_profile
@@ -92,7 +93,11 @@ def run_session(args: argparse.Namespace) -> int:
         cgm = _connect(stack, line, names["cgm"], CONNECT_HINTS["cgm"])
         regs = pump_register_names(profile)
         rig = Rig(config, pump=pump, cgm=cgm, pump_registers=regs, device_names=names)
-        rig.check_time_scale()  # an emulator on another time scale: refused in one line
+        try:
+            rig.check_time_scale()  # an emulator on another time scale: refused in one line
+        except CommunicationError:  # connected, but nothing answers (a port without a device)
+            hint = CONNECT_HINTS["pump"]
+            raise CommunicationError(f"{names['pump']}: no answer — {hint}") from None
         rig.channels["rig->alarms"].listen(_say_time_scale_mismatch)
         recorder = Recorder(out, config=record, flush_every_min=flush, background=True)
         rig.listen(recorder.listener("rig"))

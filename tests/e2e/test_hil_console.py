@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from twinloop.hil.console import LOG_NAME
+from twinloop.hw_bridge.pty import PtyPair
 
 pytestmark = pytest.mark.hil
 
@@ -50,6 +51,27 @@ def test_a_refused_connection_is_one_readable_line(tmp_path: Path) -> None:
     # pymodbus's own account of it is in the run's log
     log = (out / LOG_NAME).read_text()
     assert "Connection refused" in log and "pymodbus" in log
+
+
+def test_a_port_where_nothing_answers_is_one_readable_line(tmp_path: Path) -> None:
+    """The pump's and the CGM's ports exist (pty pairs) but no device is behind them."""
+    pump = PtyPair(links=(str(tmp_path / "pump"), None))
+    cgm = PtyPair(links=(str(tmp_path / "cgm"), None))
+    try:
+        done = subprocess.run(
+            _twinloop("hil", "--port", str(tmp_path / "pump"), "--cgm-port",
+                      str(tmp_path / "cgm"), "--time-scale", SCALE, "--minutes", "10",
+                      "--out", str(tmp_path / "run")),
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        pump.close()
+        cgm.close()
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"twinloop hil: error: pump at {tmp_path / 'pump'}: no answer — is `twinloop emulate "
+        "pump` (or the pump) running there?\n"
+    )
 
 
 def _session(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], Path]:
