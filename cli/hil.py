@@ -102,7 +102,7 @@ def add_parser(sub: Any) -> None:
         type=time_scale,
         default=60.0,
         help="wall seconds per simulated minute (60 = real time), > 0 to "
-        f"{MAX_TIME_SCALE_S_PER_MIN:g}",
+        f"{MAX_TIME_SCALE_S_PER_MIN:g}; announced to rigs, which refuse another",
     )
     emu.add_argument(
         "--baudrate",
@@ -147,7 +147,8 @@ def add_parser(sub: Any) -> None:
         "--time-scale",
         type=time_scale,
         default=60.0,
-        help=f"wall seconds per simulated minute, > 0 to {MAX_TIME_SCALE_S_PER_MIN:g} (60)",
+        help=f"wall seconds per simulated minute, > 0 to {MAX_TIME_SCALE_S_PER_MIN:g} (60); "
+        "the devices' own (an emulator's --time-scale): a device announcing another is refused",
     )
     add_count(hil, "--minutes", 1, MAX_HIL_MINUTES, "simulated minutes to run", 240)
     hil.add_argument(
@@ -180,6 +181,12 @@ def add_parser(sub: Any) -> None:
         1000,
         "knee-exo: the longest drive watchdog accepted, ms (read, never written)",
         100,
+    )
+    hil.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print pymodbus's and the device transports' log on stderr (always written "
+        "to RUN_DIR/hil.log)",
     )
     hil.add_argument(
         "--realtime",

@@ -250,7 +250,14 @@ class OutputExistsError(ValueError):
 
 #: Files that mark a directory as a twinloop output (a run's manifest or its in-progress
 #: marker, an evaluation's manifest, a campaign's pinned spec or summary, a twin replay).
-OUTPUT_MARKERS = ("manifest.json", "summary.json", "spec.json", "INCOMPLETE", "replay.json")
+OUTPUT_MARKERS = (
+    "manifest.json",
+    "summary.json",
+    "spec.json",
+    "INCOMPLETE",
+    "replay.json",
+    "hil.log",  # a HIL session that stopped before its recording began
+)
 
 
 def add_overwrite(parser: argparse.ArgumentParser) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 import serial
 
-from twinloop.hw_bridge.errors import BridgeError, CommunicationError
+from twinloop.hw_bridge.errors import BridgeError, CommunicationError, os_error_words
 
 __all__ = [
     "GLUCOSE_MAX_MG_DL",
@@ -458,16 +458,24 @@ class Command:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ack:
-    """The device accepted command ``command`` (``$TLACK,<cmd>*HH``)."""
+    """The device accepted command ``command`` (``$TLACK,<cmd>[,<value>]*HH``).
+
+    ``value``: what a query answers (``INFO``: the device's time scale), else None.
+    """
 
     command: str
+    value: str | None = None
 
     def __post_init__(self) -> None:
         _check_field("command", self.command)
+        if self.value is not None:
+            _check_field("value", self.value)
 
     def to_fields(self) -> tuple[str, ...]:
         """The answer's fields."""
-        return (TALKER_ACK, self.command)
+        if self.value is None:
+            return (TALKER_ACK, self.command)
+        return (TALKER_ACK, self.command, self.value)
 
     def encode(self) -> bytes:
         """The answer as a line."""
@@ -575,7 +583,8 @@ def parse_reply(frame: Frame) -> Ack | Nak:
 
     """
     if frame.fields[0] == TALKER_ACK:
-        return Ack(_expect(frame, TALKER_ACK, (2,))[1])
+        fields = _expect(frame, TALKER_ACK, (2, 3))
+        return Ack(fields[1], fields[2] if len(fields) == 3 else None)
     _, command, reason = _expect(frame, TALKER_NAK, (3,))
     return Nak(command, reason)
 
@@ -756,7 +765,9 @@ class LineTransport:
             try:
                 self._serial = self._open_port()
             except _IO_ERRORS as exc:
-                raise CommunicationError(f"{self._port_name}: cannot open: {exc}") from exc
+                error = CommunicationError(f"{self._port_name}: cannot open, {os_error_words(exc)}")
+                error.reason = os_error_words(exc)
+                raise error from exc
             self._wanted = True
             self._backoff_s = self._backoff_first_s
 

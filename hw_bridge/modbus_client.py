@@ -18,6 +18,7 @@ exponential reconnect back-off and then raised as
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -34,7 +35,12 @@ from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from twinloop.hw_bridge.errors import CommunicationError, DeviceException, ProfileError
+from twinloop.hw_bridge.errors import (
+    CommunicationError,
+    DeviceException,
+    ProfileError,
+    os_error_words,
+)
 from twinloop.hw_bridge.profile import (
     DeviceProfile,
     Register,
@@ -201,6 +207,7 @@ class _TlsClient(ModbusTlsClient):
             _LOG.debug(
                 "TLS connect to %s:%s failed: %s", self.comm_params.host, self.comm_params.port, exc
             )
+            self.last_error: OSError | None = exc
             return False
         try:
             self.socket = self._sslctx.wrap_socket(
@@ -209,9 +216,37 @@ class _TlsClient(ModbusTlsClient):
             self.socket.settimeout(timeout)
         except OSError as exc:
             _LOG.debug("TLS handshake with %s failed: %s", self._server_hostname, exc)
+            self.last_error = exc
             raw.close()
             self.socket = None
         return self.socket is not None
+
+
+def connect_failure(transport: Transport, client: object = None) -> str:
+    """Why a device's port or connection could not be opened, in words.
+
+    ``connection refused``, ``no answer within 0.5 s``, ``no such port``, ``permission denied``,
+    ``TLS handshake failed (...)``, or the system's own words for another error (lower case,
+    without the errno). Serial ports are checked on the file system; a TCP address is probed
+    with one connection attempt (the TLS client remembers its own last error).
+    """
+    if transport.is_serial:
+        port = str(transport.port)
+        if not os.path.exists(port):
+            return "no such port"
+        if not os.access(port, os.R_OK | os.W_OK):
+            return "permission denied"
+        return "the port cannot be opened"
+    error = getattr(client, "last_error", None)
+    if error is None:
+        try:
+            with socket.create_connection(
+                (transport.host, transport.tcp_port), timeout=transport.timeout_s
+            ):
+                return "the connection was closed at once"
+        except OSError as exc:
+            error = exc
+    return os_error_words(error, timeout_s=transport.timeout_s)
 
 
 def tls_context(transport: Transport) -> ssl.SSLContext:
@@ -355,9 +390,13 @@ class ModbusDevice:
                 if self._client.connect():
                     self._backoff_s = self.profile.transport.reconnect_backoff_s[0]
                     return
-            raise CommunicationError(
-                f"{self.name}: cannot connect ({self._where()}) after {attempts} attempt(s)"
+            reason = connect_failure(self.profile.transport, self._client)
+            error = CommunicationError(
+                f"{self.name} at {self.address}: cannot connect, {reason} ({self._where()}, "
+                f"{attempts} attempt(s)) — is the device (or `twinloop emulate`) running there?"
             )
+            error.reason = reason
+            raise error
 
     def close(self) -> None:
         """Close the port or connection (idempotent); the next request reconnects."""
@@ -375,6 +414,12 @@ class ModbusDevice:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def address(self) -> str:
+        """Where the device is reached: its serial port, or HOST:PORT."""
+        t = self.profile.transport
+        return str(t.port) if t.is_serial else f"{t.host}:{t.tcp_port}"
 
     def _where(self) -> str:
         t = self.profile.transport

@@ -2,8 +2,11 @@
 
 A rig's recording has no plant truth (the patient is outside the program): the report is built
 from what the rig saw and did — the CGM readings (``sensor->controller``), the commands sent
-(``supervisor->actuator``), the deliveries the pump reported (``actuator->plant``), the alarms
-(``rig->alarms``) and each watchdog step's lateness, duration and overrun (``clock->ticks``).
+(``supervisor->actuator``) and what became of each at the pump (``pump->acks``), the deliveries
+the pump reported (``actuator->plant``), the alarms (``rig->alarms``) and each watchdog step's
+lateness, duration and overrun (``clock->ticks``). In the plot, lines stop at data gaps and
+outages, outages are shaded (named in the legend) and commands the pump did not accept are
+drawn hollow as "not delivered".
 Each alarm's outage (raised → cleared) is listed in the summary's ``outages`` and in the report.
 It writes ``summary.json`` (rebuilt), ``plots/glucose_insulin.png``, ``plots/timing.png`` and
 ``report.md``.
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +112,10 @@ def build_hil_report(run_dir: str | Path, *, allow_incomplete: bool = False) -> 
 
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
+    acks = _columns(run_dir, "pump->acks")
+    run_columns = {"sensor->controller": cgm, "supervisor->actuator": sent, "pump->acks": acks}
     plots = (
-        _plot_glucose_insulin(plots_dir, cgm, sent, alarms),
+        _plot_glucose_insulin(plots_dir, run_columns, summary["outages"]),
         _plot_timing(plots_dir, ticks),
     )
     report = run_dir / "report.md"
@@ -121,41 +128,150 @@ def _step_s(t_min: list[float], scale: float) -> float:
     return float(np.median(np.diff(t))) * scale if t.size >= 2 else scale
 
 
-def _plot_glucose_insulin(
-    plots_dir: Path,
+#: Colour of the shading of each device's outages.
+OUTAGE_COLOURS = {"cgm": "tab:red", "pump": "tab:purple"}
+#: Label of the commands the pump never accepted.
+NOT_DELIVERED = "not delivered (pump unreachable or refused)"
+
+
+def _with_gaps(
+    t: np.ndarray, y: np.ndarray, *, gap_min: float, breaks: Iterable[float] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """``t``, ``y`` with a NaN point wherever a line must not be drawn across.
+
+    Between two consecutive samples more than ``gap_min`` apart, or on either side of a time
+    in ``breaks`` (an outage's start), a NaN is inserted so the plotted line stops there.
+    """
+    if t.size < 2:
+        return t, y
+    split = np.diff(t) > gap_min
+    for b in breaks:
+        split |= (t[:-1] < b) & (t[1:] >= b)
+    at = np.flatnonzero(split) + 1
+    return np.insert(t, at, t[at - 1]), np.insert(y, at, np.nan)
+
+
+def _held_steps(
+    t: np.ndarray, v: np.ndarray, *, hold_min: float, breaks: Iterable[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Points for ``step(where="post")``: each value held to the next, or ``hold_min`` at most.
+
+    Where the next value is more than 1.5 ``hold_min`` later, or an outage starts before it,
+    the value ends after ``hold_min`` and the line stops (a NaN) until the next one.
+    """
+    nxt = np.append(t[1:], np.inf)
+    stop = nxt > t + 1.5 * hold_min
+    for b in breaks:
+        stop |= (t < b) & (nxt >= b)
+    counts = 1 + 2 * stop.astype(np.int64)  # the point, then its end and a NaN where it stops
+    idx = np.repeat(np.arange(t.size), counts)
+    pos = np.arange(idx.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    return t[idx] + hold_min * (pos >= 1), np.where(pos == 2, np.nan, v[idx])
+
+
+def _gap_min(t: np.ndarray, at_least: float) -> float:
+    """Twice the usual spacing of ``t`` (its median), and at least ``at_least`` minutes."""
+    return max(2.0 * float(np.median(np.diff(t))) if t.size >= 2 else 0.0, at_least)
+
+
+def _shade_outages(axes: Sequence[Any], outages_: list[dict[str, Any]], end_h: float) -> None:
+    """Shade each outage on every axis; one legend entry per device and condition."""
+    labelled: set[tuple[str, str]] = set()
+    for o in outages_:
+        start = o["start_t_min"] / 60
+        stop = end_h if o["end_t_min"] is None else o["end_t_min"] / 60
+        key = (o["source"], o["condition"])
+        colour = OUTAGE_COLOURS.get(o["source"], "tab:gray")
+        for k, ax in enumerate(axes):
+            first = k == 0 and key not in labelled
+            label = f"{o['source']} outage: {o['condition']}" if first else None
+            ax.axvspan(start, max(stop, start), color=colour, alpha=0.15, lw=0, label=label)
+        labelled.add(key)
+
+
+def glucose_insulin_figure(
     cgm: dict[str, list[Any]],
     sent: dict[str, list[Any]],
-    alarms: dict[str, list[Any]],
-) -> Path:
-    fig, (ax_g, ax_i) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    acks: dict[str, list[Any]],
+    outages_: list[dict[str, Any]],
+) -> Any:
+    """The CGM and the commands of a session (a matplotlib figure; the caller closes it).
+
+    Lines stop at data gaps and at outages (NaN points), outages are shaded and listed in the
+    legend (no labels on the plot that could overprint each other), and commands the pump did
+    not accept (``pump->acks``; for older recordings: commands inside a pump outage) are drawn
+    hollow, apart from the delivered ones, under :data:`NOT_DELIVERED`.
+    """
+    fig, (ax_g, ax_i) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
     ax_g.axhspan(70, 180, color="tab:green", alpha=0.12, label="target 70–180 mg/dL")
-    if cgm:
-        ax_g.plot(np.asarray(cgm["t_min"]) / 60, cgm["glucose_mg_dl"], ".-", label="CGM")
-    active = [i for i, a in enumerate(alarms.get("active", [])) if a]
-    for i in active:
-        t0 = alarms["t_min"][i] / 60
-        ends = [
-            alarms["t_min"][j] / 60
-            for j in range(i + 1, len(alarms["t_min"]))
-            if not alarms["active"][j] and alarms["source"][j] == alarms["source"][i]
-        ]
-        t1 = ends[0] if ends else ax_g.get_xlim()[1]
-        ax_g.axvspan(t0, t1, color="tab:red", alpha=0.15)
-        ax_g.text(t0, 1.0, f"{alarms['source'][i]}: {alarms['condition'][i]}", fontsize=7,
-                  transform=ax_g.get_xaxis_transform(), va="top")  # fmt: skip
+    ends = [max(c["t_min"]) for c in (cgm, sent) if c.get("t_min")]
+    end_h = max(ends) / 60 if ends else 0.0
+    starts = [o["start_t_min"] for o in outages_]
+    if cgm.get("t_min"):
+        t = np.asarray(cgm["t_min"], dtype=np.float64)
+        t, g = _with_gaps(
+            t,
+            np.asarray(cgm["glucose_mg_dl"], dtype=np.float64),
+            gap_min=_gap_min(t, 10.0),
+            breaks=[o["start_t_min"] for o in outages_ if o["source"] == "cgm"],
+        )
+        ax_g.plot(t / 60, g, ".-", ms=3, label="CGM")
+    _shade_outages((ax_g, ax_i), outages_, end_h)
     ax_g.set_ylabel("glucose, mg/dL")
-    ax_g.legend(loc="upper right", fontsize=8)
-    if sent:
-        t = np.asarray(sent["t_min"]) / 60
-        ax_i.step(t, sent["basal_u_per_h"], where="post", label="temp basal sent, U/h")
+    if sent.get("t_min"):
+        t = np.asarray(sent["t_min"], dtype=np.float64)
+        basal = np.asarray(sent["basal_u_per_h"], dtype=np.float64)
         bolus = np.asarray(sent["bolus_u"], dtype=np.float64)
-        if np.any(bolus > 0):
-            ax_i.stem(t[bolus > 0], bolus[bolus > 0], linefmt="C3-", markerfmt="C3o",
-                      basefmt=" ", label="bolus, U")  # fmt: skip
+        ok = _delivered(t, acks, outages_)
+        period = _gap_min(t, 0.0) / 2  # a temp basal runs until the next command
+        td, bd = t[ok], basal[ok]
+        if td.size:
+            tt, bb = _held_steps(td, bd, hold_min=period, breaks=starts)
+            ax_i.step(tt / 60, bb, where="post", label="temp basal delivered, U/h")
+        if np.any(~ok):
+            ax_i.plot(t[~ok] / 60, basal[~ok], "o", mfc="none", color="C1", label=NOT_DELIVERED)
+        given = ok & (bolus > 0)
+        if np.any(given):
+            ax_i.stem(t[given] / 60, bolus[given], linefmt="C3-", markerfmt="C3o",
+                      basefmt=" ", label="bolus delivered, U")  # fmt: skip
+        missed = ~ok & (bolus > 0)
+        if np.any(missed):
+            ax_i.plot(t[missed] / 60, bolus[missed], "^", mfc="none", color="C3",
+                      label="bolus not delivered, U")  # fmt: skip
     ax_i.set_ylabel("insulin")
     ax_i.set_xlabel("time since the start, h (simulated)")
-    ax_i.legend(loc="upper right", fontsize=8)
-    fig.suptitle("HIL session: what the rig saw and sent (red: alarms)")
+    for ax in (ax_g, ax_i):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.suptitle("HIL session: what the rig saw and what reached the pump (shaded: outages)")
+    return fig
+
+
+def _delivered(t: np.ndarray, acks: dict[str, list[Any]], outages_: list[dict[str, Any]]) -> Any:
+    """Which commands (at times ``t``) the pump accepted.
+
+    From ``pump->acks`` when the recording has it (matched by time); else every command inside
+    a pump outage counts as not delivered.
+    """
+    if acks.get("t_min"):
+        fate = dict(zip(acks["t_min"], acks["delivered"], strict=True))
+        return np.array([bool(fate.get(x, False)) for x in t.tolist()], dtype=bool)
+    ok = np.ones(t.shape, dtype=bool)
+    for o in outages_:
+        if o["source"] == "pump":
+            stop = math.inf if o["end_t_min"] is None else o["end_t_min"]
+            ok &= ~((t >= o["start_t_min"]) & (t <= stop))
+    return ok
+
+
+def _plot_glucose_insulin(plots_dir: Path, run_columns: dict[str, dict[str, list[Any]]],
+                          outages_: list[dict[str, Any]]) -> Path:  # fmt: skip
+    fig = glucose_insulin_figure(
+        run_columns["sensor->controller"],
+        run_columns["supervisor->actuator"],
+        run_columns["pump->acks"],
+        outages_,
+    )
     path = plots_dir / "glucose_insulin.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -8,7 +8,8 @@ supervisor on the wall clock and talks to the devices through :mod:`hw_bridge`:
   :class:`~twinloop.agents.messages.CgmReading` on ``sensor->controller``;
 * **actuator**: the pump's Modbus profile; each control tick writes the supervisor's temp basal
   (rate, then its duration) and a bolus through the profile (limits enforced before the wire),
-  then reads back the delivered totals, sent as per-minute deliveries on ``actuator->plant``.
+  records whether the pump accepted them (:class:`PumpAck` on ``pump->acks``), then reads back
+  the delivered totals, sent as per-minute deliveries on ``actuator->plant``.
 
 **Pacing.** One dedicated thread (:mod:`twinloop.hil.pacing`: sleep, then spin) runs
 ``watchdog_steps`` watchdog steps per control period; every ``watchdog_steps``-th step is also
@@ -43,7 +44,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -58,6 +59,8 @@ from twinloop.agents.messages import (
     TickTiming,
 )
 from twinloop.hil.pacing import PacedThread, PacingStats
+from twinloop.hil.time_scale import ClockRateCheck, check_announced
+from twinloop.hw_bridge.errors import CommunicationError, os_error_words
 from twinloop.plant.glucose.insulin import IobTracker
 from twinloop.plant.glucose.metrics import glucose_metrics
 from twinloop.plant.glucose.patients import get_patient
@@ -75,6 +78,7 @@ RIG_CHANNELS = (
     "sensor->controller",
     "controller->supervisor",
     "supervisor->actuator",
+    "pump->acks",
     "supervisor->overrides",
     "actuator->plant",
     "clock->ticks",
@@ -94,6 +98,28 @@ PUMP_CHANNELS = (
     "heartbeat",
     "alarm_code",
 )
+#: The optional pump channel of an emulated pump's announced time scale (s per simulated min).
+TIME_SCALE_CHANNEL = "time_scale_s_per_min"
+#: The CGM line protocol's identification query (answered ``$TLACK,INFO,<s_per_min>``).
+CGM_INFO_COMMAND = "INFO"
+#: The alarm condition of a device on another time scale (latched for the session).
+TIME_SCALE_CONDITION = "time scale mismatch"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PumpAck(Message):
+    """What became of an approved command at the pump (``pump->acks``, one per command).
+
+    ``delivered``: the pump accepted the temp basal (rate and duration) and, when the command
+    had one, the bolus; otherwise ``detail`` says why not (``communication lost``, or the
+    register and the Modbus exception code the pump answered).
+    """
+
+    basal_u_per_h: float
+    bolus_u: float
+    delivered: bool
+    detail: str
+    kind: ClassVar[str] = "pump_ack"
 
 
 class RigConfigError(ValueError):
@@ -217,6 +243,7 @@ class CgmPort(Protocol):
 class _AlarmState:
     active: bool = False
     since_wall_s: float = math.nan
+    latched: bool = False  # a time scale mismatch: fresh data does not clear it
 
 
 class PumpWorker:
@@ -286,6 +313,8 @@ class Rig:
         pump_registers: twinloop channel → the pump profile's register name, for every name
             of :data:`PUMP_CHANNELS` (:func:`pump_register_names` builds it from a profile).
         controller: overrides the configured controller (e.g. a learned policy).
+        device_names: how messages name the devices (default ``pump``, ``cgm``; the session
+            gives their ports, e.g. ``pump at 127.0.0.1:5020``).
 
     """
 
@@ -297,6 +326,7 @@ class Rig:
         cgm: CgmPort,
         pump_registers: dict[str, str],
         controller: Controller | None = None,
+        device_names: Mapping[str, str] | None = None,
     ) -> None:
         missing = [c for c in PUMP_CHANNELS if c not in pump_registers]
         if missing:
@@ -340,6 +370,49 @@ class Rig:
         self.channels["sensor->controller"].listen(
             lambda _, m: self.glucose_log.append(m)  # type: ignore[arg-type]
         )
+        names = {"pump": "pump", "cgm": "cgm"} | dict(device_names or {})
+        self.device_names = names
+        scale = config.wall_s_per_sim_min
+        #: Each device's clock rate against the rig's (None: it announces its time scale, a
+        #: pump whose profile maps the register, or a device :meth:`check_time_scale` read).
+        announces = TIME_SCALE_CHANNEL in pump_registers
+        self.rate_checks: dict[str, ClockRateCheck | None] = {
+            "cgm": ClockRateCheck(names["cgm"], scale),
+            "pump": None if announces else ClockRateCheck(names["pump"], scale, modulo=65536),
+        }
+
+    def check_time_scale(self) -> dict[str, float]:
+        """At connect: refuse devices that announce a time scale other than the rig's.
+
+        The pump announces it in the register on :data:`TIME_SCALE_CHANNEL` (when its profile
+        maps one), the CGM in its answer to ``$TLCMD,INFO`` (when its transport can send
+        commands and the device answers with a value). A device that announces is not
+        rate-checked; the others are, from their data (:class:`ClockRateCheck`).
+
+        Returns:
+            The scales announced, by device (``pump``, ``cgm``).
+
+        Raises:
+            TimeScaleMismatch: a device announced another time scale (one line, with the fix).
+
+        """
+        rig = self.config.wall_s_per_sim_min
+        announced: dict[str, float] = {}
+        register = self.regs.get(TIME_SCALE_CHANNEL)
+        if register is not None:
+            announced["pump"] = float(self.pump.read_many([register])[register])
+        command = getattr(self.cgm, "command", None)
+        if command is not None:
+            try:
+                value = getattr(command(CGM_INFO_COMMAND), "value", None)
+                if value is not None:
+                    announced["cgm"] = float(value)
+            except Exception:  # a real CGM without INFO: its data rate is checked instead
+                value = None
+        for device, value in announced.items():
+            check_announced(self.device_names[device], value, rig)
+            self.rate_checks[device] = None
+        return announced
 
     def listen(self, listener: Listener) -> None:
         """Send every message of every channel to ``listener(channel, message)``."""
@@ -369,6 +442,9 @@ class Rig:
         """
         with self._lock:
             state = self.alarms[source]
+            check = self.rate_checks[source]
+            if check is not None and not state.latched:
+                check.reset()  # judge the device's clock again on data after the outage
             if state.active:
                 return
             state.active, state.since_wall_s = True, self._wall_s()
@@ -398,6 +474,18 @@ class Rig:
         )
         io.submit(self._safe_state)
 
+    def _mismatch(self, t_min: float, source: str, message: str, *, in_pump_thread: bool) -> None:
+        """A device on another time scale: a latched alarm whose action carries the hint."""
+        condition = f"{TIME_SCALE_CONDITION}: {message}"
+        with self._lock:
+            state = self.alarms[source]
+            already, state.latched = state.active, True
+        if not already:
+            self._raise(t_min, source, condition, in_pump_thread=in_pump_thread)
+        else:
+            stopped = "control stays stopped until the session ends"
+            self._send_alarm(Alarm(t_min, source, condition, True, stopped, self._wall_s()))
+
     def _send_alarm(self, alarm: Alarm) -> None:
         with self._lock:
             self.channels["rig->alarms"].send(alarm)
@@ -413,6 +501,7 @@ class Rig:
                 (source, state.since_wall_s)
                 for source, state in self.alarms.items()
                 if state.active
+                and not state.latched
                 and self._last_valid_wall > state.since_wall_s
                 and self._last_pump_ok_wall > state.since_wall_s
             ]
@@ -444,7 +533,7 @@ class Rig:
         except Exception as exc:  # the pump cannot be reached: its temp basal runs out alone
             minutes = self.config.temp_duration_periods * self.config.control_period_min
             return (
-                f"safe state not written ({type(exc).__name__}); the pump's temp basal "
+                f"safe state not written ({_unreachable(exc)}); the pump's temp basal "
                 f"expires within {minutes} min"
             )
         with self._lock:
@@ -509,6 +598,13 @@ class Rig:
             return
         with self._lock:
             self._last_pump_ok_wall = asked_wall
+            check = self.rate_checks["pump"]
+            heartbeat = status.get(self.regs["heartbeat"])
+            wrong = None
+            if check is not None and isinstance(heartbeat, int | float):
+                wrong = check.observe(asked_wall, int(heartbeat))
+        if wrong is not None:
+            self._mismatch(t_min, "pump", wrong, in_pump_thread=True)
         self._clear_verified(t_min)
         if control:
             with self._lock:
@@ -522,6 +618,7 @@ class Rig:
             frames = self.cgm.poll()
         except Exception:  # a transport that raises counts as no data
             frames = []
+        self._check_cgm_rate(t_min, frames)
         for frame in frames:
             glucose = getattr(frame, "glucose_mg_dl", None)
             if glucose is None or int(getattr(frame, "status", 0)) != 0:
@@ -532,6 +629,20 @@ class Rig:
                 self._new_readings.append(sent)
                 self._last_reading = sent
                 self._last_valid_wall = self._wall_s()
+
+    def _check_cgm_rate(self, t_min: float, frames: list[Any]) -> None:
+        """Feed the CGM's clock (the newest frame's ``t_min`` of a poll) to its rate check.
+
+        Only the newest frame of each poll counts: frames a device queued before the rig
+        opened its port arrive together, and only their last one is as fresh as its arrival.
+        """
+        check = self.rate_checks["cgm"]
+        stamps = [s for s in (getattr(f, "t_min", None) for f in frames) if isinstance(s, int)]
+        if check is None or not stamps:
+            return
+        wrong = check.observe(self._wall_s(), stamps[-1])
+        if wrong is not None:
+            self._mismatch(t_min, "cgm", wrong, in_pump_thread=False)
 
     def _account(self, t_min: float, status: dict[str, Any]) -> None:
         """Deliveries since the last control tick, from the pump's totals."""
@@ -583,15 +694,34 @@ class Rig:
     def _send_command(self, t_min: float, out: InsulinCommand) -> None:
         """In the pump thread: write the approved command (temp basal, its duration, bolus)."""
         duration = self.config.temp_duration_periods * self.config.control_period_min
+        refused: list[str] = []
         try:
-            self.pump.write(self.regs["basal_u_per_h"], out.basal_u_per_h)
-            self.pump.write(self.regs["temp_basal_duration_min"], duration)
+            for channel, value in (
+                ("basal_u_per_h", out.basal_u_per_h),
+                ("temp_basal_duration_min", duration),
+            ):
+                code = self.pump.write(self.regs[channel], value)
+                if code is not None:
+                    refused.append(f"{self.regs[channel]}: exception {code}")
             bolus_reg = self.regs["bolus_u"]
-            if out.bolus_u > 0 and self.pump.write(bolus_reg, out.bolus_u, retry=False) is None:
-                with self._lock:
-                    self._bolus_sent_u = out.bolus_u
+            if out.bolus_u > 0:
+                code = self.pump.write(bolus_reg, out.bolus_u, retry=False)
+                if code is None:
+                    with self._lock:
+                        self._bolus_sent_u = out.bolus_u
+                else:
+                    refused.append(f"{bolus_reg}: exception {code}")
         except Exception:  # lost on the way
+            self._ack(out, "communication lost")
             self._raise(t_min, "pump", "communication lost", in_pump_thread=True)
+            return
+        self._ack(out, "; ".join(refused))
+
+    def _ack(self, out: InsulinCommand, refused: str) -> None:
+        """Record what became of ``out`` (``refused`` empty: delivered)."""
+        ack = PumpAck(out.t_min, out.basal_u_per_h, out.bolus_u, not refused, refused)
+        with self._lock:
+            self.channels["pump->acks"].send(ack)
 
     # -- running ------------------------------------------------------------------------------
     def run(
@@ -645,6 +775,14 @@ class Rig:
         runner = getattr(self, "_runner", None)
         if runner is not None:
             runner.stop()
+
+
+def _unreachable(exc: BaseException) -> str:
+    """Why a pump transaction failed, in words (never raw errno text)."""
+    reason = getattr(exc, "reason", None)
+    if reason is None and isinstance(exc, OSError) and not isinstance(exc, CommunicationError):
+        reason = os_error_words(exc)
+    return f"pump unreachable: {reason}" if reason else "pump unreachable"
 
 
 def outages(alarms: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -9,6 +9,8 @@ records it and prints its summary; it returns the exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,31 @@ def _profile_path(name: str) -> Path:
     return path if path.suffix in (".yaml", ".yml") or path.exists() else shipped_profile(name)
 
 
+#: What to check when a device cannot be reached at the start, by device.
+CONNECT_HINTS = {
+    "pump": "is `twinloop emulate pump` (or the pump) running there?",
+    "cgm": "is `twinloop emulate pump --cgm-pty` (or the CGM) connected there?",
+}
+
+
+def _connect(stack: contextlib.ExitStack, device: Any, name: str, hint: str) -> Any:
+    """Open ``device`` on ``stack``; a failure becomes one readable line naming it."""
+    from twinloop.hw_bridge.errors import CommunicationError
+
+    try:
+        return stack.enter_context(device)
+    except CommunicationError as exc:
+        raise CommunicationError(f"{name}: {exc.reason or exc} — {hint}") from None
+
+
+def _say_time_scale_mismatch(_channel: str, alarm: Any) -> None:
+    """Print a time scale mismatch when it is found (other alarms are listed at the end)."""
+    from twinloop.hil.glucose.rig import TIME_SCALE_CONDITION
+
+    if alarm.active and alarm.condition.startswith(TIME_SCALE_CONDITION):
+        print(f"twinloop hil: {alarm.source} alarm: {alarm.condition}", file=sys.stderr, flush=True)
+
+
 def run_session(args: argparse.Namespace) -> int:
     """Run the insulin rig (``twinloop hil``'s options) and print its timing, alarms and CGM."""
     args.profile = args.profile or "insulin_pump_rtu"
@@ -34,7 +61,9 @@ def run_session(args: argparse.Namespace) -> int:
     if not args.cgm_port:
         raise ValueError("hil: give --cgm-port PORT (the CGM's serial port)")
     from twinloop.agents.recording import Recorder
+    from twinloop.hil.console import LOG_NAME, session_log
     from twinloop.hil.glucose.rig import Rig, RigConfig, pump_register_names, summarize_rig
+    from twinloop.hw_bridge.errors import CommunicationError
     from twinloop.hw_bridge.line import LineTransport
     from twinloop.hw_bridge.modbus_client import ModbusDevice
     from twinloop.hw_bridge.profile import load_profile
@@ -54,18 +83,23 @@ def run_session(args: argparse.Namespace) -> int:
     out = Path(args.out or new_run_dir("runs/hil-%Y%m%d-%H%M%S"))
     record = {"rig": vars(args) | {"profile": str(profile.source)}}
     flush = getattr(args, "flush_every_min", None) or DEFAULT_HIL_FLUSH_EVERY_MIN
-    recorder = Recorder(out, config=record, flush_every_min=flush, background=True)
-    with (
-        ModbusDevice(profile) as pump,
-        LineTransport(
-            args.cgm_port,
-            baudrate=t.baudrate,
-            parity=t.parity,
-            bytesize=t.bytesize,
-            stopbits=t.stopbits,
-        ) as cgm,
-    ):
-        rig = Rig(config, pump=pump, cgm=cgm, pump_registers=pump_register_names(profile))
+    pump_device = ModbusDevice(profile)
+    names = {"pump": f"pump at {pump_device.address}", "cgm": f"cgm at {args.cgm_port}"}
+    serial = {k: getattr(t, k) for k in ("baudrate", "parity", "bytesize", "stopbits")}
+    line = LineTransport(args.cgm_port, **serial)
+    verbose = bool(getattr(args, "verbose", False))
+    with session_log(out / LOG_NAME, verbose=verbose), contextlib.ExitStack() as stack:
+        pump = _connect(stack, pump_device, names["pump"], CONNECT_HINTS["pump"])
+        cgm = _connect(stack, line, names["cgm"], CONNECT_HINTS["cgm"])
+        regs = pump_register_names(profile)
+        rig = Rig(config, pump=pump, cgm=cgm, pump_registers=regs, device_names=names)
+        try:
+            rig.check_time_scale()  # an emulator on another time scale: refused in one line
+        except CommunicationError:  # connected, but nothing answers (a port without a device)
+            hint = CONNECT_HINTS["pump"]
+            raise CommunicationError(f"{names['pump']}: no answer — {hint}") from None
+        rig.channels["rig->alarms"].listen(_say_time_scale_mismatch)
+        recorder = Recorder(out, config=record, flush_every_min=flush, background=True)
         rig.listen(recorder.listener("rig"))
         recorder.manifest_extra = lambda: {"outages": rig.outages()}
         steps = args.minutes // config.control_period_min * config.watchdog_steps
@@ -107,4 +141,5 @@ def run_session(args: argparse.Namespace) -> int:
         end = "not over at the end" if o["end_t_min"] is None else f"to {o['end_t_min']:.0f} min"
         print(f"outage: {o['source']} {o['condition']} from {o['start_t_min']:.0f} min {end}")
     print(f"recording: {out}")
+    print(f"device log: {out / LOG_NAME}")
     return 0

@@ -17,6 +17,7 @@ from twinloop.agents.recording import new_run_dir
 
 def run_session(args: argparse.Namespace) -> int:
     """Run the exoskeleton rig against a drive and print its summary (1 if an alarm ended it)."""
+    from twinloop.hil.console import LOG_NAME, session_log
     from twinloop.hil.knee.rig import ExoRigConfig, ExoRigError, run_exo_session
 
     if args.cgm_port or args.port:
@@ -41,10 +42,12 @@ def run_session(args: argparse.Namespace) -> int:
         + f" at {config.control_hz} Hz",
         flush=True,
     )
+    verbose = bool(getattr(args, "verbose", False))
     try:
-        session = run_exo_session(
-            config, out=out, flush_every_min=getattr(args, "flush_every_min", None)
-        )
+        with session_log(out / LOG_NAME, verbose=verbose):
+            session = run_exo_session(
+                config, out=out, flush_every_min=getattr(args, "flush_every_min", None)
+            )
     except ExoRigError as exc:
         raise ValueError(str(exc)) from exc
     print_exo_summary(
@@ -53,6 +56,7 @@ def run_session(args: argparse.Namespace) -> int:
         realtime=args.realtime,
     )
     print(f"recording: {out}")
+    print(f"device log: {out / LOG_NAME}")
     return 0 if session.rig.ended_by == "completed" else 1
 
 

@@ -617,6 +617,10 @@ class CgmEmulator:
             return Ack(name) if not args else Nak(name, NakReason.ARGUMENT)
         if fields[1] == "CAL":
             return self._calibrate(name, args)
+        if fields[1] == "INFO":  # identification: the wall seconds per simulated minute
+            if args:
+                return Nak(name, NakReason.ARGUMENT)
+            return Ack(name, f"{self.patient.wall_s_per_sim_min:.6g}")
         return Nak(name, NakReason.UNKNOWN)
 
     def _calibrate(self, name: str, args: tuple[str, ...]) -> Ack | Nak:

@@ -27,9 +27,10 @@ scheduled_basal_u_per_h 6–7    float32  U/h    the pump's own basal (0–35, q
 Input registers: ``delivered_total_u`` 0–1 int32 ×0.001 U, ``reservoir_u`` 2–3 float32 U,
 ``battery_pct`` 4 uint16 ×0.1 %, ``delivery_rate_u_per_h`` 5–6 float32 U/h,
 ``bolus_remaining_u`` 7–8 float32 U, ``alarm_code`` 9, ``pump_clock_min`` 10–11 int32 min,
-``heartbeat`` 12 (+1 per simulated minute, mod 65536). Discrete inputs: ``occluded`` 0,
-``suspended`` 1, ``bolus_active`` 2, ``temp_basal_active`` 3, ``alarm_active`` 4. Coil:
-``suspend`` 0 (1 suspends, 0 resumes).
+``heartbeat`` 12 (+1 per simulated minute, mod 65536), ``time_scale_s_per_min`` 13–14 float32
+(the wall seconds per simulated minute its clock runs at: a rig checks it at connect).
+Discrete inputs: ``occluded`` 0, ``suspended`` 1, ``bolus_active`` 2, ``temp_basal_active`` 3,
+``alarm_active`` 4. Coil: ``suspend`` 0 (1 suspends, 0 resumes).
 
 Behaviour, in the order of a simulated minute (:meth:`PumpEmulator.deliver_minute`): the clock
 and heartbeat advance, the battery drains 0.01 %/min; unless suspended, occluded or empty the
@@ -135,7 +136,8 @@ IR_BOLUS_REMAINING_U = 7
 IR_ALARM_CODE = 9
 IR_PUMP_CLOCK_MIN = 10
 IR_HEARTBEAT = 12
-IR_COUNT = 13
+IR_TIME_SCALE_S_PER_MIN = 13
+IR_COUNT = 15
 
 DI_OCCLUDED = 0
 DI_SUSPENDED = 1
@@ -552,6 +554,7 @@ class PumpEmulator:
             st.alarm_code,
             *_i32(st.pump_clock_min),
             st.heartbeat,
+            *_f32(self.patient.wall_s_per_sim_min),
         ]
         discrete = [
             _bits(st.occluded, st.suspended, st.bolus_active, st.temp_basal_active, st.alarm_active)
@@ -582,6 +585,7 @@ class PumpEmulator:
             SimData(IR_ALARM_CODE, values=0, datatype=DataType.UINT16),
             SimData(IR_PUMP_CLOCK_MIN, values=0, datatype=DataType.INT32),
             SimData(IR_HEARTBEAT, values=0, datatype=DataType.UINT16),
+            SimData(IR_TIME_SCALE_S_PER_MIN, values=0.0, datatype=DataType.FLOAT32),
         ]
         return SimDevice(id=0, simdata=(coils, discrete, holding, inputs), action=self._action)
 

@@ -33,8 +33,8 @@ PERIOD_MIN = 5
 class Bench:
     """Patient, emulated pump and CGM, and the rig's ends of the cables."""
 
-    def __init__(self, *, tcp: bool = False) -> None:
-        self.patient = VirtualPatient("adult#003", seed=5, wall_s_per_sim_min=SCALE)
+    def __init__(self, *, tcp: bool = False, scale: float = SCALE) -> None:
+        self.patient = VirtualPatient("adult#003", seed=5, wall_s_per_sim_min=scale)
         self.pump = PumpEmulator(self.patient)
         self.closers: list[contextlib.AbstractContextManager[object] | object] = []
         profile: DeviceProfile

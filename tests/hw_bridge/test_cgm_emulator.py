@@ -175,11 +175,14 @@ def test_commands(rig: Rig) -> None:
     assert rig.transport.command("PING") == Ack("PING")
     assert rig.transport.command("SELFTEST") == Nak("SELFTEST", NakReason.UNKNOWN)
     assert rig.transport.command("PING", "x") == Nak("PING", NakReason.ARGUMENT)
+    # identification: the wall seconds per simulated minute of the device's clock
+    assert rig.transport.command("INFO") == Ack("INFO", f"{rig.patient.wall_s_per_sim_min:g}")
+    assert rig.transport.command("INFO", "x") == Nak("INFO", NakReason.ARGUMENT)
     assert rig.transport.command("CAL") == Nak("CAL", NakReason.ARGUMENT)
     assert rig.transport.command("CAL", "abc") == Nak("CAL", NakReason.ARGUMENT)
     assert rig.transport.command("CAL", 20.0) == Nak("CAL", NakReason.RANGE)
     assert rig.emulator.offset_mg_dl == 0.0
-    assert rig.emulator.stats.acks == 1 and rig.emulator.stats.naks == 5
+    assert rig.emulator.stats.acks == 2 and rig.emulator.stats.naks == 6
 
 
 def _latest_reading(rig: Rig) -> float:

@@ -312,7 +312,8 @@ def test_parse_cgm_rejects(fields: tuple[str, ...]) -> None:
 def test_parse_reply_and_rejections() -> None:
     assert parse_reply(Frame(("TLACK", "PING"))) == Ack("PING")
     assert parse_reply(Frame(("TLNAK", "CAL", "ARG"))) == Nak("CAL", "ARG")
-    for fields in [("TLACK",), ("TLACK", "A", "B"), ("TLNAK", "CAL"), ("TLCGM", "x")]:
+    assert parse_reply(Frame(("TLACK", "INFO", "0.05"))) == Ack("INFO", "0.05")  # a query's value
+    for fields in [("TLACK",), ("TLACK", "A", "B", "C"), ("TLNAK", "CAL"), ("TLCGM", "x")]:
         with pytest.raises(LineProtocolError):
             parse_reply(Frame(fields))
     with pytest.raises(LineProtocolError, match="unknown"):

@@ -55,7 +55,7 @@ pytestmark = pytest.mark.hil
 # ---------------------------------------------------------------------------------------------
 
 HOLDING_WORDS = 32
-INPUT_WORDS = 13
+INPUT_WORDS = 15
 
 # the pump map plus test registers in the spare holding addresses
 EXTRA_REGISTERS: list[dict[str, Any]] = [
@@ -99,7 +99,7 @@ def pump_simdevice(action: Busy | None = None) -> SimDevice:
             [SimData(0, values=[True, False, True] + [False] * 13, datatype=DataType.BITS,
                      readonly=True)],
             [SimData(0, count=HOLDING_WORDS, values=0, datatype=DataType.REGISTERS)],
-            [SimData(0, values=[0, 12345, 0x43C8, 0, 999] + [0] * 8,
+            [SimData(0, values=[0, 12345, 0x43C8, 0, 999] + [0] * (INPUT_WORDS - 5),
                      datatype=DataType.REGISTERS, readonly=True)],
         ),
         action=None if action is None else action.act,

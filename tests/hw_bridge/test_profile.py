@@ -89,6 +89,7 @@ PUMP_MAP = [
     ("alarm_code", "input", 9, "uint16", 1.0, "r"),
     ("pump_clock_min", "input", 10, "int32", 1.0, "r"),
     ("heartbeat", "input", 12, "uint16", 1.0, "r"),
+    ("time_scale_s_per_min", "input", 13, "float32", 1.0, "r"),
     ("occluded", "discrete", 0, "bool", 1.0, "r"),
     ("suspended", "discrete", 1, "bool", 1.0, "r"),
     ("bolus_active", "discrete", 2, "bool", 1.0, "r"),

@@ -128,7 +128,7 @@ def regs_f32(value):
 
 
 def read_inputs(client):
-    r = client.read_input_registers(0, count=13, device_id=DEV)
+    r = client.read_input_registers(0, count=15, device_id=DEV)
     assert not r.isError(), r
     x = r.registers
     return {
@@ -140,6 +140,7 @@ def read_inputs(client):
         "alarm_code": x[9],
         "pump_clock_min": ModbusTcpClient.convert_from_registers(x[10:12], I32),
         "heartbeat": x[12],
+        "time_scale_s_per_min": f32(x[13:15]),
     }
 
 
@@ -213,6 +214,7 @@ def test_every_register_reads_as_the_map_says_at_start(client, patient):
             "alarm_code": 0,
             "pump_clock_min": 0,
             "heartbeat": 0,
+            "time_scale_s_per_min": patient.wall_s_per_sim_min,  # announced to rigs
         },
         rel=1e-6,
     )
@@ -361,7 +363,7 @@ EXCEPTION_CASES = {
         lambda c: c.read_holding_registers(7, count=2, device_id=DEV),
         2,
     ),
-    "input past the map": (None, lambda c: c.read_input_registers(13, count=1, device_id=DEV), 2),
+    "input past the map": (None, lambda c: c.read_input_registers(15, count=1, device_id=DEV), 2),
     "discrete input 5": (None, lambda c: c.read_discrete_inputs(0, count=6, device_id=DEV), 2),
     "coil 1 read": (None, lambda c: c.read_coils(1, count=1, device_id=DEV), 2),
     "coil 1 write": (None, lambda c: c.write_coil(1, True, device_id=DEV), 2),
