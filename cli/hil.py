@@ -36,6 +36,9 @@ MAX_BAUDRATE = 4_000_000
 #: ``hil --seconds`` (knee-exo, seconds: a day).
 MAX_HIL_MINUTES = 525_600
 MAX_HIL_SECONDS = 86_400.0
+#: ``hil --wait-s``: how long the rig waits for a device that is not there yet, s.
+DEFAULT_DEVICE_WAIT_S = 10.0
+MAX_DEVICE_WAIT_S = 600.0
 
 
 def add_parser(sub: Any) -> None:
@@ -181,6 +184,14 @@ def add_parser(sub: Any) -> None:
         1000,
         "knee-exo: the longest drive watchdog accepted, ms (read, never written)",
         100,
+    )
+    hil.add_argument(
+        "--wait-s",
+        type=number(0.0, MAX_DEVICE_WAIT_S),
+        default=DEFAULT_DEVICE_WAIT_S,
+        help=f"glucose: seconds to wait for a device that is not there yet (a port that does "
+        f"not exist, a refused connection: an emulator still starting), 0 to "
+        f"{MAX_DEVICE_WAIT_S:g} ({DEFAULT_DEVICE_WAIT_S:g})",
     )
     hil.add_argument(
         "--verbose",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,44 @@ CONNECT_HINTS = {
 }
 
 
-def _connect(stack: contextlib.ExitStack, device: Any, name: str, hint: str) -> Any:
-    """Open ``device`` on ``stack``; a failure becomes one readable line naming it."""
+#: Why a device cannot be opened while it is still starting (an emulator creating its pty
+#: links or its listener): the rig waits for these, up to ``--wait-s``, and for nothing else.
+NOT_THERE_YET = ("no such port", "connection refused")
+#: Seconds between two attempts while waiting.
+WAIT_POLL_S = 0.25
+
+
+def _connect(
+    stack: contextlib.ExitStack, device: Any, name: str, hint: str, wait_s: float = 0.0
+) -> Any:
+    """Open ``device`` on ``stack``; a failure becomes one readable line naming it.
+
+    A device that is not there yet (:data:`NOT_THERE_YET`: a port that does not exist, a
+    refused connection) is tried again every :data:`WAIT_POLL_S` for up to ``wait_s`` seconds,
+    said once on stderr — so an emulator started just before the rig (``emulate … &`` then
+    ``hil``) is waited for. Any other failure (a permission, a device that does not answer) is
+    reported at once.
+    """
     from twinloop.hw_bridge.errors import CommunicationError
 
-    try:
-        return stack.enter_context(device)
-    except CommunicationError as exc:
-        raise CommunicationError(f"{name}: {exc.reason or exc} — {hint}") from None
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            return stack.enter_context(device)
+        except CommunicationError as exc:
+            reason = exc.reason or str(exc)
+            if reason not in NOT_THERE_YET or time.monotonic() >= deadline:
+                waited = f" after waiting {wait_s:g} s" if said else ""
+                raise CommunicationError(f"{name}: {reason}{waited} — {hint}") from None
+            if not said:
+                print(
+                    f"twinloop hil: waiting for {name} ({reason}), up to {wait_s:g} s…",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
+            time.sleep(WAIT_POLL_S)
 
 
 def _say_time_scale_mismatch(_channel: str, alarm: Any) -> None:
@@ -89,8 +120,9 @@ def run_session(args: argparse.Namespace) -> int:
     line = LineTransport(args.cgm_port, **serial)
     verbose = bool(getattr(args, "verbose", False))
     with session_log(out / LOG_NAME, verbose=verbose), contextlib.ExitStack() as stack:
-        pump = _connect(stack, pump_device, names["pump"], CONNECT_HINTS["pump"])
-        cgm = _connect(stack, line, names["cgm"], CONNECT_HINTS["cgm"])
+        wait_s = float(getattr(args, "wait_s", 0.0))
+        pump = _connect(stack, pump_device, names["pump"], CONNECT_HINTS["pump"], wait_s)
+        cgm = _connect(stack, line, names["cgm"], CONNECT_HINTS["cgm"], wait_s)
         regs = pump_register_names(profile)
         rig = Rig(config, pump=pump, cgm=cgm, pump_registers=regs, device_names=names)
         try:

@@ -39,7 +39,7 @@ def test_a_refused_connection_is_one_readable_line(tmp_path: Path) -> None:
     done = subprocess.run(
         _twinloop("hil", "--profile", "insulin_pump_tcp", "--tcp", f"127.0.0.1:{port}",
                   "--cgm-port", str(tmp_path / "cgm"), "--time-scale", SCALE, "--minutes", "10",
-                  "--out", str(out)),
+                  "--out", str(out), "--wait-s", "0"),
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
@@ -115,3 +115,44 @@ def test_verbose_prints_the_device_log_too(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "pymodbus" in done.stderr and "port lost" in done.stderr
     assert "port lost" in (out / LOG_NAME).read_text()  # and still in the log
+
+
+def test_the_rig_waits_for_an_emulator_that_is_still_starting(tmp_path: Path) -> None:
+    """``emulate … &`` then ``hil`` at once (the README's pair): the rig starts first, finds no
+    port, says it waits, and runs the session once the emulator's ports appear."""
+    pump, cgm = tmp_path / "pump", tmp_path / "cgm"
+    hil = subprocess.Popen(
+        _twinloop("hil", "--port", str(pump), "--cgm-port", str(cgm), "--time-scale", SCALE,
+                  "--minutes", "20", "--out", str(tmp_path / "run")),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.0)  # the rig is up and waiting before the emulator starts
+    emulator = subprocess.Popen(
+        _twinloop("emulate", "pump", "--rtu-pty", str(pump), "--cgm-pty", str(cgm),
+                  "--time-scale", SCALE),
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        stdout, stderr = hil.communicate(timeout=120)
+    finally:
+        emulator.kill()
+        emulator.wait(timeout=10)
+    assert hil.returncode == 0, stderr
+    assert stderr.startswith(f"twinloop hil: waiting for pump at {pump} (no such port), up to 10 s")
+    assert "timing:" in stdout and "alarm RAISED" not in stdout
+
+
+def test_a_device_that_never_comes_is_refused_after_the_wait(tmp_path: Path) -> None:
+    port = _free_port()
+    done = subprocess.run(
+        _twinloop("hil", "--profile", "insulin_pump_tcp", "--tcp", f"127.0.0.1:{port}",
+                  "--cgm-port", str(tmp_path / "cgm"), "--time-scale", SCALE, "--minutes", "10",
+                  "--out", str(tmp_path / "run"), "--wait-s", "1"),
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"twinloop hil: waiting for pump at 127.0.0.1:{port} (connection refused), up to 1 s…",
+        f"twinloop hil: error: pump at 127.0.0.1:{port}: connection refused after waiting 1 s — "
+        "is `twinloop emulate pump` (or the pump) running there?",
+    ]
