@@ -64,10 +64,39 @@ def shown_path() -> str:
     return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
 
 
+#: Ray log files kept in :func:`log_dir`: opening a new one removes the oldest beyond these.
+KEEP_LOGS = 50
+
+
+def prune_logs(directory: Path, keep: int = KEEP_LOGS, *, spare: Path | None = None) -> list[Path]:
+    """Remove all but the newest ``keep`` ``ray-*.log`` files of ``directory`` (never ``spare``).
+
+    Returns the removed paths. Files that vanish or cannot be removed meanwhile (another
+    process pruning) are skipped: pruning never fails a command.
+    """
+    logs = []
+    for path in directory.glob("ray-*.log"):
+        with contextlib.suppress(OSError):
+            logs.append((path.stat().st_mtime, path))
+    logs.sort(reverse=True)
+    removed = []
+    for _, path in logs[keep:]:
+        if path == spare:
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def _open_log() -> TextIO:
     path = log_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("a", encoding="utf-8")
+    fresh = not path.exists()
+    handle = path.open("a", encoding="utf-8")
+    if fresh:
+        prune_logs(path.parent, spare=path)
+    return handle
 
 
 class _RayLogHandler(logging.FileHandler):

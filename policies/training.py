@@ -754,7 +754,20 @@ def train(
         )
     task = ray.remote(num_cpus=1)(_train_task)
     refs = [task.remote(config, s, str(_seed_dir(root.resolve(), s))) for s in config.seeds]
-    return list(ray.get(refs))
+    # a bar over seeds (a task reports only when its seed is trained); average rate, no
+    # smoothing: the seeds run side by side, so the first result sets the pace
+    results: dict[Any, TrainResult] = {}
+    pending = list(refs)
+    with tqdm(
+        total=len(refs), desc="training (seeds on Ray)", unit="seed", smoothing=0.0,
+        disable=not progress,
+    ) as bar:  # fmt: skip
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                results[ref] = ray.get(ref)
+                bar.update(1)
+    return [results[ref] for ref in refs]
 
 
 def _train_task(config: TrainingConfig, seed: int, directory: str) -> TrainResult:

@@ -118,3 +118,23 @@ def test_every_command_that_starts_ray_has_verbose(argv: list[str]) -> None:
     from twinloop.cli.main import _parser
 
     assert _parser().parse_args([*argv, "--verbose"]).verbose is True
+
+
+def test_only_the_newest_ray_logs_are_kept(tmp_path: Path) -> None:
+    import os
+
+    from twinloop.agents.ray_log import prune_logs
+
+    paths = []
+    for i in range(7):
+        path = tmp_path / f"ray-2026120{i}-000000-{i}.log"
+        path.write_text("x")
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))
+        paths.append(path)
+    other = tmp_path / "notes.txt"  # not a Ray log: never touched
+    other.write_text("keep")
+    removed = prune_logs(tmp_path, keep=3, spare=paths[0])
+    assert sorted(removed) == sorted(paths[1:4])  # the oldest, but the spared one stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [paths[0].name, *(p.name for p in paths[4:]), "notes.txt"]
+    )

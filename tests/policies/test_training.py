@@ -311,10 +311,12 @@ def test_reward_registry_plugs_into_the_env() -> None:
 
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_started")
-def test_two_seeds_as_ray_tasks(tmp_path: Path) -> None:
+def test_two_seeds_as_ray_tasks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = parse_config(tiny(n_timesteps=256, checkpoint_freq=0, tensorboard=False))
-    results = train(config, tmp_path, seeds=[0, 1], workers=2, progress=False)
+    results = train(config, tmp_path, seeds=[0, 1], workers=2, progress=True)
     assert [r.seed for r in results] == [0, 1]
+    bar = capsys.readouterr().err.rsplit("\r", 1)[-1]  # the bar's last state: both seeds
+    assert "training (seeds on Ray)" in bar and "2/2" in bar and "seed" in bar
     for r in results:
         assert (Path(r.directory) / "model.zip").is_file()
     # a Ray task is the same computation as in process
