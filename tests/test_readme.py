@@ -14,6 +14,8 @@ HTML comments right before a block (invisible on the rendered page, stated in th
 * ``<!-- test: replace OLD => NEW -->`` reduces a size (``--minutes 240 => --minutes 60``);
 * ``<!-- test: drop PREFIX -->`` leaves out the block's lines starting with PREFIX (opening a
   browser, the test suite itself);
+* ``<!-- test: verdict PREFIX -->`` accepts exit status 1 (a failing verdict, e.g. a campaign
+  whose requirement fails) from the block's lines starting with PREFIX, and nothing else;
 * ``<!-- test: slow -->`` runs the block only under ``-m slow`` (its commands still parse in
   the default suite).
 
@@ -54,6 +56,7 @@ class Block:
     section: str
     replace: list[tuple[str, str]] = field(default_factory=list)
     drop: list[str] = field(default_factory=list)
+    verdict: list[str] = field(default_factory=list)
     slow: bool = False
 
     @property
@@ -69,6 +72,13 @@ class Block:
             text = text.replace(old, new)
         lines = [
             ln for ln in text.splitlines() if not any(ln.lstrip().startswith(p) for p in self.drop)
+        ]
+        lines = [
+            # a failing verdict (1) is an answer; 2 is bad input. Before a trailing comment.
+            re.sub(r"^(.*?)(\s+#.*)?$", r"\1 || test $? -eq 1\2", ln, count=1)
+            if any(ln.lstrip().startswith(p) for p in self.verdict)
+            else ln
+            for ln in lines
         ]
         return "\n".join(lines) + "\n"
 
@@ -102,6 +112,8 @@ def readme_blocks(text: str | None = None) -> list[Block]:
                     block.replace.append((old, new))
                 elif d.startswith("drop "):
                     block.drop.append(d[len("drop ") :])
+                elif d.startswith("verdict "):
+                    block.verdict.append(d[len("verdict ") :])
                 else:
                     raise AssertionError(f"README line {i + 1}: unknown test directive {d!r}")
             blocks.append(block)
@@ -206,6 +218,8 @@ def test_directives_are_read_and_refuse_what_they_do_not_know() -> None:
     )
     (b,) = readme_blocks(text)
     assert b.slow and b.runnable_text() == "x --minutes 60\n"
+    (v,) = readme_blocks("<!-- test: verdict x -->\n```sh\nx a   # note\ny b\n```\n")
+    assert v.runnable_text() == "x a || test $? -eq 1   # note\ny b\n"
     with pytest.raises(AssertionError, match="unknown test directive"):
         readme_blocks("<!-- test: fast -->\n```sh\nx\n```\n")
     stale = readme_blocks("<!-- test: replace 999 => 1 -->\n```sh\nx 240\n```\n")[0]
