@@ -92,7 +92,15 @@ class EvalSettings:
             kwargs["seeds"] = tuple(int_field("eval.seeds", s, 0, MAX_SEED) for s in seeds)
         if "patients" in value:
             p = value["patients"]
-            names = (p,) if isinstance(p, str) else tuple(map(str, p))
+            if not (
+                isinstance(p, str)
+                or (isinstance(p, list) and p and all(isinstance(n, str) for n in p))
+            ):
+                raise PolicyConfigError(
+                    f"eval.patients: {p!r} is not allowed: a patient or cohort name, or a "
+                    "non-empty list of them"
+                )
+            names = (p,) if isinstance(p, str) else tuple(p)
             from twinloop.plant.errors import PlantError
             from twinloop.plant.glucose.cohorts import expand_names
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -364,3 +365,20 @@ def test_optimize_needs_the_clinical_evaluation(tmp_path: Path) -> None:
 
     with pytest.raises(PolicyConfigError, match="no clinical evaluation"):
         optimize(parse_config(tiny(eval=False)), tmp_path, n_trials=1)
+
+
+@pytest.mark.parametrize(
+    ("patients", "message"),
+    [
+        ([], "eval.patients: [] is not allowed"),
+        (5, "eval.patients: 5 is not allowed"),
+        ([1, 2], "eval.patients: [1, 2] is not allowed"),
+        (["adult#999"], "eval.patients: unknown name 'adult#999'"),
+    ],
+)
+def test_eval_patients_must_be_names(patients: object, message: str) -> None:
+    from twinloop.policies.glucose.clinical_eval import EvalSettings
+
+    with pytest.raises(PolicyConfigError, match=re.escape(message)):
+        EvalSettings.parse({"patients": patients})
+    assert EvalSettings.parse({"patients": ["adults"]}).patients == ("adults",)
