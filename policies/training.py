@@ -368,6 +368,15 @@ def parse_config(
     if isinstance(document, Mapping) and len(document) > 1:
         ours = [k for k in document if k in families]
         if len(ours) == 1:
+            # the others must look like other environments' sections: a setting at the top
+            # level (a mis-indented ``frame_stack: 4``) would otherwise be ignored silently
+            settings = {*COMMON_KEYS, *families[ours[0]].keys}
+            for key, value in document.items():
+                if key != ours[0] and (key in settings or not isinstance(value, Mapping)):
+                    raise PolicyConfigError(
+                        f"{source}: top-level key {key!r} is not an environment's section; "
+                        f"a setting belongs under {ours[0]}:"
+                    )
             document = {ours[0]: document[ours[0]]}
     if not isinstance(document, Mapping) or len(document) != 1:
         raise PolicyConfigError(

@@ -90,6 +90,11 @@ def test_a_zoo_file_with_other_envs_named_after_its_algorithm(tmp_path: Path) ->
     (tmp_path / "sac.yml").write_text(yaml.safe_dump(zoo))
     config = load_config(tmp_path / "sac.yml")
     assert config.env_id == plant.T1D_ID and config.algorithm == "sac"
+    # a twinloop setting at the top level (mis-indented) is refused, not silently ignored
+    for stray in ({"frame_stack": 4}, {"eval": {"freq": 10}}, {"Pendulum-v1": 3}):
+        (tmp_path / "bad.yml").write_text(yaml.safe_dump({**zoo, **stray}))
+        with pytest.raises(PolicyConfigError, match="is not an environment's section"):
+            load_config(tmp_path / "bad.yml")
     (tmp_path / "ppo.yml").write_text(yaml.safe_dump({"Pendulum-v1": {}, "CartPole-v1": {}}))
     with pytest.raises(PolicyConfigError, match="one top-level key"):
         load_config(tmp_path / "ppo.yml")
