@@ -8,6 +8,12 @@ impedance control *at a comparable error*. For the last one the impedance stiffn
 (damping scaled with it, 5 % of K in N·m·s/rad) and its exoskeleton work share interpolated at
 assist-as-needed's RMS error (linear in RMS between the two sweep points around it).
 
+Issue 22's comparison at *exactly matched* error: the impedance stiffness is then bisected (in
+log K, between the sweep points around assist-as-needed's RMS error) until impedance's mean RMS
+error is within ``--match-tol-deg`` (0.1°) of assist-as-needed's, and its work share is measured
+at that stiffness, not interpolated. ``saving_at_matched_error`` = 1 − AAN share / impedance
+share; the issue's target is ≥ 0.20 on *moderate* and *severe* with AAN's RMS ≤ 3°.
+
 Usage: ``python benchmarks/exo_assistance.py [--cycles 10] [--seeds 0 1 2]``.
 """
 
@@ -56,11 +62,53 @@ def _at_error(sweep: list[dict[str, float]], rms: float) -> float | None:
     return None
 
 
+def _matched(
+    patient: str,
+    seeds: list[int],
+    cycles: int,
+    sweep: list[dict[str, float]],
+    target_deg: float,
+    tol_deg: float,
+    max_iter: int = 12,
+) -> dict[str, Any] | None:
+    """Impedance at the stiffness whose mean RMS error is within ``tol_deg`` of ``target_deg``.
+
+    The error falls as K grows; bisect log K between the sweep points that bracket the target.
+    None when the sweep does not bracket it or no stiffness gets within the tolerance.
+    """
+    pts = sorted(sweep, key=lambda r: r["stiffness_nm_per_rad"])
+    lo = hi = None
+    for a, b in itertools.pairwise(pts):
+        if b["rms_error_deg"] <= target_deg <= a["rms_error_deg"]:
+            lo, hi = a["stiffness_nm_per_rad"], b["stiffness_nm_per_rad"]
+            break
+    if lo is None or hi is None:
+        return None
+    for _ in range(max_iter):
+        k = float(np.sqrt(lo * hi))
+        rows = [_row(patient, "impedance", s, cycles, k) for s in seeds]
+        rms = _mean(rows, "rms_error_deg")
+        if abs(rms - target_deg) <= tol_deg:
+            return {
+                "stiffness_nm_per_rad": k,
+                "rms_error_deg": rms,
+                "exo_work_fraction": _mean(rows, "exo_work_fraction"),
+                "exo_work_j": _mean(rows, "exo_work_j"),
+                "patient_effort": _mean(rows, "patient_effort"),
+            }
+        if rms > target_deg:
+            lo = k
+        else:
+            hi = k
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--patients", nargs="+", default=["mild", "moderate", "severe"])
+    parser.add_argument("--match-tol-deg", type=float, default=0.1)
     args = parser.parse_args()
     t0 = time.perf_counter()
     result: dict[str, Any] = {"cycles": args.cycles, "seeds": args.seeds, "patients": {}}
@@ -86,6 +134,16 @@ def main() -> None:
         share = _at_error(sweep, aan["rms_error_deg"])
         out["impedance_sweep"] = sweep
         out["impedance_work_fraction_at_aan_error"] = share
+        matched = _matched(
+            patient, args.seeds, args.cycles, sweep, aan["rms_error_deg"], args.match_tol_deg
+        )
+        out["impedance_at_matched_error"] = matched
+        saving = (
+            None
+            if matched is None
+            else 1.0 - aan["exo_work_fraction"] / matched["exo_work_fraction"]
+        )
+        out["saving_at_matched_error"] = saving
         out["targets"] = {
             "aan_rms_le_3_deg": aan["rms_error_deg"] <= 3.0,
             "aan_exo_work_le_50_pct": aan["exo_work_fraction"] <= 0.5,
@@ -93,6 +151,7 @@ def main() -> None:
                 None if share is None else aan["exo_work_fraction"] < share
             ),
             "zero_limit_violations": aan["limit_violations"] == 0,
+            "aan_saves_20_pct_at_matched_error": None if saving is None else saving >= 0.20,
         }
         result["patients"][patient] = out
     result["wall_s"] = time.perf_counter() - t0

@@ -5,15 +5,16 @@ Prints ONE JSON object to stdout::
     .venv/bin/python benchmarks/pendulum_test.py
     .venv/bin/python benchmarks/pendulum_test.py --duration-s 30 --swing-threshold-deg 1
 
-Each preset (healthy, mild, moderate, severe) is released from the horizontal (0° flexion,
-twinloop's seated posture, hip 90°) with relaxed muscles (no voluntary intent; the preset's
-stretch reflex active), once with the drive detached (the clinical test) and once with it
+Each preset (healthy, mild, moderate, severe) is released from the horizontal (0° flexion, thigh
+horizontal) lying supine (hip 0°, the set-up of Kim et al. 1996's healthy norms) and sitting
+upright (hip 90°, the exoskeleton's posture), with relaxed muscles (no voluntary intent; the
+preset's stretch reflex active), once with the drive detached (the clinical test) and once with it
 attached and unpowered (0 N·m commanded, back-driven through its friction and inertia); see
-:mod:`twinloop.plant.knee.pendulum` for the set-up and the metric definitions. All eight tests
-run as one batch of the compiled plant at its 1-ms step. Measured, per test: first-swing
-amplitude A1, plateau A0 (degrees from the release angle), R2 = A1/A0, R2n = R2/1.6, swings
-beyond the plateau by more than the threshold, peak first-downswing velocity, swing period,
-whether the knee settled, and the largest quadriceps reflex excitation and muscle torque.
+:mod:`twinloop.plant.knee.pendulum` for the set-up and the metric definitions. All sixteen tests
+run as one batch of the compiled plant at its 1-ms step. Measured, per test: first-swing amplitude
+A1, plateau A0 (degrees from the release angle), R2 = A1/A0, R2n = R2/1.6, swings beyond the
+plateau by more than the threshold, peak first-downswing velocity, swing period, whether the knee
+settled, and the largest quadriceps reflex excitation and muscle torque.
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def main() -> None:
     configs = [
         PendulumConfig(
             preset=name,
+            hip_flexion_deg=hip,
             drive_attached=attached,
             duration_s=args.duration_s,
             swing_threshold_deg=args.swing_threshold_deg,
         )
+        for hip in (0.0, 90.0)
         for attached in (False, True)
         for name in PRESETS
     ]
@@ -77,6 +80,7 @@ def main() -> None:
         rows.append(
             {
                 "preset": c.preset,
+                "hip_flexion_deg": c.hip_flexion_deg,
                 "drive_attached": c.drive_attached,
                 "first_swing_deg": round(m.first_swing_deg, 2),
                 "plateau_deg": round(m.plateau_deg, 2),

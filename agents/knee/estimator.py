@@ -22,27 +22,28 @@ Equations (one control sample ``k``, period ``Δ``; everything is evaluated at t
 
        τ_p = I·α − mgd·cos θ − τ_pass(θ, ω) − τ_exo
 
-   (``τ_pass`` = :func:`twinloop.plant.knee.model.passive_joint_moment`, range-of-motion moment and
-   damping; τ_p includes the muscles' passive elastic moment ``τ_PE(θ)``, which is known and
-   subtracted before the regression: ``y = τ_p − τ_PE``).
+   (``τ_pass`` = :func:`twinloop.plant.knee.model.passive_joint_moment`: the Riener & Edrich
+   passive elastic moment, which includes the muscles' passive force, the end stops and
+   damping), so τ_p is the muscles' active torque.
 3. Voluntary regressors, one per strength hypothesis ``s_j``
    (:attr:`KneeEstimatorConfig.capacity_grid`): the nominal intent ``τ_int = Kp(θ_ref − θ) +
-   Kd(ω_ref − ω) − g_c·mgd·cos θ`` gives the full-effort excitations ``u_q = max(0, −τ_int)/(F_q
-   r_q)``, ``u_h = max(0, τ_int)/(F_h r_h)``. The patient puts an unknown, slowly varying *effort* ε
-   ∈ (0, 1] into the intent (slacking, Emken et al. 2007) and the excitation saturates at the
-   residual strength: ``min(s_j, ε·u_m)``. Activation dynamics are first-order and linear, and the
-   up/down rate choice ``u > a`` is scale invariant, so ``act[ε·w] = ε·act[w]`` for any ε > 0, hence
-   ``act[min(s_j, ε·u)] = ε·act[min(s_j/ε, u)]``. With each hypothesis' current effort
-   estimate ``ε̂_j`` (its coefficient below, clipped to ``[EFFORT_FLOOR, 1]``) the regressor is
-   ``v_j = −A_q·act[min(s_j/ε̂_j, u_q)] + A_h·act[min(s_j/ε̂_j, u_h)]`` (nominal activation
-   15/40 ms, exact for a held input over Δ; ``A_m = F_m·r_m·f_L(θ)·f_V(ω)`` the torque per
-   unit activation) and the voluntary torque is ``ε_j·v_j``: unsaturated it is ``ε·A·act[u]``,
-   saturated ``A·act[s_j]`` (ε̂_j ≈ ε_j), whatever the effort.
+   Kd(ω_ref − ω) − g_c·τ_static(θ)`` (``τ_static``: gravity + passive elastic,
+   :func:`twinloop.plant.knee.model.static_load_nm`) gives the full-effort excitations ``u_q =
+   max(0, −τ_int)/(F_q r_q)``, ``u_h = max(0, τ_int)/(F_h r_h)``. The patient puts an unknown,
+   slowly varying *effort* ε ∈ (0, 1] into the intent (slacking, Emken et al. 2007) and the
+   excitation saturates at the residual strength: ``min(s_j, ε·u_m)``. Activation dynamics are
+   first-order and linear, and the up/down rate choice ``u > a`` is scale invariant, so ``act[ε·w] =
+   ε·act[w]`` for any ε > 0, hence ``act[min(s_j, ε·u)] = ε·act[min(s_j/ε, u)]``. With each
+   hypothesis' current effort estimate ``ε̂_j`` (its coefficient below, clipped to ``[EFFORT_FLOOR,
+   1]``) the regressor is ``v_j = −A_q·act[min(s_j/ε̂_j, u_q)] + A_h·act[min(s_j/ε̂_j, u_h)]``
+   (nominal activation 15/50 ms, exact for a held input over Δ; ``A_m = F_m·r_m·f_L(θ)·f_V(ω)`` the
+   torque per unit activation) and the voluntary torque is ``ε_j·v_j``: unsaturated it is
+   ``ε·A·act[u]``, saturated ``A·act[s_j]`` (ε̂_j ≈ ε_j), whatever the effort.
 4. Reflex regressors, a hinge basis over the stretch velocity (the threshold is unknown):
    ``r_i = −A_q·act[max(0, ω(t−D) − c_i)] + A_h·act[max(0, −ω(t−D) − c_i)]`` for the knots
    ``c_i`` (:attr:`KneeEstimatorConfig.reflex_knots_rad_s`), ``D`` the nominal reflex delay. A
    reflex ``G·max(0, ω − v_th)`` is ``Σ_i g_i·max(0, ω − c_i)`` with ``Σ g_i = G`` above the knots.
-5. Every channel (τ_p, τ_PE, v_j, r_i) goes through the same second-order Butterworth
+5. Every channel (τ_p, v_j, r_i) goes through the same second-order Butterworth
    low-pass ``F`` (``filter_cutoff_hz``): the model is linear in the unknowns, so
    ``F[y] = ε_j·F[v_j] + Σ_i g_{j,i}·F[r_i]`` still holds for the filtered signals (ε varying
    slowly against the filter), and α needs no separate smoothing. Each hypothesis runs its own
@@ -157,15 +158,13 @@ from twinloop.plant.knee.model import (
     P_FLEN,
     P_H,
     P_HILL_A,
-    P_PE_E0,
-    P_PE_K,
     P_Q,
     P_VISC,
     KneeParams,
     force_length,
     force_velocity,
-    passive_force,
     passive_joint_moment,
+    static_load_nm,
 )
 
 ExoTorqueSource = Literal["command", "sensor"]
@@ -380,7 +379,7 @@ class KneeTwinEstimator:
         self._mgd = limb.gravity_moment_nm
         self._kp = limb.intent_kp_nm_per_rad
         self._kd = limb.intent_kd_nm_s_per_rad
-        self._gcomp = limb.gravity_compensation_fraction
+        self._gcomp = limb.static_compensation_fraction
         self._q_max_nm = p[P_Q + M_FMAX] * p[P_Q + M_ARM]
         self._h_max_nm = p[P_H + M_FMAX] * p[P_H + M_ARM]
         self._alpha_up = 1.0 - math.exp(-self.dt_s / limb.activation_time_constant_s)
@@ -403,7 +402,7 @@ class KneeTwinEstimator:
     def reset(self) -> None:
         """Forget everything: back to the prior, as after construction."""
         cfg = self.config
-        n_ch = 2 + self._n_grid + self._n_knots  # τ_p, τ_passive muscles, v_j, r_i
+        n_ch = 1 + self._n_grid + self._n_knots  # τ_p, v_j, r_i
         self._angles: collections.deque[float] = collections.deque(maxlen=3)
         self._sensor: collections.deque[float] = collections.deque(maxlen=2)
         self._exo_mean: collections.deque[float] = collections.deque(maxlen=2)
@@ -482,11 +481,10 @@ class KneeTwinEstimator:
 
     # -- model pieces --------------------------------------------------------------------
 
-    def _muscle_factors(self, theta: float, omega: float) -> tuple[float, float, float]:
-        """(A_q, A_h, τ_passive muscles): torque per unit activation (≥ 0) and passive moment."""
+    def _muscle_factors(self, theta: float, omega: float) -> tuple[float, float]:
+        """(A_q, A_h): the muscles' torque per unit activation (≥ 0)."""
         p = self._p
         out = []
-        passive = 0.0
         for base, sign in ((P_Q, 1.0), (P_H, -1.0)):
             l_norm = 1.0 + sign * p[base + M_STRAIN_PER_RAD] * (theta - p[base + M_THOPT])
             v_norm = sign * p[base + M_VEL_PER_RAD_S] * omega
@@ -494,8 +492,7 @@ class KneeTwinEstimator:
             fl = force_length(l_norm, p[P_FL_GAMMA])
             fv = force_velocity(v_norm, p[P_HILL_A], p[P_FLEN])
             out.append(arm_f * fl * fv)
-            passive -= sign * arm_f * passive_force(l_norm, p[P_PE_K], p[P_PE_E0])
-        return out[0], out[1], passive
+        return out[0], out[1]
 
     def _activate(self, act: NDArray[np.float64], u: NDArray[np.float64]) -> None:
         rate = np.where(u > act, self._alpha_up, self._alpha_down)
@@ -581,13 +578,13 @@ class KneeTwinEstimator:
         tau_p = (
             self._inertia * alpha - self._mgd * cos_th - passive_joint_moment(p, theta, omega) - exo
         )
-        a_q, a_h, tau_mp = self._muscle_factors(theta, omega)
+        a_q, a_h = self._muscle_factors(theta, omega)
         # voluntary: the nominal intent, saturated at each strength hypothesis
         th_ref, om_ref = self._reference_at(t_c)
         tau_int = (
             self._kp * (th_ref - theta)
             + self._kd * (om_ref - omega)
-            - self._gcomp * self._mgd * cos_th
+            - self._gcomp * static_load_nm(p, theta)
         )
         u_q = max(0.0, -tau_int) / self._q_max_nm
         u_h = max(0.0, tau_int) / self._h_max_nm
@@ -604,7 +601,7 @@ class KneeTwinEstimator:
         refl = -a_q * self._act_ref[0] + a_h * self._act_ref[1]
         self._knot_samples += np.abs(om_late) >= KNOT_EXPLORED_FACTOR * self._knots
         # the same low-pass on every channel (direct form II transposed)
-        x = np.concatenate(([tau_p, tau_mp], vol, refl))
+        x = np.concatenate(([tau_p], vol, refl))
         if not self._filter_started:
             # start in steady state at the first input (unit DC gain)
             self._z2 = (self._b[2] - self._a[2]) * x
@@ -615,7 +612,7 @@ class KneeTwinEstimator:
         self._z2 = self._b[2] * x - self._a[2] * yf
         self._patient_nm = float(yf[0])
         if self._samples > self._warmup:
-            self._update(yf[2 : 2 + self._n_grid], yf[2 + self._n_grid :], float(yf[0] - yf[1]))
+            self._update(yf[1 : 1 + self._n_grid], yf[1 + self._n_grid :], float(yf[0]))
         self._last = self._estimate(float(reading.t_s))
         return self._last
 

@@ -20,31 +20,37 @@ Model (every parameter of :class:`KneeParams` carries its unit and source)
   knee–ankle length from the knee, radius of gyration about the knee 0.735 of that length; the
   knee–ankle length is 0.246·H), plus the exoskeleton's shank link and the reflected rotor
   inertia of a rigid drive.
-* ``τ_pass = k1·exp(−k2·(θ − θ_ext)) − k3·exp(−k4·(θ_flex − θ)) − b·ω``: the double-exponential
-  passive elastic moment with soft range-of-motion limits of Riener & Edrich (1999, *J Biomech*
-  32:539-544) and Amankwah, Triolo & Kirsch (2004, *J Rehabil Res Dev* 41:15-28), plus viscous
-  damping, and end-range damping ``λ·(k1·e^… + k3·e^…)·ω`` that grows with the limit moment
-  (Hunt & Crossley 1975). The exponent is capped so the moment cannot overflow.
+* ``τ_pass = M_RE(θ; φ_H) + k1·exp(−k2·(θ − θ_ext)) − k3·exp(−k2·(θ_flex − θ)) − b·ω``: the
+  passive elastic knee moment of Riener & Edrich (1999, *J Biomech* 32:539-544; ten healthy
+  subjects), ``M_RE = exp(1.800 − 0.0352·φ_K + 0.0217·φ_H) − exp(−3.971 + 0.0495·φ_K −
+  0.0128·φ_H) + exp(2.220 − 0.150·φ_K) − 4.820`` in degrees of knee flexion φ_K and hip flexion
+  φ_H (ankle neutral). It contains the passive force of every structure crossing the knee, the
+  muscles' included, so the Hill muscles below carry no passive element of their own; its hip
+  term is the hamstrings' stretch (sitting upright, φ_H = 90°, it pulls the extended knee into
+  flexion with ≈ 47 N·m). Soft end stops (the exponentials, 1.5 N·m at −5° and 140°) bound
+  the range where the equation's own terms stay soft; viscous damping ``b``, and end-range
+  damping ``λ·(k1·e^… + k3·e^…)·ω`` that grows with the limit moment (Hunt & Crossley 1975).
+  Exponents are capped so the moment cannot overflow.
 * Two Hill-type muscles with rigid tendons and constant moment arms (Zajac 1989, *Crit Rev
   Biomed Eng* 17:359-411): quadriceps (extensor, moment ``−r_q·F_q``) and hamstrings (flexor,
-  ``+r_h·F_h``). ``F = F_max·(a·f_L(l̃)·f_V(ṽ) + f_PE(l̃))`` with the Gaussian active
-  force–length ``f_L = exp(−(l̃−1)²/γ)``, γ = 0.45, and the exponential passive element
-  ``f_PE = (exp(k_PE(l̃−1)/ε0) − 1)/(exp(k_PE) − 1)`` for ``l̃ > 1`` (k_PE = 4, ε0 = 0.6) of
-  Thelen (2003, *J Biomech Eng* 125:70-77); the force–velocity relation is Hill's (1938)
-  hyperbola ``(1 − u)/(1 + u/A)`` for shortening at ``u = v/v_max`` (A = 0.25, v_max = 10
-  optimal lengths/s, Zajac 1989 / Thelen 2003), and for lengthening a hyperbola saturating at
-  ``f_len`` = 1.4 (Thelen 2003's eccentric maximum) whose slope at ``v = 0`` equals the
-  shortening branch's (our choice: continuity of ``f_V`` and of its slope). Fibre length
+  ``+r_h·F_h``). ``F = F_max·a·f_L(l̃)·f_V(ṽ)`` with the Gaussian active force–length
+  ``f_L = exp(−(l̃−1)²/γ)``, γ = 0.45, of Thelen (2003, *J Biomech Eng* 125:70-77); the
+  force–velocity relation is Hill's (1938) hyperbola ``(1 − u)/(1 + u/A)`` for shortening at
+  ``u = v/v_max`` (A = 0.25, v_max = 10 optimal lengths/s, Zajac 1989 / Thelen 2003), and for
+  lengthening a hyperbola saturating at ``f_len`` = 1.4 (Thelen 2003's eccentric maximum)
+  whose slope at ``v = 0`` equals the shortening branch's (our choice: continuity of ``f_V``
+  and of its slope; Thelen's eccentric slope is twice the concentric one). Fibre length
   ``l̃ = 1 ± c·(θ − θ_opt)/L0`` where ``c`` (fibre excursion fraction, 0.5) is the part of the
   muscle–tendon excursion taken by the fibres (an assumption standing in for tendon compliance
   and pennation, which a rigid-tendon model lacks).
 * Activation: ``ȧ = (u − a)/τ`` with ``τ = τ_act`` (15 ms) when ``u > a`` and ``τ_deact``
-  (40 ms) otherwise (first-order activation dynamics, Winters 1995 *Ann Biomed Eng*
-  23:359-374; Thelen 2003), discretised exactly for ``u`` held over a plant step.
+  (50 ms) otherwise (first-order activation dynamics with Thelen 2003's young-adult time
+  constants), discretised exactly for ``u`` held over a plant step.
 * Excitation ``u = clip(u_vol + u_reflex, 0, 1)``. ``u_vol``: the patient's intent, a PD
-  controller on the task reference plus gravity compensation,
-  ``τ_int = Kp(θ_ref − θ) + Kd(ω_ref − ω) − g_c·m·g·d·cos θ``, mapped to the muscle that produces
-  its sign (``|τ_int|/(F_max·r)``) and saturated at the patient's residual strength fraction.
+  controller on the task reference plus compensation of the limb's static moment,
+  ``τ_int = Kp(θ_ref − θ) + Kd(ω_ref − ω) − g_c·(m·g·d·cos θ + τ_pass(θ, 0))``, mapped to the
+  muscle that produces its sign (``|τ_int|/(F_max·r)``) and saturated at the patient's residual
+  strength fraction.
   ``u_reflex = G·max(0, v_stretch − v_th)``: spasticity as a velocity-dependent stretch reflex
   with a threshold (Lance 1980's definition of spasticity, "a velocity-dependent increase in
   tonic stretch reflexes"); the stretch velocity is ``+ω`` for the quadriceps and ``−ω`` for the
@@ -52,9 +58,11 @@ Model (every parameter of :class:`KneeParams` carries its unit and source)
 * Fatigue: the three-compartment model of Xia & Frey Law (2008, *J Biomech* 41:3046-3052)
   per muscle, motor-unit fractions active ``M_A``, fatigued ``M_F``, resting ``M_R = 1 − M_A −
   M_F``, target load = activation, ``Ṁ_A = C − F·M_A``, ``Ṁ_F = F·M_A − R·M_F`` with their
-  controller ``C`` (gains ``L_D = L_R`` = 10 /s). The force-producing activation is
-  ``min(a, 1 − M_F)`` (residual capacity ``M_A + M_R``, Frey-Law, Looft & Heitsman 2012,
-  *J Biomech* 45:1803-1808, whose knee fit gives F = 0.0149 /s, R = 0.00094 /s).
+  controller ``C`` (gains ``L_D = L_R`` = 10 /s), and the rest recovery of Looft, Herkert &
+  Frey-Law (2018, *J Biomech* 77:16-25; "3CC-r"): ``R`` is multiplied by ``r`` while ``M_A`` is
+  at or above the target load (relaxing or resting). Knee-extensor values F = 0.00825 /s,
+  R = 0.00076 /s, r = 14.85 (Rakshit, Xiang & Yang 2021, *J Biomech* 110695, pooled fit). The
+  force-producing activation is ``min(a, 1 − M_F)`` (residual capacity ``M_A + M_R``).
 * Exoskeleton drive: the commanded torque (held over the control period) is clipped to
   ``±exo_max_torque_nm`` and followed at most at ``exo_torque_rate_nm_per_s``; gear friction
   is Coulomb (smoothed by ``tanh(ω/ω_ε)``) plus viscous. Rigid drive (default): the joint gets
@@ -113,6 +121,24 @@ ROM_EXPONENT_CAP = 9.0
 #: Batches at least this large use every numba thread.
 PARALLEL_MIN_BATCH = 64
 
+# Riener & Edrich (1999) Table/eq. of the passive knee moment, degrees in, N·m out (flexion
+# positive), ankle neutral (its φ_A terms vanish): M = exp(c1 + k1·φ_K) − exp(c2 + k2·φ_K)
+# + exp(c3 + k3·φ_K) + offset, with c1 = 1.800 + 0.0217·φ_H and c2 = −3.971 − 0.0128·φ_H.
+RE_FLEX_CONST, RE_FLEX_PER_KNEE_DEG, RE_FLEX_PER_HIP_DEG = 1.800, -0.0352, 0.0217
+RE_EXT_CONST, RE_EXT_PER_KNEE_DEG, RE_EXT_PER_HIP_DEG = -3.971, 0.0495, -0.0128
+RE_CAPSULE_CONST, RE_CAPSULE_PER_KNEE_DEG = 2.220, -0.150
+RE_OFFSET_NM = -4.820
+#: Hip flexion the Riener & Edrich coupling is evaluated in (rad): −15° (extended) to 100°.
+HIP_FLEXION_RANGE_RAD = (math.radians(-15.0), math.radians(100.0))
+
+# Knee-extensor fatigue of the three-compartment model with rest recovery (3CC-r, Looft, Herkert
+# & Frey-Law 2018 J Biomech 77:16-25), pooled knee-extensor fit of Rakshit, Xiang & Yang 2021
+# J Biomech 110695 (values as tabulated in MyoSuite's fatigue model, a secondary source): F, R
+# (1/s) and the multiplier r of R while the muscle relaxes or rests.
+KNEE_FATIGUE_RATE_PER_S = 0.00825
+KNEE_RECOVERY_RATE_PER_S = 0.00076
+KNEE_REST_RECOVERY_FACTOR = 14.85
+
 # Winter (2009) Table 4.1, "leg and foot" segment (femoral condyles to medial malleolus).
 WINTER_LEG_FOOT_MASS_FRACTION = 0.061
 WINTER_LEG_FOOT_COM_FRACTION = 0.606
@@ -125,10 +151,13 @@ class KneeParams:
     """Parameters of one knee + exoskeleton (validated at construction; units in the names).
 
     Defaults are the *healthy* preset. Sources: [W] Winter 2009 Table 4.1; [RE] Riener & Edrich
-    1999 / Amankwah et al. 2004 (form; coefficients assumed, see each field); [D] Delp et al.
+    1999 *J Biomech* 32:539-544, the passive knee moment's equation with its fitted coefficients
+    (ten healthy subjects); [D] Delp et al.
     1990 *IEEE TBME* 37:757-767 lower-limb model (sums over the muscles of each group);
-    [T] Thelen 2003; [Z] Zajac 1989; [Wi] Winters 1995; [XF] Xia & Frey Law 2008;
-    [FL] Frey-Law et al. 2012; [E] Emken, Benitez, Sideris, Bobrow & Reinkensmeyer 2007
+    [T] Thelen 2003 (young adults); [Z] Zajac 1989; [XF] Xia & Frey Law 2008; [L18] Looft,
+    Herkert & Frey-Law 2018 *J Biomech* 77:16-25; [R21] Rakshit, Xiang & Yang 2021 *J Biomech*
+    110695, pooled knee-extensor fit of the 3CC-r model (as tabulated in MyoSuite; secondary
+    source); [E] Emken, Benitez, Sideris, Bobrow & Reinkensmeyer 2007
     *J Neurophysiol* 97:3997-4006 (motor adaptation as a greedy optimisation of error and
     effort; the "slacking" it predicts under robotic assistance); [A] assumption of this
     model (chosen, documented, to be identified on data).
@@ -141,21 +170,26 @@ class KneeParams:
         exo_link_inertia_kg_m2: its inertia about the knee axis, kg·m² [A].
         passive_damping_nm_s_per_rad: joint viscous damping, N·m·s/rad [A; order of
             pendulum-test identifications, 0.1–0.5].
+        hip_flexion_rad: hip flexion of the posture, rad (90° = sitting upright, 0 = supine); it
+            sets the biarticular muscles' share of the passive knee moment [RE].
         rom_extension_limit_rad: soft extension limit θ_ext, rad (−5° = slight hyperextension) [A].
         rom_flexion_limit_rad: soft flexion limit θ_flex, rad (140°) [A].
-        rom_moment_nm: k1 = k3, moment at a limit, N·m [RE form; A value].
+        rom_moment_nm: k1 = k3, moment at a limit, N·m, of the end stops added to [RE]'s moment
+            (its exponentials stay soft past the range it was measured in) [A].
         rom_stiffness_per_rad: k2 = k4, exponential rate, 1/rad (35: ≈ 70 N·m at 5° and
             ≈ 680 N·m at 10° beyond a limit) [RE form; A value].
         rom_damping_s_per_rad: λ of the end-range damping ``λ·M_rom·ω`` (damping proportional
             to the limit moment, the Hunt & Crossley 1975 *J Appl Mech* 42:440-445 contact
             form), s/rad [A value].
-        quad_max_force_n: quadriceps max isometric force, N (vasti + rectus femoris) [D].
+        quad_max_force_n: quadriceps max isometric force, N [D: vastus lateralis 1871 +
+            medialis 1294 + intermedius 1365 + rectus femoris 779].
         quad_moment_arm_m: quadriceps moment arm, m (patellar tendon) [A; Herzog & Read 1993
             report 3.5–5 cm].
         quad_optimal_length_m: quadriceps optimal fibre length, m [D].
         quad_optimal_angle_rad: knee angle at which the quadriceps is at optimal length, rad
             (70°: knee extension torque peaks at 60–70° of flexion) [A].
-        ham_max_force_n: hamstrings max isometric force, N [D].
+        ham_max_force_n: hamstrings max isometric force, N [D: biceps femoris long head 717 +
+            short head 402 + semimembranosus 1030 + semitendinosus 328].
         ham_moment_arm_m: hamstrings moment arm, m [A].
         ham_optimal_length_m: hamstrings optimal fibre length, m [D].
         ham_optimal_angle_rad: angle of optimal hamstring length, rad (30°) [A].
@@ -164,15 +198,15 @@ class KneeParams:
         hill_a: Hill's a/F0 (curvature of the force–velocity hyperbola) [Z].
         eccentric_force_max: force–velocity asymptote when lengthening, × F_max [T].
         force_length_width: γ of the Gaussian force–length curve [T].
-        passive_shape: k_PE of the passive element [T].
-        passive_strain_at_fmax: ε0 of the passive element [T].
-        activation_time_constant_s: τ_act, s [T: 15 ms].
-        deactivation_time_constant_s: τ_deact, s [Wi: 40 ms].
+        activation_time_constant_s: τ_act, s [T: 15 ms, young adults].
+        deactivation_time_constant_s: τ_deact, s [T: 50 ms, young adults].
         strength_fraction: residual voluntary strength (max voluntary excitation), 0–1 [A].
         intent_kp_nm_per_rad: proportional gain of the patient's intent, N·m/rad [A].
         intent_kd_nm_s_per_rad: derivative gain of the intent, N·m·s/rad [A].
-        gravity_compensation_fraction: share of the shank's gravity moment the patient
-            anticipates [A].
+        static_compensation_fraction: share of the limb's static moment (gravity + the passive
+            elastic moment, :func:`static_load_nm`) the patient anticipates [A: an internal model
+            of the limb's statics; an error-based learner (Emken 2007) cancels any load that
+            persists, so 1 for a patient who knows the exercise].
         slacking_rate_per_s: λ, rate at which the patient's voluntary effort decays towards
             ``minimum_effort`` while the task goes well, 1/s [E: the motor system minimises
             error and effort together, ``u_{i+1} = f·u_i + g·e_i`` with ``f < 1``, so under
@@ -188,8 +222,10 @@ class KneeParams:
         reflex_delay_s: latency of the stretch reflex, s, rounded to 1 ms, at most
             ``(REFLEX_BUFFER − 1)`` ms [A; short-latency stretch reflexes of the thigh muscles
             arrive some 20–40 ms after the stretch].
-        fatigue_rate_per_s: F of the three-compartment model, 1/s [FL knee: 0.0149].
-        recovery_rate_per_s: R, 1/s [FL: 0.00094].
+        fatigue_rate_per_s: F of the three-compartment model, 1/s [R21 knee: 0.00825].
+        recovery_rate_per_s: R, 1/s [R21 knee: 0.00076].
+        rest_recovery_factor: r, the multiplier of R while a muscle relaxes or rests (``M_A ≥``
+            its target load; the 3CC-r model of [L18]) [R21 knee: 14.85].
         fatigue_drive_per_s: L_D = L_R of the compartment controller, 1/s [XF: 10].
         exo_max_torque_nm: actuator torque limit, N·m [A].
         exo_torque_rate_nm_per_s: actuator torque slew-rate limit, N·m/s [A].
@@ -213,11 +249,12 @@ class KneeParams:
     rom_moment_nm: float = 1.5
     rom_stiffness_per_rad: float = 35.0
     rom_damping_s_per_rad: float = 0.3
-    quad_max_force_n: float = 5569.0
+    hip_flexion_rad: float = math.radians(90.0)
+    quad_max_force_n: float = 5309.0
     quad_moment_arm_m: float = 0.04
     quad_optimal_length_m: float = 0.087
     quad_optimal_angle_rad: float = math.radians(70.0)
-    ham_max_force_n: float = 2817.0
+    ham_max_force_n: float = 2477.0
     ham_moment_arm_m: float = 0.03
     ham_optimal_length_m: float = 0.109
     ham_optimal_angle_rad: float = math.radians(30.0)
@@ -226,22 +263,21 @@ class KneeParams:
     hill_a: float = 0.25
     eccentric_force_max: float = 1.4
     force_length_width: float = 0.45
-    passive_shape: float = 4.0
-    passive_strain_at_fmax: float = 0.6
     activation_time_constant_s: float = 0.015
-    deactivation_time_constant_s: float = 0.040
+    deactivation_time_constant_s: float = 0.050
     strength_fraction: float = 1.0
     intent_kp_nm_per_rad: float = 60.0
     intent_kd_nm_s_per_rad: float = 6.0
-    gravity_compensation_fraction: float = 1.0
+    static_compensation_fraction: float = 1.0
     slacking_rate_per_s: float = 0.2
     slacking_error_gain_per_rad_s: float = 5.0
     minimum_effort: float = 0.3
     spasticity_gain_per_rad_s: float = 0.0
     spasticity_threshold_rad_s: float = 3.0
     reflex_delay_s: float = 0.03
-    fatigue_rate_per_s: float = 0.0149
-    recovery_rate_per_s: float = 0.00094
+    fatigue_rate_per_s: float = KNEE_FATIGUE_RATE_PER_S
+    recovery_rate_per_s: float = KNEE_RECOVERY_RATE_PER_S
+    rest_recovery_factor: float = KNEE_REST_RECOVERY_FACTOR
     fatigue_drive_per_s: float = 10.0
     exo_max_torque_nm: float = 60.0
     exo_torque_rate_nm_per_s: float = 2000.0
@@ -257,11 +293,11 @@ class KneeParams:
             "body_mass_kg", "height_m", "quad_max_force_n", "quad_moment_arm_m",
             "quad_optimal_length_m", "ham_max_force_n", "ham_moment_arm_m",
             "ham_optimal_length_m", "fiber_excursion_fraction", "max_velocity_l0_per_s",
-            "hill_a", "force_length_width", "passive_shape", "passive_strain_at_fmax",
+            "hill_a", "force_length_width",
             "activation_time_constant_s", "deactivation_time_constant_s",
             "rom_stiffness_per_rad", "exo_max_torque_nm", "exo_torque_rate_nm_per_s",
             "exo_friction_smoothing_rad_s", "exo_reflected_inertia_kg_m2",
-            "spasticity_threshold_rad_s", "fatigue_drive_per_s",
+            "spasticity_threshold_rad_s", "fatigue_drive_per_s", "rest_recovery_factor",
         )  # fmt: skip
         non_negative = (
             "exo_link_mass_kg", "exo_link_com_m", "exo_link_inertia_kg_m2",
@@ -284,13 +320,24 @@ class KneeParams:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ConfigError(name, getattr(self, name), ">= 0")
-        for name in ("strength_fraction", "gravity_compensation_fraction", "minimum_effort"):
+        for name in ("strength_fraction", "static_compensation_fraction", "minimum_effort"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(name, value, "a fraction in [0, 1]")
         max_delay = (REFLEX_BUFFER - 1) * PLANT_DT_S
         if not 0.0 <= self.reflex_delay_s <= max_delay + 1e-12:
             raise ConfigError("reflex_delay_s", self.reflex_delay_s, f"0 <= value <= {max_delay} s")
+        if not self.rest_recovery_factor >= 1.0:
+            raise ConfigError(
+                "rest_recovery_factor", self.rest_recovery_factor, ">= 1 (rest speeds recovery)"
+            )
+        if not HIP_FLEXION_RANGE_RAD[0] <= self.hip_flexion_rad <= HIP_FLEXION_RANGE_RAD[1]:
+            raise ConfigError(
+                "hip_flexion_rad",
+                self.hip_flexion_rad,
+                f"{HIP_FLEXION_RANGE_RAD[0]:.3f}..{HIP_FLEXION_RANGE_RAD[1]:.3f} rad "
+                "(-15°..100° of hip flexion)",
+            )
         if not self.eccentric_force_max > 1.0:
             raise ConfigError("eccentric_force_max", self.eccentric_force_max, "> 1")
         if not self.rom_extension_limit_rad < self.rom_flexion_limit_rad:
@@ -388,20 +435,22 @@ class KneeParams:
         p[P_HILL_A] = self.hill_a
         p[P_FLEN] = self.eccentric_force_max
         p[P_FL_GAMMA] = self.force_length_width
-        p[P_PE_K] = self.passive_shape
-        p[P_PE_E0] = self.passive_strain_at_fmax
+        hip_deg = math.degrees(self.hip_flexion_rad)
+        p[P_RE_C1] = RE_FLEX_CONST + RE_FLEX_PER_HIP_DEG * hip_deg
+        p[P_RE_C2] = RE_EXT_CONST + RE_EXT_PER_HIP_DEG * hip_deg
         p[P_ACT_ALPHA] = 1.0 - math.exp(-PLANT_DT_S / self.activation_time_constant_s)
         p[P_DEACT_ALPHA] = 1.0 - math.exp(-PLANT_DT_S / self.deactivation_time_constant_s)
         p[P_STRENGTH] = self.strength_fraction
         p[P_KP] = self.intent_kp_nm_per_rad
         p[P_KD] = self.intent_kd_nm_s_per_rad
-        p[P_GCOMP] = self.gravity_compensation_fraction
+        p[P_GCOMP] = self.static_compensation_fraction
         p[P_SPAS_GAIN] = self.spasticity_gain_per_rad_s
         p[P_SPAS_THR] = self.spasticity_threshold_rad_s
         p[P_REFLEX_DELAY] = round(self.reflex_delay_s / PLANT_DT_S)
         p[P_FAT_F] = self.fatigue_rate_per_s
         p[P_FAT_R] = self.recovery_rate_per_s
         p[P_FAT_L] = self.fatigue_drive_per_s
+        p[P_FAT_REST] = self.rest_recovery_factor
         p[P_TMAX] = self.exo_max_torque_nm
         p[P_RATE] = self.exo_torque_rate_nm_per_s
         p[P_COUL] = self.exo_coulomb_nm
@@ -422,12 +471,12 @@ M_FMAX, M_ARM, M_STRAIN_PER_RAD, M_THOPT, M_VEL_PER_RAD_S = range(5)
 P_Q = 7  #: first column of the quadriceps block (M_* offsets)
 P_H = 12  #: first column of the hamstrings block
 (
-    P_HILL_A, P_FLEN, P_FL_GAMMA, P_PE_K, P_PE_E0, P_ACT_ALPHA, P_DEACT_ALPHA, P_STRENGTH,
+    P_HILL_A, P_FLEN, P_FL_GAMMA, P_RE_C1, P_RE_C2, P_ACT_ALPHA, P_DEACT_ALPHA, P_STRENGTH,
     P_KP, P_KD, P_GCOMP, P_SPAS_GAIN, P_SPAS_THR, P_FAT_F, P_FAT_R, P_FAT_L, P_TMAX, P_RATE,
     P_COUL, P_VISC, P_FEPS, P_KS, P_JM, P_BM, P_ROM_DAMP, P_REFLEX_DELAY, P_SLACK_RATE,
-    P_SLACK_GAIN, P_EFFORT_MIN,
-) = range(17, 46)  # fmt: skip
-N_PARAMS = 46
+    P_SLACK_GAIN, P_EFFORT_MIN, P_FAT_REST,
+) = range(17, 47)  # fmt: skip
+N_PARAMS = 47
 
 # State columns (per knee).
 X_THETA = 0  #: knee flexion angle, rad
@@ -466,20 +515,20 @@ PRESETS: dict[str, dict[str, float]] = {
         "strength_fraction": 0.6,
         "spasticity_gain_per_rad_s": 0.01,
         "spasticity_threshold_rad_s": 1.0,
-        "fatigue_rate_per_s": 0.0149 * 1.5,
+        "fatigue_rate_per_s": KNEE_FATIGUE_RATE_PER_S * 1.5,
     },
     "moderate": {
         "strength_fraction": 0.3,
         "spasticity_gain_per_rad_s": 0.02,
         "spasticity_threshold_rad_s": 0.6,
-        "fatigue_rate_per_s": 0.0149 * 2.0,
+        "fatigue_rate_per_s": KNEE_FATIGUE_RATE_PER_S * 2.0,
     },
     "severe": {
         "strength_fraction": 0.05,
         "spasticity_gain_per_rad_s": 0.04,
         "spasticity_threshold_rad_s": 0.3,
-        "fatigue_rate_per_s": 0.0149 * 3.0,
-        "recovery_rate_per_s": 0.00094 * 0.5,
+        "fatigue_rate_per_s": KNEE_FATIGUE_RATE_PER_S * 3.0,
+        "recovery_rate_per_s": KNEE_RECOVERY_RATE_PER_S * 0.5,
     },
 }
 """Impairment presets (overrides of the healthy :class:`KneeParams`).
@@ -492,8 +541,10 @@ gravity alone); stretch-reflex gain 0/0.01/0.02/0.04 per rad/s above thresholds 
 N·m, the order of the reflex torques measured in spastic knees under fast isokinetic stretches
 (a few to a few tens of N·m; larger gains drive the severe knee into sustained clonus of
 ±100 N·m, which the exoskeleton's 60 N·m cannot contain); fatigue rate F ×1,
-×1.5, ×2, ×3 the healthy knee value of Frey-Law et al. (2012) (paretic muscle fatigues sooner),
-and halved recovery for *severe*.
+×1.5, ×2, ×3 the healthy knee-extensor value of Rakshit et al. (2021) (paretic muscle fatigues
+sooner), and halved recovery for *severe*. The passive moment (Riener & Edrich 1999) is the
+healthy one in every preset: Amankwah et al. (2004) found the knee's passive moment of spinal
+cord injury no different from able-bodied subjects' (it differed at the hip and ankle).
 """
 
 
@@ -526,16 +577,6 @@ def force_length(l_norm: float, gamma: float) -> float:
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
-def passive_force(l_norm: float, k_pe: float, e0: float) -> float:
-    """Passive element ``(exp(k(l̃−1)/ε0) − 1)/(exp(k) − 1)`` for ``l̃ > 1``, else 0 (Thelen)."""
-    if l_norm <= 1.0:
-        return 0.0
-    return (math.exp(min(k_pe * (l_norm - 1.0) / e0, ROM_EXPONENT_CAP)) - 1.0) / (
-        math.exp(k_pe) - 1.0
-    )
-
-
-@numba.njit(cache=True, inline="always", error_model="numpy")
 def force_velocity(v_norm: float, hill_a: float, f_len: float) -> float:
     """Force–velocity factor at lengthening velocity ``v_norm`` (units of v_max; < 0 shortens).
 
@@ -557,34 +598,66 @@ def _muscle_force(
     """Force (N) of the muscle whose block starts at ``base``; ``sign`` +1 quads, −1 hams."""
     l_norm = 1.0 + sign * p[base + M_STRAIN_PER_RAD] * (theta - p[base + M_THOPT])
     v_norm = sign * p[base + M_VEL_PER_RAD_S] * omega
-    f = a_eff * force_length(l_norm, p[P_FL_GAMMA]) * force_velocity(
-        v_norm, p[P_HILL_A], p[P_FLEN]
-    ) + passive_force(l_norm, p[P_PE_K], p[P_PE_E0])
+    f = a_eff * force_length(l_norm, p[P_FL_GAMMA]) * force_velocity(v_norm, p[P_HILL_A], p[P_FLEN])
     return p[base + M_FMAX] * f
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
-def passive_joint_moment(p: NDArray[np.float64], theta: float, omega: float) -> float:
-    """Double-exponential ROM moment minus viscous and limit damping (N·m, flexion positive)."""
+def riener_edrich_moment(p: NDArray[np.float64], theta: float) -> float:
+    """Riener & Edrich (1999) passive elastic knee moment at the row's hip angle (N·m)."""
+    deg = theta * (180.0 / math.pi)
+    cap = ROM_EXPONENT_CAP
+    return (
+        math.exp(min(p[P_RE_C1] + RE_FLEX_PER_KNEE_DEG * deg, cap))
+        - math.exp(min(p[P_RE_C2] + RE_EXT_PER_KNEE_DEG * deg, cap))
+        + math.exp(min(RE_CAPSULE_CONST + RE_CAPSULE_PER_KNEE_DEG * deg, cap))
+        + RE_OFFSET_NM
+    )
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _rom_moments(p: NDArray[np.float64], theta: float) -> tuple[float, float]:
+    """(extension-limit, flexion-limit) moments of the end stops, both ≥ 0 (N·m)."""
     k = p[P_ROM_K]
     b = p[P_ROM_B]
     ext = k * math.exp(min(b * (p[P_ROM_LO] - theta), ROM_EXPONENT_CAP))
     flex = k * math.exp(min(b * (theta - p[P_ROM_HI]), ROM_EXPONENT_CAP))
+    return ext, flex
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def passive_joint_moment(p: NDArray[np.float64], theta: float, omega: float) -> float:
+    """Passive knee moment (N·m, flexion positive) at angle ``theta`` and velocity ``omega``.
+
+    Elastic (Riener & Edrich + end stops) minus viscous and end-stop damping.
+    """
+    ext, flex = _rom_moments(p, theta)
     # Hunt–Crossley contact damping: proportional to the limit moment, capped for stability
     b_rom = min(p[P_ROM_DAMP] * (ext + flex), 0.5 * p[P_INERTIA] / PLANT_DT_S)
-    return ext - flex - (p[P_DAMPING] + b_rom) * omega
+    return riener_edrich_moment(p, theta) + ext - flex - (p[P_DAMPING] + b_rom) * omega
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def static_load_nm(p: NDArray[np.float64], theta: float) -> float:
+    """Moment (N·m) on the relaxed knee held still at ``theta``: gravity + passive elastic."""
+    return p[P_MGD] * math.cos(theta) + passive_joint_moment(p, theta, 0.0)
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
 def _fatigue(
-    ma: float, mf: float, target: float, f: float, r: float, lgain: float
+    ma: float, mf: float, target: float, f: float, r: float, rest: float, lgain: float
 ) -> tuple[float, float]:
-    """One explicit-Euler step of Xia & Frey Law (2008); returns ``(M_A, M_F)``."""
+    """One explicit-Euler step of Xia & Frey Law (2008) with rest recovery; ``(M_A, M_F)``.
+
+    Looft et al. (2018, 3CC-r): recovery ``rest·R`` while ``M_A ≥`` the target load (relaxing
+    or at rest).
+    """
     mr = 1.0 - ma - mf
     if ma < target:
         c = lgain * (target - ma) if mr > target - ma else lgain * mr
     else:
         c = lgain * (target - ma)
+        r = r * rest
     dt = PLANT_DT_S
     ma_new = ma + dt * (c - f * ma)
     mf_new = mf + dt * (f * ma - r * mf)
@@ -612,7 +685,7 @@ def substep(
     # saturated by strength; the effort decays while the error is small (slacking, Emken 2007)
     effort = x[X_EFFORT]
     tau_int = effort * (
-        p[P_KP] * (theta_ref - th) + p[P_KD] * (omega_ref - om) - p[P_GCOMP] * p[P_MGD] * cos_th
+        p[P_KP] * (theta_ref - th) + p[P_KD] * (omega_ref - om) - p[P_GCOMP] * static_load_nm(p, th)
     )
     effort += dt * (
         p[P_SLACK_GAIN] * abs(theta_ref - th) - p[P_SLACK_RATE] * (effort - p[P_EFFORT_MIN])
@@ -638,12 +711,15 @@ def substep(
     a_h += (u_h - a_h) * (p[P_ACT_ALPHA] if u_h > a_h else p[P_DEACT_ALPHA])
     x[X_ACT_Q] = a_q
     x[X_ACT_H] = a_h
-    # fatigue (three compartments), force capacity = 1 − M_F
-    ma, mf = _fatigue(x[X_MA_Q], x[X_MF_Q], a_q, p[P_FAT_F], p[P_FAT_R], p[P_FAT_L])
+    # fatigue (three compartments with rest recovery), force capacity = 1 − M_F
+    fat_f = p[P_FAT_F]
+    fat_r = p[P_FAT_R]
+    rest = p[P_FAT_REST]
+    ma, mf = _fatigue(x[X_MA_Q], x[X_MF_Q], a_q, fat_f, fat_r, rest, p[P_FAT_L])
     x[X_MA_Q] = ma
     x[X_MF_Q] = mf
     ae_q = min(a_q, 1.0 - mf)
-    ma, mf = _fatigue(x[X_MA_H], x[X_MF_H], a_h, p[P_FAT_F], p[P_FAT_R], p[P_FAT_L])
+    ma, mf = _fatigue(x[X_MA_H], x[X_MF_H], a_h, fat_f, fat_r, rest, p[P_FAT_L])
     x[X_MA_H] = ma
     x[X_MF_H] = mf
     ae_h = min(a_h, 1.0 - mf)
@@ -792,7 +868,7 @@ def initial_state(theta_rad: float, omega_rad_s: float = 0.0) -> NDArray[np.floa
 def static_moment_nm(params: KneeParams, theta_rad: NDArray[np.float64]) -> NDArray[np.float64]:
     """Net moment (N·m) on the resting knee held still at ``theta_rad``: gravity + passive.
 
-    Muscles inactive (their passive elements count), zero velocity, drive unpowered. Its zero
+    Muscles inactive, zero velocity, drive unpowered (:func:`static_load_nm`). Its zero
     with negative slope is the equilibrium a released (pendulum-test) knee settles at.
     """
     p = params.vector()
@@ -802,10 +878,7 @@ def static_moment_nm(params: KneeParams, theta_rad: NDArray[np.float64]) -> NDAr
 
 @numba.njit(cache=True, error_model="numpy")
 def _static_moment(p: NDArray[np.float64], th: float) -> float:
-    tau_pat = -p[P_Q + M_ARM] * _muscle_force(p, P_Q, 1.0, 0.0, th, 0.0) + p[
-        P_H + M_ARM
-    ] * _muscle_force(p, P_H, -1.0, 0.0, th, 0.0)
-    return p[P_MGD] * math.cos(th) + passive_joint_moment(p, th, 0.0) + tau_pat
+    return static_load_nm(p, th)
 
 
 class KneeReading(NamedTuple):

@@ -6,11 +6,12 @@ shank to the horizontal (full extension) and releases it with the muscles relaxe
 and settles hanging down. Spasticity (a velocity-dependent stretch reflex of the quadriceps)
 truncates the first flexion swing and damps the oscillation.
 
-Set-up here (:class:`PendulumConfig`): twinloop's posture (seated, thigh horizontal, hip 90°,
-see :mod:`twinloop.plant.knee.model`), so "shank horizontal" is ``θ = 0`` (full extension) and
-the shank hangs at ``θ = 90°`` without passive moments. The muscles are relaxed: the patient's
-intent is zero (``intent_kp_nm_per_rad = intent_kd_nm_s_per_rad =
-gravity_compensation_fraction = 0``, so no voluntary excitation), the stretch reflex of the
+Set-up here (:class:`PendulumConfig`): the thigh horizontal (see :mod:`twinloop.plant.knee.model`),
+so "shank horizontal" is ``θ = 0`` (full extension); the hip angle is the config's (default 0°,
+supine, the set-up of the healthy norms of Kim et al. 1996; 90° is the exoskeleton's seated
+posture), and sets the passive moment through Riener & Edrich's hip coupling. The muscles are
+relaxed: the patient's intent is zero (``intent_kp_nm_per_rad = intent_kd_nm_s_per_rad =
+static_compensation_fraction = 0``, so no voluntary excitation), the stretch reflex of the
 preset stays active, and the exoskeleton drive is either **detached** (the clinical test: no
 link mass or inertia, no gear friction, no reflected rotor inertia) or **attached and
 unpowered** (commanded 0 N·m, back-driven through its friction and inertia). The plant's
@@ -63,7 +64,7 @@ HEALTHY_R2 = 1.6
 RELAXED_OVERRIDES: dict[str, float] = {
     "intent_kp_nm_per_rad": 0.0,
     "intent_kd_nm_s_per_rad": 0.0,
-    "gravity_compensation_fraction": 0.0,
+    "static_compensation_fraction": 0.0,
 }
 
 #: Overrides that take the exoskeleton off the leg: no link, no gear friction and a negligible
@@ -84,6 +85,10 @@ class PendulumConfig:
 
     Attributes:
         preset: knee preset (``healthy``, ``mild``, ``moderate``, ``severe``).
+        hip_flexion_deg: the posture's hip flexion, degrees (0 = supine, the clinical set-up of
+            Kim et al. 1996; 90 = sitting upright, the exoskeleton's posture); the thigh stays
+            horizontal, so gravity acts the same, but the hamstrings' share of the passive
+            moment (Riener & Edrich 1999) grows with it. -15 <= value <= 100.
         drive_attached: the exoskeleton stays on the leg, unpowered and back-driven (``True``),
             or is taken off (``False``, the clinical test).
         duration_s: recorded time after the release, s (0 < value <= 120).
@@ -95,6 +100,7 @@ class PendulumConfig:
     """
 
     preset: str = "healthy"
+    hip_flexion_deg: float = 0.0
     drive_attached: bool = False
     duration_s: float = 20.0
     release_angle_deg: float = 0.0
@@ -104,6 +110,10 @@ class PendulumConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise UnknownPatientError("preset", self.preset, PRESETS)
+        if not (math.isfinite(self.hip_flexion_deg) and -15 <= self.hip_flexion_deg <= 100):
+            raise ConfigError(
+                "hip_flexion_deg", self.hip_flexion_deg, "-15 <= value <= 100 degrees"
+            )
         if not isinstance(self.drive_attached, bool):
             raise ConfigError("drive_attached", self.drive_attached, "True or False")
         if not (math.isfinite(self.duration_s) and 0 < self.duration_s <= 120):
@@ -121,7 +131,10 @@ class PendulumConfig:
 
     def params(self) -> KneeParams:
         """The preset's parameters with relaxed muscles and the drive attached or detached."""
-        overrides = dict(RELAXED_OVERRIDES)
+        overrides: dict[str, float] = {
+            **RELAXED_OVERRIDES,
+            "hip_flexion_rad": math.radians(self.hip_flexion_deg),
+        }
         if not self.drive_attached:
             overrides.update(DETACHED_DRIVE_OVERRIDES)
         return knee_preset(self.preset, **overrides)
