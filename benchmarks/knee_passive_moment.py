@@ -3,7 +3,7 @@
 Prints ONE JSON object to stdout::
 
     .venv/bin/python benchmarks/knee_passive_moment.py
-    .venv/bin/python benchmarks/knee_passive_moment.py --step-deg 5 --hip-deg 90
+    .venv/bin/python benchmarks/knee_passive_moment.py --step-deg 5
 
 Reference (:func:`riener_edrich_knee_moment_nm`, a reference function of this benchmark, not
 part of the plant): Riener R, Edrich T 1999, "Identification of passive elastic joint moments in
@@ -21,16 +21,16 @@ codes (research notes of issue 22, tag [V]); the equation number / table of the 
 to verify in the paper itself. Ten healthy young subjects; hip 90° with the knee near full
 extension (a straight-leg raise) may lie outside the angles they tested.
 
-twinloop's passive moment at rest (healthy preset, drive detached; the presets share every
-passive parameter): :func:`~twinloop.plant.knee.model.static_moment_nm` (gravity + the plant's
-``passive_joint_moment`` + both muscles' passive elements at zero activation, zero velocity)
-minus the gravity moment ``m·g·d·cos θ``. Reported split into the range-of-motion exponentials
-(``passive_joint_moment`` at zero velocity) and the muscles' passive elements (the rest). The
-R&E moment is given at ``--hip-deg`` (default 90°, twinloop's seated posture) and, for the
-clinical supine pendulum set-up, at hip 0°.
+Since issue 22 the plant's passive moment *is* this equation (``riener_edrich_moment`` in
+:mod:`twinloop.plant.knee.model`, coefficients in degrees, at the posture's hip angle) plus soft
+end stops beyond the range of motion; this benchmark checks the plant's implementation against the
+independent reference function above and shows what the end stops add. twinloop's passive
+moment at rest (healthy preset, drive detached; the presets share every passive parameter):
+:func:`~twinloop.plant.knee.model.static_moment_nm` minus the gravity moment ``m·g·d·cos θ``,
+split into the Riener & Edrich part and the end stops (the rest), at hip 0, 30, 60 and 90°.
 
 Also reported: the resting angle of the hanging shank (zero of gravity + passive moment, the
-pendulum-test plateau) with twinloop's passive moment and with the R&E moment at each hip angle.
+pendulum-test plateau) with twinloop's passive moment and with the reference, per hip angle.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from scipy.optimize import brentq
 
 from twinloop.plant.knee.model import (
     P_MGD,
-    passive_joint_moment,
+    KneeParams,
+    riener_edrich_moment,
     static_moment_nm,
 )
 from twinloop.plant.knee.pendulum import PendulumConfig
@@ -75,22 +76,30 @@ def riener_edrich_knee_moment_nm(
     )
 
 
-#: The knee of the pendulum test and of this comparison: healthy preset, drive detached.
-KNEE = PendulumConfig(preset="healthy", drive_attached=False).params()
+#: Hip angles of the comparison: supine (the clinical pendulum set-up) to seated (the exo's).
+HIPS_DEG = (0.0, 30.0, 60.0, 90.0)
+
+
+def knee_at(hip_deg: float) -> KneeParams:
+    """The pendulum test's knee (healthy preset, drive detached) at hip flexion ``hip_deg``."""
+    return PendulumConfig(preset="healthy", hip_flexion_deg=hip_deg, drive_attached=False).params()
 
 
 def shank_gravity_moment_nm() -> float:
     """``m·g·d`` of the shank + foot (drive detached), N·m."""
-    return float(KNEE.vector()[P_MGD])
+    return float(knee_at(0.0).vector()[P_MGD])
 
 
-def twinloop_passive_moment_nm(theta_deg: ArrayLike) -> dict[str, NDArray[np.float64]]:
-    """The plant's passive moment at rest, N·m: ``total``, ``rom`` and ``muscle_passive``."""
-    p = KNEE.vector()
+def twinloop_passive_moment_nm(
+    theta_deg: ArrayLike, hip_deg: float = 90.0
+) -> dict[str, NDArray[np.float64]]:
+    """The plant's passive moment at rest, N·m: ``total``, ``riener_edrich`` and ``end_stops``."""
+    knee = knee_at(hip_deg)
+    p = knee.vector()
     th = np.radians(np.atleast_1d(np.asarray(theta_deg, dtype=np.float64)))
-    total = static_moment_nm(KNEE, th) - p[P_MGD] * np.cos(th)
-    rom = np.array([passive_joint_moment(p, float(t), 0.0) for t in th])
-    return {"total": total, "rom": rom, "muscle_passive": total - rom}
+    total = static_moment_nm(knee, th) - p[P_MGD] * np.cos(th)
+    re = np.array([riener_edrich_moment(p, float(t)) for t in th])
+    return {"total": total, "riener_edrich": re, "end_stops": total - re}
 
 
 def rest_angle_deg(moment_nm: Callable[[float], float], mgd_nm: float) -> float:
@@ -102,18 +111,22 @@ def rest_angle_deg(moment_nm: Callable[[float], float], mgd_nm: float) -> float:
     return float(brentq(net, 30.0, 130.0, xtol=1e-6))
 
 
-def rest_angles_deg() -> dict[str, float]:
-    """Rest angles with twinloop's passive moment and with R&E's at hip 0/30/60/90°."""
+def rest_angles_deg() -> dict[str, dict[str, float]]:
+    """Rest angles per hip angle with twinloop's passive moment and with the reference."""
     mgd = shank_gravity_moment_nm()
-    rest = {
-        "twinloop": rest_angle_deg(lambda d: float(twinloop_passive_moment_nm(d)["total"][0]), mgd)
-    }
-    for hip in (0.0, 30.0, 60.0, 90.0):
+    rest = {}
+    for hip in HIPS_DEG:
+
+        def plant(d: float, hip: float = hip) -> float:
+            return float(twinloop_passive_moment_nm(d, hip)["total"][0])
 
         def ref(d: float, hip: float = hip) -> float:
             return float(riener_edrich_knee_moment_nm(d, hip))
 
-        rest[f"riener_edrich_hip_{hip:g}_deg"] = rest_angle_deg(ref, mgd)
+        rest[f"hip_{hip:g}_deg"] = {
+            "twinloop": rest_angle_deg(plant, mgd),
+            "riener_edrich": rest_angle_deg(ref, mgd),
+        }
     return rest
 
 
@@ -121,35 +134,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step-deg", type=float, default=10.0)
     parser.add_argument("--max-deg", type=float, default=120.0)
-    parser.add_argument("--hip-deg", type=float, default=90.0, help="hip of the main comparison")
     args = parser.parse_args()
     angles = np.arange(0.0, args.max_deg + args.step_deg / 2, args.step_deg)
-    tw = twinloop_passive_moment_nm(angles)
-    ref = riener_edrich_knee_moment_nm(angles, args.hip_deg)
-    supine = riener_edrich_knee_moment_nm(angles, 0.0)
-    rows = [
-        {
-            "knee_flexion_deg": float(a),
-            "riener_edrich_nm": round(float(r), 2),
-            "riener_edrich_supine_hip_0_nm": round(float(s), 2),
-            "twinloop_total_nm": round(float(t), 2),
-            "twinloop_rom_nm": round(float(o), 2),
-            "twinloop_muscle_passive_nm": round(float(m), 2),
-            "difference_nm": round(float(t - r), 2),
+    comparisons = {}
+    for hip in HIPS_DEG:
+        tw = twinloop_passive_moment_nm(angles, hip)
+        ref = riener_edrich_knee_moment_nm(angles, hip)
+        rows = [
+            {
+                "knee_flexion_deg": float(a),
+                "riener_edrich_nm": round(float(r), 2),
+                "twinloop_total_nm": round(float(t), 2),
+                "twinloop_end_stops_nm": round(float(e), 3),
+                "difference_nm": round(float(t - r), 3),
+            }
+            for a, r, t, e in zip(angles, ref, tw["total"], tw["end_stops"], strict=True)
+        ]
+        comparisons[f"hip_{hip:g}_deg"] = {
+            "rows": rows,
+            "rms_difference_nm": round(float(np.sqrt(np.mean((tw["total"] - ref) ** 2))), 3),
         }
-        for a, r, s, t, o, m in zip(
-            angles, ref, supine, tw["total"], tw["rom"], tw["muscle_passive"], strict=True
-        )
-    ]
     result = {
         "benchmark": "knee_passive_moment",
-        "hip_flexion_deg": args.hip_deg,
         "ankle_deg": 0.0,
         "sign": "N·m, positive = flexing (both)",
         "shank_gravity_moment_mgd_nm": round(shank_gravity_moment_nm(), 3),
-        "rows": rows,
-        "rms_difference_nm": round(float(np.sqrt(np.mean((tw["total"] - ref) ** 2))), 2),
-        "rest_angle_deg": {k: round(v, 2) for k, v in rest_angles_deg().items()},
+        "comparisons": comparisons,
+        "rest_angle_deg": {
+            k: {n: round(x, 2) for n, x in v.items()} for k, v in rest_angles_deg().items()
+        },
     }
     print(json.dumps(result, indent=1, ensure_ascii=False))
 

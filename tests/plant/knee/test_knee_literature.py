@@ -56,14 +56,23 @@ def test_riener_edrich_signs_follow_twinloop_convention(bench):
     )
 
 
-def test_passive_moment_parts_add_up_and_the_pendulum_settles_at_the_static_rest_angle(bench):
-    parts = bench.twinloop_passive_moment_nm(np.array([0.0, 45.0, 120.0]))
-    np.testing.assert_allclose(parts["rom"] + parts["muscle_passive"], parts["total"])
-    assert parts["total"][2] < -5  # the stretched quadriceps' passive element at 120°
-    rest = bench.rest_angles_deg()["twinloop"]
-    (m,) = run_pendulum([PendulumConfig(preset="healthy", duration_s=20.0)])
+@pytest.mark.parametrize("hip", [0.0, 90.0])
+def test_the_plants_passive_moment_is_the_reference_and_the_pendulum_rests_where_it_says(
+    bench, hip
+):
+    angles = np.array([0.0, 20.0, 45.0, 90.0, 120.0])
+    parts = bench.twinloop_passive_moment_nm(angles, hip)
+    np.testing.assert_allclose(parts["riener_edrich"] + parts["end_stops"], parts["total"])
+    # the plant's implementation against the benchmark's independent one (degrees form);
+    # the end stops (−5°, 140°) add under 0.2 N·m within 0–120°
+    ref = bench.riener_edrich_knee_moment_nm(angles, hip)
+    np.testing.assert_allclose(parts["riener_edrich"], ref, atol=1e-9)
+    assert np.max(np.abs(parts["end_stops"])) < 0.2
+    rest = bench.rest_angles_deg()[f"hip_{hip:g}_deg"]
+    assert rest["twinloop"] == pytest.approx(rest["riener_edrich"], abs=0.2)
+    (m,) = run_pendulum([PendulumConfig(preset="healthy", hip_flexion_deg=hip, duration_s=20.0)])
     assert m.settled
-    assert m.plateau_deg == pytest.approx(rest, abs=0.05)
+    assert m.plateau_deg == pytest.approx(rest["twinloop"], abs=0.05)
 
 
 @pytest.fixture(scope="module")
