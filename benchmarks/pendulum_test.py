@@ -102,7 +102,7 @@ def main() -> None:
             "duration_s": args.duration_s,
             "swing_threshold_deg": args.swing_threshold_deg,
             "plateau_window_s": configs[0].plateau_window_s,
-            "muscles": "relaxed: intent gains and gravity compensation 0; stretch reflex active",
+            "muscles": "relaxed: no intent, no static-load compensation; stretch reflex on",
             "drive_attached_false": "no exo link, no gear friction, reflected inertia ~0",
             "drive_attached_true": "exo link + reflected inertia + gear friction, 0 N·m command",
         },

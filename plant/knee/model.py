@@ -681,7 +681,7 @@ def substep(
     th = x[X_THETA]
     om = x[X_OMEGA]
     cos_th = math.cos(th)
-    # patient: voluntary intent (PD on the task + gravity compensation) scaled by the effort,
+    # patient: voluntary intent (PD on the task + static-load compensation) scaled by the effort,
     # saturated by strength; the effort decays while the error is small (slacking, Emken 2007)
     effort = x[X_EFFORT]
     tau_int = effort * (

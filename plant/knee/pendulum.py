@@ -149,7 +149,7 @@ class PendulumTrace:
         angle_rad: ``(K,)`` knee flexion, rad.
         velocity_rad_s: ``(K,)`` angular velocity, rad/s.
         reflex_excitation: ``(K,)`` quadriceps stretch-reflex excitation (0–1).
-        muscle_torque_nm: ``(K,)`` net muscle torque (passive elements + reflex), N·m.
+        muscle_torque_nm: ``(K,)`` net muscle torque (the reflex: no passive muscle element), N·m.
 
     """
 
