@@ -41,7 +41,8 @@ Equations (one control sample ``k``, period ``Δ``; everything is evaluated at t
    ``ε·A·act[u]``, saturated ``A·act[s_j]`` (ε̂_j ≈ ε_j), whatever the effort.
 4. Reflex regressors, a hinge basis over the stretch velocity (the threshold is unknown):
    ``r_i = −A_q·act[max(0, ω(t−D) − c_i)] + A_h·act[max(0, −ω(t−D) − c_i)]`` for the knots
-   ``c_i`` (:attr:`KneeEstimatorConfig.reflex_knots_rad_s`), ``D`` the nominal reflex delay. A
+   ``c_i`` (:attr:`KneeEstimatorConfig.reflex_knots_rad_s`), ``D`` the nominal reflex delay
+   (``ω(t−D)`` linear between the two control samples around it). A
    reflex ``G·max(0, ω − v_th)`` is ``Σ_i g_i·max(0, ω − c_i)`` with ``Σ g_i = G`` above the knots.
 5. Every channel (τ_p, v_j, r_i) goes through the same second-order Butterworth
    low-pass ``F`` (``filter_cutoff_hz``): the model is linear in the unknowns, so
@@ -384,7 +385,10 @@ class KneeTwinEstimator:
         self._h_max_nm = p[P_H + M_FMAX] * p[P_H + M_ARM]
         self._alpha_up = 1.0 - math.exp(-self.dt_s / limb.activation_time_constant_s)
         self._alpha_down = 1.0 - math.exp(-self.dt_s / limb.deactivation_time_constant_s)
-        self._delay = round(limb.reflex_delay_s * control_hz)
+        # the reflex delay in control periods, whole and fractional part (interpolated)
+        delay = limb.reflex_delay_s * control_hz
+        self._delay = math.floor(delay + 1e-9)
+        self._delay_frac = max(0.0, delay - self._delay)
         self._grid = np.array(cfg.capacity_grid, dtype=np.float64)
         self._knots = np.array(cfg.reflex_knots_rad_s, dtype=np.float64)
         self._b, self._a = _butterworth2(cfg.filter_cutoff_hz, float(control_hz))
@@ -407,7 +411,7 @@ class KneeTwinEstimator:
         self._sensor: collections.deque[float] = collections.deque(maxlen=2)
         self._exo_mean: collections.deque[float] = collections.deque(maxlen=2)
         self._refs: collections.deque[TaskReference] = collections.deque(maxlen=4)
-        self._omega_hist: collections.deque[float] = collections.deque(maxlen=self._delay + 1)
+        self._omega_hist: collections.deque[float] = collections.deque(maxlen=self._delay + 2)
         self._last_t_s = math.nan
         self._motor_nm = 0.0
         self._act_vol = np.zeros((2, self._n_grid))
@@ -595,7 +599,10 @@ class KneeTwinEstimator:
         vol = -a_q * self._act_vol[0] + a_h * self._act_vol[1]
         # reflex: delayed stretch velocity above each knot (quadriceps +ω, hamstrings −ω)
         self._omega_hist.append(omega)
-        om_late = self._omega_hist[0]
+        hist = self._omega_hist  # ω(t − D), linear between the two samples around it
+        newer = hist[-1 - self._delay] if len(hist) > self._delay else hist[0]
+        older = hist[-2 - self._delay] if len(hist) > self._delay + 1 else newer
+        om_late = (1.0 - self._delay_frac) * newer + self._delay_frac * older
         self._activate(self._act_ref[0], np.maximum(0.0, om_late - self._knots))
         self._activate(self._act_ref[1], np.maximum(0.0, -om_late - self._knots))
         refl = -a_q * self._act_ref[0] + a_h * self._act_ref[1]

@@ -7,8 +7,9 @@ Conventions
   flexing. Torques in N·m, positive = flexion direction (an extension assist is negative).
 * **Posture**: seated, thigh horizontal (hip flexed 90°), as on a knee-extension rehabilitation
   exoskeleton. The gravity moment about the knee is ``+m·g·d·cos(theta)`` (the extended shank is
-  pulled into flexion; at 90° it hangs vertically with no gravity moment) — the set-up of the
-  Wartenberg pendulum test.
+  pulled into flexion; at 90° it hangs vertically with no gravity moment). The hip angle
+  (``hip_flexion_rad``) only enters the passive moment: lying supine with the thigh on the table
+  (hip 0°, the clinical Wartenberg pendulum test) gravity acts the same.
 * Time in s. The plant step is fixed at :data:`PLANT_DT_S` = 1 ms.
 
 Model (every parameter of :class:`KneeParams` carries its unit and source)
@@ -29,7 +30,7 @@ Model (every parameter of :class:`KneeParams` carries its unit and source)
   term is the hamstrings' stretch (sitting upright, φ_H = 90°, it pulls the extended knee into
   flexion with ≈ 47 N·m). Soft end stops (the exponentials, 1.5 N·m at −5° and 140°) bound
   the range where the equation's own terms stay soft; viscous damping ``b``, and end-range
-  damping ``λ·(k1·e^… + k3·e^…)·ω`` that grows with the limit moment (Hunt & Crossley 1975).
+  damping ``λ·(k1·e^… + k3·e^…)·ω`` that grows with the limit moment (Hunt & Crossley 1975 [M]).
   Exponents are capped so the moment cannot overflow.
 * Two Hill-type muscles with rigid tendons and constant moment arms (Zajac 1989, *Crit Rev
   Biomed Eng* 17:359-411): quadriceps (extensor, moment ``−r_q·F_q``) and hamstrings (flexor,
@@ -60,8 +61,10 @@ Model (every parameter of :class:`KneeParams` carries its unit and source)
   M_F``, target load = activation, ``Ṁ_A = C − F·M_A``, ``Ṁ_F = F·M_A − R·M_F`` with their
   controller ``C`` (gains ``L_D = L_R`` = 10 /s), and the rest recovery of Looft, Herkert &
   Frey-Law (2018, *J Biomech* 77:16-25; "3CC-r"): ``R`` is multiplied by ``r`` while ``M_A`` is
-  at or above the target load (relaxing or resting). Knee-extensor values F = 0.00825 /s,
-  R = 0.00076 /s, r = 14.85 (Rakshit, Xiang & Yang 2021, *J Biomech* 110695, pooled fit). The
+  at or above the target load (relaxing or resting). Knee-extensor values F = 0.01414 /s,
+  R = 0.00169 /s, r = 8.64: the mean of the female and male knee-extensor fits of Rakshit, Xiang
+  & Yang (2021, *J Biomech* 110695), as tabulated by MyoSuite (a secondary source; its pooled
+  knee row equals its shoulder row and is not used, see ``docs/knee-parameters.md``). The
   force-producing activation is ``min(a, 1 − M_F)`` (residual capacity ``M_A + M_R``).
 * Exoskeleton drive: the commanded torque (held over the control period) is clipped to
   ``±exo_max_torque_nm`` and followed at most at ``exo_torque_rate_nm_per_s``; gear friction
@@ -114,14 +117,14 @@ from twinloop.plant.errors import ConfigError, InvalidInputError, UnknownPatient
 PLANT_DT_S = 1e-3
 #: Standard gravity (m/s²).
 GRAVITY_M_S2 = 9.80665
-#: Exponent cap of the range-of-motion and passive-muscle exponentials: beyond it the moment
+#: Exponent cap of the end-stop and Riener & Edrich exponentials: beyond it the moment
 #: stops growing (1.5 N·m × e⁹ ≈ 12 kN·m, far above anything physical), which bounds the
 #: stiffness the 1-ms step must resolve (checked in :class:`KneeParams`).
 ROM_EXPONENT_CAP = 9.0
 #: Batches at least this large use every numba thread.
 PARALLEL_MIN_BATCH = 64
 
-# Riener & Edrich (1999) Table/eq. of the passive knee moment, degrees in, N·m out (flexion
+# Riener & Edrich (1999, J Biomech 32(5):539-544) knee equation, degrees in, N·m out (flexion
 # positive), ankle neutral (its φ_A terms vanish): M = exp(c1 + k1·φ_K) − exp(c2 + k2·φ_K)
 # + exp(c3 + k3·φ_K) + offset, with c1 = 1.800 + 0.0217·φ_H and c2 = −3.971 − 0.0128·φ_H.
 RE_FLEX_CONST, RE_FLEX_PER_KNEE_DEG, RE_FLEX_PER_HIP_DEG = 1.800, -0.0352, 0.0217
@@ -132,12 +135,14 @@ RE_OFFSET_NM = -4.820
 HIP_FLEXION_RANGE_RAD = (math.radians(-15.0), math.radians(100.0))
 
 # Knee-extensor fatigue of the three-compartment model with rest recovery (3CC-r, Looft, Herkert
-# & Frey-Law 2018 J Biomech 77:16-25), pooled knee-extensor fit of Rakshit, Xiang & Yang 2021
-# J Biomech 110695 (values as tabulated in MyoSuite's fatigue model, a secondary source): F, R
-# (1/s) and the multiplier r of R while the muscle relaxes or rests.
-KNEE_FATIGUE_RATE_PER_S = 0.00825
-KNEE_RECOVERY_RATE_PER_S = 0.00076
-KNEE_REST_RECOVERY_FACTOR = 14.85
+# & Frey-Law 2018 J Biomech 77:16-25): F, R (1/s) and the multiplier r of R while the muscle
+# relaxes or rests, the mean of the female (0.01407, 0.00185, 6.32) and male (0.01420, 0.00153,
+# 10.96) knee-extensor fits of Rakshit, Xiang & Yang 2021 J Biomech 110695 as tabulated in
+# MyoSuite's fatigue model (a secondary source). Its pooled knee row (0.00825, 0.00076, 14.85)
+# equals its shoulder row and lies outside both sexes' values, so it is not used.
+KNEE_FATIGUE_RATE_PER_S = 0.01414
+KNEE_RECOVERY_RATE_PER_S = 0.00169
+KNEE_REST_RECOVERY_FACTOR = 8.64
 
 # Winter (2009) Table 4.1, "leg and foot" segment (femoral condyles to medial malleolus).
 WINTER_LEG_FOOT_MASS_FRACTION = 0.061
@@ -156,8 +161,8 @@ class KneeParams:
     1990 *IEEE TBME* 37:757-767 lower-limb model (sums over the muscles of each group);
     [T] Thelen 2003 (young adults); [Z] Zajac 1989; [XF] Xia & Frey Law 2008; [L18] Looft,
     Herkert & Frey-Law 2018 *J Biomech* 77:16-25; [R21] Rakshit, Xiang & Yang 2021 *J Biomech*
-    110695, pooled knee-extensor fit of the 3CC-r model (as tabulated in MyoSuite; secondary
-    source); [E] Emken, Benitez, Sideris, Bobrow & Reinkensmeyer 2007
+    110695, female and male knee-extensor fits of the 3CC-r model, averaged (as tabulated in
+    MyoSuite; secondary source); [E] Emken, Benitez, Sideris, Bobrow & Reinkensmeyer 2007
     *J Neurophysiol* 97:3997-4006 (motor adaptation as a greedy optimisation of error and
     effort; the "slacking" it predicts under robotic assistance); [A] assumption of this
     model (chosen, documented, to be identified on data).
@@ -176,22 +181,25 @@ class KneeParams:
         rom_flexion_limit_rad: soft flexion limit θ_flex, rad (140°) [A].
         rom_moment_nm: k1 = k3, moment at a limit, N·m, of the end stops added to [RE]'s moment
             (its exponentials stay soft past the range it was measured in) [A].
-        rom_stiffness_per_rad: k2 = k4, exponential rate, 1/rad (35: ≈ 70 N·m at 5° and
-            ≈ 680 N·m at 10° beyond a limit) [RE form; A value].
+        rom_stiffness_per_rad: k2 = k4, exponential rate, 1/rad (35: ≈ 32 N·m at 5° and
+            ≈ 680 N·m at 10° beyond a limit) [A form and value].
         rom_damping_s_per_rad: λ of the end-range damping ``λ·M_rom·ω`` (damping proportional
-            to the limit moment, the Hunt & Crossley 1975 *J Appl Mech* 42:440-445 contact
+            to the limit moment, the Hunt & Crossley 1975 *J Appl Mech* 42:440-445 [M] contact
             form), s/rad [A value].
         quad_max_force_n: quadriceps max isometric force, N [D: vastus lateralis 1871 +
             medialis 1294 + intermedius 1365 + rectus femoris 779].
-        quad_moment_arm_m: quadriceps moment arm, m (patellar tendon) [A; Herzog & Read 1993
-            report 3.5–5 cm].
-        quad_optimal_length_m: quadriceps optimal fibre length, m [D].
+        quad_moment_arm_m: quadriceps moment arm, m (patellar tendon) [A; in vivo effective
+            quadriceps moment arms 31.5–47.1 mm (n = 40, PMC4662057); Herzog & Read 1993
+            *J Anat* 182:213-230 [M]].
+        quad_optimal_length_m: quadriceps optimal fibre length, m [D: vastus intermedius 0.087;
+            lateralis 0.084, medialis 0.089, rectus femoris 0.084].
         quad_optimal_angle_rad: knee angle at which the quadriceps is at optimal length, rad
             (70°: knee extension torque peaks at 60–70° of flexion) [A].
         ham_max_force_n: hamstrings max isometric force, N [D: biceps femoris long head 717 +
             short head 402 + semimembranosus 1030 + semitendinosus 328].
         ham_moment_arm_m: hamstrings moment arm, m [A].
-        ham_optimal_length_m: hamstrings optimal fibre length, m [D].
+        ham_optimal_length_m: hamstrings optimal fibre length, m [D: biceps femoris long head
+            0.109; semimembranosus 0.080, semitendinosus 0.201, short head 0.173].
         ham_optimal_angle_rad: angle of optimal hamstring length, rad (30°) [A].
         fiber_excursion_fraction: share of the muscle–tendon excursion taken by the fibres [A].
         max_velocity_l0_per_s: max shortening velocity, optimal lengths/s [Z, T].
@@ -205,12 +213,14 @@ class KneeParams:
         intent_kd_nm_s_per_rad: derivative gain of the intent, N·m·s/rad [A].
         static_compensation_fraction: share of the limb's static moment (gravity + the passive
             elastic moment, :func:`static_load_nm`) the patient anticipates [A: an internal model
-            of the limb's statics; an error-based learner (Emken 2007) cancels any load that
-            persists, so 1 for a patient who knows the exercise].
+            of the limb's statics; an error-based learner (Emken 2007) largely cancels a load
+            that persists, so 1 for a patient who knows the exercise].
         slacking_rate_per_s: λ, rate at which the patient's voluntary effort decays towards
             ``minimum_effort`` while the task goes well, 1/s [E: the motor system minimises
-            error and effort together, ``u_{i+1} = f·u_i + g·e_i`` with ``f < 1``, so under
-            assistance that removes the error its own effort decays ("slacking"); value A].
+            error and effort together, a single-state linear update (``u_{i+1} = f·u_i +
+            g·e_i``, symbols [M]) with ``f < 1``, so under assistance that removes the error
+            its own effort decays ("slacking"); the fitted f, g were not retrieved: value A,
+            0.2/s = a retention of 0.82 per 1-s step].
         slacking_error_gain_per_rad_s: g, growth of the effort per radian of tracking error
             and second [E form; value A: effort stays full while the error exceeds
             ``(1 − minimum_effort)·λ/g`` ≈ 1.6°].
@@ -220,13 +230,17 @@ class KneeParams:
             threshold [A; Lance 1980 definition].
         spasticity_threshold_rad_s: stretch-velocity threshold of the reflex, rad/s [A].
         reflex_delay_s: latency of the stretch reflex, s, rounded to 1 ms, at most
-            ``(REFLEX_BUFFER − 1)`` ms [A; short-latency stretch reflexes of the thigh muscles
-            arrive some 20–40 ms after the stretch].
-        fatigue_rate_per_s: F of the three-compartment model, 1/s [R21 knee: 0.00825].
-        recovery_rate_per_s: R, 1/s [R21 knee: 0.00076].
+            ``(REFLEX_BUFFER − 1)`` ms; the excitation's delay (the activation dynamics add
+            the electromechanical delay) [patellar tendon-reflex EMG latency 17.35 ± 1.56 ms,
+            n = 50, Chon et al. 1996 *J Korean Acad Rehabil Med* 20(3):28; 16.37 ± 1.58 ms,
+            n = 48, Kim et al. 1997].
+        fatigue_rate_per_s: F of the three-compartment model, 1/s [R21 knee: 0.01414].
+        recovery_rate_per_s: R, 1/s [R21 knee: 0.00169].
         rest_recovery_factor: r, the multiplier of R while a muscle relaxes or rests (``M_A ≥``
-            its target load; the 3CC-r model of [L18]) [R21 knee: 14.85].
-        fatigue_drive_per_s: L_D = L_R of the compartment controller, 1/s [XF: 10].
+            its target load; the 3CC-r model of [L18]) [R21 knee: 8.64; Looft & Frey-Law
+            2020 *J Biomech* 106:109762 report r ≈ 15 optimal for the knee].
+        fatigue_drive_per_s: L_D = L_R of the compartment controller, 1/s [10, as used with
+            [L18]'s parameters; Xia & Frey Law's own value M].
         exo_max_torque_nm: actuator torque limit, N·m [A].
         exo_torque_rate_nm_per_s: actuator torque slew-rate limit, N·m/s [A].
         exo_coulomb_nm: gear Coulomb friction, N·m [A].
@@ -274,7 +288,7 @@ class KneeParams:
     minimum_effort: float = 0.3
     spasticity_gain_per_rad_s: float = 0.0
     spasticity_threshold_rad_s: float = 3.0
-    reflex_delay_s: float = 0.03
+    reflex_delay_s: float = 0.017
     fatigue_rate_per_s: float = KNEE_FATIGUE_RATE_PER_S
     recovery_rate_per_s: float = KNEE_RECOVERY_RATE_PER_S
     rest_recovery_factor: float = KNEE_REST_RECOVERY_FACTOR
@@ -535,16 +549,18 @@ PRESETS: dict[str, dict[str, float]] = {
 
 Assumptions of this model, ordered by severity, to be identified per patient: residual voluntary
 strength 100/60/30/5 % (severe, ≈ 11 N·m: below the ≈ 12 N·m needed to lift the shank against
-gravity alone); stretch-reflex gain 0/0.01/0.02/0.04 per rad/s above thresholds ∞ (3 rad/s, unused)/
-1.0/0.6/0.3 rad/s (lower threshold and higher gain = more spastic, Lance 1980) — with the
-≈ 220 N·m quadriceps a 3 rad/s (170°/s) stretch then raises a reflex torque of about 4/11/24
-N·m, the order of the reflex torques measured in spastic knees under fast isokinetic stretches
-(a few to a few tens of N·m; larger gains drive the severe knee into sustained clonus of
-±100 N·m, which the exoskeleton's 60 N·m cannot contain); fatigue rate F ×1,
-×1.5, ×2, ×3 the healthy knee-extensor value of Rakshit et al. (2021) (paretic muscle fatigues
-sooner), and halved recovery for *severe*. The passive moment (Riener & Edrich 1999) is the
-healthy one in every preset: Amankwah et al. (2004) found the knee's passive moment of spinal
-cord injury no different from able-bodied subjects' (it differed at the hip and ankle).
+gravity alone); stretch-reflex gain 0/0.01/0.02/0.04 per rad/s above thresholds ∞ (3 rad/s,
+unused)/ 1.0/0.6/0.3 rad/s (lower threshold and higher gain = more spastic, Lance 1980, "Symposium
+synopsis", in Feldman, Young & Koella (eds), *Spasticity: Disordered Motor Control*, pp. 485-494
+[M]) — with the ≈ 212 N·m quadriceps a 3 rad/s (170°/s) stretch then raises a reflex torque of
+about 4/10/23 N·m, the order of the reflex torques measured in spastic knees under fast isokinetic
+stretches (a few to a few tens of N·m; larger gains drive the severe knee into sustained clonus of
+±100 N·m, which the exoskeleton's 60 N·m cannot contain); fatigue rate F ×1, ×1.5, ×2, ×3 the
+healthy knee-extensor value of Rakshit et al. (2021) (paretic muscle fatigues sooner; the direction
+is debated), and halved recovery for *severe*. The passive moment (Riener & Edrich 1999) is the
+healthy one in every preset: Amankwah et al. (2004, *J Rehabil Res Dev* 41(1):15-32) found the
+knee's passive moment of spinal cord injury no different from able-bodied subjects' (it differed at
+the hip and ankle).
 """
 
 

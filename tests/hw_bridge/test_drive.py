@@ -25,6 +25,7 @@ from pymodbus.client import ModbusTcpClient
 
 from twinloop.hw_bridge.emulators.drive.emulator import (
     KNEE_ROM_RAD,
+    ROM_TAPER_RAD,
     DriveEmulator,
     JointBackend,
     PendulumJoint,
@@ -533,11 +534,14 @@ def _push_into_extension(rom_rad):  # type: ignore[no-untyped-def]
 
 def test_the_knee_drive_stops_driving_into_hyperextension_whatever_the_target():
     free, free_demand, _, _ = _push_into_extension((-math.pi, math.pi))
-    assert min(free) < KNEE_ROM_RAD[0]  # without the drive's limit: hyperextension
+    # without the drive's limit the full push reaches the last 5° before hyperextension (the
+    # knee's own passive moment, Riener & Edrich's hamstrings and capsule, stops it near 0°)
+    assert min(free) < KNEE_ROM_RAD[0] + ROM_TAPER_RAD
     assert free_demand == -750
     angles, demand, word, drive = _push_into_extension(None)  # the knee's own ROM
     assert drive.rom_rad == KNEE_ROM_RAD
     assert min(angles) > KNEE_ROM_RAD[0]
+    assert min(angles) > min(free)  # the taper holds the knee further from the limit
     assert -750 < demand < 0  # tapered near the limit, still extending
     assert word & Statusword.INTERNAL_LIMIT_ACTIVE
 
