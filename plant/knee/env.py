@@ -83,8 +83,10 @@ class KneeExoEnv(gym.Env[NDArray[Any], NDArray[Any]]):
 
     ## Description
     The plant is :mod:`twinloop.plant.knee.model`: a seated patient's knee under gravity with
-    passive joint moments, soft range-of-motion limits, Hill-type quadriceps and hamstrings driven
-    by the patient's own intent (a PD controller on the task, saturated at the residual strength),
+    the passive knee moment of Riener & Edrich (1999) at the posture's hip angle (90° by default:
+    ≈ 27 N·m flexing at 10° of flexion; a patient field ``hip_flexion_rad`` changes it), soft
+    end stops, Hill-type quadriceps and hamstrings driven by the patient's own intent (a PD
+    controller on the task plus the static load, saturated at the residual strength),
     a spastic stretch reflex, muscle fatigue, and an exoskeleton drive with torque and slew
     limits and gear friction. The patient tries to follow a rehabilitation task
     (:mod:`twinloop.plant.knee.tasks`: ``cyclic`` flexion–extension by default, ``sit_to_stand``
