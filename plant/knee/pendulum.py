@@ -295,8 +295,10 @@ def pendulum_metrics(
     )
 
 
-def run_pendulum(configs: Sequence[PendulumConfig]) -> list[PendulumMetrics]:
-    """Simulate ``configs`` (one batch) and measure each trace with its own thresholds."""
+def measure_pendulum(
+    configs: Sequence[PendulumConfig], traces: Sequence[PendulumTrace]
+) -> list[PendulumMetrics]:
+    """Measure each trace of :func:`simulate_pendulum` with its config's thresholds."""
     return [
         pendulum_metrics(
             tr.time_s,
@@ -305,5 +307,10 @@ def run_pendulum(configs: Sequence[PendulumConfig]) -> list[PendulumMetrics]:
             swing_threshold_deg=c.swing_threshold_deg,
             plateau_window_s=c.plateau_window_s,
         )
-        for c, tr in zip(configs, simulate_pendulum(configs), strict=True)
+        for c, tr in zip(configs, traces, strict=True)
     ]
+
+
+def run_pendulum(configs: Sequence[PendulumConfig]) -> list[PendulumMetrics]:
+    """Simulate ``configs`` (one batch) and measure each trace with its own thresholds."""
+    return measure_pendulum(configs, simulate_pendulum(configs))
