@@ -270,7 +270,7 @@ def pendulum_metrics(
     span = float(t[-1] - t[0])
     if not (math.isfinite(plateau_window_s) and 0 < plateau_window_s < span):
         raise ConfigError("plateau_window_s", plateau_window_s, f"0 < value < {span:g} s")
-    start = th_deg[0]
+    start = float(th_deg[0])
     window = th_deg[t >= t[-1] - plateau_window_s]
     rest = float(window.mean())
     peaks = _local_maxima(th_deg)

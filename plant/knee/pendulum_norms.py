@@ -74,7 +74,7 @@ class PendulumNorm:
 
     def inside(self, value: float) -> bool:
         """Whether ``value`` lies in ``[low, high]`` (a NaN is outside)."""
-        return self.low <= value <= self.high
+        return bool(self.low <= value <= self.high)
 
     def as_dict(self) -> dict[str, Any]:
         """The norm's fields and its range, for JSON."""

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from twinloop.cli.main import main
@@ -161,6 +162,8 @@ def test_impaired_presets_are_judged_by_the_stroke_norm_and_healthy_by_kims() ->
     assert STROKE_R2N_NORM.inside(STROKE_R2N_NORM.high)
     assert not STROKE_R2N_NORM.inside(math.nextafter(STROKE_R2N_NORM.high, 2.0))
     assert not STROKE_R2N_NORM.inside(math.nan)
+    # a plain bool for JSON, also for numpy inputs
+    assert json.dumps(HEALTHY_R2_NORM.inside(np.float64(1.7))) == "true"
 
 
 @pytest.mark.parametrize(
