@@ -179,6 +179,17 @@ def setup_notes(config: PendulumConfig) -> list[str]:
     return notes
 
 
+def row_notes(config: PendulumConfig, m: PendulumMetrics) -> list[str]:
+    """Why a row's measures mean little: the knee rested where it was released."""
+    if abs(m.plateau_deg) > config.swing_threshold_deg:
+        return []
+    return [
+        f"{config.preset}: the knee rests within {config.swing_threshold_deg:g}° of its release "
+        f"angle (A0 {m.plateau_deg:.2f}°), so R2 = A1/A0 and its verdict mean nothing; release "
+        "it further from rest (--release-deg)"
+    ]
+
+
 def result_of(
     configs: Sequence[PendulumConfig], metrics: Sequence[PendulumMetrics]
 ) -> dict[str, Any]:
@@ -200,6 +211,7 @@ def result_of(
                     for norm, value, ok in checks
                 ],
                 "verdict": verdict(checks),
+                "notes": row_notes(c, m),
             }
         )
     first = configs[0]
@@ -295,7 +307,8 @@ def print_table(configs: Sequence[PendulumConfig], metrics: Sequence[PendulumMet
             )
     for short, source in sources.items():
         print(f"  {short}: {source}")
-    for note in setup_notes(c):
+    notes = [n for cfg, m, _ in rows for n in row_notes(cfg, m)] + setup_notes(c)
+    for note in notes:
         print(f"note: {note}")
 
 

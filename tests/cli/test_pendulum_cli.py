@@ -166,6 +166,24 @@ def test_impaired_presets_are_judged_by_the_stroke_norm_and_healthy_by_kims() ->
     assert json.dumps(HEALTHY_R2_NORM.inside(np.float64(1.7))) == "true"
 
 
+def test_a_release_at_the_resting_angle_says_r2_means_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (m,) = run_pendulum([PendulumConfig(preset="severe", duration_s=4.0)])
+    rest = f"{m.plateau_deg:.2f}"  # released where the knee comes to rest
+    doc = json.loads(
+        _run(capsys, "--patient", "severe", "--duration-s", "4", "--release-deg", rest, "--json")
+    )
+    (test,) = doc["tests"]
+    assert abs(test["metrics"]["plateau_deg"]) <= 1.0
+    assert len(test["notes"]) == 1 and "mean nothing" in test["notes"][0]
+    table = _run(capsys, "--patient", "severe", "--duration-s", "4", "--release-deg", rest)
+    assert "note: severe: the knee rests within 1° of its release angle" in table
+    # released from the horizontal, as in the clinic: no such note
+    doc = json.loads(_run(capsys, "--patient", "severe", "--duration-s", "4", "--json"))
+    assert doc["tests"][0]["notes"] == []
+
+
 @pytest.mark.parametrize(
     ("argv", "needles"),
     [
