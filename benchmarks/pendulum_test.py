@@ -14,7 +14,9 @@ attached and unpowered (0 N·m commanded, back-driven through its friction and i
 run as one batch of the compiled plant at its 1-ms step. Measured, per test: first-swing amplitude
 A1, plateau A0 (degrees from the release angle), R2 = A1/A0, R2n = R2/1.6, swings beyond the
 plateau by more than the threshold, peak first-downswing velocity, swing period, whether the knee
-settled, and the largest quadriceps reflex excitation and muscle torque.
+settled, the largest quadriceps reflex excitation and muscle torque, and whether each measure lies
+inside its preset's literature norm (:mod:`twinloop.plant.knee.pendulum_norms`, printed under
+``norms``; the norms were measured without an exoskeleton, Kim et al.'s supine).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import numba
 import numpy as np
 
 from twinloop.plant.knee.model import PRESETS
-from twinloop.plant.knee.pendulum import PendulumConfig, pendulum_metrics, simulate_pendulum
+from twinloop.plant.knee.pendulum import PendulumConfig, measure_pendulum, simulate_pendulum
+from twinloop.plant.knee.pendulum_norms import PRESET_NORMS, norms_for
 
 
 def git_revision() -> str | None:
@@ -69,14 +72,8 @@ def main() -> None:
         for name in PRESETS
     ]
     rows = []
-    for c, tr in zip(configs, simulate_pendulum(configs), strict=True):
-        m = pendulum_metrics(
-            tr.time_s,
-            tr.angle_rad,
-            tr.velocity_rad_s,
-            swing_threshold_deg=c.swing_threshold_deg,
-            plateau_window_s=c.plateau_window_s,
-        )
+    traces = simulate_pendulum(configs)
+    for c, tr, m in zip(configs, traces, measure_pendulum(configs, traces), strict=True):
         rows.append(
             {
                 "preset": c.preset,
@@ -92,12 +89,15 @@ def main() -> None:
                 "settled": m.settled,
                 "max_reflex_excitation_q": round(float(tr.reflex_excitation.max()), 4),
                 "max_extending_muscle_torque_nm": round(float(-tr.muscle_torque_nm.min()), 2),
+                "inside_norms": {
+                    n.label: n.inside(getattr(m, n.measure)) for n in norms_for(c.preset)
+                },
             }
         )
     result = {
         "benchmark": "pendulum_test",
         "setup": {
-            "posture": "seated, thigh horizontal (hip 90°)",
+            "posture": "thigh horizontal; hip 0° (supine) and 90° (seated)",
             "release_angle_deg": configs[0].release_angle_deg,
             "duration_s": args.duration_s,
             "swing_threshold_deg": args.swing_threshold_deg,
@@ -112,6 +112,7 @@ def main() -> None:
             "numba": numba.__version__,
             "git": git_revision(),
         },
+        "norms": {preset: [n.as_dict() for n in norms] for preset, norms in PRESET_NORMS.items()},
         "tests": rows,
     }
     print(json.dumps(result, indent=1, ensure_ascii=False))

@@ -49,6 +49,7 @@ EXAMPLES: dict[tuple[str, ...], tuple[str, ...]] = {
         "twinloop twin individualize --cohort adults --days 7 --out twins/adults",
     ),
     ("therapies",): ("twinloop therapies",),
+    ("pendulum",): ("twinloop pendulum --patient healthy --patient severe --out runs/pendulum",),
 }
 
 

@@ -33,6 +33,7 @@ COMMANDS = (
     "twinloop.cli.population",
     "twinloop.cli.twin",
     "twinloop.cli.therapies",
+    "twinloop.cli.pendulum",
 )
 
 

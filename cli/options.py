@@ -257,6 +257,7 @@ OUTPUT_MARKERS = (
     "INCOMPLETE",
     "replay.json",
     "hil.log",  # a HIL session that stopped before its recording began
+    "pendulum.json",  # twinloop pendulum --out
 )
 
 

@@ -270,7 +270,7 @@ def pendulum_metrics(
     span = float(t[-1] - t[0])
     if not (math.isfinite(plateau_window_s) and 0 < plateau_window_s < span):
         raise ConfigError("plateau_window_s", plateau_window_s, f"0 < value < {span:g} s")
-    start = th_deg[0]
+    start = float(th_deg[0])
     window = th_deg[t >= t[-1] - plateau_window_s]
     rest = float(window.mean())
     peaks = _local_maxima(th_deg)
@@ -295,8 +295,10 @@ def pendulum_metrics(
     )
 
 
-def run_pendulum(configs: Sequence[PendulumConfig]) -> list[PendulumMetrics]:
-    """Simulate ``configs`` (one batch) and measure each trace with its own thresholds."""
+def measure_pendulum(
+    configs: Sequence[PendulumConfig], traces: Sequence[PendulumTrace]
+) -> list[PendulumMetrics]:
+    """Measure each trace of :func:`simulate_pendulum` with its config's thresholds."""
     return [
         pendulum_metrics(
             tr.time_s,
@@ -305,5 +307,10 @@ def run_pendulum(configs: Sequence[PendulumConfig]) -> list[PendulumMetrics]:
             swing_threshold_deg=c.swing_threshold_deg,
             plateau_window_s=c.plateau_window_s,
         )
-        for c, tr in zip(configs, simulate_pendulum(configs), strict=True)
+        for c, tr in zip(configs, traces, strict=True)
     ]
+
+
+def run_pendulum(configs: Sequence[PendulumConfig]) -> list[PendulumMetrics]:
+    """Simulate ``configs`` (one batch) and measure each trace with its own thresholds."""
+    return measure_pendulum(configs, simulate_pendulum(configs))

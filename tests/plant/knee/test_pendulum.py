@@ -2,18 +2,28 @@
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from twinloop.plant.errors import ConfigError, UnknownPatientError
 from twinloop.plant.knee.model import PRESETS, knee_preset
 from twinloop.plant.knee.pendulum import (
     HEALTHY_R2,
     PendulumConfig,
+    PendulumMetrics,
     pendulum_metrics,
     run_pendulum,
     simulate_pendulum,
+)
+from twinloop.plant.knee.pendulum_norms import (
+    HEALTHY_PEAK_VELOCITY_NORM,
+    HEALTHY_R2_NORM,
+    STROKE_R2N_NORM,
+    STROKE_UNAFFECTED_R2N_NORM,
+    PendulumNorm,
 )
 
 # Damped cosine about a plateau A0, released from 0 at rest:
@@ -26,7 +36,9 @@ SIGMA = 0.9  # 1/s
 OMEGA_D = 2 * math.pi / 1.1  # rad/s: a 1.1-s period
 
 
-def damped_cosine(duration_s=12.0, dt=1e-3):
+def damped_cosine(
+    duration_s: float = 12.0, dt: float = 1e-3
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     t = np.arange(0.0, duration_s + dt / 2, dt)
     a0 = math.radians(A0_DEG)
     env = np.exp(-SIGMA * t)
@@ -35,7 +47,7 @@ def damped_cosine(duration_s=12.0, dt=1e-3):
     return t, theta, omega
 
 
-def test_metrics_of_a_damped_cosine_match_their_closed_form():
+def test_metrics_of_a_damped_cosine_match_their_closed_form() -> None:
     t, theta, omega = damped_cosine()
     m = pendulum_metrics(t, theta, omega, swing_threshold_deg=1.0, plateau_window_s=1.0)
     t1 = math.pi / OMEGA_D
@@ -59,14 +71,14 @@ def test_metrics_of_a_damped_cosine_match_their_closed_form():
     assert m.settled
 
 
-def test_metrics_without_velocity_differentiate_the_angle():
+def test_metrics_without_velocity_differentiate_the_angle() -> None:
     t, theta, omega = damped_cosine()
     with_v = pendulum_metrics(t, theta, omega)
     without = pendulum_metrics(t, theta)
     assert without.peak_velocity_deg_s == pytest.approx(with_v.peak_velocity_deg_s, rel=1e-3)
 
 
-def test_a_higher_threshold_counts_fewer_swings_and_an_unsettled_trace_says_so():
+def test_a_higher_threshold_counts_fewer_swings_and_an_unsettled_trace_says_so() -> None:
     t, theta, omega = damped_cosine(duration_s=3.0)
     m1 = pendulum_metrics(t, theta, omega, swing_threshold_deg=1.0)
     m10 = pendulum_metrics(t, theta, omega, swing_threshold_deg=10.0)
@@ -88,12 +100,12 @@ def test_a_higher_threshold_counts_fewer_swings_and_an_unsettled_trace_says_so()
         ({"hip_flexion_deg": math.nan}, "hip_flexion_deg"),
     ],
 )
-def test_config_rejects_bad_values_naming_the_field(kwargs, field):
+def test_config_rejects_bad_values_naming_the_field(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises((ConfigError, UnknownPatientError), match=field):
         PendulumConfig(**kwargs)
 
 
-def test_relaxed_config_has_no_voluntary_intent_and_keeps_the_reflex_and_plant():
+def test_relaxed_config_has_no_voluntary_intent_and_keeps_the_reflex_and_plant() -> None:
     cfg = PendulumConfig(preset="severe")
     p = cfg.params()
     preset = knee_preset("severe")
@@ -108,7 +120,9 @@ def test_relaxed_config_has_no_voluntary_intent_and_keeps_the_reflex_and_plant()
     assert attached.joint_inertia_kg_m2 == preset.joint_inertia_kg_m2
 
 
-def test_traces_start_at_rest_at_the_release_angle_and_the_muscles_stay_silent_when_healthy():
+def test_traces_start_at_rest_at_the_release_angle_and_the_muscles_stay_silent_when_healthy() -> (
+    None
+):
     (tr,) = simulate_pendulum([PendulumConfig(duration_s=2.0, release_angle_deg=10.0)])
     assert tr.time_s.shape == tr.angle_rad.shape == (2001,)
     assert tr.angle_rad[0] == pytest.approx(math.radians(10.0))
@@ -117,33 +131,53 @@ def test_traces_start_at_rest_at_the_release_angle_and_the_muscles_stay_silent_w
     assert np.all(tr.reflex_excitation == 0.0)
 
 
+def test_the_norms_hold_the_published_figures() -> None:
+    # pendulum_norms is the one place of these numbers; this pins them to the abstracts
+    # (docs/knee-literature.md §1): Kim et al. 1996 R2 1.678 ± 0.090 and 3.873 ± 0.622 rad/s,
+    # ranges mean ± 2 SD; chronic stroke R2n 0.65 ± 0.20 (mean ± 1 SD), unaffected 1.03 ± 0.09.
+    def figures(norm: PendulumNorm) -> tuple[float, float, float, int]:
+        return norm.mean, norm.sd, norm.n_sd, norm.n
+
+    assert figures(HEALTHY_R2_NORM) == (1.678, 0.090, 2.0, 50)
+    assert figures(HEALTHY_PEAK_VELOCITY_NORM) == (
+        math.degrees(3.873), math.degrees(0.622), 2.0, 50
+    )  # fmt: skip
+    assert figures(STROKE_R2N_NORM) == (0.65, 0.20, 1.0, 20)
+    assert figures(STROKE_UNAFFECTED_R2N_NORM) == (1.03, 0.09, 2.0, 20)
+    assert HEALTHY_R2_NORM.setup == HEALTHY_PEAK_VELOCITY_NORM.setup == "supine"
+
+
 @pytest.fixture(scope="module")
-def presets_without_drive():
+def presets_without_drive() -> dict[str, PendulumMetrics]:
     return dict(
         zip(PRESETS, run_pendulum([PendulumConfig(preset=name) for name in PRESETS]), strict=True)
     )
 
 
-def test_healthy_relaxation_index_is_in_the_published_healthy_range(presets_without_drive):
+def test_healthy_relaxation_index_is_in_the_published_healthy_range(
+    presets_without_drive: dict[str, PendulumMetrics],
+) -> None:
     # Kim, Chon, Park & Choi 1996, J Korean Acad Rehabil Med 20(3):27 (50 healthy adults, knee,
     # supine, electrogoniometer): R2 = 1.678 ± 0.090 (mean ± SD); the range is mean ± 2 SD.
-    lo, hi = 1.678 - 2 * 0.090, 1.678 + 2 * 0.090
     m = presets_without_drive["healthy"]
-    assert lo <= m.relaxation_index <= hi
+    assert HEALTHY_R2_NORM.inside(m.relaxation_index)
     assert m.settled
 
 
-def test_impaired_presets_are_in_the_published_range_of_chronic_stroke(presets_without_drive):
+def test_impaired_presets_are_in_the_published_range_of_chronic_stroke(
+    presets_without_drive: dict[str, PendulumMetrics],
+) -> None:
     # "Pendulum: a simple test to measure spasticity" (20 chronic stroke patients; core.ac.uk
     # works/74889241, abstract): corrected relaxation index of the affected knee 0.65 ± 0.20
     # (day 1), 0.66 ± 0.11 (day 2); the unaffected knee 1.03 ± 0.09. Range: mean ± 1 SD.
     for name in ("mild", "moderate", "severe"):
         r2n = presets_without_drive[name].relaxation_index_normalised
-        assert 0.65 - 0.20 <= r2n <= 0.65 + 0.20, (name, r2n)
-    assert presets_without_drive["healthy"].relaxation_index_normalised >= 1.03 - 2 * 0.09
+        assert STROKE_R2N_NORM.inside(r2n), (name, r2n)
+    healthy_r2n = presets_without_drive["healthy"].relaxation_index_normalised
+    assert healthy_r2n >= STROKE_UNAFFECTED_R2N_NORM.low
 
 
-def test_sitting_upright_the_shank_rests_more_flexed_than_lying_supine():
+def test_sitting_upright_the_shank_rests_more_flexed_than_lying_supine() -> None:
     supine, seated = run_pendulum(
         [PendulumConfig(hip_flexion_deg=0.0), PendulumConfig(hip_flexion_deg=90.0)]
     )
@@ -152,7 +186,9 @@ def test_sitting_upright_the_shank_rests_more_flexed_than_lying_supine():
     assert supine.settled and seated.settled
 
 
-def test_relaxation_index_falls_with_spasticity_severity(presets_without_drive):
+def test_relaxation_index_falls_with_spasticity_severity(
+    presets_without_drive: dict[str, PendulumMetrics],
+) -> None:
     r2 = [presets_without_drive[name].relaxation_index for name in PRESETS]
     assert list(PRESETS) == ["healthy", "mild", "moderate", "severe"]
     assert all(a > b for a, b in itertools.pairwise(r2)), r2
@@ -160,7 +196,7 @@ def test_relaxation_index_falls_with_spasticity_severity(presets_without_drive):
     assert all(a > b for a, b in itertools.pairwise(first_swing))
 
 
-def test_the_attached_drive_damps_the_small_swings():
+def test_the_attached_drive_damps_the_small_swings() -> None:
     detached, attached = run_pendulum(
         [PendulumConfig(drive_attached=False), PendulumConfig(drive_attached=True)]
     )
@@ -173,7 +209,9 @@ def test_the_attached_drive_damps_the_small_swings():
     "first-swing peak velocity is 322 °/s, +2.8 SD above Kim et al. 1996 (222 ± 36 °/s): the "
     "shank's inertia (Winter) and the gravity drop set it; see docs/knee-literature.md",
 )
-def test_healthy_peak_velocity_is_in_the_published_healthy_range(presets_without_drive):
+def test_healthy_peak_velocity_is_in_the_published_healthy_range(
+    presets_without_drive: dict[str, PendulumMetrics],
+) -> None:
     # Kim, Chon, Park & Choi 1996 (as above): first angular velocity 3.873 ± 0.622 rad/s.
-    lo, hi = math.degrees(3.873 - 2 * 0.622), math.degrees(3.873 + 2 * 0.622)
-    assert lo <= presets_without_drive["healthy"].peak_velocity_deg_s <= hi
+    peak = presets_without_drive["healthy"].peak_velocity_deg_s
+    assert HEALTHY_PEAK_VELOCITY_NORM.inside(peak)
