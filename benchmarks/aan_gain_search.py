@@ -40,8 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from exo_assistance import STIFFNESS_SWEEP_NM_PER_RAD, _matched, _mean, _row
 
-#: the impedance sweep, extended so that a well-tracked severe knee is bracketed too
-SWEEP_NM_PER_RAD = (*STIFFNESS_SWEEP_NM_PER_RAD, 160.0, 250.0, 400.0)
 #: AssistAsNeededController's defaults before this search (validated beside the chosen point)
 START: dict[str, float] = {
     "stiffness_nm_per_rad": 15.0,
@@ -99,7 +97,7 @@ def controller_kwargs(point: dict[str, float]) -> dict[str, float]:
 def sweep(patient: str, seeds: list[int], cycles: int) -> list[dict[str, float]]:
     """Impedance's mean RMS error and work share at each stiffness of the sweep."""
     out = []
-    for k in SWEEP_NM_PER_RAD:
+    for k in STIFFNESS_SWEEP_NM_PER_RAD:
         rows = [_row(patient, "impedance", s, cycles, k) for s in seeds]
         out.append(
             {

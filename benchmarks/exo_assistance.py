@@ -38,7 +38,8 @@ from twinloop.agents.knee.loop import ExoLoopConfig
 from twinloop.agents.knee.run import exo_loops, run_in_memory
 from twinloop.policies.knee.controllers import ImpedanceController
 
-STIFFNESS_SWEEP_NM_PER_RAD = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 100.0)
+#: up to 400 N·m/rad: a well-tracked knee (AAN's 1.3° on moderate, 2.4° on severe) is bracketed
+STIFFNESS_SWEEP_NM_PER_RAD = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 100.0, 160.0, 250.0, 400.0)
 
 
 def _row(
