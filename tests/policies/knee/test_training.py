@@ -455,11 +455,7 @@ def test_the_committed_knee_policy_loads_and_tracks_better_than_impedance() -> N
         policy = _episode(preset, ctrl, seed=3)
         impedance = _episode(preset, ImpedanceController(), seed=3)
         aan = _episode(preset, None, seed=3)
-        # seed 3, RMS °: policy 0.96 / 0.96, impedance 1.80 / 2.04, AAN 1.30 / 1.36 (mild /
-        # moderate); AAN was 2.23 / 2.57 with its gains before aan_gain_search.py (it was then
-        # asserted 30 % behind the policy too): the policy only beats the re-tuned AAN
-        assert policy < 0.7 * impedance, (preset, policy, impedance, aan)
-        assert policy < aan, (preset, policy, impedance, aan)
+        assert policy < 0.7 * min(impedance, aan), (preset, policy, impedance, aan)
 
 
 def test_the_committed_knee_policy_survives_pickling_into_another_process() -> None:
