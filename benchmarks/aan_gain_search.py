@@ -6,7 +6,7 @@ of its defaults replaced, run in the product's closed loop (``_row`` of
 Searched: the impedance's stiffness and damping, the learning gain, the forgetting
 rate, the dead zone, ``min_impedance_scale`` and the torque limit (≤ 40 N·m, the supervisor's
 default limit), by Optuna's TPE sampler (seeded; its first points are the former defaults, a
-hand probe's best and a first run's best).
+hand probe's best, a first run's best and the shipped gains).
 
 A point is *feasible* when, on *mild* and *moderate*, the mean RMS error over the tuning seeds
 is ≤ 3°, the exoskeleton does ≤ 50 % of the joint's positive work, there is no limit violation,
@@ -50,9 +50,9 @@ START: dict[str, float] = {
     "min_impedance_scale": 0.2,
     "torque_limit_nm": 40.0,
 }
-#: the sampler's first points, in its own parameters: the defaults, a hand probe's best
-#: (forgetting 3/s with learning gain 1600: moderate 1.82° at 10 cycles, seeds 0 1 2) and a
-#: first run's best
+#: the sampler's first points, in its own parameters: the former defaults, a hand probe's best
+#: (forgetting 3/s with learning gain 1600: moderate 1.82° at 10 cycles, seeds 0 1 2), a first
+#: run's best and the shipped gains
 STARTS: tuple[dict[str, float], ...] = (
     {
         "stiffness_nm_per_rad": 15.0,
@@ -80,6 +80,16 @@ STARTS: tuple[dict[str, float], ...] = (
         "error_tolerance_deg": 2.0,
         "min_impedance_scale": 0.53,
         "torque_limit_nm": 35.0,
+    },
+    {  # the shipped gains: this search's choice on the plant of 1bd05cd (before main's 3CC-r
+        # fatigue average and 17-ms reflex delay), rounded
+        "stiffness_nm_per_rad": 69.0,
+        "damping_s": 9.7 / 69.0,
+        "learning_gain": 3160.0,
+        "forgetting_per_s": 5.6,
+        "error_tolerance_deg": 1.0,
+        "min_impedance_scale": 0.53,
+        "torque_limit_nm": 40.0,
     },
 )
 RMS_TARGET_DEG = 3.0
