@@ -20,9 +20,11 @@ Usage: ``python benchmarks/exo_assistance.py [--cycles 10] [--seeds 0 1 2]``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +38,28 @@ from twinloop.agents.knee.loop import ExoLoopConfig
 from twinloop.agents.knee.run import exo_loops, run_in_memory
 from twinloop.policies.knee.controllers import ImpedanceController
 
-STIFFNESS_SWEEP_NM_PER_RAD = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 100.0)
+#: up to 400 N·m/rad: a well-tracked knee (AAN's 1.3° on moderate, 2.4° on severe) is bracketed
+STIFFNESS_SWEEP_NM_PER_RAD = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 100.0, 160.0, 250.0, 400.0)
 
 
-def _row(patient: str, controller: str, seed: int, cycles: int, k: float | None = None) -> Any:
+def _row(
+    patient: str,
+    controller: str,
+    seed: int,
+    cycles: int,
+    k: float | None = None,
+    aan: Mapping[str, Any] | None = None,
+) -> Any:
+    """One closed-loop run's summary row; ``k``: impedance at that stiffness instead of the
+    default gains; ``aan``: the assist-as-needed controller's defaults replaced by these."""
     config = ExoLoopConfig(patients=(patient,), cycles=cycles, seed=seed, controller=controller)
     loops = exo_loops(config)
     if k is not None:
         loops[0].controller.controller = ImpedanceController(
             stiffness_nm_per_rad=k, damping_nm_s_per_rad=0.05 * k, torque_limit_nm=40.0
         )
+    if aan is not None:
+        loops[0].controller.controller = dataclasses.replace(loops[0].controller.controller, **aan)
     return run_in_memory(loops)["patients"][patient]
 
 

@@ -88,7 +88,7 @@ def _impedance_only(**kwargs):
         stiffness_nm_per_rad=20.0,
         damping_nm_s_per_rad=2.0,
         learning_gain_nm_per_rad_s=0.0,
-        **kwargs,
+        **({"min_impedance_scale": 0.2} | kwargs),
     )
 
 
@@ -127,7 +127,7 @@ def test_aan_without_twin_behaves_exactly_as_before():
         b = off.torque(_obs(capacity=0.8, **obs))  # the estimate is there but not used
         # the pre-twin formula: K e + B ė + u
         e = obs["ref"] - obs["angle"]
-        expected = 15.0 * e + 1.5 * (0.0 - obs["vel"])
+        expected = plain.stiffness_nm_per_rad * e + plain.damping_nm_s_per_rad * (0.0 - obs["vel"])
         tau = plain.torque(_obs(**obs))
         assert a == b == tau
         assert tau == pytest.approx(_clipped(expected + plain.feedforward_nm[plain._bin(t)]))
