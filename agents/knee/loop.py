@@ -264,7 +264,7 @@ class ExoLoop:
         self.period_s = float(row[K_T] if row[K_KIND] == KIND_CYCLIC else row[K_TOTAL])
         self.supervisor = ExoSupervisor(config.supervisor)
         self.controller = _Controller(
-            config.controller, self.period_s, config.supervisor.torque_limit_nm, config.control_hz
+            config.controller, self.period_s, config.supervisor.command_limit_nm, config.control_hz
         )
         limb = knee_preset(
             TWIN_PRIOR_PRESET, body_mass_kg=self.params.body_mass_kg, height_m=self.params.height_m

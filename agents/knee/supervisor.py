@@ -17,7 +17,11 @@ Rules, applied in this order (each sees the torque the previous ones approved):
    have nothing left to change.
 2. ``"no command"`` — the controller sent nothing (crashed, overran, actor restarting) or a
    non-finite torque: 0 N·m.
-3. ``"torque limit"`` — clipped to ``±torque_limit_nm``.
+3. ``"torque limit"`` — clipped to ``±command_limit_nm`` = ``torque_limit_nm −
+   friction_margin_nm``: a back-driven drive adds its own gear friction to the torque the joint
+   feels (Coulomb + viscous, opposing the motion, hence in the command's direction when the
+   joint moves against it), so the command keeps that margin and the joint's torque stays
+   within ``torque_limit_nm`` up to ``velocity_limit_rad_s``.
 4. ``"range of motion"`` — within ``rom_margin_rad`` of a range-of-motion limit, or beyond it,
    torque that pushes further out is removed: at the flexion end (``θ ≥ rom_max − margin``) no
    positive torque, at the extension end (``θ ≤ rom_min + margin``) no negative torque. Torque
@@ -61,7 +65,12 @@ class ExoSupervisorConfig:
     """Limits of the exoskeleton supervisor (validated once; units in the names).
 
     Attributes:
-        torque_limit_nm: largest torque magnitude passed to the drive, N·m (> 0).
+        torque_limit_nm: largest torque magnitude the joint may feel from the drive, N·m (> 0).
+        friction_margin_nm: what the drive's gear friction can add to the command at the joint
+            while back-driven, N·m (0 <= value < torque_limit_nm; default 1.1 = the default
+            drive's 0.5 N·m Coulomb + 0.1 N·m·s/rad × the 6 rad/s velocity limit, see
+            :class:`twinloop.plant.knee.model.KneeParams`). Commands are clipped to
+            :attr:`command_limit_nm`.
         velocity_limit_rad_s: above this joint speed, torque along the motion is removed,
             rad/s (> 0).
         rom_min_rad: extension end of the allowed range of motion, rad (−5°).
@@ -77,6 +86,7 @@ class ExoSupervisorConfig:
     """
 
     torque_limit_nm: float = 40.0
+    friction_margin_nm: float = 1.1
     velocity_limit_rad_s: float = 6.0
     rom_min_rad: float = math.radians(-5.0)
     rom_max_rad: float = math.radians(125.0)
@@ -86,6 +96,7 @@ class ExoSupervisorConfig:
     def __post_init__(self) -> None:
         for name in (
             "torque_limit_nm",
+            "friction_margin_nm",
             "velocity_limit_rad_s",
             "rom_min_rad",
             "rom_max_rad",
@@ -98,6 +109,12 @@ class ExoSupervisorConfig:
         for name in ("torque_limit_nm", "velocity_limit_rad_s", "encoder_stale_s"):
             if not getattr(self, name) > 0:
                 raise LoopConfigError(name, getattr(self, name), "> 0")
+        if not 0 <= self.friction_margin_nm < self.torque_limit_nm:
+            raise LoopConfigError(
+                "friction_margin_nm",
+                self.friction_margin_nm,
+                f">= 0 and < torque_limit_nm ({self.torque_limit_nm:g} N·m)",
+            )
         if not self.rom_min_rad < self.rom_max_rad:
             raise LoopConfigError(
                 "rom_max_rad", self.rom_max_rad, f"> rom_min_rad ({self.rom_min_rad})"
@@ -109,6 +126,11 @@ class ExoSupervisorConfig:
                 self.rom_margin_rad,
                 f">= 0 and < half the range of motion ({half_range:g} rad)",
             )
+
+    @property
+    def command_limit_nm(self) -> float:
+        """The largest command magnitude passed to the drive, N·m (limit − friction margin)."""
+        return self.torque_limit_nm - self.friction_margin_nm
 
 
 class ExoSupervisor:
@@ -158,7 +180,7 @@ class ExoSupervisor:
             apply(RULE_STALE_ENCODER, 0.0)
         if command is None or not _real(tau):
             apply(RULE_NO_COMMAND, 0.0)
-        limit = cfg.torque_limit_nm
+        limit = cfg.command_limit_nm
         apply(RULE_TORQUE_LIMIT, min(max(tau, -limit), limit))
         if reading is not None and tau != 0.0:
             theta = float(reading.angle_rad)

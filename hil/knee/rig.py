@@ -478,7 +478,7 @@ class ExoRig:
         self.task_row = task_row(config.task, config.seed)
         self.task_period_s = task_period_s(self.task_row)
         reference(self.task_row, 0.0)  # load the compiled reference now, not in the first tick
-        limit = min(self.torque_limit_nm, config.supervisor.torque_limit_nm)
+        limit = min(self.torque_limit_nm, config.supervisor.command_limit_nm)
         self.controller = controller or make_exo_controller(
             config.controller, period_s=self.task_period_s, torque_limit_nm=limit
         )

@@ -75,9 +75,9 @@ def test_stale_and_missing_command_report_only_the_first_rule():
     assert [o.rule for o in overrides] == ["stale encoder"]
 
 
-@pytest.mark.parametrize(("torque", "approved"), [(55.0, 40.0), (-100.0, -40.0), (40.0, 40.0)])
-def test_torque_is_clipped_to_the_limit(torque, approved):
-    sup = ExoSupervisor()
+@pytest.mark.parametrize(("torque", "approved"), [(55.0, 38.9), (-100.0, -38.9), (38.9, 38.9)])
+def test_torque_is_clipped_to_the_limit_less_the_friction_margin(torque, approved):
+    sup = ExoSupervisor()  # 40 N·m at the joint, 1.1 N·m of it kept for gear friction
     out, overrides = _review(sup, torque)
     assert out.torque_nm == approved
     assert [o.rule for o in overrides] == (["torque limit"] if torque != approved else [])
@@ -119,13 +119,13 @@ def test_rules_apply_in_order_each_seeing_the_previous_result():
     out, overrides = _review(sup, 90.0, _reading(angle=math.radians(124.0), vel=8.0))
     assert out.torque_nm == 0.0
     assert [(o.rule, o.requested_nm, o.approved_nm) for o in overrides] == [
-        ("torque limit", 90.0, 40.0),
+        ("torque limit", 90.0, 38.9),
         ("range of motion", 90.0, 0.0),
     ]
     # the velocity rule had nothing left to remove; inside the range it acts after the clip
     out, overrides = _review(sup, -90.0, _reading(vel=-8.0))
     assert [o.rule for o in overrides] == ["torque limit", "velocity limit"]
-    assert [o.approved_nm for o in overrides] == [-40.0, 0.0]
+    assert [o.approved_nm for o in overrides] == [-38.9, 0.0]
     assert sup.interventions == {
         "stale encoder": 0,
         "no command": 0,
@@ -136,7 +136,7 @@ def test_rules_apply_in_order_each_seeing_the_previous_result():
 
 
 def test_interventions_is_a_copy_and_the_supervisor_pickles():
-    sup = ExoSupervisor(ExoSupervisorConfig(torque_limit_nm=10.0))
+    sup = ExoSupervisor(ExoSupervisorConfig(torque_limit_nm=10.0, friction_margin_nm=0.0))
     _review(sup, 20.0)
     sup.interventions["torque limit"] = 99
     assert sup.interventions["torque limit"] == 1
@@ -144,6 +144,32 @@ def test_interventions_is_a_copy_and_the_supervisor_pickles():
     assert clone.interventions == sup.interventions
     assert clone.config == sup.config
     assert _review(clone, 20.0)[0].torque_nm == 10.0
+
+
+def test_the_joint_never_feels_more_than_the_limit_from_a_back_driven_drive():
+    """A command at the limit while the knee moves against it: gear friction adds to it."""
+    from twinloop.plant.knee.model import KneePlant, knee_preset
+
+    cfg = ExoSupervisorConfig()
+    sup = ExoSupervisor(cfg)
+    params = knee_preset("healthy")
+    margin = params.exo_coulomb_nm + params.exo_viscous_nm_s_per_rad * cfg.velocity_limit_rad_s
+    assert cfg.friction_margin_nm >= margin  # the default covers the default drive
+    for direction in (-1.0, 1.0):
+        knee = KneePlant(params, theta0_rad=math.radians(60.0))
+        # the patient drives the knee hard against the drive's torque (back-driving it)
+        knee.set_reference(math.radians(60.0) + direction * 2.0)
+        worst = 0.0
+        for k in range(300):
+            reading = _reading(angle=knee.angle_rad, vel=knee.velocity_rad_s, t=k * 0.01)
+            approved, _ = sup.review(
+                k * 0.01, ExoTorqueCommand(k * 0.01, -direction * 1e3), reading
+            )
+            s = knee.step(approved.torque_nm, 0.01)
+            if abs(s.velocity_rad_s) <= cfg.velocity_limit_rad_s:
+                worst = max(worst, abs(s.exo_torque_nm))
+        assert worst > cfg.command_limit_nm  # friction did add to the command
+        assert worst <= cfg.torque_limit_nm
 
 
 ANY_FLOAT = st.one_of(
@@ -166,14 +192,14 @@ ANY_FLOAT = st.one_of(
 def test_whatever_the_controller_says_the_approved_torque_is_safe(
     torque, missing_command, angle, vel, age, missing_reading, limit
 ):
-    cfg = ExoSupervisorConfig(torque_limit_nm=limit)
+    cfg = ExoSupervisorConfig(torque_limit_nm=limit, friction_margin_nm=0.3 * limit)
     sup = ExoSupervisor(cfg)
     command = None if missing_command else ExoTorqueCommand(T, torque)
     reading = None if missing_reading else _reading(angle=angle, vel=vel, t=T - age)
     out, overrides = sup.review(T, command, reading)
     tau = out.torque_nm
     assert math.isfinite(tau)
-    assert abs(tau) <= cfg.torque_limit_nm
+    assert abs(tau) <= cfg.command_limit_nm < cfg.torque_limit_nm
     assert out.t_s == T
     if (
         missing_reading
@@ -200,6 +226,8 @@ def test_whatever_the_controller_says_the_approved_torque_is_safe(
     [
         ({"torque_limit_nm": 0.0}, "torque_limit_nm"),
         ({"torque_limit_nm": math.nan}, "torque_limit_nm"),
+        ({"friction_margin_nm": -0.1}, "friction_margin_nm"),
+        ({"friction_margin_nm": 40.0}, "friction_margin_nm"),
         ({"velocity_limit_rad_s": -1.0}, "velocity_limit_rad_s"),
         ({"rom_min_rad": math.inf}, "rom_min_rad"),
         ({"rom_max_rad": math.radians(-10.0)}, "rom_max_rad"),

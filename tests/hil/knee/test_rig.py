@@ -288,10 +288,11 @@ def test_a_command_beyond_the_profile_limit_never_reaches_the_wire():
 
 def test_the_supervisor_limit_clips_before_the_profile():
     drive = FakeDrive()
-    sup = ExoSupervisorConfig(torque_limit_nm=10.0)
+    sup = ExoSupervisorConfig(torque_limit_nm=10.0)  # 1.1 N·m of it kept for gear friction
     rig = _rig(drive, seconds=0.1, controller=Constant(-25.0), supervisor=sup)
     rig.run()
-    assert set(drive.torques()[1:-1]) == {-10.0}  # between the start-up's and the safe state's 0
+    # between the start-up's and the safe state's 0
+    assert set(drive.torques()[1:-1]) == {-sup.command_limit_nm}
     assert rig.supervisor.interventions["torque limit"] == 10
 
 
