@@ -40,6 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from exo_assistance import STIFFNESS_SWEEP_NM_PER_RAD, _matched, _mean, _row
 
+from twinloop.agents.knee.supervisor import ExoSupervisorConfig
+
+#: the supervisor's command limit (its torque limit less the gear-friction margin), N·m
+COMMAND_LIMIT_NM = ExoSupervisorConfig().command_limit_nm
+
 #: AssistAsNeededController's defaults before this search (validated beside the chosen point)
 START: dict[str, float] = {
     "stiffness_nm_per_rad": 15.0,
@@ -48,7 +53,7 @@ START: dict[str, float] = {
     "forgetting_per_s": 0.1,
     "error_tolerance_deg": 1.5,
     "min_impedance_scale": 0.2,
-    "torque_limit_nm": 40.0,
+    "torque_limit_nm": COMMAND_LIMIT_NM,
 }
 #: the sampler's first points, in its own parameters: the former defaults, a hand probe's best
 #: (forgetting 3/s with learning gain 1600: moderate 1.82° at 10 cycles, seeds 0 1 2), a first
@@ -61,7 +66,7 @@ STARTS: tuple[dict[str, float], ...] = (
         "forgetting_per_s": 0.1,
         "error_tolerance_deg": 1.5,
         "min_impedance_scale": 0.2,
-        "torque_limit_nm": 40.0,
+        "torque_limit_nm": COMMAND_LIMIT_NM,
     },
     {
         "stiffness_nm_per_rad": 15.0,
@@ -70,7 +75,7 @@ STARTS: tuple[dict[str, float], ...] = (
         "forgetting_per_s": 3.0,
         "error_tolerance_deg": 1.5,
         "min_impedance_scale": 0.2,
-        "torque_limit_nm": 40.0,
+        "torque_limit_nm": COMMAND_LIMIT_NM,
     },
     {  # the best of a first run (60 trials, stiffness ≤ 60, matched within 0.1°)
         "stiffness_nm_per_rad": 58.8,
@@ -89,7 +94,7 @@ STARTS: tuple[dict[str, float], ...] = (
         "forgetting_per_s": 5.6,
         "error_tolerance_deg": 1.0,
         "min_impedance_scale": 0.53,
-        "torque_limit_nm": 40.0,
+        "torque_limit_nm": COMMAND_LIMIT_NM,
     },
 )
 RMS_TARGET_DEG = 3.0
@@ -166,7 +171,7 @@ def suggest(trial: Any) -> dict[str, float]:
         "forgetting_per_s": trial.suggest_float("forgetting_per_s", 0.02, 10.0, log=True),
         "error_tolerance_deg": trial.suggest_float("error_tolerance_deg", 0.0, 3.0),
         "min_impedance_scale": trial.suggest_float("min_impedance_scale", 0.0, 1.0),
-        "torque_limit_nm": trial.suggest_float("torque_limit_nm", 20.0, 40.0),
+        "torque_limit_nm": trial.suggest_float("torque_limit_nm", 20.0, COMMAND_LIMIT_NM),
     }
 
 

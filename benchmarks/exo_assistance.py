@@ -56,7 +56,9 @@ def _row(
     loops = exo_loops(config)
     if k is not None:
         loops[0].controller.controller = ImpedanceController(
-            stiffness_nm_per_rad=k, damping_nm_s_per_rad=0.05 * k, torque_limit_nm=40.0
+            stiffness_nm_per_rad=k,
+            damping_nm_s_per_rad=0.05 * k,
+            torque_limit_nm=config.supervisor.command_limit_nm,
         )
     if aan is not None:
         loops[0].controller.controller = dataclasses.replace(loops[0].controller.controller, **aan)

@@ -157,8 +157,18 @@ def judged(
     return out
 
 
-def verdict(checks: Sequence[tuple[PendulumNorm, float, bool]]) -> str:
-    """``inside`` when every measure is inside its norm, else ``outside (the measures)``."""
+def meaningful(config: PendulumConfig, m: PendulumMetrics) -> bool:
+    """The knee swung down from its release: its plateau lies beyond the swing threshold."""
+    return m.plateau_deg > config.swing_threshold_deg
+
+
+def verdict(checks: Sequence[tuple[PendulumNorm, float, bool]], judgeable: bool = True) -> str:
+    """``inside`` when every measure is inside its norm, else ``outside (the measures)``.
+
+    ``not judged`` when the test was released at or past the knee's rest angle.
+    """
+    if not judgeable:
+        return "not judged (released at or past the rest angle)"
     outside = [norm.label for norm, _, ok in checks if not ok]
     return "inside" if not outside else f"outside ({', '.join(outside)})"
 
@@ -168,8 +178,9 @@ def setup_notes(config: PendulumConfig) -> list[str]:
     notes = []
     if config.hip_flexion_deg != 0:
         notes.append(
-            f"the healthy norm was measured supine (hip 0°); this test is at hip "
-            f"{config.hip_flexion_deg:g}°, so its verdict is indicative"
+            f"the healthy norm was measured supine (hip 0°; the stroke norm's posture is not "
+            f"given); this test is at hip {config.hip_flexion_deg:g}°, so its verdicts are "
+            "indicative"
         )
     if config.drive_attached:
         notes.append(
@@ -180,13 +191,14 @@ def setup_notes(config: PendulumConfig) -> list[str]:
 
 
 def row_notes(config: PendulumConfig, m: PendulumMetrics) -> list[str]:
-    """Why a row's measures mean little: the knee rested where it was released."""
-    if abs(m.plateau_deg) > config.swing_threshold_deg:
+    """Why a row's measures mean nothing: released at, or past, the knee's rest angle."""
+    if meaningful(config, m):
         return []
     return [
-        f"{config.preset}: the knee rests within {config.swing_threshold_deg:g}° of its release "
-        f"angle (A0 {m.plateau_deg:.2f}°), so R2 = A1/A0 and its verdict mean nothing; release "
-        "it further from rest (--release-deg)"
+        f"{config.preset}: the knee rests at A0 {m.plateau_deg:.2f}° from its release angle "
+        f"(not beyond the {config.swing_threshold_deg:g}° threshold in flexion), so R2 = A1/A0 "
+        "means nothing and is not judged; release it in extension of its rest angle "
+        "(--release-deg)"
     ]
 
 
@@ -207,10 +219,14 @@ def result_of(
                     for k, v in dataclasses.asdict(m).items()
                 },
                 "norms": [
-                    {"norm": norm.as_dict(), "value": _finite(value), "inside": ok}
+                    {
+                        "norm": norm.as_dict(),
+                        "value": _finite(value),
+                        "inside": ok if meaningful(c, m) else None,
+                    }
                     for norm, value, ok in checks
                 ],
-                "verdict": verdict(checks),
+                "verdict": verdict(checks, meaningful(c, m)),
                 "notes": row_notes(c, m),
             }
         )
@@ -267,7 +283,7 @@ def table_row(config: PendulumConfig, m: PendulumMetrics, checks: Any) -> str:
     line += "".join(
         f"  {cell:>{width}}" for cell, (_, width) in zip(cells[1:], COLUMNS[1:], strict=True)
     )
-    return f"{line}  {verdict(checks)}"
+    return f"{line}  {verdict(checks, meaningful(config, m))}"
 
 
 def _range(norm: PendulumNorm, value: float) -> str:
@@ -298,11 +314,12 @@ def print_table(configs: Sequence[PendulumConfig], metrics: Sequence[PendulumMet
         print(table_row(cfg, m, checks))
     print("judged against (the cohort's mean ± k SD; set-up as published):")
     sources: dict[str, str] = {}
-    for cfg, _, checks in rows:
+    for cfg, m, checks in rows:
         for norm, value, ok in checks:
             sources[norm.short] = norm.source
+            said = ("inside" if ok else "outside") if meaningful(cfg, m) else "not judged"
             print(
-                f"  {cfg.preset:<9} {_range(norm, value)}: {'inside' if ok else 'outside'}  "
+                f"  {cfg.preset:<9} {_range(norm, value)}: {said}  "
                 f"({norm.cohort}, n = {norm.n}, ± {norm.n_sd:g} SD, {norm.setup}; {norm.short})"
             )
     for short, source in sources.items():

@@ -498,6 +498,13 @@ class KneeTwinEstimator:
             out.append(arm_f * fl * fv)
         return out[0], out[1]
 
+    def _delayed_omega(self) -> float:
+        """ω(t − D) from the velocity history, linear between the two samples around it."""
+        hist = self._omega_hist
+        newer = hist[-1 - self._delay] if len(hist) > self._delay else hist[0]
+        older = hist[-2 - self._delay] if len(hist) > self._delay + 1 else newer
+        return (1.0 - self._delay_frac) * newer + self._delay_frac * older
+
     def _activate(self, act: NDArray[np.float64], u: NDArray[np.float64]) -> None:
         rate = np.where(u > act, self._alpha_up, self._alpha_down)
         act += (u - act) * rate
@@ -599,10 +606,7 @@ class KneeTwinEstimator:
         vol = -a_q * self._act_vol[0] + a_h * self._act_vol[1]
         # reflex: delayed stretch velocity above each knot (quadriceps +ω, hamstrings −ω)
         self._omega_hist.append(omega)
-        hist = self._omega_hist  # ω(t − D), linear between the two samples around it
-        newer = hist[-1 - self._delay] if len(hist) > self._delay else hist[0]
-        older = hist[-2 - self._delay] if len(hist) > self._delay + 1 else newer
-        om_late = (1.0 - self._delay_frac) * newer + self._delay_frac * older
+        om_late = self._delayed_omega()
         self._activate(self._act_ref[0], np.maximum(0.0, om_late - self._knots))
         self._activate(self._act_ref[1], np.maximum(0.0, -om_late - self._knots))
         refl = -a_q * self._act_ref[0] + a_h * self._act_ref[1]

@@ -70,7 +70,10 @@ class ExoSupervisorConfig:
             while back-driven, N·m (0 <= value < torque_limit_nm; default 1.1 = the default
             drive's 0.5 N·m Coulomb + 0.1 N·m·s/rad × the 6 rad/s velocity limit, see
             :class:`twinloop.plant.knee.model.KneeParams`). Commands are clipped to
-            :attr:`command_limit_nm`.
+            :attr:`command_limit_nm`. It covers speeds up to ``velocity_limit_rad_s``: faster
+            than that, braking torque still passes and the viscous friction grows with the
+            speed (0.1 N·m per rad/s beyond). With a series elastic drive the friction acts
+            on the motor side, behind the spring, and this margin is not its bound.
         velocity_limit_rad_s: above this joint speed, torque along the motion is removed,
             rad/s (> 0).
         rom_min_rad: extension end of the allowed range of motion, rad (−5°).

@@ -55,13 +55,15 @@ Model (every parameter of :class:`KneeParams` carries its unit and source)
   ``u_reflex = G·max(0, v_stretch − v_th)``: spasticity as a velocity-dependent stretch reflex
   with a threshold (Lance 1980's definition of spasticity, "a velocity-dependent increase in
   tonic stretch reflexes"); the stretch velocity is ``+ω`` for the quadriceps and ``−ω`` for the
-  hamstrings (rad/s), taken ``reflex_delay_s`` (30 ms) earlier from a 1-ms delay line.
+  hamstrings (rad/s), taken ``reflex_delay_s`` (17 ms) earlier from a 1-ms delay line.
 * Fatigue: the three-compartment model of Xia & Frey Law (2008, *J Biomech* 41:3046-3052)
   per muscle, motor-unit fractions active ``M_A``, fatigued ``M_F``, resting ``M_R = 1 − M_A −
   M_F``, target load = activation, ``Ṁ_A = C − F·M_A``, ``Ṁ_F = F·M_A − R·M_F`` with their
   controller ``C`` (gains ``L_D = L_R`` = 10 /s), and the rest recovery of Looft, Herkert &
-  Frey-Law (2018, *J Biomech* 77:16-25; "3CC-r"): ``R`` is multiplied by ``r`` while ``M_A`` is
-  at or above the target load (relaxing or resting). Knee-extensor values F = 0.01414 /s,
+  Frey-Law (2018, *J Biomech* 77:16-25; "3CC-r"): ``R`` is multiplied by ``r`` while the muscle
+  rests (its excitation is zero: the target load of Looft's rest intervals; MyoSuite applies
+  ``r`` whenever ``M_A`` ≥ the activation, which in a continuous task is about half the time
+  the muscle works). Knee-extensor values F = 0.01414 /s,
   R = 0.00169 /s, r = 8.64: the mean of the female and male knee-extensor fits of Rakshit, Xiang
   & Yang (2021, *J Biomech* 110695), as tabulated by MyoSuite (a secondary source; its pooled
   knee row equals its shoulder row and is not used, see ``docs/knee-parameters.md``). The
@@ -78,7 +80,8 @@ Integration: semi-implicit (symplectic) Euler at 1 ms, ``ω += dt·ω̇; θ += d
 first order like explicit Euler but symplectic, so the undamped pendulum's energy stays
 bounded instead of drifting upwards, and it is stable while ``ω_n·dt < 2``. A range-of-motion
 limit at ≈ 100 N·m (stiffness ≈ 3500 N·m/rad, ω_n ≈ 80 rad/s) gives ``ω_n·dt ≈ 0.08``; the
-exponent cap bounds the stiffest limit moment (checked at construction, ``K·dt²/I <= 2``), and
+exponent cap bounds the stiffest passive moment — the end stop plus Riener & Edrich's capsule
+term, both capped — (checked at construction, ``K·dt²/I <= 2``), and
 so are the damping slopes (``(b + b_v + τ_c/ω_ε)·dt/I < 1``; the end-range damping is capped
 at ``0.5·I/dt``) and the series spring. RK4 would cost four right-hand-side evaluations per
 step for no benefit at this step size; activation uses the exact exponential update, fatigue
@@ -131,12 +134,14 @@ RE_FLEX_CONST, RE_FLEX_PER_KNEE_DEG, RE_FLEX_PER_HIP_DEG = 1.800, -0.0352, 0.021
 RE_EXT_CONST, RE_EXT_PER_KNEE_DEG, RE_EXT_PER_HIP_DEG = -3.971, 0.0495, -0.0128
 RE_CAPSULE_CONST, RE_CAPSULE_PER_KNEE_DEG = 2.220, -0.150
 RE_OFFSET_NM = -4.820
+#: The capsule term's stiffness per unit of its exponential, N·m/rad (0.150/° in radians).
+RE_CAPSULE_STIFFNESS_MAX_PER_E = -RE_CAPSULE_PER_KNEE_DEG * 180.0 / math.pi
 #: Hip flexion the Riener & Edrich coupling is evaluated in (rad): −15° (extended) to 100°.
 HIP_FLEXION_RANGE_RAD = (math.radians(-15.0), math.radians(100.0))
 
 # Knee-extensor fatigue of the three-compartment model with rest recovery (3CC-r, Looft, Herkert
 # & Frey-Law 2018 J Biomech 77:16-25): F, R (1/s) and the multiplier r of R while the muscle
-# relaxes or rests, the mean of the female (0.01407, 0.00185, 6.32) and male (0.01420, 0.00153,
+# rests (no excitation), the mean of the female (0.01407, 0.00185, 6.32) and male (0.01420, 0.00153,
 # 10.96) knee-extensor fits of Rakshit, Xiang & Yang 2021 J Biomech 110695 as tabulated in
 # MyoSuite's fatigue model (a secondary source). Its pooled knee row (0.00825, 0.00076, 14.85)
 # equals its shoulder row and lies outside both sexes' values, so it is not used.
@@ -236,8 +241,8 @@ class KneeParams:
             n = 48, Kim et al. 1997].
         fatigue_rate_per_s: F of the three-compartment model, 1/s [R21 knee: 0.01414].
         recovery_rate_per_s: R, 1/s [R21 knee: 0.00169].
-        rest_recovery_factor: r, the multiplier of R while a muscle relaxes or rests (``M_A ≥``
-            its target load; the 3CC-r model of [L18]) [R21 knee: 8.64; Looft & Frey-Law
+        rest_recovery_factor: r, the multiplier of R while a muscle rests (no excitation; the
+            3CC-r model of [L18]) [R21 knee: 8.64; Looft & Frey-Law
             2020 *J Biomech* 106:109762 report r ≈ 15 optimal for the knee].
         fatigue_drive_per_s: L_D = L_R of the compartment controller, 1/s [10, as used with
             [L18]'s parameters; Xia & Frey Law's own value M].
@@ -380,13 +385,18 @@ class KneeParams:
                 f"large enough that the friction slope keeps the 1-ms step stable "
                 f"((b + b_v + τ_c/ω_ε)·dt/I < 1, I = {inertia:.3f} kg·m²)",
             )
-        k_max = self.rom_moment_nm * self.rom_stiffness_per_rad * math.exp(ROM_EXPONENT_CAP)
+        # the end stop and the Riener & Edrich capsule term, both at their capped exponent,
+        # stiffen the same (extension) end
+        k_max = (
+            self.rom_moment_nm * self.rom_stiffness_per_rad + RE_CAPSULE_STIFFNESS_MAX_PER_E
+        ) * math.exp(ROM_EXPONENT_CAP)
         if k_max * PLANT_DT_S**2 / inertia > 2.0:
             raise ConfigError(
                 "rom_stiffness_per_rad",
                 self.rom_stiffness_per_rad,
-                f"small enough that the stiffest limit moment keeps the 1-ms step stable "
-                f"(rom_moment_nm · rom_stiffness_per_rad · e^{ROM_EXPONENT_CAP:g} · dt²/I <= 2)",
+                f"small enough that the stiffest passive moment keeps the 1-ms step stable "
+                f"((rom_moment_nm · rom_stiffness_per_rad + {RE_CAPSULE_STIFFNESS_MAX_PER_E:.2f}) "
+                f"· e^{ROM_EXPONENT_CAP:g} · dt²/I <= 2, I = {inertia:.3f} kg·m²)",
             )
         k_s = self.exo_series_stiffness_nm_per_rad
         if k_s > 0 and math.sqrt(k_s / self.exo_reflected_inertia_kg_m2) * PLANT_DT_S > 0.5:
@@ -661,19 +671,17 @@ def static_load_nm(p: NDArray[np.float64], theta: float) -> float:
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
 def _fatigue(
-    ma: float, mf: float, target: float, f: float, r: float, rest: float, lgain: float
+    ma: float, mf: float, target: float, f: float, r: float, lgain: float
 ) -> tuple[float, float]:
-    """One explicit-Euler step of Xia & Frey Law (2008) with rest recovery; ``(M_A, M_F)``.
+    """One explicit-Euler step of Xia & Frey Law (2008); ``(M_A, M_F)``.
 
-    Looft et al. (2018, 3CC-r): recovery ``rest·R`` while ``M_A ≥`` the target load (relaxing
-    or at rest).
+    ``r`` is this step's recovery rate: ``R``, or ``r·R`` at rest (3CC-r, chosen by the caller).
     """
     mr = 1.0 - ma - mf
     if ma < target:
         c = lgain * (target - ma) if mr > target - ma else lgain * mr
     else:
         c = lgain * (target - ma)
-        r = r * rest
     dt = PLANT_DT_S
     ma_new = ma + dt * (c - f * ma)
     mf_new = mf + dt * (f * ma - r * mf)
@@ -727,15 +735,16 @@ def substep(
     a_h += (u_h - a_h) * (p[P_ACT_ALPHA] if u_h > a_h else p[P_DEACT_ALPHA])
     x[X_ACT_Q] = a_q
     x[X_ACT_H] = a_h
-    # fatigue (three compartments with rest recovery), force capacity = 1 − M_F
+    # fatigue (three compartments), force capacity = 1 − M_F; a muscle with no excitation rests
+    # (Looft's 3CC-r: recovery × r while the target load is zero)
     fat_f = p[P_FAT_F]
-    fat_r = p[P_FAT_R]
-    rest = p[P_FAT_REST]
-    ma, mf = _fatigue(x[X_MA_Q], x[X_MF_Q], a_q, fat_f, fat_r, rest, p[P_FAT_L])
+    r_q = p[P_FAT_R] * (p[P_FAT_REST] if u_q == 0.0 else 1.0)
+    r_h = p[P_FAT_R] * (p[P_FAT_REST] if u_h == 0.0 else 1.0)
+    ma, mf = _fatigue(x[X_MA_Q], x[X_MF_Q], a_q, fat_f, r_q, p[P_FAT_L])
     x[X_MA_Q] = ma
     x[X_MF_Q] = mf
     ae_q = min(a_q, 1.0 - mf)
-    ma, mf = _fatigue(x[X_MA_H], x[X_MF_H], a_h, fat_f, fat_r, rest, p[P_FAT_L])
+    ma, mf = _fatigue(x[X_MA_H], x[X_MF_H], a_h, fat_f, r_h, p[P_FAT_L])
     x[X_MA_H] = ma
     x[X_MF_H] = mf
     ae_h = min(a_h, 1.0 - mf)

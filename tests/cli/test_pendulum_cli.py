@@ -150,7 +150,10 @@ def test_the_verdict_flips_when_the_healthy_knee_sits_upright(
     # seated, the output says the healthy norm is a supine one
     assert any("supine" in note for note in runs["90"]["setup"]["notes"])
     table = _run(capsys, "--patient", "healthy", "--hip-deg", "90")
-    assert "note: the healthy norm was measured supine (hip 0°); this test is at hip 90°" in table
+    assert (
+        "note: the healthy norm was measured supine (hip 0°; the stroke norm's posture is not "
+        "given); this test is at hip 90°" in table
+    )
     assert " ".join(_rows(table)["healthy"][9:]) == _expected_verdict("healthy", seated)
 
 
@@ -176,9 +179,18 @@ def test_a_release_at_the_resting_angle_says_r2_means_nothing(
     )
     (test,) = doc["tests"]
     assert abs(test["metrics"]["plateau_deg"]) <= 1.0
-    assert len(test["notes"]) == 1 and "mean nothing" in test["notes"][0]
+    assert len(test["notes"]) == 1 and "means nothing" in test["notes"][0]
+    assert test["verdict"].startswith("not judged")
+    assert all(n["inside"] is None for n in test["norms"])
     table = _run(capsys, "--patient", "severe", "--duration-s", "4", "--release-deg", rest)
-    assert "note: severe: the knee rests within 1° of its release angle" in table
+    assert "note: severe: the knee rests at A0" in table
+    # released past the rest angle (the swing goes into extension, A0 < 0): not judged either
+    doc = json.loads(
+        _run(capsys, "--patient", "severe", "--duration-s", "4", "--release-deg", "80", "--json")
+    )
+    (past,) = doc["tests"]
+    assert past["metrics"]["plateau_deg"] < 0
+    assert past["verdict"].startswith("not judged") and past["notes"]
     # released from the horizontal, as in the clinic: no such note
     doc = json.loads(_run(capsys, "--patient", "severe", "--duration-s", "4", "--json"))
     assert doc["tests"][0]["notes"] == []

@@ -354,3 +354,13 @@ def test_bad_estimator_settings_name_the_field():
     with pytest.raises(LoopConfigError, match="exo_torque_source"):
         KneeTwinEstimator(sea)
     KneeTwinEstimator(sea, KneeEstimatorConfig(exo_torque_source="sensor"))
+
+
+@pytest.mark.parametrize(("delay_s", "hz"), [(0.017, 100), (0.030, 100), (0.017, 200), (0.0, 100)])
+def test_the_reflex_delay_is_interpolated_between_control_samples(delay_s, hz):
+    """A velocity ramp ω_k = k: the delayed value is k − D·hz exactly, whole periods or not."""
+    twin = KneeTwinEstimator(dataclasses.replace(NOMINAL, reflex_delay_s=delay_s), None, hz)
+    for k in range(10):
+        twin._omega_hist.append(float(k))
+        if k >= delay_s * hz + 1:  # once the history reaches back past the delay
+            assert twin._delayed_omega() == pytest.approx(k - delay_s * hz, abs=1e-9)

@@ -224,13 +224,13 @@ def test_fatigue_lowers_max_torque_under_sustained_drive_and_recovers_at_rest():
     for _ in range(59):  # a minute of sustained maximal drive, pressed on the extension limit
         knee.step(0.0, 1.0)
     fatigued = knee.x[X_MF_Q]
-    assert fatigued > 0.3  # 3CC-r knee-extensor rates: F·t ≈ 0.5 at full drive, minus recovery
+    assert fatigued > 0.45  # measured 0.547 (F 0.01414/s for a minute of full drive)
     tired = max_effort(knee)
-    assert tired > 0.7 * fresh  # much weaker
+    assert tired > 0.55 * fresh  # much weaker (measured 0.47 of the fresh torque)
     rest = KneePlant(dataclasses.replace(p, strength_fraction=0.0), theta0_rad=90 * DEG)
     rest.x[:] = knee.x
     rest.step(0.0, 600.0)  # ten minutes without voluntary drive
-    assert rest.x[X_MF_Q] < 0.7 * fatigued  # recovers at rate R
+    assert rest.x[X_MF_Q] < 0.1 * fatigued  # recovers at r·R at rest (R alone: 0.36 of it)
     knee.x[:] = rest.x
     recovered = max_effort(knee)
     assert recovered < tired - 20.0  # stronger again
@@ -402,6 +402,19 @@ def test_bad_parameters_are_refused_naming_the_field(field, value):
     with pytest.raises(ConfigError) as err:
         KneeParams(**{field: value})
     assert err.value.field == field and field in str(err.value)
+
+
+def test_the_passive_moments_own_stiffness_is_checked_without_end_stops():
+    # Riener & Edrich's capsule term alone, at its capped exponent, is ≈ 7e4 N·m/rad: a tiny
+    # detached limb without end stops would be unstable at 1 ms, and is refused
+    tiny = {
+        "rom_moment_nm": 0.0, "body_mass_kg": 5.0, "height_m": 0.5,
+        "exo_link_inertia_kg_m2": 0.0, "exo_reflected_inertia_kg_m2": 1e-12,
+        "exo_coulomb_nm": 0.0, "exo_viscous_nm_s_per_rad": 0.0,
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match="stiffest passive moment"):
+        KneeParams(**tiny)
+    KneeParams(**{**tiny, "body_mass_kg": 75.0, "height_m": 1.75})  # an adult's shank is fine
 
 
 def test_presets_and_overrides():
