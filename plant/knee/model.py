@@ -652,21 +652,34 @@ def _rom_moments(p: NDArray[np.float64], theta: float) -> tuple[float, float]:
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
+def _elastic_moment(p: NDArray[np.float64], theta: float) -> tuple[float, float]:
+    """(passive elastic moment: Riener & Edrich + end stops, N·m; end-stop magnitude, N·m)."""
+    ext, flex = _rom_moments(p, theta)
+    return riener_edrich_moment(p, theta) + ext - flex, ext + flex
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _damped(p: NDArray[np.float64], elastic: float, stops: float, omega: float) -> float:
+    """The elastic moment minus viscous and end-stop damping at ``omega`` (N·m)."""
+    # Hunt–Crossley contact damping: proportional to the limit moment, capped for stability
+    b_rom = min(p[P_ROM_DAMP] * stops, 0.5 * p[P_INERTIA] / PLANT_DT_S)
+    return elastic - (p[P_DAMPING] + b_rom) * omega
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
 def passive_joint_moment(p: NDArray[np.float64], theta: float, omega: float) -> float:
     """Passive knee moment (N·m, flexion positive) at angle ``theta`` and velocity ``omega``.
 
     Elastic (Riener & Edrich + end stops) minus viscous and end-stop damping.
     """
-    ext, flex = _rom_moments(p, theta)
-    # Hunt–Crossley contact damping: proportional to the limit moment, capped for stability
-    b_rom = min(p[P_ROM_DAMP] * (ext + flex), 0.5 * p[P_INERTIA] / PLANT_DT_S)
-    return riener_edrich_moment(p, theta) + ext - flex - (p[P_DAMPING] + b_rom) * omega
+    elastic, stops = _elastic_moment(p, theta)
+    return _damped(p, elastic, stops, omega)
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
 def static_load_nm(p: NDArray[np.float64], theta: float) -> float:
     """Moment (N·m) on the relaxed knee held still at ``theta``: gravity + passive elastic."""
-    return p[P_MGD] * math.cos(theta) + passive_joint_moment(p, theta, 0.0)
+    return p[P_MGD] * math.cos(theta) + _elastic_moment(p, theta)[0]
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
@@ -705,11 +718,14 @@ def substep(
     th = x[X_THETA]
     om = x[X_OMEGA]
     cos_th = math.cos(th)
+    # the passive elastic moment, once per step: the patient anticipates it, the joint feels it
+    elastic, stops = _elastic_moment(p, th)
+    static_nm = p[P_MGD] * cos_th + elastic
     # patient: voluntary intent (PD on the task + static-load compensation) scaled by the effort,
     # saturated by strength; the effort decays while the error is small (slacking, Emken 2007)
     effort = x[X_EFFORT]
     tau_int = effort * (
-        p[P_KP] * (theta_ref - th) + p[P_KD] * (omega_ref - om) - p[P_GCOMP] * static_load_nm(p, th)
+        p[P_KP] * (theta_ref - th) + p[P_KD] * (omega_ref - om) - p[P_GCOMP] * static_nm
     )
     effort += dt * (
         p[P_SLACK_GAIN] * abs(theta_ref - th) - p[P_SLACK_RATE] * (effort - p[P_EFFORT_MIN])
@@ -767,7 +783,7 @@ def substep(
         x[X_THETA_M] += dt * om_m
     else:
         tau_exo = tau_m - p[P_COUL] * math.tanh(om / p[P_FEPS]) - p[P_VISC] * om
-    tau = p[P_MGD] * cos_th + passive_joint_moment(p, th, om) + tau_pat + tau_exo
+    tau = p[P_MGD] * cos_th + _damped(p, elastic, stops, om) + tau_pat + tau_exo
     om += dt * tau / p[P_INERTIA]
     th += dt * om
     x[X_OMEGA] = om
@@ -898,12 +914,7 @@ def static_moment_nm(params: KneeParams, theta_rad: NDArray[np.float64]) -> NDAr
     """
     p = params.vector()
     th = np.asarray(theta_rad, dtype=np.float64)
-    return np.vectorize(lambda t: _static_moment(p, float(t)))(th).astype(np.float64)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _static_moment(p: NDArray[np.float64], th: float) -> float:
-    return static_load_nm(p, th)
+    return np.vectorize(lambda t: static_load_nm(p, float(t)))(th).astype(np.float64)
 
 
 class KneeReading(NamedTuple):
