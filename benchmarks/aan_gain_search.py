@@ -210,6 +210,12 @@ def main() -> None:
     parser.add_argument("--match-tol-deg", type=float, default=0.03)
     parser.add_argument("--sampler-seed", type=int, default=0)
     args = parser.parse_args()
+    if not (math.isfinite(args.match_tol_deg) and args.match_tol_deg > 0):
+        parser.error(f"--match-tol-deg {args.match_tol_deg}: must be > 0 degrees")
+    if args.cycles < 1:
+        parser.error(f"--cycles {args.cycles}: must be >= 1")
+    if args.trials < 1:
+        parser.error(f"--trials {args.trials}: must be >= 1")
     t0 = time.perf_counter()
     seeds, cycles, tol = args.seeds, args.cycles, args.match_tol_deg
     bar = tqdm(total=args.trials + 2, desc="aan search" + STARTING, file=sys.stderr)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Mapping
@@ -126,6 +127,10 @@ def main() -> None:
     parser.add_argument("--patients", nargs="+", default=["mild", "moderate", "severe"])
     parser.add_argument("--match-tol-deg", type=float, default=0.1)
     args = parser.parse_args()
+    if not (math.isfinite(args.match_tol_deg) and args.match_tol_deg > 0):
+        parser.error(f"--match-tol-deg {args.match_tol_deg}: must be > 0 degrees")
+    if args.cycles < 1:
+        parser.error(f"--cycles {args.cycles}: must be >= 1")
     t0 = time.perf_counter()
     result: dict[str, Any] = {"cycles": args.cycles, "seeds": args.seeds, "patients": {}}
     for patient in args.patients:

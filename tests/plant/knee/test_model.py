@@ -247,6 +247,28 @@ def test_fatigued_units_recover_at_r_times_R_at_rest(rest_factor):
     assert knee.x[X_MF_Q] == pytest.approx(want, rel=1e-3)
 
 
+def test_a_working_muscle_does_not_get_the_rest_recovery():
+    """r multiplies R only while a muscle has no excitation (Looft's rest intervals), not while
+    it works with a falling activation (MyoSuite's M_A >= target rule would apply it then)."""
+
+    def fatigue_trace(rest_factor):
+        p = knee_preset("healthy", rest_recovery_factor=rest_factor)
+        knee = KneePlant(p, theta0_rad=45 * DEG)
+        knee.x[X_MF_Q] = 0.3
+        trace = []
+        for k in range(6000):  # 60 s of 45 ± 10° at 0.5 Hz: the quadriceps hold the shank up
+            t = k * 0.01
+            knee.set_reference(
+                45 * DEG + 10 * DEG * math.sin(math.pi * t),
+                10 * DEG * math.pi * math.cos(math.pi * t),
+            )
+            knee.step(0.0, 0.01)
+            trace.append(knee.x[X_MF_Q])
+        return np.array(trace)
+
+    np.testing.assert_array_equal(fatigue_trace(1.0), fatigue_trace(14.85))
+
+
 def _stretch(params, velocity, seconds=0.1):
     """Flex the knee at a constant velocity (imposed) from 20°; last patient torque, reflexes."""
     x = initial_state(20 * DEG)[None].copy()
